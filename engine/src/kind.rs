@@ -1,0 +1,293 @@
+//! The stage-kind contract: what a kind declares, and what the engine promises it.
+//!
+//! A stage kind is a pure function from (params, input artifacts) to output artifacts,
+//! run by the engine inside a private staging folder. The engine owns everything around
+//! that call: keying, locking, caching, committing, retrying, progress display. That split
+//! is what lets one kind run unchanged in-process, in an `emflow exec-stage` subprocess, or
+//! as a Slurm job: a kind never sees the store, only the [`StageContext`] handed to it.
+//!
+//! The declaration ([`KindSpec`]) is used *before* anything runs: validation checks a
+//! manifest's params and wiring against it (with line/column diagnostics), and the planner
+//! folds `name` and `version` into every stage key. So bump [`KindSpec::version`] whenever a
+//! change to [`StageKind::run`] can change output bytes for the same params and inputs;
+//! that invalidates exactly that kind's cached results and nothing else.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::context::StageContext;
+
+/// The type of an artifact flowing along a DAG edge. Validation refuses an edge whose
+/// producer and consumer disagree on it, so a typo'd wiring fails at plan time, not after
+/// an hour of training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArtifactType {
+    /// Chat conversations, JSONL: one `{"messages": [{"role", "content"}, ...], ...}` a line.
+    Messages,
+    /// Evaluation questions, JSONL: one question (id, paraphrases, system, judge prompts) a line.
+    Questions,
+    /// A model: a GGUF file or an HF-format directory (config.json, *.safetensors, tokenizer.json).
+    Model,
+    /// A LoRA adapter directory (PEFT layout: adapter_model.safetensors + adapter_config.json),
+    /// or a full fine-tuned weight directory.
+    Adapter,
+    /// Generated samples or RL rollouts, JSONL.
+    Samples,
+    /// Judge scores, JSONL.
+    Judgments,
+    /// A JSON summary of an evaluation.
+    Summary,
+    /// Training metrics, JSONL: one object per step.
+    Metrics,
+    /// A human-facing report directory (HTML, Markdown).
+    Report,
+    /// Any single file; matches any file-typed artifact on the consuming side.
+    File,
+    /// Any directory.
+    Dir,
+}
+
+impl ArtifactType {
+    /// Whether an artifact of type `produced` may be fed into a port declared `self`.
+    /// `File` and `Dir` ports accept anything of that shape; other types must match.
+    pub fn accepts(self, produced: ArtifactType) -> bool {
+        use ArtifactType::*;
+        match self {
+            File => !matches!(produced, Dir | Adapter | Report),
+            Dir => matches!(produced, Dir | Adapter | Report | Model),
+            wanted => wanted == produced,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        use ArtifactType::*;
+        match self {
+            Messages => "messages",
+            Questions => "questions",
+            Model => "model",
+            Adapter => "adapter",
+            Samples => "samples",
+            Judgments => "judgments",
+            Summary => "summary",
+            Metrics => "metrics",
+            Report => "report",
+            File => "file",
+            Dir => "dir",
+        }
+    }
+}
+
+/// The type a param must have. Checked at validation time, with the manifest location.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ParamType {
+    Bool,
+    Int,
+    /// Accepts integers too: `1` and `1.0` are the same value, and key the same.
+    Float,
+    String,
+    /// One of the listed strings.
+    Enum(&'static [&'static str]),
+    List,
+    Map,
+    /// Anything; the kind checks it in [`StageKind::check`].
+    Any,
+}
+
+/// One declared param of a kind.
+#[derive(Clone, Debug)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub ty: ParamType,
+    /// Filled in when the manifest omits the param, *before* keying: writing a default
+    /// explicitly and omitting it give the same stage key. `None` means required.
+    pub default: Option<Value>,
+    /// One line for `emflow kinds` and for diagnostics' hints.
+    pub doc: &'static str,
+}
+
+impl ParamSpec {
+    pub fn required(name: &'static str, ty: ParamType, doc: &'static str) -> Self {
+        ParamSpec { name, ty, default: None, doc }
+    }
+    pub fn optional(name: &'static str, ty: ParamType, default: Value, doc: &'static str) -> Self {
+        ParamSpec { name, ty, default: Some(default), doc }
+    }
+}
+
+/// One declared input or output port.
+#[derive(Clone, Debug)]
+pub struct PortSpec {
+    pub name: String,
+    pub ty: ArtifactType,
+    /// Inputs only: the manifest must wire this port.
+    pub required: bool,
+    /// Inputs only: the port takes a list of artifacts (fan-in), e.g. a report's summaries.
+    pub many: bool,
+    pub doc: &'static str,
+}
+
+impl PortSpec {
+    pub fn input(name: &str, ty: ArtifactType, doc: &'static str) -> Self {
+        PortSpec { name: name.to_string(), ty, required: true, many: false, doc }
+    }
+    pub fn optional_input(name: &str, ty: ArtifactType, doc: &'static str) -> Self {
+        PortSpec { name: name.to_string(), ty, required: false, many: false, doc }
+    }
+    pub fn many_input(name: &str, ty: ArtifactType, doc: &'static str) -> Self {
+        PortSpec { name: name.to_string(), ty, required: false, many: true, doc }
+    }
+    pub fn output(name: &str, ty: ArtifactType, doc: &'static str) -> Self {
+        PortSpec { name: name.to_string(), ty, required: true, many: false, doc }
+    }
+}
+
+/// Everything a kind declares about itself. Built once per process.
+#[derive(Clone, Debug)]
+pub struct KindSpec {
+    /// The `kind:` value in a manifest.
+    pub name: &'static str,
+    /// Implementation version, folded into every stage key of this kind.
+    pub version: u32,
+    /// One line for `emflow kinds` and `--help`.
+    pub summary: &'static str,
+    pub params: Vec<ParamSpec>,
+    /// When true, params not listed in `params` are accepted as they are (the `command`
+    /// kind takes arbitrary template variables); otherwise an unknown param is an error
+    /// with a "did you mean" hint.
+    pub open_params: bool,
+    pub inputs: Vec<PortSpec>,
+    pub outputs: Vec<PortSpec>,
+}
+
+/// Params after profile overlay, `--set`, reference substitution and defaults: a JSON object.
+pub type Params = serde_json::Map<String, Value>;
+
+/// A problem a kind found in its params; `param` is a dotted path below the stage's
+/// `params:` (e.g. `ops.2.take`) that the engine turns into a manifest line and column.
+#[derive(Clone, Debug)]
+pub struct ParamError {
+    pub param: String,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+/// A stage kind. Implementations are stateless and shared across threads; all per-run state
+/// lives in the [`StageContext`].
+pub trait StageKind: Send + Sync + 'static {
+    /// The static declaration. Called during validation and planning, possibly many times:
+    /// keep it cheap and free of I/O.
+    fn spec(&self) -> KindSpec;
+
+    /// The outputs a stage with these params produces. Defaults to the spec's outputs; the
+    /// `command` kind overrides it because its outputs are named in the manifest.
+    /// Called at plan time, after defaults are filled in.
+    fn outputs(&self, params: &Params) -> Vec<PortSpec> {
+        let _ = params;
+        self.spec().outputs
+    }
+
+    /// Semantic checks beyond the declared param types (ranges, combinations). Called at
+    /// validation time with defaults filled in; an `Err` stops the run before anything
+    /// executes and each error is shown at its param's location.
+    fn check(&self, params: &Params) -> Result<(), Vec<ParamError>> {
+        let _ = params;
+        Ok(())
+    }
+
+    /// Produce every declared output under [`StageContext::output_path`].
+    ///
+    /// Contract:
+    /// - Called only on a cache miss, with a fresh, empty staging folder, at most once at a
+    ///   time per stage key across all processes sharing the store.
+    /// - `Ok(())` means every declared output exists; the engine then hashes and commits
+    ///   them. A missing output turns the run into a failure.
+    /// - `Err(e)` discards the staging folder; nothing becomes visible in the store. Give
+    ///   errors a cause a user can act on (`anyhow::Context`).
+    /// - Return [`crate::context::Interrupted`] (via [`StageContext::check_interrupt`]) after
+    ///   saving a checkpoint to ask to be re-run later; the next run finds the checkpoint in
+    ///   [`StageContext::checkpoint_dir`].
+    /// - Outputs must depend only on params and input bytes (and the device class): never on
+    ///   thread counts, batch sizes chosen for speed, wall-clock time or paths. `emflow verify`
+    ///   re-runs stages and reports any that break this.
+    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()>;
+}
+
+/// Fetches models named by a scheme the engine does not handle itself (`pip:`, `hf:`).
+/// Local paths are handled by the engine (hashed in place, never copied).
+pub trait ModelFetcher: Send + Sync + 'static {
+    /// The schemes handled, e.g. `["pip", "hf"]`.
+    fn schemes(&self) -> &'static [&'static str];
+
+    /// Materialise `source` (the full string, scheme included) as a file or directory at
+    /// `dest`, which does not exist yet. Called once per source per store: the engine commits
+    /// what is written to the store and reuses it afterwards. Errors must say how to get the
+    /// model by other means (e.g. point the manifest at a local copy).
+    fn fetch(&self, source: &str, dest: &std::path::Path, progress: &dyn crate::context::Progress) -> anyhow::Result<()>;
+}
+
+/// The kinds and fetchers one `emflow` binary knows. Built by the binary (from the stages
+/// crate) and handed to the CLI; the engine itself knows no kind by name.
+#[derive(Default, Clone)]
+pub struct Registry {
+    kinds: BTreeMap<&'static str, std::sync::Arc<dyn StageKind>>,
+    fetchers: Vec<std::sync::Arc<dyn ModelFetcher>>,
+    benches: BTreeMap<&'static str, Bench>,
+}
+
+/// A named benchmark run by `emflow bench NAME [ARGS...]`: it prints its own figures.
+#[derive(Clone)]
+pub struct Bench {
+    pub summary: &'static str,
+    /// Called with the arguments after the name; prints figures to stdout.
+    pub run: std::sync::Arc<dyn Fn(&[String]) -> anyhow::Result<()> + Send + Sync>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a kind under its spec name; a second kind of the same name replaces the first.
+    pub fn with_kind(mut self, kind: impl StageKind) -> Self {
+        let name = kind.spec().name;
+        self.kinds.insert(name, std::sync::Arc::new(kind));
+        self
+    }
+
+    pub fn with_fetcher(mut self, fetcher: impl ModelFetcher) -> Self {
+        self.fetchers.push(std::sync::Arc::new(fetcher));
+        self
+    }
+
+    pub fn with_bench(
+        mut self,
+        name: &'static str,
+        summary: &'static str,
+        run: impl Fn(&[String]) -> anyhow::Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        self.benches.insert(name, Bench { summary, run: std::sync::Arc::new(run) });
+        self
+    }
+
+    pub fn bench(&self, name: &str) -> Option<&Bench> {
+        self.benches.get(name)
+    }
+
+    pub fn benches(&self) -> impl Iterator<Item = (&'static str, &Bench)> + '_ {
+        self.benches.iter().map(|(k, v)| (*k, v))
+    }
+
+    pub fn kind(&self, name: &str) -> Option<&std::sync::Arc<dyn StageKind>> {
+        self.kinds.get(name)
+    }
+
+    pub fn kind_names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.kinds.keys().copied()
+    }
+
+    pub fn fetcher(&self, scheme: &str) -> Option<&std::sync::Arc<dyn ModelFetcher>> {
+        self.fetchers.iter().find(|f| f.schemes().contains(&scheme))
+    }
+}

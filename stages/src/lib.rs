@@ -1,0 +1,13 @@
+//! emflow's stage kinds, and the registry the `emflow` binary runs with.
+//!
+//! Each kind lives in its own module under `kinds/`; shared ML machinery (judges, rewards)
+//! in its own module; the model layer in the `emflow-model` crate.
+
+pub mod kinds;
+
+use emflow_engine::Registry;
+
+/// Every kind and model fetcher this build of emflow knows.
+pub fn registry() -> Registry {
+    kinds::register(Registry::new())
+}
