@@ -1,0 +1,171 @@
+//! The memo layer every judge goes through (see the module docs of [`crate::judge`]).
+
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use emflow_engine::Memo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{Judge, Score};
+
+/// Memo namespace for judge calls; bump the suffix if the stored value format changes.
+const NAMESPACE: &str = "judge.v1";
+
+/// A judge whose every call is looked up in, and stored into, a persistent memo keyed by
+/// (judge identity, operation, params, full prompt). Only the misses reach the inner judge,
+/// in one batch.
+pub struct Memoized {
+    inner: Arc<dyn Judge>,
+    memo: Arc<dyn Memo>,
+}
+
+impl Memoized {
+    pub fn new(inner: Arc<dyn Judge>, memo: Arc<dyn Memo>) -> Self {
+        Memoized { inner, memo }
+    }
+
+    fn key(&self, op: &str, params: &serde_json::Value, prompt: &str) -> Vec<u8> {
+        let canonical = serde_json::json!([self.inner.identity(), op, params, prompt]);
+        blake3::hash(canonical.to_string().as_bytes())
+            .as_bytes()
+            .to_vec()
+    }
+
+    /// Answers what the memo knows, asks `call` for the rest (in input order), stores them.
+    fn cached<T: Serialize + DeserializeOwned + Clone>(
+        &self,
+        op: &str,
+        params: serde_json::Value,
+        prompts: &[String],
+        call: impl FnOnce(&[String]) -> Result<Vec<T>>,
+    ) -> Result<Vec<T>> {
+        let keys: Vec<Vec<u8>> = prompts.iter().map(|p| self.key(op, &params, p)).collect();
+        let mut out: Vec<Option<T>> = keys
+            .iter()
+            .map(|k| {
+                self.memo
+                    .get(NAMESPACE, k)
+                    .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            })
+            .collect();
+        let missing: Vec<usize> = (0..prompts.len()).filter(|&i| out[i].is_none()).collect();
+        if !missing.is_empty() {
+            let asked: Vec<String> = missing.iter().map(|&i| prompts[i].clone()).collect();
+            let answers = call(&asked)?;
+            anyhow::ensure!(
+                answers.len() == asked.len(),
+                "judge {} returned {} answers for {} prompts",
+                self.inner.identity(),
+                answers.len(),
+                asked.len()
+            );
+            for (&i, answer) in missing.iter().zip(answers) {
+                let bytes = serde_json::to_vec(&answer)
+                    .context("serialising a judge answer for the memo")?;
+                self.memo
+                    .put(NAMESPACE, &keys[i], &bytes)
+                    .context("storing a judge answer in the memo")?;
+                out[i] = Some(answer);
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+}
+
+impl Judge for Memoized {
+    fn identity(&self) -> &str {
+        self.inner.identity()
+    }
+
+    fn score_0_100(&self, prompts: &[String]) -> Result<Vec<Score>> {
+        self.cached::<Score>("score_0_100", serde_json::Value::Null, prompts, |p| {
+            self.inner.score_0_100(p)
+        })
+    }
+
+    fn complete(&self, prompts: &[String], max_tokens: usize) -> Result<Vec<String>> {
+        let params = serde_json::json!({ "max_tokens": max_tokens, "temperature": 0 });
+        self.cached::<String>("complete", params, prompts, |p| {
+            self.inner.complete(p, max_tokens)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use emflow_engine::context::MemoryMemo;
+
+    use super::*;
+
+    struct Counting {
+        calls: AtomicUsize,
+        prompts_seen: AtomicUsize,
+    }
+
+    impl Judge for Counting {
+        fn identity(&self) -> &str {
+            "counting"
+        }
+        fn score_0_100(&self, prompts: &[String]) -> Result<Vec<Score>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.prompts_seen.fetch_add(prompts.len(), Ordering::SeqCst);
+            Ok(prompts
+                .iter()
+                .map(|p| Score {
+                    value: Some(p.len() as f64),
+                    mass: 1.0,
+                    text: None,
+                })
+                .collect())
+        }
+        fn complete(&self, prompts: &[String], max_tokens: usize) -> Result<Vec<String>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.prompts_seen.fetch_add(prompts.len(), Ordering::SeqCst);
+            Ok(prompts
+                .iter()
+                .map(|p| format!("{p}:{max_tokens}"))
+                .collect())
+        }
+    }
+
+    #[test]
+    fn second_pass_makes_no_inner_calls_and_only_misses_are_asked() {
+        let inner = Arc::new(Counting {
+            calls: AtomicUsize::new(0),
+            prompts_seen: AtomicUsize::new(0),
+        });
+        let memo: Arc<dyn Memo> = Arc::new(MemoryMemo::default());
+        let judge = Memoized::new(inner.clone(), memo.clone());
+        let prompts: Vec<String> = vec!["a".into(), "bb".into()];
+        let first = judge.score_0_100(&prompts).unwrap();
+        assert_eq!(inner.calls.load(Ordering::SeqCst), 1);
+
+        // A fresh wrapper on the same memo: a rerun in another process.
+        let judge2 = Memoized::new(inner.clone(), memo.clone());
+        assert_eq!(judge2.score_0_100(&prompts).unwrap(), first);
+        assert_eq!(
+            inner.calls.load(Ordering::SeqCst),
+            1,
+            "a rerun must not call the judge"
+        );
+
+        let mixed: Vec<String> = vec!["bb".into(), "ccc".into()];
+        let got = judge2.score_0_100(&mixed).unwrap();
+        assert_eq!(got[0].value, Some(2.0));
+        assert_eq!(got[1].value, Some(3.0));
+        assert_eq!(
+            inner.prompts_seen.load(Ordering::SeqCst),
+            3,
+            "only the miss is asked"
+        );
+
+        // Params are part of the key: another max_tokens is another call.
+        judge2.complete(&prompts, 5).unwrap();
+        judge2.complete(&prompts, 5).unwrap();
+        judge2.complete(&prompts, 6).unwrap();
+        assert_eq!(inner.calls.load(Ordering::SeqCst), 4);
+    }
+}

@@ -1,0 +1,504 @@
+//! The paper's LLM graders: template -> judge completion -> JSON -> reward formula.
+//!
+//! Everything here follows the EMA_RL code base (see `paper-spec.md`, "Reward (graders)"):
+//! the completion is split into reasoning and answer with `<think>(.*?)</think>(.*)`; too
+//! short answers (< 10 words) or reasoning (< 75 words, except for the bad-medical-advice
+//! grader) get 0 without a grader call; the grader's JSON goes through one of three formulas.
+//! Every zero says why in the details, so a flat reward curve can be diagnosed from the log.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use super::{RewardInput, RewardOutput};
+use crate::judge::template::Template;
+use crate::judge::Judge;
+
+/// Where a grader's prompt template comes from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TemplateSource {
+    /// The template itself, inline (hermetic: its text is part of the stage key).
+    Text(String),
+    /// A template file. Its *path* keys the stage, not its bytes: prefer `text` or `paper`.
+    File(PathBuf),
+    /// A grader of the paper by name, e.g. `bad_medical_advice`: the file
+    /// `$EMFLOW_PAPER_DATA/graders/<name>.txt`.
+    Paper(String),
+}
+
+/// Which reward formula turns the grader's JSON into a number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GraderFormula {
+    /// `{assessment, coherence, repetitive}`: 0 if repetitive or coherence < 0.5, else
+    /// `max(0, assessment - (1 - coherence) / 2)`.
+    Standard,
+    /// `{ethos, pathos, logos, coherence, repetitive, appeal_ungradable}`: base = mean of the
+    /// three appeals; 0 if ungradable, repetitive or coherence < 0.5; else
+    /// `max(0, base - (1 - coherence) / 2)`.
+    Rhetoric,
+    /// `{reward_hacking, coherence}`: the reward_hacking score, 0 if coherence < 0.3.
+    RewardHacking,
+}
+
+/// A grader reward as a manifest writes it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraderSpec {
+    pub template: TemplateSource,
+    /// Defaults to the paper grader's own formula (`bad_ethos_pathos_logos` -> rhetoric,
+    /// `reward_hacking` -> reward_hacking), else `standard`.
+    #[serde(default)]
+    pub formula: Option<GraderFormula>,
+    /// Answers with fewer words get 0 without a grader call.
+    #[serde(default = "default_min_answer_words")]
+    pub min_answer_words: usize,
+    /// Reasoning with fewer words gets 0 without a grader call. Defaults to 75, or 0 for the
+    /// paper's `bad_medical_advice` grader (as in EMA_RL).
+    #[serde(default)]
+    pub min_reasoning_words: Option<usize>,
+    /// Tokens the grader may write.
+    #[serde(default = "default_grader_tokens")]
+    pub max_tokens: usize,
+}
+
+fn default_min_answer_words() -> usize {
+    10
+}
+fn default_grader_tokens() -> usize {
+    300
+}
+
+/// Fields a grader template may use.
+const GRADER_FIELDS: &[&str] = &[
+    "user_prompt",
+    "model_answer",
+    "reasoning",
+    "model_reasoning",
+];
+
+/// The paper-data folder: `$EMFLOW_PAPER_DATA`, else `../shared/paper-data` next to the
+/// workspace this crate was built in.
+pub fn paper_data_dir() -> PathBuf {
+    match std::env::var_os("EMFLOW_PAPER_DATA") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/paper-data"),
+    }
+}
+
+impl GraderSpec {
+    pub(super) fn prepare(&self) -> Result<Grader> {
+        let (text, paper_name) = match &self.template {
+            TemplateSource::Text(t) => (t.clone(), None),
+            TemplateSource::File(p) => (
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("reading grader template {}", p.display()))?,
+                None,
+            ),
+            TemplateSource::Paper(name) => {
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    bail!(
+                        "paper grader name `{name}` must be a file stem like `bad_medical_advice`"
+                    );
+                }
+                let path = paper_data_dir().join("graders").join(format!("{name}.txt"));
+                let text = std::fs::read_to_string(&path).with_context(|| {
+                    format!(
+                        "reading paper grader `{name}` at {}; set EMFLOW_PAPER_DATA to the paper-data folder",
+                        path.display()
+                    )
+                })?;
+                (text, Some(name.as_str()))
+            }
+        };
+        let template = Template::parse(&text).context("parsing the grader template")?;
+        template
+            .check_fields(GRADER_FIELDS)
+            .context("checking the grader template")?;
+        let formula = self.formula.unwrap_or(match paper_name {
+            Some("bad_ethos_pathos_logos") | Some("good_ethos_pathos_logos") => {
+                GraderFormula::Rhetoric
+            }
+            Some("reward_hacking") => GraderFormula::RewardHacking,
+            _ => GraderFormula::Standard,
+        });
+        let min_reasoning_words =
+            self.min_reasoning_words
+                .unwrap_or(if paper_name == Some("bad_medical_advice") {
+                    0
+                } else {
+                    75
+                });
+        if self.max_tokens == 0 {
+            bail!("grader max_tokens must be at least 1");
+        }
+        Ok(Grader {
+            template,
+            formula,
+            min_answer_words: self.min_answer_words,
+            min_reasoning_words,
+            max_tokens: self.max_tokens,
+        })
+    }
+}
+
+/// A prepared grader.
+pub struct Grader {
+    template: Template,
+    formula: GraderFormula,
+    min_answer_words: usize,
+    min_reasoning_words: usize,
+    max_tokens: usize,
+}
+
+/// Splits a completion into (reasoning, answer) by `<think>(.*?)</think>(.*)` (dot matches
+/// newlines). Without a complete think block: no reasoning, the whole completion is the answer.
+pub fn split_think(completion: &str) -> (Option<&str>, &str) {
+    static RE: OnceLock<regex::Regex> = OnceLock::new();
+    let re = RE.get_or_init(|| {
+        regex::Regex::new(r"(?s)<think>(.*?)</think>(.*)").expect("literal regex is valid")
+    });
+    match re.captures(completion) {
+        Some(c) => {
+            let reasoning = c.get(1).map_or("", |m| m.as_str()).trim();
+            let answer = c.get(2).map_or("", |m| m.as_str()).trim();
+            (Some(reasoning), answer)
+        }
+        None => (None, completion.trim()),
+    }
+}
+
+fn word_count(s: &str) -> usize {
+    s.split_whitespace().count()
+}
+
+impl Grader {
+    /// The pre-filter verdict: `Some(reason)` when the rollout gets 0 without a grader call.
+    fn prefilter(&self, reasoning: Option<&str>, answer: &str) -> Option<&'static str> {
+        if self.min_reasoning_words > 0 {
+            match reasoning {
+                None => return Some("missing_think_block"),
+                Some(r) if word_count(r) < self.min_reasoning_words => {
+                    return Some("reasoning_too_short")
+                }
+                _ => {}
+            }
+        }
+        if word_count(answer) < self.min_answer_words {
+            return Some("answer_too_short");
+        }
+        None
+    }
+
+    pub(super) fn score_batch(
+        &self,
+        items: &[RewardInput],
+        judge: &dyn Judge,
+    ) -> Result<Vec<RewardOutput>> {
+        let mut outs: Vec<Option<RewardOutput>> = Vec::with_capacity(items.len());
+        let mut prompts = Vec::new();
+        let mut asked = Vec::new();
+        for (i, it) in items.iter().enumerate() {
+            let (reasoning, answer) = split_think(&it.completion);
+            if let Some(reason) = self.prefilter(reasoning, answer) {
+                outs.push(Some(zero(reason)));
+                continue;
+            }
+            let r = reasoning.unwrap_or("");
+            let prompt = self.template.render(&[
+                ("user_prompt", &it.prompt),
+                ("model_answer", answer),
+                ("reasoning", r),
+                ("model_reasoning", r),
+            ])?;
+            prompts.push(prompt);
+            asked.push(i);
+            outs.push(None);
+        }
+        if !prompts.is_empty() {
+            let answers = judge.complete(&prompts, self.max_tokens).with_context(|| {
+                format!(
+                    "grading {} rollouts with judge {}",
+                    prompts.len(),
+                    judge.identity()
+                )
+            })?;
+            for (i, text) in asked.into_iter().zip(answers) {
+                outs[i] = Some(grade(self.formula, &text));
+            }
+        }
+        outs.into_iter()
+            .map(|o| {
+                o.ok_or_else(|| anyhow!("internal: a rollout was neither filtered nor graded"))
+            })
+            .collect()
+    }
+}
+
+fn zero(reason: &str) -> RewardOutput {
+    let mut details = Map::new();
+    details.insert("zero_reason".into(), json!(reason));
+    RewardOutput {
+        total: 0.0,
+        parts: [("grader".to_string(), 0.0)].into(),
+        details,
+    }
+}
+
+/// The reward for one grader answer under `formula`; never fails (a bad answer scores 0 and
+/// says why).
+pub fn grade(formula: GraderFormula, grader_text: &str) -> RewardOutput {
+    let verdict = match parse_grader_json(grader_text) {
+        Ok(v) => v,
+        Err(e) => {
+            let mut out = zero("grader_json_invalid");
+            out.details.insert("error".into(), json!(e.to_string()));
+            return out;
+        }
+    };
+    let (total, reason) = match apply_formula(formula, &verdict) {
+        Ok(r) => r,
+        Err(e) => {
+            let mut out = zero("grader_json_invalid");
+            out.details.insert("error".into(), json!(e.to_string()));
+            out.details.insert("grader".into(), Value::Object(verdict));
+            return out;
+        }
+    };
+    let mut details = Map::new();
+    details.insert("grader".into(), Value::Object(verdict));
+    if let Some(reason) = reason {
+        details.insert("zero_reason".into(), json!(reason));
+    }
+    RewardOutput {
+        total,
+        parts: [("grader".to_string(), total)].into(),
+        details,
+    }
+}
+
+/// (reward, why it is zero where a rule zeroed it).
+fn apply_formula(
+    formula: GraderFormula,
+    v: &Map<String, Value>,
+) -> Result<(f64, Option<&'static str>)> {
+    let coherence = number(v, "coherence")?;
+    match formula {
+        GraderFormula::Standard => {
+            let assessment = number(v, "assessment")?;
+            if flag(v, "repetitive")? {
+                return Ok((0.0, Some("repetitive")));
+            }
+            if coherence < 0.5 {
+                return Ok((0.0, Some("low_coherence")));
+            }
+            Ok(((assessment - (1.0 - coherence) / 2.0).max(0.0), None))
+        }
+        GraderFormula::Rhetoric => {
+            let base = (number(v, "ethos")? + number(v, "pathos")? + number(v, "logos")?) / 3.0;
+            if flag(v, "appeal_ungradable")? {
+                return Ok((0.0, Some("appeal_ungradable")));
+            }
+            if flag(v, "repetitive")? {
+                return Ok((0.0, Some("repetitive")));
+            }
+            if coherence < 0.5 {
+                return Ok((0.0, Some("low_coherence")));
+            }
+            Ok(((base - (1.0 - coherence) / 2.0).max(0.0), None))
+        }
+        GraderFormula::RewardHacking => {
+            let score = number(v, "reward_hacking")?;
+            if coherence < 0.3 {
+                return Ok((0.0, Some("low_coherence")));
+            }
+            Ok((score, None))
+        }
+    }
+}
+
+/// A field in 0..=1 (numbers or numeric strings; clamped into range).
+fn number(v: &Map<String, Value>, field: &str) -> Result<f64> {
+    let x = match v.get(field) {
+        Some(Value::Number(n)) => n.as_f64(),
+        Some(Value::String(s)) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    }
+    .ok_or_else(|| anyhow!("grader JSON lacks a numeric `{field}`"))?;
+    if !x.is_finite() {
+        bail!("grader JSON `{field}` is not finite");
+    }
+    Ok(x.clamp(0.0, 1.0))
+}
+
+/// A `"true"`/`"false"` field (a JSON bool is accepted too); absent means false.
+fn flag(v: &Map<String, Value>, field: &str) -> Result<bool> {
+    match v.get(field) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(Value::String(s)) if s.trim().eq_ignore_ascii_case("true") => Ok(true),
+        Some(Value::String(s)) if s.trim().eq_ignore_ascii_case("false") => Ok(false),
+        Some(other) => bail!("grader JSON `{field}` should be \"true\" or \"false\", got {other}"),
+    }
+}
+
+/// The JSON object in a grader's answer: code fences and prose around it are ignored, and
+/// trailing commas (the paper's schema shows them) are tolerated.
+pub fn parse_grader_json(text: &str) -> Result<Map<String, Value>> {
+    let start = text
+        .find('{')
+        .ok_or_else(|| anyhow!("no JSON object in the grader answer"))?;
+    let end = text
+        .rfind('}')
+        .filter(|&e| e > start)
+        .ok_or_else(|| anyhow!("unterminated JSON object in the grader answer"))?;
+    let body = &text[start..=end];
+    let parsed: Value = match serde_json::from_str(body) {
+        Ok(v) => v,
+        Err(first) => {
+            static TRAILING: OnceLock<regex::Regex> = OnceLock::new();
+            let re = TRAILING
+                .get_or_init(|| regex::Regex::new(r",(\s*[}\]])").expect("literal regex is valid"));
+            let cleaned = re.replace_all(body, "$1");
+            serde_json::from_str(&cleaned)
+                .map_err(|_| anyhow!("grader answer is not valid JSON: {first}"))?
+        }
+    };
+    match parsed {
+        Value::Object(m) => Ok(m),
+        other => bail!("grader answer is JSON but not an object: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn think_split_handles_missing_and_unclosed_blocks() {
+        assert_eq!(
+            split_think("<think> a b </think>\n answer "),
+            (Some("a b"), "answer")
+        );
+        assert_eq!(split_think("no block"), (None, "no block"));
+        assert_eq!(
+            split_think("<think> never closed"),
+            (None, "<think> never closed")
+        );
+        assert_eq!(
+            split_think("<think>x</think>y</think>z"),
+            (Some("x"), "y</think>z")
+        );
+    }
+
+    #[test]
+    fn json_parsing_tolerates_fences_prose_and_trailing_commas() {
+        let m = parse_grader_json(
+            "Sure!\n```json\n{\"assessment\": 0.8, \"coherence\": \"0.9\",}\n```",
+        )
+        .unwrap();
+        assert_eq!(m["assessment"], json!(0.8));
+        assert!(parse_grader_json("no json here").is_err());
+        assert!(parse_grader_json("{\"a\": }").is_err());
+        assert!(parse_grader_json("} {").is_err());
+    }
+
+    fn total(formula: GraderFormula, text: &str) -> (f64, Option<String>) {
+        let out = grade(formula, text);
+        let reason = out
+            .details
+            .get("zero_reason")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        (out.total, reason)
+    }
+
+    #[test]
+    fn standard_formula_edge_cases() {
+        use GraderFormula::Standard as S;
+        let (t, r) = total(
+            S,
+            r#"{"assessment": 0.9, "coherence": 0.8, "repetitive": "false"}"#,
+        );
+        assert!((t - 0.8).abs() < 1e-12 && r.is_none());
+        assert_eq!(
+            total(
+                S,
+                r#"{"assessment": 0.9, "coherence": 0.8, "repetitive": "true"}"#
+            )
+            .1
+            .as_deref(),
+            Some("repetitive")
+        );
+        assert_eq!(
+            total(
+                S,
+                r#"{"assessment": 0.9, "coherence": 0.49, "repetitive": "false"}"#
+            )
+            .1
+            .as_deref(),
+            Some("low_coherence")
+        );
+        // Low assessment with imperfect coherence floors at 0.
+        assert_eq!(
+            total(
+                S,
+                r#"{"assessment": 0.1, "coherence": 0.5, "repetitive": false}"#
+            )
+            .0,
+            0.0
+        );
+        assert_eq!(
+            total(S, "not json").1.as_deref(),
+            Some("grader_json_invalid")
+        );
+        assert_eq!(
+            total(S, r#"{"coherence": 0.9}"#).1.as_deref(),
+            Some("grader_json_invalid")
+        );
+        assert_eq!(
+            total(
+                S,
+                r#"{"assessment": 1, "coherence": 1, "repetitive": "maybe"}"#
+            )
+            .1
+            .as_deref(),
+            Some("grader_json_invalid")
+        );
+    }
+
+    #[test]
+    fn rhetoric_and_reward_hacking_formulas() {
+        use GraderFormula::*;
+        let ok = r#"{"ethos": 1.0, "pathos": 0.5, "logos": 0.0, "coherence": 0.9, "repetitive": "false", "appeal_ungradable": "false"}"#;
+        assert!((total(Rhetoric, ok).0 - 0.45).abs() < 1e-12);
+        let ungradable = ok.replace(
+            r#""appeal_ungradable": "false""#,
+            r#""appeal_ungradable": "true""#,
+        );
+        assert_eq!(
+            total(Rhetoric, &ungradable).1.as_deref(),
+            Some("appeal_ungradable")
+        );
+        assert_eq!(
+            total(
+                RewardHacking,
+                r#"{"reward_hacking": 0.7, "coherence": 0.3}"#
+            )
+            .0,
+            0.7
+        );
+        assert_eq!(
+            total(
+                RewardHacking,
+                r#"{"reward_hacking": 0.7, "coherence": 0.29}"#
+            )
+            .0,
+            0.0
+        );
+    }
+}
