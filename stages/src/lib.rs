@@ -3,7 +3,9 @@
 //! Each kind lives in its own module under `kinds/`; shared ML machinery (judges, rewards)
 //! in its own module; the model layer in the `emflow-model` crate.
 
+pub mod judge;
 pub mod kinds;
+pub mod reward;
 
 use emflow_engine::Registry;
 
