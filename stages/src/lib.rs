@@ -3,6 +3,7 @@
 //! Each kind lives in its own module under `kinds/`; shared ML machinery (judges, rewards)
 //! in its own module; the model layer in the `emflow-model` crate.
 
+pub mod evaluation;
 pub mod judge;
 pub mod kinds;
 pub mod reward;
