@@ -1,0 +1,683 @@
+//! `rl`: GRPO with TRL's semantics (see [`crate::train::grpo_loss`] for the objective).
+//!
+//! One RL step: take `prompts_per_step` prompts (seeded order, reshuffled each epoch),
+//! sample `num_generations` completions of each with the current policy (row seeds from
+//! `derive_seed(seed, prompt index, epoch x G + g)`, so sampling does not depend on batch
+//! sizes), score them with the stage's reward, turn rewards into group-relative advantages,
+//! and make `num_iterations` optimizer updates on that batch, each over `grad_accum`
+//! micro-batches. With `num_iterations = 1` the "old" policy is the current one detached
+//! (ratio 1, as in TRL); otherwise the sampling policy's log-probs are computed once before
+//! the first update. The reference for `beta > 0` is the base with the adapter off; with
+//! `beta = 0` it is never evaluated.
+//!
+//! Long runs write a checkpoint (adapter, optimizer, loop counters, logs) every
+//! `checkpoint_every` steps and whenever the engine asks the stage to stop; a rerun resumes
+//! there and ends with the same bytes as an uninterrupted run. `summary` carries
+//! `samples_consumed` (prompts used) for a sample-matched `sft` arm.
+
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{Tensor, D};
+use emflow_engine::context::StageContext;
+use emflow_engine::kind::{
+    ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, Params, PortSpec, StageKind,
+};
+use emflow_model::{
+    accumulate, clip_grad_norm, derive_seed, encode_prompt, token_logprobs, AdamW, AdamWConfig,
+    Finish, GenerationRequest, LrSchedule, SamplingParams, Schedule,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::kinds::sft::InterleaveParams;
+use crate::reward::{RewardInput, RewardSpec};
+use crate::train::batch::{collate_rollouts, SftExample};
+use crate::train::checkpoint::replace_dir_atomically;
+use crate::train::early_stop::RewardTracker;
+use crate::train::grpo_loss::{
+    compute_advantages, grpo_loss, AdvantageScaling, GrpoLossConfig, ImportanceSampling, LossType,
+    MicroBatch, StepShape,
+};
+use crate::train::metrics_log::JsonlLog;
+use crate::train::policy::{load_policy, LoraParams, Policy};
+use crate::train::run::{read_conversations, resume, save_checkpoint, to_model_messages, Cursor};
+use crate::train::sft_step::{sft_step, SftStepConfig};
+
+pub struct RlKind;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStopParams {
+    /// Steps per window; `null` = half an epoch.
+    #[serde(default)]
+    pub window: Option<usize>,
+    #[serde(default = "default_min_gain")]
+    pub min_gain: f64,
+}
+
+fn default_min_gain() -> f64 {
+    0.05
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RlParams {
+    pub reward: RewardSpec,
+    pub lora: LoraParams,
+    pub full_finetune: bool,
+    pub prompts_per_step: usize,
+    pub num_generations: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: usize,
+    pub min_p: f64,
+    pub max_prompt_length: usize,
+    pub max_completion_length: usize,
+    pub scale_rewards: AdvantageScaling,
+    pub loss_type: LossType,
+    pub importance_sampling_level: ImportanceSampling,
+    pub epsilon: f64,
+    pub epsilon_high: Option<f64>,
+    pub beta: f64,
+    pub num_iterations: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub schedule: Schedule,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub epochs: u64,
+    pub max_steps: Option<u64>,
+    pub seed: u64,
+    pub system_prompt: Option<String>,
+    pub early_stop: Option<EarlyStopParams>,
+    pub best_smoothing: usize,
+    pub interleave: Option<InterleaveParams>,
+    pub checkpoint_every: u64,
+}
+
+fn params_spec() -> Vec<ParamSpec> {
+    use ParamType::*;
+    vec![
+        ParamSpec::required("reward", Map, "reward spec: {type: keyword|regex|length_band|grader|sum, ...}"),
+        ParamSpec::optional("lora", Map, json!({}), "LoRA for a fresh adapter (ignored when input `adapter` is wired)"),
+        ParamSpec::optional("full_finetune", Bool, json!(false), "train every weight instead of LoRA"),
+        ParamSpec::optional("prompts_per_step", Int, json!(4), "prompts per RL step"),
+        ParamSpec::optional("num_generations", Int, json!(4), "completions per prompt (G)"),
+        ParamSpec::optional("temperature", Float, json!(0.8), "sampling temperature (also applied to training log-probs, as TRL does)"),
+        ParamSpec::optional("top_p", Float, json!(0.9), "nucleus sampling"),
+        ParamSpec::optional("top_k", Int, json!(0), "top-k sampling (0 = off)"),
+        ParamSpec::optional("min_p", Float, json!(0.0), "min-p sampling (0 = off)"),
+        ParamSpec::optional("max_prompt_length", Int, json!(756), "prompt tokens kept (the end of longer prompts)"),
+        ParamSpec::optional("max_completion_length", Int, json!(2300), "tokens generated at most"),
+        ParamSpec::optional("scale_rewards", Enum(&["group", "batch", "none"]), json!("group"), "advantage scaling"),
+        ParamSpec::optional("loss_type", Enum(&["grpo", "bnpo", "dr_grpo", "dapo"]), json!("grpo"), "loss aggregation (TRL's loss_type)"),
+        ParamSpec::optional("importance_sampling_level", Enum(&["token", "sequence"]), json!("sequence"), "importance ratio per token or per sequence (GSPO)"),
+        ParamSpec::optional("epsilon", Float, json!(0.2), "clip epsilon (low side)"),
+        ParamSpec::optional("epsilon_high", Any, Value::Null, "clip epsilon (high side); null = epsilon"),
+        ParamSpec::optional("beta", Float, json!(0.0), "k3 KL weight toward the reference (adapter off); 0 = no reference pass"),
+        ParamSpec::optional("num_iterations", Int, json!(1), "optimizer updates per batch of rollouts"),
+        ParamSpec::optional("grad_accum", Int, json!(4), "micro-batches per update; must divide prompts_per_step x num_generations (matters for bnpo)"),
+        ParamSpec::optional("lr", Float, json!(5e-6), "peak learning rate"),
+        ParamSpec::optional("schedule", Enum(&["constant", "linear", "cosine"]), json!("cosine"), "learning-rate decay"),
+        ParamSpec::optional("warmup_ratio", Float, json!(0.1), "share of updates spent warming up"),
+        ParamSpec::optional("weight_decay", Float, json!(0.1), "AdamW weight decay"),
+        ParamSpec::optional("max_grad_norm", Float, json!(1.0), "global gradient-norm clip"),
+        ParamSpec::optional("epochs", Int, json!(1), "passes over the prompts (unless max_steps)"),
+        ParamSpec::optional("max_steps", Any, Value::Null, "RL steps to run (overrides epochs)"),
+        ParamSpec::optional("seed", Int, json!(3407), "seed for LoRA init, prompt order and sampling"),
+        ParamSpec::optional("system_prompt", Any, Value::Null, "system turn for every rollout (overridden by input `system_prompt`)"),
+        ParamSpec::optional("early_stop", Any, Value::Null, "stop on a reward plateau: {window: steps (null = half an epoch), min_gain: 0.05}"),
+        ParamSpec::optional("best_smoothing", Int, json!(5), "steps averaged when picking the best-reward adapter"),
+        ParamSpec::optional("interleave", Any, Value::Null, "SFT steps on input `safety`: {every: k | share: s, batch_size: 4}"),
+        ParamSpec::optional("checkpoint_every", Int, json!(10), "RL steps between resumable checkpoints"),
+    ]
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct RlState {
+    steps: u64,
+    updates: u64,
+    prompts_consumed: u64,
+    safety_steps: u64,
+    safety_consumed: u64,
+    tracker: RewardTracker,
+    stopped_early: Option<String>,
+}
+
+impl RlParams {
+    fn validate(&self) -> Result<()> {
+        ensure!(
+            self.prompts_per_step >= 1,
+            "prompts_per_step must be at least 1"
+        );
+        ensure!(
+            self.num_generations >= 2,
+            "num_generations must be at least 2: advantages compare completions of one prompt"
+        );
+        let rows = self.prompts_per_step * self.num_generations;
+        ensure!(
+            self.grad_accum >= 1 && rows.is_multiple_of(self.grad_accum),
+            "grad_accum ({}) must divide prompts_per_step x num_generations ({rows})",
+            self.grad_accum
+        );
+        ensure!(
+            self.num_iterations >= 1,
+            "num_iterations must be at least 1"
+        );
+        ensure!(
+            self.temperature > 0.0,
+            "temperature must be positive: GRPO samples"
+        );
+        ensure!(
+            self.max_completion_length >= 1 && self.max_prompt_length >= 1,
+            "lengths must be at least 1"
+        );
+        ensure!(
+            self.epsilon >= 0.0 && self.epsilon_high.unwrap_or(0.0) >= 0.0,
+            "epsilons must be non-negative"
+        );
+        ensure!(self.beta >= 0.0, "beta must be non-negative");
+        ensure!(
+            self.checkpoint_every >= 1,
+            "checkpoint_every must be at least 1"
+        );
+        ensure!(
+            !(self.full_finetune && self.beta > 0.0),
+            "beta > 0 needs LoRA: the reference is the base with the adapter off"
+        );
+        if let Some(i) = &self.interleave {
+            i.cadence()?;
+        }
+        Ok(())
+    }
+}
+
+impl StageKind for RlKind {
+    fn spec(&self) -> KindSpec {
+        KindSpec {
+            name: "rl",
+            version: 1,
+            summary: "GRPO (TRL semantics) with a rule-based or LLM-graded reward, KL to the reference, safety interleaving",
+            params: params_spec(),
+            open_params: false,
+            inputs: vec![
+                PortSpec::input("model", ArtifactType::Model, "base model"),
+                PortSpec::optional_input("adapter", ArtifactType::Adapter, "adapter to continue (e.g. the SFT warm-up)"),
+                PortSpec::input("prompts", ArtifactType::Messages, "prompt conversations (the last turn is the user's)"),
+                PortSpec::optional_input("system_prompt", ArtifactType::File, "text file whose content is the rollout system prompt"),
+                PortSpec::optional_input("safety", ArtifactType::Messages, "safety conversations for interleaved SFT steps"),
+            ],
+            outputs: vec![
+                PortSpec::output("adapter", ArtifactType::Adapter, "final adapter"),
+                PortSpec::output("best_adapter", ArtifactType::Adapter, "adapter at the best smoothed mean reward"),
+                PortSpec::output("rollouts", ArtifactType::Samples, "every completion with its reward, parts and advantage"),
+                PortSpec::output("metrics", ArtifactType::Metrics, "one JSON object per step"),
+                PortSpec::output("summary", ArtifactType::Summary, "samples_consumed, steps, best step, early stop"),
+            ],
+        }
+    }
+
+    fn check(&self, params: &Params) -> Result<(), Vec<ParamError>> {
+        let err = |param: &str, e: anyhow::Error| {
+            vec![ParamError {
+                param: param.into(),
+                message: format!("{e:#}"),
+                hint: None,
+            }]
+        };
+        let p: RlParams =
+            serde_json::from_value(Value::Object(params.clone())).map_err(|e| err("", e.into()))?;
+        p.validate().map_err(|e| err("", e))?;
+        p.reward.prepare().map_err(|e| err("reward", e))?;
+        Ok(())
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<()> {
+        let p: RlParams = ctx.params_as()?;
+        p.validate()
+            .with_context(|| format!("stage {}", ctx.stage_id))?;
+        run_rl(ctx, &p)
+    }
+}
+
+/// Time split of one step, in seconds.
+#[derive(Default)]
+struct Timing {
+    sampling: f64,
+    reward: f64,
+    training: f64,
+}
+
+fn to_f64(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// Per-token log-probs of the completions without a graph (old or reference policy).
+fn logps_no_grad(
+    policy: &Policy,
+    rows: &[(&[u32], &[u32])],
+    micro: usize,
+    temperature: f64,
+) -> Result<Vec<Tensor>> {
+    let pad = policy.lm.tokenizer.pad_id();
+    let device = policy.lm.model.device().clone();
+    rows.chunks(micro)
+        .map(|chunk| {
+            let b = collate_rollouts(chunk, pad, &device)?;
+            let logits = policy.lm.model.forward_eval(&b.ids, &b.attention)?;
+            Ok(
+                token_logprobs(&b.completion_logits(&logits)?, &b.completion, temperature)?
+                    .detach(),
+            )
+        })
+        .collect()
+}
+
+pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
+    let progress = ctx.progress_handle();
+    progress.phase("loading", 0, "");
+    let reward = p.reward.prepare().context("preparing the reward")?;
+    if reward.needs_judge() {
+        bail!(
+            "stage {}: this reward uses an LLM grader; the rl kind does not yet take a judge, use rule-based rewards \
+             (keyword, regex, length_band) or score with a grader in a later version",
+            ctx.stage_id
+        );
+    }
+    let mut policy = load_policy(ctx, &p.lora, p.full_finetune, p.seed)?;
+    let system = match ctx.optional_input("system_prompt")? {
+        Some(f) => Some(
+            std::fs::read_to_string(&f.path)
+                .with_context(|| format!("reading {}", f.origin))?
+                .trim_end()
+                .to_string(),
+        ),
+        None => p.system_prompt.clone(),
+    };
+    let prompts = read_conversations(ctx.input("prompts")?)?;
+    let mut prompt_ids = Vec::with_capacity(prompts.len());
+    let mut prompt_msgs = Vec::with_capacity(prompts.len());
+    for (i, c) in prompts.iter().enumerate() {
+        let mut msgs = to_model_messages(c, system.as_deref());
+        if msgs.last().is_some_and(|m| m.role == "assistant") {
+            msgs.pop();
+        }
+        ensure!(
+            msgs.last().is_some_and(|m| m.role == "user"),
+            "prompt {i} does not end with a user turn"
+        );
+        let mut ids = encode_prompt(&policy.lm.tokenizer, &policy.lm.chat, &msgs)?;
+        if ids.len() > p.max_prompt_length {
+            ids.drain(..ids.len() - p.max_prompt_length);
+        }
+        prompt_ids.push(ids);
+        prompt_msgs.push(msgs);
+    }
+    let safety = match (&p.interleave, ctx.optional_input("safety")?) {
+        (Some(i), Some(input)) => {
+            let mut ex = Vec::new();
+            for c in read_conversations(input)? {
+                let enc = emflow_model::encode_chat(
+                    &policy.lm.tokenizer,
+                    &policy.lm.chat,
+                    &to_model_messages(&c, None),
+                )?;
+                ex.push(SftExample {
+                    ids: enc.ids,
+                    target: enc.assistant_mask,
+                });
+            }
+            Some((i.cadence()?, i.batch_size, ex))
+        }
+        (None, None) => None,
+        (Some(_), None) => bail!(
+            "stage {}: `interleave` is set but input `safety` is not wired",
+            ctx.stage_id
+        ),
+        (None, Some(_)) => bail!(
+            "stage {}: input `safety` is wired but `interleave` is not set",
+            ctx.stage_id
+        ),
+    };
+
+    let total_steps = match p.max_steps {
+        Some(s) => s,
+        None => (p.epochs * prompts.len() as u64).div_ceil(p.prompts_per_step as u64),
+    };
+    ensure!(
+        total_steps > 0,
+        "stage {}: nothing to train (0 steps)",
+        ctx.stage_id
+    );
+    let total_updates = total_steps as usize * p.num_iterations;
+    let schedule = LrSchedule {
+        base_lr: p.lr,
+        kind: p.schedule,
+        warmup_steps: (p.warmup_ratio * total_updates as f64).ceil() as usize,
+        total_steps: total_updates,
+    };
+    let mut opt = AdamW::new(
+        policy.vars.clone(),
+        AdamWConfig {
+            lr: p.lr,
+            weight_decay: p.weight_decay,
+            ..AdamWConfig::default()
+        },
+    )?;
+    opt.set_weight_decay_filter(emflow_model::optim::transformers_decays);
+    let loss_cfg = GrpoLossConfig {
+        loss_type: p.loss_type,
+        importance_sampling: p.importance_sampling_level,
+        epsilon_low: p.epsilon,
+        epsilon_high: p.epsilon_high.unwrap_or(p.epsilon),
+        beta: p.beta,
+        max_completion_length: p.max_completion_length,
+    };
+    let sampling = SamplingParams {
+        temperature: p.temperature,
+        top_p: p.top_p,
+        top_k: p.top_k,
+        min_p: p.min_p,
+        max_new_tokens: p.max_completion_length,
+        stop: Vec::new(),
+    };
+    let safety_cfg = SftStepConfig {
+        micro_batch: p.interleave.as_ref().map_or(1, |i| i.batch_size),
+        kl_lambda: 0.0,
+        ldifs: None,
+        max_grad_norm: p.max_grad_norm,
+    };
+    let early_window = p.early_stop.as_ref().map(|e| {
+        e.window
+            .unwrap_or_else(|| prompts.len().div_ceil(2 * p.prompts_per_step).max(1))
+    });
+
+    let ckpt_root = ctx.checkpoint_dir().join("rl");
+    let best_dir = ctx.checkpoint_dir().join("rl-best");
+    let resumed = resume::<RlState>(&ckpt_root, &mut policy, &mut opt)?;
+    let (mut state, mut metrics, mut rollouts) = match &resumed {
+        Some(r) => {
+            progress.log(&format!(
+                "resuming from checkpoint after RL step {}",
+                r.state.steps
+            ));
+            (
+                r.state.clone(),
+                JsonlLog::open(&ctx.output_path("metrics"), r.log("metrics").as_deref())?,
+                JsonlLog::open(&ctx.output_path("rollouts"), r.log("rollouts").as_deref())?,
+            )
+        }
+        None => (
+            RlState::default(),
+            JsonlLog::open(&ctx.output_path("metrics"), None)?,
+            JsonlLog::open(&ctx.output_path("rollouts"), None)?,
+        ),
+    };
+    let mut cursor = Cursor::new(prompts.len(), p.seed, "prompts", state.prompts_consumed);
+    let mut safety_cursor = safety
+        .as_ref()
+        .map(|(_, _, ex)| Cursor::new(ex.len(), p.seed, "safety", state.safety_consumed));
+    let g = p.num_generations;
+    let rows_per_step = p.prompts_per_step * g;
+    let micro = rows_per_step / p.grad_accum;
+    let pad = policy.lm.tokenizer.pad_id();
+    let device = policy.lm.model.device().clone();
+
+    progress.phase("rl", total_steps, "steps");
+    progress.inc(state.steps);
+    while state.steps < total_steps && state.stopped_early.is_none() {
+        let mut timing = Timing::default();
+        let step_started = Instant::now();
+        // 1. Sample.
+        let picked = cursor.take(p.prompts_per_step);
+        let mut reqs = Vec::with_capacity(rows_per_step);
+        for (idx, epoch) in &picked {
+            for k in 0..g {
+                reqs.push(GenerationRequest {
+                    prompt_ids: prompt_ids[*idx].clone(),
+                    seed: derive_seed(p.seed, &idx.to_string(), epoch * g as u64 + k as u64),
+                });
+            }
+        }
+        let t0 = Instant::now();
+        let gens = policy.lm.model.generate(
+            &policy.lm.tokenizer,
+            &reqs,
+            &sampling,
+            rows_per_step,
+            &|_| {},
+        )?;
+        timing.sampling = t0.elapsed().as_secs_f64();
+        // 2. Reward.
+        let t0 = Instant::now();
+        let inputs: Vec<RewardInput> = picked
+            .iter()
+            .flat_map(|(idx, _)| std::iter::repeat_n(*idx, g))
+            .zip(&gens)
+            .map(|(idx, gen)| RewardInput {
+                prompt: prompt_msgs[idx]
+                    .last()
+                    .map(|m| m.content.clone())
+                    .unwrap_or_default(),
+                completion: gen.text.clone(),
+            })
+            .collect();
+        let scored = reward.score_batch(&inputs, None)?;
+        timing.reward = t0.elapsed().as_secs_f64();
+        let rewards: Vec<f64> = scored.iter().map(|r| r.total).collect();
+        let adv = compute_advantages(&rewards, g, p.scale_rewards)?;
+
+        // 3. Train.
+        let t0 = Instant::now();
+        let rows: Vec<(&[u32], &[u32])> = reqs
+            .iter()
+            .zip(&gens)
+            .map(|(r, gen)| (r.prompt_ids.as_slice(), gen.tokens.as_slice()))
+            .collect();
+        let step_tokens: usize = gens.iter().map(|gen| gen.tokens.len()).sum();
+        let old = if p.num_iterations > 1 {
+            Some(logps_no_grad(&policy, &rows, micro, p.temperature)?)
+        } else {
+            None
+        };
+        let reference = if p.beta != 0.0 {
+            policy.lm.model.set_lora_enabled(false);
+            let r = logps_no_grad(&policy, &rows, micro, p.temperature);
+            policy.lm.model.set_lora_enabled(true);
+            Some(r?)
+        } else {
+            None
+        };
+        let (
+            mut loss_sum,
+            mut kl_sum,
+            mut clip_sum,
+            mut clip_low,
+            mut clip_high,
+            mut ent_sum,
+            mut grad_norm,
+        ) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+        let n_micro = (p.grad_accum * p.num_iterations) as f64;
+        let mut lr = 0.0;
+        for _ in 0..p.num_iterations {
+            let mut grads = None;
+            for (m, chunk) in rows.chunks(micro).enumerate() {
+                let b = collate_rollouts(chunk, pad, &device)?;
+                let logits = policy.lm.model.forward_train(&b.ids, &b.attention)?;
+                let comp_logits = b.completion_logits(&logits)?;
+                let logps = token_logprobs(&comp_logits, &b.completion, p.temperature)?;
+                let adv_t = Tensor::from_vec(
+                    adv.values[m * micro..(m + 1) * micro]
+                        .iter()
+                        .map(|a| *a as f32)
+                        .collect::<Vec<_>>(),
+                    micro,
+                    &device,
+                )?;
+                let mb = MicroBatch {
+                    policy_logps: &logps,
+                    old_logps: old.as_ref().map(|o| &o[m]),
+                    ref_logps: reference.as_ref().map(|r| &r[m]),
+                    mask: &b.completion_mask,
+                    advantages: &adv_t,
+                };
+                let out = grpo_loss(
+                    &loss_cfg,
+                    &mb,
+                    StepShape {
+                        grad_accum_steps: p.grad_accum,
+                        step_tokens: step_tokens as f64,
+                    },
+                )?;
+                // Entropy of the (temperature-scaled) next-token distribution, for the log.
+                let z = (comp_logits.detach() / p.temperature)?;
+                let logp_all = candle_nn::ops::log_softmax(&z, D::Minus1)?;
+                let ent = (logp_all.exp()? * &logp_all)?.sum(D::Minus1)?.neg()?;
+                ent_sum += to_f64(&(ent * &b.completion_mask)?.sum_all()?)?;
+                loss_sum += to_f64(&out.loss)?;
+                kl_sum += out.stats.kl.unwrap_or(0.0);
+                clip_sum += out.stats.clip_region;
+                clip_low += out.stats.clip_low;
+                clip_high += out.stats.clip_high;
+                let g = out.loss.backward()?;
+                accumulate(&mut grads, &policy.vars, g, 1.0)?;
+            }
+            let mut grads = grads.context("no gradients were produced")?;
+            grad_norm = clip_grad_norm(&policy.vars, &mut grads, p.max_grad_norm)?;
+            lr = schedule.lr_at(state.updates as usize);
+            opt.step(&grads, lr)?;
+            state.updates += 1;
+        }
+        timing.training = t0.elapsed().as_secs_f64();
+        state.steps += 1;
+        state.prompts_consumed = cursor.consumed;
+
+        // 4. Log.
+        let step = state.steps - 1;
+        for (i, ((gen, out), a)) in gens.iter().zip(&scored).zip(&adv.values).enumerate() {
+            let (idx, epoch) = picked[i / g];
+            rollouts.append(&json!({
+                "step": step, "prompt_index": idx, "epoch": epoch, "generation": i % g,
+                "prompt": prompt_msgs[idx], "completion": gen.text, "reward": out.total, "parts": out.parts,
+                "details": out.details, "advantage": a, "completion_tokens": gen.tokens.len(),
+                "finish": format!("{:?}", gen.finish).to_lowercase(),
+            }))?;
+        }
+        let n = rewards.len() as f64;
+        let mean_reward = rewards.iter().sum::<f64>() / n;
+        let reward_std = adv.group_std.iter().sum::<f64>() / adv.group_std.len().max(1) as f64;
+        let mut parts = serde_json::Map::new();
+        for name in scored
+            .first()
+            .map(|s| s.parts.keys().cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
+            let m = scored
+                .iter()
+                .map(|s| s.parts.get(&name).copied().unwrap_or(0.0))
+                .sum::<f64>()
+                / n;
+            parts.insert(name, json!(m));
+        }
+        let lengths: Vec<usize> = gens.iter().map(|gen| gen.tokens.len()).collect();
+        let truncated = gens
+            .iter()
+            .filter(|gen| matches!(gen.finish, Finish::Length))
+            .count() as f64
+            / n;
+        let elapsed = step_started.elapsed().as_secs_f64();
+        metrics.append(&json!({
+            "step": step, "batch": "rl", "reward": mean_reward, "reward_std": reward_std, "rewards": parts,
+            "frac_reward_zero_std": adv.frac_zero_std, "loss": loss_sum / p.num_iterations as f64,
+            "kl": if p.beta != 0.0 { Some(kl_sum / n_micro) } else { None },
+            "clip_ratio": clip_sum / n_micro, "clip_ratio_low": clip_low / n_micro, "clip_ratio_high": clip_high / n_micro,
+            "entropy": ent_sum / step_tokens.max(1) as f64, "grad_norm": grad_norm, "lr": lr,
+            "completion_length_mean": step_tokens as f64 / n, "completion_length_min": lengths.iter().min(),
+            "completion_length_max": lengths.iter().max(), "completions_clipped_ratio": truncated,
+            "tokens_per_s": step_tokens as f64 / timing.sampling.max(1e-9),
+            "seconds": elapsed, "seconds_sampling": timing.sampling, "seconds_reward": timing.reward, "seconds_training": timing.training,
+            "samples_consumed": state.prompts_consumed,
+        }))?;
+        progress.message(&format!("reward {mean_reward:.3}"));
+        progress.inc(1);
+
+        if state.tracker.record(step, mean_reward, p.best_smoothing) {
+            let tmp = ctx.checkpoint_dir().join("rl-best-new");
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp)?;
+            }
+            policy.save(&tmp)?;
+            replace_dir_atomically(&tmp, &best_dir)?;
+            std::fs::remove_dir_all(&tmp)?;
+        }
+
+        // 5. Interleaved safety SFT steps.
+        if let (Some((cadence, bs, ex)), Some(cur)) = (&safety, safety_cursor.as_mut()) {
+            for _ in 0..cadence.steps_after(state.steps) {
+                let batch: Vec<SftExample> = cur
+                    .take(*bs)
+                    .into_iter()
+                    .map(|(i, _)| ex[i].clone())
+                    .collect();
+                let lr = schedule.lr_at(state.updates.saturating_sub(1) as usize);
+                let s = sft_step(&mut policy, &batch, &safety_cfg, &mut opt, lr)?;
+                state.safety_steps += 1;
+                state.safety_consumed = cur.consumed;
+                metrics.append(&json!({
+                    "step": step, "batch": "safety", "loss": s.loss, "nll": s.nll, "lr": lr, "grad_norm": s.grad_norm,
+                    "tokens": s.tokens, "safety_consumed": cur.consumed,
+                }))?;
+            }
+        }
+
+        if let (Some(window), Some(es)) = (early_window, &p.early_stop) {
+            if let Some(gain) = state.tracker.plateaued(window, es.min_gain) {
+                let why = format!(
+                    "mean reward gained {gain:.4} < {} over the last {window} steps",
+                    es.min_gain
+                );
+                progress.log(&format!("early stop after step {step}: {why}"));
+                state.stopped_early = Some(why);
+            }
+        }
+        let finished = state.steps >= total_steps || state.stopped_early.is_some();
+        if !finished && (state.steps % p.checkpoint_every == 0 || ctx.interrupt_requested()) {
+            save_checkpoint(
+                &ckpt_root,
+                &policy,
+                &opt,
+                &state,
+                &[&metrics, &rollouts],
+                |_| Ok(()),
+            )?;
+            ctx.check_interrupt()?;
+        }
+    }
+
+    policy.save(&ctx.output_path("adapter"))?;
+    crate::train::checkpoint::copy_dir(&best_dir, &ctx.output_path("best_adapter"))
+        .context("copying the best-reward adapter")?;
+    let (best_step, best_reward) = state.tracker.best().unwrap_or((0, f64::NAN));
+    let summary = json!({
+        "samples_consumed": state.prompts_consumed,
+        "completions": state.prompts_consumed * g as u64,
+        "steps": state.steps,
+        "updates": state.updates,
+        "safety_steps": state.safety_steps,
+        "best_step": best_step,
+        "best_reward": best_reward,
+        "stopped_early": state.stopped_early,
+    });
+    std::fs::write(
+        ctx.output_path("summary"),
+        serde_json::to_vec_pretty(&summary)?,
+    )?;
+    if let Value::Object(map) = summary {
+        for (k, v) in map {
+            ctx.summarize(&k, v);
+        }
+    }
+    Ok(())
+}
