@@ -7,6 +7,7 @@ pub mod evaluation;
 pub mod judge;
 pub mod kinds;
 pub mod reward;
+pub mod train;
 
 use emflow_engine::Registry;
 

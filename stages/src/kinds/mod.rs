@@ -1,8 +1,11 @@
 //! One module per stage kind. Add a kind here and in [`register`].
 
+pub mod rl;
+pub mod sft;
+
 use emflow_engine::Registry;
 
 /// Adds every kind of this crate to `registry`.
 pub fn register(registry: Registry) -> Registry {
-    registry
+    registry.with_kind(sft::SftKind).with_kind(rl::RlKind)
 }
