@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod templates;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
