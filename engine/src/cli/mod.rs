@@ -1,0 +1,423 @@
+//! The `emflow` command line. Parsing and help text live here; each command's work lives
+//! in [`crate::run`] and [`crate::commands`], so it can be tested without a process.
+
+mod exec_stage;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use emflow_cache::Store;
+
+use crate::commands::{self, GraphFormat};
+use crate::executor::{Executor, InProcessExecutor, SubprocessExecutor};
+use crate::kind::Registry;
+use crate::pipeline::Pipeline;
+use crate::report::{ReportMode, Reporter};
+use crate::run::{run_pipeline, RunEnv, RunOptions};
+
+/// Exit code for "ran, but something failed or does not match".
+const EXIT_FAILED: u8 = 1;
+/// Exit code for a usage or manifest error.
+const EXIT_USAGE: u8 = 2;
+/// Exit code when Ctrl-C stopped a run.
+const EXIT_STOPPED: u8 = 130;
+
+#[derive(Parser)]
+#[command(
+    name = "emflow",
+    version,
+    about = "Run ML-safety experiments from YAML manifests: content-addressed, cached, parallel.",
+    after_help = "Examples:
+  emflow run manifests/examples/datasets.yaml              run what is not cached
+  emflow run m.yaml --set seed=3 --profile ci              override a param, use a profile
+  emflow status m.yaml                                     what is stale, and why
+  emflow lock m.yaml && emflow check m.yaml                pin keys; CI fails if they move
+  emflow graph m.yaml --format mermaid                     the DAG, coloured by status
+
+The store is `.emflow/` next to the manifest; move it with EMFLOW_HOME or --store."
+)]
+struct Cli {
+    /// Store folder (default: $EMFLOW_HOME, else `.emflow/` next to the manifest).
+    #[arg(long, global = true, value_name = "DIR")]
+    store: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct ManifestArgs {
+    /// The manifest (YAML).
+    manifest: PathBuf,
+    /// Apply a named profile from the manifest's `profiles:`.
+    #[arg(long, value_name = "NAME")]
+    profile: Option<String>,
+    /// Override anything: `seed=3`, `params.seed=3`, `stages.sft.params.lr=2e-4`. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every stage that is not cached (and what it needs).
+    #[command(after_help = "Examples:
+  emflow run m.yaml                       run what is missing; a second run does nothing
+  emflow run m.yaml --dry-run             show what would run and why
+  emflow run m.yaml --only eval           just `eval` (all its cells) and its missing upstream
+  emflow run m.yaml --only 'sft[seed=0]'  one matrix cell
+  emflow run m.yaml --force report        rerun `report` even though it is cached
+  emflow run m.yaml --jobs 4 --keep-going --json")]
+    Run {
+        #[command(flatten)]
+        manifest: ManifestArgs,
+        /// Plan only: print each stage's state and reasons, run nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Run only this stage (name or instance id) and its missing upstream. Repeatable.
+        #[arg(long, value_name = "STAGE")]
+        only: Vec<String>,
+        /// Rerun this stage (name or instance id) even if cached. Repeatable.
+        #[arg(long, value_name = "STAGE")]
+        force: Vec<String>,
+        /// Stages running at once (default: number of cores).
+        #[arg(long, short = 'j')]
+        jobs: Option<usize>,
+        /// After a failure, keep running the stages that do not depend on it.
+        #[arg(long)]
+        keep_going: bool,
+        /// One JSON event per line on stdout instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Where stages run: `local` (a child process each) or `in-process`.
+        #[arg(long, default_value = "local", value_parser = ["local", "in-process"])]
+        executor: String,
+    },
+    /// Each stage instance: cached / stale / missing / pending, and why (changed key parts first).
+    #[command(after_help = "Example:\n  emflow status m.yaml --set stages.sft.params.lr=2e-4")]
+    Status {
+        #[command(flatten)]
+        manifest: ManifestArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The stage graph, coloured by status.
+    #[command(
+        after_help = "Examples:\n  emflow graph m.yaml | dot -Tsvg > dag.svg\n  emflow graph m.yaml --format mermaid"
+    )]
+    Graph {
+        #[command(flatten)]
+        manifest: ManifestArgs,
+        #[arg(long, value_enum, default_value = "dot")]
+        format: GraphFormat,
+    },
+    /// Write `emflow.lock` next to the manifest: each stage's key and output digests.
+    Lock {
+        #[command(flatten)]
+        manifest: ManifestArgs,
+    },
+    /// Exit 1 if the manifest no longer yields the keys in `emflow.lock` (CI's reproducibility check).
+    Check {
+        #[command(flatten)]
+        manifest: ManifestArgs,
+    },
+    /// Re-execute cached stages without the cache and compare output digests.
+    #[command(
+        after_help = "Examples:\n  emflow verify m.yaml              every cached stage\n  emflow verify m.yaml sft eval     just these"
+    )]
+    Verify {
+        #[command(flatten)]
+        manifest: ManifestArgs,
+        /// Stage names or instance ids (default: all).
+        stages: Vec<String>,
+        #[arg(long, short = 'j')]
+        jobs: Option<usize>,
+        #[arg(long, default_value = "local", value_parser = ["local", "in-process"])]
+        executor: String,
+    },
+    /// Free store space: keep what the lock files of MANIFESTS and the last runs reach.
+    #[command(after_help = "Example:\n  emflow gc manifests/*.yaml --keep-runs 5 --dry-run")]
+    Gc {
+        /// Manifests whose `emflow.lock` entries are kept.
+        manifests: Vec<PathBuf>,
+        /// Only report what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep everything the last N runs used.
+        #[arg(long, default_value_t = 10)]
+        keep_runs: usize,
+    },
+    /// Inspect the store.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+    /// List the stage kinds this binary has, with their params and ports.
+    Kinds,
+    /// Run one job file (used by executors; not for people).
+    #[command(hide = true)]
+    ExecStage {
+        job: PathBuf,
+        #[arg(long)]
+        result: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Every record: key, stage, kind, size, when.
+    Ls,
+    /// One record in full (a key prefix is enough).
+    Show { key: String },
+}
+
+/// The `emflow` binary's entry point.
+pub fn main(registry: Registry) -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::ExecStage { job, result } = &cli.command {
+        return exec_stage::main(&registry, job, result);
+    }
+    match dispatch(cli, registry) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            eprintln!("error: {}", commands::describe_error(&err));
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+fn load(args: &ManifestArgs, registry: &Registry) -> anyhow::Result<Pipeline> {
+    crate::loader::load(
+        &args.manifest,
+        args.profile.clone(),
+        args.sets.clone(),
+        registry,
+    )
+}
+
+fn open_store(flag: Option<&Path>, manifest: Option<&Path>) -> anyhow::Result<Arc<Store>> {
+    let root = commands::store_location(flag, manifest);
+    let store =
+        Store::open(&root).with_context(|| format!("opening the store at {}", root.display()))?;
+    Ok(Arc::new(store))
+}
+
+fn executor(
+    name: &str,
+    registry: &Registry,
+    store: &Arc<Store>,
+    run_dir: &str,
+) -> anyhow::Result<Box<dyn Executor>> {
+    Ok(match name {
+        "in-process" => Box::new(InProcessExecutor::new(registry.clone(), store.clone())),
+        _ => {
+            let exe =
+                std::env::current_exe().context("finding the emflow binary to run stages with")?;
+            Box::new(SubprocessExecutor::new(
+                exe,
+                store.root().join("jobs").join(run_dir),
+            ))
+        }
+    })
+}
+
+fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
+    let store_flag = cli.store.as_deref();
+    match cli.command {
+        Command::Run {
+            manifest,
+            dry_run,
+            only,
+            force,
+            jobs,
+            keep_going,
+            json,
+            executor: exec_name,
+        } => {
+            let pipeline = load(&manifest, &registry)?;
+            let store = open_store(store_flag, Some(&manifest.manifest))?;
+            let _pin = store.pin()?;
+            let reporter = Reporter::new(if json {
+                ReportMode::Json
+            } else {
+                ReportMode::Human
+            });
+            let stop = crate::signals::install_driver();
+            let run_dir = crate::host::new_run_id();
+            let exec = executor(&exec_name, &registry, &store, &run_dir)?;
+            let mut opts = RunOptions {
+                dry_run,
+                only,
+                force,
+                keep_going,
+                ..RunOptions::default()
+            };
+            if let Some(j) = jobs {
+                opts.jobs = j.max(1);
+            }
+            let env = RunEnv {
+                registry: &registry,
+                store: store.clone(),
+                executor: exec.as_ref(),
+                reporter,
+                stop,
+            };
+            let summary = run_pipeline(&pipeline, &env, &opts)?;
+            Ok(if summary.interrupted {
+                EXIT_STOPPED
+            } else if summary.ok() {
+                0
+            } else {
+                EXIT_FAILED
+            })
+        }
+        Command::Status { manifest, json } => {
+            let pipeline = load(&manifest, &registry)?;
+            let store = open_store(store_flag, Some(&manifest.manifest))?;
+            let reporter = Reporter::new(if json {
+                ReportMode::Json
+            } else {
+                ReportMode::Human
+            });
+            commands::status(&pipeline, &registry, &store, &reporter)?;
+            Ok(0)
+        }
+        Command::Graph { manifest, format } => {
+            let pipeline = load(&manifest, &registry)?;
+            let store = open_store(store_flag, Some(&manifest.manifest))?;
+            print!("{}", commands::graph(&pipeline, &registry, &store, format)?);
+            Ok(0)
+        }
+        Command::Lock { manifest } => {
+            let pipeline = load(&manifest, &registry)?;
+            let store = open_store(store_flag, Some(&manifest.manifest))?;
+            let (path, section) = commands::lock(&pipeline, &registry, &store)?;
+            println!(
+                "locked {} stages and {} models of {} in {}",
+                section.stages.len(),
+                section.models.len(),
+                manifest.manifest.display(),
+                path.display()
+            );
+            Ok(0)
+        }
+        Command::Check { manifest } => {
+            let pipeline = load(&manifest, &registry)?;
+            let store = open_store(store_flag, Some(&manifest.manifest))?;
+            let mismatches = commands::check(&pipeline, &registry, &store)?;
+            if mismatches.is_empty() {
+                println!(
+                    "ok: all {} stages of {} match emflow.lock",
+                    pipeline.stages.len(),
+                    manifest.manifest.display()
+                );
+                return Ok(0);
+            }
+            println!("{} stage(s) no longer match emflow.lock:", mismatches.len());
+            for m in &mismatches {
+                println!("  {}", m.stage);
+                for why in &m.why {
+                    println!("      {why}");
+                }
+            }
+            println!("if the change is intended, run `emflow run` and `emflow lock` and commit the new lock");
+            Ok(EXIT_FAILED)
+        }
+        Command::Verify {
+            manifest,
+            stages,
+            jobs,
+            executor: exec_name,
+        } => {
+            let pipeline = load(&manifest, &registry)?;
+            let store = open_store(store_flag, Some(&manifest.manifest))?;
+            let _pin = store.pin()?;
+            let reporter = Reporter::new(ReportMode::Human);
+            let exec = executor(&exec_name, &registry, &store, &crate::host::new_run_id())?;
+            let results = commands::verify(
+                &pipeline,
+                &registry,
+                &store,
+                exec.as_ref(),
+                &reporter,
+                &stages,
+                jobs.unwrap_or_else(crate::host::cores),
+            )?;
+            let bad: Vec<&str> = results
+                .iter()
+                .filter(|v| v.verdict != "same")
+                .map(|v| v.stage.as_str())
+                .collect();
+            if bad.is_empty() {
+                println!(
+                    "all {} verified stages reproduce their recorded outputs",
+                    results.len()
+                );
+                Ok(0)
+            } else {
+                println!(
+                    "{} of {} stages did not verify: {}",
+                    bad.len(),
+                    results.len(),
+                    bad.join(", ")
+                );
+                Ok(EXIT_FAILED)
+            }
+        }
+        Command::Gc {
+            manifests,
+            dry_run,
+            keep_runs,
+        } => {
+            let store = open_store(store_flag, manifests.first().map(PathBuf::as_path))?;
+            let (report, runs) = commands::gc(&store, &manifests, keep_runs, dry_run)?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            println!(
+                "{verb} {} records, {} files, {} folders, {} checkpoints, {} memo entries: {} (kept {} records reached by {} lock file(s) and the last {runs} runs)",
+                report.records_removed.len(),
+                report.blobs_removed,
+                report.trees_removed,
+                report.checkpoints_removed,
+                report.memo_entries_removed,
+                crate::host::human_bytes(report.bytes_freed),
+                report.records_kept,
+                manifests.len(),
+            );
+            Ok(0)
+        }
+        Command::Cache {
+            command: CacheCommand::Ls,
+        } => {
+            let store = open_store(store_flag, None)?;
+            for (key, r) in commands::cache_ls(&store)? {
+                let size: u64 = r.outputs.values().map(|o| o.size).sum();
+                println!(
+                    "{}  {:<32} {:<12} {:>10}  {}",
+                    crate::keys::short(&key),
+                    r.stage_id,
+                    r.kind,
+                    crate::host::human_bytes(size),
+                    r.finished_at
+                );
+            }
+            Ok(0)
+        }
+        Command::Cache {
+            command: CacheCommand::Show { key },
+        } => {
+            let store = open_store(store_flag, None)?;
+            let record = commands::cache_show(&store, &key)?;
+            println!("{}", serde_json::to_string_pretty(&record)?);
+            for (name, entry) in &record.outputs {
+                println!("output {name}: {}", store.artifact_path(entry).display());
+            }
+            Ok(0)
+        }
+        Command::Kinds => {
+            print!("{}", commands::kinds_text(&registry));
+            Ok(0)
+        }
+        Command::ExecStage { .. } => Ok(0),
+    }
+}

@@ -1,0 +1,720 @@
+//! The read-mostly commands over a planned pipeline: `status`, `graph`, `lock`, `check`,
+//! `verify`, `gc`, `cache ls|show`, `kinds`. Each is a function returning what it found,
+//! so tests call them directly and the CLI only maps results to exit codes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use anyhow::anyhow;
+use emflow_cache::{EntryKind, GcOptions, GcReport, OutputEntry, StageRecord, Store};
+use serde_json::json;
+
+use crate::executor::{Executor, Wake};
+use crate::job::{error_chain, JobArtifact, JobMode, JobOutcome};
+use crate::keys::{explain_change, model_fetch_key, short, KeyChange};
+use crate::kind::{ArtifactType, Registry};
+use crate::lockfile::{self, LockFile, LockedModel, LockedStage, ManifestLock};
+use crate::pipeline::Pipeline;
+use crate::plan::{model_source, ModelSource, Planner, Resolved, StageStatus, State};
+use crate::report::{Reporter, Word};
+use crate::run::{check_gpus, make_job, plan_line};
+use crate::slots::Slots;
+
+/// `emflow status`: every instance's state and why.
+pub fn status(
+    pipeline: &Pipeline,
+    registry: &Registry,
+    store: &Store,
+    reporter: &Reporter,
+) -> anyhow::Result<Vec<StageStatus>> {
+    let mut planner = Planner::new(pipeline, registry, store)?;
+    let statuses: Vec<StageStatus> = planner
+        .statuses(None, &BTreeSet::new())?
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    let count = |label: &str| statuses.iter().filter(|s| s.state.label() == label).count();
+    reporter.line(&format!(
+        "{} {}: {} stages: {} cached, {} stale, {} missing, {} pending",
+        reporter.bold("Status"),
+        pipeline.manifest_path.display(),
+        statuses.len(),
+        count("cached"),
+        count("stale"),
+        count("missing"),
+        count("pending")
+    ));
+    // Changed stages first (what the user just did), then the rest in pipeline order.
+    let rank = |s: &StageStatus| match &s.state {
+        State::Stale { .. } => 0,
+        State::Pending { changes, .. } if !changes.is_empty() => 1,
+        State::Missing { .. } => 2,
+        State::Pending { .. } => 3,
+        State::Cached => 4,
+    };
+    let mut shown: Vec<&StageStatus> = statuses.iter().collect();
+    shown.sort_by_key(|s| rank(s));
+    for s in shown {
+        plan_line(reporter, s);
+    }
+    Ok(statuses)
+}
+
+/// Output formats of `emflow graph`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GraphFormat {
+    Dot,
+    Mermaid,
+    Json,
+}
+
+/// `emflow graph`: the stage DAG coloured by status.
+pub fn graph(
+    pipeline: &Pipeline,
+    registry: &Registry,
+    store: &Store,
+    format: GraphFormat,
+) -> anyhow::Result<String> {
+    let mut planner = Planner::new(pipeline, registry, store)?;
+    let statuses: HashMap<usize, StageStatus> = planner
+        .statuses(None, &BTreeSet::new())?
+        .into_iter()
+        .collect();
+    let color = |i: usize| match statuses.get(&i).map(|s| s.state.label()) {
+        Some("cached") => "#b7e4b0",
+        Some("stale") => "#ffd27f",
+        Some("missing") => "#9ecbff",
+        _ => "#e0e0e0",
+    };
+    let label = |i: usize| {
+        let s = &pipeline.stages[i];
+        format!(
+            "{}\\n{} · {}",
+            s.id,
+            s.kind,
+            statuses.get(&i).map(|s| s.state.label()).unwrap_or("?")
+        )
+    };
+    let mut out = String::new();
+    match format {
+        GraphFormat::Dot => {
+            let _ = writeln!(out, "digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box, style=\"rounded,filled\", fontname=\"Helvetica\"];", pipeline.name);
+            for &i in planner.dag.order() {
+                let _ = writeln!(
+                    out,
+                    "  n{i} [label=\"{}\", fillcolor=\"{}\"];",
+                    label(i).replace('"', "\\\""),
+                    color(i)
+                );
+            }
+            for (a, b) in planner.dag.edges() {
+                let _ = writeln!(out, "  n{a} -> n{b};");
+            }
+            out.push_str("}\n");
+        }
+        GraphFormat::Mermaid => {
+            out.push_str("flowchart LR\n");
+            for &i in planner.dag.order() {
+                let text = label(i).replace("\\n", "<br/>").replace('"', "#quot;");
+                let _ = writeln!(out, "  n{i}[\"{text}\"]");
+                let _ = writeln!(out, "  style n{i} fill:{}", color(i));
+            }
+            for (a, b) in planner.dag.edges() {
+                let _ = writeln!(out, "  n{a} --> n{b}");
+            }
+        }
+        GraphFormat::Json => {
+            let nodes: Vec<_> = planner
+                .dag
+                .order()
+                .iter()
+                .map(|&i| {
+                    let s = &pipeline.stages[i];
+                    let st = statuses.get(&i);
+                    json!({ "id": s.id, "stage": s.stage, "kind": s.kind, "status": st.map(|s| s.state.label()), "key": st.and_then(|s| s.key.clone()) })
+                })
+                .collect();
+            let edges: Vec<_> = planner
+                .dag
+                .edges()
+                .map(|(a, b)| json!({ "from": pipeline.stages[a].id, "to": pipeline.stages[b].id }))
+                .collect();
+            out = serde_json::to_string_pretty(
+                &json!({ "name": pipeline.name, "nodes": nodes, "edges": edges }),
+            )?;
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
+/// `emflow lock`: writes the pipeline's keys and output digests into `emflow.lock`.
+/// Every stage must be cached (run it first).
+pub fn lock(
+    pipeline: &Pipeline,
+    registry: &Registry,
+    store: &Store,
+) -> anyhow::Result<(PathBuf, ManifestLock)> {
+    let mut planner = Planner::new(pipeline, registry, store)?;
+    let statuses = planner.statuses(None, &BTreeSet::new())?;
+    let not_cached: Vec<String> = statuses
+        .iter()
+        .filter(|(_, s)| !matches!(s.state, State::Cached))
+        .map(|(_, s)| format!("{} ({})", s.id, s.state.label()))
+        .collect();
+    if !not_cached.is_empty() {
+        return Err(anyhow!(
+            "cannot lock: {} stage(s) are not cached: {}; run `emflow run {}` first",
+            not_cached.len(),
+            not_cached.join(", "),
+            pipeline.manifest_path.display()
+        ));
+    }
+    let mut section = ManifestLock {
+        profile: pipeline.profile.clone(),
+        ..ManifestLock::default()
+    };
+    for (_, s) in statuses {
+        let record = s.record.ok_or_else(|| {
+            anyhow!(
+                "stage {} is cached but its record vanished; run again",
+                s.id
+            )
+        })?;
+        section.stages.insert(
+            s.id.clone(),
+            LockedStage {
+                kind: s.kind,
+                key: record.key.clone(),
+                outputs: record
+                    .outputs
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.digest.clone()))
+                    .collect(),
+                key_parts: record.key_parts.clone(),
+            },
+        );
+    }
+    let used = planner.models_used(0..pipeline.stages.len());
+    let models = planner.available_models(&used)?;
+    for name in used {
+        let decl = &pipeline.models[&name];
+        let art = models
+            .get(&name)
+            .ok_or_else(|| anyhow!("model `{name}` is not fetched yet; run `emflow run` first"))?;
+        let fetch_key = matches!(
+            model_source(decl, &pipeline.manifest_dir),
+            ModelSource::Fetched { .. }
+        )
+        .then(|| model_fetch_key(&decl.source));
+        section.models.insert(
+            name,
+            LockedModel {
+                source: decl.source.clone(),
+                digest: art.digest.clone(),
+                fetch_key,
+            },
+        );
+    }
+    let path = lockfile::lock_path(&pipeline.manifest_path);
+    let mut file = lockfile::read(&path)?.unwrap_or(LockFile {
+        emflow_lock: lockfile::LOCK_VERSION,
+        manifests: BTreeMap::new(),
+    });
+    file.manifests.insert(
+        lockfile::section_name(&pipeline.manifest_path),
+        section.clone(),
+    );
+    lockfile::write(&path, &file)?;
+    Ok((path, section))
+}
+
+/// One stage whose key no longer matches the lock.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Mismatch {
+    pub stage: String,
+    pub why: Vec<String>,
+}
+
+/// `emflow check`: recomputes every key from the manifest, using the lock's output digests
+/// for upstream stages (so no store content is needed), and lists the stages whose key
+/// differs from the lock. Empty = the lock still holds.
+pub fn check(
+    pipeline: &Pipeline,
+    registry: &Registry,
+    store: &Store,
+) -> anyhow::Result<Vec<Mismatch>> {
+    let path = lockfile::lock_path(&pipeline.manifest_path);
+    let section_name = lockfile::section_name(&pipeline.manifest_path);
+    let file = lockfile::read(&path)?.ok_or_else(|| {
+        anyhow!(
+            "no {} next to the manifest; run `emflow run` and `emflow lock` first",
+            lockfile::LOCK_FILE
+        )
+    })?;
+    let locked = file.manifests.get(&section_name).ok_or_else(|| {
+        anyhow!(
+            "{} has no entry for {section_name}; run `emflow lock {}`",
+            path.display(),
+            pipeline.manifest_path.display()
+        )
+    })?;
+    let mut planner = Planner::new(pipeline, registry, store)?;
+    let mut mismatches = Vec::new();
+    if locked.profile != pipeline.profile {
+        mismatches.push(Mismatch {
+            stage: "(profile)".into(),
+            why: vec![format!(
+                "locked with profile {:?}, checked with {:?}",
+                locked.profile, pipeline.profile
+            )],
+        });
+    }
+
+    // Models: local ones are hashed now; fetched ones are taken from the lock.
+    let used = planner.models_used(0..pipeline.stages.len());
+    let mut models = HashMap::new();
+    for name in &used {
+        let decl = &pipeline.models[name];
+        let digest = match model_source(decl, &pipeline.manifest_dir) {
+            ModelSource::Local(p) if p.exists() => planner.file_digest(&p)?,
+            ModelSource::Local(p) => {
+                return Err(anyhow!("model `{name}`: {} does not exist", p.display()))
+            }
+            ModelSource::Fetched { .. } => match locked.models.get(name) {
+                Some(m) if m.source == decl.source => m.digest.clone(),
+                Some(m) => {
+                    mismatches.push(Mismatch {
+                        stage: format!("models.{name}"),
+                        why: vec![format!("source: {} -> {}", m.source, decl.source)],
+                    });
+                    continue;
+                }
+                None => {
+                    mismatches.push(Mismatch {
+                        stage: format!("models.{name}"),
+                        why: vec!["not in the lock".into()],
+                    });
+                    continue;
+                }
+            },
+        };
+        models.insert(
+            name.clone(),
+            JobArtifact {
+                path: PathBuf::new(),
+                digest,
+                ty: ArtifactType::Model,
+                origin: format!("models.{name}"),
+            },
+        );
+    }
+
+    let mut records: Vec<Option<StageRecord>> = vec![None; pipeline.stages.len()];
+    let order = planner.dag.order().to_vec();
+    for i in order {
+        let id = pipeline.stages[i].id.clone();
+        let Some(entry) = locked.stages.get(&id) else {
+            mismatches.push(Mismatch {
+                stage: id,
+                why: vec!["new stage, not in the lock".into()],
+            });
+            continue;
+        };
+        match planner.resolve(i, &records, &models)? {
+            Resolved::Pending { waiting_on } => {
+                mismatches.push(Mismatch {
+                    stage: id,
+                    why: vec![format!(
+                        "cannot be checked: upstream {} changed",
+                        waiting_on.join(", ")
+                    )],
+                });
+            }
+            Resolved::Ready { parts, key, .. } => {
+                if key != entry.key {
+                    let why: Vec<String> = explain_change(&entry.key_parts, &parts)
+                        .into_iter()
+                        .map(|c: KeyChange| c.detail)
+                        .collect();
+                    mismatches.push(Mismatch { stage: id, why });
+                } else {
+                    let outputs = entry
+                        .outputs
+                        .iter()
+                        .map(|(k, d)| {
+                            (
+                                k.clone(),
+                                OutputEntry {
+                                    digest: d.clone(),
+                                    kind: EntryKind::File,
+                                    size: 0,
+                                },
+                            )
+                        })
+                        .collect();
+                    records[i] = Some(StageRecord {
+                        key,
+                        outputs,
+                        ..StageRecord::default()
+                    });
+                }
+            }
+        }
+    }
+    let present: BTreeSet<&str> = pipeline.stages.iter().map(|s| s.id.as_str()).collect();
+    for id in locked.stages.keys() {
+        if !present.contains(id.as_str()) {
+            mismatches.push(Mismatch {
+                stage: id.clone(),
+                why: vec!["in the lock but no longer in the manifest".into()],
+            });
+        }
+    }
+    Ok(mismatches)
+}
+
+/// One verified stage.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Verification {
+    pub stage: String,
+    /// `same`, `differs`, `failed`, `not_cached`.
+    pub verdict: &'static str,
+    /// Outputs whose digest differs: name -> (recorded, reproduced).
+    pub differing: BTreeMap<String, (String, String)>,
+    pub error: Option<String>,
+}
+
+/// `emflow verify`: re-executes cached stages without the cache, in scratch space, and
+/// compares their output digests with the records.
+pub fn verify(
+    pipeline: &Pipeline,
+    registry: &Registry,
+    store: &Arc<Store>,
+    executor: &dyn Executor,
+    reporter: &Arc<Reporter>,
+    selectors: &[String],
+    jobs: usize,
+) -> anyhow::Result<Vec<Verification>> {
+    let mut planner = Planner::new(pipeline, registry, store)?;
+    let selected = if selectors.is_empty() {
+        (0..pipeline.stages.len()).collect()
+    } else {
+        planner.select(selectors)?
+    };
+    let gpus = crate::host::visible_gpus();
+    check_gpus(&planner, &selected, gpus.len())?;
+    let statuses = planner.statuses(None, &BTreeSet::new())?;
+    let mut records: Vec<Option<StageRecord>> = vec![None; pipeline.stages.len()];
+    for (i, s) in &statuses {
+        records[*i] = s.record.clone();
+    }
+    let models = planner.available_models(&planner.models_used(0..pipeline.stages.len()))?;
+    let mut results = Vec::new();
+    let mut todo = Vec::new();
+    let run_id = format!("verify-{}", crate::host::new_run_id());
+    for (i, s) in &statuses {
+        if !selected.contains(i) {
+            continue;
+        }
+        if records[*i].is_none() {
+            reporter.status(
+                Word::Skip,
+                &s.id,
+                "not cached: nothing to compare with; run `emflow run` first",
+                "",
+            );
+            results.push(Verification {
+                stage: s.id.clone(),
+                verdict: "not_cached",
+                differing: BTreeMap::new(),
+                error: None,
+            });
+            continue;
+        }
+        if let Resolved::Ready { inputs, parts, key } = planner.resolve(*i, &records, &models)? {
+            todo.push((
+                *i,
+                make_job(
+                    &run_id,
+                    pipeline,
+                    *i,
+                    inputs,
+                    parts.to_value(),
+                    key,
+                    store,
+                    JobMode::Verify,
+                ),
+            ));
+        }
+    }
+    let mut slots = Slots::new(jobs, crate::host::cores(), gpus);
+    let (tx, rx) = mpsc::channel();
+    let wake = Wake(tx);
+    let mut running = Vec::new();
+    todo.reverse();
+    while !todo.is_empty() || !running.is_empty() {
+        while let Some((i, _)) = todo.last() {
+            let Some(alloc) = slots.try_take(&pipeline.stages[*i].resources) else {
+                break;
+            };
+            let Some((i, mut job)) = todo.pop() else {
+                break;
+            };
+            job.threads = alloc.cpus;
+            job.device = alloc.device();
+            job.gpu_ids = alloc.gpu_ids();
+            let progress = reporter.stage_progress(&pipeline.stages[i].id);
+            let handle = executor.submit(job, progress.clone(), wake.clone())?;
+            running.push((i, handle, alloc, progress));
+        }
+        let _ = rx.recv_timeout(Duration::from_millis(100));
+        let mut k = 0;
+        while k < running.len() {
+            let Some(finished) = running[k].1.poll().unwrap_or(None) else {
+                k += 1;
+                continue;
+            };
+            let (i, _, alloc, progress) = running.remove(k);
+            slots.give_back(alloc);
+            progress.finish();
+            let id = pipeline.stages[i].id.clone();
+            let recorded = records[i]
+                .as_ref()
+                .map(|r| r.outputs.clone())
+                .unwrap_or_default();
+            let v = match finished.outcome {
+                JobOutcome::Verified {
+                    outputs,
+                    duration_s,
+                } => {
+                    let differing: BTreeMap<String, (String, String)> = outputs
+                        .iter()
+                        .filter_map(|(name, d)| {
+                            let old = recorded
+                                .get(name)
+                                .map(|e| e.digest.clone())
+                                .unwrap_or_default();
+                            (old != *d).then(|| (name.clone(), (old, d.clone())))
+                        })
+                        .collect();
+                    if differing.is_empty() {
+                        reporter.status(
+                            Word::Verify,
+                            &id,
+                            &format!(
+                                "{}  reproduces its recorded outputs",
+                                crate::report::duration(duration_s)
+                            ),
+                            "",
+                        );
+                        Verification {
+                            stage: id,
+                            verdict: "same",
+                            differing,
+                            error: None,
+                        }
+                    } else {
+                        let detail: Vec<String> = differing
+                            .iter()
+                            .map(|(n, (a, b))| {
+                                format!(
+                                    "output `{n}`: recorded {} but re-execution gave {}",
+                                    short(a),
+                                    short(b)
+                                )
+                            })
+                            .collect();
+                        reporter.status(Word::Differ, &id, "not reproducible", &detail.join("\n"));
+                        Verification {
+                            stage: id,
+                            verdict: "differs",
+                            differing,
+                            error: None,
+                        }
+                    }
+                }
+                JobOutcome::Failed { error } => {
+                    reporter.status(Word::Fail, &id, "re-execution failed", &error);
+                    Verification {
+                        stage: id,
+                        verdict: "failed",
+                        differing: BTreeMap::new(),
+                        error: Some(error),
+                    }
+                }
+                other => {
+                    let error = format!("unexpected outcome {other:?}");
+                    reporter.status(Word::Fail, &id, &error, "");
+                    Verification {
+                        stage: id,
+                        verdict: "failed",
+                        differing: BTreeMap::new(),
+                        error: Some(error),
+                    }
+                }
+            };
+            reporter.event("verify", json!(v));
+            results.push(v);
+        }
+    }
+    Ok(results)
+}
+
+/// `emflow gc`: keeps what the lock files next to `manifests` and the last `keep_runs`
+/// runs reach, removes everything else from the store.
+pub fn gc(
+    store: &Store,
+    manifests: &[PathBuf],
+    keep_runs: usize,
+    dry_run: bool,
+) -> anyhow::Result<(GcReport, usize)> {
+    let mut keep = BTreeSet::new();
+    for manifest in manifests {
+        let path = lockfile::lock_path(manifest);
+        let lock = lockfile::read(&path)?.ok_or_else(|| {
+            anyhow!(
+                "{} not found: `gc` keeps what lock files reach; run `emflow lock {}` first",
+                path.display(),
+                manifest.display()
+            )
+        })?;
+        for section in lock.manifests.values() {
+            keep.extend(section.stages.values().map(|s| s.key.clone()));
+            keep.extend(section.models.values().filter_map(|m| m.fetch_key.clone()));
+        }
+    }
+    let mut runs = store.runs()?;
+    runs.sort_by(|a, b| a.0.cmp(&b.0));
+    let kept_runs = runs.len().min(keep_runs);
+    for (_, run) in runs.iter().rev().take(keep_runs) {
+        if let Some(keys) = run.get("keys").and_then(|k| k.as_array()) {
+            keep.extend(keys.iter().filter_map(|k| k.as_str().map(String::from)));
+        }
+    }
+    let report = store.gc(
+        &keep,
+        &GcOptions {
+            dry_run,
+            keep_memo_newer_than: None,
+        },
+    )?;
+    if !dry_run {
+        // Job folders (job files, stderr logs) of runs no longer kept.
+        let kept: BTreeSet<&str> = runs
+            .iter()
+            .rev()
+            .take(keep_runs)
+            .map(|(id, _)| id.as_str())
+            .collect();
+        if let Ok(entries) = std::fs::read_dir(store.root().join("jobs")) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !kept.contains(name.as_str()) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+    }
+    Ok((report, kept_runs))
+}
+
+/// `emflow cache ls`: every record, newest last.
+pub fn cache_ls(store: &Store) -> anyhow::Result<Vec<(String, StageRecord)>> {
+    let mut records = store.records()?;
+    records.sort_by(|a, b| a.1.finished_at.cmp(&b.1.finished_at).then(a.0.cmp(&b.0)));
+    Ok(records)
+}
+
+/// `emflow cache show KEY`: the record whose key starts with `prefix`.
+pub fn cache_show(store: &Store, prefix: &str) -> anyhow::Result<StageRecord> {
+    let matches: Vec<(String, StageRecord)> = store
+        .records()?
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .collect();
+    match matches.len() {
+        0 => Err(anyhow!(
+            "no record with a key starting with `{prefix}`; `emflow cache ls` lists them"
+        )),
+        1 => Ok(matches
+            .into_iter()
+            .next()
+            .map(|(_, r)| r)
+            .unwrap_or_default()),
+        n => Err(anyhow!(
+            "{n} records have keys starting with `{prefix}`; give more digits"
+        )),
+    }
+}
+
+/// `emflow kinds`: each kind with its params and ports.
+pub fn kinds_text(registry: &Registry) -> String {
+    let mut out = String::new();
+    for name in registry.kind_names() {
+        let Some(kind) = registry.kind(name) else {
+            continue;
+        };
+        let spec = kind.spec();
+        let _ = writeln!(out, "{} (v{}): {}", spec.name, spec.version, spec.summary);
+        for p in &spec.inputs {
+            let opt = if p.many {
+                " (many)"
+            } else if !p.required {
+                " (optional)"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                out,
+                "    in   {:<20} {:<10}{opt} {}",
+                p.name,
+                p.ty.name(),
+                p.doc
+            );
+        }
+        for p in &spec.outputs {
+            let _ = writeln!(out, "    out  {:<20} {:<10} {}", p.name, p.ty.name(), p.doc);
+        }
+        for p in &spec.params {
+            let default = p
+                .default
+                .as_ref()
+                .map(|d| format!(" = {}", crate::keys::show_value(d)))
+                .unwrap_or_else(|| " (required)".into());
+            let _ = writeln!(
+                out,
+                "    param {:<19} {:<10}{default}  {}",
+                p.name,
+                format!("{:?}", p.ty).to_lowercase(),
+                p.doc
+            );
+        }
+        if spec.open_params {
+            let _ = writeln!(out, "    (accepts further params of any name)");
+        }
+    }
+    out
+}
+
+/// Where the store is: `--store`, else `EMFLOW_HOME`, else `.emflow/` next to the manifest.
+pub fn store_location(flag: Option<&Path>, manifest: Option<&Path>) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_path_buf();
+    }
+    if let Some(home) = std::env::var_os("EMFLOW_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(home);
+    }
+    match manifest.and_then(|m| m.parent()) {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(".emflow"),
+        _ => PathBuf::from(".emflow"),
+    }
+}
+
+/// Formats a failed command's error for the terminal.
+pub fn describe_error(err: &anyhow::Error) -> String {
+    error_chain(err)
+}

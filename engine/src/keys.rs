@@ -1,0 +1,449 @@
+//! Stage keys: what makes two executions of a stage interchangeable.
+//!
+//! A key is the blake3 digest of a canonical JSON document of *named parts*
+//! ([`KeyParts`]): key schema, kind name and implementation version, canonical params,
+//! the content digests of every input, and an environment fingerprint. Naming the parts
+//! (rather than hashing one opaque string) is what lets `emflow status` say *why* a stage
+//! is stale: the parts are stored in each record and diffed against the current ones.
+//!
+//! Inputs enter by content digest, never by upstream key, so an upstream rerun that
+//! produces the same bytes leaves every downstream key unchanged (early cutoff). Anything
+//! operational (threads, device ordinals, paths, executor, progress) is absent by
+//! construction: it is simply not a field here.
+//!
+//! Canonical JSON: object keys sorted, no whitespace, numbers as serde_json prints them
+//! (shortest round-trip form), `-0.0` folded into `0.0`, and integers written as floats
+//! where the kind declares the param [`ParamType::Float`], so `1` and `1.0` key the same.
+//! Changing anything here changes every key: bump [`KEY_SCHEMA`] and update the golden test.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Number, Value};
+
+use crate::kind::{KindSpec, ParamType, Params};
+
+/// Version of the key scheme. Part of every key, so a scheme change never reuses old results.
+pub const KEY_SCHEMA: u32 = 1;
+
+/// The emflow version folded into every key's environment part.
+pub const EMFLOW_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Where a stage computes: the device *class* (never the ordinal) and the default dtype.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EnvParts {
+    pub emflow: String,
+    /// `cpu` or `cuda`.
+    pub device: String,
+    /// `f32` on CPU, `bf16` on CUDA.
+    pub dtype: String,
+}
+
+impl EnvParts {
+    /// The environment of a stage that asks for `gpus` GPUs.
+    pub fn for_gpus(gpus: u32) -> Self {
+        let (device, dtype) = if gpus > 0 {
+            ("cuda", "bf16")
+        } else {
+            ("cpu", "f32")
+        };
+        EnvParts {
+            emflow: EMFLOW_VERSION.to_string(),
+            device: device.into(),
+            dtype: dtype.into(),
+        }
+    }
+}
+
+/// The named parts a stage key is computed from. Stored in every record as `key_parts`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KeyParts {
+    pub schema: u32,
+    pub kind: String,
+    pub kind_version: u32,
+    /// Canonical params (see [`canonical_params`]).
+    pub params: Value,
+    /// Input port -> content digest of each wired artifact, in wiring order.
+    pub inputs: BTreeMap<String, Vec<String>>,
+    pub env: EnvParts,
+}
+
+impl KeyParts {
+    pub fn new(
+        spec: &KindSpec,
+        params: &Params,
+        inputs: BTreeMap<String, Vec<String>>,
+        env: EnvParts,
+    ) -> Self {
+        KeyParts {
+            schema: KEY_SCHEMA,
+            kind: spec.name.to_string(),
+            kind_version: spec.version,
+            params: canonical_params(spec, params),
+            inputs,
+            env,
+        }
+    }
+
+    /// The stage key: blake3 hex of the canonical JSON of these parts.
+    pub fn key(&self) -> String {
+        let value = serde_json::to_value(self).unwrap_or(Value::Null);
+        digest_value(&value)
+    }
+
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// blake3 hex of the canonical JSON form of `value`.
+pub fn digest_value(value: &Value) -> String {
+    let mut text = String::with_capacity(256);
+    write_canonical(value, &mut text);
+    blake3::hash(text.as_bytes()).to_hex().to_string()
+}
+
+/// Key of a model fetched by a [`crate::kind::ModelFetcher`]: depends only on the source
+/// string, so a source is fetched once per store.
+pub fn model_fetch_key(source: &str) -> String {
+    let value =
+        serde_json::json!({ "schema": KEY_SCHEMA, "kind": "model_fetch", "source": source });
+    digest_value(&value)
+}
+
+/// Params with integers turned into floats where the spec declares a Float param.
+/// Key order is fixed later by the canonical writer.
+pub fn canonical_params(spec: &KindSpec, params: &Params) -> Value {
+    let mut out = serde_json::Map::new();
+    for (name, value) in params {
+        let is_float = spec
+            .params
+            .iter()
+            .any(|p| p.name == name && p.ty == ParamType::Float);
+        let value = match value {
+            Value::Number(n) if is_float => n
+                .as_f64()
+                .and_then(Number::from_f64)
+                .map(Value::Number)
+                .unwrap_or(value.clone()),
+            _ => value.clone(),
+        };
+        out.insert(name.clone(), value);
+    }
+    Value::Object(out)
+}
+
+/// Writes `value` as canonical JSON: sorted keys, no whitespace.
+pub fn write_canonical(value: &Value, out: &mut String) {
+    match value {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() && f == 0.0 => out.push_str("0.0"),
+            _ => {
+                let _ = write!(out, "{n}");
+            }
+        },
+        Value::String(s) => {
+            let _ = write!(out, "{}", Value::String(s.clone()));
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                let _ = write!(out, "{}", Value::String(k.clone()));
+                out.push(':');
+                write_canonical(&map[k], out);
+            }
+            out.push('}');
+        }
+    }
+}
+
+/// Compact canonical text of a value, for messages (strings without quotes).
+pub fn show_value(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => {
+            let mut s = String::new();
+            write_canonical(other, &mut s);
+            s
+        }
+    }
+}
+
+/// One named part of a key that differs between two key computations.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct KeyChange {
+    /// `schema`, `kind`, `kind_version`, `params`, `inputs` or `env`.
+    pub part: &'static str,
+    /// What changed, for a human: `lr: 0.0001 -> 0.0002`, `input data: content changed`.
+    pub detail: String,
+}
+
+/// The named differences from `old` (a record's `key_parts`, possibly of an older schema)
+/// to `new`. Params come first: they are what users change most and care about most.
+pub fn explain_change(old: &Value, new: &KeyParts) -> Vec<KeyChange> {
+    let old: KeyParts = match serde_json::from_value(old.clone()) {
+        Ok(parts) => parts,
+        Err(_) => {
+            return vec![KeyChange {
+                part: "schema",
+                detail: format!("the last record used an older key scheme (now v{KEY_SCHEMA})"),
+            }]
+        }
+    };
+    let mut changes = Vec::new();
+    diff_params(&old.params, &new.params, &mut changes);
+    let ports: std::collections::BTreeSet<&String> =
+        old.inputs.keys().chain(new.inputs.keys()).collect();
+    for port in ports {
+        match (old.inputs.get(port), new.inputs.get(port)) {
+            (Some(a), Some(b)) if a == b => {}
+            (Some(a), Some(b)) if a.len() != b.len() => changes.push(KeyChange {
+                part: "inputs",
+                detail: format!("input `{port}`: {} -> {} artifacts", a.len(), b.len()),
+            }),
+            (Some(a), Some(b)) => {
+                let which: Vec<String> = a
+                    .iter()
+                    .zip(b)
+                    .enumerate()
+                    .filter(|(_, (x, y))| x != y)
+                    .map(|(i, _)| i.to_string())
+                    .collect();
+                let detail = if a.len() == 1 {
+                    format!(
+                        "input `{port}`: content changed ({} -> {})",
+                        short(&a[0]),
+                        short(&b[0])
+                    )
+                } else {
+                    format!(
+                        "input `{port}`: content of item(s) {} changed",
+                        which.join(", ")
+                    )
+                };
+                changes.push(KeyChange {
+                    part: "inputs",
+                    detail,
+                });
+            }
+            (None, Some(_)) => changes.push(KeyChange {
+                part: "inputs",
+                detail: format!("input `{port}` newly wired"),
+            }),
+            (Some(_), None) => changes.push(KeyChange {
+                part: "inputs",
+                detail: format!("input `{port}` no longer wired"),
+            }),
+            (None, None) => {}
+        }
+    }
+    if old.kind != new.kind {
+        changes.push(KeyChange {
+            part: "kind",
+            detail: format!("kind: {} -> {}", old.kind, new.kind),
+        });
+    }
+    if old.kind_version != new.kind_version {
+        changes.push(KeyChange {
+            part: "kind_version",
+            detail: format!(
+                "kind {} implementation: v{} -> v{}",
+                new.kind, old.kind_version, new.kind_version
+            ),
+        });
+    }
+    if old.env != new.env {
+        let mut parts = Vec::new();
+        if old.env.emflow != new.env.emflow {
+            parts.push(format!("emflow {} -> {}", old.env.emflow, new.env.emflow));
+        }
+        if old.env.device != new.env.device {
+            parts.push(format!("device {} -> {}", old.env.device, new.env.device));
+        }
+        if old.env.dtype != new.env.dtype {
+            parts.push(format!("dtype {} -> {}", old.env.dtype, new.env.dtype));
+        }
+        changes.push(KeyChange {
+            part: "env",
+            detail: format!("environment: {}", parts.join(", ")),
+        });
+    }
+    if old.schema != new.schema {
+        changes.push(KeyChange {
+            part: "schema",
+            detail: format!("key scheme v{} -> v{}", old.schema, new.schema),
+        });
+    }
+    changes
+}
+
+fn diff_params(old: &Value, new: &Value, changes: &mut Vec<KeyChange>) {
+    let empty = serde_json::Map::new();
+    let old = old.as_object().unwrap_or(&empty);
+    let new = new.as_object().unwrap_or(&empty);
+    let names: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    for name in names {
+        let detail = match (old.get(name), new.get(name)) {
+            (Some(a), Some(b)) if canonical_eq(a, b) => continue,
+            (Some(a), Some(b)) => format!("{name}: {} -> {}", show_value(a), show_value(b)),
+            (None, Some(b)) => format!("{name}: (unset) -> {}", show_value(b)),
+            (Some(a), None) => format!("{name}: {} -> (unset)", show_value(a)),
+            (None, None) => continue,
+        };
+        changes.push(KeyChange {
+            part: "params",
+            detail,
+        });
+    }
+}
+
+fn canonical_eq(a: &Value, b: &Value) -> bool {
+    let (mut x, mut y) = (String::new(), String::new());
+    write_canonical(a, &mut x);
+    write_canonical(b, &mut y);
+    x == y
+}
+
+/// First 12 hex digits of a digest, for display.
+pub fn short(digest: &str) -> &str {
+    &digest[..digest.len().min(12)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kind::ParamSpec;
+    use serde_json::json;
+
+    fn spec() -> KindSpec {
+        KindSpec {
+            name: "toy",
+            version: 3,
+            summary: "",
+            params: vec![
+                ParamSpec::required("lr", ParamType::Float, ""),
+                ParamSpec::required("steps", ParamType::Int, ""),
+                ParamSpec::required("opts", ParamType::Any, ""),
+            ],
+            open_params: false,
+            inputs: vec![],
+            outputs: vec![],
+        }
+    }
+
+    fn params(v: Value) -> Params {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn key_ignores_param_order_and_int_vs_float_for_float_params() {
+        let env = EnvParts::for_gpus(0);
+        let a = KeyParts::new(
+            &spec(),
+            &params(json!({"lr": 1, "steps": 3, "opts": {"b": 1, "a": 2}})),
+            BTreeMap::new(),
+            env.clone(),
+        );
+        let b = KeyParts::new(
+            &spec(),
+            &params(json!({"opts": {"a": 2, "b": 1}, "steps": 3, "lr": 1.0})),
+            BTreeMap::new(),
+            env,
+        );
+        assert_eq!(a.key(), b.key());
+    }
+
+    #[test]
+    fn int_params_keep_their_type() {
+        let env = EnvParts::for_gpus(0);
+        let a = KeyParts::new(
+            &spec(),
+            &params(json!({"lr": 1, "steps": 3})),
+            BTreeMap::new(),
+            env.clone(),
+        );
+        let b = KeyParts::new(
+            &spec(),
+            &params(json!({"lr": 1, "steps": 4})),
+            BTreeMap::new(),
+            env,
+        );
+        assert_ne!(a.key(), b.key());
+    }
+
+    #[test]
+    fn device_class_changes_the_key() {
+        let p = params(json!({"lr": 1e-4}));
+        let cpu = KeyParts::new(&spec(), &p, BTreeMap::new(), EnvParts::for_gpus(0));
+        let gpu = KeyParts::new(&spec(), &p, BTreeMap::new(), EnvParts::for_gpus(2));
+        assert_ne!(cpu.key(), gpu.key());
+        assert_eq!(
+            gpu.key(),
+            KeyParts::new(&spec(), &p, BTreeMap::new(), EnvParts::for_gpus(1)).key()
+        );
+    }
+
+    #[test]
+    fn canonical_text_is_sorted_and_compact() {
+        let mut s = String::new();
+        write_canonical(
+            &json!({"b": [1, 2.5, -0.0], "a": {"y": null, "x": "q\""}}),
+            &mut s,
+        );
+        assert_eq!(s, r#"{"a":{"x":"q\"","y":null},"b":[1,2.5,0.0]}"#);
+    }
+
+    #[test]
+    fn explain_names_param_diff_first() {
+        let old = KeyParts::new(
+            &spec(),
+            &params(json!({"lr": 1e-4, "steps": 3})),
+            BTreeMap::from([("data".to_string(), vec!["aa".repeat(32)])]),
+            EnvParts::for_gpus(0),
+        );
+        let new = KeyParts::new(
+            &spec(),
+            &params(json!({"lr": 2e-4, "steps": 3})),
+            BTreeMap::from([("data".to_string(), vec!["bb".repeat(32)])]),
+            EnvParts::for_gpus(0),
+        );
+        let changes = explain_change(&old.to_value(), &new);
+        assert_eq!(changes.len(), 2);
+        assert_eq!(changes[0].part, "params");
+        assert_eq!(changes[0].detail, "lr: 0.0001 -> 0.0002");
+        assert_eq!(changes[1].part, "inputs");
+        assert!(changes[1]
+            .detail
+            .starts_with("input `data`: content changed"));
+    }
+
+    #[test]
+    fn explain_old_schema_says_so() {
+        let new = KeyParts::new(
+            &spec(),
+            &params(json!({})),
+            BTreeMap::new(),
+            EnvParts::for_gpus(0),
+        );
+        let changes = explain_change(&json!({"something": "else"}), &new);
+        assert_eq!(changes[0].part, "schema");
+    }
+}

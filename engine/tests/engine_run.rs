@@ -1,0 +1,564 @@
+//! Behaviour of the engine back end a user relies on, driven through the library with the
+//! in-process executor and small test kinds: caching, exact invalidation, early cutoff,
+//! explanations, lock/check, concurrency, and the pinned key scheme.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use emflow_cache::Store;
+use emflow_engine::commands;
+use emflow_engine::executor::InProcessExecutor;
+use emflow_engine::keys::{EnvParts, KeyParts};
+use emflow_engine::pipeline::{InputRef, Pipeline, Resources, SourceSpan, StageInstance};
+use emflow_engine::plan::State;
+use emflow_engine::report::{ReportMode, Reporter};
+use emflow_engine::run::{run_pipeline, RunEnv, RunOptions, StageResult};
+use emflow_engine::{
+    ArtifactType, KindSpec, ParamSpec, ParamType, PortSpec, Registry, StageContext, StageKind,
+};
+use serde_json::{json, Value};
+
+/// Writes param `text` to output `out`; appends its stage id to the file named by param
+/// `log` so tests can count executions. Param `note` does not affect the output.
+struct Emit;
+impl StageKind for Emit {
+    fn spec(&self) -> KindSpec {
+        KindSpec {
+            name: "emit",
+            version: 1,
+            summary: "writes a text",
+            params: vec![
+                ParamSpec::required("text", ParamType::String, ""),
+                ParamSpec::optional("note", ParamType::String, json!(""), ""),
+                ParamSpec::optional("lr", ParamType::Float, json!(0.1), ""),
+                ParamSpec::required("log", ParamType::String, ""),
+                ParamSpec::optional("sleep_ms", ParamType::Int, json!(0), ""),
+            ],
+            open_params: false,
+            inputs: vec![],
+            outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
+        }
+    }
+    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
+        log_run(ctx)?;
+        let ms: u64 = ctx.param("sleep_ms")?;
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        let text: String = ctx.param("text")?;
+        std::fs::write(ctx.output_path("out"), text)?;
+        Ok(())
+    }
+}
+
+/// Upper-cases its input `in` into `out`; fails when param `fail` is true.
+struct Upper;
+impl StageKind for Upper {
+    fn spec(&self) -> KindSpec {
+        KindSpec {
+            name: "upper",
+            version: 1,
+            summary: "upper-cases a file",
+            params: vec![
+                ParamSpec::required("log", ParamType::String, ""),
+                ParamSpec::optional("fail", ParamType::Bool, json!(false), ""),
+            ],
+            open_params: false,
+            inputs: vec![PortSpec::input("in", ArtifactType::File, "")],
+            outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
+        }
+    }
+    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
+        log_run(ctx)?;
+        if ctx.param::<bool>("fail")? {
+            anyhow::bail!("asked to fail");
+        }
+        let text = std::fs::read_to_string(&ctx.input("in")?.path)?;
+        std::fs::write(ctx.output_path("out"), text.to_uppercase())?;
+        ctx.summarize("chars", text.len());
+        Ok(())
+    }
+}
+
+fn log_run(ctx: &StageContext) -> anyhow::Result<()> {
+    let log: String = ctx.param("log")?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    writeln!(f, "{}", ctx.stage_id)?;
+    Ok(())
+}
+
+fn registry() -> Registry {
+    Registry::new().with_kind(Emit).with_kind(Upper)
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    store: Arc<Store>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("emflow.yaml"), "# stand-in manifest\n").unwrap();
+        let store = Arc::new(Store::open(&dir.path().join(".emflow")).unwrap());
+        Fixture { dir, store }
+    }
+
+    fn log(&self) -> String {
+        self.dir.path().join("runs.log").display().to_string()
+    }
+
+    /// Stage ids executed so far, and clears the log.
+    fn executed(&self) -> Vec<String> {
+        let path = self.dir.path().join("runs.log");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let _ = std::fs::remove_file(&path);
+        let mut ids: Vec<String> = text.lines().map(String::from).collect();
+        ids.sort();
+        ids
+    }
+
+    fn instance(
+        &self,
+        id: &str,
+        kind: &str,
+        params: Value,
+        inputs: &[(&str, InputRef)],
+    ) -> StageInstance {
+        let mut params = params.as_object().cloned().unwrap();
+        params.insert("log".into(), json!(self.log()));
+        let spec = registry().kind(kind).unwrap().spec();
+        for p in &spec.params {
+            if let (false, Some(d)) = (params.contains_key(p.name), &p.default) {
+                params.insert(p.name.into(), d.clone());
+            }
+        }
+        let mut ins: BTreeMap<String, Vec<InputRef>> = BTreeMap::new();
+        for (port, r) in inputs {
+            ins.entry(port.to_string()).or_default().push(r.clone());
+        }
+        StageInstance {
+            id: id.into(),
+            stage: id.split('[').next().unwrap().into(),
+            matrix: BTreeMap::new(),
+            kind: kind.into(),
+            params,
+            inputs: ins,
+            outputs: spec
+                .outputs
+                .iter()
+                .map(|p| (p.name.clone(), p.ty))
+                .collect(),
+            resources: Resources::default(),
+            span: SourceSpan::default(),
+        }
+    }
+
+    fn pipeline(&self, stages: Vec<StageInstance>) -> Pipeline {
+        Pipeline {
+            name: "test".into(),
+            manifest_path: self.dir.path().join("emflow.yaml"),
+            manifest_dir: self.dir.path().to_path_buf(),
+            profile: None,
+            models: BTreeMap::new(),
+            stages,
+        }
+    }
+
+    /// a -> b, c -> d (b reads a, d reads c), plus an input file for c.
+    fn chain(&self, a_text: &str, a_note: &str, c_lr: Value) -> Pipeline {
+        let data = self.dir.path().join("data.txt");
+        if !data.exists() {
+            std::fs::write(&data, "hello file").unwrap();
+        }
+        self.pipeline(vec![
+            self.instance("a", "emit", json!({"text": a_text, "note": a_note}), &[]),
+            self.instance(
+                "b",
+                "upper",
+                json!({}),
+                &[(
+                    "in",
+                    InputRef::Stage {
+                        stage: "a".into(),
+                        output: "out".into(),
+                    },
+                )],
+            ),
+            self.instance("c", "emit", json!({"text": "c", "lr": c_lr}), &[]),
+            self.instance(
+                "d",
+                "upper",
+                json!({}),
+                &[(
+                    "in",
+                    InputRef::Stage {
+                        stage: "c".into(),
+                        output: "out".into(),
+                    },
+                )],
+            ),
+            self.instance(
+                "e",
+                "upper",
+                json!({}),
+                &[("in", InputRef::File { path: data })],
+            ),
+        ])
+    }
+
+    fn run(&self, pipeline: &Pipeline, opts: RunOptions) -> emflow_engine::run::RunSummary {
+        let registry = registry();
+        let executor = InProcessExecutor::new(registry.clone(), self.store.clone());
+        let env = RunEnv {
+            registry: &registry,
+            store: self.store.clone(),
+            executor: &executor,
+            reporter: Reporter::new(ReportMode::Quiet),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        run_pipeline(
+            pipeline,
+            &env,
+            &RunOptions {
+                gpus: vec![],
+                ..opts
+            },
+        )
+        .unwrap()
+    }
+}
+
+fn opts() -> RunOptions {
+    RunOptions {
+        jobs: 4,
+        cpus: 4,
+        gpus: vec![],
+        ..RunOptions::default()
+    }
+}
+
+fn results(summary: &emflow_engine::run::RunSummary) -> Vec<(String, StageResult)> {
+    summary.stages.clone()
+}
+
+#[test]
+fn second_run_does_no_work_and_says_so_for_every_stage() {
+    let fx = Fixture::new();
+    let p = fx.chain("x", "", json!(0.1));
+    let first = fx.run(&p, opts());
+    assert!(first.ok(), "{:?}", first.errors);
+    assert_eq!(fx.executed(), ["a", "b", "c", "d", "e"]);
+    let second = fx.run(&p, opts());
+    assert!(
+        fx.executed().is_empty(),
+        "nothing may execute on a fully cached rerun"
+    );
+    assert!(
+        results(&second)
+            .iter()
+            .all(|(_, r)| *r == StageResult::Cached),
+        "{:?}",
+        second.stages
+    );
+    assert_eq!(second.stages.len(), 5);
+}
+
+#[test]
+fn a_param_change_reruns_exactly_the_affected_stages_and_status_names_it() {
+    let fx = Fixture::new();
+    fx.run(&fx.chain("x", "", json!(0.1)), opts());
+    fx.executed();
+    let edited = fx.chain("x", "", json!(0.2));
+    let statuses = commands::status(
+        &edited,
+        &registry(),
+        &fx.store,
+        &Reporter::new(ReportMode::Quiet),
+    )
+    .unwrap();
+    let c = statuses.iter().find(|s| s.id == "c").unwrap();
+    match &c.state {
+        State::Stale { changes } => assert_eq!(changes[0].detail, "lr: 0.1 -> 0.2"),
+        other => panic!("c should be stale, is {other:?}"),
+    }
+    let d = statuses.iter().find(|s| s.id == "d").unwrap();
+    assert!(
+        matches!(d.state, State::Pending { .. }),
+        "d waits on c's new output: {:?}",
+        d.state
+    );
+    assert!(statuses
+        .iter()
+        .filter(|s| ["a", "b", "e"].contains(&s.id.as_str()))
+        .all(|s| matches!(s.state, State::Cached)));
+
+    let summary = fx.run(&edited, opts());
+    // c reruns; its bytes are the same text, so d stays cached (early cutoff).
+    assert_eq!(fx.executed(), ["c"]);
+    assert_eq!(summary.result_of("d"), Some(&StageResult::Cached));
+}
+
+#[test]
+fn an_upstream_rerun_with_identical_bytes_leaves_downstream_cached() {
+    let fx = Fixture::new();
+    fx.run(&fx.chain("x", "first", json!(0.1)), opts());
+    fx.executed();
+    fx.run(&fx.chain("x", "second", json!(0.1)), opts());
+    assert_eq!(
+        fx.executed(),
+        ["a"],
+        "only a's key changed; b sees the same bytes"
+    );
+    fx.run(&fx.chain("y", "second", json!(0.1)), opts());
+    assert_eq!(fx.executed(), ["a", "b"], "different bytes do invalidate b");
+}
+
+#[test]
+fn one_and_one_point_zero_key_the_same_for_float_params() {
+    let fx = Fixture::new();
+    fx.run(&fx.chain("x", "", json!(1)), opts());
+    fx.executed();
+    fx.run(&fx.chain("x", "", json!(1.0)), opts());
+    assert!(fx.executed().is_empty());
+}
+
+#[test]
+fn an_input_file_edit_reruns_its_reader() {
+    let fx = Fixture::new();
+    let p = fx.chain("x", "", json!(0.1));
+    fx.run(&p, opts());
+    fx.executed();
+    std::fs::write(fx.dir.path().join("data.txt"), "changed").unwrap();
+    fx.run(&p, opts());
+    assert_eq!(fx.executed(), ["e"]);
+}
+
+#[test]
+fn a_failure_stops_dependents_and_keep_going_runs_the_rest() {
+    let fx = Fixture::new();
+    let failing = |fx: &Fixture| {
+        fx.pipeline(vec![
+            fx.instance("a", "emit", json!({"text": "a"}), &[]),
+            fx.instance(
+                "b",
+                "upper",
+                json!({"fail": true}),
+                &[(
+                    "in",
+                    InputRef::Stage {
+                        stage: "a".into(),
+                        output: "out".into(),
+                    },
+                )],
+            ),
+            fx.instance(
+                "c",
+                "upper",
+                json!({}),
+                &[(
+                    "in",
+                    InputRef::Stage {
+                        stage: "b".into(),
+                        output: "out".into(),
+                    },
+                )],
+            ),
+            fx.instance("z", "emit", json!({"text": "z", "sleep_ms": 50}), &[]),
+        ])
+    };
+    let summary = fx.run(
+        &failing(&fx),
+        RunOptions {
+            keep_going: true,
+            jobs: 1,
+            ..opts()
+        },
+    );
+    assert!(!summary.ok());
+    assert_eq!(summary.result_of("b"), Some(&StageResult::Failed));
+    assert_eq!(summary.result_of("c"), Some(&StageResult::Skipped));
+    assert_eq!(summary.result_of("z"), Some(&StageResult::Ran));
+    assert!(
+        summary.errors["b"].contains("asked to fail"),
+        "{}",
+        summary.errors["b"]
+    );
+    // Nothing of the failed stage is visible in the store.
+    let statuses = commands::status(
+        &failing(&fx),
+        &registry(),
+        &fx.store,
+        &Reporter::new(ReportMode::Quiet),
+    )
+    .unwrap();
+    assert!(matches!(
+        statuses.iter().find(|s| s.id == "b").unwrap().state,
+        State::Missing { .. }
+    ));
+}
+
+#[test]
+fn only_runs_the_stage_and_its_missing_upstream_and_force_reruns() {
+    let fx = Fixture::new();
+    let p = fx.chain("x", "", json!(0.1));
+    fx.run(
+        &p,
+        RunOptions {
+            only: vec!["b".into()],
+            ..opts()
+        },
+    );
+    assert_eq!(fx.executed(), ["a", "b"]);
+    fx.run(
+        &p,
+        RunOptions {
+            force: vec!["a".into()],
+            ..opts()
+        },
+    );
+    assert_eq!(
+        fx.executed(),
+        ["a", "c", "d", "e"],
+        "a forced; b cached (same bytes); the rest were missing"
+    );
+}
+
+#[test]
+fn check_fails_after_a_key_changing_edit_and_passes_after_lock() {
+    let fx = Fixture::new();
+    let reg = registry();
+    let p = fx.chain("x", "", json!(0.1));
+    fx.run(&p, opts());
+    commands::lock(&p, &reg, &fx.store).unwrap();
+    let lock_text = std::fs::read_to_string(fx.dir.path().join("emflow.lock")).unwrap();
+    commands::lock(&p, &reg, &fx.store).unwrap();
+    assert_eq!(
+        lock_text,
+        std::fs::read_to_string(fx.dir.path().join("emflow.lock")).unwrap(),
+        "re-locking is byte-stable"
+    );
+    assert!(commands::check(&p, &reg, &fx.store).unwrap().is_empty());
+
+    let edited = fx.chain("x", "", json!(0.3));
+    let mismatches = commands::check(&edited, &reg, &fx.store).unwrap();
+    assert_eq!(mismatches.len(), 2, "{mismatches:?}");
+    assert_eq!(mismatches[0].stage, "c");
+    assert_eq!(mismatches[0].why, ["lr: 0.1 -> 0.3"]);
+    assert!(
+        commands::lock(&edited, &reg, &fx.store).is_err(),
+        "cannot lock what has not run"
+    );
+    fx.run(&edited, opts());
+    commands::lock(&edited, &reg, &fx.store).unwrap();
+    assert!(commands::check(&edited, &reg, &fx.store)
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn verify_reports_reproducible_stages() {
+    let fx = Fixture::new();
+    let reg = registry();
+    let p = fx.chain("x", "", json!(0.1));
+    fx.run(&p, opts());
+    let executor = InProcessExecutor::new(reg.clone(), fx.store.clone());
+    let results = commands::verify(
+        &p,
+        &reg,
+        &fx.store,
+        &executor,
+        &Reporter::new(ReportMode::Quiet),
+        &["b".into()],
+        2,
+    )
+    .unwrap();
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].verdict, "same");
+}
+
+#[test]
+fn two_concurrent_runs_never_run_the_same_key_twice() {
+    let fx = Fixture::new();
+    let p = fx.pipeline(vec![
+        fx.instance("slow", "emit", json!({"text": "s", "sleep_ms": 300}), &[]),
+        fx.instance(
+            "next",
+            "upper",
+            json!({}),
+            &[(
+                "in",
+                InputRef::Stage {
+                    stage: "slow".into(),
+                    output: "out".into(),
+                },
+            )],
+        ),
+    ]);
+    let (fx_ref, p_ref) = (&fx, &p);
+    let summaries: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(move || {
+                    // A separate Store handle per "process".
+                    let store = Arc::new(Store::open(fx_ref.store.root()).unwrap());
+                    let reg = registry();
+                    let executor = InProcessExecutor::new(reg.clone(), store.clone());
+                    let env = RunEnv {
+                        registry: &reg,
+                        store,
+                        executor: &executor,
+                        reporter: Reporter::new(ReportMode::Quiet),
+                        stop: Arc::new(AtomicBool::new(false)),
+                    };
+                    run_pipeline(p_ref, &env, &opts()).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        fx.executed(),
+        ["next", "slow"],
+        "each key executed exactly once"
+    );
+    assert!(summaries.iter().all(|s| s.ok()));
+    let reused: usize = summaries
+        .iter()
+        .map(|s| s.count(StageResult::Reused) + s.count(StageResult::Cached))
+        .sum();
+    assert_eq!(reused, 2);
+}
+
+#[test]
+fn golden_stage_key_is_pinned() {
+    // If this fails, the key scheme changed: every user's cache is invalidated. Bump
+    // KEY_SCHEMA deliberately and update this digest, never silently.
+    let spec = Emit.spec();
+    let params = json!({"text": "hello", "note": "", "lr": 1, "log": "/x", "sleep_ms": 0})
+        .as_object()
+        .cloned()
+        .unwrap();
+    let inputs = BTreeMap::from([("data".to_string(), vec!["ab".repeat(32)])]);
+    let env = EnvParts {
+        emflow: "0.1.0".into(),
+        device: "cpu".into(),
+        dtype: "f32".into(),
+    };
+    let parts = KeyParts::new(&spec, &params, inputs, env);
+    let mut text = String::new();
+    emflow_engine::keys::write_canonical(&parts.to_value(), &mut text);
+    assert_eq!(
+        text,
+        format!(
+            r#"{{"env":{{"device":"cpu","dtype":"f32","emflow":"0.1.0"}},"inputs":{{"data":["{}"]}},"kind":"emit","kind_version":1,"params":{{"log":"/x","lr":1.0,"note":"","sleep_ms":0,"text":"hello"}},"schema":1}}"#,
+            "ab".repeat(32)
+        )
+    );
+    assert_eq!(parts.key(), GOLDEN_KEY);
+}
+
+const GOLDEN_KEY: &str = "b625174a60481791b0ae03509c7105785d75f511807d9534df84c45e7bfd6d4a";
