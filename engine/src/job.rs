@@ -341,10 +341,14 @@ fn check_outputs(job: &Job, staging: &Path, progress: &dyn Progress) -> anyhow::
             entry.with_context(|| format!("listing staging folder {}", staging.display()))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if !job.outputs.contains_key(&name) {
-            progress.log(&format!(
-                "removing `{name}` from the staging folder: it is not a declared output of kind {}",
-                job.kind
-            ));
+            // Hidden entries are a kind's own scratch space by convention; anything else
+            // left behind is worth a note.
+            if !name.starts_with('.') {
+                progress.log(&format!(
+                    "removing `{name}` from the staging folder: it is not a declared output of kind {}",
+                    job.kind
+                ));
+            }
             let path = entry.path();
             let removed = if path.is_dir() {
                 std::fs::remove_dir_all(&path)
