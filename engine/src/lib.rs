@@ -4,12 +4,15 @@
 pub mod cli;
 pub mod commands;
 pub mod context;
+pub mod diagnostics;
+pub mod expand;
 pub mod dag;
 pub mod executor;
 pub mod host;
 pub mod job;
 pub mod keys;
 pub mod kind;
+pub mod manifest;
 mod loader;
 pub mod lockfile;
 pub mod pipeline;

@@ -1,0 +1,315 @@
+//! `matrix:` grids: axes, `include`/`exclude`, and each cell's coordinates.
+//!
+//! Cells come out in a fixed order: the cartesian product with the first-written axis
+//! outermost, then `include` cells in the order written. Ids name axes sorted
+//! (`sft[domain=legal,seed=0]`), so they do not depend on the order axes are written in.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::diagnostics::{list_names, Problem};
+use crate::manifest::raw::{float_text, is_valid_name};
+use crate::manifest::yaml::{Map, Node, Value};
+use crate::pipeline::SourceSpan;
+
+/// At most this many cells per stage; more is almost certainly a mistake (and a huge plan).
+pub const MAX_CELLS: usize = 1_000_000;
+
+/// A stage's expanded matrix.
+#[derive(Debug, Default)]
+pub struct Matrix {
+    /// Axis names in the order written.
+    pub axes: Vec<String>,
+    /// Each cell: axis -> value (with the value's location).
+    pub cells: Vec<BTreeMap<String, Node>>,
+}
+
+/// The identity of an axis value: `1`, `1.0` are the same number; `"1"` is a string.
+pub fn value_key(node: &Node) -> String {
+    match &node.value {
+        Value::Int(i) => format!("n{i}"),
+        Value::Float(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("n{}", *f as i64),
+        Value::Float(f) => format!("n{}", float_text(*f)),
+        Value::Str(s) => format!("s{s}"),
+        Value::Bool(b) => format!("b{b}"),
+        Value::Null => "z".to_string(),
+        Value::Seq(_) | Value::Map(_) => "?".to_string(),
+    }
+}
+
+/// An axis value as shown in instance ids.
+pub fn value_text(node: &Node) -> String {
+    match &node.value {
+        Value::Int(i) => i.to_string(),
+        Value::Float(f) => float_text(*f),
+        Value::Str(s) => s.clone(),
+        Value::Bool(b) => b.to_string(),
+        _ => "?".to_string(),
+    }
+}
+
+/// `name[a=1,b=x]` (axes sorted) or `name` for a cell without coordinates.
+pub fn instance_id(stage: &str, coords: &BTreeMap<String, Node>) -> String {
+    if coords.is_empty() {
+        return stage.to_string();
+    }
+    let parts: Vec<String> = coords
+        .iter()
+        .map(|(k, v)| format!("{k}={}", value_text(v)))
+        .collect();
+    format!("{stage}[{}]", parts.join(","))
+}
+
+/// Expands a `matrix:` node whose references are already substituted.
+pub fn expand(stage: &str, node: &Node, problems: &mut Vec<Problem>) -> Option<Matrix> {
+    let Value::Map(map) = &node.value else {
+        problems.push(
+            Problem::new(format!(
+                "stage `{stage}`: `matrix` must be a mapping of axis -> list of values"
+            ))
+            .at(node.span, format!("this is {}", node.type_name()))
+            .help("e.g. `matrix: { seed: [0, 1], domain: [medical, legal] }`"),
+        );
+        return None;
+    };
+    let before = problems.len();
+    let mut axes: Vec<(String, SourceSpan, Vec<Node>)> = Vec::new();
+    for e in &map.entries {
+        if e.key == "include" || e.key == "exclude" {
+            continue;
+        }
+        if !is_valid_name(&e.key) {
+            problems.push(
+                Problem::new(format!("invalid matrix axis name `{}`", e.key)).at(
+                    e.key_span,
+                    "axis names are lowercase letters, digits and `_`",
+                ),
+            );
+            continue;
+        }
+        let Value::Seq(values) = &e.value.value else {
+            problems.push(
+                Problem::new(format!("matrix axis `{}` must be a list of values", e.key))
+                    .at(e.value.span, format!("this is {}", e.value.type_name()))
+                    .help(format!(
+                        "write `{}: [a, b]`, or `{}: [value]` for one value",
+                        e.key, e.key
+                    )),
+            );
+            continue;
+        };
+        for v in values {
+            check_scalar(&e.key, v, problems);
+        }
+        axes.push((e.key.clone(), e.key_span, values.clone()));
+    }
+    let include = entries_of(map, "include", stage, problems);
+    let exclude = entries_of(map, "exclude", stage, problems);
+    if problems.len() > before {
+        return None;
+    }
+
+    let mut axis_names: Vec<String> = axes.iter().map(|a| a.0.clone()).collect();
+    if axis_names.is_empty() {
+        if let Some(first) = include.first() {
+            axis_names = first.keys().map(str::to_string).collect();
+        }
+    }
+    let known: HashSet<&str> = axis_names.iter().map(String::as_str).collect();
+
+    let total = axes
+        .iter()
+        .try_fold(1usize, |acc, a| acc.checked_mul(a.2.len()));
+    if axes.is_empty() {
+        // Only `include:`; the grid is empty, not a single empty cell.
+    } else if total.is_none_or(|t| t > MAX_CELLS) {
+        problems.push(
+            Problem::new(format!(
+                "stage `{stage}`: the matrix has more than {MAX_CELLS} cells"
+            ))
+            .at(node.span, "too many cells")
+            .help("split the sweep or reduce the axes"),
+        );
+        return None;
+    }
+    let mut cells: Vec<BTreeMap<String, Node>> = Vec::new();
+    let mut seen = HashSet::new();
+    if !axes.is_empty() {
+        let total = total.unwrap_or(0);
+        cells.reserve(total);
+        for index in 0..total {
+            let mut rem = index;
+            let mut cell = BTreeMap::new();
+            // Last axis varies fastest: the first-written axis is the outermost loop.
+            for (name, _, values) in axes.iter().rev() {
+                cell.insert(name.clone(), values[rem % values.len()].clone());
+                rem /= values.len();
+            }
+            cells.push(cell);
+        }
+    }
+    for ex in &exclude {
+        for e in &ex.entries {
+            if !known.contains(e.key.as_str()) {
+                problems.push(unknown_axis(
+                    stage,
+                    "exclude",
+                    &e.key,
+                    e.key_span,
+                    &axis_names,
+                ));
+            }
+        }
+    }
+    cells.retain(|cell| {
+        !exclude.iter().any(|ex| {
+            ex.entries
+                .iter()
+                .all(|e| cell.get(&e.key).map(value_key) == Some(value_key(&e.value)))
+        })
+    });
+    for cell in &cells {
+        seen.insert(cell_key(cell));
+    }
+    for inc in &include {
+        let mut cell = BTreeMap::new();
+        for e in &inc.entries {
+            if !known.contains(e.key.as_str()) {
+                problems.push(unknown_axis(
+                    stage,
+                    "include",
+                    &e.key,
+                    e.key_span,
+                    &axis_names,
+                ));
+                continue;
+            }
+            check_scalar(&e.key, &e.value, problems);
+            cell.insert(e.key.clone(), e.value.clone());
+        }
+        let missing: Vec<&str> = axis_names
+            .iter()
+            .filter(|a| !cell.contains_key(*a))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            problems.push(
+                Problem::new(format!(
+                    "stage `{stage}`: an `include` entry gives no value for {}",
+                    list_names(missing.iter().copied())
+                ))
+                .at(
+                    inc.entries.first().map_or(node.span, |e| e.key_span),
+                    "incomplete cell",
+                )
+                .help("each included cell names a value for every axis"),
+            );
+            continue;
+        }
+        if seen.insert(cell_key(&cell)) {
+            cells.push(cell);
+        }
+    }
+    if problems.len() > before {
+        return None;
+    }
+    if cells.is_empty() {
+        let reason = match axes.iter().find(|a| a.2.is_empty()) {
+            Some((name, span, _)) => {
+                problems.push(
+                    Problem::new(format!("stage `{stage}`: the matrix expands to nothing"))
+                        .at(*span, format!("axis `{name}` has no values"))
+                        .help("give the axis at least one value, or remove the `matrix:`"),
+                );
+                return None;
+            }
+            None if !exclude.is_empty() => "`exclude` removes every cell",
+            None => "it has no axes and no `include` cells",
+        };
+        problems.push(
+            Problem::new(format!("stage `{stage}`: the matrix expands to nothing"))
+                .at(node.span, reason)
+                .help(
+                    "a matrix stage needs at least one cell; check the axes and `exclude` entries",
+                ),
+        );
+        return None;
+    }
+    Some(Matrix {
+        axes: axis_names,
+        cells,
+    })
+}
+
+fn cell_key(cell: &BTreeMap<String, Node>) -> String {
+    let mut key = String::new();
+    for (k, v) in cell {
+        key.push_str(k);
+        key.push('=');
+        key.push_str(&value_key(v));
+        key.push('\u{1f}');
+    }
+    key
+}
+
+fn check_scalar(axis: &str, v: &Node, problems: &mut Vec<Problem>) {
+    if !matches!(
+        v.value,
+        Value::Int(_) | Value::Float(_) | Value::Str(_) | Value::Bool(_)
+    ) {
+        problems.push(
+            Problem::new(format!("matrix axis `{axis}`: values must be strings, numbers or booleans"))
+                .at(v.span, format!("this is {}", v.type_name()))
+                .help("to sweep over combinations of settings, use one axis per setting, or `include:` cells"),
+        );
+    }
+}
+
+fn entries_of(map: &Map, key: &str, stage: &str, problems: &mut Vec<Problem>) -> Vec<Map> {
+    let Some(node) = map.get(key) else {
+        return Vec::new();
+    };
+    let Value::Seq(items) = &node.value else {
+        problems.push(
+            Problem::new(format!(
+                "stage `{stage}`: matrix `{key}` must be a list of cells"
+            ))
+            .at(node.span, format!("this is {}", node.type_name()))
+            .help(format!("e.g. `{key}: [{{seed: 0, domain: legal}}]`")),
+        );
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for item in items {
+        match &item.value {
+            Value::Map(m) => out.push(m.clone()),
+            _ => problems.push(
+                Problem::new(format!(
+                    "stage `{stage}`: each matrix `{key}` entry must be a mapping of axis -> value"
+                ))
+                .at(item.span, format!("this is {}", item.type_name())),
+            ),
+        }
+    }
+    out
+}
+
+fn unknown_axis(
+    stage: &str,
+    section: &str,
+    axis: &str,
+    span: SourceSpan,
+    axes: &[String],
+) -> Problem {
+    let help = crate::diagnostics::did_you_mean(axis, axes.iter().map(String::as_str))
+        .unwrap_or_else(|| {
+            format!(
+                "the axes are {}",
+                list_names(axes.iter().map(String::as_str))
+            )
+        });
+    Problem::new(format!(
+        "stage `{stage}`: matrix `{section}` names unknown axis `{axis}`"
+    ))
+    .at(span, "not an axis")
+    .help(help)
+}

@@ -1,0 +1,280 @@
+//! Manifest expansion: from a manifest file to a fully resolved [`Pipeline`].
+//!
+//! The steps, in order: parse the YAML with locations; merge the `--profile` and apply
+//! `--set` (manifest params < profile < `--set`); check the manifest's shape; resolve
+//! top-level params (references between params, cycles reported); resolve models; then
+//! expand every stage (matrix cells, references, validation against its kind, wiring with
+//! matrix joins, merging identical cells). Every step keeps going after a problem so that one
+//! run reports every mistake, each with its file, line, column and a hint.
+
+pub mod inputs;
+pub mod matrix;
+pub mod overrides;
+pub mod params;
+pub mod refs;
+pub mod resources;
+pub mod sources;
+pub mod stages;
+pub mod validate;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::diagnostics::{list_names, ManifestErrors, Problem};
+use crate::kind::Registry;
+use crate::manifest::raw::{self, RawModel};
+use crate::manifest::source::SourceMap;
+use crate::manifest::yaml::{self, Value};
+use crate::pipeline::{ModelDecl, Pipeline, SourceSpan};
+
+pub use sources::LoadedSources;
+
+/// How to load a manifest: the CLI's `--profile` and `--set` flags.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    pub profile: Option<String>,
+    /// `a.b=value` overrides; the value is parsed as YAML. A path not starting with a
+    /// top-level key (`params`, `stages`, `models`, ...) is short for `params.<path>`.
+    pub sets: Vec<String>,
+}
+
+/// A loaded pipeline together with the texts its spans point into.
+pub struct LoadedManifest {
+    pub pipeline: Pipeline,
+    pub sources: Arc<LoadedSources>,
+}
+
+/// Parses, expands and validates a manifest; every problem found is returned (not just the first).
+pub fn load_pipeline(
+    path: &Path,
+    opts: &LoadOptions,
+    registry: &Registry,
+) -> Result<Pipeline, ManifestErrors> {
+    let src = std::fs::read_to_string(path).map_err(|e| {
+        let problem = Problem::new(format!("cannot read manifest {}: {e}", path.display()))
+            .help("check the path; `emflow run` takes the manifest file as its argument");
+        ManifestErrors::new(
+            path,
+            vec![problem],
+            Arc::new(SourceMap::new(path.display().to_string(), "")),
+        )
+    })?;
+    load_pipeline_str(&src, path, opts, registry)
+}
+
+/// Same from a string (tests, generated manifests); `path` is used for messages and relative paths.
+pub fn load_pipeline_str(
+    src: &str,
+    path: &Path,
+    opts: &LoadOptions,
+    registry: &Registry,
+) -> Result<Pipeline, ManifestErrors> {
+    let loaded = load_manifest_str(src, path, opts, registry)?;
+    sources::register(&loaded.pipeline.manifest_path, loaded.sources.clone());
+    Ok(loaded.pipeline)
+}
+
+/// Like [`load_pipeline_str`], returning the sources instead of registering them, for
+/// callers that keep several manifests of the same path apart (tests do).
+pub fn load_manifest_str(
+    src: &str,
+    path: &Path,
+    opts: &LoadOptions,
+    registry: &Registry,
+) -> Result<LoadedManifest, ManifestErrors> {
+    let manifest_path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let manifest_dir = manifest_path
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let mut sources = SourceMap::new(path.display().to_string(), src);
+    let fail = |problems: Vec<Problem>, sources: SourceMap| {
+        ManifestErrors::new(path, problems, Arc::new(sources))
+    };
+
+    let mut root = match yaml::parse(src, 0) {
+        Ok(r) => r,
+        Err(problems) => return Err(fail(problems, sources)),
+    };
+    let mut problems = Vec::new();
+    overrides::apply_sets(&mut root, &opts.sets, &mut sources, true, &mut problems);
+    overrides::apply_profile(&mut root, opts.profile.as_deref(), &mut problems);
+    overrides::apply_sets(&mut root, &opts.sets, &mut sources, false, &mut problems);
+
+    let raw = raw::read(&root, &mut problems);
+    let params = params::ParamResolver::resolve_all(&raw.params, &mut problems);
+    let models = resolve_models(&raw.models, &params, registry, &manifest_dir, &mut problems);
+    let stage_names: Vec<&str> = raw.stages.iter().map(|s| s.name.as_str()).collect();
+    let ctx = stages::Context {
+        registry,
+        params: &params,
+        models: &models,
+        manifest_dir: &manifest_dir,
+        stage_names: &stage_names,
+    };
+    let instances = stages::expand_stages(&ctx, &raw.stages, &mut problems);
+    if !problems.is_empty() {
+        return Err(fail(problems, sources));
+    }
+
+    let name = raw.name.map(|n| n.value).unwrap_or_else(|| {
+        path.file_stem().map_or_else(
+            || "manifest".to_string(),
+            |s| s.to_string_lossy().into_owned(),
+        )
+    });
+    let stage_nodes: HashMap<String, (SourceSpan, yaml::Node)> = raw
+        .stages
+        .into_iter()
+        .map(|s| (s.name, (s.name_span, s.entry)))
+        .collect();
+    let pipeline = Pipeline {
+        name,
+        manifest_path,
+        manifest_dir,
+        profile: opts.profile.clone(),
+        models,
+        stages: instances,
+    };
+    Ok(LoadedManifest {
+        pipeline,
+        sources: Arc::new(LoadedSources::new(Arc::new(sources), stage_nodes)),
+    })
+}
+
+/// For errors found later (cycle in the DAG, a kind's ParamError): build a diagnostic at a span.
+pub fn diagnostic_at(
+    pipeline: &Pipeline,
+    span: SourceSpan,
+    message: impl Into<String>,
+    label: impl Into<String>,
+    help: Option<String>,
+) -> miette::Report {
+    sources::diagnostic_at(pipeline, span, message, label, help)
+}
+
+/// Where `path` (relative to the stage's entry: `params.ops.2.take`, `inputs.data`) is written
+/// for stage instance `stage_id`. `None` when the pipeline was not loaded by this process.
+pub fn span_of(pipeline: &Pipeline, stage_id: &str, path: &str) -> Option<SourceSpan> {
+    sources::span_of(pipeline, stage_id, path)
+}
+
+/// Where a kind's [`crate::kind::ParamError::param`] (a path below `params:`) is written.
+pub fn param_span(pipeline: &Pipeline, stage_id: &str, param: &str) -> Option<SourceSpan> {
+    let path = if param.is_empty() {
+        "params".to_string()
+    } else {
+        format!("params.{param}")
+    };
+    span_of(pipeline, stage_id, &path)
+}
+
+/// The schemes the engine handles itself; others need a [`crate::kind::ModelFetcher`].
+const LOCAL_SCHEMES: &[&str] = &["file"];
+
+fn resolve_models(
+    raw: &[RawModel],
+    params: &params::ResolvedParams,
+    registry: &Registry,
+    manifest_dir: &Path,
+    problems: &mut Vec<Problem>,
+) -> BTreeMap<String, ModelDecl> {
+    let mut models = BTreeMap::new();
+    for m in raw {
+        let stage = format!("models.{}", m.name);
+        let mut scope = params::StageScope {
+            params,
+            matrix: None,
+            stage: &stage,
+        };
+        let Some(source) = refs::substitute(&m.source, &mut scope, problems) else {
+            continue;
+        };
+        let Value::Str(s) = &source.value else {
+            problems.push(
+                Problem::new(format!("model `{}`: `source` must be a string", m.name))
+                    .at(source.span, format!("this is {}", source.type_name())),
+            );
+            continue;
+        };
+        let resolved = match scheme_of(s) {
+            Some(scheme) if LOCAL_SCHEMES.contains(&scheme) => {
+                local_path(&s[scheme.len() + 1..], manifest_dir)
+            }
+            Some(scheme) => {
+                if registry.fetcher(scheme).is_none() {
+                    problems.push(
+                        Problem::new(format!(
+                            "model `{}`: no fetcher for `{scheme}:` sources in this emflow",
+                            m.name
+                        ))
+                        .at(source.span, "unsupported source")
+                        .help(format!(
+                            "supported: a local path (file, GGUF or HF-format folder){}",
+                            if registry_schemes(registry).is_empty() {
+                                String::new()
+                            } else {
+                                format!(
+                                    ", or {}",
+                                    list_names(
+                                        registry_schemes(registry).iter().map(String::as_str)
+                                    )
+                                )
+                            }
+                        )),
+                    );
+                    continue;
+                }
+                s.clone()
+            }
+            None => {
+                if s.trim().is_empty() {
+                    problems.push(
+                        Problem::new(format!("model `{}`: `source` is empty", m.name))
+                            .at(source.span, "empty"),
+                    );
+                    continue;
+                }
+                local_path(s, manifest_dir)
+            }
+        };
+        models.insert(
+            m.name.clone(),
+            ModelDecl {
+                name: m.name.clone(),
+                source: resolved,
+                span: source.span,
+            },
+        );
+    }
+    models
+}
+
+fn registry_schemes(registry: &Registry) -> Vec<String> {
+    ["pip", "hf", "http", "https", "s3"]
+        .iter()
+        .filter(|s| registry.fetcher(s).is_some())
+        .map(|s| format!("`{s}:`"))
+        .collect()
+}
+
+/// `pip` in `pip:pkg==1#x`; `None` for paths (which may still contain a `:` after a `/`).
+fn scheme_of(s: &str) -> Option<&str> {
+    let (scheme, _) = s.split_once(':')?;
+    let mut chars = scheme.chars();
+    (scheme.len() > 1
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || c == '+' || c == '-' || c == '.'
+        }))
+    .then_some(scheme)
+}
+
+fn local_path(p: &str, manifest_dir: &Path) -> String {
+    let path = Path::new(p);
+    if path.is_absolute() {
+        p.to_string()
+    } else {
+        manifest_dir.join(path).display().to_string()
+    }
+}

@@ -1,0 +1,217 @@
+//! Top-level params: resolved once, lazily, in dependency order, with cycle detection.
+//!
+//! A param may reference others (`out: "run-${seed}"`); resolving on demand with a stack of
+//! params in progress finds the order without building a graph first, and a reference back
+//! into the stack is a cycle, reported with its whole path (`a -> b -> a`).
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::diagnostics::{did_you_mean, Problem};
+use crate::expand::refs::{substitute, RefSource};
+use crate::manifest::yaml::{Map, Node};
+use crate::pipeline::SourceSpan;
+
+enum State {
+    InProgress,
+    Done(Node),
+    Failed,
+}
+
+/// Resolves the manifest's top-level params.
+pub struct ParamResolver<'m> {
+    raw: &'m Map,
+    state: HashMap<String, State>,
+    /// Params being resolved, outermost first, with where each is defined.
+    stack: Vec<(String, SourceSpan)>,
+}
+
+/// The resolved params: name -> value, and the names that failed (already reported), so that
+/// uses of a broken param do not add a second error.
+#[derive(Default)]
+pub struct ResolvedParams {
+    pub values: HashMap<String, Node>,
+    pub failed: std::collections::HashSet<String>,
+    /// Names in manifest order, for hints.
+    pub names: Vec<String>,
+}
+
+impl<'m> ParamResolver<'m> {
+    pub fn resolve_all(raw: &'m Map, problems: &mut Vec<Problem>) -> ResolvedParams {
+        let mut r = ParamResolver {
+            raw,
+            state: HashMap::new(),
+            stack: Vec::new(),
+        };
+        for e in &raw.entries {
+            r.resolve(&e.key, problems);
+        }
+        let mut out = ResolvedParams {
+            names: raw.keys().map(str::to_string).collect(),
+            ..Default::default()
+        };
+        for (name, state) in r.state {
+            match state {
+                State::Done(node) => {
+                    out.values.insert(name, node);
+                }
+                _ => {
+                    out.failed.insert(name);
+                }
+            }
+        }
+        out
+    }
+
+    fn resolve(&mut self, name: &str, problems: &mut Vec<Problem>) -> Option<Node> {
+        match self.state.get(name) {
+            Some(State::Done(n)) => return Some(n.clone()),
+            // In progress only through a cycle, which `lookup` reports before recursing.
+            Some(State::Failed | State::InProgress) => return None,
+            None => {}
+        }
+        let entry = self.raw.entry(name)?;
+        self.state.insert(name.to_string(), State::InProgress);
+        self.stack.push((name.to_string(), entry.key_span));
+        let resolved = substitute(&entry.value, self, problems);
+        self.stack.pop();
+        let state = match &resolved {
+            Some(n) => State::Done(n.clone()),
+            None => State::Failed,
+        };
+        self.state.insert(name.to_string(), state);
+        resolved
+    }
+}
+
+impl RefSource for ParamResolver<'_> {
+    fn lookup(
+        &mut self,
+        root: &str,
+        _rest: &str,
+        at: SourceSpan,
+        problems: &mut Vec<Problem>,
+    ) -> Option<Node> {
+        if root == "matrix" {
+            problems.push(
+                Problem::new("`${matrix.…}` can only be used inside a matrix stage")
+                    .at(at, "top-level params have no matrix cell")
+                    .help("move this reference into the `params:` of the stage that has the `matrix:`"),
+            );
+            return None;
+        }
+        if matches!(self.state.get(root), Some(State::InProgress)) {
+            let start = self.stack.iter().position(|(n, _)| n == root).unwrap_or(0);
+            let mut cycle: Vec<&str> = self.stack[start..]
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect();
+            cycle.push(root);
+            let mut p = Problem::new(format!(
+                "params reference each other in a cycle: {}",
+                cycle.join(" -> ")
+            ))
+            .at(
+                at,
+                format!(
+                    "`{}` refers back to `{root}`",
+                    self.stack.last().map_or(root, |(n, _)| n.as_str())
+                ),
+            );
+            for (name, span) in &self.stack[start..] {
+                p = p.at(*span, format!("`{name}` defined here"));
+            }
+            problems.push(p.help(
+                "a param cannot depend on itself; replace one reference in the cycle by a value",
+            ));
+            // Mark every member failed so the cycle is reported once.
+            for (name, _) in &self.stack[start..] {
+                self.state.insert(name.clone(), State::Failed);
+            }
+            return None;
+        }
+        if self.raw.entry(root).is_none() {
+            problems.push(unknown_param(root, at, self.raw.keys()));
+            return None;
+        }
+        self.resolve(root, problems)
+    }
+}
+
+pub fn unknown_param<'a>(
+    name: &str,
+    at: SourceSpan,
+    known: impl Iterator<Item = &'a str>,
+) -> Problem {
+    let known: Vec<&str> = known.collect();
+    let help = did_you_mean(name, known.iter().copied()).unwrap_or_else(|| {
+        "references name a param declared under the top-level `params:`".to_string()
+    });
+    Problem::new(format!("reference to unknown param `{name}`"))
+        .at(at, "no such param")
+        .help(help)
+}
+
+/// What a stage's params, inputs and resources can reference: resolved top-level params, and
+/// in a matrix stage the cell's values.
+pub struct StageScope<'a> {
+    pub params: &'a ResolvedParams,
+    /// Axis -> this cell's value; `None` outside matrix stages.
+    pub matrix: Option<&'a BTreeMap<String, Node>>,
+    pub stage: &'a str,
+}
+
+impl RefSource for StageScope<'_> {
+    fn lookup(
+        &mut self,
+        root: &str,
+        rest: &str,
+        at: SourceSpan,
+        problems: &mut Vec<Problem>,
+    ) -> Option<Node> {
+        if root == "matrix" {
+            let Some(cell) = self.matrix else {
+                problems.push(
+                    Problem::new(format!(
+                        "`${{matrix.{rest}}}` used in stage `{}`, which has no matrix",
+                        self.stage
+                    ))
+                    .at(at, "no matrix here")
+                    .help("add `matrix:` with this axis to the stage, or use a param"),
+                );
+                return None;
+            };
+            return match cell.get(rest) {
+                Some(v) => Some(v.clone()),
+                None => {
+                    let help =
+                        did_you_mean(rest, cell.keys().map(String::as_str)).unwrap_or_else(|| {
+                            format!(
+                                "this stage's axes are {}",
+                                crate::diagnostics::list_names(cell.keys().map(String::as_str))
+                            )
+                        });
+                    problems.push(
+                        Problem::new(format!(
+                            "stage `{}` has no matrix axis `{rest}`",
+                            self.stage
+                        ))
+                        .at(at, "unknown axis")
+                        .help(help),
+                    );
+                    None
+                }
+            };
+        }
+        if let Some(v) = self.params.values.get(root) {
+            return Some(v.clone());
+        }
+        if !self.params.failed.contains(root) {
+            problems.push(unknown_param(
+                root,
+                at,
+                self.params.names.iter().map(String::as_str),
+            ));
+        }
+        None
+    }
+}

@@ -1,0 +1,281 @@
+//! `${...}` references: parsing them out of strings and substituting them in located trees.
+//!
+//! A string that is exactly one reference (`steps: ${n_train}`) becomes the referenced value
+//! with its type (an int stays an int, a list stays a list); a reference inside a longer
+//! string is interpolated and must be a scalar. `$${` writes a literal `${`. What a root name
+//! means (a top-level param, or `matrix.<axis>` in a matrix stage) is up to the caller's
+//! [`RefSource`], which is how top-level params resolve lazily with cycle detection.
+
+use std::borrow::Cow;
+
+use crate::diagnostics::Problem;
+use crate::manifest::raw::float_text;
+use crate::manifest::source::span_between;
+use crate::manifest::yaml::{Map, Node, Value};
+use crate::pipeline::SourceSpan;
+
+/// A piece of a string: literal text or a reference `${path}`.
+#[derive(Debug, PartialEq)]
+pub enum Piece<'s> {
+    Text(Cow<'s, str>),
+    /// The dotted path inside `${}`, and the byte range of the whole `${...}` in the string.
+    Ref {
+        path: &'s str,
+        start: usize,
+        end: usize,
+    },
+}
+
+/// Splits a string into literal text and references. Errors give the byte offset of the
+/// problem inside the string.
+pub fn parse_template(s: &str) -> Result<Vec<Piece<'_>>, (usize, String)> {
+    let mut pieces = Vec::new();
+    let mut text = String::new();
+    let mut rest_start = 0;
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'$' && s[i..].starts_with("$${") {
+            text.push_str(&s[rest_start..i]);
+            text.push_str("${");
+            i += 3;
+            rest_start = i;
+        } else if bytes[i] == b'$' && s[i..].starts_with("${") {
+            text.push_str(&s[rest_start..i]);
+            let Some(close) = s[i + 2..].find('}') else {
+                return Err((
+                    i,
+                    "unterminated reference: `${` without a closing `}`".to_string(),
+                ));
+            };
+            let path = &s[i + 2..i + 2 + close];
+            if path.trim().is_empty() || path.contains("${") {
+                return Err((i, format!("malformed reference `${{{path}}}`")));
+            }
+            if !text.is_empty() {
+                pieces.push(Piece::Text(Cow::Owned(std::mem::take(&mut text))));
+            }
+            let end = i + 2 + close + 1;
+            pieces.push(Piece::Ref {
+                path: path.trim(),
+                start: i,
+                end,
+            });
+            i = end;
+            rest_start = i;
+        } else {
+            i += 1;
+        }
+    }
+    text.push_str(&s[rest_start..]);
+    if !text.is_empty() || pieces.is_empty() {
+        pieces.push(Piece::Text(Cow::Owned(text)));
+    }
+    Ok(pieces)
+}
+
+/// Whether a string may contain references (a cheap pre-check before parsing).
+pub fn has_refs(s: &str) -> bool {
+    s.contains("${")
+}
+
+/// The span of bytes `start..end` of a string node's value, when the string is written
+/// verbatim in the source; the whole node otherwise.
+pub fn sub_span(node: &Node, start: usize, end: usize) -> SourceSpan {
+    match node.text_start {
+        Some(t) => span_between(t + start, t + end),
+        None => node.span,
+    }
+}
+
+/// Resolves the root name of a reference (`seed` in `${seed.x}`, or `matrix` for
+/// `${matrix.axis}`: then `rest` is the axis).
+pub trait RefSource {
+    /// The value `root` stands for, or `None` after reporting why there is none. `at` is
+    /// where the reference is written; `rest` the remaining dotted path (may be empty).
+    fn lookup(
+        &mut self,
+        root: &str,
+        rest: &str,
+        at: SourceSpan,
+        problems: &mut Vec<Problem>,
+    ) -> Option<Node>;
+}
+
+/// Substitutes every reference in `node`. Returns `None` when any reference failed (each
+/// failure is reported once in `problems`).
+pub fn substitute(
+    node: &Node,
+    src: &mut dyn RefSource,
+    problems: &mut Vec<Problem>,
+) -> Option<Node> {
+    match &node.value {
+        Value::Str(s) if has_refs(s) => substitute_str(node, s, src, problems),
+        Value::Seq(items) => {
+            let mut out = Vec::with_capacity(items.len());
+            let mut ok = true;
+            for item in items {
+                match substitute(item, src, problems) {
+                    Some(n) => out.push(n),
+                    None => ok = false,
+                }
+            }
+            ok.then(|| Node {
+                value: Value::Seq(out),
+                ..node.clone_shallow()
+            })
+        }
+        Value::Map(map) => {
+            let mut out = Map {
+                entries: Vec::with_capacity(map.entries.len()),
+            };
+            let mut ok = true;
+            for e in &map.entries {
+                match substitute(&e.value, src, problems) {
+                    Some(v) => out.entries.push(crate::manifest::yaml::Entry {
+                        key: e.key.clone(),
+                        key_span: e.key_span,
+                        value: v,
+                    }),
+                    None => ok = false,
+                }
+            }
+            ok.then(|| Node {
+                value: Value::Map(out),
+                ..node.clone_shallow()
+            })
+        }
+        _ => Some(node.clone()),
+    }
+}
+
+fn substitute_str(
+    node: &Node,
+    s: &str,
+    src: &mut dyn RefSource,
+    problems: &mut Vec<Problem>,
+) -> Option<Node> {
+    let pieces = match parse_template(s) {
+        Ok(p) => p,
+        Err((at, msg)) => {
+            problems.push(
+                Problem::new(msg)
+                    .at(sub_span(node, at, s.len()), "here")
+                    .help("references look like `${param}`, `${param.key}` or `${matrix.axis}`; write `$${` for a literal `${`"),
+            );
+            return None;
+        }
+    };
+    // A whole-value reference keeps the referenced value's type.
+    if let [Piece::Ref { path, start, end }] = pieces.as_slice() {
+        let at = sub_span(node, *start, *end);
+        let value = lookup_path(path, at, src, problems)?;
+        return Some(Node {
+            span: node.span,
+            value: value.value,
+            text_start: None,
+        });
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut ok = true;
+    for piece in &pieces {
+        match piece {
+            Piece::Text(t) => out.push_str(t),
+            Piece::Ref { path, start, end } => {
+                let at = sub_span(node, *start, *end);
+                let Some(value) = lookup_path(path, at, src, problems) else {
+                    ok = false;
+                    continue;
+                };
+                match &value.value {
+                    Value::Str(v) => out.push_str(v),
+                    Value::Int(i) => out.push_str(&i.to_string()),
+                    Value::Float(f) => out.push_str(&float_text(*f)),
+                    Value::Bool(b) => out.push_str(&b.to_string()),
+                    _ => {
+                        problems.push(
+                            Problem::new(format!("`${{{path}}}` is {} and cannot be put inside a string", value.type_name()))
+                                .at(at, "not a plain value")
+                                .help("only strings, numbers and booleans can be interpolated; to use the value itself, make `${...}` the whole value"),
+                        );
+                        ok = false;
+                    }
+                }
+            }
+        }
+    }
+    ok.then(|| Node {
+        span: node.span,
+        value: Value::Str(out),
+        text_start: None,
+    })
+}
+
+/// Looks up `a.b.c`: the root through `src`, the rest by walking into the value.
+fn lookup_path(
+    path: &str,
+    at: SourceSpan,
+    src: &mut dyn RefSource,
+    problems: &mut Vec<Problem>,
+) -> Option<Node> {
+    let (root, rest) = path.split_once('.').unwrap_or((path, ""));
+    let value = src.lookup(root, rest, at, problems)?;
+    if root == "matrix" || rest.is_empty() {
+        return Some(value);
+    }
+    let (found, complete) = value.walk(rest);
+    if complete {
+        return Some(found.clone());
+    }
+    let keys: Vec<&str> = found
+        .as_map()
+        .map(|m| m.keys().collect())
+        .unwrap_or_default();
+    problems.push(
+        Problem::new(format!("`${{{path}}}`: `{root}` has no `{rest}`"))
+            .at(at, "not found")
+            .maybe_help(crate::diagnostics::did_you_mean(
+                rest.rsplit('.').next().unwrap_or(rest),
+                keys.iter().copied(),
+            )),
+    );
+    None
+}
+
+impl Node {
+    /// A copy of the node's location without its children (the caller supplies the value).
+    fn clone_shallow(&self) -> Node {
+        Node {
+            span: self.span,
+            value: Value::Null,
+            text_start: self.text_start,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_split_into_text_and_references() {
+        assert_eq!(
+            parse_template("run-${seed}-x").unwrap(),
+            vec![
+                Piece::Text("run-".into()),
+                Piece::Ref {
+                    path: "seed",
+                    start: 4,
+                    end: 11
+                },
+                Piece::Text("-x".into())
+            ]
+        );
+        assert_eq!(
+            parse_template("$${x}").unwrap(),
+            vec![Piece::Text("${x}".into())]
+        );
+        assert!(parse_template("a ${b").is_err());
+        assert!(parse_template("${}").is_err());
+    }
+}

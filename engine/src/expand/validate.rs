@@ -1,0 +1,218 @@
+//! A stage's params against its kind's [`KindSpec`]: names, types, required params, defaults,
+//! and the kind's own [`StageKind::check`], each problem located in the manifest.
+//!
+//! The result is the canonical param object the stage is keyed and run with: declared params
+//! in the spec's order (so key order in the manifest never matters), then any extra params of
+//! an open kind in manifest order; `Float` params always hold floats (`1` and `1.0` are equal).
+
+use crate::diagnostics::{did_you_mean, list_names, Problem};
+use crate::kind::{KindSpec, ParamSpec, ParamType, Params, StageKind};
+use crate::manifest::yaml::{Map, Node, Value};
+use crate::pipeline::SourceSpan;
+
+/// Where a stage's params are, for messages.
+pub struct ParamsSite<'a> {
+    pub stage: &'a str,
+    /// Reported for a missing required param: the `params:` key, or the stage name.
+    pub missing_at: SourceSpan,
+}
+
+/// Checks `node` (the substituted `params:` mapping; `None` when absent) and returns the
+/// canonical params, or `None` after reporting every problem.
+pub fn check_params(
+    site: &ParamsSite<'_>,
+    spec: &KindSpec,
+    kind: &dyn StageKind,
+    node: Option<&Node>,
+    problems: &mut Vec<Problem>,
+) -> Option<Params> {
+    let empty = Map::default();
+    let map = match node.map(|n| (&n.value, n)) {
+        None | Some((Value::Null, _)) => &empty,
+        Some((Value::Map(m), _)) => m,
+        Some((_, n)) => {
+            problems.push(
+                Problem::new(format!(
+                    "stage `{}`: `params` must be a mapping",
+                    site.stage
+                ))
+                .at(n.span, format!("this is {}", n.type_name())),
+            );
+            return None;
+        }
+    };
+    let before = problems.len();
+    let mut params = Params::new();
+    for p in &spec.params {
+        match map.entry(p.name) {
+            Some(e) => {
+                if let Some(v) = typed_value(site, spec, p, &e.value, problems) {
+                    params.insert(p.name.to_string(), v);
+                }
+            }
+            None => match &p.default {
+                Some(d) => {
+                    params.insert(p.name.to_string(), d.clone());
+                }
+                None => problems.push(
+                    Problem::new(format!(
+                        "stage `{}`: missing required param `{}` of kind `{}`",
+                        site.stage, p.name, spec.name
+                    ))
+                    .at(site.missing_at, format!("`{}` is not set", p.name))
+                    .help(format!(
+                        "add `{}: ...` under `params:` ({}: {})",
+                        p.name,
+                        type_desc(&p.ty),
+                        p.doc
+                    )),
+                ),
+            },
+        }
+    }
+    for e in &map.entries {
+        if spec.params.iter().any(|p| p.name == e.key) {
+            continue;
+        }
+        if spec.open_params {
+            match e.value.to_json() {
+                Ok(v) => {
+                    params.insert(e.key.clone(), v);
+                }
+                Err(p) => problems.push(p),
+            }
+            continue;
+        }
+        let names = spec.params.iter().map(|p| p.name);
+        let help = match did_you_mean(&e.key, names.clone()) {
+            Some(d) => d,
+            None => format!("kind `{}` takes {}", spec.name, list_names(names)),
+        };
+        problems.push(
+            Problem::new(format!(
+                "stage `{}`: unknown param `{}` for kind `{}`",
+                site.stage, e.key, spec.name
+            ))
+            .at(e.key_span, "unknown param")
+            .help(help),
+        );
+    }
+    if problems.len() > before {
+        return None;
+    }
+    if let Err(errors) = kind.check(&params) {
+        for err in errors {
+            let span = locate(node, &err.param).unwrap_or(site.missing_at);
+            let mut p = Problem::new(format!("stage `{}`: {}", site.stage, err.message))
+                .at(span, format!("param `{}`", err.param));
+            if let Some(h) = err.hint {
+                p = p.help(h);
+            }
+            problems.push(p);
+        }
+        return None;
+    }
+    Some(params)
+}
+
+/// The span of a dotted param path below `params:`, or of its deepest written ancestor.
+pub fn locate(node: Option<&Node>, path: &str) -> Option<SourceSpan> {
+    let node = node?;
+    let (found, _) = node.walk(path);
+    Some(found.span)
+}
+
+fn type_desc(ty: &ParamType) -> String {
+    match ty {
+        ParamType::Bool => "a boolean".into(),
+        ParamType::Int => "an integer".into(),
+        ParamType::Float => "a number".into(),
+        ParamType::String => "a string".into(),
+        ParamType::Enum(options) => format!("one of {}", list_names(options.iter().copied())),
+        ParamType::List => "a list".into(),
+        ParamType::Map => "a mapping".into(),
+        ParamType::Any => "any value".into(),
+    }
+}
+
+/// The JSON value of a declared param, checked against its type.
+fn typed_value(
+    site: &ParamsSite<'_>,
+    spec: &KindSpec,
+    p: &ParamSpec,
+    v: &Node,
+    problems: &mut Vec<Problem>,
+) -> Option<serde_json::Value> {
+    use serde_json::Value as J;
+    let ok = match (&p.ty, &v.value) {
+        (ParamType::Any, _) => true,
+        (ParamType::Bool, Value::Bool(_)) => true,
+        (ParamType::Int, Value::Int(_)) => true,
+        (ParamType::Float, Value::Int(i)) => return Some(float(*i as f64)),
+        (ParamType::Float, Value::Float(f)) if f.is_finite() => return Some(float(*f)),
+        (ParamType::String, Value::Str(_)) => true,
+        (ParamType::List, Value::Seq(_)) => true,
+        (ParamType::Map, Value::Map(_)) => true,
+        (ParamType::Enum(options), Value::Str(s)) => {
+            if options.contains(&s.as_str()) {
+                return Some(J::String(s.clone()));
+            }
+            let help = did_you_mean(s, options.iter().copied())
+                .unwrap_or_else(|| format!("use one of {}", list_names(options.iter().copied())));
+            problems.push(
+                Problem::new(format!(
+                    "stage `{}`: param `{}` must be one of {}",
+                    site.stage,
+                    p.name,
+                    list_names(options.iter().copied())
+                ))
+                .at(v.span, format!("`{s}` is not an option"))
+                .help(help),
+            );
+            return None;
+        }
+        _ => false,
+    };
+    if ok {
+        return match v.to_json() {
+            Ok(j) => Some(j),
+            Err(e) => {
+                problems.push(e);
+                None
+            }
+        };
+    }
+    let mut help = format!(
+        "`{}` of kind `{}` is {}: {}",
+        p.name,
+        spec.name,
+        type_desc(&p.ty),
+        p.doc
+    );
+    if matches!(p.ty, ParamType::String)
+        && matches!(v.value, Value::Int(_) | Value::Float(_) | Value::Bool(_))
+    {
+        help = format!(
+            "quote it to make it a string: `\"{}\"`",
+            crate::manifest::raw::show(v).trim_matches('"')
+        );
+    } else if matches!(v.value, Value::Null) {
+        help = format!("give it a value, or remove the line to use the kind's default; {help}");
+    }
+    problems.push(
+        Problem::new(format!(
+            "stage `{}`: param `{}` must be {}, not {}",
+            site.stage,
+            p.name,
+            type_desc(&p.ty),
+            v.type_name()
+        ))
+        .at(v.span, format!("this is {}", v.type_name()))
+        .help(help),
+    );
+    None
+}
+
+fn float(f: f64) -> serde_json::Value {
+    serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, serde_json::Value::Number)
+}
