@@ -1,0 +1,242 @@
+//! `emflow bench model` / `cargo bench -p emflow-model`: throughput of the model layer on this
+//! machine for SmolLM2-135M (dequantised GGUF): prefill, decode at batch 1 and 16, and training
+//! steps (LoRA r=8 and full fine-tuning, forward + backward + AdamW on 4 x 128 tokens).
+//!
+//! Decode is timed on the same prefill/step path `generate` uses, with end-of-sequence ignored so
+//! every row decodes the same number of steps.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+
+use crate::generate::{RowSampler, SamplingParams};
+use crate::lora::LoraConfig;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::transformer::{KvCache, Mode, Transformer};
+
+const USAGE: &str = "usage: emflow bench model [--model PATH.gguf|HF_DIR] [--steps N]";
+
+struct Args {
+    model: Option<PathBuf>,
+    decode_steps: usize,
+}
+
+fn parse(args: &[String]) -> Result<Args> {
+    let mut out = Args {
+        model: None,
+        decode_steps: 64,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--model" => out.model = Some(PathBuf::from(it.next().context(USAGE)?)),
+            "--steps" => {
+                out.decode_steps = it
+                    .next()
+                    .context(USAGE)?
+                    .parse()
+                    .with_context(|| format!("--steps must be a number; {USAGE}"))?
+            }
+            "--bench" => {} // passed by `cargo bench`
+            other => bail!("unknown argument {other:?}; {USAGE}"),
+        }
+    }
+    Ok(out)
+}
+
+fn default_model() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("EMFLOW_TEST_GGUF") {
+        return Ok(PathBuf::from(p));
+    }
+    crate::testing::smollm2_gguf().context(
+        "no SmolLM2 weights: pass --model PATH, or set EMFLOW_TEST_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf",
+    )
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Deterministic pseudo-token ids below `vocab`.
+fn token_ids(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 7919 + salt * 104_729 + 13) % (vocab - 100) + 100) as u32)
+        .collect()
+}
+
+/// Seconds for one prefill of `prompts` and for `steps` decode steps after it.
+fn time_decode(
+    model: &Transformer,
+    prompts: &[Vec<u32>],
+    steps: usize,
+    params: &SamplingParams,
+) -> Result<(f64, f64)> {
+    let b = prompts.len();
+    let len = prompts[0].len();
+    let start = Instant::now();
+    let mut cache = KvCache::new(model, b, len + steps + 1)?;
+    let ids = Tensor::from_vec(prompts.concat(), (b, len), model.device())?;
+    let mut valid = vec![vec![true; len]; b];
+    let h = model.hidden_eval(&ids, &valid, Some(&mut cache))?;
+    let mut logits = model
+        .logits(&h.narrow(1, len - 1, 1)?, Mode::Eval)?
+        .squeeze(1)?;
+    let mut samplers: Vec<RowSampler> = (0..b).map(|i| RowSampler::new(i as u64)).collect();
+    let mut next = |logits: &Tensor| -> Result<Vec<u32>> {
+        if params.temperature == 0.0 {
+            Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
+        } else {
+            let host = logits.to_vec2::<f32>()?;
+            Ok(samplers
+                .iter_mut()
+                .zip(&host)
+                .map(|(s, l)| s.sample(l, params))
+                .collect())
+        }
+    };
+    let mut tokens = next(&logits)?;
+    let prefill = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for _ in 0..steps {
+        for v in valid.iter_mut() {
+            v.push(true);
+        }
+        let ids = Tensor::from_vec(tokens, (b, 1), model.device())?;
+        let h = model.hidden_eval(&ids, &valid, Some(&mut cache))?;
+        logits = model.logits(&h, Mode::Eval)?.squeeze(1)?;
+        tokens = next(&logits)?;
+    }
+    Ok((prefill, start.elapsed().as_secs_f64()))
+}
+
+/// Seconds per training step (forward, SFT loss, backward, AdamW) on `batch` x `len` tokens.
+fn time_train(model: &Transformer, batch: usize, len: usize, steps: usize) -> Result<f64> {
+    let vocab = model.config().vocab_size;
+    let ids: Vec<u32> = (0..batch)
+        .flat_map(|b| token_ids(len, vocab, b + 1))
+        .collect();
+    let ids = Tensor::from_vec(ids, (batch, len), model.device())?;
+    let mask = Tensor::ones((batch, len), candle_core::DType::F32, model.device())?;
+    let mut opt = AdamW::new(model.trainable_vars(), AdamWConfig::default())?;
+    let step = |opt: &mut AdamW| -> Result<()> {
+        let logits = model.forward_train(&ids, &mask)?;
+        // Next-token cross-entropy (candle's gather needs contiguous inputs).
+        let shifted = |x: &Tensor, from: usize| -> Result<Tensor> {
+            Ok(x.narrow(1, from, len - 1)?.contiguous()?)
+        };
+        let lp = crate::losses::token_logprobs(&shifted(&logits, 0)?, &shifted(&ids, 1)?, 1.0)?;
+        let loss = crate::losses::masked_mean(&lp.neg()?, &shifted(&mask, 1)?)?;
+        let grads = loss.backward()?;
+        opt.step(&grads, 1e-5)
+    };
+    step(&mut opt)?; // warm-up: first-touch allocations
+    let start = Instant::now();
+    for _ in 0..steps {
+        step(&mut opt)?;
+    }
+    Ok(start.elapsed().as_secs_f64() / steps as f64)
+}
+
+/// Print the model-layer figures for SmolLM2 (or `--model`) on this machine.
+pub fn bench_model(args: &[String]) -> Result<()> {
+    let args = parse(args)?;
+    let path = match args.model {
+        Some(p) => p,
+        None => default_model()?,
+    };
+    let setup = crate::device::setup(None)?;
+    let threads = rayon::current_num_threads();
+    println!("model: {}", path.display());
+    println!("threads: {threads} (rayon; set RAYON_NUM_THREADS to change)");
+    let start = Instant::now();
+    let loaded = crate::load(&path, &setup)?;
+    println!(
+        "load (dequantise + digest): {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+    let model = loaded.model;
+    let vocab = model.config().vocab_size;
+    let greedy = SamplingParams::greedy(args.decode_steps);
+
+    // Prefill: one 256-token sequence (after a warm-up pass).
+    let prompt = vec![token_ids(256, vocab, 0)];
+    time_decode(&model, &prompt, 0, &greedy)?;
+    let (prefill, _) = time_decode(&model, &prompt, 0, &greedy)?;
+    println!(
+        "prefill: {:.0} tok/s (1 x 256 tokens in {:.3} s)",
+        256.0 / prefill,
+        prefill
+    );
+
+    let steps = args.decode_steps;
+    for (batch, params, label) in [
+        (1, greedy.clone(), "greedy"),
+        (16, greedy.clone(), "greedy"),
+        (
+            16,
+            SamplingParams {
+                temperature: 0.8,
+                top_p: 0.9,
+                ..greedy.clone()
+            },
+            "T=0.8 top_p=0.9",
+        ),
+    ] {
+        let prompts: Vec<Vec<u32>> = (0..batch).map(|b| token_ids(32, vocab, b)).collect();
+        let (_, decode) = time_decode(&model, &prompts, steps, &params)?;
+        println!(
+            "decode batch {batch:>2} ({label}): {:.1} tok/s ({steps} steps after a 32-token prompt, {:.1} ms/step)",
+            (batch * steps) as f64 / decode,
+            1000.0 * decode / steps as f64
+        );
+    }
+
+    let (batch, len, train_steps) = (4, 128, 3);
+    let mut lora_model = crate::load(&path, &setup)?.model;
+    lora_model.add_lora(
+        &LoraConfig {
+            r: 8,
+            alpha: 16.0,
+            rslora: false,
+            dropout: 0.0,
+            targets: [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
+            layers: None,
+        },
+        0,
+    )?;
+    let secs = time_train(&lora_model, batch, len, train_steps)?;
+    println!(
+        "train LoRA r=8 (all linears): {:.0} tok/s ({batch} x {len} tokens, {:.2} s/step)",
+        (batch * len) as f64 / secs,
+        secs
+    );
+    drop(lora_model);
+    let mut full = model;
+    full.enable_full_finetune()?;
+    let secs = time_train(&full, batch, len, train_steps)?;
+    println!(
+        "train full fine-tune: {:.0} tok/s ({batch} x {len} tokens, {:.2} s/step)",
+        (batch * len) as f64 / secs,
+        secs
+    );
+    match peak_rss_mib() {
+        Some(m) => println!("peak RSS: {m:.0} MiB"),
+        None => println!("peak RSS: unavailable (no /proc/self/status)"),
+    }
+    Ok(())
+}

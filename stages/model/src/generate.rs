@@ -1,0 +1,469 @@
+//! Batched, seeded generation: left-padded prompts, one prefill, then lockstep decode steps over
+//! a preallocated KV cache with fused kernels and no autograd graph.
+//!
+//! Reproducibility is per sequence, not per batch: every request carries its own seed, which
+//! keys its own ChaCha20 stream, and the sampler reads only that row's logits. So a sample does
+//! not depend on which other requests share its batch, on the batch size, or on the thread count
+//! (CPU matmuls are bitwise stable across thread counts; see the candle notes). The sampling
+//! algorithm is written out here (not delegated to `rand`'s distributions) so its output is
+//! pinned: temperature, then top-k, then top-p (nucleus), then min-p, then one uniform draw over
+//! the kept tokens. Rows that finish are dropped from the batch (and from the KV cache) so the
+//! remaining rows decode at the smaller batch's cost.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Tensor, D};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::tokenizer::Tokenizer;
+use crate::transformer::{KvCache, Mode, Transformer};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SamplingParams {
+    /// 0 = greedy.
+    pub temperature: f64,
+    /// 1 = off.
+    pub top_p: f64,
+    /// 0 = off.
+    pub top_k: usize,
+    /// 0 = off: drop tokens below min_p times the top token's probability.
+    pub min_p: f64,
+    pub max_new_tokens: usize,
+    /// Generation ends when the decoded completion contains one of these; the returned text is
+    /// cut before it.
+    pub stop: Vec<String>,
+}
+
+impl SamplingParams {
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            max_new_tokens,
+            stop: Vec::new(),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            bail!(
+                "temperature {} must be a finite number >= 0",
+                self.temperature
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("top_p {} must be in (0, 1]", self.top_p);
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            bail!("min_p {} must be in [0, 1]", self.min_p);
+        }
+        if self.stop.iter().any(String::is_empty) {
+            bail!("stop strings must not be empty");
+        }
+        Ok(())
+    }
+}
+
+pub struct GenerationRequest {
+    pub prompt_ids: Vec<u32>,
+    /// Usually `derive_seed(stage_seed, prompt_id, sample_index)`.
+    pub seed: u64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Finish {
+    Eos,
+    Stop,
+    Length,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Generation {
+    /// Generated ids, including the final EOS or the token that completed a stop string.
+    pub tokens: Vec<u32>,
+    /// Decoded completion without the EOS token and cut before any stop string.
+    pub text: String,
+    pub finish: Finish,
+}
+
+/// A sampling seed from (stage seed, prompt key, sample index), via blake3.
+pub fn derive_seed(stage_seed: u64, prompt_key: &str, sample_index: u64) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"emflow-sample-seed-v1");
+    h.update(&stage_seed.to_le_bytes());
+    h.update(&(prompt_key.len() as u64).to_le_bytes());
+    h.update(prompt_key.as_bytes());
+    h.update(&sample_index.to_le_bytes());
+    let bytes = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&bytes.as_bytes()[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// One sequence's random stream and the pinned sampling procedure.
+pub(crate) struct RowSampler {
+    rng: ChaCha20Rng,
+}
+
+impl RowSampler {
+    pub(crate) fn new(seed: u64) -> Self {
+        let mut h = blake3::Hasher::new();
+        h.update(b"emflow-sampler-v1");
+        h.update(&seed.to_le_bytes());
+        RowSampler {
+            rng: ChaCha20Rng::from_seed(*h.finalize().as_bytes()),
+        }
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    fn uniform(&mut self) -> f64 {
+        (self.rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// Draw a token from `logits` (one row) under `p` (temperature > 0).
+    pub(crate) fn sample(&mut self, logits: &[f32], p: &SamplingParams) -> u32 {
+        let inv_t = 1.0 / p.temperature;
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+        let probs: Vec<f64> = logits
+            .iter()
+            .map(|&l| ((l as f64 - max) * inv_t).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        let vocab = probs.len();
+        // Candidates as (id, weight); sorted by weight descending (ties: lower id first) when any
+        // truncation is on, else in id order.
+        let by_weight = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let mut cands: Vec<(u32, f64)>;
+        let mut cand_total = total;
+        if p.top_k > 0 && p.top_k < vocab {
+            cands = probs
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| (i as u32, w))
+                .collect();
+            cands.select_nth_unstable_by(p.top_k - 1, by_weight);
+            cands.truncate(p.top_k);
+            cands.sort_by(by_weight);
+            cand_total = cands.iter().map(|c| c.1).sum();
+        } else if p.top_p < 1.0 {
+            // The nucleus is a prefix of the sorted order, so it lies inside {w >= threshold}
+            // once that set holds top_p of the mass: sort only that set.
+            let mut threshold = 1e-4;
+            loop {
+                cands = probs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &w)| w >= threshold)
+                    .map(|(i, &w)| (i as u32, w))
+                    .collect();
+                let mass: f64 = cands.iter().map(|c| c.1).sum();
+                if mass >= p.top_p * total || threshold == 0.0 {
+                    break;
+                }
+                threshold = if threshold < 1e-30 {
+                    0.0
+                } else {
+                    threshold * 1e-4
+                };
+            }
+            cands.sort_by(by_weight);
+        } else {
+            cands = probs
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| (i as u32, w))
+                .collect();
+        }
+        if p.top_p < 1.0 {
+            let target = p.top_p * cand_total;
+            let mut acc = 0.0;
+            let mut keep = cands.len();
+            for (n, c) in cands.iter().enumerate() {
+                acc += c.1;
+                if acc >= target {
+                    keep = n + 1;
+                    break;
+                }
+            }
+            cands.truncate(keep.max(1));
+        }
+        if p.min_p > 0.0 {
+            // The top token has weight exp(0) = 1.
+            cands.retain(|c| c.1 >= p.min_p);
+        }
+        let kept: f64 = cands.iter().map(|c| c.1).sum();
+        let mut target = self.uniform() * kept;
+        for c in &cands {
+            if target < c.1 {
+                return c.0;
+            }
+            target -= c.1;
+        }
+        // Rounding left `target` past the end: the last kept token.
+        cands.last().map_or(0, |c| c.0)
+    }
+}
+
+struct Row {
+    request: usize,
+    sampler: RowSampler,
+    tokens: Vec<u32>,
+    key_valid: Vec<bool>,
+    finish: Option<Finish>,
+}
+
+impl Transformer {
+    /// Batched generation (left padding, KV cache, fused kernels); each row draws from its own
+    /// seeded stream, so output is independent of batch size and threads. `progress` receives
+    /// the number of requests finished so far.
+    pub fn generate(
+        &self,
+        tok: &Tokenizer,
+        reqs: &[GenerationRequest],
+        params: &SamplingParams,
+        batch_size: usize,
+        progress: &dyn Fn(usize),
+    ) -> Result<Vec<Generation>> {
+        params.validate()?;
+        if batch_size == 0 {
+            bail!("generation batch size must be at least 1");
+        }
+        if let Some(i) = reqs.iter().position(|r| r.prompt_ids.is_empty()) {
+            bail!("generation request {i} has an empty prompt");
+        }
+        // Similar lengths together: less padding. Outputs go back in request order.
+        let mut order: Vec<usize> = (0..reqs.len()).collect();
+        order.sort_by_key(|&i| reqs[i].prompt_ids.len());
+        let mut out: Vec<Option<Generation>> = vec![None; reqs.len()];
+        let mut done = 0;
+        for chunk in order.chunks(batch_size) {
+            for (i, g) in self.generate_batch(tok, reqs, chunk, params)? {
+                out[i] = Some(g);
+                done += 1;
+                progress(done);
+            }
+        }
+        out.into_iter()
+            .enumerate()
+            .map(|(i, g)| {
+                g.with_context(|| format!("internal: request {i} produced no generation"))
+            })
+            .collect()
+    }
+
+    fn generate_batch(
+        &self,
+        tok: &Tokenizer,
+        reqs: &[GenerationRequest],
+        chunk: &[usize],
+        params: &SamplingParams,
+    ) -> Result<Vec<(usize, Generation)>> {
+        let prompt_len = chunk
+            .iter()
+            .map(|&i| reqs[i].prompt_ids.len())
+            .max()
+            .unwrap_or(0);
+        let pad = tok.pad_id();
+        let mut ids = Vec::with_capacity(chunk.len() * prompt_len);
+        let mut rows = Vec::with_capacity(chunk.len());
+        for &i in chunk {
+            let prompt = &reqs[i].prompt_ids;
+            let padding = prompt_len - prompt.len();
+            ids.extend(std::iter::repeat_n(pad, padding));
+            ids.extend_from_slice(prompt);
+            let mut key_valid = vec![false; padding];
+            key_valid.resize(prompt_len, true);
+            rows.push(Row {
+                request: i,
+                sampler: RowSampler::new(reqs[i].seed),
+                tokens: Vec::new(),
+                key_valid,
+                finish: None,
+            });
+        }
+        let mut finished = Vec::with_capacity(chunk.len());
+        if params.max_new_tokens == 0 {
+            for r in rows {
+                finished.push((
+                    r.request,
+                    finish_row(tok, r.tokens, Finish::Length, params)?,
+                ));
+            }
+            return Ok(finished);
+        }
+        let mut cache = KvCache::new(self, chunk.len(), prompt_len + params.max_new_tokens)?;
+        let ids = Tensor::from_vec(ids, (chunk.len(), prompt_len), &self.device)?;
+        let key_valid: Vec<Vec<bool>> = rows.iter().map(|r| r.key_valid.clone()).collect();
+        let h = self.hidden_eval(&ids, &key_valid, Some(&mut cache))?;
+        let mut logits = self
+            .logits(&h.narrow(1, prompt_len - 1, 1)?, Mode::Eval)?
+            .squeeze(1)?;
+        let eos = tok.eos_ids();
+        let stop_window = params.stop.iter().map(|s| s.len()).max().unwrap_or(0) + 8;
+        loop {
+            let next: Vec<u32> = if params.temperature == 0.0 {
+                logits.argmax(D::Minus1)?.to_vec1::<u32>()?
+            } else {
+                let host = logits.to_vec2::<f32>()?;
+                rows.iter_mut()
+                    .zip(host.iter())
+                    .map(|(r, l)| r.sampler.sample(l, params))
+                    .collect()
+            };
+            for (r, t) in rows.iter_mut().zip(next) {
+                r.tokens.push(t);
+                r.key_valid.push(true);
+                if eos.contains(&t) {
+                    r.finish = Some(Finish::Eos);
+                } else if !params.stop.is_empty()
+                    && hits_stop(tok, &r.tokens, &params.stop, stop_window)?
+                {
+                    r.finish = Some(Finish::Stop);
+                } else if r.tokens.len() >= params.max_new_tokens {
+                    r.finish = Some(Finish::Length);
+                }
+            }
+            if rows.iter().any(|r| r.finish.is_some()) {
+                let keep: Vec<u32> = rows
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.finish.is_none())
+                    .map(|(i, _)| i as u32)
+                    .collect();
+                let mut still = Vec::with_capacity(keep.len());
+                for r in rows.drain(..) {
+                    match r.finish {
+                        Some(f) => {
+                            let request = r.request;
+                            finished.push((request, finish_row(tok, r.tokens, f, params)?));
+                        }
+                        None => still.push(r),
+                    }
+                }
+                rows = still;
+                if rows.is_empty() {
+                    break;
+                }
+                cache.select_rows(&keep)?;
+            }
+            let last: Vec<u32> = rows
+                .iter()
+                .map(|r| *r.tokens.last().unwrap_or(&pad))
+                .collect();
+            let ids = Tensor::from_vec(last, (rows.len(), 1), &self.device)?;
+            let key_valid: Vec<Vec<bool>> = rows.iter().map(|r| r.key_valid.clone()).collect();
+            let h = self.hidden_eval(&ids, &key_valid, Some(&mut cache))?;
+            logits = self.logits(&h, Mode::Eval)?.squeeze(1)?;
+        }
+        Ok(finished)
+    }
+}
+
+/// Whether the tail of the completion contains a stop string (only the last `window` tokens are
+/// decoded: a stop string of n bytes spans at most n tokens).
+fn hits_stop(tok: &Tokenizer, tokens: &[u32], stop: &[String], window: usize) -> Result<bool> {
+    let tail = &tokens[tokens.len().saturating_sub(window)..];
+    let text = tok.decode(tail)?;
+    Ok(stop.iter().any(|s| text.contains(s.as_str())))
+}
+
+fn finish_row(
+    tok: &Tokenizer,
+    tokens: Vec<u32>,
+    finish: Finish,
+    params: &SamplingParams,
+) -> Result<Generation> {
+    let body = match finish {
+        Finish::Eos => &tokens[..tokens.len().saturating_sub(1)],
+        _ => &tokens[..],
+    };
+    let mut text = tok.decode(body)?;
+    if finish == Finish::Stop {
+        if let Some(cut) = params
+            .stop
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            text.truncate(cut);
+        }
+    }
+    Ok(Generation {
+        tokens,
+        text,
+        finish,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f64, top_p: f64, top_k: usize, min_p: f64) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            min_p,
+            max_new_tokens: 1,
+            stop: vec![],
+        }
+    }
+
+    #[test]
+    fn derive_seed_depends_on_every_part() {
+        let a = derive_seed(1, "p", 0);
+        assert_eq!(a, derive_seed(1, "p", 0));
+        assert_ne!(a, derive_seed(2, "p", 0));
+        assert_ne!(a, derive_seed(1, "q", 0));
+        assert_ne!(a, derive_seed(1, "p", 1));
+    }
+
+    #[test]
+    fn sampling_frequencies_follow_softmax() {
+        let logits = [0.0f32, (2.0f32).ln(), (3.0f32).ln(), f32::NEG_INFINITY];
+        let mut s = RowSampler::new(7);
+        let mut counts = [0usize; 4];
+        for _ in 0..60_000 {
+            counts[s.sample(&logits, &params(1.0, 1.0, 0, 0.0)) as usize] += 1;
+        }
+        let freq: Vec<f64> = counts.iter().map(|&c| c as f64 / 60_000.0).collect();
+        for (f, want) in freq.iter().zip([1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0, 0.0]) {
+            assert!((f - want).abs() < 0.01, "{freq:?}");
+        }
+    }
+
+    #[test]
+    fn truncations_keep_only_allowed_tokens() {
+        let logits = [3.0f32, 2.0, 1.0, 0.0, -1.0];
+        let mut s = RowSampler::new(3);
+        for _ in 0..2000 {
+            assert!(s.sample(&logits, &params(1.0, 1.0, 2, 0.0)) < 2);
+            // p(0) = 0.64, p(0)+p(1) = 0.88: nucleus 0.8 keeps two tokens.
+            assert!(s.sample(&logits, &params(1.0, 0.8, 0, 0.0)) < 2);
+            // min_p 0.3: exp(-1) = 0.37 kept, exp(-2) = 0.14 dropped.
+            assert!(s.sample(&logits, &params(1.0, 1.0, 0, 0.3)) < 2);
+            assert_eq!(s.sample(&logits, &params(1.0, 0.5, 0, 0.0)), 0);
+        }
+    }
+
+    #[test]
+    fn same_seed_same_stream() {
+        let logits: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 / 20.0).collect();
+        let p = params(0.8, 0.9, 0, 0.0);
+        let a: Vec<u32> = (0..50)
+            .scan(RowSampler::new(11), |s, _| Some(s.sample(&logits, &p)))
+            .collect();
+        let b: Vec<u32> = (0..50)
+            .scan(RowSampler::new(11), |s, _| Some(s.sample(&logits, &p)))
+            .collect();
+        let c: Vec<u32> = (0..50)
+            .scan(RowSampler::new(12), |s, _| Some(s.sample(&logits, &p)))
+            .collect();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+}

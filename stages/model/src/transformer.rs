@@ -1,0 +1,842 @@
+//! Our own Llama/Qwen2 decoder, with a differentiable train mode and a fused, cached eval mode.
+//!
+//! candle-transformers' models cannot be trained as shipped: their fused rms_norm, rope and
+//! softmax kernels record no backward op, so gradients stop silently; they also return only the
+//! last position's logits and know no padding. This file is one compact decoder for both
+//! families (Qwen2 differs by q/k/v bias; Llama-3 by RoPE frequency scaling) with two modes:
+//!
+//! * [`Mode::Train`]: only ops with a backward (`rms_norm_slow`, a hand-written RoPE,
+//!   `softmax`), trainable weights as tracked `Var`s, full-sequence logits.
+//! * [`Mode::Eval`]: fused kernels, every weight detached (no graph is built), and an optional
+//!   preallocated KV cache for generation and scoring.
+//!
+//! Batches may be padded on either side: every row gets its own position ids (its count of real
+//! tokens so far) and an additive mask (causal plus key padding). Grouped-query attention folds
+//! the query heads of one key/value head into the matmul's rows, so keys and values are never
+//! repeated in memory.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::ModelConfig;
+use crate::device::DeviceSetup;
+use crate::lora::{LoraAdapter, LoraConfig};
+
+/// Which kernels and which view of the weights a forward pass uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Differentiable ops; trainable weights tracked.
+    Train,
+    /// Fused kernels; all weights detached, no graph.
+    Eval,
+}
+
+/// A parameter: a plain tensor (frozen, in the compute dtype) or a trainable f32 master `Var`.
+pub(crate) enum Weight {
+    Frozen(Tensor),
+    Trainable(Var),
+}
+
+impl Weight {
+    /// The weight as used by a forward pass in `mode`, cast to `dtype`.
+    pub(crate) fn get(&self, mode: Mode, dtype: DType) -> Result<Tensor> {
+        let t = match (self, mode) {
+            (Weight::Frozen(t), _) => t.clone(),
+            (Weight::Trainable(v), Mode::Train) => v.as_tensor().clone(),
+            (Weight::Trainable(v), Mode::Eval) => v.as_detached_tensor(),
+        };
+        Ok(t.to_dtype(dtype)?)
+    }
+
+    /// The stored values, detached.
+    pub(crate) fn detached(&self) -> Tensor {
+        match self {
+            Weight::Frozen(t) => t.clone(),
+            Weight::Trainable(v) => v.as_detached_tensor(),
+        }
+    }
+
+    /// Make this weight trainable (an f32 master copy), if it is not already.
+    pub(crate) fn make_trainable(&mut self) -> Result<()> {
+        if let Weight::Frozen(t) = self {
+            *self = Weight::Trainable(Var::from_tensor(&t.to_dtype(DType::F32)?)?);
+        }
+        Ok(())
+    }
+
+    /// Overwrite the stored values (shape must match), keeping the weight's kind and dtype.
+    pub(crate) fn set(&mut self, value: &Tensor) -> Result<()> {
+        match self {
+            Weight::Frozen(t) => {
+                if t.shape() != value.shape() {
+                    bail!("shape {:?} does not match {:?}", value.shape(), t.shape());
+                }
+                *t = value.to_device(t.device())?.to_dtype(t.dtype())?;
+            }
+            Weight::Trainable(v) => {
+                let value = value.to_device(v.device())?.to_dtype(v.dtype())?;
+                v.set(&value)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A linear layer `y = x Wᵀ (+ b) (+ LoRA)`, weight in HF's (out, in) layout.
+pub(crate) struct Linear {
+    pub(crate) weight: Weight,
+    pub(crate) bias: Option<Weight>,
+    pub(crate) lora: Option<LoraAdapter>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor, cx: &Ctx) -> Result<Tensor> {
+        // One large (rows, in) x (in, out) matmul whatever the leading dims are.
+        let dims = x.dims().to_vec();
+        let (inner, lead) = dims.split_last().context("linear input has no dims")?;
+        let rows: usize = lead.iter().product();
+        let x2 = x.reshape((rows, *inner))?;
+        let w = self.weight.get(cx.mode, cx.dtype)?;
+        let mut y = x2.matmul(&w.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.get(cx.mode, cx.dtype)?)?;
+        }
+        if cx.lora_enabled {
+            if let Some(lora) = &self.lora {
+                y = (y + lora.forward(&x2, cx)?)?;
+            }
+        }
+        let mut out_dims = lead.to_vec();
+        out_dims.push(y.dim(1)?);
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+pub(crate) struct Block {
+    pub(crate) input_norm: Weight,
+    pub(crate) post_norm: Weight,
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    pub(crate) gate: Linear,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
+}
+
+/// The module names LoRA may target, in HF/PEFT spelling, with their parent module.
+pub const LINEAR_MODULES: [(&str, &str); 7] = [
+    ("self_attn", "q_proj"),
+    ("self_attn", "k_proj"),
+    ("self_attn", "v_proj"),
+    ("self_attn", "o_proj"),
+    ("mlp", "gate_proj"),
+    ("mlp", "up_proj"),
+    ("mlp", "down_proj"),
+];
+
+impl Block {
+    pub(crate) fn linear(&self, module: &str) -> Option<&Linear> {
+        Some(match module {
+            "q_proj" => &self.q,
+            "k_proj" => &self.k,
+            "v_proj" => &self.v,
+            "o_proj" => &self.o,
+            "gate_proj" => &self.gate,
+            "up_proj" => &self.up,
+            "down_proj" => &self.down,
+            _ => return None,
+        })
+    }
+
+    pub(crate) fn linear_mut(&mut self, module: &str) -> Option<&mut Linear> {
+        Some(match module {
+            "q_proj" => &mut self.q,
+            "k_proj" => &mut self.k,
+            "v_proj" => &mut self.v,
+            "o_proj" => &mut self.o,
+            "gate_proj" => &mut self.gate,
+            "up_proj" => &mut self.up,
+            "down_proj" => &mut self.down,
+            _ => return None,
+        })
+    }
+}
+
+/// Per-forward context shared by every layer.
+pub(crate) struct Ctx<'a> {
+    pub(crate) mode: Mode,
+    pub(crate) dtype: DType,
+    pub(crate) lora_enabled: bool,
+    /// (b, t, head_dim/2) rotary tables for this batch's positions.
+    cos: Tensor,
+    sin: Tensor,
+    /// (b, 1, 1, t, kv_len) additive f32 mask.
+    mask: Tensor,
+    pub(crate) dropout: Option<&'a Mutex<ChaCha8Rng>>,
+}
+
+/// Preallocated per-layer key/value storage for a batch: (b, kv_heads, capacity, head_dim).
+pub(crate) struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Filled slots (the same for every row: rows are padded, not ragged).
+    pub(crate) len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    pub(crate) fn new(model: &Transformer, batch: usize, capacity: usize) -> Result<Self> {
+        let cfg = &model.cfg;
+        let shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim);
+        let mut k = Vec::with_capacity(cfg.num_layers);
+        let mut v = Vec::with_capacity(cfg.num_layers);
+        for _ in 0..cfg.num_layers {
+            k.push(Tensor::zeros(shape, model.dtype, &model.device)?);
+            v.push(Tensor::zeros(shape, model.dtype, &model.device)?);
+        }
+        Ok(KvCache {
+            k,
+            v,
+            len: 0,
+            capacity,
+        })
+    }
+
+    /// Write this step's keys/values at `self.len` and return views of everything so far.
+    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        if self.len + t > self.capacity {
+            bail!(
+                "KV cache overflow: {} + {t} positions exceed its capacity {}",
+                self.len,
+                self.capacity
+            );
+        }
+        self.k[layer].slice_set(&k.contiguous()?, 2, self.len)?;
+        self.v[layer].slice_set(&v.contiguous()?, 2, self.len)?;
+        let total = self.len + t;
+        Ok((
+            self.k[layer].narrow(2, 0, total)?,
+            self.v[layer].narrow(2, 0, total)?,
+        ))
+    }
+
+    /// Keep only the given batch rows (finished generations are dropped from the batch).
+    pub(crate) fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
+        let idx = Tensor::new(rows, self.k[0].device())?;
+        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+            *t = t.index_select(&idx, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Repeat a one-row cache `n` times (candidates sharing one prompt).
+    pub(crate) fn repeat_row(&self, n: usize) -> Result<KvCache> {
+        let grow = |t: &Tensor| -> Result<Tensor> {
+            let (_, h, c, d) = t.dims4()?;
+            Ok(t.broadcast_as((n, h, c, d))?.contiguous()?)
+        };
+        Ok(KvCache {
+            k: self.k.iter().map(grow).collect::<Result<_>>()?,
+            v: self.v.iter().map(grow).collect::<Result<_>>()?,
+            len: self.len,
+            capacity: self.capacity,
+        })
+    }
+}
+
+pub struct Transformer {
+    pub(crate) cfg: ModelConfig,
+    pub(crate) device: Device,
+    /// Compute dtype (activations, frozen weights).
+    pub(crate) dtype: DType,
+    pub(crate) embed: Weight,
+    pub(crate) layers: Vec<Block>,
+    pub(crate) final_norm: Weight,
+    /// None when the output projection is tied to the embedding.
+    pub(crate) lm_head: Option<Weight>,
+    /// (positions, head_dim/2) f32 rotary tables.
+    cos: Tensor,
+    sin: Tensor,
+    pub(crate) lora: Option<LoraConfig>,
+    pub(crate) lora_enabled: bool,
+    /// Source of LoRA dropout masks (train mode only, when dropout > 0).
+    pub(crate) dropout_rng: Mutex<ChaCha8Rng>,
+    /// Recorded in saved adapters as `base_model_name_or_path`.
+    pub(crate) base_model_name: String,
+}
+
+/// Rows of a padding mask as booleans (1 = real token).
+fn mask_rows(mask: &Tensor) -> Result<Vec<Vec<bool>>> {
+    let rows = mask
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()
+        .context("attention_mask must be a (batch, seq) tensor")?;
+    Ok(rows
+        .into_iter()
+        .map(|r| r.into_iter().map(|v| v != 0.0).collect())
+        .collect())
+}
+
+/// Position ids and the additive attention mask for `t` new tokens per row appended after
+/// `past` cached slots. `key_valid[row]` covers all `past + t` slots. A query sees keys at or
+/// before its own slot that are real tokens; a padding query also sees itself, so its softmax
+/// row is never empty (its output is ignored, but must not be NaN).
+pub(crate) fn positions_and_mask(
+    key_valid: &[Vec<bool>],
+    past: usize,
+    t: usize,
+) -> (Vec<u32>, Vec<f32>) {
+    let b = key_valid.len();
+    let kv = past + t;
+    let mut positions = Vec::with_capacity(b * t);
+    let mut mask = vec![f32::NEG_INFINITY; b * t * kv];
+    for (row, valid) in key_valid.iter().enumerate() {
+        let mut seen = valid[..past].iter().filter(|v| **v).count() as u32;
+        for i in 0..t {
+            let slot = past + i;
+            positions.push(seen.saturating_sub(if valid[slot] { 0 } else { 1 }));
+            if valid[slot] {
+                seen += 1;
+            }
+            let base = (row * t + i) * kv;
+            for (j, ok) in valid[..=slot].iter().enumerate() {
+                if *ok || j == slot {
+                    mask[base + j] = 0.0;
+                }
+            }
+        }
+    }
+    (positions, mask)
+}
+
+/// RoPE built from differentiable ops, with per-row tables `cos`/`sin` of shape (b, t, d/2).
+fn rope_differentiable(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    interleaved: bool,
+) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    let half = d / 2;
+    if interleaved {
+        let cos = cos.reshape((b, 1, t, half, 1))?;
+        let sin = sin.reshape((b, 1, t, half, 1))?;
+        let x = x.reshape((b, h, t, half, 2))?;
+        let x0 = x.narrow(D::Minus1, 0, 1)?;
+        let x1 = x.narrow(D::Minus1, 1, 1)?;
+        let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+        let y1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+        Ok(Tensor::cat(&[y0, y1], D::Minus1)?.reshape((b, h, t, d))?)
+    } else {
+        let cos = cos.reshape((b, 1, t, half))?;
+        let sin = sin.reshape((b, 1, t, half))?;
+        let x0 = x.narrow(D::Minus1, 0, half)?;
+        let x1 = x.narrow(D::Minus1, half, half)?;
+        let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+        let y1 = (x1.broadcast_mul(&cos)? + x0.broadcast_mul(&sin)?)?;
+        Ok(Tensor::cat(&[y0, y1], D::Minus1)?)
+    }
+}
+
+impl Transformer {
+    /// Build from HF-named tensors (consumed); every weight starts frozen.
+    pub fn from_tensors(
+        cfg: ModelConfig,
+        mut tensors: HashMap<String, Tensor>,
+        setup: &DeviceSetup,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let mut take = |name: &str, shape: &[usize]| -> Result<Weight> {
+            let t = tensors
+                .remove(name)
+                .with_context(|| format!("the weights have no tensor {name:?}"))?;
+            if t.dims() != shape {
+                bail!(
+                    "tensor {name:?} has shape {:?}, expected {shape:?}",
+                    t.dims()
+                );
+            }
+            Ok(Weight::Frozen(
+                t.to_device(&setup.device)?.to_dtype(setup.compute_dtype)?,
+            ))
+        };
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let q_out = cfg.num_heads * hd;
+        let kv_out = cfg.num_kv_heads * hd;
+        let embed = take("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let mut linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+                Ok(Linear {
+                    weight: take(&format!("{p}.{name}.weight"), &[out, inp])?,
+                    bias: if bias {
+                        Some(take(&format!("{p}.{name}.bias"), &[out])?)
+                    } else {
+                        None
+                    },
+                    lora: None,
+                })
+            };
+            let q = linear("self_attn.q_proj", q_out, h, cfg.qkv_bias)?;
+            let k = linear("self_attn.k_proj", kv_out, h, cfg.qkv_bias)?;
+            let v = linear("self_attn.v_proj", kv_out, h, cfg.qkv_bias)?;
+            let o = linear("self_attn.o_proj", h, q_out, false)?;
+            let gate = linear("mlp.gate_proj", cfg.intermediate_size, h, false)?;
+            let up = linear("mlp.up_proj", cfg.intermediate_size, h, false)?;
+            let down = linear("mlp.down_proj", h, cfg.intermediate_size, false)?;
+            layers.push(Block {
+                input_norm: take(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_norm: take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                q,
+                k,
+                v,
+                o,
+                gate,
+                up,
+                down,
+            });
+        }
+        let final_norm = take("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_embeddings {
+            None
+        } else {
+            Some(take("lm_head.weight", &[cfg.vocab_size, h])?)
+        };
+        let (cos, sin) = rope_tables(&cfg, &setup.device)?;
+        Ok(Transformer {
+            cfg,
+            device: setup.device.clone(),
+            dtype: setup.compute_dtype,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            cos,
+            sin,
+            lora: None,
+            lora_enabled: true,
+            dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(0)),
+            base_model_name: String::new(),
+        })
+    }
+
+    /// Random weights (uniform, deterministic in `seed`) with the real architecture, for tests
+    /// and benchmarks.
+    pub fn random(cfg: &ModelConfig, setup: &DeviceSetup, seed: u64) -> Result<Self> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut tensors = HashMap::new();
+        for (name, shape) in parameter_shapes(cfg) {
+            let n: usize = shape.iter().product();
+            let is_norm = name.ends_with("norm.weight");
+            let data: Vec<f32> = (0..n)
+                .map(|_| {
+                    let u: f32 = rng.random_range(-0.1..0.1);
+                    if is_norm {
+                        1.0 + u
+                    } else {
+                        u
+                    }
+                })
+                .collect();
+            tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+        }
+        Self::from_tensors(cfg.clone(), tensors, setup)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn compute_dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Name written as `base_model_name_or_path` into saved adapters.
+    pub fn set_base_model_name(&mut self, name: impl Into<String>) {
+        self.base_model_name = name.into();
+    }
+
+    /// Every parameter by HF name, detached, in its stored dtype (tied `lm_head` omitted).
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        self.named_weight_refs()
+            .into_iter()
+            .map(|(n, w)| (n, w.detached()))
+            .collect()
+    }
+
+    pub(crate) fn named_weight_refs(&self) -> Vec<(String, &Weight)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed)];
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), &layer.input_norm));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                &layer.post_norm,
+            ));
+            for (parent, module) in LINEAR_MODULES {
+                if let Some(lin) = layer.linear(module) {
+                    out.push((format!("{p}.{parent}.{module}.weight"), &lin.weight));
+                    if let Some(b) = &lin.bias {
+                        out.push((format!("{p}.{parent}.{module}.bias"), b));
+                    }
+                }
+            }
+        }
+        out.push(("model.norm.weight".to_string(), &self.final_norm));
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), head));
+        }
+        out
+    }
+
+    /// Mutable access to a parameter by HF name.
+    pub(crate) fn weight_mut(&mut self, name: &str) -> Option<&mut Weight> {
+        match name {
+            "model.embed_tokens.weight" => return Some(&mut self.embed),
+            "model.norm.weight" => return Some(&mut self.final_norm),
+            "lm_head.weight" => return self.lm_head.as_mut(),
+            _ => {}
+        }
+        let rest = name.strip_prefix("model.layers.")?;
+        let (idx, rest) = rest.split_once('.')?;
+        let layer = self.layers.get_mut(idx.parse::<usize>().ok()?)?;
+        match rest {
+            "input_layernorm.weight" => return Some(&mut layer.input_norm),
+            "post_attention_layernorm.weight" => return Some(&mut layer.post_norm),
+            _ => {}
+        }
+        let (_parent, rest) = rest.split_once('.')?;
+        let (module, kind) = rest.split_once('.')?;
+        let lin = layer.linear_mut(module)?;
+        match kind {
+            "weight" => Some(&mut lin.weight),
+            "bias" => lin.bias.as_mut(),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn all_weights_mut(&mut self) -> Vec<&mut Weight> {
+        let mut out: Vec<&mut Weight> = vec![&mut self.embed, &mut self.final_norm];
+        if let Some(h) = self.lm_head.as_mut() {
+            out.push(h);
+        }
+        for layer in self.layers.iter_mut() {
+            out.push(&mut layer.input_norm);
+            out.push(&mut layer.post_norm);
+            for lin in [
+                &mut layer.q,
+                &mut layer.k,
+                &mut layer.v,
+                &mut layer.o,
+                &mut layer.gate,
+                &mut layer.up,
+                &mut layer.down,
+            ] {
+                out.push(&mut lin.weight);
+                if let Some(b) = lin.bias.as_mut() {
+                    out.push(b);
+                }
+            }
+        }
+        out
+    }
+
+    /// Differentiable full-sequence forward: `ids` (b, t) u32, `attention_mask` (b, t) with 1 on
+    /// real tokens (left or right padding). Returns f32 logits (b, t, vocab).
+    pub fn forward_train(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_train_hidden(ids, attention_mask, &[])?.0)
+    }
+
+    /// [`Self::forward_train`], also returning the output of each listed decoder layer
+    /// (0-based; transformers' `hidden_states[i + 1]`), each (b, t, hidden).
+    pub fn forward_train_hidden(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        layers: &[usize],
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let rows = mask_rows(attention_mask)?;
+        let (h, captured) = self.run(ids, &rows, Mode::Train, None, layers)?;
+        Ok((self.logits(&h, Mode::Train)?, captured))
+    }
+
+    /// Fused-kernel forward without a graph: f32 logits (b, t, vocab).
+    pub fn forward_eval(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let rows = mask_rows(attention_mask)?;
+        let (h, _) = self.run(ids, &rows, Mode::Eval, None, &[])?;
+        self.logits(&h, Mode::Eval)
+    }
+
+    /// Final-norm hidden states (b, t, hidden) in eval mode, appending to `cache` when given.
+    /// `key_valid` rows cover the cached slots plus the `t` new ones.
+    pub(crate) fn hidden_eval(
+        &self,
+        ids: &Tensor,
+        key_valid: &[Vec<bool>],
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        Ok(self.run(ids, key_valid, Mode::Eval, cache, &[])?.0)
+    }
+
+    /// Project final hidden states (any leading dims) to f32 logits.
+    pub(crate) fn logits(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
+        let w = match &self.lm_head {
+            Some(head) => head.get(mode, self.dtype)?,
+            None => self.embed.get(mode, self.dtype)?,
+        };
+        let dims = h.dims().to_vec();
+        let (inner, lead) = dims.split_last().context("hidden states have no dims")?;
+        let rows: usize = lead.iter().product();
+        let logits = h.reshape((rows, *inner))?.matmul(&w.t()?)?;
+        let mut out = lead.to_vec();
+        out.push(self.cfg.vocab_size);
+        Ok(logits.reshape(out)?.to_dtype(DType::F32)?)
+    }
+
+    fn run(
+        &self,
+        ids: &Tensor,
+        key_valid: &[Vec<bool>],
+        mode: Mode,
+        mut cache: Option<&mut KvCache>,
+        capture: &[usize],
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let (b, t) = ids
+            .dims2()
+            .context("token ids must be a (batch, seq) tensor")?;
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        if key_valid.len() != b || key_valid.iter().any(|r| r.len() != past + t) {
+            bail!(
+                "attention mask shape does not match ids: {} rows for batch {b}, expected {} slots each",
+                key_valid.len(),
+                past + t
+            );
+        }
+        let (positions, mask) = positions_and_mask(key_valid, past, t);
+        if let Some(max) = positions.iter().max() {
+            if *max as usize >= self.cos.dim(0)? {
+                bail!(
+                    "sequence position {max} exceeds the {} positions this model supports",
+                    self.cos.dim(0)?
+                );
+            }
+        }
+        let half = self.cfg.head_dim / 2;
+        let pos = Tensor::from_vec(positions, b * t, &self.device)?;
+        let cos = self
+            .cos
+            .index_select(&pos, 0)?
+            .reshape((b, t, half))?
+            .to_dtype(self.dtype)?;
+        let sin = self
+            .sin
+            .index_select(&pos, 0)?
+            .reshape((b, t, half))?
+            .to_dtype(self.dtype)?;
+        let mask = Tensor::from_vec(mask, (b, 1, 1, t, past + t), &self.device)?;
+        let cx = Ctx {
+            mode,
+            dtype: self.dtype,
+            lora_enabled: self.lora_enabled,
+            cos,
+            sin,
+            mask,
+            dropout: Some(&self.dropout_rng),
+        };
+        let embed = self.embed.get(mode, self.dtype)?;
+        let mut x = embed
+            .index_select(&ids.flatten_all()?.to_dtype(DType::U32)?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        let mut captured = Vec::with_capacity(capture.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = self.block(layer, i, &x, &cx, cache.as_deref_mut())?;
+            if capture.contains(&i) {
+                captured.push(x.clone());
+            }
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        if captured.len() != capture.len() {
+            bail!(
+                "hidden states requested for layers {capture:?}, but the model has {} layers",
+                self.layers.len()
+            );
+        }
+        let x = self.norm(&x, &self.final_norm, mode)?;
+        Ok((x, captured))
+    }
+
+    fn norm(&self, x: &Tensor, w: &Weight, mode: Mode) -> Result<Tensor> {
+        let w = w.get(mode, self.dtype)?;
+        let eps = self.cfg.rms_eps as f32;
+        Ok(match mode {
+            Mode::Train => candle_nn::ops::rms_norm_slow(x, &w, eps)?,
+            Mode::Eval => candle_nn::ops::rms_norm(&x.contiguous()?, &w, eps)?,
+        })
+    }
+
+    fn block(
+        &self,
+        layer: &Block,
+        index: usize,
+        x: &Tensor,
+        cx: &Ctx,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let h = self.norm(x, &layer.input_norm, cx.mode)?;
+        let attn = self.attention(layer, index, &h, cx, cache)?;
+        let x = (x + attn)?;
+        let h = self.norm(&x, &layer.post_norm, cx.mode)?;
+        let gate = candle_nn::ops::silu(&layer.gate.forward(&h, cx)?)?;
+        let mlp = layer
+            .down
+            .forward(&(gate * layer.up.forward(&h, cx)?)?, cx)?;
+        Ok((x + mlp)?)
+    }
+
+    fn attention(
+        &self,
+        layer: &Block,
+        index: usize,
+        x: &Tensor,
+        cx: &Ctx,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let rep = nh / nkv;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(layer.q.forward(x, cx)?, nh)?;
+        let k = heads(layer.k.forward(x, cx)?, nkv)?;
+        let v = heads(layer.v.forward(x, cx)?, nkv)?;
+        let (q, k) = match cx.mode {
+            Mode::Train => (
+                rope_differentiable(&q, &cx.cos, &cx.sin, cfg.rope_interleaved)?,
+                rope_differentiable(&k, &cx.cos, &cx.sin, cfg.rope_interleaved)?,
+            ),
+            Mode::Eval => {
+                let rope = if cfg.rope_interleaved {
+                    candle_nn::rotary_emb::rope_i
+                } else {
+                    candle_nn::rotary_emb::rope
+                };
+                (rope(&q, &cx.cos, &cx.sin)?, rope(&k, &cx.cos, &cx.sin)?)
+            }
+        };
+        let (k, v) = match cache {
+            Some(c) => c.append(index, &k, &v)?,
+            None => (k, v),
+        };
+        let kv_len = k.dim(2)?;
+        // Fold the `rep` query heads sharing a key/value head into the matmul rows.
+        let q = q.reshape((b, nkv, rep * t, hd))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?
+            .to_dtype(DType::F32)?
+            .reshape((b, nkv, rep, t, kv_len))?
+            .broadcast_add(&cx.mask)?;
+        let probs = match cx.mode {
+            Mode::Train => candle_nn::ops::softmax(&scores, D::Minus1)?,
+            Mode::Eval => candle_nn::ops::softmax_last_dim(&scores)?,
+        };
+        let probs = probs
+            .reshape((b, nkv, rep * t, kv_len))?
+            .to_dtype(cx.dtype)?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        layer.o.forward(&out, cx)
+    }
+}
+
+/// HF parameter names and shapes of a model with this config.
+pub fn parameter_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, h],
+    )];
+    for i in 0..cfg.num_layers {
+        let p = format!("model.layers.{i}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        for (name, o, i_) in [
+            ("self_attn.q_proj", q_out, h),
+            ("self_attn.k_proj", kv_out, h),
+            ("self_attn.v_proj", kv_out, h),
+            ("self_attn.o_proj", h, q_out),
+            ("mlp.gate_proj", inter, h),
+            ("mlp.up_proj", inter, h),
+            ("mlp.down_proj", h, inter),
+        ] {
+            out.push((format!("{p}.{name}.weight"), vec![o, i_]));
+            if cfg.qkv_bias
+                && matches!(
+                    name,
+                    "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj"
+                )
+            {
+                out.push((format!("{p}.{name}.bias"), vec![o]));
+            }
+        }
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
+    }
+    out
+}
+
+/// (positions, head_dim/2) cos and sin tables in f32.
+fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let inv_freq = cfg.inv_freq();
+    let n = cfg.rope_table_len();
+    let inv = Tensor::from_vec(inv_freq.clone(), (1, inv_freq.len()), device)?;
+    let pos = Tensor::arange(0u32, n as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((n, 1))?;
+    let angles = pos.matmul(&inv)?;
+    Ok((angles.cos()?, angles.sin()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn left_padding_positions_start_at_zero_and_mask_is_causal() {
+        let valid = vec![vec![false, true, true], vec![true, true, true]];
+        let (pos, mask) = positions_and_mask(&valid, 0, 3);
+        assert_eq!(pos, vec![0, 0, 1, 0, 1, 2]);
+        let inf = f32::NEG_INFINITY;
+        // Row 0: the pad query sees itself; real queries skip the pad key.
+        assert_eq!(&mask[0..9], &[0.0, inf, inf, inf, 0.0, inf, inf, 0.0, 0.0]);
+        assert_eq!(&mask[9..18], &[0.0, inf, inf, 0.0, 0.0, inf, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn cached_step_continues_positions() {
+        let valid = vec![vec![false, true, true, true]];
+        let (pos, mask) = positions_and_mask(&valid, 3, 1);
+        assert_eq!(pos, vec![2]);
+        assert_eq!(mask, vec![f32::NEG_INFINITY, 0.0, 0.0, 0.0]);
+    }
+}
