@@ -253,7 +253,7 @@ impl LrSchedule {
     pub fn lr_at(&self, step: usize) -> f64 {
         let step_f = step as f64;
         if step < self.warmup_steps {
-            return self.base_lr * step_f / self.warmup_steps.max(1) as f64;
+            return self.base_lr * (step_f / self.warmup_steps.max(1) as f64);
         }
         let decay_steps = self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
         let factor = match self.kind {
