@@ -4,6 +4,7 @@
 //! in its own module; the model layer in the `emflow-model` crate.
 
 pub mod evaluation;
+pub mod formats;
 pub mod judge;
 pub mod kinds;
 pub mod reward;

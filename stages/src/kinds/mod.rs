@@ -1,5 +1,6 @@
 //! One module per stage kind. Add a kind here and in [`register`].
 
+pub mod dataset;
 pub mod rl;
 pub mod sft;
 
@@ -7,5 +8,8 @@ use emflow_engine::Registry;
 
 /// Adds every kind of this crate to `registry`.
 pub fn register(registry: Registry) -> Registry {
-    registry.with_kind(sft::SftKind).with_kind(rl::RlKind)
+    registry
+        .with_kind(sft::SftKind)
+        .with_kind(rl::RlKind)
+        .with_kind(dataset::DatasetKind)
 }

@@ -1,0 +1,59 @@
+//! Seeded permutations that give the same order on every machine and every build.
+//!
+//! The generator is ChaCha8 keyed directly with the seed's little-endian bytes (no
+//! `seed_from_u64` expansion, no thread RNG), and the shuffle is a Fisher-Yates written
+//! here with unbiased rejection sampling, instead of `rand`'s `SliceRandom`, whose value
+//! stability across `rand` releases is not promised. The output is thus a function of
+//! (seed, row count) alone; a golden test pins it.
+
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// A permutation of `0..n` determined by `seed`.
+pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    let mut rng = ChaCha8Rng::from_seed(key);
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = below(&mut rng, i as u64 + 1) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+/// A uniform integer in `0..bound` (bound > 0): draws below `2^64 mod bound` are rejected so
+/// that every residue is equally likely.
+fn below(rng: &mut ChaCha8Rng, bound: u64) -> u64 {
+    let reject_below = bound.wrapping_neg() % bound;
+    loop {
+        let x = rng.next_u64();
+        if x >= reject_below {
+            return x % bound;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn is_a_permutation_and_depends_on_the_seed() {
+        let a = permutation(100, 1);
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+        assert_ne!(a, permutation(100, 2));
+        assert_eq!(a, permutation(100, 1));
+    }
+
+    #[test]
+    fn golden_order() {
+        // Pinned: a change here changes every seeded dataset, so it must be deliberate
+        // (and come with a bump of the dataset kind's version).
+        assert_eq!(permutation(10, 0), GOLDEN_SEED0_N10);
+    }
+
+    const GOLDEN_SEED0_N10: [usize; 10] = [3, 0, 5, 9, 6, 7, 2, 4, 1, 8];
+}
