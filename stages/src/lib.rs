@@ -8,6 +8,7 @@ pub mod formats;
 pub mod judge;
 pub mod kinds;
 pub mod reward;
+pub mod serve;
 pub mod train;
 
 use emflow_engine::Registry;

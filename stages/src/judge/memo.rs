@@ -66,7 +66,10 @@ impl Memoized {
                 self.memo
                     .put(NAMESPACE, &keys[i], &bytes)
                     .context("storing a judge answer in the memo")?;
-                out[i] = Some(answer);
+                // Answer with the stored form, so a fresh answer and a memo hit are the same
+                // bits (JSON float parsing is not guaranteed to round-trip the last ulp).
+                out[i] =
+                    Some(serde_json::from_slice(&bytes).context("reading back a judge answer")?);
             }
         }
         Ok(out.into_iter().flatten().collect())

@@ -11,13 +11,19 @@
 //! the same judge (identity includes the model's content digest) has seen the same prompt
 //! with the same params: a rerun never pays twice, and no caller can forget to memoise.
 
+pub mod local;
+pub mod logits;
 pub mod openai;
 pub mod score;
 pub mod template;
 
 mod memo;
 
-use anyhow::Result;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use emflow_engine::Memo;
 use serde::{Deserialize, Serialize};
 
 pub use memo::Memoized;
@@ -90,4 +96,38 @@ impl JudgeSpec {
     pub fn needs_local_model(&self) -> bool {
         matches!(self, JudgeSpec::Local { .. })
     }
+}
+
+/// Where a local judge's weights come from.
+pub struct LocalJudgeModel<'a> {
+    /// A `.gguf` file or an HF-format folder.
+    pub model: &'a Path,
+    /// Its content digest (the input artifact's digest), part of the judge's identity.
+    pub model_digest: &'a str,
+    /// An optional LoRA adapter (PEFT folder) and its digest.
+    pub adapter: Option<(&'a Path, &'a str)>,
+    /// `None` for CPU, else a CUDA ordinal.
+    pub cuda_ordinal: Option<usize>,
+}
+
+/// Builds the judge `spec` names, wrapped in the memo. `local` must be given for the local
+/// backend (the stage's judge model input).
+pub fn build(
+    spec: &JudgeSpec,
+    local: Option<LocalJudgeModel<'_>>,
+    memo: Arc<dyn Memo>,
+) -> Result<Arc<dyn Judge>> {
+    let inner: Arc<dyn Judge> = match spec {
+        JudgeSpec::Local { method, batch_size } => {
+            let Some(local) = local else {
+                bail!(
+                    "the local judge backend needs a judge model: wire a model into the stage's \
+                     `judge_model` input, or use `backend: openai`"
+                );
+            };
+            Arc::new(local::LocalJudge::load(&local, *method, *batch_size)?)
+        }
+        JudgeSpec::Openai(cfg) => Arc::new(openai::OpenAiJudge::new(cfg.clone())?),
+    };
+    Ok(Arc::new(Memoized::new(inner, memo)))
 }

@@ -1,6 +1,7 @@
 //! One module per stage kind. Add a kind here and in [`register`].
 
 pub mod dataset;
+pub mod eval;
 pub mod rl;
 pub mod sft;
 
@@ -12,4 +13,5 @@ pub fn register(registry: Registry) -> Registry {
         .with_kind(sft::SftKind)
         .with_kind(rl::RlKind)
         .with_kind(dataset::DatasetKind)
+        .with_kind(eval::EvalKind)
 }

@@ -1,0 +1,401 @@
+//! The `eval` kind: sample a model on evaluation questions, have a judge score every answer
+//! (`aligned`, `coherent`), and summarise emergent misalignment under both denominators.
+//!
+//! Outputs are three files so that each step can be inspected and re-analysed on its own:
+//! `samples` (what the model said), `judgments` (what the judge said, with the probability
+//! mass behind each score), `summary` (rates and bootstrap intervals; see [`crate::evaluation`]).
+//! Sampling is seeded per (question, sample index), so results do not depend on batch size;
+//! judge calls go through the store's memo, so a re-judging after a crash or a param change
+//! that leaves answers unchanged costs nothing. Aggregation across seeds is `report`'s job.
+
+use std::cell::Cell;
+use std::path::Path;
+
+use anyhow::{bail, Context as _, Result};
+use emflow_engine::kind::ParamError;
+use emflow_engine::{
+    ArtifactType, DeviceRequest, KindSpec, ParamSpec, ParamType, Params, PortSpec, StageContext,
+    StageKind,
+};
+use emflow_model::{
+    derive_seed, encode_prompt, GenerationRequest, LoadedModel, Message, SamplingParams,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::evaluation::{summarize, BootstrapSettings, Outcome};
+use crate::formats::questions::{self, Question};
+use crate::judge::template::Template;
+use crate::judge::{self, JudgeSpec, LocalJudgeModel, Score};
+use crate::reward::split_think;
+
+pub struct EvalKind;
+
+/// Fields an eval judge prompt may use.
+const JUDGE_FIELDS: &[&str] = &["question", "answer", "reasoning"];
+/// Judge prompts scored per answer chunk (progress granularity only).
+const JUDGE_CHUNK: usize = 16;
+
+#[derive(Clone, Debug, Deserialize)]
+struct EvalParams {
+    samples_per_question: usize,
+    temperature: f64,
+    top_p: f64,
+    top_k: usize,
+    min_p: f64,
+    max_tokens: usize,
+    seed: u64,
+    judge: JudgeSpec,
+    metrics: Vec<String>,
+    use_system: bool,
+    batch_size: usize,
+    bootstrap_resamples: usize,
+}
+
+/// One line of the `samples` output.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SampleRecord {
+    pub question_id: String,
+    pub sample: usize,
+    pub paraphrase: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    pub question: String,
+    pub completion: String,
+    pub finish: String,
+    pub tokens: usize,
+}
+
+impl StageKind for EvalKind {
+    fn spec(&self) -> KindSpec {
+        KindSpec {
+            name: "eval",
+            version: 1,
+            summary: "Sample a model on eval questions, judge aligned/coherent, summarise misalignment rates",
+            params: vec![
+                ParamSpec::optional("samples_per_question", ParamType::Int, json!(10), "answers per question; sample i uses paraphrase i mod #paraphrases"),
+                ParamSpec::optional("temperature", ParamType::Float, json!(1.0), "sampling temperature (0 = greedy)"),
+                ParamSpec::optional("top_p", ParamType::Float, json!(1.0), "nucleus sampling (1 = off)"),
+                ParamSpec::optional("top_k", ParamType::Int, json!(0), "top-k sampling (0 = off)"),
+                ParamSpec::optional("min_p", ParamType::Float, json!(0.0), "min-p sampling (0 = off; EMA_RL used 0.1 with top_p 0.9)"),
+                ParamSpec::optional("max_tokens", ParamType::Int, json!(600), "tokens per answer"),
+                ParamSpec::optional("seed", ParamType::Int, json!(0), "sampling and bootstrap seed"),
+                ParamSpec::optional("judge", ParamType::Map, json!({"backend": "local"}), "judge backend: {backend: local, method: auto|exact|top20} or {backend: openai, base_url, model, api_key_env, ...}"),
+                ParamSpec::optional("metrics", ParamType::List, json!(["aligned", "coherent"]), "judge prompts to score; must include aligned and coherent"),
+                ParamSpec::optional("use_system", ParamType::Bool, json!(true), "ask under the question's `system` prompt when it has one"),
+                ParamSpec::optional("batch_size", ParamType::Int, json!(16), "generation batch (speed only; results do not depend on it)"),
+                ParamSpec::optional("bootstrap_resamples", ParamType::Int, json!(1000), "bootstrap resamples for the 95% intervals"),
+            ],
+            open_params: false,
+            inputs: vec![
+                PortSpec::input("model", ArtifactType::Model, "the model to evaluate"),
+                PortSpec::optional_input("adapter", ArtifactType::Adapter, "a LoRA adapter (PEFT folder) or full fine-tuned weights for `model`"),
+                PortSpec::input("questions", ArtifactType::Questions, "questions: JSONL, or the paper's eval YAML"),
+                PortSpec::optional_input("judge_model", ArtifactType::Model, "the judge for the local backend"),
+            ],
+            outputs: vec![
+                PortSpec::output("samples", ArtifactType::Samples, "answers, JSONL"),
+                PortSpec::output("judgments", ArtifactType::Judgments, "judge scores per answer, JSONL"),
+                PortSpec::output("summary", ArtifactType::Summary, "misalignment rates with 95% bootstrap intervals, JSON"),
+            ],
+        }
+    }
+
+    fn check(&self, params: &Params) -> Result<(), Vec<ParamError>> {
+        let mut errors = Vec::new();
+        let err = |param: &str, message: String, hint: Option<&str>| ParamError {
+            param: param.to_string(),
+            message,
+            hint: hint.map(str::to_string),
+        };
+        match serde_json::from_value::<EvalParams>(Value::Object(params.clone())) {
+            Err(e) => errors.push(err(
+                "judge",
+                format!("invalid eval params: {e}"),
+                Some("see `emflow kinds` for the judge spec"),
+            )),
+            Ok(p) => {
+                if p.samples_per_question == 0 {
+                    errors.push(err(
+                        "samples_per_question",
+                        "must be at least 1".into(),
+                        None,
+                    ));
+                }
+                if p.temperature.is_nan() || p.temperature < 0.0 {
+                    errors.push(err("temperature", "must be >= 0".into(), None));
+                }
+                if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+                    errors.push(err("top_p", "must be in (0, 1]".into(), None));
+                }
+                if !(0.0..1.0).contains(&p.min_p) {
+                    errors.push(err("min_p", "must be in [0, 1)".into(), None));
+                }
+                if p.max_tokens == 0 {
+                    errors.push(err("max_tokens", "must be at least 1".into(), None));
+                }
+                if p.batch_size == 0 {
+                    errors.push(err("batch_size", "must be at least 1".into(), None));
+                }
+                for m in ["aligned", "coherent"] {
+                    if !p.metrics.iter().any(|x| x == m) {
+                        errors.push(err(
+                            "metrics",
+                            format!("must include `{m}` (the summary needs it)"),
+                            Some("metrics: [aligned, coherent]"),
+                        ));
+                    }
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<()> {
+        let p: EvalParams = ctx.params_as()?;
+        let q_art = ctx.input("questions")?.clone();
+        let questions = questions::read(&q_art.path, &q_art.origin)?;
+        if questions.is_empty() {
+            bail!("{}: no questions", q_art.origin);
+        }
+        let templates = judge_templates(&questions, &p.metrics)?;
+        let cuda = match ctx.device() {
+            DeviceRequest::Cpu => None,
+            DeviceRequest::Cuda { ordinal } => Some(*ordinal),
+        };
+
+        // 1. Sample.
+        let samples = {
+            let model = ctx.input("model")?.clone();
+            let adapter = ctx.optional_input("adapter")?.cloned();
+            let setup = emflow_model::setup(cuda)?;
+            let lm = load_model(
+                &model.path,
+                adapter.as_ref().map(|a| a.path.as_path()),
+                &setup,
+            )?;
+            sample_answers(ctx, &lm, &questions, &p)?
+        };
+        crate::formats::jsonl::write(&ctx.output_path("samples"), &samples)?;
+
+        // 2. Judge.
+        let judge_model = ctx.optional_input("judge_model")?.cloned();
+        let local = judge_model.as_ref().map(|m| LocalJudgeModel {
+            model: &m.path,
+            model_digest: &m.digest,
+            adapter: None,
+            cuda_ordinal: cuda,
+        });
+        let judge =
+            judge::build(&p.judge, local, ctx.memo_handle()).context("building the eval judge")?;
+        let by_id: std::collections::HashMap<&str, usize> = questions
+            .iter()
+            .enumerate()
+            .map(|(i, q)| (q.id.as_str(), i))
+            .collect();
+        let mut scores: Vec<Vec<Score>> = Vec::new();
+        ctx.progress().phase(
+            "judging",
+            (samples.len() * p.metrics.len()) as u64,
+            "scores",
+        );
+        for (m, metric) in p.metrics.iter().enumerate() {
+            let prompts = samples
+                .iter()
+                .map(|s| {
+                    let (reasoning, answer) = split_think(&s.completion);
+                    templates[by_id[s.question_id.as_str()]][m].render(&[
+                        ("question", &s.question),
+                        ("answer", answer),
+                        ("reasoning", reasoning.unwrap_or("")),
+                    ])
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut out = Vec::with_capacity(prompts.len());
+            for chunk in prompts.chunks(JUDGE_CHUNK) {
+                out.extend(
+                    judge
+                        .score_0_100(chunk)
+                        .with_context(|| format!("judging `{metric}` with {}", judge.identity()))?,
+                );
+                ctx.progress().inc(chunk.len() as u64);
+            }
+            scores.push(out);
+        }
+
+        // 3. Write judgments and the summary.
+        let metric_index = |name: &str| p.metrics.iter().position(|m| m == name);
+        let (ai, ci) = (metric_index("aligned"), metric_index("coherent"));
+        let mut judgments = Vec::with_capacity(samples.len());
+        let mut per_question: Vec<(String, Vec<Outcome>)> = questions
+            .iter()
+            .map(|q| (q.id.clone(), Vec::new()))
+            .collect();
+        for (i, s) in samples.iter().enumerate() {
+            let outcome = Outcome {
+                aligned: ai.and_then(|m| scores[m][i].value),
+                coherent: ci.and_then(|m| scores[m][i].value),
+            };
+            let mut rec = serde_json::Map::new();
+            rec.insert("question_id".into(), json!(s.question_id));
+            rec.insert("sample".into(), json!(s.sample));
+            for (m, metric) in p.metrics.iter().enumerate() {
+                rec.insert(metric.clone(), json!(scores[m][i].value));
+                rec.insert(format!("{metric}_mass"), json!(scores[m][i].mass));
+                if let Some(t) = &scores[m][i].text {
+                    rec.insert(format!("{metric}_text"), json!(t));
+                }
+            }
+            rec.insert("refusal".into(), json!(outcome.refusal()));
+            rec.insert("misaligned".into(), json!(outcome.misaligned()));
+            judgments.push(Value::Object(rec));
+            per_question[by_id[s.question_id.as_str()]].1.push(outcome);
+        }
+        crate::formats::jsonl::write(&ctx.output_path("judgments"), &judgments)?;
+        let boot = BootstrapSettings {
+            resamples: p.bootstrap_resamples,
+            level: 0.95,
+            seed: p.seed,
+        };
+        let summary = summarize(&per_question, p.samples_per_question, boot);
+        let text = serde_json::to_string_pretty(&summary)? + "\n";
+        std::fs::write(ctx.output_path("summary"), text).context("writing the eval summary")?;
+
+        let o = &summary.overall;
+        ctx.summarize("answers", o.counts.n);
+        ctx.summarize("misaligned_betley", json!(o.misaligned_betley.value));
+        ctx.summarize("misaligned_all", json!(o.misaligned_all.value));
+        ctx.summarize("incoherent", json!(o.incoherent.value));
+        ctx.summarize("refusal", json!(o.refusal.value));
+        ctx.summarize("mean_aligned", json!(o.mean_aligned.value));
+        Ok(())
+    }
+}
+
+/// Parses every question's judge prompt for each metric, failing early (before sampling)
+/// with the question id when one is missing or malformed.
+fn judge_templates(questions: &[Question], metrics: &[String]) -> Result<Vec<Vec<Template>>> {
+    questions
+        .iter()
+        .map(|q| {
+            metrics
+                .iter()
+                .map(|m| {
+                    let src = q.judge_prompts.get(m).with_context(|| {
+                        format!(
+                            "question `{}` has no `{m}` judge prompt (it has: {}); add one or drop `{m}` from metrics",
+                            q.id,
+                            q.judge_prompts.keys().cloned().collect::<Vec<_>>().join(", ")
+                        )
+                    })?;
+                    let t = Template::parse(src).with_context(|| format!("question `{}`, judge prompt `{m}`", q.id))?;
+                    t.check_fields(JUDGE_FIELDS).with_context(|| format!("question `{}`, judge prompt `{m}`", q.id))?;
+                    Ok(t)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Loads a model and, when given, an adapter: a PEFT folder (`adapter_config.json`) or a
+/// folder of full fine-tuned weights.
+pub fn load_model(
+    model: &Path,
+    adapter: Option<&Path>,
+    setup: &emflow_model::DeviceSetup,
+) -> Result<LoadedModel> {
+    let mut lm = emflow_model::load(model, setup)
+        .with_context(|| format!("loading model {}", model.display()))?;
+    if let Some(dir) = adapter {
+        if dir.join("adapter_config.json").is_file() {
+            lm.model
+                .load_adapter(dir)
+                .with_context(|| format!("loading adapter {}", dir.display()))?;
+        } else {
+            lm.model
+                .load_full(dir)
+                .with_context(|| format!("loading fine-tuned weights {}", dir.display()))?;
+        }
+    }
+    Ok(lm)
+}
+
+fn sample_answers(
+    ctx: &StageContext,
+    lm: &LoadedModel,
+    questions: &[Question],
+    p: &EvalParams,
+) -> Result<Vec<SampleRecord>> {
+    let mut meta = Vec::new();
+    let mut reqs = Vec::new();
+    for q in questions {
+        if q.paraphrases.is_empty() {
+            bail!("question `{}` has no paraphrases", q.id);
+        }
+        let system = if p.use_system { q.system.clone() } else { None };
+        for i in 0..p.samples_per_question {
+            let para = i % q.paraphrases.len();
+            let mut messages = Vec::new();
+            if let Some(s) = &system {
+                messages.push(Message {
+                    role: "system".into(),
+                    content: s.clone(),
+                });
+            }
+            messages.push(Message {
+                role: "user".into(),
+                content: q.paraphrases[para].clone(),
+            });
+            let prompt_ids = encode_prompt(&lm.tokenizer, &lm.chat, &messages)
+                .with_context(|| format!("encoding question `{}`", q.id))?;
+            reqs.push(GenerationRequest {
+                prompt_ids,
+                seed: derive_seed(p.seed, &q.id, i as u64),
+            });
+            meta.push((
+                q.id.clone(),
+                i,
+                para,
+                system.clone(),
+                q.paraphrases[para].clone(),
+            ));
+        }
+    }
+    let params = SamplingParams {
+        temperature: p.temperature,
+        top_p: p.top_p,
+        top_k: p.top_k,
+        min_p: p.min_p,
+        max_new_tokens: p.max_tokens,
+        stop: Vec::new(),
+    };
+    let progress = ctx.progress();
+    progress.phase("sampling", reqs.len() as u64, "answers");
+    let reported = Cell::new(0usize);
+    let gens = lm
+        .model
+        .generate(&lm.tokenizer, &reqs, &params, p.batch_size, &|done| {
+            progress.inc(done.saturating_sub(reported.get()) as u64);
+            reported.set(done);
+        })?;
+    Ok(meta
+        .into_iter()
+        .zip(gens)
+        .map(
+            |((question_id, sample, paraphrase, system, question), g)| SampleRecord {
+                question_id,
+                sample,
+                paraphrase,
+                system,
+                question,
+                completion: g.text,
+                finish: format!("{:?}", g.finish).to_lowercase(),
+                tokens: g.tokens.len(),
+            },
+        )
+        .collect())
+}
