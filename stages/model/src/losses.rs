@@ -19,7 +19,8 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Re
     if targets.dims() != [b, t] {
         bail!("token_logprobs: targets have shape {:?}, logits {:?}", targets.dims(), logits.dims());
     }
-    let z = if temperature == 1.0 { logits.clone() } else { (logits / temperature)? };
+    // gather needs a contiguous source; a division already produces one.
+    let z = if temperature == 1.0 { logits.contiguous()? } else { (logits / temperature)? };
     // The shift only keeps exp() in range; logsumexp does not depend on it, so no gradient.
     let shift = z.max_keepdim(D::Minus1)?.detach();
     let lse = ((z.broadcast_sub(&shift)?.exp()?.sum_keepdim(D::Minus1)?.log())? + shift)?;
@@ -68,11 +69,15 @@ pub fn sft_loss(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Result<Tensor> 
     if t < 2 {
         bail!("sft_loss needs sequences of at least 2 tokens, got {t}");
     }
-    let logits = logits.narrow(1, 0, t - 1)?;
-    let targets = ids.narrow(1, 1, t - 1)?;
-    let mask = mask.narrow(1, 1, t - 1)?;
-    let logprobs = token_logprobs(&logits, &targets, 1.0)?;
-    Ok(masked_mean(&logprobs.neg()?, &mask)?)
+    // Shift targets and mask left instead of narrowing the logits: the logits are the big
+    // tensor, and a narrowed view would have to be copied for gather. The last position
+    // predicts nothing (target 0, mask 0).
+    let pad_ids = Tensor::zeros((b, 1), ids.dtype(), ids.device())?;
+    let targets = Tensor::cat(&[&ids.narrow(1, 1, t - 1)?, &pad_ids], 1)?;
+    let pad_mask = Tensor::zeros((b, 1), mask.dtype(), mask.device())?;
+    let mask = Tensor::cat(&[&mask.narrow(1, 1, t - 1)?, &pad_mask], 1)?;
+    let logprobs = token_logprobs(logits, &targets, 1.0)?;
+    masked_mean(&logprobs.neg()?, &mask)
 }
 
 fn check_same_shape(values: &Tensor, mask: &Tensor) -> Result<()> {
