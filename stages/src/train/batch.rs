@@ -132,7 +132,9 @@ pub fn collate_rollouts(
 impl RolloutBatch {
     /// The (b, c, vocab) slice of full-sequence logits that predicts the completion tokens.
     pub fn completion_logits(&self, logits: &Tensor) -> Result<Tensor> {
-        Ok(logits.narrow(1, self.prompt_len - 1, self.completion_len)?)
+        Ok(logits
+            .narrow(1, self.prompt_len - 1, self.completion_len)?
+            .contiguous()?)
     }
 }
 

@@ -131,7 +131,7 @@ pub fn sft_step(
             policy.lm.model.set_lora_enabled(true);
             let (logits, hidden) = out.context("reference forward pass")?;
             if cfg.kl_lambda != 0.0 {
-                ref_logits = Some(logits.narrow(1, 0, t - 1)?.detach());
+                ref_logits = Some(logits.narrow(1, 0, t - 1)?.contiguous()?.detach());
             }
             ref_hidden = hidden.into_iter().map(|h| h.detach()).collect();
         }
@@ -140,7 +140,7 @@ pub fn sft_step(
                 .lm
                 .model
                 .forward_train_hidden(&batch.ids, &batch.attention, &layers)?;
-        let logits = logits.narrow(1, 0, t - 1)?;
+        let logits = logits.narrow(1, 0, t - 1)?.contiguous()?;
         let logps = token_logprobs(&logits, &batch.targets, 1.0)?;
         let nll_sum = (logps * &batch.loss_mask)?.sum_all()?.neg()?;
         stats.nll += scalar(&nll_sum)? / denom;
@@ -203,7 +203,8 @@ pub fn mean_target_logprob(
             .lm
             .model
             .forward_eval(&batch.ids, &batch.attention)?
-            .narrow(1, 0, t - 1)?;
+            .narrow(1, 0, t - 1)?
+            .contiguous()?;
         let logps = token_logprobs(&logits, &batch.targets, 1.0)?;
         sum += scalar(&(logps * &batch.loss_mask)?.sum_all()?)?;
         count += scalar(&batch.loss_mask.sum_all()?)?;
