@@ -37,7 +37,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
     }
     pub fn system(content: impl Into<String>) -> Self {
         Self::new("system", content)
@@ -93,10 +96,13 @@ impl ChatTemplate {
             .to_vec()
             .map_err(|e| anyhow!("GGUF tokenizer.ggml.tokens is not an array: {e}"))?;
         let token_string = |key: &str| -> Result<String> {
-            let Some(v) = md.get(key) else { return Ok(String::new()) };
+            let Some(v) = md.get(key) else {
+                return Ok(String::new());
+            };
             let id = value_as_i64(v).with_context(|| format!("reading GGUF {key}"))?;
             let token = usize::try_from(id).ok().and_then(|i| tokens.get(i));
-            let token = token.ok_or_else(|| anyhow!("GGUF {key} = {id} is outside the vocabulary"))?;
+            let token =
+                token.ok_or_else(|| anyhow!("GGUF {key} = {id} is outside the vocabulary"))?;
             token
                 .to_string()
                 .cloned()
@@ -113,13 +119,15 @@ impl ChatTemplate {
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let config_path = dir.join("tokenizer_config.json");
         let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
-            Ok(text) => serde_json::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?,
+            Ok(text) => serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", config_path.display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
             Err(e) => return Err(e).with_context(|| format!("reading {}", config_path.display())),
         };
         let jinja_path = dir.join("chat_template.jinja");
         let source = if jinja_path.exists() {
-            std::fs::read_to_string(&jinja_path).with_context(|| format!("reading {}", jinja_path.display()))?
+            std::fs::read_to_string(&jinja_path)
+                .with_context(|| format!("reading {}", jinja_path.display()))?
         } else {
             match config.get("chat_template") {
                 Some(serde_json::Value::String(s)) => s.clone(),
@@ -138,7 +146,8 @@ impl ChatTemplate {
         };
         let bos = special_token_content(&config, "bos_token").unwrap_or_default();
         let eos = special_token_content(&config, "eos_token").unwrap_or_default();
-        Self::new(&source, &bos, &eos).with_context(|| format!("compiling the chat template of {}", dir.display()))
+        Self::new(&source, &bos, &eos)
+            .with_context(|| format!("compiling the chat template of {}", dir.display()))
     }
 
     /// Makes `strftime_now` report this date instead of the default (26 Jul 2024).
@@ -165,10 +174,12 @@ impl ChatTemplate {
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
         };
-        template
-            .render(ctx)
-            .map_err(jinja_error)
-            .with_context(|| format!("rendering the chat template for {} messages", messages.len()))
+        template.render(ctx).map_err(jinja_error).with_context(|| {
+            format!(
+                "rendering the chat template for {} messages",
+                messages.len()
+            )
+        })
     }
 
     fn rebuild_env(&mut self, date: (i32, u32, u32)) -> Result<()> {
@@ -177,12 +188,21 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, JinjaError> {
-            Err(JinjaError::new(ErrorKind::InvalidOperation, format!("chat template raised: {msg}")))
-        });
-        env.add_function("strftime_now", move |fmt: String| -> Result<String, JinjaError> {
-            strftime(date, &fmt).map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, e))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, JinjaError> {
+                Err(JinjaError::new(
+                    ErrorKind::InvalidOperation,
+                    format!("chat template raised: {msg}"),
+                ))
+            },
+        );
+        env.add_function(
+            "strftime_now",
+            move |fmt: String| -> Result<String, JinjaError> {
+                strftime(date, &fmt).map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, e))
+            },
+        );
         env.add_template_owned(TEMPLATE_NAME, self.source.clone())
             .map_err(jinja_error)?;
         self.env = env;
@@ -199,7 +219,11 @@ pub struct EncodedChat {
 }
 
 /// Renders and tokenizes a whole conversation, marking the tokens of assistant turns.
-pub fn encode_chat(tok: &Tokenizer, tpl: &ChatTemplate, messages: &[Message]) -> Result<EncodedChat> {
+pub fn encode_chat(
+    tok: &Tokenizer,
+    tpl: &ChatTemplate,
+    messages: &[Message],
+) -> Result<EncodedChat> {
     let full = tpl.render(messages, false)?;
     let mut spans = Vec::new();
     for (i, m) in messages.iter().enumerate() {
@@ -208,7 +232,8 @@ pub fn encode_chat(tok: &Tokenizer, tpl: &ChatTemplate, messages: &[Message]) ->
         }
         let before = tpl.render(&messages[..i], true)?;
         let through = tpl.render(&messages[..=i], false)?;
-        if !full.starts_with(&before) || !full.starts_with(&through) || through.len() < before.len() {
+        if !full.starts_with(&before) || !full.starts_with(&through) || through.len() < before.len()
+        {
             bail!(
                 "cannot locate assistant message {i} in the rendered conversation: the chat template renders \
                  earlier turns differently depending on what follows them, so prefix rendering does not apply"
@@ -227,18 +252,27 @@ pub fn encode_chat(tok: &Tokenizer, tpl: &ChatTemplate, messages: &[Message]) ->
             .collect();
         // Keep up to the turn's last end token: ChatML's newline after `<|im_end|>` is
         // template glue, not something the model should learn to emit.
-        let last_end = in_span.iter().rposition(|&t| tok.eos_ids().contains(&ids[t]));
+        let last_end = in_span
+            .iter()
+            .rposition(|&t| tok.eos_ids().contains(&ids[t]));
         let keep = last_end.map_or(in_span.len(), |p| p + 1);
         for &t in &in_span[..keep] {
             assistant_mask[t] = true;
         }
     }
-    Ok(EncodedChat { ids, assistant_mask })
+    Ok(EncodedChat {
+        ids,
+        assistant_mask,
+    })
 }
 
 /// Prompt ids for generation: the conversation (ending with a user or system turn) followed
 /// by the generation prompt.
-pub fn encode_prompt(tok: &Tokenizer, tpl: &ChatTemplate, messages: &[Message]) -> Result<Vec<u32>> {
+pub fn encode_prompt(
+    tok: &Tokenizer,
+    tpl: &ChatTemplate,
+    messages: &[Message],
+) -> Result<Vec<u32>> {
     match messages.last() {
         None => bail!("cannot build a generation prompt from an empty conversation"),
         Some(m) if m.role == "assistant" => {
@@ -270,7 +304,15 @@ fn strftime((year, month, day): (i32, u32, u32), fmt: &str) -> Result<String, St
         "November",
         "December",
     ];
-    const WEEKDAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
+    const WEEKDAYS: [&str; 7] = [
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+    ];
     let month_name = MONTHS[(month - 1) as usize];
     let weekday = WEEKDAYS[weekday_sunday0(year, month, day)];
     let day_of_year: u32 = (1..month).map(|m| days_in_month(year, m)).sum::<u32>() + day;
@@ -296,7 +338,11 @@ fn strftime((year, month, day): (i32, u32, u32), fmt: &str) -> Result<String, St
             Some('I') => out.push_str("12"),
             Some('p') => out.push_str("AM"),
             Some('%') => out.push('%'),
-            Some(other) => return Err(format!("strftime_now: format specifier %{other} is not supported")),
+            Some(other) => {
+                return Err(format!(
+                    "strftime_now: format specifier %{other} is not supported"
+                ))
+            }
             None => return Err("strftime_now: format ends with a lone %".to_string()),
         }
     }
@@ -320,7 +366,10 @@ fn days_in_month(year: i32, month: u32) -> u32 {
 fn weekday_sunday0(year: i32, month: u32, day: u32) -> usize {
     const OFFSETS: [i32; 12] = [0, 3, 2, 5, 0, 3, 5, 1, 4, 6, 2, 4];
     let y = if month < 3 { year - 1 } else { year };
-    let w = y + y.div_euclid(4) - y.div_euclid(100) + y.div_euclid(400) + OFFSETS[(month - 1) as usize] + day as i32;
+    let w = y + y.div_euclid(4) - y.div_euclid(100)
+        + y.div_euclid(400)
+        + OFFSETS[(month - 1) as usize]
+        + day as i32;
     w.rem_euclid(7) as usize
 }
 
@@ -332,7 +381,10 @@ mod tests {
     fn strftime_formats_the_fixed_date_like_python() {
         // Python: datetime.date(2024, 7, 26).strftime(...)
         assert_eq!(strftime((2024, 7, 26), "%d %b %Y").unwrap(), "26 Jul 2024");
-        assert_eq!(strftime((2024, 7, 26), "%A %B %j %y %m/%d").unwrap(), "Friday July 208 24 07/26");
+        assert_eq!(
+            strftime((2024, 7, 26), "%A %B %j %y %m/%d").unwrap(),
+            "Friday July 208 24 07/26"
+        );
         assert_eq!(strftime((2000, 3, 1), "%a %e").unwrap(), "Wed  1");
         assert!(strftime((2024, 7, 26), "%Q").is_err());
     }

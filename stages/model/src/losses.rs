@@ -15,16 +15,37 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Re
     if !(temperature > 0.0 && temperature.is_finite()) {
         bail!("temperature must be a positive number, got {temperature}");
     }
-    let (b, t, _) = logits.dims3().context("token_logprobs: logits must be (batch, time, vocab)")?;
+    let (b, t, _) = logits
+        .dims3()
+        .context("token_logprobs: logits must be (batch, time, vocab)")?;
     if targets.dims() != [b, t] {
-        bail!("token_logprobs: targets have shape {:?}, logits {:?}", targets.dims(), logits.dims());
+        bail!(
+            "token_logprobs: targets have shape {:?}, logits {:?}",
+            targets.dims(),
+            logits.dims()
+        );
     }
     // gather needs a contiguous source; a division already produces one.
-    let z = if temperature == 1.0 { logits.contiguous()? } else { (logits / temperature)? };
+    let z = if temperature == 1.0 {
+        logits.contiguous()?
+    } else {
+        (logits / temperature)?
+    };
     // The shift only keeps exp() in range; logsumexp does not depend on it, so no gradient.
     let shift = z.max_keepdim(D::Minus1)?.detach();
-    let lse = ((z.broadcast_sub(&shift)?.exp()?.sum_keepdim(D::Minus1)?.log())? + shift)?;
-    let picked = z.gather(&targets.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?;
+    let lse = ((z
+        .broadcast_sub(&shift)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log())?
+        + shift)?;
+    let picked = z.gather(
+        &targets
+            .to_dtype(DType::U32)?
+            .unsqueeze(D::Minus1)?
+            .contiguous()?,
+        D::Minus1,
+    )?;
     Ok((picked - lse)?.squeeze(D::Minus1)?)
 }
 
@@ -46,7 +67,9 @@ pub fn masked_mean(values: &Tensor, mask: &Tensor) -> Result<Tensor> {
 /// `values` and `mask` are (b, t). A row with an empty mask contributes 0.
 pub fn masked_mean_per_row(values: &Tensor, mask: &Tensor) -> Result<Tensor> {
     check_same_shape(values, mask)?;
-    let (b, _) = values.dims2().context("masked_mean_per_row: values must be (batch, time)")?;
+    let (b, _) = values
+        .dims2()
+        .context("masked_mean_per_row: values must be (batch, time)")?;
     let mask = mask.to_dtype(values.dtype())?;
     let row_sums = (values * &mask)?.sum(D::Minus1)?;
     let row_counts = mask.sum(D::Minus1)?.clamp(1.0, f64::INFINITY)?;
@@ -57,7 +80,9 @@ pub fn masked_mean_per_row(values: &Tensor, mask: &Tensor) -> Result<Tensor> {
 /// (b, t; e.g. the assistant mask of [`crate::chat::EncodedChat`]). The logits at position i
 /// predict token i+1, so the mask is read at the predicted positions.
 pub fn sft_loss(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let (b, t, _) = logits.dims3().context("sft_loss: logits must be (batch, time, vocab)")?;
+    let (b, t, _) = logits
+        .dims3()
+        .context("sft_loss: logits must be (batch, time, vocab)")?;
     if ids.dims() != [b, t] || mask.dims() != [b, t] {
         bail!(
             "sft_loss: logits {:?}, ids {:?} and mask {:?} disagree on (batch, time)",
@@ -82,7 +107,11 @@ pub fn sft_loss(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Result<Tensor> 
 
 fn check_same_shape(values: &Tensor, mask: &Tensor) -> Result<()> {
     if values.dims() != mask.dims() {
-        bail!("values have shape {:?} but the mask has {:?}", values.dims(), mask.dims());
+        bail!(
+            "values have shape {:?} but the mask has {:?}",
+            values.dims(),
+            mask.dims()
+        );
     }
     Ok(())
 }

@@ -29,7 +29,13 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
     }
 }
 
@@ -72,9 +78,20 @@ impl AdamW {
             }
             let m = Tensor::zeros(var.shape(), DType::F32, var.device())?;
             let v = m.clone();
-            params.push(ParamState { name, var, m, v, steps: 0, decays: true });
+            params.push(ParamState {
+                name,
+                var,
+                m,
+                v,
+                steps: 0,
+                decays: true,
+            });
         }
-        Ok(Self { params, cfg, step_count: 0 })
+        Ok(Self {
+            params,
+            cfg,
+            step_count: 0,
+        })
     }
 
     /// Chooses which vars get weight decay (e.g. [`transformers_decays`]).
@@ -91,9 +108,17 @@ impl AdamW {
     /// One update at learning rate `lr` (the schedule's value for this step). Vars without a
     /// gradient in `grads` are left untouched, as torch does.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        let AdamWConfig { beta1, beta2, eps, weight_decay, .. } = self.cfg;
+        let AdamWConfig {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            ..
+        } = self.cfg;
         for p in &mut self.params {
-            let Some(grad) = grads.get(p.var.as_tensor()) else { continue };
+            let Some(grad) = grads.get(p.var.as_tensor()) else {
+                continue;
+            };
             let grad = grad.to_dtype(DType::F32)?;
             p.steps += 1;
             let t = p.steps as i32;
@@ -132,20 +157,30 @@ impl AdamW {
         let device = candle_core::Device::Cpu;
         let steps: Vec<i64> = self.params.iter().map(|p| p.steps as i64).collect();
         tensors.insert(VAR_STEPS_KEY.to_string(), Tensor::new(steps, &device)?);
-        tensors.insert(STEP_COUNT_KEY.to_string(), Tensor::new(&[self.step_count as i64], &device)?);
+        tensors.insert(
+            STEP_COUNT_KEY.to_string(),
+            Tensor::new(&[self.step_count as i64], &device)?,
+        );
         candle_core::safetensors::save(&tensors, path)
             .with_context(|| format!("saving optimizer state to {}", path.display()))
     }
 
     /// Restores moments and step counters saved by [`AdamW::save`] for the same vars.
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let device = self.params.first().map(|p| p.var.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let device = self
+            .params
+            .first()
+            .map(|p| p.var.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
         let mut saved = candle_core::safetensors::load(path, &device)
             .with_context(|| format!("loading optimizer state from {}", path.display()))?;
         let mut take = |key: &str| {
-            saved
-                .remove(key)
-                .ok_or_else(|| anyhow!("optimizer state {} has no '{key}': it was saved for different vars", path.display()))
+            saved.remove(key).ok_or_else(|| {
+                anyhow!(
+                    "optimizer state {} has no '{key}': it was saved for different vars",
+                    path.display()
+                )
+            })
         };
         let step_count = take(STEP_COUNT_KEY)?.to_vec1::<i64>()?;
         let var_steps = take(VAR_STEPS_KEY)?.to_vec1::<i64>()?;
@@ -188,7 +223,9 @@ impl AdamW {
 pub fn clip_grad_norm(vars: &[(String, Var)], grads: &mut GradStore, max_norm: f64) -> Result<f64> {
     let mut total: Option<Tensor> = None;
     for (_, var) in vars {
-        let Some(g) = grads.get(var.as_tensor()) else { continue };
+        let Some(g) = grads.get(var.as_tensor()) else {
+            continue;
+        };
         let sq = g.to_dtype(DType::F32)?.sqr()?.sum_all()?;
         total = Some(match total {
             None => sq,
@@ -213,11 +250,18 @@ pub fn clip_grad_norm(vars: &[(String, Var)], grads: &mut GradStore, max_norm: f
 
 /// Adds `scale * grads` (only the gradients of `vars`; activations' gradients are dropped at
 /// once to free memory) into the accumulator, creating it on first use.
-pub fn accumulate(acc: &mut Option<GradStore>, vars: &[(String, Var)], grads: GradStore, scale: f64) -> Result<()> {
+pub fn accumulate(
+    acc: &mut Option<GradStore>,
+    vars: &[(String, Var)],
+    grads: GradStore,
+    scale: f64,
+) -> Result<()> {
     let mut grads = grads;
     let store = acc.get_or_insert_with(GradStore::default);
     for (_, var) in vars {
-        let Some(g) = grads.remove(var.as_tensor()) else { continue };
+        let Some(g) = grads.remove(var.as_tensor()) else {
+            continue;
+        };
         let g = if scale == 1.0 { g } else { (g * scale)? };
         let sum = match store.remove(var.as_tensor()) {
             Some(prev) => (prev + g)?,

@@ -36,6 +36,9 @@ const TOKEN_TYPE_CONTROL: i64 = 3;
 /// GGUF `token_type` of user-defined tokens: matched whole in text, but not special.
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
+/// A token's byte range `(start, end)` in the encoded text.
+pub type ByteRange = (usize, usize);
+
 /// A model's tokenizer plus the special ids generation and batching need.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -146,7 +149,12 @@ impl Tokenizer {
                     let id = u32::try_from(id)
                         .ok()
                         .filter(|id| (*id as usize) < tokens.len())
-                        .ok_or_else(|| anyhow!("{key} = {id} is not a token id (vocabulary has {} tokens)", tokens.len()))?;
+                        .ok_or_else(|| {
+                            anyhow!(
+                                "{key} = {id} is not a token id (vocabulary has {} tokens)",
+                                tokens.len()
+                            )
+                        })?;
                     Ok(Some(id))
                 }
             }
@@ -164,7 +172,12 @@ impl Tokenizer {
             bail!("GGUF metadata has no tokenizer.ggml.eos_token_id; cannot tell where generation ends");
         };
         let pad_id = id_of("tokenizer.ggml.padding_token_id")?.unwrap_or(first_eos);
-        Ok(Self { inner, eos_ids, bos_id, pad_id })
+        Ok(Self {
+            inner,
+            eos_ids,
+            bos_id,
+            pad_id,
+        })
     }
 
     /// Loads `tokenizer.json` from an HF-format folder; special ids come from
@@ -189,7 +202,10 @@ impl Tokenizer {
                 return Ok(None);
             };
             inner.token_to_id(&content).map(Some).ok_or_else(|| {
-                anyhow!("tokenizer_config.json names {key} {content:?}, which is not in {}", path.display())
+                anyhow!(
+                    "tokenizer_config.json names {key} {content:?}, which is not in {}",
+                    path.display()
+                )
             })
         };
         let bos_id = id_of_config("bos_token")?;
@@ -206,7 +222,12 @@ impl Tokenizer {
                 let id = id
                     .as_u64()
                     .and_then(|id| u32::try_from(id).ok())
-                    .ok_or_else(|| anyhow!("generation_config.json in {}: eos_token_id {id} is not a token id", dir.display()))?;
+                    .ok_or_else(|| {
+                        anyhow!(
+                            "generation_config.json in {}: eos_token_id {id} is not a token id",
+                            dir.display()
+                        )
+                    })?;
                 if !eos_ids.contains(&id) {
                     eos_ids.push(id);
                 }
@@ -220,25 +241,34 @@ impl Tokenizer {
             );
         };
         let pad_id = id_of_config("pad_token")?.unwrap_or(first_eos);
-        Ok(Self { inner, eos_ids, bos_id, pad_id })
+        Ok(Self {
+            inner,
+            eos_ids,
+            bos_id,
+            pad_id,
+        })
     }
 
     /// Token ids of `text`. Special tokens written in the text (e.g. `<|im_end|>`) become
     /// their ids; no BOS or other post-processing is added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| anyhow!("tokenizing {} characters of text: {e}", text.chars().count()))?;
+        let enc = self.inner.encode_fast(text, false).map_err(|e| {
+            anyhow!(
+                "tokenizing {} characters of text: {e}",
+                text.chars().count()
+            )
+        })?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Like [`Tokenizer::encode`], also returning each token's byte range in `text`.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| anyhow!("tokenizing {} characters of text: {e}", text.chars().count()))?;
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<ByteRange>)> {
+        let enc = self.inner.encode(text, false).map_err(|e| {
+            anyhow!(
+                "tokenizing {} characters of text: {e}",
+                text.chars().count()
+            )
+        })?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
@@ -287,8 +317,12 @@ impl Tokenizer {
 /// The pre-tokenizer llama.cpp associates with a GGUF `tokenizer.ggml.pre` value.
 fn pre_tokenizer_for(pre: &str) -> Result<PreTokenizerWrapper> {
     let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
-        let split = Split::new(SplitPattern::Regex(pattern.to_string()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| anyhow!("compiling the '{pre}' pre-tokenizer regex: {e}"))?;
+        let split = Split::new(
+            SplitPattern::Regex(pattern.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| anyhow!("compiling the '{pre}' pre-tokenizer regex: {e}"))?;
         Ok(split.into())
     };
     Ok(match pre {
@@ -342,8 +376,10 @@ fn read_json_if_exists(path: &Path) -> Result<Option<serde_json::Value>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let value = serde_json::from_str(&text).with_context(|| format!("parsing {} as JSON", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing {} as JSON", path.display()))?;
     Ok(Some(value))
 }
 

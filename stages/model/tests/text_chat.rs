@@ -45,7 +45,8 @@ fn smollm2_adds_its_default_system_prompt_only_without_a_system_turn() {
         format!("{SMOL_SYSTEM}<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     );
     assert_eq!(
-        tpl.render(&[Message::system("Be terse."), Message::user("Hi")], false).unwrap(),
+        tpl.render(&[Message::system("Be terse."), Message::user("Hi")], false)
+            .unwrap(),
         "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
     );
 }
@@ -66,7 +67,11 @@ fn qwen25_renders_like_transformers() {
 #[test]
 fn llama32_renders_like_transformers_with_a_fixed_date() {
     let tpl = ChatTemplate::new(LLAMA32, "<|begin_of_text|>", "<|eot_id|>").unwrap();
-    let messages = [Message::system("  Be brief. "), Message::user("Hi "), Message::assistant("Hello!")];
+    let messages = [
+        Message::system("  Be brief. "),
+        Message::user("Hi "),
+        Message::assistant("Hello!"),
+    ];
     let head = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n";
     assert_eq!(
         tpl.render(&messages, false).unwrap(),
@@ -96,28 +101,60 @@ fn templates_get_raise_exception_and_python_string_methods() {
     )
     .unwrap();
     assert_eq!(tpl.render(&[Message::user(" hi ")], false).unwrap(), "HI!|");
-    let err = format!("{:#}", tpl.render(&[Message::new("tool", "x")], false).unwrap_err());
+    let err = format!(
+        "{:#}",
+        tpl.render(&[Message::new("tool", "x")], false).unwrap_err()
+    );
     assert!(err.contains("Unsupported role: tool"), "{err}");
 }
 
 #[test]
 fn assistant_mask_covers_each_reply_and_its_end_token() {
-    let chatml_tok =
-        Tokenizer::from_gguf_metadata(&synthetic_gguf_metadata("qwen2", CONTROL, &[("H", "i")], "<|im_end|>")).unwrap();
-    let llama_tok =
-        Tokenizer::from_gguf_metadata(&synthetic_gguf_metadata("llama-bpe", CONTROL, &[("H", "i")], "<|eot_id|>")).unwrap();
+    let chatml_tok = Tokenizer::from_gguf_metadata(&synthetic_gguf_metadata(
+        "qwen2",
+        CONTROL,
+        &[("H", "i")],
+        "<|im_end|>",
+    ))
+    .unwrap();
+    let llama_tok = Tokenizer::from_gguf_metadata(&synthetic_gguf_metadata(
+        "llama-bpe",
+        CONTROL,
+        &[("H", "i")],
+        "<|eot_id|>",
+    ))
+    .unwrap();
     let cases = [
-        (ChatTemplate::new(SMOLLM2, "<|im_start|>", "<|im_end|>").unwrap(), &chatml_tok, "<|im_end|>"),
-        (ChatTemplate::new(QWEN25, "", "<|im_end|>").unwrap(), &chatml_tok, "<|im_end|>"),
-        (ChatTemplate::new(LLAMA32, "<|begin_of_text|>", "<|eot_id|>").unwrap(), &llama_tok, "<|eot_id|>"),
+        (
+            ChatTemplate::new(SMOLLM2, "<|im_start|>", "<|im_end|>").unwrap(),
+            &chatml_tok,
+            "<|im_end|>",
+        ),
+        (
+            ChatTemplate::new(QWEN25, "", "<|im_end|>").unwrap(),
+            &chatml_tok,
+            "<|im_end|>",
+        ),
+        (
+            ChatTemplate::new(LLAMA32, "<|begin_of_text|>", "<|eot_id|>").unwrap(),
+            &llama_tok,
+            "<|eot_id|>",
+        ),
     ];
     for (tpl, tok, end) in cases {
         let enc = encode_chat(tok, &tpl, &conversation()).unwrap();
-        assert_eq!(enc.ids, tok.encode(&tpl.render(&conversation(), false).unwrap()).unwrap());
+        assert_eq!(
+            enc.ids,
+            tok.encode(&tpl.render(&conversation(), false).unwrap())
+                .unwrap()
+        );
         assert_eq!(enc.ids.len(), enc.assistant_mask.len());
         assert_eq!(
             masked_runs(tok, &enc.ids, &enc.assistant_mask),
-            [format!("Hello! How can I help?{end}"), format!("2+2 = 4.\n\nAnything else?{end}")],
+            [
+                format!("Hello! How can I help?{end}"),
+                format!("2+2 = 4.\n\nAnything else?{end}")
+            ],
             "template starting {:?}",
             &tpl.source()[..30]
         );
@@ -133,19 +170,31 @@ fn smollm2_gguf_template_and_mask_with_the_real_tokenizer() {
     let enc = encode_chat(&tok, &tpl, &conversation()).unwrap();
     assert_eq!(
         masked_runs(&tok, &enc.ids, &enc.assistant_mask),
-        ["Hello! How can I help?<|im_end|>", "2+2 = 4.\n\nAnything else?<|im_end|>"]
+        [
+            "Hello! How can I help?<|im_end|>",
+            "2+2 = 4.\n\nAnything else?<|im_end|>"
+        ]
     );
     let prompt = encode_prompt(&tok, &tpl, &[Message::user("Hi there!")]).unwrap();
-    let expected = format!("{SMOL_SYSTEM}<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n");
+    let expected =
+        format!("{SMOL_SYSTEM}<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n");
     assert_eq!(prompt, tok.encode(&expected).unwrap());
-    let tail: Vec<String> = prompt[prompt.len() - 4..].iter().map(|&i| tok.token_str(i).unwrap()).collect();
+    let tail: Vec<String> = prompt[prompt.len() - 4..]
+        .iter()
+        .map(|&i| tok.token_str(i).unwrap())
+        .collect();
     assert_eq!(tail, ["<|im_start|>", "ass", "istant", "Ċ"]);
 }
 
 #[test]
 fn encode_prompt_refuses_a_conversation_ending_with_the_assistant() {
-    let tok =
-        Tokenizer::from_gguf_metadata(&synthetic_gguf_metadata("qwen2", CONTROL, &[], "<|im_end|>")).unwrap();
+    let tok = Tokenizer::from_gguf_metadata(&synthetic_gguf_metadata(
+        "qwen2",
+        CONTROL,
+        &[],
+        "<|im_end|>",
+    ))
+    .unwrap();
     let tpl = ChatTemplate::new(SMOLLM2, "", "<|im_end|>").unwrap();
     assert!(encode_prompt(&tok, &tpl, &conversation()).is_err());
     assert!(encode_prompt(&tok, &tpl, &[]).is_err());
@@ -153,15 +202,23 @@ fn encode_prompt_refuses_a_conversation_ending_with_the_assistant() {
 
 #[test]
 fn templates_whose_prefixes_change_are_reported_not_mismasked() {
-    let tok =
-        Tokenizer::from_gguf_metadata(&synthetic_gguf_metadata("qwen2", CONTROL, &[], "<|im_end|>")).unwrap();
+    let tok = Tokenizer::from_gguf_metadata(&synthetic_gguf_metadata(
+        "qwen2",
+        CONTROL,
+        &[],
+        "<|im_end|>",
+    ))
+    .unwrap();
     let tpl = ChatTemplate::new(
         "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m.content }}<|im_end|>{% endfor %}",
         "",
         "<|im_end|>",
     )
     .unwrap();
-    let err = format!("{:#}", encode_chat(&tok, &tpl, &conversation()).unwrap_err());
+    let err = format!(
+        "{:#}",
+        encode_chat(&tok, &tpl, &conversation()).unwrap_err()
+    );
     assert!(err.contains("cannot locate assistant message 1"), "{err}");
 }
 
@@ -178,14 +235,20 @@ fn hf_folder_templates_are_found_in_every_layout() {
             .render(&[Message::user("x")], false)
             .unwrap()
     };
-    config(serde_json::json!("{{ bos_token }}{{ messages[0].content }}{{ eos_token }}"));
+    config(serde_json::json!(
+        "{{ bos_token }}{{ messages[0].content }}{{ eos_token }}"
+    ));
     assert_eq!(render(), "<s>x</s>");
     config(serde_json::json!([
         {"name": "tool_use", "template": "tools"},
         {"name": "default", "template": "default {{ messages[0].content }}"}
     ]));
     assert_eq!(render(), "default x");
-    std::fs::write(dir.path().join("chat_template.jinja"), "jinja {{ messages[0].content }}").unwrap();
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "jinja {{ messages[0].content }}",
+    )
+    .unwrap();
     assert_eq!(render(), "jinja x");
 
     let empty = tempfile::tempdir().unwrap();

@@ -13,7 +13,9 @@ fn manual_logprob(row: &[f32], target: usize, temperature: f64) -> f64 {
 
 fn logits_data() -> Vec<f32> {
     // (2, 3, 5), with one large value to exercise the max shift.
-    (0..30).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.9 + if i == 4 { 80.0 } else { 0.0 }).collect()
+    (0..30)
+        .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.9 + if i == 4 { 80.0 } else { 0.0 })
+        .collect()
 }
 
 #[test]
@@ -23,19 +25,37 @@ fn token_logprobs_match_log_softmax_at_each_temperature() {
     let targets_v = [[4u32, 0, 2], [1, 3, 3]];
     let targets = Tensor::new(&targets_v, &Device::Cpu).unwrap();
     for temperature in [1.0, 0.7, 2.0] {
-        let got = token_logprobs(&logits, &targets, temperature).unwrap().to_vec2::<f32>().unwrap();
+        let got = token_logprobs(&logits, &targets, temperature)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         for b in 0..2 {
             for t in 0..3 {
                 let row = &data[(b * 3 + t) * 5..(b * 3 + t + 1) * 5];
                 let want = manual_logprob(row, targets_v[b][t] as usize, temperature);
-                assert!((got[b][t] as f64 - want).abs() < 1e-5, "T={temperature} ({b},{t}): {} vs {want}", got[b][t]);
+                assert!(
+                    (got[b][t] as f64 - want).abs() < 1e-5,
+                    "T={temperature} ({b},{t}): {} vs {want}",
+                    got[b][t]
+                );
             }
         }
     }
     // A narrowed (non-contiguous) view of the logits works too.
-    let view = token_logprobs(&logits.narrow(1, 1, 2).unwrap(), &targets.narrow(1, 1, 2).unwrap(), 1.0).unwrap();
-    let full = token_logprobs(&logits, &targets, 1.0).unwrap().narrow(1, 1, 2).unwrap();
-    assert_eq!(view.to_vec2::<f32>().unwrap(), full.to_vec2::<f32>().unwrap());
+    let view = token_logprobs(
+        &logits.narrow(1, 1, 2).unwrap(),
+        &targets.narrow(1, 1, 2).unwrap(),
+        1.0,
+    )
+    .unwrap();
+    let full = token_logprobs(&logits, &targets, 1.0)
+        .unwrap()
+        .narrow(1, 1, 2)
+        .unwrap();
+    assert_eq!(
+        view.to_vec2::<f32>().unwrap(),
+        full.to_vec2::<f32>().unwrap()
+    );
     assert!(token_logprobs(&logits, &targets, 0.0).is_err());
     assert!(token_logprobs(&logits, &targets.narrow(1, 0, 2).unwrap(), 1.0).is_err());
 }
@@ -43,11 +63,15 @@ fn token_logprobs_match_log_softmax_at_each_temperature() {
 #[test]
 fn token_logprobs_gradient_is_onehot_minus_softmax() {
     let data = logits_data();
-    let logits = Var::from_tensor(&Tensor::from_vec(data.clone(), (2, 3, 5), &Device::Cpu).unwrap()).unwrap();
+    let logits =
+        Var::from_tensor(&Tensor::from_vec(data.clone(), (2, 3, 5), &Device::Cpu).unwrap())
+            .unwrap();
     let targets = Tensor::new(&[[4u32, 0, 2], [1, 3, 3]], &Device::Cpu).unwrap();
     let lp = token_logprobs(logits.as_tensor(), &targets, 1.0).unwrap();
     let grads = lp.sum_all().unwrap().backward().unwrap();
-    let g = grads.get(logits.as_tensor()).expect("gradient reaches the logits");
+    let g = grads
+        .get(logits.as_tensor())
+        .expect("gradient reaches the logits");
     let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let targets_flat = [4usize, 0, 2, 1, 3, 3];
     for (pos, &target) in targets_flat.iter().enumerate() {
@@ -55,7 +79,10 @@ fn token_logprobs_gradient_is_onehot_minus_softmax() {
         for k in 0..5 {
             let p = manual_logprob(row, k, 1.0).exp();
             let want = if k == target { 1.0 - p } else { -p };
-            assert!((g[pos * 5 + k] as f64 - want).abs() < 1e-5, "pos {pos}, k {k}");
+            assert!(
+                (g[pos * 5 + k] as f64 - want).abs() < 1e-5,
+                "pos {pos}, k {k}"
+            );
         }
     }
 }
@@ -65,11 +92,23 @@ fn masked_reductions() {
     let v = Tensor::new(&[[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &Device::Cpu).unwrap();
     let m = Tensor::new(&[[1u8, 1, 0], [0, 0, 1]], &Device::Cpu).unwrap();
     assert_eq!(masked_sum(&v, &m).unwrap().to_scalar::<f32>().unwrap(), 9.0);
-    assert_eq!(masked_mean(&v, &m).unwrap().to_scalar::<f32>().unwrap(), 3.0);
+    assert_eq!(
+        masked_mean(&v, &m).unwrap().to_scalar::<f32>().unwrap(),
+        3.0
+    );
     // Rows: mean(1,2) = 1.5 and 6, averaged = 3.75.
-    assert_eq!(masked_mean_per_row(&v, &m).unwrap().to_scalar::<f32>().unwrap(), 3.75);
+    assert_eq!(
+        masked_mean_per_row(&v, &m)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        3.75
+    );
     let empty = Tensor::zeros((2, 3), candle_core::DType::U8, &Device::Cpu).unwrap();
-    assert_eq!(masked_mean(&v, &empty).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    assert_eq!(
+        masked_mean(&v, &empty).unwrap().to_scalar::<f32>().unwrap(),
+        0.0
+    );
     assert!(masked_sum(&v, &m.narrow(1, 0, 2).unwrap()).is_err());
 }
 
@@ -81,9 +120,20 @@ fn sft_loss_is_the_mean_cross_entropy_of_masked_next_tokens() {
     let ids = Tensor::new(&ids_v, &Device::Cpu).unwrap();
     // Position 0 is never a target; row 0 learns token 2 (id 1), row 1 tokens 1 and 2.
     let mask = Tensor::new(&[[1u8, 0, 1], [0, 1, 1]], &Device::Cpu).unwrap();
-    let got = sft_loss(&logits, &ids, &mask).unwrap().to_scalar::<f32>().unwrap() as f64;
+    let got = sft_loss(&logits, &ids, &mask)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
     let row = |b: usize, t: usize| &data[(b * 3 + t) * 5..(b * 3 + t + 1) * 5];
-    let want = -(manual_logprob(row(0, 1), 1, 1.0) + manual_logprob(row(1, 0), 2, 1.0) + manual_logprob(row(1, 1), 3, 1.0)) / 3.0;
+    let want = -(manual_logprob(row(0, 1), 1, 1.0)
+        + manual_logprob(row(1, 0), 2, 1.0)
+        + manual_logprob(row(1, 1), 3, 1.0))
+        / 3.0;
     assert!((got - want).abs() < 1e-5, "{got} vs {want}");
-    assert!(sft_loss(&logits.narrow(1, 0, 1).unwrap(), &ids.narrow(1, 0, 1).unwrap(), &mask.narrow(1, 0, 1).unwrap()).is_err());
+    assert!(sft_loss(
+        &logits.narrow(1, 0, 1).unwrap(),
+        &ids.narrow(1, 0, 1).unwrap(),
+        &mask.narrow(1, 0, 1).unwrap()
+    )
+    .is_err());
 }

@@ -22,7 +22,8 @@ fn smollm2_ids_match_the_hf_tokenizer() {
     let tok = Tokenizer::from_gguf_metadata(&md).unwrap();
     assert_eq!(tok.encode("Hello world").unwrap(), vec![19556, 905]);
     assert_eq!(
-        tok.encode("<|im_start|>user\nHi there!<|im_end|>\n").unwrap(),
+        tok.encode("<|im_start|>user\nHi there!<|im_end|>\n")
+            .unwrap(),
         vec![1, 4093, 198, 26843, 665, 17, 2, 198]
     );
     // Digits are split one by one (the `smollm` pre-tokenizer), each its own token.
@@ -48,9 +49,17 @@ fn smollm2_round_trips_varied_text() {
 fn the_gguf_pre_value_selects_how_digits_are_grouped() {
     let merges = [("1", "2"), ("12", "3"), ("4", "5")];
     let ids_of = |pre: &str| {
-        let tok = Tokenizer::from_gguf_metadata(&synthetic_gguf_metadata(pre, CONTROL, &merges, "<|im_end|>")).unwrap();
+        let tok = Tokenizer::from_gguf_metadata(&synthetic_gguf_metadata(
+            pre,
+            CONTROL,
+            &merges,
+            "<|im_end|>",
+        ))
+        .unwrap();
         let ids = tok.encode("12345").unwrap();
-        ids.iter().map(|&i| tok.token_str(i).unwrap()).collect::<Vec<_>>()
+        ids.iter()
+            .map(|&i| tok.token_str(i).unwrap())
+            .collect::<Vec<_>>()
     };
     // smollm and qwen2: one digit per token, so no digit merge ever applies.
     assert_eq!(ids_of("smollm"), ["1", "2", "3", "4", "5"]);
@@ -80,7 +89,10 @@ fn synthetic_tokenizer_parses_control_tokens_and_round_trips() {
 fn unsupported_gguf_tokenizers_fail_with_a_way_out() {
     let md = synthetic_gguf_metadata("deepseek-coder", CONTROL, &[], "<|im_end|>");
     let err = format!("{:#}", Tokenizer::from_gguf_metadata(&md).unwrap_err());
-    assert!(err.contains("deepseek-coder") && err.contains("HF-format folder"), "{err}");
+    assert!(
+        err.contains("deepseek-coder") && err.contains("HF-format folder"),
+        "{err}"
+    );
 
     let mut md = synthetic_gguf_metadata("smollm", CONTROL, &[], "<|im_end|>");
     md.insert(
@@ -96,22 +108,37 @@ fn hf_folder_gives_the_same_ids_and_reads_special_ids_from_its_configs() {
     let md = synthetic_gguf_metadata("smollm", CONTROL, &[("H", "i"), ("Ġ", "t")], "<|im_end|>");
     let from_gguf = Tokenizer::from_gguf_metadata(&md).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    from_gguf.inner().save(dir.path().join("tokenizer.json"), false).unwrap();
+    from_gguf
+        .inner()
+        .save(dir.path().join("tokenizer.json"), false)
+        .unwrap();
     std::fs::write(
         dir.path().join("tokenizer_config.json"),
         r#"{"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|im_end|>"}, "pad_token": "<|endoftext|>"}"#,
     )
     .unwrap();
-    std::fs::write(dir.path().join("generation_config.json"), r#"{"eos_token_id": [2, 6]}"#).unwrap();
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"eos_token_id": [2, 6]}"#,
+    )
+    .unwrap();
     let from_dir = Tokenizer::from_hf_dir(dir.path()).unwrap();
     for text in ROUND_TRIP_TEXTS {
-        assert_eq!(from_dir.encode(text).unwrap(), from_gguf.encode(text).unwrap(), "{text:?}");
+        assert_eq!(
+            from_dir.encode(text).unwrap(),
+            from_gguf.encode(text).unwrap(),
+            "{text:?}"
+        );
     }
     assert_eq!(from_dir.bos_id(), Some(3));
     assert_eq!(from_dir.eos_ids(), &[2, 6]);
     assert_eq!(from_dir.pad_id(), 0);
 
-    std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"eos_token": "<|nope|>"}"#).unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        r#"{"eos_token": "<|nope|>"}"#,
+    )
+    .unwrap();
     let err = format!("{:#}", Tokenizer::from_hf_dir(dir.path()).unwrap_err());
     assert!(err.contains("<|nope|>"), "{err}");
 }

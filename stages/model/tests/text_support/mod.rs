@@ -13,7 +13,12 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 
 /// GGUF-style metadata for a byte-level BPE: `control` tokens first (ids 0..), then the 256
 /// byte symbols, then one token per merge. `eos` names the EOS control token.
-pub fn synthetic_gguf_metadata(pre: &str, control: &[&str], merges: &[(&str, &str)], eos: &str) -> HashMap<String, Value> {
+pub fn synthetic_gguf_metadata(
+    pre: &str,
+    control: &[&str],
+    merges: &[(&str, &str)],
+    eos: &str,
+) -> HashMap<String, Value> {
     let mut tokens: Vec<String> = control.iter().map(|s| s.to_string()).collect();
     let mut types: Vec<i32> = vec![3; control.len()];
     let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
@@ -26,9 +31,15 @@ pub fn synthetic_gguf_metadata(pre: &str, control: &[&str], merges: &[(&str, &st
         tokens.push(format!("{a}{b}"));
         types.push(1);
     }
-    let eos_id = tokens.iter().position(|t| t == eos).expect("eos among tokens") as u32;
+    let eos_id = tokens
+        .iter()
+        .position(|t| t == eos)
+        .expect("eos among tokens") as u32;
     let mut md = HashMap::new();
-    md.insert("tokenizer.ggml.model".to_string(), Value::String("gpt2".into()));
+    md.insert(
+        "tokenizer.ggml.model".to_string(),
+        Value::String("gpt2".into()),
+    );
     md.insert("tokenizer.ggml.pre".to_string(), Value::String(pre.into()));
     md.insert(
         "tokenizer.ggml.tokens".to_string(),
@@ -40,9 +51,17 @@ pub fn synthetic_gguf_metadata(pre: &str, control: &[&str], merges: &[(&str, &st
     );
     md.insert(
         "tokenizer.ggml.merges".to_string(),
-        Value::Array(merges.iter().map(|(a, b)| Value::String(format!("{a} {b}"))).collect()),
+        Value::Array(
+            merges
+                .iter()
+                .map(|(a, b)| Value::String(format!("{a} {b}")))
+                .collect(),
+        ),
     );
-    md.insert("tokenizer.ggml.eos_token_id".to_string(), Value::U32(eos_id));
+    md.insert(
+        "tokenizer.ggml.eos_token_id".to_string(),
+        Value::U32(eos_id),
+    );
     md
 }
 
