@@ -7,6 +7,7 @@ pub mod evaluation;
 pub mod formats;
 pub mod judge;
 pub mod kinds;
+pub mod report;
 pub mod reward;
 pub mod serve;
 pub mod train;

@@ -11,6 +11,7 @@
 //! the same judge (identity includes the model's content digest) has seen the same prompt
 //! with the same params: a rerun never pays twice, and no caller can forget to memoise.
 
+pub mod bench;
 pub mod local;
 pub mod logits;
 pub mod openai;

@@ -2,6 +2,7 @@
 
 pub mod dataset;
 pub mod eval;
+pub mod report;
 pub mod rl;
 pub mod sft;
 
@@ -14,4 +15,10 @@ pub fn register(registry: Registry) -> Registry {
         .with_kind(rl::RlKind)
         .with_kind(dataset::DatasetKind)
         .with_kind(eval::EvalKind)
+        .with_kind(report::ReportKind)
+        .with_bench(
+            "judge",
+            "local judge 0-100 scores per second (exact and top-20)",
+            crate::judge::bench::bench_judge,
+        )
 }
