@@ -125,6 +125,10 @@ pub struct Planner<'a> {
     pub dag: Dag,
     specs: HashMap<String, KindSpec>,
     file_digests: HashMap<PathBuf, String>,
+    /// Stage ids with at least one record, read once per command on first need: the
+    /// store's per-stage lookup scans every record for an id it has never seen, which
+    /// would make planning many new stages on a big store quadratic.
+    recorded_ids: Option<std::collections::HashSet<String>>,
 }
 
 impl<'a> Planner<'a> {
@@ -151,6 +155,7 @@ impl<'a> Planner<'a> {
             dag,
             specs,
             file_digests: HashMap::new(),
+            recorded_ids: None,
         })
     }
 
@@ -440,8 +445,30 @@ impl<'a> Planner<'a> {
         Ok(out)
     }
 
+    /// The last record of stage instance `i`, if it ever had one.
+    fn last_record(&mut self, i: usize) -> anyhow::Result<Option<(String, StageRecord)>> {
+        if self.recorded_ids.is_none() {
+            let ids = self
+                .store
+                .records()?
+                .into_iter()
+                .map(|(_, r)| r.stage_id)
+                .collect();
+            self.recorded_ids = Some(ids);
+        }
+        let id = &self.pipeline.stages[i].id;
+        if !self
+            .recorded_ids
+            .as_ref()
+            .is_some_and(|ids| ids.contains(id))
+        {
+            return Ok(None);
+        }
+        Ok(self.store.last_record_for_stage(id)?)
+    }
+
     fn explain_missing(
-        &self,
+        &mut self,
         i: usize,
         key: &str,
         parts: &KeyParts,
@@ -452,7 +479,7 @@ impl<'a> Planner<'a> {
                 note: Some("forced to rerun (--force)".into()),
             });
         }
-        Ok(match self.store.last_record_for_stage(&self.stage(i).id)? {
+        Ok(match self.last_record(i)? {
             Some((last_key, last)) if last_key != key => State::Stale {
                 changes: explain_change(&last.key_parts, parts),
             },
@@ -465,11 +492,11 @@ impl<'a> Planner<'a> {
 
     /// For a pending stage: the key parts already known to differ from its last record
     /// (everything but input digests, which are not known yet).
-    fn predicted_changes(&self, i: usize) -> anyhow::Result<Vec<KeyChange>> {
-        let stage = self.stage(i);
-        let Some((_, last)) = self.store.last_record_for_stage(&stage.id)? else {
+    fn predicted_changes(&mut self, i: usize) -> anyhow::Result<Vec<KeyChange>> {
+        let Some((_, last)) = self.last_record(i)? else {
             return Ok(Vec::new());
         };
+        let stage = self.stage(i);
         let Ok(old) = serde_json::from_value::<KeyParts>(last.key_parts.clone()) else {
             return Ok(explain_change(
                 &last.key_parts,

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -16,7 +17,8 @@ use emflow_engine::plan::State;
 use emflow_engine::report::{ReportMode, Reporter};
 use emflow_engine::run::{run_pipeline, RunEnv, RunOptions, StageResult};
 use emflow_engine::{
-    ArtifactType, KindSpec, ParamSpec, ParamType, PortSpec, Registry, StageContext, StageKind,
+    ArtifactType, KindSpec, ModelFetcher, ParamSpec, ParamType, PortSpec, Progress, Registry,
+    StageContext, StageKind,
 };
 use serde_json::{json, Value};
 
@@ -90,8 +92,60 @@ fn log_run(ctx: &StageContext) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Fetches `fake:TEXT` by writing TEXT; counts fetches in a file next to it.
+struct FakeFetcher(PathBuf);
+impl ModelFetcher for FakeFetcher {
+    fn schemes(&self) -> &'static [&'static str] {
+        &["fake"]
+    }
+    fn fetch(&self, source: &str, dest: &std::path::Path, _: &dyn Progress) -> anyhow::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.0)?;
+        writeln!(f, "{source}")?;
+        std::fs::write(dest, source.trim_start_matches("fake:"))?;
+        Ok(())
+    }
+}
+
+/// Saves a checkpoint, then waits for a stop request and asks to be rerun; on the rerun it
+/// finds its checkpoint and finishes.
+struct Resumable;
+impl StageKind for Resumable {
+    fn spec(&self) -> KindSpec {
+        KindSpec {
+            name: "resumable",
+            version: 1,
+            summary: "checkpoints and stops",
+            params: vec![ParamSpec::required("log", ParamType::String, "")],
+            open_params: false,
+            inputs: vec![],
+            outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
+        }
+    }
+    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
+        log_run(ctx)?;
+        let state = ctx.checkpoint_dir().join("state");
+        if state.exists() {
+            std::fs::write(ctx.output_path("out"), "resumed")?;
+            return Ok(());
+        }
+        std::fs::write(&state, "half done")?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !ctx.interrupt_requested() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        ctx.check_interrupt()?;
+        anyhow::bail!("never asked to stop")
+    }
+}
+
 fn registry() -> Registry {
-    Registry::new().with_kind(Emit).with_kind(Upper)
+    Registry::new()
+        .with_kind(Emit)
+        .with_kind(Upper)
+        .with_kind(Resumable)
 }
 
 struct Fixture {
@@ -211,7 +265,15 @@ impl Fixture {
     }
 
     fn run(&self, pipeline: &Pipeline, opts: RunOptions) -> emflow_engine::run::RunSummary {
-        let registry = registry();
+        self.run_with(registry(), pipeline, opts)
+    }
+
+    fn run_with(
+        &self,
+        registry: Registry,
+        pipeline: &Pipeline,
+        opts: RunOptions,
+    ) -> emflow_engine::run::RunSummary {
         let executor = InProcessExecutor::new(registry.clone(), self.store.clone());
         let env = RunEnv {
             registry: &registry,
@@ -531,6 +593,97 @@ fn two_concurrent_runs_never_run_the_same_key_twice() {
         .map(|s| s.count(StageResult::Reused) + s.count(StageResult::Cached))
         .sum();
     assert_eq!(reused, 2);
+}
+
+#[test]
+fn a_fetched_model_is_fetched_once_and_keyed_by_content() {
+    let fx = Fixture::new();
+    let fetch_log = fx.dir.path().join("fetches.log");
+    let reg = || registry().with_fetcher(FakeFetcher(fetch_log.clone()));
+    let mut p = fx.pipeline(vec![fx.instance(
+        "shout",
+        "upper",
+        json!({}),
+        &[("in", InputRef::Model { name: "m".into() })],
+    )]);
+    p.models.insert(
+        "m".into(),
+        emflow_engine::pipeline::ModelDecl {
+            name: "m".into(),
+            source: "fake:weights".into(),
+            span: SourceSpan::default(),
+        },
+    );
+    let statuses =
+        commands::status(&p, &reg(), &fx.store, &Reporter::new(ReportMode::Quiet)).unwrap();
+    assert!(
+        matches!(&statuses[0].state, State::Pending { waiting_on, .. } if waiting_on == &["models.m".to_string()])
+    );
+    assert!(fx.run_with(reg(), &p, opts()).ok());
+    assert!(fx.run_with(reg(), &p, opts()).ok());
+    assert_eq!(
+        std::fs::read_to_string(&fetch_log).unwrap(),
+        "fake:weights\n",
+        "fetched exactly once"
+    );
+    assert_eq!(fx.executed(), ["shout"]);
+}
+
+#[test]
+fn a_stop_request_checkpoints_and_the_next_run_resumes() {
+    let fx = Fixture::new();
+    let p = fx.pipeline(vec![
+        fx.instance("long", "resumable", json!({}), &[]),
+        fx.instance(
+            "after",
+            "upper",
+            json!({}),
+            &[(
+                "in",
+                InputRef::Stage {
+                    stage: "long".into(),
+                    output: "out".into(),
+                },
+            )],
+        ),
+    ]);
+    let reg = registry();
+    let executor = InProcessExecutor::new(reg.clone(), fx.store.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let env = RunEnv {
+        registry: &reg,
+        store: fx.store.clone(),
+        executor: &executor,
+        reporter: Reporter::new(ReportMode::Quiet),
+        stop: stop.clone(),
+    };
+    let summary = std::thread::scope(|s| {
+        let run = s.spawn(|| run_pipeline(&p, &env, &opts()).unwrap());
+        while !fx.dir.path().join("runs.log").exists() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        run.join().unwrap()
+    });
+    assert!(summary.interrupted);
+    assert_eq!(summary.result_of("long"), Some(&StageResult::Interrupted));
+    assert_eq!(summary.result_of("after"), Some(&StageResult::Skipped));
+    fx.executed();
+    let again = fx.run(&p, opts());
+    assert!(again.ok(), "{:?}", again.errors);
+    assert_eq!(fx.executed(), ["after", "long"]);
+    let record = fx
+        .store
+        .records()
+        .unwrap()
+        .into_iter()
+        .find(|(_, r)| r.stage_id == "long")
+        .unwrap()
+        .1;
+    assert_eq!(
+        std::fs::read_to_string(fx.store.artifact_path(&record.outputs["out"])).unwrap(),
+        "resumed"
+    );
 }
 
 #[test]

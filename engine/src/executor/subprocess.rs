@@ -181,9 +181,16 @@ impl JobHandle for ChildHandle {
             if err.kind() == std::io::ErrorKind::Interrupted {
                 return Ok(None);
             }
+            // Our own child cannot be waited for: nothing more will be learnt about it.
             self.done = true;
-            return Err(err)
-                .with_context(|| format!("waiting for the process of stage {}", self.stage_id));
+            let error = format!(
+                "lost track of the process of stage {}: {err}",
+                self.stage_id
+            );
+            return Ok(Some(Finished {
+                outcome: JobOutcome::Failed { error },
+                peak_rss_bytes: None,
+            }));
         }
         self.done = true;
         let peak = (usage.ru_maxrss.max(0) as u64) * 1024;
