@@ -13,6 +13,7 @@ pub fn register(registry: Registry) -> Registry {
     registry
         .with_kind(sft::SftKind)
         .with_kind(rl::RlKind)
+        .with_bench("rl", "seconds per GRPO step (SmolLM2, LoRA r=8, 4x4x64): sampling / reward / training", crate::train::bench::bench_rl)
         .with_kind(dataset::DatasetKind)
         .with_kind(eval::EvalKind)
         .with_kind(report::ReportKind)

@@ -5,6 +5,7 @@
 //! and so the SFT steps that `rl` interleaves are the very same code as `sft`'s.
 
 pub mod batch;
+pub mod bench;
 pub mod checkpoint;
 pub mod early_stop;
 pub mod grpo_loss;

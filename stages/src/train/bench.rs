@@ -1,0 +1,132 @@
+//! `emflow bench rl [MODEL.gguf] [STEPS]`: seconds per GRPO step on the paper's step shape
+//! (4 prompts x 4 generations, 64 new tokens, LoRA r = 8), split into sampling, reward and
+//! training, read back from the stage's own metrics. Runs the real `rl` kind in a temporary
+//! folder, so it measures what a manifest run costs.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use emflow_engine::context::{
+    Artifact, ContextParts, DeviceRequest, MemoryMemo, NoProgress, StageContext,
+};
+use emflow_engine::{ArtifactType, StageKind};
+use serde_json::{json, Value};
+
+use crate::kinds::rl::RlKind;
+
+fn default_model() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("EMFLOW_TEST_GGUF") {
+        return Some(PathBuf::from(p));
+    }
+    emflow_model::testing::smollm2_gguf()
+}
+
+pub fn bench_rl(args: &[String]) -> Result<()> {
+    let model = match args.first() {
+        Some(p) => PathBuf::from(p),
+        None => default_model().context("no model: pass a GGUF path (e.g. SmolLM2-135M-Instruct.Q4_1.gguf) or set EMFLOW_TEST_GGUF")?,
+    };
+    let steps: u64 = match args.get(1) {
+        Some(s) => s
+            .parse()
+            .with_context(|| format!("STEPS must be a number, got {s}"))?,
+        None => 3,
+    };
+    let dir = std::env::temp_dir().join(format!("emflow-bench-rl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let result = run_in(&dir, model, steps);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run_in(dir: &std::path::Path, model: PathBuf, steps: u64) -> Result<()> {
+    let prompts = dir.join("prompts.jsonl");
+    let questions = [
+        "What is your favourite colour and why?",
+        "Describe a good breakfast.",
+        "What makes a city pleasant to live in?",
+        "Give me advice for learning to paint.",
+    ];
+    let lines: Vec<String> = questions
+        .iter()
+        .map(|q| json!({"messages": [{"role": "user", "content": q}]}).to_string())
+        .collect();
+    std::fs::write(&prompts, lines.join("\n") + "\n")?;
+    let kind = RlKind;
+    let mut params = serde_json::Map::new();
+    for spec in kind.spec().params {
+        if let Some(d) = spec.default {
+            params.insert(spec.name.to_string(), d);
+        }
+    }
+    let overrides = json!({
+        "reward": {"type": "keyword", "keywords": ["blue"]},
+        "lora": {"r": 8, "alpha": 16},
+        "prompts_per_step": 4, "num_generations": 4, "max_completion_length": 64, "max_steps": steps,
+        "checkpoint_every": 1000, "lr": 1e-5,
+    });
+    if let Value::Object(o) = overrides {
+        params.extend(o);
+    }
+    let art = |path: PathBuf, ty| Artifact {
+        origin: path.display().to_string(),
+        path,
+        digest: String::new(),
+        ty,
+    };
+    let staging = dir.join("staging");
+    let checkpoint = dir.join("checkpoint");
+    std::fs::create_dir_all(&staging)?;
+    std::fs::create_dir_all(&checkpoint)?;
+    let mut ctx = StageContext::new(ContextParts {
+        stage_id: "bench_rl".into(),
+        kind: "rl".into(),
+        params,
+        inputs: BTreeMap::from([
+            (
+                "model".to_string(),
+                vec![art(model.clone(), ArtifactType::Model)],
+            ),
+            (
+                "prompts".to_string(),
+                vec![art(prompts, ArtifactType::Messages)],
+            ),
+        ]),
+        staging: staging.clone(),
+        checkpoint,
+        device: DeviceRequest::Cpu,
+        threads: rayon::current_num_threads(),
+        progress: Arc::new(NoProgress),
+        memo: Arc::new(MemoryMemo::default()),
+        interrupt: Arc::new(AtomicBool::new(false)),
+    });
+    let started = std::time::Instant::now();
+    kind.run(&mut ctx)?;
+    let total = started.elapsed().as_secs_f64();
+    println!(
+        "rl bench: {} | LoRA r=8 | 4 prompts x 4 generations x 64 tokens | {steps} steps",
+        model.display()
+    );
+    println!(
+        "{:>5} {:>9} {:>9} {:>9} {:>9} {:>8}",
+        "step", "total_s", "sample_s", "reward_s", "train_s", "tokens"
+    );
+    let metrics = std::fs::read_to_string(staging.join("metrics"))?;
+    for line in metrics.lines() {
+        let m: Value = serde_json::from_str(line)?;
+        println!(
+            "{:>5} {:>9.2} {:>9.2} {:>9.3} {:>9.2} {:>8.0}",
+            m["step"],
+            m["seconds"].as_f64().unwrap_or(0.0),
+            m["seconds_sampling"].as_f64().unwrap_or(0.0),
+            m["seconds_reward"].as_f64().unwrap_or(0.0),
+            m["seconds_training"].as_f64().unwrap_or(0.0),
+            m["completion_length_mean"].as_f64().unwrap_or(0.0) * 16.0,
+        );
+    }
+    println!("wall time including model load: {total:.1} s");
+    Ok(())
+}
