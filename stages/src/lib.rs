@@ -4,6 +4,7 @@
 //! in its own module; the model layer in the `emflow-model` crate.
 
 pub mod evaluation;
+pub mod fetch;
 pub mod formats;
 pub mod judge;
 pub mod kinds;
@@ -16,5 +17,5 @@ use emflow_engine::Registry;
 
 /// Every kind and model fetcher this build of emflow knows.
 pub fn registry() -> Registry {
-    kinds::register(Registry::new())
+    kinds::register(Registry::new()).with_fetcher(fetch::ModelSourceFetcher::default())
 }
