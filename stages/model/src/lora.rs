@@ -7,7 +7,7 @@
 //! saved under PEFT's names with an `adapter_config.json`, so `PeftModel.from_pretrained` loads
 //! them on the HF copy of the base model.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -170,7 +170,7 @@ impl Transformer {
                 let lin = layer
                     .linear_mut(module)
                     .context("internal: LINEAR_MODULES out of sync with Block")?;
-                let (out, inp) = lin.weight.detached().dims2()?;
+                let (inp, out) = lin.weight_t.detached().dims2()?;
                 let bound = 1.0 / (inp as f64).sqrt();
                 let mut rng = named_rng(seed, &peft_name(i, parent, module, "A"));
                 let a: Vec<f32> = (0..cfg.r * inp)
@@ -219,6 +219,7 @@ impl Transformer {
         for w in self.all_weights_mut() {
             w.make_trainable()?;
         }
+        self.refresh_embed_t()?;
         Ok(())
     }
 
@@ -239,8 +240,7 @@ impl Transformer {
     /// with full fine-tuning.
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
         let mut out = self.lora_vars();
-        let weights = self.named_weight_refs();
-        for (name, w) in weights {
+        for (name, w, _) in self.named_weight_refs() {
             if let Weight::Trainable(v) = w {
                 out.push((name, v.clone()));
             }
@@ -351,13 +351,12 @@ impl Transformer {
                     .linear_mut(module)
                     .context("internal: LINEAR_MODULES out of sync with Block")?;
                 if let Some(lora) = lin.lora.take() {
-                    let delta = (lora
-                        .b
-                        .as_detached_tensor()
-                        .matmul(&lora.a.as_detached_tensor())?
-                        * lora.scale)?;
-                    let merged = (lin.weight.detached().to_dtype(DType::F32)? + delta)?;
-                    lin.weight.set(&merged)?;
+                    // Held transposed: Wᵀ += scale (B A)ᵀ = scale Aᵀ Bᵀ.
+                    let a_t = lora.a.as_detached_tensor().t()?;
+                    let b_t = lora.b.as_detached_tensor().t()?;
+                    let delta_t = (a_t.matmul(&b_t)? * lora.scale)?;
+                    let merged = (lin.weight_t.detached().to_dtype(DType::F32)? + delta_t)?;
+                    lin.weight_t.set(&merged)?;
                 }
             }
         }
@@ -372,7 +371,7 @@ impl Transformer {
         }
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let tensors: HashMap<String, Tensor> = self
-            .named_weights()
+            .named_weights()?
             .into_iter()
             .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
             .collect::<Result<_>>()?;
@@ -395,26 +394,28 @@ impl Transformer {
                 compute_dtype: DType::F32,
             },
         )?;
-        let mut missing: BTreeMap<String, ()> = self
-            .named_weights()
+        let mut missing: BTreeSet<String> = self
+            .named_weight_refs()
             .into_iter()
-            .map(|(n, _)| (n, ()))
+            .map(|(n, _, _)| n)
             .collect();
         for (name, t) in tensors {
             if self.cfg.tie_embeddings && name == "lm_head.weight" {
                 continue;
             }
-            let w = self.weight_mut(&name).with_context(|| {
+            let (w, transposed) = self.weight_mut(&name).with_context(|| {
                 format!(
                     "{} holds {name}, which this model does not have",
                     dir.display()
                 )
             })?;
+            let t = if transposed { t.t()?.contiguous()? } else { t };
             w.set(&t)
                 .with_context(|| format!("loading {name} from {}", dir.display()))?;
             missing.remove(&name);
         }
-        if let Some((name, _)) = missing.iter().next() {
+        self.refresh_embed_t()?;
+        if let Some(name) = missing.iter().next() {
             bail!(
                 "{} lacks {} weight(s), e.g. {name}",
                 dir.display(),

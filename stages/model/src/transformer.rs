@@ -87,9 +87,11 @@ impl Weight {
     }
 }
 
-/// A linear layer `y = x Wᵀ (+ b) (+ LoRA)`, weight in HF's (out, in) layout.
+/// A linear layer `y = x Wᵀ (+ b) (+ LoRA)`. The weight is held transposed, (in, out)
+/// contiguous: candle's CPU matmul is several times faster with a row-major right-hand side
+/// than with a transposed view at decode batch sizes (measured 6x at 16 rows).
 pub(crate) struct Linear {
-    pub(crate) weight: Weight,
+    pub(crate) weight_t: Weight,
     pub(crate) bias: Option<Weight>,
     pub(crate) lora: Option<LoraAdapter>,
 }
@@ -101,8 +103,7 @@ impl Linear {
         let (inner, lead) = dims.split_last().context("linear input has no dims")?;
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, *inner))?;
-        let w = self.weight.get(cx.mode, cx.dtype)?;
-        let mut y = x2.matmul(&w.t()?)?;
+        let mut y = x2.matmul(&self.weight_t.get(cx.mode, cx.dtype)?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.get(cx.mode, cx.dtype)?)?;
         }
@@ -259,8 +260,11 @@ pub struct Transformer {
     pub(crate) embed: Weight,
     pub(crate) layers: Vec<Block>,
     pub(crate) final_norm: Weight,
-    /// None when the output projection is tied to the embedding.
-    pub(crate) lm_head: Option<Weight>,
+    /// The output projection, transposed to (hidden, vocab); None when tied to the embedding.
+    pub(crate) lm_head_t: Option<Weight>,
+    /// A transposed copy of a frozen tied embedding, so the output projection gets the fast
+    /// matmul layout; None when untied or when the embedding is trainable.
+    pub(crate) embed_t: Option<Tensor>,
     /// (positions, head_dim/2) f32 rotary tables.
     cos: Tensor,
     sin: Tensor,
@@ -363,8 +367,14 @@ impl Transformer {
                     t.dims()
                 );
             }
+            let t = t.to_device(&setup.device)?.to_dtype(setup.compute_dtype)?;
+            // Matrices other than the embedding are held transposed (see `Linear`).
             Ok(Weight::Frozen(
-                t.to_device(&setup.device)?.to_dtype(setup.compute_dtype)?,
+                if shape.len() == 2 && name != "model.embed_tokens.weight" {
+                    t.t()?.contiguous()?
+                } else {
+                    t
+                },
             ))
         };
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
@@ -376,7 +386,7 @@ impl Transformer {
             let p = format!("model.layers.{i}");
             let mut linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
                 Ok(Linear {
-                    weight: take(&format!("{p}.{name}.weight"), &[out, inp])?,
+                    weight_t: take(&format!("{p}.{name}.weight"), &[out, inp])?,
                     bias: if bias {
                         Some(take(&format!("{p}.{name}.bias"), &[out])?)
                     } else {
@@ -405,27 +415,39 @@ impl Transformer {
             });
         }
         let final_norm = take("model.norm.weight", &[h])?;
-        let lm_head = if cfg.tie_embeddings {
+        let lm_head_t = if cfg.tie_embeddings {
             None
         } else {
             Some(take("lm_head.weight", &[cfg.vocab_size, h])?)
         };
         let (cos, sin) = rope_tables(&cfg, &setup.device)?;
-        Ok(Transformer {
+        let mut model = Transformer {
             cfg,
             device: setup.device.clone(),
             dtype: setup.compute_dtype,
             embed,
             layers,
             final_norm,
-            lm_head,
+            lm_head_t,
+            embed_t: None,
             cos,
             sin,
             lora: None,
             lora_enabled: true,
             dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(0)),
             base_model_name: String::new(),
-        })
+        };
+        model.refresh_embed_t()?;
+        Ok(model)
+    }
+
+    /// Recompute the transposed copy of a frozen tied embedding after the embedding changed.
+    pub(crate) fn refresh_embed_t(&mut self) -> Result<()> {
+        self.embed_t = match (&self.embed, self.lm_head_t.is_none()) {
+            (Weight::Frozen(e), true) => Some(e.t()?.contiguous()?),
+            _ => None,
+        };
+        Ok(())
     }
 
     /// Random weights (uniform, deterministic in `seed`) with the real architecture, for tests
@@ -468,68 +490,78 @@ impl Transformer {
         self.base_model_name = name.into();
     }
 
-    /// Every parameter by HF name, detached, in its stored dtype (tied `lm_head` omitted).
-    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+    /// Every parameter by HF name in HF layout, detached, in its stored dtype (a tied
+    /// `lm_head` is omitted).
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
         self.named_weight_refs()
             .into_iter()
-            .map(|(n, w)| (n, w.detached()))
+            .map(|(n, w, transposed)| {
+                let t = w.detached();
+                Ok((n, if transposed { t.t()?.contiguous()? } else { t }))
+            })
             .collect()
     }
 
-    pub(crate) fn named_weight_refs(&self) -> Vec<(String, &Weight)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed)];
+    /// Every parameter by HF name, with whether it is held transposed relative to HF layout.
+    pub(crate) fn named_weight_refs(&self) -> Vec<(String, &Weight, bool)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed, false)];
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), &layer.input_norm));
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                &layer.input_norm,
+                false,
+            ));
             out.push((
                 format!("{p}.post_attention_layernorm.weight"),
                 &layer.post_norm,
+                false,
             ));
             for (parent, module) in LINEAR_MODULES {
                 if let Some(lin) = layer.linear(module) {
-                    out.push((format!("{p}.{parent}.{module}.weight"), &lin.weight));
+                    out.push((format!("{p}.{parent}.{module}.weight"), &lin.weight_t, true));
                     if let Some(b) = &lin.bias {
-                        out.push((format!("{p}.{parent}.{module}.bias"), b));
+                        out.push((format!("{p}.{parent}.{module}.bias"), b, false));
                     }
                 }
             }
         }
-        out.push(("model.norm.weight".to_string(), &self.final_norm));
-        if let Some(head) = &self.lm_head {
-            out.push(("lm_head.weight".to_string(), head));
+        out.push(("model.norm.weight".to_string(), &self.final_norm, false));
+        if let Some(head) = &self.lm_head_t {
+            out.push(("lm_head.weight".to_string(), head, true));
         }
         out
     }
 
-    /// Mutable access to a parameter by HF name.
-    pub(crate) fn weight_mut(&mut self, name: &str) -> Option<&mut Weight> {
+    /// Mutable access to a parameter by HF name, with whether it is held transposed.
+    pub(crate) fn weight_mut(&mut self, name: &str) -> Option<(&mut Weight, bool)> {
         match name {
-            "model.embed_tokens.weight" => return Some(&mut self.embed),
-            "model.norm.weight" => return Some(&mut self.final_norm),
-            "lm_head.weight" => return self.lm_head.as_mut(),
+            "model.embed_tokens.weight" => return Some((&mut self.embed, false)),
+            "model.norm.weight" => return Some((&mut self.final_norm, false)),
+            "lm_head.weight" => return self.lm_head_t.as_mut().map(|w| (w, true)),
             _ => {}
         }
         let rest = name.strip_prefix("model.layers.")?;
         let (idx, rest) = rest.split_once('.')?;
         let layer = self.layers.get_mut(idx.parse::<usize>().ok()?)?;
         match rest {
-            "input_layernorm.weight" => return Some(&mut layer.input_norm),
-            "post_attention_layernorm.weight" => return Some(&mut layer.post_norm),
+            "input_layernorm.weight" => return Some((&mut layer.input_norm, false)),
+            "post_attention_layernorm.weight" => return Some((&mut layer.post_norm, false)),
             _ => {}
         }
         let (_parent, rest) = rest.split_once('.')?;
         let (module, kind) = rest.split_once('.')?;
         let lin = layer.linear_mut(module)?;
         match kind {
-            "weight" => Some(&mut lin.weight),
-            "bias" => lin.bias.as_mut(),
+            "weight" => Some((&mut lin.weight_t, true)),
+            "bias" => lin.bias.as_mut().map(|b| (b, false)),
             _ => None,
         }
     }
 
     pub(crate) fn all_weights_mut(&mut self) -> Vec<&mut Weight> {
         let mut out: Vec<&mut Weight> = vec![&mut self.embed, &mut self.final_norm];
-        if let Some(h) = self.lm_head.as_mut() {
+        if let Some(h) = self.lm_head_t.as_mut() {
             out.push(h);
         }
         for layer in self.layers.iter_mut() {
@@ -544,7 +576,7 @@ impl Transformer {
                 &mut layer.up,
                 &mut layer.down,
             ] {
-                out.push(&mut lin.weight);
+                out.push(&mut lin.weight_t);
                 if let Some(b) = lin.bias.as_mut() {
                     out.push(b);
                 }
@@ -592,14 +624,15 @@ impl Transformer {
 
     /// Project final hidden states (any leading dims) to f32 logits.
     pub(crate) fn logits(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
-        let w = match &self.lm_head {
-            Some(head) => head.get(mode, self.dtype)?,
-            None => self.embed.get(mode, self.dtype)?,
+        let w_t = match (&self.lm_head_t, &self.embed_t) {
+            (Some(head), _) => head.get(mode, self.dtype)?,
+            (None, Some(embed_t)) => embed_t.clone(),
+            (None, None) => self.embed.get(mode, self.dtype)?.t()?,
         };
         let dims = h.dims().to_vec();
         let (inner, lead) = dims.split_last().context("hidden states have no dims")?;
         let rows: usize = lead.iter().product();
-        let logits = h.reshape((rows, *inner))?.matmul(&w.t()?)?;
+        let logits = h.reshape((rows, *inner))?.matmul(&w_t)?;
         let mut out = lead.to_vec();
         out.push(self.cfg.vocab_size);
         Ok(logits.reshape(out)?.to_dtype(DType::F32)?)
