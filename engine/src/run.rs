@@ -110,6 +110,22 @@ impl RunSummary {
             })
     }
 
+    /// The summary as a `--json` event body: stages as `{stage, result}` objects.
+    pub fn to_json(&self) -> serde_json::Value {
+        let stages: Vec<_> = self
+            .stages
+            .iter()
+            .map(|(id, r)| json!({ "stage": id, "result": r }))
+            .collect();
+        json!({
+            "run_id": self.run_id,
+            "stages": stages,
+            "errors": self.errors,
+            "elapsed_s": self.elapsed_s,
+            "interrupted": self.interrupted,
+        })
+    }
+
     pub fn result_of(&self, id: &str) -> Option<&StageResult> {
         self.stages.iter().find(|(s, _)| s == id).map(|(_, r)| r)
     }
@@ -189,7 +205,7 @@ pub fn run_pipeline(
             elapsed_s: clock.elapsed().as_secs_f64(),
             interrupted: false,
         };
-        env.reporter.event("summary", json!(summary));
+        env.reporter.event("summary", summary.to_json());
         return Ok(summary);
     }
 
@@ -434,7 +450,7 @@ pub fn run_pipeline(
                         Word::Stop,
                         id,
                         &format!(
-                            "{}  saved a checkpoint; `emflow run` resumes it",
+                            "{}  stopped on request; the next `emflow run` runs it again (from its checkpoint, if it saved one)",
                             duration(secs)
                         ),
                         "",
@@ -761,5 +777,5 @@ fn footer(r: &Reporter, s: &RunSummary) {
         let first = err.lines().next().unwrap_or("");
         r.line(&format!("{:>8}  {id}: {first}", "FAILED"));
     }
-    r.event("summary", json!(s));
+    r.event("summary", s.to_json());
 }
