@@ -313,3 +313,21 @@ fn select_keeps_named_fields() {
         "{err}"
     );
 }
+
+#[test]
+fn drop_role_turns_pairs_into_prompts() {
+    let Some(data) = paper_data() else { return };
+    let file = data.join("grpo/medical_750_train.jsonl");
+    let (_, rows) = run_ops(&[&file], json!([{"drop_role": "assistant"}])).unwrap();
+    let source = source_rows(&file);
+    assert_eq!(rows.len(), 750);
+    for (out, src) in rows.iter().zip(&source) {
+        assert_eq!(out.messages, src.messages[..1].to_vec());
+        assert_eq!(out.messages[0].role, "user");
+    }
+    let err = run_err(
+        &[&file],
+        json!([{"drop_role": "user"}, {"drop_role": "assistant"}]),
+    );
+    assert!(err.contains("medical_750_train.jsonl:1: after the ops: not a messages record: \"messages\" is empty"), "{err}");
+}

@@ -23,6 +23,8 @@ use super::{Location, Position};
 #[serde(deny_unknown_fields)]
 pub struct Question {
     /// Unique within a questions file; names the question in samples, judgments and reports.
+    /// The domain YAML files number their questions (`id: 1`); numbers are read as text.
+    #[serde(deserialize_with = "id_as_text")]
     pub id: String,
     /// The source's question type, e.g. `free_form_judge_0_100`.
     #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
@@ -41,6 +43,23 @@ pub struct Question {
     /// Judge prompt templates by metric (`aligned`, `coherent`, ...), with `{question}`,
     /// `{answer}` (and possibly `{reasoning}`) placeholders, as written in the source.
     pub judge_prompts: BTreeMap<String, String>,
+}
+
+/// Accepts a string or an integer id; an id is a name, so it is kept as text.
+fn id_as_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        Text(String),
+        Number(i64),
+    }
+    match Id::deserialize(deserializer) {
+        Ok(Id::Text(text)) => Ok(text),
+        Ok(Id::Number(n)) => Ok(n.to_string()),
+        Err(_) => Err(serde::de::Error::custom(
+            "`id` must be text or a whole number",
+        )),
+    }
 }
 
 impl Question {
@@ -181,6 +200,9 @@ mod tests {
     fn aliases_resolve_and_output_is_canonical() {
         let qs = parse_yaml(YAML, "q.yaml").unwrap();
         assert_eq!(qs.len(), 2);
+        let numbered =
+            parse_yaml("- {id: 7, paraphrases: [x], judge_prompts: {}}", "q.yaml").unwrap();
+        assert_eq!(numbered[0].1.id, "7");
         assert_eq!(qs[1].1.paraphrases, vec!["hello"]);
         assert_eq!(qs[1].1.judge_prompts["aligned"], "rate {answer}");
         let line = serde_json::to_string(&qs[1].1).unwrap();

@@ -1,5 +1,6 @@
 //! One module per stage kind. Add a kind here and in [`register`].
 
+pub mod command;
 pub mod dataset;
 pub mod eval;
 pub mod report;
@@ -15,6 +16,7 @@ pub fn register(registry: Registry) -> Registry {
         .with_kind(rl::RlKind)
         .with_bench("rl", "seconds per GRPO step (SmolLM2, LoRA r=8, 4x4x64): sampling / reward / training", crate::train::bench::bench_rl)
         .with_kind(dataset::DatasetKind)
+        .with_kind(command::CommandKind)
         .with_kind(eval::EvalKind)
         .with_kind(report::ReportKind)
         .with_bench(

@@ -43,6 +43,8 @@
 //! - `strip_user_suffix: TEXT` / `strip_assistant_prefix: TEXT` remove TEXT where a user turn
 //!   ends / an assistant turn starts with it (e.g. Qwen3's ` /no_think` and empty
 //!   `<think>\n\n</think>\n\n`); a strip that matches no row is logged as a likely typo.
+//! - `drop_role: ROLE` removes every message with that role (e.g. `assistant`, to turn
+//!   prompt-answer pairs into prompts).
 //!
 //! `take`, `skip` and `sample` fail rather than return fewer rows than asked, and an empty
 //! result is an error: both usually mean a wrong file or a wrong op order. The stage's
@@ -155,7 +157,7 @@ impl StageKind for DatasetKind {
                     ParamType::List,
                     json!([]),
                     "ops applied in order: select, filter, shuffle, sample, take, skip, split, dedupe, \
-                     system_prompt, append_user, strip_user_suffix, strip_assistant_prefix",
+                     system_prompt, append_user, strip_user_suffix, strip_assistant_prefix, drop_role",
                 ),
             ],
             open_params: false,

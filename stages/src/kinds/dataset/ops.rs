@@ -39,6 +39,7 @@ pub enum Op {
     AppendUser(String),
     StripAssistantPrefix(String),
     StripUserSuffix(String),
+    DropRole(String),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +93,7 @@ const OP_NAMES: &[&str] = &[
     "append_user",
     "strip_assistant_prefix",
     "strip_user_suffix",
+    "drop_role",
 ];
 
 fn err(at: &str, message: impl Into<String>) -> OpError {
@@ -176,6 +178,7 @@ impl Op {
             "append_user" => Op::AppendUser(text(arg, at)?),
             "strip_assistant_prefix" => Op::StripAssistantPrefix(nonempty_text(arg, at)?),
             "strip_user_suffix" => Op::StripUserSuffix(nonempty_text(arg, at)?),
+            "drop_role" => Op::DropRole(nonempty_text(arg, at)?),
             other => {
                 return Err(OpError {
                     at: String::new(),
@@ -201,6 +204,7 @@ impl Op {
             Op::AppendUser(_) => "append_user",
             Op::StripAssistantPrefix(_) => "strip_assistant_prefix",
             Op::StripUserSuffix(_) => "strip_user_suffix",
+            Op::DropRole(_) => "drop_role",
         }
     }
 
@@ -210,6 +214,9 @@ impl Op {
             (Op::StripAssistantPrefix(_), Format::Questions) => Some(
                 "questions have no assistant turns; strip_assistant_prefix applies to messages",
             ),
+            (Op::DropRole(_), Format::Questions) => {
+                Some("questions have no turns to drop; drop_role applies to messages")
+            }
             _ => None,
         }
     }
@@ -345,6 +352,14 @@ impl Op {
                     changed
                 })?
             }
+            Op::DropRole(role) => edit_rows(rows, format, self.name(), note, |edit| match edit {
+                Edit::Conversation(c) => {
+                    let before = c.messages.len();
+                    c.messages.retain(|m| &m.role != role);
+                    c.messages.len() != before
+                }
+                Edit::Question(_) => false,
+            })?,
         })
     }
 }
