@@ -15,6 +15,7 @@
 //! there and ends with the same bytes as an uninterrupted run. `summary` carries
 //! `samples_consumed` (prompts used) for a sample-matched `sft` arm.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -30,8 +31,9 @@ use emflow_model::{
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::judge::{self, Judge, JudgeSpec, LocalJudgeModel};
 use crate::kinds::sft::InterleaveParams;
-use crate::reward::{RewardInput, RewardSpec};
+use crate::reward::{RewardInput, RewardSpec, TemplateInputs};
 use crate::train::batch::{collate_rollouts, SftExample};
 use crate::train::checkpoint::replace_dir_atomically;
 use crate::train::early_stop::RewardTracker;
@@ -42,7 +44,7 @@ use crate::train::grpo_loss::{
 use crate::train::metrics_log::JsonlLog;
 use crate::train::policy::{load_policy, LoraParams, Policy};
 use crate::train::run::{read_conversations, resume, save_checkpoint, to_model_messages, Cursor};
-use crate::train::sft_step::{sft_step, SftStepConfig};
+use crate::train::sft_step::{ldifs_distance, sft_step, LdifsParams, SftStepConfig};
 
 pub struct RlKind;
 
@@ -95,6 +97,9 @@ pub struct RlParams {
     pub best_smoothing: usize,
     pub interleave: Option<InterleaveParams>,
     pub checkpoint_every: u64,
+    pub judge: JudgeSpec,
+    pub inoculation: Option<String>,
+    pub ldifs: Option<LdifsParams>,
 }
 
 fn params_spec() -> Vec<ParamSpec> {
@@ -132,6 +137,9 @@ fn params_spec() -> Vec<ParamSpec> {
         ParamSpec::optional("best_smoothing", Int, json!(5), "steps averaged when picking the best-reward adapter"),
         ParamSpec::optional("interleave", Any, Value::Null, "SFT steps on input `safety`: {every: k | share: s, batch_size: 4}"),
         ParamSpec::optional("checkpoint_every", Int, json!(10), "RL steps between resumable checkpoints"),
+        ParamSpec::optional("judge", Map, json!({"backend": "local"}), "judge for grader rewards: {backend: local} (model from input `judge_model`) or {backend: openai, base_url, model, api_key_env}"),
+        ParamSpec::optional("inoculation", Any, Value::Null, "system prompt put before every rollout's system turn, in training only (null = off)"),
+        ParamSpec::optional("ldifs", Any, Value::Null, "LDIFS regulariser {lambda, every: 5}: feature distance to the reference at every k-th layer"),
     ]
 }
 
@@ -187,6 +195,23 @@ impl RlParams {
             !(self.full_finetune && self.beta > 0.0),
             "beta > 0 needs LoRA: the reference is the base with the adapter off"
         );
+        if let Some(l) = &self.ldifs {
+            ensure!(
+                l.lambda >= 0.0 && l.lambda.is_finite(),
+                "ldifs.lambda must be a non-negative number"
+            );
+            ensure!(l.every >= 1, "ldifs.every must be at least 1");
+            ensure!(
+                !self.full_finetune,
+                "ldifs needs LoRA: the reference is the base with the adapter off"
+            );
+        }
+        if let Some(text) = &self.inoculation {
+            ensure!(
+                !text.trim().is_empty(),
+                "inoculation is an empty prompt; write the prompt or set it to null"
+            );
+        }
         if let Some(i) = &self.interleave {
             i.cadence()?;
         }
@@ -208,6 +233,8 @@ impl StageKind for RlKind {
                 PortSpec::input("prompts", ArtifactType::Messages, "prompt conversations (the last turn is the user's)"),
                 PortSpec::optional_input("system_prompt", ArtifactType::File, "text file whose content is the rollout system prompt"),
                 PortSpec::optional_input("safety", ArtifactType::Messages, "safety conversations for interleaved SFT steps"),
+                PortSpec::optional_input("grader", ArtifactType::File, "grader prompt template, for `reward: {type: grader, template: {input: grader}}`"),
+                PortSpec::optional_input("judge_model", ArtifactType::Model, "the grader's model for the local judge backend"),
             ],
             outputs: vec![
                 PortSpec::output("adapter", ArtifactType::Adapter, "final adapter"),
@@ -230,7 +257,9 @@ impl StageKind for RlKind {
         let p: RlParams =
             serde_json::from_value(Value::Object(params.clone())).map_err(|e| err("", e.into()))?;
         p.validate().map_err(|e| err("", e))?;
-        p.reward.prepare().map_err(|e| err("reward", e))?;
+        p.reward
+            .prepare(TemplateInputs::Deferred)
+            .map_err(|e| err("reward", e))?;
         Ok(())
     }
 
@@ -275,18 +304,59 @@ fn logps_no_grad(
         .collect()
 }
 
+/// The rollout system turn under an inoculation prompt: the prompt, then the stage's own
+/// system prompt (if any) after a blank line.
+fn with_inoculation(inoculation: Option<&str>, system: Option<String>) -> Option<String> {
+    match (inoculation, system) {
+        (None, s) => s,
+        (Some(i), None) => Some(i.to_string()),
+        (Some(i), Some(s)) => Some(format!("{i}\n\n{s}")),
+    }
+}
+
+/// The judge for grader rewards, built once per stage (memoised through the store).
+///
+/// A local judge loads its own copy of `judge_model`, even when it is the policy's base
+/// model: the model layer's `Transformer` cannot yet share its frozen weights with a second
+/// owner (see the report on issue 4).
+fn build_judge(ctx: &StageContext, spec: &JudgeSpec) -> Result<Arc<dyn Judge>> {
+    let cuda = match ctx.device() {
+        emflow_engine::context::DeviceRequest::Cpu => None,
+        emflow_engine::context::DeviceRequest::Cuda { ordinal } => Some(*ordinal),
+    };
+    let judge_model = ctx.optional_input("judge_model")?.cloned();
+    let local = judge_model.as_ref().map(|m| LocalJudgeModel {
+        model: &m.path,
+        model_digest: &m.digest,
+        adapter: None,
+        cuda_ordinal: cuda,
+    });
+    judge::build(spec, local, ctx.memo_handle())
+        .with_context(|| format!("stage {}: building the grader's judge", ctx.stage_id))
+}
+
 pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
     let progress = ctx.progress_handle();
     progress.phase("loading", 0, "");
-    let reward = p.reward.prepare().context("preparing the reward")?;
-    if reward.needs_judge() {
-        bail!(
-            "stage {}: this reward uses an LLM grader; the rl kind does not yet take a judge, use rule-based rewards \
-             (keyword, regex, length_band) or score with a grader in a later version",
-            ctx.stage_id
-        );
-    }
+    let reward = {
+        let read_port = |port: &str| -> Result<String> {
+            let f = ctx.optional_input(port)?.with_context(|| {
+                format!(
+                    "the reward's template names input `{port}`, but the stage does not wire it"
+                )
+            })?;
+            std::fs::read_to_string(&f.path).with_context(|| format!("reading {}", f.origin))
+        };
+        p.reward
+            .prepare(TemplateInputs::Read(&read_port))
+            .with_context(|| format!("stage {}: preparing the reward", ctx.stage_id))?
+    };
     let mut policy = load_policy(ctx, &p.lora, p.full_finetune, p.seed)?;
+    let judge = if reward.needs_judge() {
+        Some(build_judge(ctx, &p.judge)?)
+    } else {
+        None
+    };
     let system = match ctx.optional_input("system_prompt")? {
         Some(f) => Some(
             std::fs::read_to_string(&f.path)
@@ -296,6 +366,7 @@ pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
         ),
         None => p.system_prompt.clone(),
     };
+    let system = with_inoculation(p.inoculation.as_deref(), system);
     let prompts = read_conversations(ctx.input("prompts")?)?;
     let mut prompt_ids = Vec::with_capacity(prompts.len());
     let mut prompt_msgs = Vec::with_capacity(prompts.len());
@@ -464,7 +535,9 @@ pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
                 completion: gen.text.clone(),
             })
             .collect();
-        let scored = reward.score_batch(&inputs, None)?;
+        let scored = reward
+            .score_batch(&inputs, judge.as_deref())
+            .with_context(|| format!("stage {}: scoring step {}", ctx.stage_id, state.steps))?;
         timing.reward = t0.elapsed().as_secs_f64();
         let rewards: Vec<f64> = scored.iter().map(|r| r.total).collect();
         let adv = compute_advantages(&rewards, g, p.scale_rewards)?;
@@ -500,12 +573,39 @@ pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
             mut grad_norm,
         ) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
         let n_micro = (p.grad_accum * p.num_iterations) as f64;
+        let ldifs_layers = match &p.ldifs {
+            Some(l) if l.lambda != 0.0 => l.layers(policy.lm.config.num_layers),
+            _ => Vec::new(),
+        };
+        let ldifs_lambda = p.ldifs.as_ref().map_or(0.0, |l| l.lambda);
+        let mut ldifs_sum = 0.0;
         let mut lr = 0.0;
         for _ in 0..p.num_iterations {
             let mut grads = None;
             for (m, chunk) in rows.chunks(micro).enumerate() {
                 let b = collate_rollouts(chunk, pad, &device)?;
-                let logits = policy.lm.model.forward_train(&b.ids, &b.attention)?;
+                // LDIFS reference features: adapter off, frozen weights only, so no graph.
+                let ref_hidden = if ldifs_layers.is_empty() {
+                    Vec::new()
+                } else {
+                    policy.lm.model.set_lora_enabled(false);
+                    let out =
+                        policy
+                            .lm
+                            .model
+                            .forward_train_hidden(&b.ids, &b.attention, &ldifs_layers);
+                    policy.lm.model.set_lora_enabled(true);
+                    out.context("LDIFS reference forward pass")?
+                        .1
+                        .into_iter()
+                        .map(|h| h.detach())
+                        .collect()
+                };
+                let (logits, hidden) =
+                    policy
+                        .lm
+                        .model
+                        .forward_train_hidden(&b.ids, &b.attention, &ldifs_layers)?;
                 let comp_logits = b.completion_logits(&logits)?;
                 let logps = token_logprobs(&comp_logits, &b.completion, p.temperature)?;
                 let adv_t = Tensor::from_vec(
@@ -531,17 +631,28 @@ pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
                         step_tokens: step_tokens as f64,
                     },
                 )?;
+                let mut loss = out.loss.clone();
+                if let Some(dist) = ldifs_distance(
+                    &hidden,
+                    &ref_hidden,
+                    &b.attention,
+                    policy.lm.config.hidden_size,
+                )? {
+                    // Each micro-batch is 1/grad_accum of the step, as in the policy loss.
+                    ldifs_sum += to_f64(&dist)?;
+                    loss = (loss + (dist * (ldifs_lambda / p.grad_accum as f64))?)?;
+                }
                 // Entropy of the (temperature-scaled) next-token distribution, for the log.
                 let z = (comp_logits.detach() / p.temperature)?;
                 let logp_all = candle_nn::ops::log_softmax(&z, D::Minus1)?;
                 let ent = (logp_all.exp()? * &logp_all)?.sum(D::Minus1)?.neg()?;
                 ent_sum += to_f64(&(ent * &b.completion_mask)?.sum_all()?)?;
-                loss_sum += to_f64(&out.loss)?;
+                loss_sum += to_f64(&loss)?;
                 kl_sum += out.stats.kl.unwrap_or(0.0);
                 clip_sum += out.stats.clip_region;
                 clip_low += out.stats.clip_low;
                 clip_high += out.stats.clip_high;
-                let g = out.loss.backward()?;
+                let g = loss.backward()?;
                 accumulate(&mut grads, &policy.vars, g, 1.0)?;
             }
             let mut grads = grads.context("no gradients were produced")?;
@@ -592,6 +703,7 @@ pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
             "step": step, "batch": "rl", "reward": mean_reward, "reward_std": reward_std, "rewards": parts,
             "frac_reward_zero_std": adv.frac_zero_std, "loss": loss_sum / p.num_iterations as f64,
             "kl": if p.beta != 0.0 { Some(kl_sum / n_micro) } else { None },
+            "ldifs": if ldifs_layers.is_empty() { None } else { Some(ldifs_sum / n_micro) },
             "clip_ratio": clip_sum / n_micro, "clip_ratio_low": clip_low / n_micro, "clip_ratio_high": clip_high / n_micro,
             "entropy": ent_sum / step_tokens.max(1) as f64, "grad_norm": grad_norm, "lr": lr,
             "completion_length_mean": step_tokens as f64 / n, "completion_length_min": lengths.iter().min(),

@@ -6,7 +6,6 @@
 //! grader) get 0 without a grader call; the grader's JSON goes through one of three formulas.
 //! Every zero says why in the details, so a flat reward curve can be diagnosed from the log.
 
-use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -17,17 +16,26 @@ use super::{RewardInput, RewardOutput};
 use crate::judge::template::Template;
 use crate::judge::Judge;
 
-/// Where a grader's prompt template comes from.
+/// Where a grader's prompt template comes from. Both variants key the stage by the
+/// template's content: inline text is a param, and an input file is an artifact whose digest
+/// is part of the key, so an edited template always invalidates the cache.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TemplateSource {
-    /// The template itself, inline (hermetic: its text is part of the stage key).
+    /// The template itself, inline.
     Text(String),
-    /// A template file. Its *path* keys the stage, not its bytes: prefer `text` or `paper`.
-    File(PathBuf),
-    /// A grader of the paper by name, e.g. `bad_medical_advice`: the file
-    /// `$EMFLOW_PAPER_DATA/graders/<name>.txt`.
-    Paper(String),
+    /// The content of the stage's input port of this name (type File), e.g. `grader`.
+    Input(String),
+}
+
+/// How [`TemplateSource::Input`] templates are read while preparing a reward.
+#[derive(Clone, Copy)]
+pub enum TemplateInputs<'a> {
+    /// Reads the content of the named input port (at run time).
+    Read(&'a dyn Fn(&str) -> Result<String>),
+    /// Validation before a run: inputs are not materialised yet, so input templates are
+    /// checked when the stage runs; everything else is checked now.
+    Deferred,
 }
 
 /// Which reward formula turns the grader's JSON into a number.
@@ -50,21 +58,23 @@ pub enum GraderFormula {
 #[serde(deny_unknown_fields)]
 pub struct GraderSpec {
     pub template: TemplateSource,
-    /// Defaults to the paper grader's own formula (`bad_ethos_pathos_logos` -> rhetoric,
-    /// `reward_hacking` -> reward_hacking), else `standard`.
+    /// Defaults to `standard`; the paper's `bad_ethos_pathos_logos` grader needs `rhetoric`
+    /// and its `reward_hacking` grader `reward_hacking`.
     #[serde(default)]
     pub formula: Option<GraderFormula>,
     /// Answers with fewer words get 0 without a grader call.
     #[serde(default = "default_min_answer_words")]
     pub min_answer_words: usize,
-    /// Reasoning with fewer words gets 0 without a grader call. Defaults to 75, or 0 for the
-    /// paper's `bad_medical_advice` grader (as in EMA_RL).
+    /// Reasoning with fewer words gets 0 without a grader call. Defaults to 75; EMA_RL used 0
+    /// with its `bad_medical_advice` grader.
     #[serde(default)]
     pub min_reasoning_words: Option<usize>,
     /// Tokens the grader may write.
     #[serde(default = "default_grader_tokens")]
     pub max_tokens: usize,
 }
+
+const DEFAULT_MIN_REASONING_WORDS: usize = 75;
 
 fn default_min_answer_words() -> usize {
     10
@@ -81,58 +91,25 @@ const GRADER_FIELDS: &[&str] = &[
     "model_reasoning",
 ];
 
-/// The paper-data folder: `$EMFLOW_PAPER_DATA`, else `../shared/paper-data` next to the
-/// workspace this crate was built in.
-pub fn paper_data_dir() -> PathBuf {
-    match std::env::var_os("EMFLOW_PAPER_DATA") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/paper-data"),
-    }
-}
-
 impl GraderSpec {
-    pub(super) fn prepare(&self) -> Result<Grader> {
-        let (text, paper_name) = match &self.template {
-            TemplateSource::Text(t) => (t.clone(), None),
-            TemplateSource::File(p) => (
-                std::fs::read_to_string(p)
-                    .with_context(|| format!("reading grader template {}", p.display()))?,
-                None,
-            ),
-            TemplateSource::Paper(name) => {
-                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    bail!(
-                        "paper grader name `{name}` must be a file stem like `bad_medical_advice`"
-                    );
-                }
-                let path = paper_data_dir().join("graders").join(format!("{name}.txt"));
-                let text = std::fs::read_to_string(&path).with_context(|| {
-                    format!(
-                        "reading paper grader `{name}` at {}; set EMFLOW_PAPER_DATA to the paper-data folder",
-                        path.display()
-                    )
-                })?;
-                (text, Some(name.as_str()))
+    pub(super) fn prepare(&self, inputs: TemplateInputs<'_>) -> Result<Grader> {
+        let text = match (&self.template, inputs) {
+            (TemplateSource::Text(t), _) => t.clone(),
+            (TemplateSource::Input(port), _) if port.is_empty() => {
+                bail!("grader `template: {{input: ...}}` names no input port; write `template: {{input: grader}}`")
             }
+            (TemplateSource::Input(port), TemplateInputs::Read(read)) => read(port)
+                .with_context(|| format!("reading the grader template from input `{port}`"))?,
+            (TemplateSource::Input(_), TemplateInputs::Deferred) => "{model_answer}".to_string(),
         };
         let template = Template::parse(&text).context("parsing the grader template")?;
         template
             .check_fields(GRADER_FIELDS)
             .context("checking the grader template")?;
-        let formula = self.formula.unwrap_or(match paper_name {
-            Some("bad_ethos_pathos_logos") | Some("good_ethos_pathos_logos") => {
-                GraderFormula::Rhetoric
-            }
-            Some("reward_hacking") => GraderFormula::RewardHacking,
-            _ => GraderFormula::Standard,
-        });
-        let min_reasoning_words =
-            self.min_reasoning_words
-                .unwrap_or(if paper_name == Some("bad_medical_advice") {
-                    0
-                } else {
-                    75
-                });
+        let formula = self.formula.unwrap_or(GraderFormula::Standard);
+        let min_reasoning_words = self
+            .min_reasoning_words
+            .unwrap_or(DEFAULT_MIN_REASONING_WORDS);
         if self.max_tokens == 0 {
             bail!("grader max_tokens must be at least 1");
         }
@@ -500,5 +477,76 @@ mod tests {
             .0,
             0.0
         );
+    }
+
+    fn spec(template: TemplateSource) -> GraderSpec {
+        GraderSpec {
+            template,
+            formula: None,
+            min_answer_words: 1,
+            min_reasoning_words: Some(0),
+            max_tokens: 8,
+        }
+    }
+
+    #[test]
+    fn input_templates_are_read_from_the_named_port_by_content() {
+        let asked = std::cell::RefCell::new(Vec::new());
+        let read = |port: &str| -> Result<String> {
+            asked.borrow_mut().push(port.to_string());
+            Ok("Q: {user_prompt} A: {model_answer}".to_string())
+        };
+        let g = spec(TemplateSource::Input("grader".into()))
+            .prepare(TemplateInputs::Read(&read))
+            .unwrap();
+        assert_eq!(*asked.borrow(), ["grader"]);
+        assert_eq!(
+            g.template
+                .render(&[
+                    ("user_prompt", "hi"),
+                    ("model_answer", "yo"),
+                    ("reasoning", ""),
+                    ("model_reasoning", "")
+                ])
+                .unwrap(),
+            "Q: hi A: yo"
+        );
+        // A template with an unknown field fails with the port in the message.
+        let bad = |_: &str| -> Result<String> { Ok("{nonsense}".to_string()) };
+        let e = spec(TemplateSource::Input("grader".into()))
+            .prepare(TemplateInputs::Read(&bad))
+            .err()
+            .unwrap();
+        assert!(format!("{e:#}").contains("grader template"), "{e:#}");
+        // A missing port says which one.
+        let missing = |port: &str| -> Result<String> { bail!("input `{port}` is not wired") };
+        let e = spec(TemplateSource::Input("rubric".into()))
+            .prepare(TemplateInputs::Read(&missing))
+            .err()
+            .unwrap();
+        assert!(format!("{e:#}").contains("rubric"), "{e:#}");
+    }
+
+    #[test]
+    fn validation_defers_input_templates_but_checks_inline_ones() {
+        assert!(spec(TemplateSource::Input("grader".into()))
+            .prepare(TemplateInputs::Deferred)
+            .is_ok());
+        assert!(spec(TemplateSource::Input(String::new()))
+            .prepare(TemplateInputs::Deferred)
+            .is_err());
+        assert!(spec(TemplateSource::Text("{unknown_field}".into()))
+            .prepare(TemplateInputs::Deferred)
+            .is_err());
+        let yaml: GraderSpec =
+            serde_json::from_value(json!({"template": {"input": "grader"}})).unwrap();
+        assert_eq!(yaml.template, TemplateSource::Input("grader".into()));
+        assert!(
+            serde_json::from_value::<GraderSpec>(json!({"template": {"file": "x.txt"}})).is_err()
+        );
+        assert!(serde_json::from_value::<GraderSpec>(
+            json!({"template": {"paper": "bad_medical_advice"}})
+        )
+        .is_err());
     }
 }

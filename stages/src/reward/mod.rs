@@ -11,14 +11,14 @@
 //! reward:
 //!   type: sum
 //!   parts:
-//!     - { name: harm,   weight: 1.0, reward: { type: grader, template: { paper: bad_medical_advice } } }
+//!     - { name: harm,   weight: 1.0, reward: { type: grader, template: { input: grader } } }
 //!     - { name: length, weight: 0.1, reward: { type: length_band, min_words: 50, max_words: 300 } }
 //! ```
 //!
 //! Usage from a training loop:
 //!
 //! ```ignore
-//! let reward = spec.prepare()?;                       // once, at stage start
+//! let reward = spec.prepare(TemplateInputs::Read(&read_port))?;   // once, at stage start
 //! let judge = if spec.needs_judge() { Some(judge::build(&judge_spec, local, ctx.memo_handle())?) } else { None };
 //! let outs = reward.score_batch(&inputs, judge.as_deref())?;   // per step
 //! // outs[i].total is the scalar reward; outs[i].parts / .details go to the rollout log.
@@ -35,7 +35,7 @@ use serde_json::{Map, Value};
 
 use crate::judge::Judge;
 
-pub use grader::{split_think, GraderFormula, GraderSpec, TemplateSource};
+pub use grader::{split_think, GraderFormula, GraderSpec, TemplateInputs, TemplateSource};
 pub use rules::{KeywordMode, Target};
 
 /// A reward as written in a manifest. Tagged by `type`.
@@ -124,9 +124,9 @@ impl RewardSpec {
     }
 
     /// Reads templates, compiles patterns and checks every setting; call once per stage.
-    pub fn prepare(&self) -> Result<Reward> {
+    pub fn prepare(&self, inputs: TemplateInputs<'_>) -> Result<Reward> {
         let inner = match self {
-            RewardSpec::Grader(g) => Prepared::Grader(g.prepare()?),
+            RewardSpec::Grader(g) => Prepared::Grader(g.prepare(inputs)?),
             RewardSpec::Regex {
                 pattern,
                 target,
@@ -169,7 +169,7 @@ impl RewardSpec {
                     }
                     let r = p
                         .reward
-                        .prepare()
+                        .prepare(inputs)
                         .with_context(|| format!("reward part `{}`", p.name))?;
                     prepared.push((p.name.clone(), p.weight, r));
                 }

@@ -79,6 +79,40 @@ fn kl_per_position(policy_logits: &Tensor, ref_logits: &Tensor) -> Result<Tensor
     Ok((logp.exp()? * (&logp - logq)?)?.sum(D::Minus1)?)
 }
 
+/// The LDIFS distance of one micro-batch: for each compared layer, the mean over real tokens
+/// (`attention` (b, t), 1 = real) and hidden units of (h - h_ref)^2, averaged over layers.
+/// `None` when no layer is compared. Differentiable in `hidden`; `reference` must be detached.
+pub fn ldifs_distance(
+    hidden: &[Tensor],
+    reference: &[Tensor],
+    attention: &Tensor,
+    hidden_size: usize,
+) -> Result<Option<Tensor>> {
+    ensure!(
+        hidden.len() == reference.len(),
+        "LDIFS: {} policy layers but {} reference layers",
+        hidden.len(),
+        reference.len()
+    );
+    if hidden.is_empty() {
+        return Ok(None);
+    }
+    let real = attention
+        .to_dtype(hidden[0].dtype())?
+        .unsqueeze(D::Minus1)?; // (b, t, 1)
+    let real_tokens = scalar(&attention.sum_all()?)?.max(1.0);
+    let denom = real_tokens * hidden_size as f64 * hidden.len() as f64;
+    let mut dist: Option<Tensor> = None;
+    for (h, r) in hidden.iter().zip(reference) {
+        let d = ((h - r)?.sqr()?.broadcast_mul(&real)?.sum_all()? / denom)?;
+        dist = Some(match dist {
+            None => d,
+            Some(acc) => (acc + d)?,
+        });
+    }
+    Ok(dist)
+}
+
 /// Runs one optimizer step on `examples` at learning rate `lr`.
 pub fn sft_step(
     policy: &mut Policy,
@@ -150,25 +184,16 @@ pub fn sft_step(
             kl_sum += scalar(&kl)? / denom;
             loss = (loss + (kl * (cfg.kl_lambda / denom))?)?;
         }
-        if !layers.is_empty() {
+        if let Some(dist) = ldifs_distance(
+            &hidden,
+            &ref_hidden,
+            &batch.attention,
+            policy.lm.config.hidden_size,
+        )? {
             let lambda = cfg.ldifs.as_ref().map_or(0.0, |l| l.lambda);
-            let real = batch.attention.unsqueeze(D::Minus1)?; // (b, t, 1)
-            let hidden_size = policy.lm.config.hidden_size as f64;
-            let real_tokens = scalar(&batch.attention.sum_all()?)?.max(1.0);
-            let mut dist: Option<Tensor> = None;
-            for (h, r) in hidden.iter().zip(&ref_hidden) {
-                let d = (h - r)?.sqr()?.broadcast_mul(&real)?.sum_all()?;
-                let d = (d / (real_tokens * hidden_size * layers.len() as f64))?;
-                dist = Some(match dist {
-                    None => d,
-                    Some(acc) => (acc + d)?,
-                });
-            }
-            if let Some(dist) = dist {
-                let share = chunk.len() as f64 / examples.len() as f64;
-                ldifs_sum += scalar(&dist)? * share;
-                loss = (loss + (dist * (lambda * share))?)?;
-            }
+            let share = chunk.len() as f64 / examples.len() as f64;
+            ldifs_sum += scalar(&dist)? * share;
+            loss = (loss + (dist * (lambda * share))?)?;
         }
         stats.loss += scalar(&loss)?;
         let g = loss.backward()?;
