@@ -143,3 +143,95 @@ impl Store {
         fs::metadata(&entry.path).is_ok_and(|m| Stamp::of(&m) == entry.stamp)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::io::Write;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::StoreOptions;
+
+    fn store(root: &Path, racy_window: Duration) -> Store {
+        Store::open_with(root, StoreOptions { racy_window }).unwrap()
+    }
+
+    /// Replaces the memoised digest of `path` by a sentinel, so that a later call shows
+    /// whether it was answered from the memo (sentinel) or by rehashing (real digest).
+    fn plant_sentinel(store: &Store, path: &Path) -> Digest {
+        let canonical = fs::canonicalize(path).unwrap();
+        let memo_path = store.file_memo_path(canonical.to_str().unwrap());
+        let mut entry: FileMemoEntry =
+            serde_json::from_slice(&fs::read(&memo_path).unwrap()).unwrap();
+        entry.digest = "f".repeat(64);
+        fs::write(&memo_path, serde_json::to_vec(&entry).unwrap()).unwrap();
+        entry.digest
+    }
+
+    #[test]
+    fn unchanged_file_reuses_the_memo_and_a_rewrite_with_old_mtime_is_rehashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir.path().join("store"), Duration::ZERO);
+        let file = dir.path().join("weights.bin");
+        fs::write(&file, vec![1u8; 200_000]).unwrap();
+        let original_mtime = fs::metadata(&file).unwrap().modified().unwrap();
+        let real = store.digest_path(&file).unwrap();
+        assert_eq!(real, hash_file(&file).unwrap());
+
+        let sentinel = plant_sentinel(&store, &file);
+        assert_eq!(
+            store.digest_path(&file).unwrap(),
+            sentinel,
+            "an unchanged stamp is reused"
+        );
+
+        // Same size, same inode, mtime forced back (`touch -d`): only ctime tells.
+        let mut f = fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.write_all(&[2u8; 10]).unwrap();
+        f.set_modified(original_mtime).unwrap();
+        drop(f);
+        assert_eq!(
+            fs::metadata(&file).unwrap().modified().unwrap(),
+            original_mtime
+        );
+        let rehashed = store.digest_path(&file).unwrap();
+        assert_ne!(rehashed, sentinel, "a changed ctime forces a rehash");
+        assert_ne!(rehashed, real);
+        assert_eq!(rehashed, hash_file(&file).unwrap());
+    }
+
+    #[test]
+    fn a_file_replaced_by_another_inode_is_rehashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir.path().join("store"), Duration::ZERO);
+        let file = dir.path().join("data.jsonl");
+        fs::write(&file, vec![b'a'; 100_000]).unwrap();
+        store.digest_path(&file).unwrap();
+        let sentinel = plant_sentinel(&store, &file);
+        let replacement = dir.path().join("new");
+        fs::write(&replacement, vec![b'b'; 100_000]).unwrap();
+        fs::rename(&replacement, &file).unwrap();
+        let digest = store.digest_path(&file).unwrap();
+        assert_ne!(digest, sentinel);
+        assert_eq!(digest, hash_file(&file).unwrap());
+    }
+
+    #[test]
+    fn recently_written_files_are_not_memoised() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir.path().join("store"), Duration::from_secs(3600));
+        let file = dir.path().join("fresh.bin");
+        File::create(&file)
+            .unwrap()
+            .write_all(&[7u8; 100_000])
+            .unwrap();
+        store.digest_path(&file).unwrap();
+        assert_eq!(
+            fs::read_dir(dir.path().join("store/filememo"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+}

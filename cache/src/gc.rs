@@ -170,9 +170,9 @@ impl Store {
             if check_name("stage key", key).is_err() || keep_keys.contains(key) {
                 continue;
             }
-            let Some(_running) = self.try_lock(key)? else {
-                continue;
-            };
+            if self.lock_holder(key)?.is_some() {
+                continue; // a stage is writing it right now
+            }
             report.checkpoints_removed += 1;
             report.bytes_freed += fsutil::disk_usage(&path)?.0;
             if !dry {

@@ -4,7 +4,6 @@
 //! path (with `/`):
 //!
 //! ```text
-//! emflow-tree-v1
 //! dir "sub" 755 0 -
 //! file "sub/w.bin" 644 1048576 <blake3 hex of the file>
 //! ```
@@ -13,7 +12,8 @@
 //! recorded (as 755 or 644): owners, times and other permission bits differ between
 //! machines and would break sharing. Folders get lines of their own so that empty folders
 //! count. Symlinks are refused, because what they point at lives outside the tree.
-//! The header line keeps tree digests apart from the digest of a file with the same bytes.
+//! The listing is hashed in blake3's key-derivation mode with its own context string, so a
+//! tree digest can never equal the digest of a file, whatever the file holds.
 
 use std::fs::{self, Metadata};
 use std::os::unix::fs::PermissionsExt;
@@ -26,7 +26,9 @@ use crate::error::{CacheError, IoContext};
 /// A blake3 digest as 64 lowercase hex characters.
 pub type Digest = String;
 
-const TREE_HEADER: &str = "emflow-tree-v1\n";
+/// Domain separation for tree listings (blake3 `derive_key` context); changing it changes
+/// every tree digest, so it carries the scheme's version.
+const TREE_CONTEXT: &str = "emflow 2026-11 canonical tree listing v1";
 
 /// blake3 of a file's bytes. Large files are memory-mapped and hashed on all cores.
 pub fn hash_file(path: &Path) -> Result<Digest, CacheError> {
@@ -158,8 +160,7 @@ where
             }
         })
         .collect::<Result<_, _>>()?;
-    let mut listing = String::with_capacity(TREE_HEADER.len() + entries.len() * 120);
-    listing.push_str(TREE_HEADER);
+    let mut listing = String::with_capacity(entries.len() * 120);
     let mut size = 0;
     for (entry, digest) in entries.iter().zip(&digests) {
         let quoted = serde_json::to_string(&entry.rel).map_err(|source| CacheError::Serialize {
@@ -176,7 +177,11 @@ where
         }
     }
     Ok(TreeDigest {
-        digest: blake3::hash(listing.as_bytes()).to_hex().to_string(),
+        digest: blake3::Hasher::new_derive_key(TREE_CONTEXT)
+            .update(listing.as_bytes())
+            .finalize()
+            .to_hex()
+            .to_string(),
         size,
         entries,
     })
@@ -233,7 +238,7 @@ mod tests {
         fs::write(b.path().join("b"), b"1").unwrap();
         assert_ne!(digest_of(a.path()), digest_of(b.path()));
         let f = a.path().join("plain");
-        fs::write(&f, TREE_HEADER).unwrap();
+        fs::write(&f, b"").unwrap();
         let empty = tempfile::tempdir().unwrap();
         assert_ne!(hash_file(&f).unwrap(), digest_of(empty.path()));
     }
