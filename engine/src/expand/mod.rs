@@ -101,16 +101,18 @@ pub fn load_manifest_str(
     overrides::apply_profile(&mut root, opts.profile.as_deref(), &mut problems);
     overrides::apply_sets(&mut root, &opts.sets, &mut sources, false, &mut problems);
 
-    let raw = raw::read(&root, &mut problems);
+    let raw = raw::read(root, &mut problems);
     let params = params::ParamResolver::resolve_all(&raw.params, &mut problems);
     let models = resolve_models(&raw.models, &params, registry, &manifest_dir, &mut problems);
     let stage_names: Vec<&str> = raw.stages.iter().map(|s| s.name.as_str()).collect();
+    let stage_set: std::collections::HashSet<&str> = stage_names.iter().copied().collect();
     let ctx = stages::Context {
         registry,
         params: &params,
         models: &models,
         manifest_dir: &manifest_dir,
         stage_names: &stage_names,
+        stage_set: &stage_set,
     };
     let instances = stages::expand_stages(&ctx, &raw.stages, &mut problems);
     if !problems.is_empty() {

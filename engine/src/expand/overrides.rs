@@ -37,7 +37,7 @@ pub fn apply_profile(root: &mut Node, profile: Option<&str>, problems: &mut Vec<
         match &e.value.value {
             Value::Map(overlay) => {
                 for o in &overlay.entries {
-                    if !params_keys.iter().any(|k| *k == o.key) {
+                    if !params_keys.contains(&o.key) {
                         let hint = did_you_mean(&o.key, params_keys.iter().map(String::as_str)).unwrap_or_else(|| {
                             "a profile overrides params declared under the top-level `params:`; declare it there first"
                                 .to_string()
@@ -196,8 +196,8 @@ fn apply_one(root: &mut Node, set: SetArg, problems: &mut Vec<Problem>) {
         let shape = node.type_name();
         match &mut node.value {
             Value::Map(map) => {
-                if map.entry(seg).is_none() {
-                    if last && may_create(&set.segments, depth) {
+                if map.entry(seg).is_none() && may_create(&set.segments, depth) {
+                    if last {
                         map.entries.push(yaml::Entry {
                             key: seg.clone(),
                             key_span: *seg_span,
@@ -205,6 +205,11 @@ fn apply_one(root: &mut Node, set: SetArg, problems: &mut Vec<Problem>) {
                         });
                         return;
                     }
+                    // `stages.sft.params.lr=...` on a stage without `params:` yet.
+                    let empty = Node::new(*seg_span, Value::Map(Map::default()));
+                    map.set(seg, *seg_span, empty);
+                }
+                if map.entry(seg).is_none() {
                     let hint = did_you_mean(seg, map.keys()).unwrap_or_else(|| {
                         format!("{here} has: {}", list_names(map.keys().take(20)))
                     });
@@ -257,8 +262,8 @@ fn apply_one(root: &mut Node, set: SetArg, problems: &mut Vec<Problem>) {
     let _ = set.whole;
 }
 
-/// A missing last segment may be created inside a stage or model (a param left to its
-/// default, a `resources:` not written), inside a param's own mapping, or at the top level
+/// A missing segment may be created inside a stage or model (a param left to its default, a
+/// `params:` or `resources:` not written), inside a param's own mapping, or at the top level
 /// (`name`); top-level params and stage/model names must exist, so typos are caught.
 fn may_create(segments: &[(String, SourceSpan)], depth: usize) -> bool {
     match segments[0].0.as_str() {

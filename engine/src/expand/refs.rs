@@ -204,7 +204,7 @@ fn substitute_str(
             }
         }
     }
-    ok.then(|| Node {
+    ok.then_some(Node {
         span: node.span,
         value: Value::Str(out),
         text_start: None,

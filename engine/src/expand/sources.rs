@@ -79,19 +79,18 @@ fn key_span_of(entry: &Node, path: &str) -> Option<SourceSpan> {
     let mut node = entry;
     let mut span = None;
     for part in path.split('.') {
-        match &node.value {
-            Value::Map(m) => {
-                let e = m.entry(part)?;
-                span = Some(e.key_span);
-                node = &e.value;
-            }
-            Value::Seq(items) => {
-                let item = items.get(part.parse::<usize>().ok()?)?;
-                span = Some(item.span);
-                node = item;
-            }
-            _ => break,
-        }
+        let next = match &node.value {
+            Value::Map(m) => m.entry(part).map(|e| (e.key_span, &e.value)),
+            Value::Seq(items) => part
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| items.get(i))
+                .map(|n| (n.span, n)),
+            _ => None,
+        };
+        let Some((at, child)) = next else { break };
+        span = Some(at);
+        node = child;
     }
     span
 }

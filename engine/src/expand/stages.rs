@@ -60,6 +60,8 @@ pub struct Context<'a> {
     /// Every stage name, to report a reference to a missing stage even when the referring
     /// stage has other problems.
     pub stage_names: &'a [&'a str],
+    /// The same names, for lookups.
+    pub stage_set: &'a HashSet<&'a str>,
 }
 
 /// Expands all stages; instances come out in manifest order, cells in expansion order.
@@ -117,7 +119,7 @@ fn plan_stage(ctx: &Context<'_>, raw: &RawStage, problems: &mut Vec<Problem>) ->
     let spec = kind.spec();
     let before = problems.len();
     let no_cell = BTreeMap::new();
-    let (axes, cells_coords) = match &raw.matrix {
+    let (axes, cells_coords) = match raw.matrix() {
         None => (Vec::new(), vec![no_cell]),
         Some(m) => {
             let mut scope = StageScope {
@@ -142,15 +144,15 @@ fn plan_stage(ctx: &Context<'_>, raw: &RawStage, problems: &mut Vec<Problem>) ->
             matrix,
             stage: &raw.name,
         };
-        let params_node = match &raw.params {
+        let params_node = match raw.params() {
             Some(n) => substitute(n, &mut scope, problems).map(Some),
             None => Some(None),
         };
-        let inputs_node = match &raw.inputs {
+        let inputs_node = match raw.inputs() {
             Some(n) => substitute(n, &mut scope, problems).map(Some),
             None => Some(None),
         };
-        let resources_node = match &raw.resources {
+        let resources_node = match raw.resources() {
             Some(n) => substitute(n, &mut scope, problems).map(Some),
             None => Some(None),
         };
@@ -182,7 +184,7 @@ fn plan_stage(ctx: &Context<'_>, raw: &RawStage, problems: &mut Vec<Problem>) ->
             for (r, span) in &w.refs {
                 match r {
                     InputSpec::Stage { stage, .. } => {
-                        if !ctx.stage_names.contains(&stage.as_str()) {
+                        if !ctx.stage_set.contains(stage.as_str()) {
                             let names = ctx.stage_names.iter().copied();
                             let help = did_you_mean(stage, names.clone()).unwrap_or_else(|| {
                                 format!("stages in this manifest: {}", list_names(names.take(30)))
@@ -633,6 +635,10 @@ fn match_cells(
 
 /// Merges identical cells of one stage (same kind, params, inputs and resources).
 fn merge_cells(plan: &mut StagePlan) {
+    if plan.instances.len() <= 1 {
+        plan.cell_instance = (0..plan.instances.len()).collect();
+        return;
+    }
     let instances = std::mem::take(&mut plan.instances);
     let mut groups: Vec<Vec<usize>> = Vec::new();
     let mut by_key: HashMap<String, usize> = HashMap::new();

@@ -39,11 +39,25 @@ pub struct RawStage {
     pub kind: Option<Located<String>>,
     /// Span of the `params:` key, where a missing required param is reported.
     pub params_key: Option<SourceSpan>,
-    pub params: Option<Node>,
     pub inputs_key: Option<SourceSpan>,
-    pub inputs: Option<Node>,
-    pub matrix: Option<Node>,
-    pub resources: Option<Node>,
+}
+
+impl RawStage {
+    fn part(&self, key: &str) -> Option<&Node> {
+        self.entry.as_map()?.get(key)
+    }
+    pub fn params(&self) -> Option<&Node> {
+        self.part("params")
+    }
+    pub fn inputs(&self) -> Option<&Node> {
+        self.part("inputs")
+    }
+    pub fn matrix(&self) -> Option<&Node> {
+        self.part("matrix")
+    }
+    pub fn resources(&self) -> Option<&Node> {
+        self.part("resources")
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -112,9 +126,17 @@ pub fn expect_map<'n>(node: &'n Node, what: &str, problems: &mut Vec<Problem>) -
     }
 }
 
-/// Reads the manifest's structure from its (overridden) YAML tree.
-pub fn read(root: &Node, problems: &mut Vec<Problem>) -> RawManifest {
+/// Reads the manifest's structure from its (overridden) YAML tree, taking the stages out of
+/// it without copying them.
+pub fn read(mut root: Node, problems: &mut Vec<Problem>) -> RawManifest {
     let mut raw = RawManifest::default();
+    let stages_node = match &mut root.value {
+        Value::Map(top) => top.entry_mut("stages").map(|e| {
+            let placeholder = Node::new(e.value.span, Value::Null);
+            (e.key_span, std::mem::replace(&mut e.value, placeholder))
+        }),
+        _ => None,
+    };
     let Value::Map(top) = &root.value else {
         let p = match root.value {
             Value::Null => Problem::new("the manifest is empty")
@@ -163,19 +185,25 @@ pub fn read(root: &Node, problems: &mut Vec<Problem>) -> RawManifest {
             raw.models = read_models(m, problems);
         }
     }
-    match top.entry("stages") {
-        Some(e) => {
-            if let Some(m) = expect_map(&e.value, "`stages`", problems) {
-                raw.stages = m
-                    .entries
-                    .iter()
-                    .filter_map(|e| read_stage(&e.key, e.key_span, &e.value, problems))
-                    .collect();
+    match stages_node {
+        Some((key_span, node)) => {
+            match node.value {
+                Value::Map(m) => {
+                    raw.stages = m
+                        .entries
+                        .into_iter()
+                        .filter_map(|e| read_stage(&e.key, e.key_span, e.value, problems))
+                        .collect();
+                }
+                Value::Null => {}
+                _ => {
+                    expect_map(&node, "`stages`", problems);
+                }
             }
             if raw.stages.is_empty() && problems.is_empty() {
                 problems.push(
                     Problem::new("the manifest has no stages")
-                        .at(e.key_span, "empty")
+                        .at(key_span, "empty")
                         .help("add at least one stage"),
                 );
             }
@@ -245,7 +273,7 @@ fn bad_name(what: &str, name: &str, span: SourceSpan) -> Problem {
 fn read_stage(
     name: &str,
     name_span: SourceSpan,
-    node: &Node,
+    node: Node,
     problems: &mut Vec<Problem>,
 ) -> Option<RawStage> {
     if !is_valid_name(name) {
@@ -295,17 +323,15 @@ fn read_stage(
             return None;
         }
     };
+    let params_key = m.entry("params").map(|e| e.key_span);
+    let inputs_key = m.entry("inputs").map(|e| e.key_span);
     Some(RawStage {
         name: name.to_string(),
         name_span,
-        entry: node.clone(),
+        entry: node,
         kind,
-        params_key: m.entry("params").map(|e| e.key_span),
-        params: m.get("params").cloned(),
-        inputs_key: m.entry("inputs").map(|e| e.key_span),
-        inputs: m.get("inputs").cloned(),
-        matrix: m.get("matrix").cloned(),
-        resources: m.get("resources").cloned(),
+        params_key,
+        inputs_key,
     })
 }
 

@@ -536,7 +536,16 @@ impl Builder<'_> {
                     ),
                     Some(k) if k.merge => merges.push(node),
                     Some(k) => {
-                        if seen.insert(k.name.clone()) {
+                        // Small maps (almost all) are scanned; large ones get a set of keys.
+                        let fresh = if map.entries.len() < 16 {
+                            map.entries.iter().all(|e| e.key != k.name)
+                        } else {
+                            if seen.is_empty() {
+                                seen.extend(map.entries.iter().map(|e| e.key.clone()));
+                            }
+                            seen.insert(k.name.clone())
+                        };
+                        if fresh {
                             map.entries.push(Entry {
                                 key: k.name,
                                 key_span: k.span,
