@@ -702,16 +702,19 @@ pub fn kinds_text(registry: &Registry) -> String {
 
 /// Where the store is: `--store`, else `EMFLOW_HOME`, else `.emflow/` next to the manifest.
 pub fn store_location(flag: Option<&Path>, manifest: Option<&Path>) -> PathBuf {
-    if let Some(p) = flag {
-        return p.to_path_buf();
-    }
-    if let Some(home) = std::env::var_os("EMFLOW_HOME").filter(|v| !v.is_empty()) {
-        return PathBuf::from(home);
-    }
-    match manifest.and_then(|m| m.parent()) {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.join(".emflow"),
-        _ => PathBuf::from(".emflow"),
-    }
+    let chosen = if let Some(p) = flag {
+        p.to_path_buf()
+    } else if let Some(home) = std::env::var_os("EMFLOW_HOME").filter(|v| !v.is_empty()) {
+        PathBuf::from(home)
+    } else {
+        match manifest.and_then(|m| m.parent()) {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.join(".emflow"),
+            _ => PathBuf::from(".emflow"),
+        }
+    };
+    // Absolute, because stages run in other working directories and read artifacts
+    // by the paths derived from it.
+    std::path::absolute(&chosen).unwrap_or(chosen)
 }
 
 /// Formats a failed command's error for the terminal.
