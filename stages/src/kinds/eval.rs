@@ -32,7 +32,7 @@ use crate::reward::split_think;
 pub struct EvalKind;
 
 /// Fields an eval judge prompt may use.
-const JUDGE_FIELDS: &[&str] = &["question", "answer", "reasoning"];
+pub const JUDGE_FIELDS: &[&str] = &["question", "answer", "reasoning"];
 /// Judge prompts scored per answer chunk (progress granularity only).
 const JUDGE_CHUNK: usize = 16;
 
@@ -207,24 +207,14 @@ impl StageKind for EvalKind {
             let prompts = samples
                 .iter()
                 .map(|s| {
-                    let (reasoning, answer) = split_think(&s.completion);
-                    templates[by_id[s.question_id.as_str()]][m].render(&[
-                        ("question", &s.question),
-                        ("answer", answer),
-                        ("reasoning", reasoning.unwrap_or("")),
-                    ])
+                    render_judge_prompt(
+                        &templates[by_id[s.question_id.as_str()]][m],
+                        &s.question,
+                        &s.completion,
+                    )
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let mut out = Vec::with_capacity(prompts.len());
-            for chunk in prompts.chunks(JUDGE_CHUNK) {
-                out.extend(
-                    judge
-                        .score_0_100(chunk)
-                        .with_context(|| format!("judging `{metric}` with {}", judge.identity()))?,
-                );
-                ctx.progress().inc(chunk.len() as u64);
-            }
-            scores.push(out);
+            scores.push(score_prompts(&*judge, &prompts, metric, ctx.progress())?);
         }
 
         // 3. Write judgments and the summary.
@@ -274,6 +264,41 @@ impl StageKind for EvalKind {
         ctx.summarize("mean_aligned", json!(o.mean_aligned.value));
         Ok(())
     }
+}
+
+/// A judge prompt for one answer: `{question}`, and the completion split into `{reasoning}`
+/// and `{answer}` at its `<think>` block. Shared with `safety_data`.
+pub fn render_judge_prompt(
+    template: &Template,
+    question: &str,
+    completion: &str,
+) -> Result<String> {
+    let (reasoning, answer) = split_think(completion);
+    template.render(&[
+        ("question", question),
+        ("answer", answer),
+        ("reasoning", reasoning.unwrap_or("")),
+    ])
+}
+
+/// 0-100 scores for rendered judge prompts of `metric`, in chunks that advance `progress`.
+/// Shared with `safety_data`.
+pub fn score_prompts(
+    judge: &dyn judge::Judge,
+    prompts: &[String],
+    metric: &str,
+    progress: &dyn emflow_engine::Progress,
+) -> Result<Vec<Score>> {
+    let mut out = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(JUDGE_CHUNK) {
+        out.extend(
+            judge
+                .score_0_100(chunk)
+                .with_context(|| format!("judging `{metric}` with {}", judge.identity()))?,
+        );
+        progress.inc(chunk.len() as u64);
+    }
+    Ok(out)
 }
 
 /// Parses every question's judge prompt for each metric, failing early (before sampling)

@@ -5,6 +5,7 @@ pub mod dataset;
 pub mod eval;
 pub mod report;
 pub mod rl;
+pub mod safety_data;
 pub mod sft;
 
 use emflow_engine::Registry;
@@ -14,6 +15,7 @@ pub fn register(registry: Registry) -> Registry {
     registry
         .with_kind(sft::SftKind)
         .with_kind(rl::RlKind)
+        .with_kind(safety_data::SafetyDataKind)
         .with_bench("rl", "seconds per GRPO step (SmolLM2, LoRA r=8, 4x4x64): sampling / reward / training", crate::train::bench::bench_rl)
         .with_kind(dataset::DatasetKind)
         .with_kind(command::CommandKind)
