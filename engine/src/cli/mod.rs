@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use emflow_cache::Store;
 
 use crate::commands::{self, GraphFormat};
-use crate::executor::{Executor, InProcessExecutor, SubprocessExecutor};
+use crate::executor::{ClusterProfile, Executor, InProcessExecutor, SlurmExecutor, SubprocessExecutor};
 use crate::kind::Registry;
 use crate::pipeline::Pipeline;
 use crate::report::{ReportMode, Reporter};
@@ -90,9 +90,14 @@ enum Command {
         /// One JSON event per line on stdout instead of text.
         #[arg(long)]
         json: bool,
-        /// Where stages run: `local` (a child process each) or `in-process`.
-        #[arg(long, default_value = "local", value_parser = ["local", "in-process"])]
+        /// Where stages run: `local` (a child process each), `in-process`, or `slurm` (one
+        /// Slurm job each; the store must be on storage the compute nodes share).
+        #[arg(long, default_value = "local", value_parser = ["local", "in-process", "slurm"])]
         executor: String,
+        /// Cluster profile for `--executor slurm` (YAML: partition, account, qos,
+        /// constraint, extra, gpu_flag, retries, growth, poll_interval_s, grace_s, ...).
+        #[arg(long, value_name = "FILE")]
+        cluster_config: Option<PathBuf>,
     },
     /// Each stage instance: cached / stale / missing / pending, and why (changed key parts first).
     #[command(after_help = "Example:\n  emflow status m.yaml --set stages.sft.params.lr=2e-4")]
@@ -234,6 +239,7 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
             keep_going,
             json,
             executor: exec_name,
+            cluster_config,
         } => {
             let pipeline = load(&manifest, &registry)?;
             let store = open_store(store_flag, Some(&manifest.manifest))?;
@@ -245,7 +251,23 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
             });
             let stop = crate::signals::install_driver();
             let run_dir = crate::host::new_run_id();
-            let exec = executor(&exec_name, &registry, &store, &run_dir)?;
+            let slurm_profile = match (&cluster_config, exec_name.as_str()) {
+                (Some(path), "slurm") => Some(ClusterProfile::load(path)?),
+                (Some(_), other) => anyhow::bail!(
+                    "--cluster-config is for `--executor slurm`, not `--executor {other}`"
+                ),
+                (None, "slurm") => Some(ClusterProfile::default()),
+                (None, _) => None,
+            };
+            let exec: Box<dyn Executor> = match &slurm_profile {
+                Some(profile) => Box::new(SlurmExecutor::new(
+                    std::env::current_exe()
+                        .context("finding the emflow binary the Slurm jobs run")?,
+                    store.root(),
+                    profile.clone(),
+                )),
+                None => executor(&exec_name, &registry, &store, &run_dir)?,
+            };
             let mut opts = RunOptions {
                 dry_run,
                 only,
@@ -253,6 +275,13 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
                 keep_going,
                 ..RunOptions::default()
             };
+            if slurm_profile.is_some() {
+                // The cluster, not this machine, bounds what runs at once: keep up to 100
+                // jobs in the queue and let Slurm place them (GPUs are Slurm's to assign).
+                opts.jobs = 100;
+                opts.cpus = 1 << 20;
+                opts.gpus = (0..1024).map(|g| g.to_string()).collect();
+            }
             if let Some(j) = jobs {
                 opts.jobs = j.max(1);
             }
@@ -264,6 +293,15 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
                 stop,
             };
             let summary = run_pipeline(&pipeline, &env, &opts)?;
+            if let (true, Some(profile)) = (dry_run, &slurm_profile) {
+                crate::executor::slurm::print_dry_run(
+                    &pipeline,
+                    &registry,
+                    &store,
+                    profile,
+                    &summary.run_id,
+                )?;
+            }
             Ok(if summary.interrupted {
                 EXIT_STOPPED
             } else if summary.ok() {

@@ -9,9 +9,11 @@
 //! scheduler polls them on its interval.
 
 mod in_process;
+pub mod slurm;
 mod subprocess;
 
 pub use in_process::InProcessExecutor;
+pub use slurm::{ClusterProfile, SlurmExecutor};
 pub use subprocess::{SubprocessExecutor, WireEvent, WireProgress};
 
 use std::sync::mpsc::Sender;
