@@ -21,7 +21,9 @@ use crate::context::StageContext;
 /// The type of an artifact flowing along a DAG edge. Validation refuses an edge whose
 /// producer and consumer disagree on it, so a typo'd wiring fails at plan time, not after
 /// an hour of training.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ArtifactType {
     /// Chat conversations, JSONL: one `{"messages": [{"role", "content"}, ...], ...}` a line.
@@ -109,10 +111,20 @@ pub struct ParamSpec {
 
 impl ParamSpec {
     pub fn required(name: &'static str, ty: ParamType, doc: &'static str) -> Self {
-        ParamSpec { name, ty, default: None, doc }
+        ParamSpec {
+            name,
+            ty,
+            default: None,
+            doc,
+        }
     }
     pub fn optional(name: &'static str, ty: ParamType, default: Value, doc: &'static str) -> Self {
-        ParamSpec { name, ty, default: Some(default), doc }
+        ParamSpec {
+            name,
+            ty,
+            default: Some(default),
+            doc,
+        }
     }
 }
 
@@ -130,16 +142,40 @@ pub struct PortSpec {
 
 impl PortSpec {
     pub fn input(name: &str, ty: ArtifactType, doc: &'static str) -> Self {
-        PortSpec { name: name.to_string(), ty, required: true, many: false, doc }
+        PortSpec {
+            name: name.to_string(),
+            ty,
+            required: true,
+            many: false,
+            doc,
+        }
     }
     pub fn optional_input(name: &str, ty: ArtifactType, doc: &'static str) -> Self {
-        PortSpec { name: name.to_string(), ty, required: false, many: false, doc }
+        PortSpec {
+            name: name.to_string(),
+            ty,
+            required: false,
+            many: false,
+            doc,
+        }
     }
     pub fn many_input(name: &str, ty: ArtifactType, doc: &'static str) -> Self {
-        PortSpec { name: name.to_string(), ty, required: false, many: true, doc }
+        PortSpec {
+            name: name.to_string(),
+            ty,
+            required: false,
+            many: true,
+            doc,
+        }
     }
     pub fn output(name: &str, ty: ArtifactType, doc: &'static str) -> Self {
-        PortSpec { name: name.to_string(), ty, required: true, many: false, doc }
+        PortSpec {
+            name: name.to_string(),
+            ty,
+            required: true,
+            many: false,
+            doc,
+        }
     }
 }
 
@@ -224,7 +260,12 @@ pub trait ModelFetcher: Send + Sync + 'static {
     /// `dest`, which does not exist yet. Called once per source per store: the engine commits
     /// what is written to the store and reuses it afterwards. Errors must say how to get the
     /// model by other means (e.g. point the manifest at a local copy).
-    fn fetch(&self, source: &str, dest: &std::path::Path, progress: &dyn crate::context::Progress) -> anyhow::Result<()>;
+    fn fetch(
+        &self,
+        source: &str,
+        dest: &std::path::Path,
+        progress: &dyn crate::context::Progress,
+    ) -> anyhow::Result<()>;
 }
 
 /// The kinds and fetchers one `emflow` binary knows. Built by the binary (from the stages
@@ -234,6 +275,7 @@ pub struct Registry {
     kinds: BTreeMap<&'static str, std::sync::Arc<dyn StageKind>>,
     fetchers: Vec<std::sync::Arc<dyn ModelFetcher>>,
     benches: BTreeMap<&'static str, Bench>,
+    commands: BTreeMap<&'static str, Bench>,
 }
 
 /// A named benchmark run by `emflow bench NAME [ARGS...]`: it prints its own figures.
@@ -267,8 +309,36 @@ impl Registry {
         summary: &'static str,
         run: impl Fn(&[String]) -> anyhow::Result<()> + Send + Sync + 'static,
     ) -> Self {
-        self.benches.insert(name, Bench { summary, run: std::sync::Arc::new(run) });
+        self.benches.insert(
+            name,
+            Bench {
+                summary,
+                run: std::sync::Arc::new(run),
+            },
+        );
         self
+    }
+
+    /// Adds a top-level command implemented outside the engine (e.g. `serve`, which needs
+    /// the model layer): the CLI passes it the arguments after its name.
+    pub fn with_command(
+        mut self,
+        name: &'static str,
+        summary: &'static str,
+        run: impl Fn(&[String]) -> anyhow::Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        self.commands.insert(
+            name,
+            Bench {
+                summary,
+                run: std::sync::Arc::new(run),
+            },
+        );
+        self
+    }
+
+    pub fn command(&self, name: &str) -> Option<&Bench> {
+        self.commands.get(name)
     }
 
     pub fn bench(&self, name: &str) -> Option<&Bench> {

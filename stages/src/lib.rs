@@ -17,5 +17,8 @@ use emflow_engine::Registry;
 
 /// Every kind and model fetcher this build of emflow knows.
 pub fn registry() -> Registry {
-    kinds::register(Registry::new()).with_fetcher(fetch::ModelSourceFetcher::default())
+    kinds::register(Registry::new())
+        .with_fetcher(fetch::ModelSourceFetcher::default())
+        .with_bench("model", "SmolLM2 on this machine: prefill, decode (batch 1 and 16), LoRA and full training tokens/s, peak memory", emflow_model::bench::bench_model)
+        .with_command("serve", "serve a local model over an OpenAI-compatible API", serve::serve_command)
 }

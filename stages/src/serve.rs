@@ -47,6 +47,44 @@ pub fn serve(
     server.join()
 }
 
+/// The `emflow serve` command: `--model PATH --addr HOST:PORT [--adapter DIR] [--name ID]
+/// [--cuda ORDINAL]`, as the CLI passes them.
+pub fn serve_command(args: &[String]) -> Result<()> {
+    let mut model = None;
+    let mut adapter = None;
+    let mut addr = "127.0.0.1:8000".to_string();
+    let mut name = None;
+    let mut cuda = None;
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("emflow serve: `{flag}` needs a value"))?;
+        match flag.as_str() {
+            "--model" => model = Some(std::path::PathBuf::from(value)),
+            "--adapter" => adapter = Some(std::path::PathBuf::from(value)),
+            "--addr" => addr = value.clone(),
+            "--name" => name = Some(value.clone()),
+            "--cuda" => {
+                cuda = Some(
+                    value
+                        .parse::<usize>()
+                        .map_err(|e| anyhow::anyhow!("--cuda {value}: {e}"))?,
+                )
+            }
+            other => anyhow::bail!("emflow serve: unknown option `{other}`"),
+        }
+    }
+    let model = model.ok_or_else(|| anyhow::anyhow!("emflow serve: no model given"))?;
+    let name = name.unwrap_or_else(|| {
+        model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".to_string())
+    });
+    serve(&model, adapter.as_deref(), &addr, &name, cuda)
+}
+
 /// A running server; stops when dropped.
 pub struct Server {
     http: Arc<tiny_http::Server>,

