@@ -42,14 +42,14 @@ pub fn parse_template(s: &str) -> Result<Vec<Piece<'_>>, (usize, String)> {
             rest_start = i;
         } else if bytes[i] == b'$' && s[i..].starts_with("${") {
             text.push_str(&s[rest_start..i]);
-            let Some(close) = s[i + 2..].find('}') else {
+            let Some(close) = closing_brace(&s[i + 2..]) else {
                 return Err((
                     i,
                     "unterminated reference: `${` without a closing `}`".to_string(),
                 ));
             };
             let path = &s[i + 2..i + 2 + close];
-            if path.trim().is_empty() || path.contains("${") {
+            if path.trim().is_empty() {
                 return Err((i, format!("malformed reference `${{{path}}}`")));
             }
             if !text.is_empty() {
@@ -72,6 +72,29 @@ pub fn parse_template(s: &str) -> Result<Vec<Piece<'_>>, (usize, String)> {
         pieces.push(Piece::Text(Cow::Owned(text)));
     }
     Ok(pieces)
+}
+
+/// The offset of the `}` closing a reference whose body starts `body`, skipping nested
+/// references (`${graders.${matrix.domain}}` looks up a map param by a matrix value).
+fn closing_brace(body: &str) -> Option<usize> {
+    let bytes = body.as_bytes();
+    let mut depth = 1usize;
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'$' && body[i..].starts_with("${") {
+            depth += 1;
+            i += 2;
+            continue;
+        }
+        if bytes[i] == b'}' {
+            depth -= 1;
+            if depth == 0 {
+                return Some(i);
+            }
+        }
+        i += 1;
+    }
+    None
 }
 
 /// Whether a string may contain references (a cheap pre-check before parsing).
@@ -218,6 +241,35 @@ fn lookup_path(
     src: &mut dyn RefSource,
     problems: &mut Vec<Problem>,
 ) -> Option<Node> {
+    let resolved;
+    let path = if has_refs(path) {
+        let inner = Node {
+            span: at,
+            value: Value::Str(path.to_string()),
+            text_start: None,
+        };
+        let name = substitute_str(&inner, path, src, problems)?;
+        match &name.value {
+            Value::Str(p) => {
+                resolved = p.clone();
+                resolved.as_str()
+            }
+            Value::Int(i) => {
+                resolved = i.to_string();
+                resolved.as_str()
+            }
+            _ => {
+                problems.push(
+                    Problem::new(format!("a nested reference in `${{{path}}}` gives {}, not a name", name.type_name()))
+                        .at(at, "here")
+                        .help("a reference inside a reference must give a string or number, e.g. `${graders.${matrix.domain}}`"),
+                );
+                return None;
+            }
+        }
+    } else {
+        path
+    };
     let (root, rest) = path.split_once('.').unwrap_or((path, ""));
     let value = src.lookup(root, rest, at, problems)?;
     if root == "matrix" || rest.is_empty() {
@@ -256,6 +308,17 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nested_references_parse_as_one_reference() {
+        let pieces = parse_template("g/${graders.${matrix.domain}}.txt").unwrap();
+        assert_eq!(pieces.len(), 3);
+        match &pieces[1] {
+            Piece::Ref { path, .. } => assert_eq!(*path, "graders.${matrix.domain}"),
+            other => panic!("expected a reference, got {other:?}"),
+        }
+        assert!(parse_template("${a.${b}").is_err());
+    }
 
     #[test]
     fn templates_split_into_text_and_references() {
