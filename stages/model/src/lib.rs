@@ -2,27 +2,28 @@
 //! and HF loading, tokenizer and chat templates, seeded batched sampling, scoring, AdamW.
 
 pub mod bench;
+pub mod chat;
 pub mod config;
 pub mod device;
+mod frozen_matmul;
 pub mod generate;
-pub mod lora;
-pub mod score;
-pub mod transformer;
-pub mod weights;
 mod loader;
-/// Shared helpers for tests across the workspace (real weights, paper data).
-pub mod testing;
-pub mod chat;
+pub mod lora;
 pub mod losses;
 pub mod optim;
+pub mod score;
+/// Shared helpers for tests across the workspace (real weights, paper data).
+pub mod testing;
 pub mod tokenizer;
+pub mod transformer;
+pub mod weights;
 pub use chat::{encode_chat, encode_prompt, ChatTemplate, EncodedChat, Message};
-pub use losses::{masked_mean, masked_mean_per_row, masked_sum, sft_loss, token_logprobs};
-pub use optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Schedule};
-pub use tokenizer::Tokenizer;
 pub use config::{Arch, Llama3RopeScaling, ModelConfig};
 pub use device::{setup, DeviceSetup};
 pub use generate::{derive_seed, Finish, Generation, GenerationRequest, SamplingParams};
 pub use loader::{load, LoadedModel};
 pub use lora::LoraConfig;
+pub use losses::{masked_mean, masked_mean_per_row, masked_sum, sft_loss, token_logprobs};
+pub use optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Schedule};
+pub use tokenizer::Tokenizer;
 pub use transformer::Transformer;

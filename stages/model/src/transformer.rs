@@ -25,6 +25,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::ModelConfig;
 use crate::device::DeviceSetup;
+use crate::frozen_matmul::matmul_frozen_rhs;
 use crate::lora::{LoraAdapter, LoraConfig};
 
 /// Which kernels and which view of the weights a forward pass uses.
@@ -103,7 +104,11 @@ impl Linear {
         let (inner, lead) = dims.split_last().context("linear input has no dims")?;
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, *inner))?;
-        let mut y = x2.matmul(&self.weight_t.get(cx.mode, cx.dtype)?)?;
+        let mut y = match &self.weight_t {
+            // Frozen: only the input's gradient is needed (see `frozen_matmul`).
+            Weight::Frozen(w) => matmul_frozen_rhs(&x2, &w.to_dtype(cx.dtype)?)?,
+            Weight::Trainable(_) => x2.matmul(&self.weight_t.get(cx.mode, cx.dtype)?)?,
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.get(cx.mode, cx.dtype)?)?;
         }
@@ -624,15 +629,21 @@ impl Transformer {
 
     /// Project final hidden states (any leading dims) to f32 logits.
     pub(crate) fn logits(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
-        let w_t = match (&self.lm_head_t, &self.embed_t) {
-            (Some(head), _) => head.get(mode, self.dtype)?,
-            (None, Some(embed_t)) => embed_t.clone(),
-            (None, None) => self.embed.get(mode, self.dtype)?.t()?,
+        let (w_t, frozen) = match (&self.lm_head_t, &self.embed_t) {
+            (Some(head @ Weight::Frozen(_)), _) => (head.get(mode, self.dtype)?, true),
+            (Some(head), _) => (head.get(mode, self.dtype)?, false),
+            (None, Some(embed_t)) => (embed_t.clone(), true),
+            (None, None) => (self.embed.get(mode, self.dtype)?.t()?, false),
         };
         let dims = h.dims().to_vec();
         let (inner, lead) = dims.split_last().context("hidden states have no dims")?;
         let rows: usize = lead.iter().product();
-        let logits = h.reshape((rows, *inner))?.matmul(&w_t)?;
+        let h2 = h.reshape((rows, *inner))?;
+        let logits = if frozen {
+            matmul_frozen_rhs(&h2, &w_t)?
+        } else {
+            h2.matmul(&w_t)?
+        };
         let mut out = lead.to_vec();
         out.push(self.cfg.vocab_size);
         Ok(logits.reshape(out)?.to_dtype(DType::F32)?)
