@@ -374,7 +374,7 @@ impl SlurmHandle {
         self.fail(why)
     }
 
-    fn from_exit_record(&mut self, exit: ExitRecord) -> anyhow::Result<Option<Finished>> {
+    fn settle_from_exit_record(&mut self, exit: ExitRecord) -> anyhow::Result<Option<Finished>> {
         let result = read_result(&self.entry.attempt_dir.join(script::RESULT_FILE));
         if let Some(JobOutcome::Committed { .. }) = &result {
             return self.finish(result.unwrap_or(JobOutcome::Interrupted));
@@ -432,7 +432,7 @@ impl JobHandle for SlurmHandle {
         }
         // The exit record decides; the queue only says whether to keep waiting for it.
         if let Some(exit) = read_exit(&self.entry.attempt_dir) {
-            return self.from_exit_record(exit);
+            return self.settle_from_exit_record(exit);
         }
         let state = self.ctx.queue.state(&self.entry.job_id)?;
         let ended = match state {

@@ -88,7 +88,7 @@ impl ClusterProfile {
                 path.display()
             )
         })?;
-        if !(profile.growth >= 1.0) {
+        if profile.growth.is_nan() || profile.growth < 1.0 {
             anyhow::bail!(
                 "cluster config {}: `growth` must be at least 1.0 (it multiplies memory or time on a retry)",
                 path.display()
