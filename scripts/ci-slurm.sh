@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI check of `--executor slurm` against a real single-node cluster: runs the datasets
-# example and one small ML stage (the SFT warm-up of sft_aesthetic) once with the local
+# example and one small ML example (grpo_keyword, smoke profile) once with the local
 # executor and once through Slurm, each into its own store, and requires the same keys and
 # output digests (`emflow lock` of both must be identical). Then a rerun through Slurm must
 # be fully cached and submit no job.
@@ -22,10 +22,12 @@ export EMFLOW_SLURM_PORT="${EMFLOW_SLURM_PORT:-6917}"
 
 cleanup() { "$repo/scripts/slurm-local.sh" stop "$state" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
-eval "$("$repo/scripts/slurm-local.sh" start "$state")"
+chmod 0755 "$work" # munged refuses a socket below a folder others cannot traverse
+cluster_env="$("$repo/scripts/slurm-local.sh" start "$state")"
+eval "$cluster_env"
 printf 'poll_interval_s: 2\ngrace_s: 30\n' > "$work/cluster.yaml"
 
-# name manifest [run args...]
+# name manifest [manifest args (--profile, --set)...]
 check() {
   local name="$1" manifest="$2"
   shift 2
@@ -37,7 +39,7 @@ check() {
     [ "$executor" = slurm ] && extra=(--executor slurm --cluster-config "$work/cluster.yaml")
     echo "== $name: $executor executor"
     "$emflow" --store "$dir/store" run "$dir/m.yaml" --set "data_root=$data" "$@" "${extra[@]}"
-    "$emflow" --store "$dir/store" lock "$dir/m.yaml" --set "data_root=$data"
+    "$emflow" --store "$dir/store" lock "$dir/m.yaml" --set "data_root=$data" "$@"
   done
   if ! diff -u "$work/$name-local/emflow.lock" "$work/$name-slurm/emflow.lock"; then
     echo "ci-slurm: $name: the Slurm executor produced different keys or digests" >&2
@@ -57,5 +59,5 @@ check() {
 }
 
 check datasets manifests/examples/datasets.yaml
-check sft manifests/examples/sft_aesthetic.yaml --only warmup
+check grpo manifests/examples/grpo_keyword.yaml --profile smoke
 echo "ci-slurm: ok"

@@ -185,11 +185,12 @@ fn exit_code_time_limit_and_cancel_are_reported_then_reruns_complete() {
     assert_eq!(out.status.code(), Some(1), "{log}");
     let line = |stage: &str| {
         log.lines()
-            .find(|l| l.contains("FAIL") && l.split_whitespace().nth(1) == Some(stage))
+            .find(|l| l.trim_start().starts_with(&format!("FAILED  {stage}:")))
             .unwrap_or_else(|| panic!("no FAIL line for {stage} in:\n{log}"))
             .to_string()
     };
-    assert!(line("bad").contains("exit code 3"), "{log}");
+    assert!(line("bad").contains("failed with exit code"), "{log}");
+    assert!(log.contains("command failed with exit code 3"), "{log}");
     assert!(line("slow").contains("time limit"), "{log}");
     assert!(line("victim").contains("cancelled"), "{log}");
 
