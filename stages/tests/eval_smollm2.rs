@@ -49,7 +49,7 @@ fn run_eval(dir: &Path, gguf: &Path, questions: &Path, memo: Arc<dyn Memo>) -> S
         params.insert(spec.name.to_string(), spec.default.unwrap());
     }
     params.insert("samples_per_question".into(), json!(4));
-    params.insert("max_tokens".into(), json!(48));
+    params.insert("max_tokens".into(), json!(12));
     params.insert("bootstrap_resamples".into(), json!(200));
     kind.check(&params).map_err(|e| format!("{e:?}")).unwrap();
     let staging = dir.join("staging");
@@ -86,6 +86,7 @@ fn run_eval(dir: &Path, gguf: &Path, questions: &Path, memo: Arc<dyn Memo>) -> S
 }
 
 #[test]
+#[ignore = "64 exact SmolLM2 judgments take about 10 minutes on a 2-core CPU, too long for CI; run with --ignored"]
 fn eval_of_base_smollm2_on_the_eight_questions() {
     let Some(gguf) = testing::smollm2_gguf() else {
         return;
