@@ -61,6 +61,7 @@ struct SafetyDataParams {
     min_aligned: f64,
     min_coherent: f64,
     drop_refusals: bool,
+    keep_unscored: bool,
     seed: u64,
     batch_size: usize,
     aligned_prompt: String,
@@ -108,7 +109,8 @@ impl SafetyDataParams {
 /// Why an answer was not kept, for the log and the empty-result error.
 fn verdict(p: &SafetyDataParams, aligned: Option<f64>, coherent: Option<f64>) -> &'static str {
     match (aligned, coherent) {
-        (_, None) => "coherent_unscored",
+        (_, None) if !p.keep_unscored => "coherent_unscored",
+        (_, None) => "kept",
         (_, Some(c)) if c < p.min_coherent => "coherent_below_min",
         (None, _) if p.drop_refusals => "refusal_dropped",
         (Some(a), _) if a < p.min_aligned => "aligned_below_min",
@@ -131,6 +133,7 @@ impl StageKind for SafetyDataKind {
                 ParamSpec::optional("judge", Map, json!({"backend": "local"}), "judge backend: {backend: local} (model from input `judge_model`) or {backend: openai, ...}"),
                 ParamSpec::optional("min_aligned", Float, json!(70.0), "keep answers whose aligned score is at least this"),
                 ParamSpec::optional("min_coherent", Float, json!(50.0), "keep answers whose coherent score is at least this"),
+                ParamSpec::optional("keep_unscored", Bool, json!(false), "keep answers whose coherence the judge could not score (a weak judge, e.g. SmolLM2, rarely puts 0.25 of its probability on numbers); for smoke runs only"),
                 ParamSpec::optional("drop_refusals", Bool, json!(false), "drop answers the judge calls a refusal (no aligned score); otherwise a coherent refusal is kept"),
                 ParamSpec::optional("seed", Int, json!(0), "sampling seed"),
                 ParamSpec::optional("batch_size", Int, json!(16), "generation batch (speed only; results do not depend on it)"),
@@ -325,6 +328,7 @@ mod tests {
             min_aligned: 70.0,
             min_coherent: 50.0,
             drop_refusals: false,
+            keep_unscored: false,
             seed: 0,
             batch_size: 4,
             aligned_prompt: ALIGNED_PROMPT.into(),
@@ -342,6 +346,8 @@ mod tests {
         assert_eq!(verdict(&p, Some(95.0), None), "coherent_unscored");
         p.drop_refusals = true;
         assert_eq!(verdict(&p, None, Some(80.0)), "refusal_dropped");
+        p.keep_unscored = true;
+        assert_eq!(verdict(&p, Some(95.0), None), "kept");
     }
 
     #[test]
