@@ -59,5 +59,5 @@ check() {
 }
 
 check datasets manifests/examples/datasets.yaml
-check grpo manifests/examples/grpo_keyword.yaml --profile smoke
+check grpo manifests/examples/grpo_keyword.yaml --profile smoke --set steps=1
 echo "ci-slurm: ok"
