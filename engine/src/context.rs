@@ -34,7 +34,9 @@ pub struct Artifact {
 pub enum DeviceRequest {
     Cpu,
     /// A CUDA device by ordinal *within* the process's visible devices.
-    Cuda { ordinal: usize },
+    Cuda {
+        ordinal: usize,
+    },
 }
 
 /// Progress of long work inside a stage. Shown as a bar on a terminal, as plain lines
@@ -73,7 +75,10 @@ pub trait Memo: Send + Sync {
 
 /// A memo in memory only; for tests.
 #[derive(Default)]
-pub struct MemoryMemo(std::sync::Mutex<BTreeMap<(String, Vec<u8>), Vec<u8>>>);
+pub struct MemoryMemo(std::sync::Mutex<BTreeMap<MemoKey, Vec<u8>>>);
+
+/// (namespace, key) of a [`MemoryMemo`] entry.
+type MemoKey = (String, Vec<u8>);
 
 impl Memo for MemoryMemo {
     fn get(&self, namespace: &str, key: &[u8]) -> Option<Vec<u8>> {
@@ -155,8 +160,12 @@ impl StageContext {
     /// All params deserialised into the kind's own struct (use `#[serde(default)]` freely;
     /// the engine has already checked names and types against the spec).
     pub fn params_as<T: DeserializeOwned>(&self) -> anyhow::Result<T> {
-        serde_json::from_value(Value::Object(self.params.clone()))
-            .with_context(|| format!("params of stage {} do not fit kind {}", self.stage_id, self.kind))
+        serde_json::from_value(Value::Object(self.params.clone())).with_context(|| {
+            format!(
+                "params of stage {} do not fit kind {}",
+                self.stage_id, self.kind
+            )
+        })
     }
 
     /// One param deserialised; an error names the param.
@@ -165,14 +174,18 @@ impl StageContext {
             .params
             .get(name)
             .ok_or_else(|| anyhow!("stage {}: param `{name}` is not set", self.stage_id))?;
-        serde_json::from_value(v.clone()).with_context(|| format!("stage {}: param `{name}`", self.stage_id))
+        serde_json::from_value(v.clone())
+            .with_context(|| format!("stage {}: param `{name}`", self.stage_id))
     }
 
     /// The single artifact wired to input port `name`; an error if absent or if several.
     pub fn input(&self, name: &str) -> anyhow::Result<&Artifact> {
         match self.inputs.get(name).map(Vec::as_slice) {
             Some([one]) => Ok(one),
-            Some([]) | None => Err(anyhow!("stage {}: input `{name}` is not wired", self.stage_id)),
+            Some([]) | None => Err(anyhow!(
+                "stage {}: input `{name}` is not wired",
+                self.stage_id
+            )),
             Some(many) => Err(anyhow!(
                 "stage {}: input `{name}` has {} artifacts where one was expected",
                 self.stage_id,

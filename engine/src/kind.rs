@@ -278,12 +278,15 @@ pub struct Registry {
     commands: BTreeMap<&'static str, Bench>,
 }
 
+/// What a bench or extra command runs: called with the arguments after its name.
+pub type CommandFn = std::sync::Arc<dyn Fn(&[String]) -> anyhow::Result<()> + Send + Sync>;
+
 /// A named benchmark run by `emflow bench NAME [ARGS...]`: it prints its own figures.
 #[derive(Clone)]
 pub struct Bench {
     pub summary: &'static str,
     /// Called with the arguments after the name; prints figures to stdout.
-    pub run: std::sync::Arc<dyn Fn(&[String]) -> anyhow::Result<()> + Send + Sync>,
+    pub run: CommandFn,
 }
 
 impl Registry {

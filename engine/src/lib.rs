@@ -4,17 +4,17 @@
 pub mod cli;
 pub mod commands;
 pub mod context;
-pub mod diagnostics;
-pub mod expand;
 pub mod dag;
+pub mod diagnostics;
 pub mod executor;
+pub mod expand;
 pub mod host;
 pub mod job;
 pub mod keys;
 pub mod kind;
-pub mod manifest;
 mod loader;
 pub mod lockfile;
+pub mod manifest;
 pub mod pipeline;
 pub mod plan;
 pub mod report;
@@ -23,4 +23,7 @@ pub mod signals;
 pub mod slots;
 
 pub use context::{Artifact, DeviceRequest, Interrupted, Memo, Progress, StageContext};
-pub use kind::{ArtifactType, KindSpec, ModelFetcher, ParamSpec, ParamType, Params, PortSpec, Registry, StageKind};
+pub use kind::{
+    ArtifactType, KindSpec, ModelFetcher, ParamSpec, ParamType, Params, PortSpec, Registry,
+    StageKind,
+};

@@ -29,7 +29,9 @@ pub struct ModelDecl {
 }
 
 /// What one input port is wired to.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum InputRef {
     /// Output `output` of stage instance `stage` (an instance id such as `grpo[seed=1]`).
     Stage { stage: String, output: String },
@@ -52,7 +54,12 @@ pub struct Resources {
 
 impl Default for Resources {
     fn default() -> Self {
-        Resources { cpus: 1, gpus: 0, memory: 0, time_limit: 0 }
+        Resources {
+            cpus: 1,
+            gpus: 0,
+            memory: 0,
+            time_limit: 0,
+        }
     }
 }
 

@@ -81,7 +81,7 @@ fn llama_matches_candle_llama_in_both_modes() {
         let seq = sequence(len);
         let mut cache = llama::Cache::new(false, DType::F32, &cfg, &Device::Cpu).unwrap();
         let want = reference
-            .forward(&ids(&[seq.clone()]), 0, &mut cache)
+            .forward(&ids(std::slice::from_ref(&seq)), 0, &mut cache)
             .unwrap()
             .i(0)
             .unwrap();
@@ -116,7 +116,7 @@ fn qwen2_matches_candle_qwen2_in_both_modes() {
         let seq = sequence(len);
         reference.clear_kv_cache();
         let want = reference
-            .forward(&ids(&[seq.clone()]), 0)
+            .forward(&ids(std::slice::from_ref(&seq)), 0)
             .unwrap()
             .i((0, 0))
             .unwrap();
@@ -134,7 +134,7 @@ fn padding_on_either_side_leaves_real_positions_unchanged() {
         let short = sequence(5);
         let long = sequence(12);
         let alone = model
-            .forward_eval(&ids(&[short.clone()]), &ones(1, 5))
+            .forward_eval(&ids(std::slice::from_ref(&short)), &ones(1, 5))
             .unwrap()
             .i(0)
             .unwrap();

@@ -16,7 +16,11 @@ pub fn register(registry: Registry) -> Registry {
         .with_kind(sft::SftKind)
         .with_kind(rl::RlKind)
         .with_kind(safety_data::SafetyDataKind)
-        .with_bench("rl", "seconds per GRPO step (SmolLM2, LoRA r=8, 4x4x64): sampling / reward / training", crate::train::bench::bench_rl)
+        .with_bench(
+            "rl",
+            "seconds per GRPO step (SmolLM2, LoRA r=8, 4x4x64): sampling / reward / training",
+            crate::train::bench::bench_rl,
+        )
         .with_kind(dataset::DatasetKind)
         .with_kind(command::CommandKind)
         .with_kind(eval::EvalKind)
