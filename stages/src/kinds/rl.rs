@@ -223,7 +223,7 @@ impl StageKind for RlKind {
     fn spec(&self) -> KindSpec {
         KindSpec {
             name: "rl",
-            version: 1,
+            version: 2,
             summary: "GRPO (TRL semantics) with a rule-based or LLM-graded reward, KL to the reference, safety interleaving",
             params: params_spec(),
             open_params: false,
@@ -708,10 +708,17 @@ pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
             "entropy": ent_sum / step_tokens.max(1) as f64, "grad_norm": grad_norm, "lr": lr,
             "completion_length_mean": step_tokens as f64 / n, "completion_length_min": lengths.iter().min(),
             "completion_length_max": lengths.iter().max(), "completions_clipped_ratio": truncated,
-            "tokens_per_s": step_tokens as f64 / timing.sampling.max(1e-9),
-            "seconds": elapsed, "seconds_sampling": timing.sampling, "seconds_reward": timing.reward, "seconds_training": timing.training,
             "samples_consumed": state.prompts_consumed,
         }))?;
+        // Timings go to the log, never into an output: outputs must be the same bytes on every
+        // run (`emflow verify`), and wall-clock figures are not.
+        progress.log(&format!(
+            "step {step}: {elapsed:.1}s (sampling {:.1}s at {:.0} tok/s, reward {:.1}s, training {:.1}s)",
+            timing.sampling,
+            step_tokens as f64 / timing.sampling.max(1e-9),
+            timing.reward,
+            timing.training
+        ));
         progress.message(&format!("reward {mean_reward:.3}"));
         progress.inc(1);
 

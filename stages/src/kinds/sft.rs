@@ -129,7 +129,7 @@ impl StageKind for SftKind {
     fn spec(&self) -> KindSpec {
         KindSpec {
             name: "sft",
-            version: 1,
+            version: 2,
             summary: "supervised fine-tuning (LoRA or full) on chat data, with KL/LDIFS, inoculation and safety interleaving",
             params: params_spec(),
             open_params: false,
@@ -427,9 +427,15 @@ fn run_sft(ctx: &mut StageContext, p: &SftParams) -> Result<()> {
         metrics.append(&json!({
             "step": step, "batch": "main", "loss": stats.loss, "nll": stats.nll, "kl": stats.kl, "ldifs": stats.ldifs,
             "lr": lr, "grad_norm": stats.grad_norm, "tokens": stats.tokens, "target_tokens": stats.target_tokens,
-            "tokens_per_s": stats.tokens as f64 / secs.max(1e-9), "samples_consumed": data.consumed, "epoch": data.epoch(),
+            "samples_consumed": data.consumed, "epoch": data.epoch(),
         }))?;
-        progress.message(&format!("loss {:.4}", stats.loss));
+        // Speed goes to the live message, never into an output: outputs must be the same bytes
+        // on every run (`emflow verify`), and wall-clock figures are not.
+        progress.message(&format!(
+            "loss {:.4} · {:.0} tok/s",
+            stats.loss,
+            stats.tokens as f64 / secs.max(1e-9)
+        ));
         progress.inc(1);
 
         if let (Some((cadence, bs, ex)), Some(cur)) = (&safety, safety_cursor.as_mut()) {
