@@ -529,6 +529,24 @@ pub fn run_pipeline(
         .write_run(&run_id, &run_record)
         .context("writing the run record")?;
     footer(&env.reporter, &summary);
+    // Point at what a person opens next: every report this run produced or reused.
+    for &i in &order {
+        let (Some(record), "report") = (records[i].as_ref(), pipeline.stages[i].kind.as_str())
+        else {
+            continue;
+        };
+        for entry in record.outputs.values() {
+            let path = store.artifact_path(entry);
+            let page = path.join("index.html");
+            let shown = if page.is_file() { page } else { path };
+            env.reporter.line(&format!(
+                "{:>8}  {} -> {}",
+                env.reporter.bold("Report"),
+                pipeline.stages[i].id,
+                shown.display()
+            ));
+        }
+    }
     Ok(summary)
 }
 
