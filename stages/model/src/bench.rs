@@ -198,27 +198,7 @@ pub fn bench_model(args: &[String]) -> Result<()> {
 
     let (batch, len, train_steps) = (4, 128, 3);
     let mut lora_model = crate::load(&path, &setup)?.model;
-    lora_model.add_lora(
-        &LoraConfig {
-            r: 8,
-            alpha: 16.0,
-            rslora: false,
-            dropout: 0.0,
-            targets: [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
-            layers: None,
-        },
-        0,
-    )?;
+    lora_model.add_lora(&LoraConfig::all_linears(8, 16.0, false), 0)?;
     let secs = time_train(&lora_model, batch, len, train_steps)?;
     println!(
         "train LoRA r=8 (all linears): {:.0} tok/s ({batch} x {len} tokens, {:.2} s/step)",

@@ -37,6 +37,22 @@ pub struct LoraConfig {
 }
 
 impl LoraConfig {
+    /// LoRA on every linear projection (q, k, v, o, gate, up, down) of every layer, without
+    /// dropout: the usual setting, and the paper's.
+    pub fn all_linears(r: usize, alpha: f64, rslora: bool) -> Self {
+        LoraConfig {
+            r,
+            alpha,
+            rslora,
+            dropout: 0.0,
+            targets: crate::transformer::LINEAR_MODULES
+                .iter()
+                .map(|(_, name)| name.to_string())
+                .collect(),
+            layers: None,
+        }
+    }
+
     pub fn scale(&self) -> f64 {
         if self.rslora {
             self.alpha / (self.r as f64).sqrt()
