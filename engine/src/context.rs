@@ -39,6 +39,16 @@ pub enum DeviceRequest {
     },
 }
 
+impl DeviceRequest {
+    /// The CUDA ordinal to load models on, `None` for the CPU.
+    pub fn cuda_ordinal(&self) -> Option<usize> {
+        match self {
+            DeviceRequest::Cpu => None,
+            DeviceRequest::Cuda { ordinal } => Some(*ordinal),
+        }
+    }
+}
+
 /// Progress of long work inside a stage. Shown as a bar on a terminal, as plain lines
 /// otherwise, and as JSON events with `--json`. Cheap to call often.
 pub trait Progress: Send + Sync {

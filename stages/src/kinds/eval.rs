@@ -14,8 +14,7 @@ use std::path::Path;
 use anyhow::{bail, Context as _, Result};
 use emflow_engine::kind::ParamError;
 use emflow_engine::{
-    ArtifactType, DeviceRequest, KindSpec, ParamSpec, ParamType, Params, PortSpec, StageContext,
-    StageKind,
+    ArtifactType, KindSpec, ParamSpec, ParamType, Params, PortSpec, StageContext, StageKind,
 };
 use emflow_model::{
     derive_seed, encode_prompt, GenerationRequest, LoadedModel, Message, SamplingParams,
@@ -163,10 +162,7 @@ impl StageKind for EvalKind {
             bail!("{}: no questions", q_art.origin);
         }
         let templates = judge_templates(&questions, &p.metrics)?;
-        let cuda = match ctx.device() {
-            DeviceRequest::Cpu => None,
-            DeviceRequest::Cuda { ordinal } => Some(*ordinal),
-        };
+        let cuda = ctx.device().cuda_ordinal();
 
         // 1. Sample.
         let samples = {

@@ -320,10 +320,7 @@ fn with_inoculation(inoculation: Option<&str>, system: Option<String>) -> Option
 /// model: the model layer's `Transformer` cannot yet share its frozen weights with a second
 /// owner (see the report on issue 4).
 fn build_judge(ctx: &StageContext, spec: &JudgeSpec) -> Result<Arc<dyn Judge>> {
-    let cuda = match ctx.device() {
-        emflow_engine::context::DeviceRequest::Cpu => None,
-        emflow_engine::context::DeviceRequest::Cuda { ordinal } => Some(*ordinal),
-    };
+    let cuda = ctx.device().cuda_ordinal();
     let judge_model = ctx.optional_input("judge_model")?.cloned();
     let local = judge_model.as_ref().map(|m| LocalJudgeModel {
         model: &m.path,

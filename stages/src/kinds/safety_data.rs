@@ -13,8 +13,7 @@ use std::cell::Cell;
 use anyhow::{bail, ensure, Context as _, Result};
 use emflow_engine::kind::ParamError;
 use emflow_engine::{
-    ArtifactType, DeviceRequest, KindSpec, ParamSpec, ParamType, Params, PortSpec, StageContext,
-    StageKind,
+    ArtifactType, KindSpec, ParamSpec, ParamType, Params, PortSpec, StageContext, StageKind,
 };
 use emflow_model::{derive_seed, encode_prompt, GenerationRequest, SamplingParams};
 use serde::Deserialize;
@@ -187,10 +186,7 @@ impl StageKind for SafetyDataKind {
             );
             prompts.push(turns);
         }
-        let cuda = match ctx.device() {
-            DeviceRequest::Cpu => None,
-            DeviceRequest::Cuda { ordinal } => Some(*ordinal),
-        };
+        let cuda = ctx.device().cuda_ordinal();
 
         // 1. Sample (the model is dropped before the judge loads).
         let gens = {

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Var;
-use emflow_engine::context::{DeviceRequest, StageContext};
+use emflow_engine::context::StageContext;
 use emflow_model::{LoadedModel, LoraConfig};
 use serde::{Deserialize, Serialize};
 
@@ -69,10 +69,7 @@ pub struct Policy {
 
 /// The model-layer device for the stage's device request.
 pub fn device_setup(ctx: &StageContext) -> Result<emflow_model::DeviceSetup> {
-    match ctx.device() {
-        DeviceRequest::Cpu => emflow_model::setup(None),
-        DeviceRequest::Cuda { ordinal } => emflow_model::setup(Some(*ordinal)),
-    }
+    emflow_model::setup(ctx.device().cuda_ordinal())
 }
 
 /// Loads input `model`, then: the optional input `adapter` (training continues on it), or
