@@ -11,11 +11,14 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
+
+use crate::adamw_host::HostAdamW;
 
 /// AdamW hyper-parameters (torch's defaults: betas 0.9/0.999, eps 1e-8, weight decay 0.01).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -45,11 +48,59 @@ pub fn transformers_decays(name: &str) -> bool {
     !(name.contains("bias") || name.contains("norm"))
 }
 
+/// First and second moments of one parameter.
+enum Moments {
+    /// f32 parameters in host memory: updated in place by [`HostAdamW`] in one pass.
+    Host { m: Vec<f32>, v: Vec<f32> },
+    /// Anywhere else: updated with tensor ops on the parameter's device.
+    Device { m: Tensor, v: Tensor },
+}
+
+impl Moments {
+    fn zeros(var: &Var) -> Result<Self> {
+        Ok(if var.device().is_cpu() && var.dtype() == DType::F32 {
+            let n = var.elem_count();
+            Moments::Host {
+                m: vec![0.0; n],
+                v: vec![0.0; n],
+            }
+        } else {
+            let m = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+            Moments::Device { v: m.clone(), m }
+        })
+    }
+
+    /// Both moments as tensors shaped like `var` (for saving).
+    fn tensors(&self, var: &Var) -> Result<(Tensor, Tensor)> {
+        Ok(match self {
+            Moments::Host { m, v } => (
+                Tensor::from_slice(m, var.shape(), var.device())?,
+                Tensor::from_slice(v, var.shape(), var.device())?,
+            ),
+            Moments::Device { m, v } => (m.clone(), v.clone()),
+        })
+    }
+
+    /// Replaces both moments with saved values (already checked to be shaped like the var).
+    fn restore(&mut self, m: Tensor, v: Tensor) -> Result<()> {
+        match self {
+            Moments::Host { m: hm, v: hv } => {
+                *hm = m.flatten_all()?.to_vec1::<f32>()?;
+                *hv = v.flatten_all()?.to_vec1::<f32>()?;
+            }
+            Moments::Device { m: dm, v: dv } => {
+                *dm = m.to_device(dm.device())?;
+                *dv = v.to_device(dv.device())?;
+            }
+        }
+        Ok(())
+    }
+}
+
 struct ParamState {
     name: String,
     var: Var,
-    m: Tensor,
-    v: Tensor,
+    moments: Moments,
     /// Updates this var received (torch keeps one per parameter: vars without a gradient
     /// in a step do not advance their bias correction).
     steps: u64,
@@ -76,13 +127,10 @@ impl AdamW {
             if !seen.insert(name.clone()) {
                 bail!("AdamW was given two vars named '{name}'");
             }
-            let m = Tensor::zeros(var.shape(), DType::F32, var.device())?;
-            let v = m.clone();
             params.push(ParamState {
                 name,
+                moments: Moments::zeros(&var)?,
                 var,
-                m,
-                v,
                 steps: 0,
                 decays: true,
             });
@@ -119,23 +167,48 @@ impl AdamW {
             let Some(grad) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            let grad = grad.to_dtype(DType::F32)?;
+            // Detached: a parameter's gradient is built from the forward activations, and a
+            // moment computed from the tracked tensor would keep every step's graph alive.
+            let grad = grad.detach().to_dtype(DType::F32)?;
             p.steps += 1;
             let t = p.steps as i32;
             let bias_correction1 = 1.0 - beta1.powi(t);
             let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-            p.m = ((&p.m * beta1)? + (&grad * (1.0 - beta1))?)?;
-            p.v = ((&p.v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
-            let denom = ((p.v.sqrt()? / bias_correction2_sqrt)? + eps)?;
-            let update = ((&p.m / denom)? * (lr / bias_correction1))?;
-            let mut param = p.var.as_tensor().to_dtype(DType::F32)?;
-            if p.decays && weight_decay != 0.0 {
-                param = (param * (1.0 - lr * weight_decay))?;
+            let decay = if p.decays && weight_decay != 0.0 {
+                1.0 - lr * weight_decay
+            } else {
+                1.0
+            };
+            match &mut p.moments {
+                Moments::Host { m, v } => {
+                    let update = HostAdamW {
+                        moments: Mutex::new((m.as_mut_slice(), v.as_mut_slice())),
+                        beta1: beta1 as f32,
+                        one_minus_beta1: (1.0 - beta1) as f32,
+                        beta2: beta2 as f32,
+                        one_minus_beta2: (1.0 - beta2) as f32,
+                        eps: eps as f32,
+                        step_size: (lr / bias_correction1) as f32,
+                        bias_correction2_sqrt: bias_correction2_sqrt as f32,
+                        decay: decay as f32,
+                    };
+                    p.var
+                        .as_tensor()
+                        .inplace_op2(&grad.contiguous()?, &update)
+                        .with_context(|| format!("updating var '{}'", p.name))?;
+                }
+                Moments::Device { m, v } => {
+                    *m = ((&*m * beta1)? + (&grad * (1.0 - beta1))?)?;
+                    *v = ((&*v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
+                    let denom = ((v.sqrt()? / bias_correction2_sqrt)? + eps)?;
+                    let update = ((&*m / denom)? * (lr / bias_correction1))?;
+                    let param = (p.var.as_tensor().detach().to_dtype(DType::F32)? * decay)?;
+                    let new = (param - update)?.to_dtype(p.var.dtype())?;
+                    p.var
+                        .set(&new)
+                        .with_context(|| format!("updating var '{}'", p.name))?;
+                }
             }
-            let new = (param - update)?.to_dtype(p.var.dtype())?;
-            p.var
-                .set(&new)
-                .with_context(|| format!("updating var '{}'", p.name))?;
         }
         self.step_count += 1;
         Ok(())
@@ -151,8 +224,9 @@ impl AdamW {
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut tensors = HashMap::new();
         for p in &self.params {
-            tensors.insert(format!("m.{}", p.name), p.m.clone());
-            tensors.insert(format!("v.{}", p.name), p.v.clone());
+            let (m, v) = p.moments.tensors(&p.var)?;
+            tensors.insert(format!("m.{}", p.name), m);
+            tensors.insert(format!("v.{}", p.name), v);
         }
         let device = candle_core::Device::Cpu;
         let steps: Vec<i64> = self.params.iter().map(|p| p.steps as i64).collect();
@@ -208,8 +282,7 @@ impl AdamW {
             restored.push((m.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?));
         }
         for ((p, (m, v)), steps) in self.params.iter_mut().zip(restored).zip(var_steps) {
-            p.m = m;
-            p.v = v;
+            p.moments.restore(m, v)?;
             p.steps = steps as u64;
         }
         self.step_count = step_count[0] as u64;
@@ -241,7 +314,7 @@ pub fn clip_grad_norm(vars: &[(String, Var)], grads: &mut GradStore, max_norm: f
     if coef < 1.0 {
         for (_, var) in vars {
             if let Some(g) = grads.remove(var.as_tensor()) {
-                grads.insert(var.as_tensor(), (g * coef)?);
+                grads.insert(var.as_tensor(), (g.detach() * coef)?);
             }
         }
     }
