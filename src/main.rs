@@ -7,5 +7,13 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // candle asks for its thread count on every CPU matmul and, unless RAYON_NUM_THREADS is
+    // set, counts physical cores by reading /proc/cpuinfo each time: 14 % of a SmolLM2 decode
+    // step went there. Pin the variable once to what rayon would use anyway.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Before any thread starts, so nothing reads the environment concurrently.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
     emflow_engine::cli::main(emflow_stages::registry())
 }

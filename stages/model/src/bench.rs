@@ -16,17 +16,27 @@ use crate::lora::LoraConfig;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::transformer::{KvCache, Mode, Transformer};
 
-const USAGE: &str = "usage: emflow bench model [--model PATH.gguf|HF_DIR] [--steps N]";
+const USAGE: &str =
+    "usage: emflow bench model [--model PATH.gguf|HF_DIR] [--steps N] [--only prefill|decode|lora|full]";
 
 struct Args {
     model: Option<PathBuf>,
     decode_steps: usize,
+    /// Run only this part; None runs all.
+    only: Option<String>,
+}
+
+impl Args {
+    fn runs(&self, part: &str) -> bool {
+        self.only.as_deref().is_none_or(|o| o == part)
+    }
 }
 
 fn parse(args: &[String]) -> Result<Args> {
     let mut out = Args {
         model: None,
         decode_steps: 64,
+        only: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -38,6 +48,13 @@ fn parse(args: &[String]) -> Result<Args> {
                     .context(USAGE)?
                     .parse()
                     .with_context(|| format!("--steps must be a number; {USAGE}"))?
+            }
+            "--only" => {
+                let part = it.next().context(USAGE)?;
+                if !["prefill", "decode", "lora", "full"].contains(&part.as_str()) {
+                    bail!("unknown part {part:?} for --only; {USAGE}");
+                }
+                out.only = Some(part.clone());
             }
             "--bench" => {} // passed by `cargo bench`
             other => bail!("unknown argument {other:?}; {USAGE}"),
@@ -145,7 +162,7 @@ fn time_train(model: &Transformer, batch: usize, len: usize, steps: usize) -> Re
 /// Print the model-layer figures for SmolLM2 (or `--model`) on this machine.
 pub fn bench_model(args: &[String]) -> Result<()> {
     let args = parse(args)?;
-    let path = match args.model {
+    let path = match args.model.clone() {
         Some(p) => p,
         None => default_model()?,
     };
@@ -163,57 +180,63 @@ pub fn bench_model(args: &[String]) -> Result<()> {
     let vocab = model.config().vocab_size;
     let greedy = SamplingParams::greedy(args.decode_steps);
 
-    // Prefill: one 256-token sequence (after a warm-up pass).
-    let prompt = vec![token_ids(256, vocab, 0)];
-    time_decode(&model, &prompt, 0, &greedy)?;
-    let (prefill, _) = time_decode(&model, &prompt, 0, &greedy)?;
-    println!(
-        "prefill: {:.0} tok/s (1 x 256 tokens in {:.3} s)",
-        256.0 / prefill,
-        prefill
-    );
-
-    let steps = args.decode_steps;
-    for (batch, params, label) in [
-        (1, greedy.clone(), "greedy"),
-        (16, greedy.clone(), "greedy"),
-        (
-            16,
-            SamplingParams {
-                temperature: 0.8,
-                top_p: 0.9,
-                ..greedy.clone()
-            },
-            "T=0.8 top_p=0.9",
-        ),
-    ] {
-        let prompts: Vec<Vec<u32>> = (0..batch).map(|b| token_ids(32, vocab, b)).collect();
-        let (_, decode) = time_decode(&model, &prompts, steps, &params)?;
+    if args.runs("prefill") {
+        // Prefill: one 256-token sequence (after a warm-up pass).
+        let prompt = vec![token_ids(256, vocab, 0)];
+        time_decode(&model, &prompt, 0, &greedy)?;
+        let (prefill, _) = time_decode(&model, &prompt, 0, &greedy)?;
         println!(
-            "decode batch {batch:>2} ({label}): {:.1} tok/s ({steps} steps after a 32-token prompt, {:.1} ms/step)",
-            (batch * steps) as f64 / decode,
-            1000.0 * decode / steps as f64
+            "prefill: {:.0} tok/s (1 x 256 tokens in {:.3} s)",
+            256.0 / prefill,
+            prefill
         );
     }
-
+    if args.runs("decode") {
+        let steps = args.decode_steps;
+        for (batch, params, label) in [
+            (1, greedy.clone(), "greedy"),
+            (16, greedy.clone(), "greedy"),
+            (
+                16,
+                SamplingParams {
+                    temperature: 0.8,
+                    top_p: 0.9,
+                    ..greedy.clone()
+                },
+                "T=0.8 top_p=0.9",
+            ),
+        ] {
+            let prompts: Vec<Vec<u32>> = (0..batch).map(|b| token_ids(32, vocab, b)).collect();
+            let (_, decode) = time_decode(&model, &prompts, steps, &params)?;
+            println!(
+                "decode batch {batch:>2} ({label}): {:.1} tok/s ({steps} steps after a 32-token prompt, {:.1} ms/step)",
+                (batch * steps) as f64 / decode,
+                1000.0 * decode / steps as f64
+            );
+        }
+    }
+    drop(model);
     let (batch, len, train_steps) = (4, 128, 3);
-    let mut lora_model = crate::load(&path, &setup)?.model;
-    lora_model.add_lora(&LoraConfig::all_linears(8, 16.0, false), 0)?;
-    let secs = time_train(&lora_model, batch, len, train_steps)?;
-    println!(
-        "train LoRA r=8 (all linears): {:.0} tok/s ({batch} x {len} tokens, {:.2} s/step)",
-        (batch * len) as f64 / secs,
-        secs
-    );
-    drop(lora_model);
-    let mut full = model;
-    full.enable_full_finetune()?;
-    let secs = time_train(&full, batch, len, train_steps)?;
-    println!(
-        "train full fine-tune: {:.0} tok/s ({batch} x {len} tokens, {:.2} s/step)",
-        (batch * len) as f64 / secs,
-        secs
-    );
+    if args.runs("lora") {
+        let mut lora_model = crate::load(&path, &setup)?.model;
+        lora_model.add_lora(&LoraConfig::all_linears(8, 16.0, false), 0)?;
+        let secs = time_train(&lora_model, batch, len, train_steps)?;
+        println!(
+            "train LoRA r=8 (all linears): {:.0} tok/s ({batch} x {len} tokens, {:.2} s/step)",
+            (batch * len) as f64 / secs,
+            secs
+        );
+    }
+    if args.runs("full") {
+        let mut full = crate::load(&path, &setup)?.model;
+        full.enable_full_finetune()?;
+        let secs = time_train(&full, batch, len, train_steps)?;
+        println!(
+            "train full fine-tune: {:.0} tok/s ({batch} x {len} tokens, {:.2} s/step)",
+            (batch * len) as f64 / secs,
+            secs
+        );
+    }
     match peak_rss_mib() {
         Some(m) => println!("peak RSS: {m:.0} MiB"),
         None => println!("peak RSS: unavailable (no /proc/self/status)"),
