@@ -1,6 +1,7 @@
 //! emflow's model layer on candle: our own Llama/Qwen2 (train and generate modes), LoRA, GGUF
 //! and HF loading, tokenizer and chat templates, seeded batched sampling, scoring, AdamW.
 
+mod adamw_host;
 pub mod bench;
 pub mod chat;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod lora;
 pub mod losses;
 pub mod optim;
 pub mod score;
+mod skinny_matmul;
 /// Shared helpers for tests across the workspace (real weights, paper data).
 pub mod testing;
 pub mod tokenizer;
