@@ -241,20 +241,6 @@ impl KvCache {
         }
         Ok(())
     }
-
-    /// Repeat a one-row cache `n` times (candidates sharing one prompt).
-    pub(crate) fn repeat_row(&self, n: usize) -> Result<KvCache> {
-        let grow = |t: &Tensor| -> Result<Tensor> {
-            let (_, h, c, d) = t.dims4()?;
-            Ok(t.broadcast_as((n, h, c, d))?.contiguous()?)
-        };
-        Ok(KvCache {
-            k: self.k.iter().map(grow).collect::<Result<_>>()?,
-            v: self.v.iter().map(grow).collect::<Result<_>>()?,
-            len: self.len,
-            capacity: self.capacity,
-        })
-    }
 }
 
 pub struct Transformer {
@@ -654,7 +640,7 @@ impl Transformer {
         ids: &Tensor,
         key_valid: &[Vec<bool>],
         mode: Mode,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         capture: &[usize],
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let (b, t) = ids
@@ -669,6 +655,47 @@ impl Transformer {
             );
         }
         let (positions, mask) = positions_and_mask(key_valid, past, t);
+        self.run_laid_out(ids, positions, mask, mode, cache, capture)
+    }
+
+    /// Final-norm hidden states (1, t, hidden) in eval mode for `ids` appended to a one-row
+    /// `cache`, with each new token's position and additive mask row over all `cache.len + t`
+    /// slots given explicitly, so a caller can lay a token tree out after a cached prompt
+    /// (each node seeing the prompt, its ancestors and itself; see `score_candidates`).
+    pub(crate) fn hidden_eval_laid_out(
+        &self,
+        ids: &[u32],
+        positions: Vec<u32>,
+        mask: Vec<f32>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let t = ids.len();
+        if positions.len() != t || mask.len() != t * (cache.len + t) {
+            bail!(
+                "internal: {t} tokens laid out with {} positions and {} mask entries",
+                positions.len(),
+                mask.len()
+            );
+        }
+        let ids = Tensor::from_vec(ids.to_vec(), (1, t), &self.device)?;
+        Ok(self
+            .run_laid_out(&ids, positions, mask, Mode::Eval, Some(cache), &[])?
+            .0)
+    }
+
+    /// The layer stack for `ids` (b, t) with per-token `positions` (b * t) and an additive
+    /// `mask` (b, t, past + t).
+    fn run_laid_out(
+        &self,
+        ids: &Tensor,
+        positions: Vec<u32>,
+        mask: Vec<f32>,
+        mode: Mode,
+        mut cache: Option<&mut KvCache>,
+        capture: &[usize],
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let (b, t) = ids.dims2()?;
+        let past = cache.as_ref().map_or(0, |c| c.len);
         if let Some(max) = positions.iter().max() {
             if *max as usize >= self.cos.dim(0)? {
                 bail!(
