@@ -41,13 +41,7 @@ check() {
     "$emflow" --store "$dir/store" run "$dir/m.yaml" --set "data_root=$data" "$@" "${extra[@]}"
     "$emflow" --store "$dir/store" lock "$dir/m.yaml" --set "data_root=$data" "$@"
   done
-  # KNOWN ISSUE (issue 8 note): trained adapters differ in their low bits between the local
-  # and the Slurm executor although rollouts, metrics and keys match; until that is found,
-  # IGNORE_OUTPUTS names the outputs left out of the comparison for an example.
-  local filter='^$'
-  [ -n "${IGNORE_OUTPUTS:-}" ] && filter="\"(${IGNORE_OUTPUTS})\":"
-  if ! diff -u <(grep -Ev "$filter" "$work/$name-local/emflow.lock") \
-               <(grep -Ev "$filter" "$work/$name-slurm/emflow.lock"); then
+  if ! diff -u "$work/$name-local/emflow.lock" "$work/$name-slurm/emflow.lock"; then
     echo "ci-slurm: $name: the Slurm executor produced different keys or digests" >&2
     exit 1
   fi
@@ -65,5 +59,5 @@ check() {
 }
 
 check datasets manifests/examples/datasets.yaml
-IGNORE_OUTPUTS='adapter|best_adapter' check grpo manifests/examples/grpo_keyword.yaml --profile smoke --set steps=1
+check grpo manifests/examples/grpo_keyword.yaml --profile smoke --set steps=1
 echo "ci-slurm: ok"

@@ -223,7 +223,7 @@ impl StageKind for RlKind {
     fn spec(&self) -> KindSpec {
         KindSpec {
             name: "rl",
-            version: 2,
+            version: 3,
             summary: "GRPO (TRL semantics) with a rule-based or LLM-graded reward, KL to the reference, safety interleaving",
             params: params_spec(),
             open_params: false,

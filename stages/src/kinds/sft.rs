@@ -129,7 +129,7 @@ impl StageKind for SftKind {
     fn spec(&self) -> KindSpec {
         KindSpec {
             name: "sft",
-            version: 2,
+            version: 3,
             summary: "supervised fine-tuning (LoRA or full) on chat data, with KL/LDIFS, inoculation and safety interleaving",
             params: params_spec(),
             open_params: false,

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Var;
-use emflow_engine::context::StageContext;
+use emflow_engine::context::{Artifact, StageContext};
 use emflow_model::{LoadedModel, LoraConfig};
 use serde::{Deserialize, Serialize};
 
@@ -88,6 +88,7 @@ pub fn load_policy(
             ctx.stage_id, model.origin
         )
     })?;
+    lm.model.set_base_model_name(base_model_label(model));
     match ctx.optional_input("adapter")? {
         Some(adapter) => {
             if full_finetune {
@@ -119,6 +120,19 @@ pub fn load_policy(
         vars,
         full_finetune,
     })
+}
+
+/// What saved adapters record as `base_model_name_or_path`: the base's content digest, the
+/// same one the stage key holds. The loader's default, the model's path, names the store the
+/// stage happened to run against, so two stores (a local run and a Slurm run, two users)
+/// committed different adapter bytes under one key. A context built by hand, with no
+/// digest, falls back to the input's origin.
+fn base_model_label(model: &Artifact) -> String {
+    if model.digest.is_empty() {
+        model.origin.clone()
+    } else {
+        format!("blake3:{}", model.digest)
+    }
 }
 
 impl Policy {
