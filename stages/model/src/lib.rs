@@ -7,11 +7,13 @@ pub mod chat;
 pub mod config;
 pub mod device;
 mod frozen_matmul;
+mod fused_logprobs;
 pub mod generate;
 mod loader;
 pub mod lora;
 pub mod losses;
 pub mod optim;
+mod rms_norm;
 pub mod score;
 mod skinny_matmul;
 /// Shared helpers for tests across the workspace (real weights, paper data).

@@ -1,13 +1,15 @@
 //! Token log-probabilities and masked reductions: the building blocks of the SFT loss and
 //! of GRPO's policy and KL terms.
 //!
-//! Everything here is built from differentiable candle ops (no fused softmax kernel, whose
-//! backward candle lacks), so gradients reach the model's vars. `token_logprobs` computes
-//! `z[target] - logsumexp(z)` instead of a full `log_softmax`, which keeps one fewer
-//! (batch, time, vocab) tensor alive for the backward pass.
+//! Everything here is differentiable, so gradients reach the model's vars. `token_logprobs`
+//! computes `z[target] - logsumexp(z)` instead of a full `log_softmax`: on the CPU as one op
+//! with its own backward (see `fused_logprobs`), elsewhere from candle ops (no fused softmax
+//! kernel, whose backward candle lacks).
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
+
+use crate::fused_logprobs::TargetLogprobs;
 
 /// Log-probabilities of `targets` (b, t; u32) under `logits` (b, t, vocab) divided by
 /// `temperature`; returns (b, t) in the logits' dtype. Differentiable with respect to `logits`.
@@ -24,6 +26,18 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Re
             targets.dims(),
             logits.dims()
         );
+    }
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+        let op = TargetLogprobs {
+            targets: targets
+                .to_dtype(DType::U32)?
+                .flatten_all()?
+                .to_vec1::<u32>()?,
+            temperature: temperature as f32,
+        };
+        let vocab = logits.dim(D::Minus1)?;
+        let rows = logits.contiguous()?.reshape((b * t, vocab))?;
+        return Ok(rows.apply_op1(op)?.reshape((b, t))?);
     }
     // gather needs a contiguous source; a division already produces one.
     let z = if temperature == 1.0 {

@@ -88,6 +88,38 @@ fn token_logprobs_gradient_is_onehot_minus_softmax() {
 }
 
 #[test]
+fn token_logprobs_gradient_scales_with_temperature_and_upstream_gradient() {
+    let data = logits_data();
+    let logits =
+        Var::from_tensor(&Tensor::from_vec(data.clone(), (2, 3, 5), &Device::Cpu).unwrap())
+            .unwrap();
+    let targets = Tensor::new(&[[1u32, 1, 4], [0, 2, 3]], &Device::Cpu).unwrap();
+    let weights = [0.5f32, -2.0, 1.0, 3.0, 0.0, -0.25];
+    let w = Tensor::from_vec(weights.to_vec(), (2, 3), &Device::Cpu).unwrap();
+    let temperature = 0.7;
+    let lp = token_logprobs(logits.as_tensor(), &targets, temperature).unwrap();
+    let grads = (lp * w).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = grads
+        .get(logits.as_tensor())
+        .expect("gradient reaches the logits");
+    let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let targets_flat = [1usize, 1, 4, 0, 2, 3];
+    for (pos, &target) in targets_flat.iter().enumerate() {
+        let row = &data[pos * 5..pos * 5 + 5];
+        for k in 0..5 {
+            let p = manual_logprob(row, k, temperature).exp();
+            let onehot = if k == target { 1.0 } else { 0.0 };
+            let want = weights[pos] as f64 * (onehot - p) / temperature;
+            assert!(
+                (g[pos * 5 + k] as f64 - want).abs() < 1e-5,
+                "pos {pos}, k {k}: {} vs {want}",
+                g[pos * 5 + k]
+            );
+        }
+    }
+}
+
+#[test]
 fn masked_reductions() {
     let v = Tensor::new(&[[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &Device::Cpu).unwrap();
     let m = Tensor::new(&[[1u8, 1, 0], [0, 0, 1]], &Device::Cpu).unwrap();
