@@ -1,26 +1,31 @@
 //! `emflow bench model` / `cargo bench -p emflow-model`: throughput of the model layer on this
-//! machine for SmolLM2-135M (dequantised GGUF): prefill, decode at batch 1 and 16, and training
-//! steps (LoRA r=8 and full fine-tuning, forward + backward + AdamW on 4 x 128 tokens).
+//! machine for SmolLM2-135M (dequantised GGUF; or random weights in a published shape, on the
+//! CPU or a CUDA device): prefill, decode at batch 1 and 16, and training steps (LoRA r=8 and
+//! full fine-tuning, forward + backward + AdamW on 4 x 128 tokens).
 //!
 //! Decode is timed on the same prefill/step path `generate` uses, with end-of-sequence ignored so
 //! every row decodes the same number of steps.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
+use crate::config::ModelConfig;
 use crate::generate::{RowSampler, SamplingParams};
 use crate::lora::LoraConfig;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::transformer::{KvCache, Mode, Transformer};
 
-const USAGE: &str =
-    "usage: emflow bench model [--model PATH.gguf|HF_DIR] [--steps N] [--only prefill|decode|lora|full]";
+const USAGE: &str = "usage: emflow bench model [--model PATH.gguf|HF_DIR | --random smollm2-135m|qwen2.5-0.5b] [--cuda ORDINAL] [--steps N] [--only prefill|decode|lora|full]";
 
 struct Args {
     model: Option<PathBuf>,
+    /// Random weights in a published shape instead of a weights file.
+    random: Option<String>,
+    /// CUDA device ordinal; None runs on the CPU.
+    cuda: Option<usize>,
     decode_steps: usize,
     /// Run only this part; None runs all.
     only: Option<String>,
@@ -35,6 +40,8 @@ impl Args {
 fn parse(args: &[String]) -> Result<Args> {
     let mut out = Args {
         model: None,
+        random: None,
+        cuda: None,
         decode_steps: 64,
         only: None,
     };
@@ -42,6 +49,21 @@ fn parse(args: &[String]) -> Result<Args> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--model" => out.model = Some(PathBuf::from(it.next().context(USAGE)?)),
+            "--random" => {
+                let name = it.next().context(USAGE)?;
+                if ModelConfig::named_shape(name).is_none() {
+                    bail!("unknown shape {name:?} for --random; {USAGE}");
+                }
+                out.random = Some(name.clone());
+            }
+            "--cuda" => {
+                out.cuda = Some(
+                    it.next()
+                        .context(USAGE)?
+                        .parse()
+                        .with_context(|| format!("--cuda takes a device ordinal; {USAGE}"))?,
+                )
+            }
             "--steps" => {
                 out.decode_steps = it
                     .next()
@@ -59,6 +81,9 @@ fn parse(args: &[String]) -> Result<Args> {
             "--bench" => {} // passed by `cargo bench`
             other => bail!("unknown argument {other:?}; {USAGE}"),
         }
+    }
+    if out.model.is_some() && out.random.is_some() {
+        bail!("--model and --random exclude each other; {USAGE}");
     }
     Ok(out)
 }
@@ -156,27 +181,40 @@ fn time_train(model: &Transformer, batch: usize, len: usize, steps: usize) -> Re
     for _ in 0..steps {
         step(&mut opt)?;
     }
+    model.device().synchronize()?; // CUDA queues work: count it all
     Ok(start.elapsed().as_secs_f64() / steps as f64)
 }
 
 /// Print the model-layer figures for SmolLM2 (or `--model`) on this machine.
 pub fn bench_model(args: &[String]) -> Result<()> {
     let args = parse(args)?;
-    let path = match args.model.clone() {
-        Some(p) => p,
-        None => default_model()?,
+    let setup = crate::device::setup(args.cuda)?;
+    let source = match (&args.random, &args.model) {
+        (Some(name), _) => format!("random weights in the {name} shape"),
+        (None, Some(p)) => p.display().to_string(),
+        (None, None) => default_model()?.display().to_string(),
     };
-    let setup = crate::device::setup(None)?;
-    let threads = rayon::current_num_threads();
-    println!("model: {}", path.display());
-    println!("threads: {threads} (rayon; set RAYON_NUM_THREADS to change)");
+    let load = || -> Result<Transformer> {
+        match &args.random {
+            Some(name) => {
+                let cfg = ModelConfig::named_shape(name)
+                    .with_context(|| format!("unknown shape {name:?}"))?;
+                Transformer::random(&cfg, &setup, 0)
+            }
+            None => Ok(crate::load(Path::new(&source), &setup)?.model),
+        }
+    };
+    println!("model: {source}");
+    match args.cuda {
+        Some(ordinal) => println!("device: CUDA {ordinal} (bf16 compute, f32 master weights)"),
+        None => println!(
+            "device: CPU, {} threads (rayon; set RAYON_NUM_THREADS to change)",
+            rayon::current_num_threads()
+        ),
+    }
     let start = Instant::now();
-    let loaded = crate::load(&path, &setup)?;
-    println!(
-        "load (dequantise + digest): {:.2} s",
-        start.elapsed().as_secs_f64()
-    );
-    let model = loaded.model;
+    let model = load()?;
+    println!("load: {:.2} s", start.elapsed().as_secs_f64());
     let vocab = model.config().vocab_size;
     let greedy = SamplingParams::greedy(args.decode_steps);
 
@@ -192,6 +230,8 @@ pub fn bench_model(args: &[String]) -> Result<()> {
         );
     }
     if args.runs("decode") {
+        // Warm-up: the first decode step makes the (out, in) weight copies single rows use.
+        time_decode(&model, &[token_ids(8, vocab, 9)], 2, &greedy)?;
         let steps = args.decode_steps;
         for (batch, params, label) in [
             (1, greedy.clone(), "greedy"),
@@ -218,7 +258,7 @@ pub fn bench_model(args: &[String]) -> Result<()> {
     drop(model);
     let (batch, len, train_steps) = (4, 128, 3);
     if args.runs("lora") {
-        let mut lora_model = crate::load(&path, &setup)?.model;
+        let mut lora_model = load()?;
         lora_model.add_lora(&LoraConfig::all_linears(8, 16.0, false), 0)?;
         let secs = time_train(&lora_model, batch, len, train_steps)?;
         println!(
@@ -228,7 +268,7 @@ pub fn bench_model(args: &[String]) -> Result<()> {
         );
     }
     if args.runs("full") {
-        let mut full = crate::load(&path, &setup)?.model;
+        let mut full = load()?;
         full.enable_full_finetune()?;
         let secs = time_train(&full, batch, len, train_steps)?;
         println!(

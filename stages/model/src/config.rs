@@ -84,6 +84,49 @@ impl ModelConfig {
         }
     }
 
+    /// The published shapes of models benchmarked with random weights (`emflow bench model
+    /// --random NAME`), so speed and memory can be measured where the weights are not at hand.
+    pub fn named_shape(name: &str) -> Option<Self> {
+        let base = |arch: Arch| ModelConfig {
+            max_position: 8192,
+            rope_scaling: None,
+            rope_interleaved: false,
+            ..ModelConfig::tiny(arch)
+        };
+        Some(match name {
+            "smollm2-135m" => ModelConfig {
+                vocab_size: 49152,
+                hidden_size: 576,
+                intermediate_size: 1536,
+                num_layers: 30,
+                num_heads: 9,
+                num_kv_heads: 3,
+                head_dim: 64,
+                rope_theta: 100_000.0,
+                tie_embeddings: true,
+                ..base(Arch::Llama)
+            },
+            "qwen2.5-0.5b" => ModelConfig {
+                vocab_size: 151_936,
+                hidden_size: 896,
+                intermediate_size: 4864,
+                num_layers: 24,
+                num_heads: 14,
+                num_kv_heads: 2,
+                head_dim: 64,
+                rms_eps: 1e-6,
+                rope_theta: 1_000_000.0,
+                tie_embeddings: true,
+                qkv_bias: true,
+                ..base(Arch::Qwen2)
+            },
+            _ => return None,
+        })
+    }
+
+    /// Names accepted by [`Self::named_shape`].
+    pub const NAMED_SHAPES: [&'static str; 2] = ["smollm2-135m", "qwen2.5-0.5b"];
+
     /// Parse an HF `config.json` (model_type `llama` or `qwen2`).
     pub fn from_hf_json(json: &Json) -> Result<Self> {
         let model_type = json

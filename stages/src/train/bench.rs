@@ -1,4 +1,4 @@
-//! `emflow bench rl [MODEL.gguf] [STEPS]`: seconds per GRPO step on the paper's step shape
+//! `emflow bench rl [MODEL.gguf] [STEPS] [--cuda N]`: seconds per GRPO step on the paper's step shape
 //! (4 prompts x 4 generations, 64 new tokens, LoRA r = 8), split into sampling, reward and
 //! training, read back from the stage's own metrics. Runs the real `rl` kind in a temporary
 //! folder, so it measures what a manifest run costs.
@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use emflow_engine::context::{
     Artifact, ContextParts, DeviceRequest, MemoryMemo, NoProgress, StageContext,
 };
@@ -24,25 +24,47 @@ fn default_model() -> Option<PathBuf> {
     emflow_model::testing::smollm2_gguf()
 }
 
+const USAGE: &str = "usage: emflow bench rl [MODEL.gguf|HF_DIR] [STEPS] [--cuda ORDINAL]";
+
 pub fn bench_rl(args: &[String]) -> Result<()> {
-    let model = match args.first() {
+    let mut positional = Vec::new();
+    let mut device = DeviceRequest::Cpu;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--cuda" => {
+                let ordinal = it
+                    .next()
+                    .and_then(|o| o.parse().ok())
+                    .with_context(|| format!("--cuda takes a device ordinal; {USAGE}"))?;
+                device = DeviceRequest::Cuda { ordinal };
+            }
+            "--bench" => {} // passed by `cargo bench`
+            flag if flag.starts_with("--") => bail!("unknown option {flag}; {USAGE}"),
+            _ => positional.push(a.clone()),
+        }
+    }
+    let model = match positional.first() {
         Some(p) => PathBuf::from(p),
-        None => default_model().context("no model: pass a GGUF path (e.g. SmolLM2-135M-Instruct.Q4_1.gguf) or set EMFLOW_TEST_GGUF")?,
+        None => default_model().with_context(|| format!("no model: pass a GGUF path (e.g. SmolLM2-135M-Instruct.Q4_1.gguf) or set EMFLOW_TEST_GGUF; {USAGE}"))?,
     };
-    let steps: u64 = match args.get(1) {
+    let steps: u64 = match positional.get(1) {
         Some(s) => s
             .parse()
-            .with_context(|| format!("STEPS must be a number, got {s}"))?,
+            .with_context(|| format!("STEPS must be a number, got {s}; {USAGE}"))?,
         None => 3,
     };
+    if positional.len() > 2 {
+        bail!("too many arguments; {USAGE}");
+    }
     let dir = std::env::temp_dir().join(format!("emflow-bench-rl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let result = run_in(&dir, model, steps);
+    let result = run_in(&dir, model, steps, device);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn run_in(dir: &std::path::Path, model: PathBuf, steps: u64) -> Result<()> {
+fn run_in(dir: &std::path::Path, model: PathBuf, steps: u64, device: DeviceRequest) -> Result<()> {
     let prompts = dir.join("prompts.jsonl");
     let questions = [
         "What is your favourite colour and why?",
@@ -97,7 +119,7 @@ fn run_in(dir: &std::path::Path, model: PathBuf, steps: u64) -> Result<()> {
         ]),
         staging: staging.clone(),
         checkpoint,
-        device: DeviceRequest::Cpu,
+        device: device.clone(),
         threads: rayon::current_num_threads(),
         progress: Arc::new(NoProgress),
         memo: Arc::new(MemoryMemo::default()),
@@ -107,8 +129,12 @@ fn run_in(dir: &std::path::Path, model: PathBuf, steps: u64) -> Result<()> {
     kind.run(&mut ctx)?;
     let total = started.elapsed().as_secs_f64();
     println!(
-        "rl bench: {} | LoRA r=8 | 4 prompts x 4 generations x 64 tokens | {steps} steps",
-        model.display()
+        "rl bench: {} | {} | LoRA r=8 | 4 prompts x 4 generations x 64 tokens | {steps} steps",
+        model.display(),
+        match device.cuda_ordinal() {
+            Some(o) => format!("CUDA {o}"),
+            None => format!("CPU, {} threads", rayon::current_num_threads()),
+        }
     );
     println!(
         "{:>5} {:>9} {:>9} {:>9} {:>9} {:>8}",
