@@ -598,12 +598,15 @@ pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
                         .map(|h| h.detach())
                         .collect()
                 };
-                let (logits, hidden) =
-                    policy
-                        .lm
-                        .model
-                        .forward_train_hidden(&b.ids, &b.attention, &ldifs_layers)?;
-                let comp_logits = b.completion_logits(&logits)?;
+                // Logits only where they predict completion tokens (the prompt's would be
+                // projected to the vocabulary and thrown away).
+                let (tail, hidden) = policy.lm.model.forward_train_hidden_from(
+                    &b.ids,
+                    &b.attention,
+                    &ldifs_layers,
+                    b.first_predicting_position(),
+                )?;
+                let comp_logits = b.completion_logits_from_tail(&tail)?;
                 let logps = token_logprobs(&comp_logits, &b.completion, p.temperature)?;
                 let adv_t = Tensor::from_vec(
                     adv.values[m * micro..(m + 1) * micro]
