@@ -652,23 +652,28 @@ impl Transformer {
         Ok((self.logits(&h, Mode::Train)?, captured))
     }
 
-    /// [`Self::forward_train_hidden`] with logits only for positions `from..t` (b, t - from,
-    /// vocab): GRPO needs them only where they predict completion tokens, and the output
-    /// projection with its backward is a fifth of a SmolLM2 step per position.
-    pub fn forward_train_hidden_from(
+    /// [`Self::forward_train_hidden`] with logits only for positions `from..from + len`
+    /// (b, len, vocab): GRPO needs them only where they predict completion tokens, and the
+    /// output projection with its backward is a fifth of a SmolLM2 step per position. (Slicing
+    /// full logits instead would also cost a vocabulary-sized zero-filled gradient.)
+    pub fn forward_train_hidden_range(
         &self,
         ids: &Tensor,
         attention_mask: &Tensor,
         layers: &[usize],
         from: usize,
+        len: usize,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let rows = mask_rows(attention_mask)?;
         let (h, captured) = self.run(ids, &rows, Mode::Train, None, layers)?;
         let t = h.dim(1)?;
-        if from >= t {
-            bail!("logits requested from position {from}, but the sequences have {t}");
+        if len == 0 || from + len > t {
+            bail!(
+                "logits requested for positions {from}..{}, but the sequences have {t}",
+                from + len
+            );
         }
-        let h = h.narrow(1, from, t - from)?.contiguous()?;
+        let h = h.narrow(1, from, len)?.contiguous()?;
         Ok((self.logits(&h, Mode::Train)?, captured))
     }
 

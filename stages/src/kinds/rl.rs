@@ -600,13 +600,13 @@ pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
                 };
                 // Logits only where they predict completion tokens (the prompt's would be
                 // projected to the vocabulary and thrown away).
-                let (tail, hidden) = policy.lm.model.forward_train_hidden_from(
+                let (comp_logits, hidden) = policy.lm.model.forward_train_hidden_range(
                     &b.ids,
                     &b.attention,
                     &ldifs_layers,
                     b.first_predicting_position(),
+                    b.completion_len,
                 )?;
-                let comp_logits = b.completion_logits_from_tail(&tail)?;
                 let logps = token_logprobs(&comp_logits, &b.completion, p.temperature)?;
                 let adv_t = Tensor::from_vec(
                     adv.values[m * micro..(m + 1) * micro]

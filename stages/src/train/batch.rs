@@ -130,15 +130,10 @@ pub fn collate_rollouts(
 }
 
 impl RolloutBatch {
-    /// The first position whose logits predict a completion token.
+    /// The first position whose logits predict a completion token (the completion's
+    /// `completion_len` predicting positions start here).
     pub fn first_predicting_position(&self) -> usize {
         self.prompt_len - 1
-    }
-
-    /// The (b, c, vocab) logits predicting the completion tokens, from logits that start at
-    /// [`Self::first_predicting_position`] (the last position predicts nothing and is dropped).
-    pub fn completion_logits_from_tail(&self, tail: &Tensor) -> Result<Tensor> {
-        Ok(tail.narrow(1, 0, self.completion_len)?.contiguous()?)
     }
 
     /// The (b, c, vocab) slice of full-sequence logits that predicts the completion tokens.

@@ -1,6 +1,6 @@
 //! `emflow bench rl [MODEL.gguf] [STEPS] [--cuda N]`: seconds per GRPO step on the paper's step shape
 //! (4 prompts x 4 generations, 64 new tokens, LoRA r = 8), split into sampling, reward and
-//! training, read back from the stage's own metrics. Runs the real `rl` kind in a temporary
+//! training, as the stage logs it. Runs the real `rl` kind in a temporary
 //! folder, so it measures what a manifest run costs.
 
 use std::collections::BTreeMap;
@@ -10,12 +10,25 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use emflow_engine::context::{
-    Artifact, ContextParts, DeviceRequest, MemoryMemo, NoProgress, StageContext,
+    Artifact, ContextParts, DeviceRequest, MemoryMemo, Progress, StageContext,
 };
 use emflow_engine::{ArtifactType, StageKind};
 use serde_json::{json, Value};
 
 use crate::kinds::rl::RlKind;
+
+/// Prints the stage's per-step log lines (the time split lives there, not in `metrics`, whose
+/// bytes must not depend on the clock).
+struct StepLog;
+
+impl Progress for StepLog {
+    fn phase(&self, _: &str, _: u64, _: &str) {}
+    fn inc(&self, _: u64) {}
+    fn message(&self, _: &str) {}
+    fn log(&self, line: &str) {
+        println!("  {line}");
+    }
+}
 
 fn default_model() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("EMFLOW_TEST_GGUF") {
@@ -121,13 +134,10 @@ fn run_in(dir: &std::path::Path, model: PathBuf, steps: u64, device: DeviceReque
         checkpoint,
         device: device.clone(),
         threads: rayon::current_num_threads(),
-        progress: Arc::new(NoProgress),
+        progress: Arc::new(StepLog),
         memo: Arc::new(MemoryMemo::default()),
         interrupt: Arc::new(AtomicBool::new(false)),
     });
-    let started = std::time::Instant::now();
-    kind.run(&mut ctx)?;
-    let total = started.elapsed().as_secs_f64();
     println!(
         "rl bench: {} | {} | LoRA r=8 | 4 prompts x 4 generations x 64 tokens | {steps} steps",
         model.display(),
@@ -136,23 +146,9 @@ fn run_in(dir: &std::path::Path, model: PathBuf, steps: u64, device: DeviceReque
             None => format!("CPU, {} threads", rayon::current_num_threads()),
         }
     );
-    println!(
-        "{:>5} {:>9} {:>9} {:>9} {:>9} {:>8}",
-        "step", "total_s", "sample_s", "reward_s", "train_s", "tokens"
-    );
-    let metrics = std::fs::read_to_string(staging.join("metrics"))?;
-    for line in metrics.lines() {
-        let m: Value = serde_json::from_str(line)?;
-        println!(
-            "{:>5} {:>9.2} {:>9.2} {:>9.3} {:>9.2} {:>8.0}",
-            m["step"],
-            m["seconds"].as_f64().unwrap_or(0.0),
-            m["seconds_sampling"].as_f64().unwrap_or(0.0),
-            m["seconds_reward"].as_f64().unwrap_or(0.0),
-            m["seconds_training"].as_f64().unwrap_or(0.0),
-            m["completion_length_mean"].as_f64().unwrap_or(0.0) * 16.0,
-        );
-    }
+    let started = std::time::Instant::now();
+    kind.run(&mut ctx)?;
+    let total = started.elapsed().as_secs_f64();
     println!("wall time including model load: {total:.1} s");
     Ok(())
 }
