@@ -52,6 +52,9 @@ trap 'write_exit 1' EXIT
 printf 'host=%s\njob_id=%s\nstarted=%s\ncuda_visible_devices=%s\n' "$(hostname)" \
   "${{SLURM_JOB_ID:-}}" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${{CUDA_VISIBLE_DEVICES:-}}" \
   > "$dir/{STARTED_FILE}"
+# As many compute threads as CPUs granted, not the submitting machine's count (sbatch copies
+# its environment, RAYON_NUM_THREADS included).
+[ -n "${{SLURM_CPUS_PER_TASK:-}}" ] && export RAYON_NUM_THREADS="$SLURM_CPUS_PER_TASK"
 {exe} exec-stage "$dir/{JOB_FILE}" --result "$dir/{RESULT_FILE}" \
   > /dev/null 2> "$dir/{STDERR_FILE}" &
 child=$!
@@ -107,6 +110,40 @@ mod tests {
             record.contains(r#""exit_code":75,"signal":"USR2""#),
             "{record}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The stage computes with as many threads as the job was granted CPUs, whatever the
+    /// submitting shell had set.
+    #[test]
+    fn threads_follow_the_cpus_granted() {
+        let dir = std::env::temp_dir().join(format!("emflow-slurm-threads-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fake = dir.join("fake-emflow");
+        std::fs::write(
+            &fake,
+            "#!/usr/bin/env bash\necho \"$RAYON_NUM_THREADS\" > \"$(dirname \"$2\")/threads\"\n",
+        )
+        .unwrap();
+        Command::new("chmod").arg("+x").arg(&fake).status().unwrap();
+        let script = dir.join(SCRIPT_FILE);
+        std::fs::write(&script, job_script(&fake, &dir)).unwrap();
+        let threads = |cpus: Option<&str>| {
+            let mut cmd = Command::new("bash");
+            cmd.arg(&script).env("RAYON_NUM_THREADS", "16");
+            match cpus {
+                Some(n) => cmd.env("SLURM_CPUS_PER_TASK", n),
+                None => cmd.env_remove("SLURM_CPUS_PER_TASK"),
+            };
+            assert!(cmd.status().unwrap().success());
+            std::fs::read_to_string(dir.join("threads"))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        assert_eq!(threads(Some("3")), "3");
+        assert_eq!(threads(None), "16");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
