@@ -2,8 +2,8 @@
 //! `scripts/slurm-local.sh` (own state folder and port per test). Skips with a printed
 //! reason when the cluster cannot be started, unless `EMFLOW_REQUIRE_TEST_ASSETS=1`.
 //!
-//! The time-limit case is the only slow one (Slurm checks limits every 30 s, so a
-//! one-minute job ends 60-95 s in); everything else finishes in seconds.
+//! The time-limit and requeue cases are the slow ones (Slurm checks limits and `--signal`
+//! every 30 s, so a one-minute job ends 60-95 s in); everything else finishes in seconds.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -304,4 +304,152 @@ fn killed_driver_reattaches_runs_nothing_twice_and_cached_rerun_submits_nothing(
     assert!(out.status.success(), "{text_out}");
     assert!(text_out.contains("all 2 stages cached"), "{text_out}");
     assert_eq!(cluster.jobs().len(), 2, "a cached rerun submitted jobs");
+}
+
+/// A long stage under a one-minute limit, warned by `--signal=B:USR2@30`: it saves its
+/// progress under `$EMFLOW_CHECKPOINT_DIR` and exits 75; the executor resubmits it (same stage
+/// key, a new job) and the next attempt resumes where the last one stopped, until the work is
+/// done. 160 half-second steps (80 s of work) cannot fit in one attempt.
+const LONG: &str = r#"
+name: long
+stages:
+  long:
+    kind: command
+    resources: {time: 1m}
+    params:
+      run: |
+        state="$EMFLOW_CHECKPOINT_DIR/state"
+        i=0
+        sum=0
+        if [ -e "$state" ]; then read -r i sum < "$state"; fi
+        echo "start $i" >> "$EMFLOW_PARAM_LOG"
+        trap 'echo "$i $sum" > "$state.tmp"; mv "$state.tmp" "$state"; echo "saved $i" >> "$EMFLOW_PARAM_LOG"; exit 75' USR2
+        while [ "$i" -lt "$EMFLOW_PARAM_STEPS" ]; do
+          sum=$((sum + i + 1)) i=$((i + 1))
+          sleep 0.5
+        done
+        echo "$sum" > "$EMFLOW_OUT_SUM"
+      outputs: {sum: file}
+      steps: 160
+      log: '@LOG@'
+"#;
+
+/// The content of the single output of the single record in the store at `dir/.emflow`.
+fn only_output(dir: &Path) -> String {
+    let store = dir.join(".emflow");
+    let records: Vec<PathBuf> = std::fs::read_dir(store.join("records"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(records.len(), 1, "one record expected: {records:?}");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&records[0]).unwrap()).unwrap();
+    let digest = record["outputs"]["sum"]["digest"].as_str().unwrap();
+    std::fs::read_to_string(store.join("objects").join(&digest[..2]).join(digest)).unwrap()
+}
+
+#[test]
+fn checkpointing_stage_warned_before_its_time_limit_is_requeued_and_resumes() {
+    let Some(cluster) = Cluster::start("requeue", 2) else {
+        return;
+    };
+    let dir = scratch("requeue");
+    let log = dir.join("attempts.log");
+    std::fs::write(
+        dir.join("m.yaml"),
+        LONG.replace("@LOG@", &log.display().to_string()),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("cluster.yaml"),
+        format!("{PROFILE}signal_before_s: 30\nmax_requeue: 10\n"),
+    )
+    .unwrap();
+    let args = [
+        "run",
+        "m.yaml",
+        "--executor",
+        "slurm",
+        "--cluster-config",
+        "cluster.yaml",
+    ];
+
+    let out = cluster
+        .emflow(&dir)
+        .args(args)
+        .arg("--dry-run")
+        .output()
+        .unwrap();
+    let dry = text(&out);
+    assert!(out.status.success(), "{dry}");
+    assert!(dry.contains("--signal=B:USR2@30"), "{dry}");
+
+    let out = cluster.emflow(&dir).args(args).output().unwrap();
+    let run_log = text(&out);
+    assert!(out.status.success(), "{run_log}");
+    assert!(run_log.contains("1 ran, 0 cached, 0 failed"), "{run_log}");
+    assert_eq!(only_output(&dir), format!("{}\n", 160 * 161 / 2));
+
+    // Attempts: "start 0", then for each requeue "saved K" followed by "start K".
+    let attempts = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = attempts.lines().collect();
+    assert_eq!(lines.first(), Some(&"start 0"), "{attempts}");
+    assert!(lines.len() >= 3 && lines.len() % 2 == 1, "{attempts}");
+    for pair in lines[1..].chunks(2) {
+        let saved = pair[0].strip_prefix("saved ").expect(&attempts);
+        let resumed = pair[1].strip_prefix("start ").expect(&attempts);
+        assert_eq!(
+            saved, resumed,
+            "did not resume where it stopped:\n{attempts}"
+        );
+        assert!(saved.parse::<u32>().unwrap() > 0, "{attempts}");
+    }
+
+    let mut jobs = cluster.jobs();
+    jobs.sort_by_key(|(id, _, _)| id.parse::<u64>().unwrap());
+    assert_eq!(
+        jobs.len(),
+        lines.len().div_ceil(2),
+        "one job per attempt expected: {jobs:?}\n{attempts}"
+    );
+    assert!(
+        jobs.iter().all(|(_, key, _)| *key == jobs[0].1),
+        "all attempts must be the same stage key: {jobs:?}"
+    );
+    // Every attempt but the last was warned (USR2) and asked to be run again (75); the
+    // journal counts the requeues.
+    let work = dir.join(".emflow/slurm/work");
+    let key = &jobs[0].1;
+    let attempts_dir = work.join(&key[..2]).join(key);
+    for n in 1..=jobs.len() {
+        let exit =
+            std::fs::read_to_string(attempts_dir.join(format!("attempt-{n}/exit.json"))).unwrap();
+        let expected = if n < jobs.len() {
+            r#""exit_code":75,"signal":"USR2""#
+        } else {
+            r#""exit_code":0,"signal":"""#
+        };
+        assert!(exit.contains(expected), "attempt {n}: {exit}");
+    }
+    let journal: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(format!(".emflow/slurm/journal/{key}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(journal["requeues"], jobs.len() - 1, "{journal}");
+    let (last, earlier) = jobs.split_last().unwrap();
+    assert_eq!(last.2, "COMPLETED", "{jobs:?}");
+    assert!(
+        earlier.iter().all(|(_, _, state)| state != "TIMEOUT"),
+        "an attempt hit the time limit instead of checkpointing: {jobs:?}"
+    );
+
+    let out = cluster.emflow(&dir).args(args).output().unwrap();
+    let text_out = text(&out);
+    assert!(out.status.success(), "{text_out}");
+    assert!(text_out.contains("all 1 stages cached"), "{text_out}");
+    assert_eq!(
+        cluster.jobs().len(),
+        jobs.len(),
+        "a cached rerun submitted jobs"
+    );
 }

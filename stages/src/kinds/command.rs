@@ -26,6 +26,8 @@
 //!   in wiring order; `EMFLOW_IN_FILES` too when exactly one is wired), same for `DIRS`;
 //! - `EMFLOW_OUT_<NAME>` for each declared output: the path to create (not created in advance);
 //! - `EMFLOW_STAGE_ID`, `TMPDIR` (inside the scratch folder);
+//! - `EMFLOW_CHECKPOINT_DIR`: a folder private to this stage key that survives an
+//!   interruption and is removed once the stage commits (see "Long commands" below);
 //! - `EMFLOW_PARAM_<NAME>` for each extra param (text as is, other values as JSON): the safe way
 //!   to pass values into the command without quoting them into shell code;
 //! - the `env` map.
@@ -36,6 +38,14 @@
 //! Each line of stdout and stderr goes to the stage's log. A non-zero exit fails the stage
 //! with the exit code and the last lines of stderr; a declared output that is missing, of the
 //! wrong shape or a symbolic link fails it too.
+//!
+//! Long commands can checkpoint. When the engine asks the stage to stop (under Slurm: the
+//! `--signal` warning before the time limit; locally: Ctrl-C), the command's shell gets
+//! SIGUSR2. A command that traps it, saves its progress under `$EMFLOW_CHECKPOINT_DIR` and
+//! exits with code 75 (EX_TEMPFAIL, "run me again") is requeued by the Slurm executor and finds
+//! its progress there on the next attempt. A command that does not trap USR2 dies of it; one
+//! that still runs [`STOP_GRACE`] after the request is killed. Exiting 0 instead (it finished
+//! anyway) commits as usual.
 //!
 //! The command dies with the stage. It runs in its own process group; the group is killed
 //! when the command finishes (no stray background processes keep writing), when the engine
@@ -77,9 +87,22 @@ const SCRATCH: &str = ".command-scratch";
 /// The shell that leads the command's process group. It runs the user's command as a child
 /// so that it can still act when the kernel signals the death of emflow: on TERM (sent by
 /// `PR_SET_PDEATHSIG`), INT or HUP it kills the whole group, itself included.
-const LEADER_SCRIPT: &str = r#"trap 'trap - TERM INT HUP; kill -KILL 0' TERM INT HUP
+/// USR2 (the engine's stop request) is forwarded to the command; `wait` returns early when a
+/// trapped signal arrives, so the leader waits again until the command is gone, then once more
+/// for its status (bash keeps it).
+const LEADER_SCRIPT: &str = r#"child=""
+trap 'trap - TERM INT HUP; kill -KILL 0' TERM INT HUP
+trap '[ -n "$child" ] && kill -USR2 "$child" 2>/dev/null' USR2
 bash -euo pipefail -c "$1" emflow-command &
-wait $!"#;
+child=$!
+while kill -0 "$child" 2>/dev/null; do
+  wait "$child"
+done
+wait "$child""#;
+/// Exit code of a command that saved a checkpoint on request and asks to be run again.
+const EXIT_CHECKPOINTED: i32 = 75;
+/// How long a command may take to save a checkpoint and exit after a stop request.
+const STOP_GRACE: Duration = Duration::from_secs(60);
 
 impl StageKind for CommandKind {
     fn spec(&self) -> KindSpec {
@@ -232,6 +255,12 @@ impl StageKind for CommandKind {
                 ctx.staging_dir().display()
             )
         })?;
+        let checkpoint = std::path::absolute(ctx.checkpoint_dir()).with_context(|| {
+            format!(
+                "cannot resolve checkpoint folder {}",
+                ctx.checkpoint_dir().display()
+            )
+        })?;
         let scratch = staging.join(SCRATCH);
         std::fs::create_dir_all(&scratch)
             .with_context(|| format!("cannot create {}", scratch.display()))?;
@@ -248,6 +277,7 @@ impl StageKind for CommandKind {
             .stderr(Stdio::piped())
             .env("TMPDIR", &scratch)
             .env("EMFLOW_STAGE_ID", &ctx.stage_id)
+            .env("EMFLOW_CHECKPOINT_DIR", &checkpoint)
             .envs(environment(ctx, &staging, &outputs)?);
         die_with_this_process(&mut command);
 
@@ -256,18 +286,21 @@ impl StageKind for CommandKind {
         let outcome = running.wait(|| ctx.interrupt_requested())?;
         let (stdout_tail, stderr_tail) = running.tails();
         match outcome {
-            Outcome::Interrupted => {
+            Outcome::Stopped(status) if status.code() == Some(EXIT_CHECKPOINTED) => {
                 return Err(anyhow::Error::new(Interrupted).context(format!(
-                    "stage {}: command stopped on request; it reruns from the start",
+                    "stage {}: command saved a checkpoint on request; the next run resumes from it",
                     ctx.stage_id
                 )))
             }
+            Outcome::Stopped(status) if !status.success() => {
+                return Err(anyhow::Error::new(Interrupted).context(format!(
+                    "stage {}: command stopped on request without a checkpoint (exit {}; a command that traps USR2 can save one and exit 75)",
+                    ctx.stage_id,
+                    describe(status)
+                )))
+            }
             Outcome::Exited(status) if !status.success() => {
-                let how = match (status.code(), status.signal()) {
-                    (Some(code), _) => format!("exit code {code}"),
-                    (None, Some(signal)) => format!("signal {signal}"),
-                    (None, None) => "an unknown status".to_string(),
-                };
+                let how = describe(status);
                 let (label, tail) = if stderr_tail.is_empty() {
                     ("stdout", stdout_tail)
                 } else {
@@ -286,7 +319,7 @@ impl StageKind for CommandKind {
                 };
                 bail!("stage {}: command failed with {how}{shown}", ctx.stage_id);
             }
-            Outcome::Exited(_) => {}
+            Outcome::Exited(_) | Outcome::Stopped(_) => {}
         }
 
         for (name, ty) in &outputs {
@@ -298,6 +331,14 @@ impl StageKind for CommandKind {
         ctx.summarize("stdout_lines", running.line_counts.0);
         ctx.summarize("stderr_lines", running.line_counts.1);
         Ok(())
+    }
+}
+
+fn describe(status: std::process::ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => format!("signal {signal}"),
+        (None, None) => "an unknown status".to_string(),
     }
 }
 
@@ -453,8 +494,10 @@ fn die_with_this_process(command: &mut Command) {
 }
 
 enum Outcome {
+    /// The command ended on its own.
     Exited(std::process::ExitStatus),
-    Interrupted,
+    /// The command ended after a stop request (or was killed after [`STOP_GRACE`]).
+    Stopped(std::process::ExitStatus),
 }
 
 /// The running process group, its output readers, and the kill-on-drop guarantee.
@@ -508,20 +551,28 @@ impl Running {
         self.child.id() as libc::pid_t
     }
 
-    /// Waits for the group leader to exit (or for `stop()` to turn true), kills whatever is
-    /// left of the group, then reaps the leader. The leader stays a zombie until the group
-    /// is killed, so its id cannot be reused by an unrelated group in between.
+    /// Waits for the group leader to exit, kills whatever is left of the group, then reaps
+    /// the leader. Once `stop()` turns true the command gets USR2 and [`STOP_GRACE`] to exit.
+    /// The leader stays a zombie until the group is killed, so its id cannot be reused by an
+    /// unrelated group in between.
     fn wait(&mut self, stop: impl Fn() -> bool) -> anyhow::Result<Outcome> {
-        let mut interrupted = false;
+        let mut stopped_at: Option<Instant> = None;
         loop {
             if leader_exited(self.child.id() as libc::pid_t)
                 .context("cannot wait for the command")?
             {
                 break;
             }
-            if stop() {
-                interrupted = true;
-                break;
+            match stopped_at {
+                None if stop() => {
+                    // SAFETY: plain syscall to our own, not yet reaped, child.
+                    unsafe {
+                        libc::kill(self.pgid(), libc::SIGUSR2);
+                    }
+                    stopped_at = Some(Instant::now());
+                }
+                Some(at) if at.elapsed() > STOP_GRACE => break,
+                _ => {}
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -540,8 +591,8 @@ impl Running {
             }
         }
         self.line_counts = (lock_count(&self.counters[0]), lock_count(&self.counters[1]));
-        Ok(if interrupted {
-            Outcome::Interrupted
+        Ok(if stopped_at.is_some() {
+            Outcome::Stopped(status)
         } else {
             Outcome::Exited(status)
         })
@@ -626,4 +677,56 @@ fn forward_lines(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use emflow_engine::context::{ContextParts, DeviceRequest, MemoryMemo, NoProgress};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A command that traps the stop request saves under `$EMFLOW_CHECKPOINT_DIR` and exits
+    /// 75: the stage ends with `Interrupted`, and the checkpoint is there for the next run.
+    #[test]
+    fn stop_request_lets_the_command_checkpoint_and_ask_to_be_rerun() {
+        let dir = tempfile::tempdir().unwrap();
+        let (staging, checkpoint) = (dir.path().join("staging"), dir.path().join("ckpt"));
+        std::fs::create_dir_all(&staging).unwrap();
+        std::fs::create_dir_all(&checkpoint).unwrap();
+        let ready = dir.path().join("ready");
+        let params = json!({
+            "run": "trap 'echo 7 > \"$EMFLOW_CHECKPOINT_DIR/step\"; exit 75' USR2; touch \"$EMFLOW_PARAM_READY\"; while true; do sleep 0.1; done",
+            "outputs": {"out": "file"},
+            "ready": ready.display().to_string(),
+        });
+        let interrupt = Arc::new(AtomicBool::new(false));
+        let mut ctx = StageContext::new(ContextParts {
+            stage_id: "long".into(),
+            kind: "command".into(),
+            params: params.as_object().unwrap().clone(),
+            inputs: BTreeMap::new(),
+            staging,
+            checkpoint: checkpoint.clone(),
+            device: DeviceRequest::Cpu,
+            threads: 1,
+            progress: Arc::new(NoProgress),
+            memo: Arc::new(MemoryMemo::default()),
+            interrupt: interrupt.clone(),
+        });
+        let requester = std::thread::spawn(move || {
+            let started = Instant::now();
+            while !ready.exists() && started.elapsed() < Duration::from_secs(20) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            interrupt.store(true, Ordering::Relaxed);
+        });
+        let err = CommandKind.run(&mut ctx).unwrap_err();
+        requester.join().unwrap();
+        assert!(err.downcast_ref::<Interrupted>().is_some(), "{err:#}");
+        assert!(format!("{err:#}").contains("saved a checkpoint"), "{err:#}");
+        assert_eq!(
+            std::fs::read_to_string(checkpoint.join("step")).unwrap(),
+            "7\n"
+        );
+    }
 }
