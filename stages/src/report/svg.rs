@@ -50,12 +50,13 @@ fn tick_step(span: f64) -> f64 {
 
 fn fmt_tick(v: f64) -> String {
     let v = if v.abs() < 1e-12 { 0.0 } else { v };
-    if v.abs() >= 1000.0 || (v != 0.0 && v.abs() < 0.01) {
-        format!("{v:.1e}")
-    } else {
-        let s = format!("{v:.3}");
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    if v.abs() >= 1000.0 || (v != 0.0 && v.abs() < 1e-4) {
+        return format!("{v:.1e}");
     }
+    let s = format!("{v:.4}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    // A tick a hair below zero prints as "-0".
+    if s == "-0" { "0" } else { s }.to_string()
 }
 
 fn frame(out: &mut String, title: &str, y_label: &str, y0: f64, y1: f64) {
@@ -227,4 +228,19 @@ pub fn line_chart(
     }
     out.push_str("</svg>");
     out
+}
+
+#[cfg(test)]
+mod tick_tests {
+    use super::fmt_tick;
+
+    #[test]
+    fn tick_labels_are_short_and_never_negative_zero() {
+        assert_eq!(fmt_tick(-1e-13), "0");
+        assert_eq!(fmt_tick(-0.0004), "-0.0004");
+        assert_eq!(fmt_tick(0.005), "0.005");
+        assert_eq!(fmt_tick(0.25), "0.25");
+        assert_eq!(fmt_tick(2500.0), "2.5e3");
+        assert_eq!(fmt_tick(0.00002), "2.0e-5");
+    }
 }

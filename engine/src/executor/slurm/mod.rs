@@ -291,6 +291,25 @@ struct SlurmHandle {
     started: Instant,
 }
 
+/// The request for a retry after the scheduler ended a job in `state`: memory grown by
+/// `growth` after running out of it, time after hitting the limit, with the changed sbatch
+/// option for the log. None when more of something would not help (or nothing was asked for).
+fn grown_request(state: &str, mut req: Request, growth: f64) -> Option<(Request, String)> {
+    match state {
+        "OUT_OF_MEMORY" if req.memory > 0 => {
+            req.memory = (req.memory as f64 * growth).ceil() as u64;
+            let flag = format!("--mem={}M", req.memory.div_ceil(1024 * 1024));
+            Some((req, flag))
+        }
+        "TIMEOUT" | "DEADLINE" if req.time_s > 0 => {
+            req.time_s = (req.time_s as f64 * growth).ceil() as u64;
+            let flag = format!("--time={}", profile::slurm_time(req.time_s));
+            Some((req, flag))
+        }
+        _ => None,
+    }
+}
+
 impl SlurmHandle {
     fn finish(&mut self, outcome: JobOutcome) -> anyhow::Result<Option<Finished>> {
         self.done = true;
@@ -348,20 +367,9 @@ impl SlurmHandle {
             return self.finish(JobOutcome::Interrupted);
         }
         if retryable && self.entry.retries < self.ctx.profile.retries {
-            let mut req = self.request();
-            let growth = self.ctx.profile.growth;
-            let grown = match state {
-                "OUT_OF_MEMORY" if req.memory > 0 => {
-                    req.memory = (req.memory as f64 * growth).ceil() as u64;
-                    format!("--mem={}M", req.memory.div_ceil(1024 * 1024))
-                }
-                "TIMEOUT" | "DEADLINE" if req.time_s > 0 => {
-                    req.time_s = (req.time_s as f64 * growth).ceil() as u64;
-                    format!("--time={}", profile::slurm_time(req.time_s))
-                }
-                _ => String::new(),
-            };
-            if !grown.is_empty() {
+            if let Some((req, grown)) =
+                grown_request(state, self.request(), self.ctx.profile.growth)
+            {
                 self.ctx.progress.message(&format!(
                     "{why}; resubmitting with {grown} (retry {} of {})",
                     self.entry.retries + 1,
@@ -516,4 +524,39 @@ fn log_tail(dir: &Path, job_id: &str) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+
+    fn req(memory: u64, time_s: u64) -> Request {
+        Request {
+            cpus: 2,
+            gpus: 0,
+            memory,
+            time_s,
+        }
+    }
+
+    #[test]
+    fn out_of_memory_grows_memory_and_time_limit_grows_time() {
+        let gib = 1024 * 1024 * 1024;
+        let (r, flag) = grown_request("OUT_OF_MEMORY", req(2 * gib, 600), 1.5).unwrap();
+        assert_eq!((r.memory, r.time_s, r.cpus), (3 * gib, 600, 2));
+        assert_eq!(flag, "--mem=3072M");
+        let (r, flag) = grown_request("TIMEOUT", req(gib, 90), 2.0).unwrap();
+        assert_eq!((r.memory, r.time_s), (gib, 180));
+        assert_eq!(flag, "--time=00:03:00");
+        assert!(grown_request("DEADLINE", req(0, 60), 2.0).is_some());
+    }
+
+    #[test]
+    fn nothing_to_grow_means_no_retry() {
+        // No memory was asked for: the cluster default ran out; more of nothing cannot help.
+        assert!(grown_request("OUT_OF_MEMORY", req(0, 600), 2.0).is_none());
+        assert!(grown_request("TIMEOUT", req(1024, 0), 2.0).is_none());
+        assert!(grown_request("NODE_FAIL", req(1024, 600), 2.0).is_none());
+        assert!(grown_request("FAILED", req(1024, 600), 2.0).is_none());
+    }
 }
