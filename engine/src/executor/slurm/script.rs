@@ -120,15 +120,19 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("emflow-slurm-threads-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let fake = dir.join("fake-emflow");
+        let stand_in = dir.join("emflow-stand-in");
         std::fs::write(
-            &fake,
+            &stand_in,
             "#!/usr/bin/env bash\necho \"$RAYON_NUM_THREADS\" > \"$(dirname \"$2\")/threads\"\n",
         )
         .unwrap();
-        Command::new("chmod").arg("+x").arg(&fake).status().unwrap();
+        Command::new("chmod")
+            .arg("+x")
+            .arg(&stand_in)
+            .status()
+            .unwrap();
         let script = dir.join(SCRIPT_FILE);
-        std::fs::write(&script, job_script(&fake, &dir)).unwrap();
+        std::fs::write(&script, job_script(&stand_in, &dir)).unwrap();
         let threads = |cpus: Option<&str>| {
             let mut cmd = Command::new("bash");
             cmd.arg(&script).env("RAYON_NUM_THREADS", "16");
