@@ -114,6 +114,15 @@ fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
 }
 
 const PROFILE: &str = "poll_interval_s: 1\ngrace_s: 5\nretries: 0\n";
+/// `emflow` arguments that run the test folder's `m.yaml` on the cluster of `cluster.yaml`.
+const RUN_ON_SLURM: [&str; 6] = [
+    "run",
+    "m.yaml",
+    "--executor",
+    "slurm",
+    "--cluster-config",
+    "cluster.yaml",
+];
 
 /// Three stages fail three ways; each is reported with its reason, and a rerun (after
 /// the cause is fixed) completes them.
@@ -237,14 +246,7 @@ fn killed_driver_reattaches_runs_nothing_twice_and_cached_rerun_submits_nothing(
     )
     .unwrap();
     std::fs::write(dir.join("cluster.yaml"), PROFILE).unwrap();
-    let args = [
-        "run",
-        "m.yaml",
-        "--executor",
-        "slurm",
-        "--cluster-config",
-        "cluster.yaml",
-    ];
+    let args = RUN_ON_SLURM;
 
     let out = cluster
         .emflow(&dir)
@@ -365,14 +367,7 @@ fn checkpointing_stage_warned_before_its_time_limit_is_requeued_and_resumes() {
         format!("{PROFILE}signal_before_s: 30\nmax_requeue: 10\n"),
     )
     .unwrap();
-    let args = [
-        "run",
-        "m.yaml",
-        "--executor",
-        "slurm",
-        "--cluster-config",
-        "cluster.yaml",
-    ];
+    let args = RUN_ON_SLURM;
 
     let out = cluster
         .emflow(&dir)
