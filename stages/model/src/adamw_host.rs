@@ -8,6 +8,8 @@
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, InplaceOp2, Layout};
+
+use crate::host_slice::f32_slice;
 use rayon::prelude::*;
 
 /// The constants of one update of one parameter, and its moments (updated in place).
@@ -30,19 +32,6 @@ pub(crate) struct HostAdamW<'a> {
 /// Elements per parallel chunk: large enough that rayon's overhead vanishes.
 const CHUNK: usize = 1 << 14;
 
-fn contiguous<'s>(
-    storage: &'s CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> candle_core::Result<&'s [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => Err(candle_core::Error::Msg(format!(
-            "AdamW needs a contiguous f32 {what}"
-        ))),
-    }
-}
-
 impl InplaceOp2 for HostAdamW<'_> {
     fn name(&self) -> &'static str {
         "adamw-host"
@@ -55,7 +44,7 @@ impl InplaceOp2 for HostAdamW<'_> {
         grad: &CpuStorage,
         grad_layout: &Layout,
     ) -> candle_core::Result<()> {
-        let grad = contiguous(grad, grad_layout, "gradient")?;
+        let grad = f32_slice(grad, grad_layout, "AdamW", "gradient")?;
         let (start, end) = param_layout
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("AdamW needs a contiguous parameter".into()))?;

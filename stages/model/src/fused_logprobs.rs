@@ -10,6 +10,8 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::host_slice::f32_slice;
+
 pub(crate) struct TargetLogprobs {
     /// One target id per row.
     pub(crate) targets: Vec<u32>,
@@ -23,14 +25,7 @@ impl TargetLogprobs {
         layout: &Layout,
     ) -> candle_core::Result<(&'a [f32], usize)> {
         let (rows, vocab) = layout.shape().dims2()?;
-        let data = match (storage, layout.contiguous_offsets()) {
-            (CpuStorage::F32(d), Some((a, b))) => &d[a..b],
-            _ => {
-                return Err(candle_core::Error::Msg(
-                    "target_logprobs needs contiguous f32 logits".into(),
-                ))
-            }
-        };
+        let data = f32_slice(storage, layout, "target_logprobs", "logits")?;
         if rows != self.targets.len() {
             return Err(candle_core::Error::Msg(format!(
                 "target_logprobs: {rows} rows of logits for {} targets",

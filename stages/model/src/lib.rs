@@ -9,6 +9,7 @@ pub mod device;
 mod frozen_matmul;
 mod fused_logprobs;
 pub mod generate;
+mod host_slice;
 mod loader;
 pub mod lora;
 pub mod losses;

@@ -9,24 +9,13 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::host_slice::f32_slice;
+
 /// Rows per block of the weight-gradient sum (fixed, for thread-count-free results).
 const ROWS_PER_BLOCK: usize = 32;
 
 pub(crate) struct RmsNorm {
     pub(crate) eps: f32,
-}
-
-fn contiguous<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(d), Some((a, b))) => Ok(&d[a..b]),
-        _ => Err(candle_core::Error::Msg(format!(
-            "rms_norm needs a contiguous f32 {what}"
-        ))),
-    }
 }
 
 fn host(t: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -51,8 +40,8 @@ impl CustomOp2 for RmsNorm {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(xs, xl, "input")?;
-        let w = contiguous(ws, wl, "weight")?;
+        let x = f32_slice(xs, xl, "rms_norm", "input")?;
+        let w = f32_slice(ws, wl, "rms_norm", "weight")?;
         let h = w.len();
         if h == 0 || x.len() % h != 0 || xl.shape().dims().last() != Some(&h) {
             return Err(candle_core::Error::Msg(format!(
