@@ -89,24 +89,7 @@ fn lora_training_reaches_every_adapter_tensor_on_the_gpu() {
         .mean_all()
         .unwrap();
     let grads = loss.backward().unwrap();
-    for (name, var) in model.trainable_vars() {
-        let g = grads
-            .get(&var)
-            .unwrap_or_else(|| panic!("{name} got no gradient"));
-        let norm = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            norm > 0.0 && norm.is_finite(),
-            "{name}: gradient norm² {norm}"
-        );
-    }
+    assert_every_var_has_a_gradient(&model.trainable_vars(), &grads);
 }
 
 #[test]

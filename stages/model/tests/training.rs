@@ -71,22 +71,7 @@ fn assert_all_grads_nonzero(model: &Transformer, expected_vars: usize) {
     let vars = model.trainable_vars();
     assert_eq!(vars.len(), expected_vars);
     let grads = loss(model).backward().unwrap();
-    for (name, var) in &vars {
-        let g = grads
-            .get(var)
-            .unwrap_or_else(|| panic!("{name} got no gradient"));
-        let norm = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            norm > 0.0 && norm.is_finite(),
-            "{name}: gradient norm² {norm}"
-        );
-    }
+    assert_every_var_has_a_gradient(&vars, &grads);
 }
 
 #[test]

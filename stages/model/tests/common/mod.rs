@@ -66,3 +66,28 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// Every var has a finite, non-zero gradient in `grads`.
+pub fn assert_every_var_has_a_gradient(
+    vars: &[(String, candle_core::Var)],
+    grads: &candle_core::backprop::GradStore,
+) {
+    for (name, var) in vars {
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{name} got no gradient"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            norm > 0.0 && norm.is_finite(),
+            "{name}: gradient norm² {norm}"
+        );
+    }
+}
