@@ -8,7 +8,8 @@
 //! micro-batches. With `num_iterations = 1` the "old" policy is the current one detached
 //! (ratio 1, as in TRL); otherwise the sampling policy's log-probs are computed once before
 //! the first update. The reference for `beta > 0` is the base with the adapter off; with
-//! `beta = 0` it is never evaluated.
+//! `beta = 0` it is never evaluated, unless `log_kl` asks for the KL in the log (so that a
+//! beta = 0 arm can be compared with a regularised one).
 //!
 //! Long runs write a checkpoint (adapter, optimizer, loop counters, logs) every
 //! `checkpoint_every` steps and whenever the engine asks the stage to stop; a rerun resumes
@@ -82,6 +83,7 @@ pub struct RlParams {
     pub epsilon: f64,
     pub epsilon_high: Option<f64>,
     pub beta: f64,
+    pub log_kl: bool,
     pub num_iterations: usize,
     pub grad_accum: usize,
     pub lr: f64,
@@ -122,6 +124,7 @@ fn params_spec() -> Vec<ParamSpec> {
         ParamSpec::optional("epsilon", Float, json!(0.2), "clip epsilon (low side)"),
         ParamSpec::optional("epsilon_high", Any, Value::Null, "clip epsilon (high side); null = epsilon"),
         ParamSpec::optional("beta", Float, json!(0.0), "k3 KL weight toward the reference (adapter off); 0 = no reference pass"),
+        ParamSpec::optional("log_kl", Bool, json!(false), "log the k3 KL to the reference even at beta = 0 (one more forward pass per step; the loss is unchanged)"),
         ParamSpec::optional("num_iterations", Int, json!(1), "optimizer updates per batch of rollouts"),
         ParamSpec::optional("grad_accum", Int, json!(4), "micro-batches per update; must divide prompts_per_step x num_generations (matters for bnpo)"),
         ParamSpec::optional("lr", Float, json!(5e-6), "peak learning rate"),
@@ -194,6 +197,10 @@ impl RlParams {
         ensure!(
             !(self.full_finetune && self.beta > 0.0),
             "beta > 0 needs LoRA: the reference is the base with the adapter off"
+        );
+        ensure!(
+            !(self.full_finetune && self.log_kl),
+            "log_kl needs LoRA: the reference is the base with the adapter off"
         );
         if let Some(l) = &self.ldifs {
             ensure!(
@@ -552,7 +559,7 @@ pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
         } else {
             None
         };
-        let reference = if p.beta != 0.0 {
+        let reference = if p.beta != 0.0 || p.log_kl {
             policy.lm.model.set_lora_enabled(false);
             let r = logps_no_grad(&policy, &rows, micro, p.temperature);
             policy.lm.model.set_lora_enabled(true);
@@ -702,7 +709,7 @@ pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
         metrics.append(&json!({
             "step": step, "batch": "rl", "reward": mean_reward, "reward_std": reward_std, "rewards": parts,
             "frac_reward_zero_std": adv.frac_zero_std, "loss": loss_sum / p.num_iterations as f64,
-            "kl": if p.beta != 0.0 { Some(kl_sum / n_micro) } else { None },
+            "kl": reference.as_ref().map(|_| kl_sum / n_micro),
             "ldifs": if ldifs_layers.is_empty() { None } else { Some(ldifs_sum / n_micro) },
             "clip_ratio": clip_sum / n_micro, "clip_ratio_low": clip_low / n_micro, "clip_ratio_high": clip_high / n_micro,
             "entropy": ent_sum / step_tokens.max(1) as f64, "grad_norm": grad_norm, "lr": lr,

@@ -143,7 +143,8 @@ pub struct MicroBatch<'a> {
     /// (b, t) log-probs under the policy that sampled (before this step's updates). `None`
     /// means "the policy itself, detached": ratio 1, TRL's shortcut for `num_iterations = 1`.
     pub old_logps: Option<&'a Tensor>,
-    /// (b, t) log-probs under the frozen reference; required when `beta > 0`.
+    /// (b, t) log-probs under the frozen reference; required when `beta > 0`. Given at
+    /// `beta = 0`, they only feed the logged KL.
     pub ref_logps: Option<&'a Tensor>,
     /// (b, t) f32, 1 on completion tokens, 0 on padding.
     pub mask: &'a Tensor,
@@ -163,7 +164,8 @@ pub struct StepShape {
 /// Figures of one micro-batch, as TRL logs them.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct LossStats {
-    /// Masked mean k3 KL; `None` when beta is 0 (nothing is computed).
+    /// Masked mean k3 KL; `None` when no reference log-probs were given (beta 0 without
+    /// `log_kl`).
     pub kl: Option<f64>,
     pub clip_low: f64,
     pub clip_high: f64,
@@ -243,6 +245,10 @@ pub fn grpo_loss(cfg: &GrpoLossConfig, mb: &MicroBatch, shape: StepShape) -> Res
         let kl = k3_kl(reference, pol)?;
         kl_stat = Some(masked_mean(&kl)?);
         per_token = (per_token + (kl * cfg.beta)?)?;
+    } else if let Some(reference) = mb.ref_logps {
+        // Logged only (`log_kl` at beta = 0): the loss is not touched, so its bits are the
+        // same as a run that never computed the reference.
+        kl_stat = Some(masked_mean(&k3_kl(reference, &pol.detach())?)?);
     }
 
     let masked_sum_rows = (&per_token * &mask)?.sum_keepdim(D::Minus1)?; // (b,1)
@@ -500,5 +506,32 @@ mod tests {
             ..mb
         };
         assert!(grpo_loss(&c, &missing, ONE).is_err());
+    }
+
+    #[test]
+    fn reference_at_beta_zero_is_logged_but_leaves_the_loss_alone() {
+        let (pol, mask, adv) = ratio_one_batch();
+        let reference = t2(&[&[-1.5, -2.0, -3.0, 0.0], &[-0.5, 0.0, 0.0, 0.0]]);
+        let c = cfg(LossType::Bnpo, ImportanceSampling::Token);
+        let with_ref = MicroBatch {
+            policy_logps: &pol,
+            old_logps: None,
+            ref_logps: Some(&reference),
+            mask: &mask,
+            advantages: &adv,
+        };
+        let without = MicroBatch {
+            ref_logps: None,
+            ..with_ref
+        };
+        let logged = grpo_loss(&c, &with_ref, ONE).unwrap();
+        let plain = grpo_loss(&c, &without, ONE).unwrap();
+        let k = |d: f64| d.exp() - d - 1.0;
+        close(logged.stats.kl.unwrap(), (k(-0.5) + k(0.5)) / 5.0);
+        assert_eq!(plain.stats.kl, None);
+        assert_eq!(
+            scalar(&logged.loss).to_bits(),
+            scalar(&plain.loss).to_bits()
+        );
     }
 }
