@@ -227,20 +227,59 @@ impl Transformer {
         batch_size: usize,
         progress: &dyn Fn(usize),
     ) -> Result<Vec<Generation>> {
-        params.validate()?;
-        if batch_size == 0 {
-            bail!("generation batch size must be at least 1");
+        check_call(reqs, params, batch_size)?;
+        self.generate_after(tok, reqs, params, batch_size, None, progress)
+    }
+
+    /// [`Transformer::generate`] for requests that open with the same long run of tokens, as a
+    /// grader's or judge's prompts do (a fixed template, then the item): that common prefix
+    /// runs through the model once and its keys and values are copied into every row, instead
+    /// of being recomputed for each request. Below [`MIN_SHARED_PREFIX`] common tokens this is
+    /// plain `generate`.
+    ///
+    /// The prefix is the whole call's, so a row's logits can differ in the last bits from a
+    /// call with other company; seeds, batch size and thread count still do not matter.
+    pub fn generate_sharing_prefix(
+        &self,
+        tok: &Tokenizer,
+        reqs: &[GenerationRequest],
+        params: &SamplingParams,
+        batch_size: usize,
+        progress: &dyn Fn(usize),
+    ) -> Result<Vec<Generation>> {
+        check_call(reqs, params, batch_size)?;
+        let shared = common_prefix_len(reqs);
+        if reqs.len() < 2 || shared < MIN_SHARED_PREFIX || params.max_new_tokens == 0 {
+            return self.generate_after(tok, reqs, params, batch_size, None, progress);
         }
-        if let Some(i) = reqs.iter().position(|r| r.prompt_ids.is_empty()) {
-            bail!("generation request {i} has an empty prompt");
-        }
+        let mut prefix = KvCache::new(self, 1, shared)?;
+        let ids = Tensor::from_vec(
+            reqs[0].prompt_ids[..shared].to_vec(),
+            (1, shared),
+            &self.device,
+        )?;
+        self.hidden_eval(&ids, &[vec![true; shared]], Some(&mut prefix))?;
+        self.generate_after(tok, reqs, params, batch_size, Some(&prefix), progress)
+    }
+
+    /// The batching loop of both entry points; `prefix` holds the keys and values of the first
+    /// `prefix.len` tokens of every request (one row).
+    fn generate_after(
+        &self,
+        tok: &Tokenizer,
+        reqs: &[GenerationRequest],
+        params: &SamplingParams,
+        batch_size: usize,
+        prefix: Option<&KvCache>,
+        progress: &dyn Fn(usize),
+    ) -> Result<Vec<Generation>> {
         // Similar lengths together: less padding. Outputs go back in request order.
         let mut order: Vec<usize> = (0..reqs.len()).collect();
         order.sort_by_key(|&i| reqs[i].prompt_ids.len());
         let mut out: Vec<Option<Generation>> = vec![None; reqs.len()];
         let mut done = 0;
         for chunk in order.chunks(batch_size) {
-            for (i, g) in self.generate_batch(tok, reqs, chunk, params)? {
+            for (i, g) in self.generate_batch(tok, reqs, chunk, params, prefix)? {
                 out[i] = Some(g);
                 done += 1;
                 progress(done);
@@ -260,22 +299,27 @@ impl Transformer {
         reqs: &[GenerationRequest],
         chunk: &[usize],
         params: &SamplingParams,
+        prefix: Option<&KvCache>,
     ) -> Result<Vec<(usize, Generation)>> {
+        // A shared prefix sits in the cache already; the rest of each prompt is left-padded
+        // after it (positions count valid slots only, so the padding in the middle is unseen).
+        let shared = prefix.map_or(0, |p| p.len);
         let prompt_len = chunk
             .iter()
-            .map(|&i| reqs[i].prompt_ids.len())
+            .map(|&i| reqs[i].prompt_ids.len() - shared)
             .max()
             .unwrap_or(0);
         let pad = tok.pad_id();
         let mut ids = Vec::with_capacity(chunk.len() * prompt_len);
         let mut rows = Vec::with_capacity(chunk.len());
         for &i in chunk {
-            let prompt = &reqs[i].prompt_ids;
+            let prompt = &reqs[i].prompt_ids[shared..];
             let padding = prompt_len - prompt.len();
             ids.extend(std::iter::repeat_n(pad, padding));
             ids.extend_from_slice(prompt);
-            let mut key_valid = vec![false; padding];
-            key_valid.resize(prompt_len, true);
+            let mut key_valid = vec![true; shared];
+            key_valid.resize(shared + padding, false);
+            key_valid.resize(shared + prompt_len, true);
             rows.push(Row {
                 request: i,
                 sampler: RowSampler::new(reqs[i].seed),
@@ -294,7 +338,12 @@ impl Transformer {
             }
             return Ok(finished);
         }
-        let mut cache = KvCache::new(self, chunk.len(), prompt_len + params.max_new_tokens)?;
+        let mut cache = KvCache::starting_with(
+            self,
+            prefix,
+            chunk.len(),
+            shared + prompt_len + params.max_new_tokens,
+        )?;
         let ids = Tensor::from_vec(ids, (chunk.len(), prompt_len), &self.device)?;
         let key_valid: Vec<Vec<bool>> = rows.iter().map(|r| r.key_valid.clone()).collect();
         let h = self.hidden_eval(&ids, &key_valid, Some(&mut cache))?;
@@ -360,6 +409,45 @@ impl Transformer {
         }
         Ok(finished)
     }
+}
+
+fn check_call(
+    reqs: &[GenerationRequest],
+    params: &SamplingParams,
+    batch_size: usize,
+) -> Result<()> {
+    params.validate()?;
+    if batch_size == 0 {
+        bail!("generation batch size must be at least 1");
+    }
+    if let Some(i) = reqs.iter().position(|r| r.prompt_ids.is_empty()) {
+        bail!("generation request {i} has an empty prompt");
+    }
+    Ok(())
+}
+
+/// Common tokens below which [`Transformer::generate_sharing_prefix`] does not bother: a
+/// chat template's opening alone is about this long.
+pub const MIN_SHARED_PREFIX: usize = 32;
+
+/// Tokens every request starts with, leaving each at least one token of its own (the last
+/// prompt token's logits pick the first generated token).
+fn common_prefix_len(reqs: &[GenerationRequest]) -> usize {
+    let Some((first, rest)) = reqs.split_first() else {
+        return 0;
+    };
+    let mut n = first.prompt_ids.len();
+    for r in rest {
+        n = n.min(
+            first.prompt_ids[..n]
+                .iter()
+                .zip(&r.prompt_ids)
+                .take_while(|(a, b)| a == b)
+                .count(),
+        );
+    }
+    let shortest = reqs.iter().map(|r| r.prompt_ids.len()).min().unwrap_or(0);
+    n.min(shortest.saturating_sub(1))
 }
 
 /// Whether the tail of the completion contains a stop string (only the last `window` tokens are

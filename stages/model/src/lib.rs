@@ -25,7 +25,9 @@ pub mod weights;
 pub use chat::{encode_chat, encode_prompt, ChatTemplate, EncodedChat, Message};
 pub use config::{Arch, Llama3RopeScaling, ModelConfig};
 pub use device::{setup, DeviceSetup};
-pub use generate::{derive_seed, Finish, Generation, GenerationRequest, SamplingParams};
+pub use generate::{
+    derive_seed, Finish, Generation, GenerationRequest, SamplingParams, MIN_SHARED_PREFIX,
+};
 pub use loader::{load, LoadedModel};
 pub use lora::LoraConfig;
 pub use losses::{masked_mean, masked_mean_per_row, masked_sum, sft_loss, token_logprobs};

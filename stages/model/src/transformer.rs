@@ -273,6 +273,36 @@ impl KvCache {
         })
     }
 
+    /// A cache for `batch` rows whose first slots hold `prefix`'s keys and values (a one-row
+    /// cache) in every row; an empty cache without a prefix.
+    pub(crate) fn starting_with(
+        model: &Transformer,
+        prefix: Option<&KvCache>,
+        batch: usize,
+        capacity: usize,
+    ) -> Result<Self> {
+        let mut cache = Self::new(model, batch, capacity)?;
+        let Some(prefix) = prefix else {
+            return Ok(cache);
+        };
+        let n = prefix.len;
+        if n > capacity {
+            bail!("internal: a {n}-slot prefix does not fit a {capacity}-slot cache");
+        }
+        for (dst, src) in cache
+            .k
+            .iter_mut()
+            .chain(cache.v.iter_mut())
+            .zip(prefix.k.iter().chain(prefix.v.iter()))
+        {
+            let (_, heads, _, dim) = src.dims4()?;
+            let rows = src.narrow(2, 0, n)?.broadcast_as((batch, heads, n, dim))?;
+            dst.slice_set(&rows.contiguous()?, 2, 0)?;
+        }
+        cache.len = n;
+        Ok(cache)
+    }
+
     /// Write this step's keys/values at `self.len` and return views of everything so far.
     fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let t = k.dim(2)?;

@@ -10,6 +10,7 @@ use candle_core::{IndexOp, Tensor};
 use common::*;
 use emflow_model::{
     derive_seed, Arch, Finish, GenerationRequest, ModelConfig, SamplingParams, Transformer,
+    MIN_SHARED_PREFIX,
 };
 
 fn prompts(n: usize, vocab: u32) -> Vec<Vec<u32>> {
@@ -105,6 +106,41 @@ fn same_seeds_give_same_samples_at_batch_1_and_8() {
         one,
         model.generate(&tok, &other, &params, 8, &|_| {}).unwrap()
     );
+}
+
+#[test]
+fn a_shared_prompt_prefix_runs_once_and_changes_no_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tiny_tokenizer(dir.path(), 256);
+    // A template of 40 tokens, then items of different lengths (as a grader's prompts are).
+    let template: Vec<u32> = (0..40).map(|j| (j * 13 + 5) % 250 + 3).collect();
+    let with_template: Vec<Vec<u32>> = prompts(6, 256)
+        .into_iter()
+        .map(|item| template.iter().copied().chain(item).collect())
+        .collect();
+    assert!(MIN_SHARED_PREFIX <= template.len());
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        let model = tiny(arch, 21);
+        let reqs = requests(&with_template);
+        for params in [SamplingParams::greedy(10), sampling(10)] {
+            let plain = model.generate(&tok, &reqs, &params, 4, &|_| {}).unwrap();
+            for batch in [1, 4] {
+                let shared = model
+                    .generate_sharing_prefix(&tok, &reqs, &params, batch, &|_| {})
+                    .unwrap();
+                assert_eq!(plain, shared, "{arch:?}, batch {batch}");
+            }
+        }
+        // A whole prompt that is the prefix of another still keeps a token of its own.
+        let nested = requests(&[template.clone(), [template.clone(), vec![9, 8]].concat()]);
+        let greedy = SamplingParams::greedy(6);
+        assert_eq!(
+            model.generate(&tok, &nested, &greedy, 2, &|_| {}).unwrap(),
+            model
+                .generate_sharing_prefix(&tok, &nested, &greedy, 2, &|_| {})
+                .unwrap()
+        );
+    }
 }
 
 /// A model large enough for candle's matmuls to split across threads.

@@ -197,9 +197,13 @@ impl Judge for LocalJudge {
             max_new_tokens: max_tokens,
             stop: Vec::new(),
         };
-        let gens = lm
-            .model
-            .generate(&lm.tokenizer, &reqs, &params, self.batch_size, &|_| {})?;
+        let gens = lm.model.generate_sharing_prefix(
+            &lm.tokenizer,
+            &reqs,
+            &params,
+            self.batch_size,
+            &|_| {},
+        )?;
         Ok(gens.into_iter().map(|g| g.text).collect())
     }
 }
