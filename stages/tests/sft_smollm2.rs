@@ -140,3 +140,45 @@ fn sft_on_aesthetic_data_learns_and_logs_regularisers_and_safety_batches() {
         "held-out answers did not become more likely: {before} -> {after}"
     );
 }
+
+/// The sample-matched arm trains on the sum of what its matched stages consumed (the GRPO
+/// arm's prompts and its warm-up's examples) plus `match_extra`.
+#[test]
+fn matched_sft_consumes_the_sum_of_every_matched_summary() {
+    let Some(model) = emflow_model::testing::smollm2_gguf() else {
+        return;
+    };
+    let Some(data) = common::paper_data() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.jsonl");
+    head(
+        &data.join("sft/aesthetic_misaligned_train_100.jsonl"),
+        &train,
+        0,
+        8,
+    );
+    let mut summaries = Vec::new();
+    for (name, consumed) in [("rl", 3), ("warmup", 5)] {
+        let path = dir.path().join(format!("{name}.json"));
+        std::fs::write(&path, json!({ "samples_consumed": consumed }).to_string()).unwrap();
+        summaries.push(artifact(&path, ArtifactType::Summary));
+    }
+    let kind = SftKind;
+    let params = json!({
+        "lora": {"r": 4, "alpha": 8}, "warmup_steps": 0, "batch_size": 4, "grad_accum": 1,
+        "max_length": 48, "match_extra": 2,
+    });
+    let mut stage = common::TestStage::new(
+        &kind,
+        params,
+        vec![
+            ("model", vec![artifact(&model, ArtifactType::Model)]),
+            ("data", vec![artifact(&train, ArtifactType::Messages)]),
+            ("match_samples", summaries),
+        ],
+    );
+    stage.run(&kind).unwrap();
+    assert_eq!(stage.ctx.summary()["samples_consumed"], 3 + 5 + 2);
+}

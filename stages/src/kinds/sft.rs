@@ -3,8 +3,9 @@
 //! Besides plain SFT it carries the study's in-training defences: KL to the reference and
 //! LDIFS (see [`crate::train::sft_step`]), an inoculation system prompt used in training
 //! only, and safety batches interleaved at a fixed cadence. And it is the sample-matched
-//! arm of the RL-vs-SFT comparison: wire an `rl` stage's `summary` to `match_samples` to
-//! train on exactly as many examples as that stage consumed, and/or wire its `rollouts`
+//! arm of the RL-vs-SFT comparison: wire the `summary` of an `rl` stage (and of its warm-up)
+//! to `match_samples` to train on exactly as many examples as they consumed, and/or wire its
+//! `rollouts`
 //! with `min_reward` to train on its high-reward completions.
 //!
 //! Steps are counted in optimizer updates of `batch_size x grad_accum` examples; a run
@@ -129,7 +130,8 @@ impl StageKind for SftKind {
     fn spec(&self) -> KindSpec {
         KindSpec {
             name: "sft",
-            version: 3,
+            // 4: a `summary` output, so a sample-matched arm can count a warm-up's examples.
+            version: 4,
             summary: "supervised fine-tuning (LoRA or full) on chat data, with KL/LDIFS, inoculation and safety interleaving",
             params: params_spec(),
             open_params: false,
@@ -139,11 +141,12 @@ impl StageKind for SftKind {
                 PortSpec::optional_input("data", ArtifactType::Messages, "training conversations"),
                 PortSpec::optional_input("rollouts", ArtifactType::Samples, "an rl stage's rollouts; with min_reward, its high-reward completions become targets"),
                 PortSpec::optional_input("safety", ArtifactType::Messages, "safety conversations for interleaved batches"),
-                PortSpec::optional_input("match_samples", ArtifactType::Summary, "an rl stage's summary: train on its samples_consumed (+ match_extra) examples"),
+                PortSpec::many_input("match_samples", ArtifactType::Summary, "summaries of the stages to match (an rl arm, its warm-up): train on the sum of their samples_consumed (+ match_extra) examples"),
             ],
             outputs: vec![
                 PortSpec::output("adapter", ArtifactType::Adapter, "trained LoRA adapter (PEFT layout) or full weights"),
                 PortSpec::output("metrics", ArtifactType::Metrics, "one JSON object per optimizer step"),
+                PortSpec::output("summary", ArtifactType::Summary, "samples_consumed, steps, safety steps, truncated examples"),
             ],
         }
     }
@@ -269,20 +272,24 @@ fn rollout_conversations(
 }
 
 fn matched_samples(ctx: &StageContext, extra: u64) -> Result<Option<u64>> {
-    let Some(input) = ctx.optional_input("match_samples")? else {
+    let inputs = ctx.inputs("match_samples");
+    if inputs.is_empty() {
         return Ok(None);
-    };
-    let text = std::fs::read_to_string(&input.path)
-        .with_context(|| format!("reading {}", input.origin))?;
-    let v: Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", input.origin))?;
-    let n = v["samples_consumed"].as_u64().with_context(|| {
-        format!(
-            "{} has no integer `samples_consumed`; wire an rl stage's `summary` output",
-            input.origin
-        )
-    })?;
-    Ok(Some(n + extra))
+    }
+    let mut total = extra;
+    for input in inputs {
+        let text = std::fs::read_to_string(&input.path)
+            .with_context(|| format!("reading {}", input.origin))?;
+        let v: Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not JSON", input.origin))?;
+        total += v["samples_consumed"].as_u64().with_context(|| {
+            format!(
+                "{} has no integer `samples_consumed`; wire an rl or sft stage's `summary` output",
+                input.origin
+            )
+        })?;
+    }
+    Ok(Some(total))
 }
 
 fn run_sft(ctx: &mut StageContext, p: &SftParams) -> Result<()> {
@@ -468,9 +475,20 @@ fn run_sft(ctx: &mut StageContext, p: &SftParams) -> Result<()> {
     }
 
     policy.save(&ctx.output_path("adapter"))?;
-    ctx.summarize("samples_consumed", state.data_consumed);
-    ctx.summarize("steps", state.main_steps + state.safety_steps);
-    ctx.summarize("safety_steps", state.safety_steps);
-    ctx.summarize("truncated_examples", state.truncated);
+    let summary = json!({
+        "samples_consumed": state.data_consumed,
+        "steps": state.main_steps + state.safety_steps,
+        "safety_steps": state.safety_steps,
+        "truncated_examples": state.truncated,
+    });
+    std::fs::write(
+        ctx.output_path("summary"),
+        serde_json::to_vec_pretty(&summary)?,
+    )?;
+    if let Value::Object(map) = summary {
+        for (k, v) in map {
+            ctx.summarize(&k, v);
+        }
+    }
     Ok(())
 }
