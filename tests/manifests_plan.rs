@@ -90,3 +90,38 @@ fn paper_manifest_has_every_arm_feeding_the_report() {
         assert!(text.contains(arm), "the graph lacks {arm}:\n{text}");
     }
 }
+
+/// The committed lock of the `ci` profile (CI's `emflow check` reads it) records what every
+/// training arm produced. An arm whose adapter came out as it went in trained nothing: that
+/// happened once when every arm ran a single step whose learning-rate warm-up made it lr 0,
+/// and all the arms' evals then shared one key and one result. (Two GRPO arms may still agree:
+/// when all of a step's rewards are equal there is no policy gradient, only weight decay.)
+#[test]
+fn every_training_arm_of_the_ci_lock_changed_its_adapter() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("manifests/emflow.lock")).unwrap();
+    let lock: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let section = &lock["manifests"]["paper.yaml"];
+    assert_eq!(section["profile"], "ci");
+    let stages = section["stages"].as_object().unwrap();
+    let mut arms = 0;
+    // Arms that start from a fresh adapter, by what they produced: different data must give
+    // different adapters.
+    let mut fresh = std::collections::BTreeMap::new();
+    for (id, stage) in stages {
+        if !matches!(stage["kind"].as_str(), Some("sft" | "rl")) {
+            continue;
+        }
+        arms += 1;
+        let out = stage["outputs"]["adapter"].as_str().unwrap().to_string();
+        match stage["key_parts"]["inputs"]["adapter"][0].as_str() {
+            Some(input) => assert_ne!(input, out, "{id} returned its input adapter unchanged"),
+            None => {
+                if let Some(other) = fresh.insert(out, id.clone()) {
+                    panic!("{id} and {other} produced the same adapter from a fresh start");
+                }
+            }
+        }
+    }
+    assert!(arms >= 15, "{arms} training arms");
+}
