@@ -50,12 +50,18 @@ fn paper_manifest_plans_under_every_profile() {
 
 #[test]
 fn example_manifests_plan() {
+    // The examples read the paper's data; their default `data_root` is where a checkout beside
+    // `shared/` finds it, so point them at wherever this machine keeps it.
+    let Some(data) = emflow_model::testing::paper_data() else {
+        return;
+    };
+    let set = format!("data_root={}", data.display());
     for m in [
         "manifests/examples/datasets.yaml",
         "manifests/examples/grpo_keyword.yaml",
         "manifests/examples/sft_aesthetic.yaml",
     ] {
-        plans(m, None, &[]);
+        plans(m, None, std::slice::from_ref(&set));
     }
 }
 
