@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -84,11 +84,18 @@ impl StageKind for Upper {
 
 fn log_run(ctx: &StageContext) -> anyhow::Result<()> {
     let log: String = ctx.param("log")?;
+    append_line(Path::new(&log), &ctx.stage_id)
+}
+
+/// One `write` per line: `writeln!` on a `File` writes the text and the newline separately, and
+/// stages running in parallel then interleaved them ("ca", "" instead of "c", "a"), which
+/// failed a CI run.
+fn append_line(path: &Path, line: &str) -> anyhow::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(log)?;
-    writeln!(f, "{}", ctx.stage_id)?;
+        .open(path)?;
+    f.write_all(format!("{line}\n").as_bytes())?;
     Ok(())
 }
 
@@ -99,11 +106,7 @@ impl ModelFetcher for FakeFetcher {
         &["fake"]
     }
     fn fetch(&self, source: &str, dest: &std::path::Path, _: &dyn Progress) -> anyhow::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.0)?;
-        writeln!(f, "{source}")?;
+        append_line(&self.0, source)?;
         std::fs::write(dest, source.trim_start_matches("fake:"))?;
         Ok(())
     }
