@@ -131,3 +131,32 @@ fn every_training_arm_of_the_ci_lock_changed_its_adapter() {
     }
     assert!(arms >= 15, "{arms} training arms");
 }
+
+/// The quickstart's data stages run (not only plan): a `take` asking for more questions than a
+/// set has passed planning and failed the quickstart's first seconds once.
+#[test]
+fn smoke_profile_data_stages_run() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let store = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_emflow"));
+    cmd.current_dir(root)
+        .arg("--store")
+        .arg(store.path())
+        .args(["run", "manifests/paper.yaml", "--profile", "smoke"]);
+    for stage in [
+        "warmup_data",
+        "rl_prompts",
+        "general_questions",
+        "domain_questions",
+        "fixed_safety",
+        "safety_prompts",
+    ] {
+        cmd.args(["--only", stage]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "the smoke profile's data stages fail:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
