@@ -31,3 +31,20 @@ pub fn register(registry: Registry) -> Registry {
             crate::judge::bench::bench_judge,
         )
 }
+
+/// Writes a training stage's `summary` output and puts the same figures in its record.
+pub(crate) fn write_summary(
+    ctx: &mut emflow_engine::context::StageContext,
+    summary: serde_json::Value,
+) -> anyhow::Result<()> {
+    std::fs::write(
+        ctx.output_path("summary"),
+        serde_json::to_vec_pretty(&summary)?,
+    )?;
+    if let serde_json::Value::Object(map) = summary {
+        for (k, v) in map {
+            ctx.summarize(&k, v);
+        }
+    }
+    Ok(())
+}

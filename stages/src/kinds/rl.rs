@@ -796,14 +796,6 @@ pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
         "best_reward": best_reward,
         "stopped_early": state.stopped_early,
     });
-    std::fs::write(
-        ctx.output_path("summary"),
-        serde_json::to_vec_pretty(&summary)?,
-    )?;
-    if let Value::Object(map) = summary {
-        for (k, v) in map {
-            ctx.summarize(&k, v);
-        }
-    }
+    super::write_summary(ctx, summary)?;
     Ok(())
 }

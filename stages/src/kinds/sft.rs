@@ -481,14 +481,6 @@ fn run_sft(ctx: &mut StageContext, p: &SftParams) -> Result<()> {
         "safety_steps": state.safety_steps,
         "truncated_examples": state.truncated,
     });
-    std::fs::write(
-        ctx.output_path("summary"),
-        serde_json::to_vec_pretty(&summary)?,
-    )?;
-    if let Value::Object(map) = summary {
-        for (k, v) in map {
-            ctx.summarize(&k, v);
-        }
-    }
+    super::write_summary(ctx, summary)?;
     Ok(())
 }
