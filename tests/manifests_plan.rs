@@ -4,14 +4,19 @@
 use std::path::Path;
 use std::process::Command;
 
-fn plans(manifest: &str, profile: Option<&str>, sets: &[String]) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let store = tempfile::tempdir().unwrap();
+/// `emflow --store STORE` run from the repository root.
+fn emflow(store: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_emflow"));
-    cmd.current_dir(root)
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
         .arg("--store")
-        .arg(store.path())
-        .args(["graph", manifest, "--format", "json"]);
+        .arg(store);
+    cmd
+}
+
+fn plans(manifest: &str, profile: Option<&str>, sets: &[String]) {
+    let store = tempfile::tempdir().unwrap();
+    let mut cmd = emflow(store.path());
+    cmd.args(["graph", manifest, "--format", "json"]);
     if let Some(p) = profile {
         cmd.args(["--profile", p]);
     }
@@ -136,13 +141,9 @@ fn every_training_arm_of_the_ci_lock_changed_its_adapter() {
 /// set has passed planning and failed the quickstart's first seconds once.
 #[test]
 fn smoke_profile_data_stages_run() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let store = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_emflow"));
-    cmd.current_dir(root)
-        .arg("--store")
-        .arg(store.path())
-        .args(["run", "manifests/paper.yaml", "--profile", "smoke"]);
+    let mut cmd = emflow(store.path());
+    cmd.args(["run", "manifests/paper.yaml", "--profile", "smoke"]);
     for stage in [
         "warmup_data",
         "rl_prompts",
