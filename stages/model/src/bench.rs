@@ -156,8 +156,29 @@ fn time_decode(
     Ok((prefill, start.elapsed().as_secs_f64()))
 }
 
-/// Seconds per training step (forward, SFT loss, backward, AdamW) on `batch` x `len` tokens.
-fn time_train(model: &Transformer, batch: usize, len: usize, steps: usize) -> Result<f64> {
+/// Where a training step's time went, in seconds.
+struct TrainTiming {
+    forward: f64,
+    backward: f64,
+    optimizer: f64,
+}
+
+impl TrainTiming {
+    fn total(&self) -> f64 {
+        self.forward + self.backward + self.optimizer
+    }
+
+    fn split(&self) -> String {
+        format!(
+            "forward {:.2} s, backward {:.2} s, AdamW {:.2} s",
+            self.forward, self.backward, self.optimizer
+        )
+    }
+}
+
+/// Mean seconds of each part of a training step (forward with the SFT loss, backward, AdamW)
+/// on `batch` x `len` tokens, after one warm-up step.
+fn time_train(model: &Transformer, batch: usize, len: usize, steps: usize) -> Result<TrainTiming> {
     let vocab = model.config().vocab_size;
     let ids: Vec<u32> = (0..batch)
         .flat_map(|b| token_ids(len, vocab, b + 1))
@@ -165,24 +186,36 @@ fn time_train(model: &Transformer, batch: usize, len: usize, steps: usize) -> Re
     let ids = Tensor::from_vec(ids, (batch, len), model.device())?;
     let mask = Tensor::ones((batch, len), candle_core::DType::F32, model.device())?;
     let mut opt = AdamW::new(model.trainable_vars(), AdamWConfig::default())?;
-    let step = |opt: &mut AdamW| -> Result<()> {
-        let logits = model.forward_train(&ids, &mask)?;
-        // Next-token cross-entropy (candle's gather needs contiguous inputs).
-        let shifted = |x: &Tensor, from: usize| -> Result<Tensor> {
-            Ok(x.narrow(1, from, len - 1)?.contiguous()?)
-        };
-        let lp = crate::losses::token_logprobs(&shifted(&logits, 0)?, &shifted(&ids, 1)?, 1.0)?;
-        let loss = crate::losses::masked_mean(&lp.neg()?, &shifted(&mask, 1)?)?;
-        let grads = loss.backward()?;
-        opt.step(&grads, 1e-5)
+    let mut timing = TrainTiming {
+        forward: 0.0,
+        backward: 0.0,
+        optimizer: 0.0,
     };
-    step(&mut opt)?; // warm-up: first-touch allocations
-    let start = Instant::now();
-    for _ in 0..steps {
-        step(&mut opt)?;
+    // CUDA queues work: synchronise before reading each clock.
+    let lap = |clock: &mut Instant| -> Result<f64> {
+        model.device().synchronize()?;
+        let secs = clock.elapsed().as_secs_f64();
+        *clock = Instant::now();
+        Ok(secs)
+    };
+    for step in 0..=steps {
+        let mut clock = Instant::now();
+        // The SFT stage's loss: next-token cross-entropy over every position.
+        let logits = model.forward_train(&ids, &mask)?;
+        let loss = crate::losses::sft_loss(&logits, &ids, &mask)?;
+        let forward = lap(&mut clock)?;
+        let grads = loss.backward()?;
+        let backward = lap(&mut clock)?;
+        opt.step(&grads, 1e-5)?;
+        let optimizer = lap(&mut clock)?;
+        // Step 0 is a warm-up (first-touch allocations), not counted.
+        if step > 0 {
+            timing.forward += forward / steps as f64;
+            timing.backward += backward / steps as f64;
+            timing.optimizer += optimizer / steps as f64;
+        }
     }
-    model.device().synchronize()?; // CUDA queues work: count it all
-    Ok(start.elapsed().as_secs_f64() / steps as f64)
+    Ok(timing)
 }
 
 /// Print the model-layer figures for SmolLM2 (or `--model`) on this machine.
@@ -260,21 +293,23 @@ pub fn bench_model(args: &[String]) -> Result<()> {
     if args.runs("lora") {
         let mut lora_model = load()?;
         lora_model.add_lora(&LoraConfig::all_linears(8, 16.0, false), 0)?;
-        let secs = time_train(&lora_model, batch, len, train_steps)?;
+        let t = time_train(&lora_model, batch, len, train_steps)?;
         println!(
-            "train LoRA r=8 (all linears): {:.0} tok/s ({batch} x {len} tokens, {:.2} s/step)",
-            (batch * len) as f64 / secs,
-            secs
+            "train LoRA r=8 (all linears): {:.0} tok/s ({batch} x {len} tokens, {:.2} s/step: {})",
+            (batch * len) as f64 / t.total(),
+            t.total(),
+            t.split()
         );
     }
     if args.runs("full") {
         let mut full = load()?;
         full.enable_full_finetune()?;
-        let secs = time_train(&full, batch, len, train_steps)?;
+        let t = time_train(&full, batch, len, train_steps)?;
         println!(
-            "train full fine-tune: {:.0} tok/s ({batch} x {len} tokens, {:.2} s/step)",
-            (batch * len) as f64 / secs,
-            secs
+            "train full fine-tune: {:.0} tok/s ({batch} x {len} tokens, {:.2} s/step: {})",
+            (batch * len) as f64 / t.total(),
+            t.total(),
+            t.split()
         );
     }
     match peak_rss_mib() {

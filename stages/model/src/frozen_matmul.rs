@@ -17,18 +17,26 @@ struct FrozenMatmul {
 }
 
 impl FrozenMatmul {
-    /// (m, k) of a 2-D input layout, checked against `w`.
-    fn dims(&self, layout: &Layout) -> candle_core::Result<(usize, usize, usize)> {
-        let (m, k) = layout.shape().dims2()?;
+    /// (m, k, n) of a contiguous input (.., k) seen as m rows, checked against `w`, with the
+    /// input's 2-D layout and the output's shape (.., n).
+    fn dims(&self, layout: &Layout) -> candle_core::Result<((usize, usize, usize), Layout, Shape)> {
         let (k2, n) = self.w.dims2()?;
-        if k != k2 {
+        let dims = layout.shape().dims();
+        let k = dims.last().copied().unwrap_or(0);
+        if k != k2 || !layout.is_contiguous() {
             return Err(candle_core::Error::ShapeMismatchBinaryOp {
                 lhs: layout.shape().clone(),
                 rhs: self.w.shape().clone(),
                 op: "frozen_matmul",
             });
         }
-        Ok((m, k, n))
+        let m = layout.shape().elem_count() / k.max(1);
+        let mut out = dims.to_vec();
+        if let Some(last) = out.last_mut() {
+            *last = n;
+        }
+        let rows = Layout::contiguous_with_offset((m, k), layout.start_offset());
+        Ok(((m, k, n), rows, Shape::from(out)))
     }
 }
 
@@ -42,15 +50,15 @@ impl CustomOp1 for FrozenMatmul {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, k, n) = self.dims(layout)?;
+        let ((m, k, n), rows, shape) = self.dims(layout)?;
         let (w_storage, w_layout) = self.w.storage_and_layout();
         let Storage::Cpu(w) = &*w_storage else {
             return Err(candle_core::Error::Msg(
                 "frozen_matmul: the input is on the CPU but the weight is not".into(),
             ));
         };
-        let out = storage.matmul(w, (1, m, n, k), layout, w_layout)?;
-        Ok((out, Shape::from((m, n))))
+        let out = storage.matmul(w, (1, m, n, k), &rows, w_layout)?;
+        Ok((out, shape))
     }
 
     fn cuda_fwd(
@@ -58,15 +66,15 @@ impl CustomOp1 for FrozenMatmul {
         storage: &CudaStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (m, k, n) = self.dims(layout)?;
+        let ((m, k, n), rows, shape) = self.dims(layout)?;
         let (w_storage, w_layout) = self.w.storage_and_layout();
         let Storage::Cuda(w) = &*w_storage else {
             return Err(candle_core::Error::Msg(
                 "frozen_matmul: the input is on a CUDA device but the weight is not".into(),
             ));
         };
-        let out = storage.matmul(w, (1, m, n, k), layout, w_layout)?;
-        Ok((out, Shape::from((m, n))))
+        let out = storage.matmul(w, (1, m, n, k), &rows, w_layout)?;
+        Ok((out, shape))
     }
 
     fn bwd(
@@ -75,12 +83,21 @@ impl CustomOp1 for FrozenMatmul {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad_res.matmul(&self.w.t()?)?))
+        let (k, n) = self.w.dims2()?;
+        let m = grad_res.elem_count() / n.max(1);
+        let grad_x = grad_res.reshape((m, n))?.matmul(&self.w.t()?)?;
+        let mut dims = grad_res.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = k;
+        }
+        Ok(Some(grad_x.reshape(dims)?))
     }
 }
 
-/// `x @ w` for `x` (m, k) and a frozen `w` (k, n); gradients flow to `x` only. When `x` is not
-/// part of a graph this is the plain matmul.
+/// `x @ w` for `x` (.., k) and a frozen `w` (k, n), giving (.., n); gradients flow to `x` only.
+/// Any leading dims are taken as rows, so callers need no reshape (each would be one more graph
+/// node whose backward zero-fills and sums an activation-sized tensor). When `x` is not part of
+/// a graph this is the plain matmul.
 pub(crate) fn matmul_frozen_rhs(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if x.dtype() != w.dtype() || !x.device().same_device(w.device()) {
         bail!(
@@ -91,10 +108,23 @@ pub(crate) fn matmul_frozen_rhs(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             w.device().location()
         );
     }
-    if !x.track_op() {
-        return Ok(x.matmul(w)?);
+    let (k, n) = w.dims2()?;
+    if x.dims().last() != Some(&k) {
+        bail!(
+            "frozen matmul: input {:?} does not end in the weight's {k} rows",
+            x.dims()
+        );
     }
-    Ok(x.apply_op1(FrozenMatmul { w: w.detach() })?)
+    if !x.track_op() {
+        let dims = x.dims();
+        let m = x.elem_count() / k.max(1);
+        let mut out = dims.to_vec();
+        if let Some(last) = out.last_mut() {
+            *last = n;
+        }
+        return Ok(x.reshape((m, k))?.matmul(w)?.reshape(out)?);
+    }
+    Ok(x.contiguous()?.apply_op1(FrozenMatmul { w: w.detach() })?)
 }
 
 #[cfg(test)]
@@ -130,6 +160,29 @@ mod tests {
     }
 
     #[test]
+    fn leading_dims_are_rows_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 4), &dev)?)?;
+        let w = Tensor::randn(0f32, 1.0, (4, 5), &dev)?;
+        let upstream = Tensor::randn(0f32, 1.0, (2, 3, 5), &dev)?;
+        let ours = matmul_frozen_rhs(x.as_tensor(), &w)?;
+        assert_eq!(ours.dims(), &[2, 3, 5]);
+        let plain = x.as_tensor().broadcast_matmul(&w)?;
+        let diff = (&ours - &plain)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "forward differs by {diff}");
+        let g_ours = (ours * &upstream)?.sum_all()?.backward()?;
+        let g_plain = (plain * &upstream)?.sum_all()?.backward()?;
+        let (a, b) = (
+            g_ours.get(x.as_tensor()).expect("x has a gradient"),
+            g_plain.get(x.as_tensor()).expect("x has a gradient"),
+        );
+        assert_eq!(a.dims(), &[2, 3, 4]);
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "input gradient differs by {diff}");
+        Ok(())
+    }
+
+    #[test]
     fn untracked_input_gives_plain_matmul_and_bad_operands_fail() -> Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (2, 4), &dev)?;
@@ -140,6 +193,7 @@ mod tests {
         let x = Var::from_tensor(&x)?;
         let bad = Tensor::randn(0f32, 1.0, (5, 3), &dev)?;
         assert!(matmul_frozen_rhs(x.as_tensor(), &bad).is_err());
+        assert!(matmul_frozen_rhs(&x.as_detached_tensor(), &bad).is_err());
         Ok(())
     }
 }

@@ -24,7 +24,11 @@ impl TargetLogprobs {
         storage: &'a CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(&'a [f32], usize)> {
-        let (rows, vocab) = layout.shape().dims2()?;
+        let dims = layout.shape().dims();
+        let vocab = dims.last().copied().unwrap_or(0);
+        let rows = dims[..dims.len().saturating_sub(1)]
+            .iter()
+            .product::<usize>();
         let data = f32_slice(storage, layout, "target_logprobs", "logits")?;
         if rows != self.targets.len() {
             return Err(candle_core::Error::Msg(format!(
@@ -68,7 +72,8 @@ impl CustomOp1 for TargetLogprobs {
                 row[t as usize] * inv_t - max - log_sum
             })
             .collect();
-        Ok((CpuStorage::F32(out), Shape::from(self.targets.len())))
+        let dims = layout.shape().dims();
+        Ok((CpuStorage::F32(out), Shape::from(&dims[..dims.len() - 1])))
     }
 
     fn bwd(
@@ -77,7 +82,7 @@ impl CustomOp1 for TargetLogprobs {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let grad_out = grad_res.to_vec1::<f32>()?;
+        let grad_out = grad_res.flatten_all()?.to_vec1::<f32>()?;
         let (storage, layout) = logits.storage_and_layout();
         let candle_core::Storage::Cpu(cpu) = &*storage else {
             return Err(candle_core::Error::Msg(

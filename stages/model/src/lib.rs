@@ -2,6 +2,7 @@
 //! and HF loading, tokenizer and chat templates, seeded batched sampling, scoring, AdamW.
 
 mod adamw_host;
+mod attention_probs;
 pub mod bench;
 pub mod chat;
 pub mod config;
@@ -12,11 +13,14 @@ pub mod generate;
 mod host_slice;
 mod loader;
 pub mod lora;
+mod lora_linear;
 pub mod losses;
 pub mod optim;
 mod rms_norm;
+mod rope_train;
 pub mod score;
 mod skinny_matmul;
+mod swiglu;
 /// Shared helpers for tests across the workspace (real weights, paper data).
 pub mod testing;
 pub mod tokenizer;

@@ -35,9 +35,9 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Re
                 .to_vec1::<u32>()?,
             temperature: temperature as f32,
         };
-        let vocab = logits.dim(D::Minus1)?;
-        let rows = logits.contiguous()?.reshape((b * t, vocab))?;
-        return Ok(rows.apply_op1(op)?.reshape((b, t))?);
+        // Applied to the (b, t, vocab) logits as they are: a reshape would be one more graph
+        // node, and candle's backward zero-fills and sums a logits-sized tensor for it.
+        return Ok(logits.contiguous()?.apply_op1(op)?);
     }
     // gather needs a contiguous source; a division already produces one.
     let z = if temperature == 1.0 {

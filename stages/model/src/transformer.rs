@@ -23,12 +23,16 @@ use candle_core::{DType, Device, Tensor, TensorId, Var, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::attention_probs::attention_probs;
 use crate::config::ModelConfig;
 use crate::device::DeviceSetup;
 use crate::frozen_matmul::matmul_frozen_rhs;
 use crate::lora::{LoraAdapter, LoraConfig};
+use crate::lora_linear::lora_linear;
 use crate::rms_norm::RmsNorm;
+use crate::rope_train::rope_train;
 use crate::skinny_matmul::skinny_matmul_t;
+use crate::swiglu::swiglu;
 
 /// Up to this many rows, the output projection streams the embedding with [`skinny_matmul_t`]
 /// instead of a packed GEMM (measured faster from 1 to 16 rows; slower at 32).
@@ -156,7 +160,33 @@ impl Linear {
         Ok(Some(Tensor::from_vec(y, (rows, n), x2.device())?))
     }
 
+    /// A training pass's frozen projection on the CPU in f32, on `x` of any rank: with its
+    /// adapter (when active and without dropout) as one [`lora_linear`] node, or alone as one
+    /// [`matmul_frozen_rhs`] node, so no reshape nodes surround it. None where neither applies.
+    fn train_frozen(&self, x: &Tensor, cx: &Ctx) -> Result<Option<Tensor>> {
+        let Weight::Frozen(w) = &self.weight_t else {
+            return Ok(None);
+        };
+        if cx.mode != Mode::Train || !cx.fused_cpu_ops(x) {
+            return Ok(None);
+        }
+        let mut y = match (&self.lora, cx.lora_enabled) {
+            (Some(lora), true) if lora.dropout == 0.0 => {
+                lora_linear(x, w, lora.a.as_tensor(), lora.b.as_tensor(), lora.scale)?
+            }
+            (Some(_), true) => return Ok(None),
+            _ => matmul_frozen_rhs(x, w)?,
+        };
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.get(cx.mode, cx.dtype)?)?;
+        }
+        Ok(Some(y))
+    }
+
     fn forward(&self, x: &Tensor, cx: &Ctx) -> Result<Tensor> {
+        if let Some(y) = self.train_frozen(x, cx)? {
+            return Ok(y);
+        }
         // One large (rows, in) x (in, out) matmul whatever the leading dims are.
         let dims = x.dims().to_vec();
         let (inner, lead) = dims.split_last().context("linear input has no dims")?;
@@ -244,6 +274,15 @@ pub(crate) struct Ctx<'a> {
     /// (b, 1, 1, t, kv_len) additive f32 mask.
     mask: Tensor,
     pub(crate) dropout: Option<&'a Mutex<ChaCha8Rng>>,
+}
+
+impl Ctx<'_> {
+    /// Whether the hand-written CPU training ops (attention probabilities, RoPE, SwiGLU, the
+    /// adapted projection) apply to `x`: f32 compute on the CPU. Elsewhere (CUDA, bf16) the
+    /// same maths runs as candle ops.
+    fn fused_cpu_ops(&self, x: &Tensor) -> bool {
+        self.dtype == DType::F32 && x.dtype() == DType::F32 && x.device().is_cpu()
+    }
 }
 
 /// Preallocated per-layer key/value storage for a batch: (b, kv_heads, capacity, head_dim).
@@ -401,7 +440,7 @@ pub(crate) fn positions_and_mask(
 }
 
 /// RoPE built from differentiable ops, with per-row tables `cos`/`sin` of shape (b, t, d/2).
-fn rope_differentiable(
+pub(crate) fn rope_differentiable(
     x: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
@@ -736,15 +775,14 @@ impl Transformer {
             (None, Some(embed_t)) => (embed_t.clone(), true),
             (None, None) => (self.embed.get(mode, self.dtype)?.t()?, false),
         };
+        if frozen {
+            // Any leading dims, and no reshape nodes around a logits-sized product.
+            return Ok(matmul_frozen_rhs(&h.contiguous()?, &w_t)?.to_dtype(DType::F32)?);
+        }
         let dims = h.dims().to_vec();
         let (inner, lead) = dims.split_last().context("hidden states have no dims")?;
         let rows: usize = lead.iter().product();
-        let h2 = h.reshape((rows, *inner))?;
-        let logits = if frozen {
-            matmul_frozen_rhs(&h2, &w_t)?
-        } else {
-            h2.matmul(&w_t)?
-        };
+        let logits = h.reshape((rows, *inner))?.matmul(&w_t)?;
         let mut out = lead.to_vec();
         out.push(self.cfg.vocab_size);
         Ok(logits.reshape(out)?.to_dtype(DType::F32)?)
@@ -925,10 +963,13 @@ impl Transformer {
         let attn = self.attention(layer, index, &h, cx, cache)?;
         let x = (x + attn)?;
         let h = self.norm(&x, &layer.post_norm, cx.mode)?;
-        let gate = candle_nn::ops::silu(&layer.gate.forward(&h, cx)?)?;
-        let mlp = layer
-            .down
-            .forward(&(gate * layer.up.forward(&h, cx)?)?, cx)?;
+        let (gate, up) = (layer.gate.forward(&h, cx)?, layer.up.forward(&h, cx)?);
+        let product = if cx.mode == Mode::Train && cx.fused_cpu_ops(&gate) {
+            swiglu(&gate, &up)?
+        } else {
+            (candle_nn::ops::silu(&gate)? * up)?
+        };
+        let mlp = layer.down.forward(&product, cx)?;
         Ok((x + mlp)?)
     }
 
@@ -951,6 +992,10 @@ impl Transformer {
         let k = heads(layer.k.forward(x, cx)?, nkv)?;
         let v = heads(layer.v.forward(x, cx)?, nkv)?;
         let (q, k) = match cx.mode {
+            Mode::Train if cx.fused_cpu_ops(&q) => (
+                rope_train(&q, &cx.cos, &cx.sin, cfg.rope_interleaved)?,
+                rope_train(&k, &cx.cos, &cx.sin, cfg.rope_interleaved)?,
+            ),
             Mode::Train => (
                 rope_differentiable(&q, &cx.cos, &cx.sin, cfg.rope_interleaved)?,
                 rope_differentiable(&k, &cx.cos, &cx.sin, cfg.rope_interleaved)?,
@@ -971,13 +1016,23 @@ impl Transformer {
         let kv_len = k.dim(2)?;
         // Fold the `rep` query heads sharing a key/value head into the matmul rows.
         let q = q.reshape((b, nkv, rep * t, hd))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?
-            .to_dtype(DType::F32)?
-            .reshape((b, nkv, rep, t, kv_len))?
-            .broadcast_add(&cx.mask)?;
-        let probs = match cx.mode {
-            Mode::Train => candle_nn::ops::softmax(&scores, D::Minus1)?,
-            Mode::Eval => candle_nn::ops::softmax_last_dim(&scores)?,
+        let scale = 1.0 / (hd as f64).sqrt();
+        let raw = q.matmul(&k.t()?)?;
+        let probs = if cx.mode == Mode::Train && cx.fused_cpu_ops(&raw) {
+            attention_probs(
+                &raw.reshape((b, nh, t, kv_len))?,
+                &cx.mask.reshape((b, t, kv_len))?,
+                scale,
+            )?
+        } else {
+            let scores = (raw * scale)?
+                .to_dtype(DType::F32)?
+                .reshape((b, nkv, rep, t, kv_len))?
+                .broadcast_add(&cx.mask)?;
+            match cx.mode {
+                Mode::Train => candle_nn::ops::softmax(&scores, D::Minus1)?,
+                Mode::Eval => candle_nn::ops::softmax_last_dim(&scores)?,
+            }
         };
         let probs = probs
             .reshape((b, nkv, rep * t, kv_len))?

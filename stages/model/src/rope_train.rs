@@ -1,0 +1,136 @@
+//! Rotary position embedding as one differentiable CPU op.
+//!
+//! candle's fused `rope` has no backward, and its differentiable spelling (narrow, four
+//! broadcast products, a sum, a difference, a concatenation) is about ten graph nodes per call,
+//! two calls per layer, each edge costing a zeroed tensor and an accumulating sum in candle's
+//! backward. A rotation's gradient is the inverse rotation, so this op reads its input once
+//! forward and the upstream gradient once backward.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::host_slice::{f32_slice, with_f32};
+
+/// Rotate (b, heads, t, d) by per-row tables `cos`/`sin` (b, t, d/2): halves (`x[..d/2]`
+/// with `x[d/2..]`, Llama and Qwen2 in HF layout) or adjacent pairs when `interleaved`.
+pub(crate) struct RopeTrain {
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    pub(crate) interleaved: bool,
+}
+
+/// Which element pairs with which in a head of width `d`: (first, second) of pair `i`.
+fn pair(i: usize, d: usize, interleaved: bool) -> (usize, usize) {
+    if interleaved {
+        (2 * i, 2 * i + 1)
+    } else {
+        (i, i + d / 2)
+    }
+}
+
+impl RopeTrain {
+    /// Rotate `x` by `sign` times the angles (`-1.0` undoes the rotation: the backward pass).
+    fn rotate(&self, x: &[f32], shape: &Shape, sign: f32) -> candle_core::Result<Vec<f32>> {
+        let (b, heads, t, d) = shape.dims4()?;
+        let half = d / 2;
+        let cos = self.cos.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let sin = self.sin.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        if d % 2 != 0 || cos.len() != b * t * half || sin.len() != cos.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "rope: tables {:?} do not fit input {shape:?}",
+                self.cos.dims()
+            )));
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .enumerate()
+            .for_each(|(row, (yr, xr))| {
+                let (item, pos) = (row / (heads * t), row % t);
+                let table = (item * t + pos) * half;
+                for i in 0..half {
+                    let (c, s) = (cos[table + i], sign * sin[table + i]);
+                    let (a, z) = pair(i, d, self.interleaved);
+                    yr[a] = xr[a] * c - xr[z] * s;
+                    yr[z] = xr[z] * c + xr[a] * s;
+                }
+            });
+        Ok(y)
+    }
+}
+
+impl CustomOp1 for RopeTrain {
+    fn name(&self) -> &'static str {
+        "rope_train"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "rope", "input")?;
+        Ok((
+            CpuStorage::F32(self.rotate(x, l.shape(), 1.0)?),
+            l.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let gx = with_f32(grad, "rope", |g| self.rotate(g, grad.shape(), -1.0))??;
+        Ok(Some(Tensor::from_vec(gx, grad.shape(), grad.device())?))
+    }
+}
+
+/// `x` (b, heads, t, d) f32 on the CPU rotated by `cos`/`sin` (b, t, d/2), differentiably.
+pub(crate) fn rope_train(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    interleaved: bool,
+) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(RopeTrain {
+        cos: cos.detach(),
+        sin: sin.detach(),
+        interleaved,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn values_and_gradient_match_the_composite_spelling_in_both_layouts() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let (b, heads, t, d) = (2, 3, 5, 8);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, heads, t, d), &dev)?)?;
+        let cos = Tensor::randn(0f32, 1.0, (b, t, d / 2), &dev)?;
+        let sin = Tensor::randn(0f32, 1.0, (b, t, d / 2), &dev)?;
+        let upstream = Tensor::randn(0f32, 1.0, (b, heads, t, d), &dev)?;
+        for interleaved in [false, true] {
+            let ours = rope_train(x.as_tensor(), &cos, &sin, interleaved)?;
+            let plain =
+                crate::transformer::rope_differentiable(x.as_tensor(), &cos, &sin, interleaved)?;
+            let diff = (&ours - &plain)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                diff < 1e-6,
+                "interleaved={interleaved}: values differ by {diff}"
+            );
+            let g_ours = (ours * &upstream)?.sum_all()?.backward()?;
+            let g_plain = (plain * &upstream)?.sum_all()?.backward()?;
+            let (a, c) = (
+                g_ours.get(x.as_tensor()).expect("x has a gradient"),
+                g_plain.get(x.as_tensor()).expect("x has a gradient"),
+            );
+            let diff = (a - c)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                diff < 1e-5,
+                "interleaved={interleaved}: gradients differ by {diff}"
+            );
+        }
+        Ok(())
+    }
+}
