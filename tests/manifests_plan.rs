@@ -54,6 +54,38 @@ fn paper_manifest_plans_under_every_profile() {
 }
 
 #[test]
+fn a_dry_run_of_the_paper_profile_plans_on_a_machine_without_its_gpus() {
+    let Some(data) = emflow_model::testing::paper_data() else {
+        return;
+    };
+    let store = tempfile::tempdir().unwrap();
+    let set = format!("data_root={}", data.display());
+    let args = ["manifests/paper.yaml", "--profile", "paper", "--set", &set];
+    let out = emflow(store.path())
+        .args(["run", "--dry-run"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the dry run failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("grpo[domain=medical,seed=0]"), "{stdout}");
+    assert!(stdout.contains("report"), "{stdout}");
+    if !cfg!(feature = "cuda") {
+        // This build sees no GPU: the dry run says a real run would stop, and a real run stops
+        // before fetching anything.
+        assert!(stdout.contains("would stop first"), "{stdout}");
+        let out = emflow(store.path()).arg("run").args(args).output().unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("GPU(s) but 0 are visible"), "{stderr}");
+    }
+}
+
+#[test]
 fn example_manifests_plan() {
     // The examples read the paper's data; their default `data_root` is where a checkout beside
     // `shared/` finds it, so point them at wherever this machine keeps it.

@@ -177,13 +177,23 @@ pub fn run_pipeline(
         .intersection(&selection)
         .copied()
         .collect();
-    check_gpus(&planner, &selection, opts.gpus.len())?;
+    // A dry run plans on any machine (a laptop checking the `paper` profile before sending it
+    // to a GPU node); it says what a real run here would refuse instead of failing.
+    let gpu_shortfall = match check_gpus(&planner, &selection, opts.gpus.len()) {
+        Err(e) if !opts.dry_run => return Err(e),
+        other => other,
+    };
 
     let statuses = planner.statuses(Some(&selection), &forced)?;
     header(pipeline, env, &run_id, &statuses, opts.dry_run);
     if opts.dry_run {
         for (_, s) in &statuses {
             plan_line(&env.reporter, s);
+        }
+        if let Err(e) = gpu_shortfall {
+            env.reporter.line(&format!(
+                "\nnote: a real run on this machine would stop first: {e}"
+            ));
         }
         let stages = statuses
             .iter()
