@@ -6,6 +6,7 @@ mod attention_probs;
 pub mod bench;
 pub mod chat;
 pub mod config;
+mod decode_attention;
 pub mod device;
 mod frozen_matmul;
 mod fused_logprobs;

@@ -5,8 +5,11 @@
 //! last position's logits and know no padding. This file is one compact decoder for both
 //! families (Qwen2 differs by q/k/v bias; Llama-3 by RoPE frequency scaling) with two modes:
 //!
-//! * [`Mode::Train`]: only ops with a backward (`rms_norm_slow`, a hand-written RoPE,
-//!   `softmax`), trainable weights as tracked `Var`s, full-sequence logits.
+//! * [`Mode::Train`]: only ops with a backward, trainable weights as tracked `Var`s,
+//!   full-sequence logits. On the CPU in f32 the norm, RoPE, attention probabilities, SwiGLU
+//!   and each frozen or adapted projection are one hand-written node each (candle's backward
+//!   costs a zero-filled tensor and a sum per graph edge); elsewhere they are candle ops
+//!   (`rms_norm_slow`, a RoPE spelled with products, `softmax`).
 //! * [`Mode::Eval`]: fused kernels, every weight detached (no graph is built), and an optional
 //!   preallocated KV cache for generation and scoring.
 //!
@@ -25,6 +28,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::attention_probs::attention_probs;
 use crate::config::ModelConfig;
+use crate::decode_attention::decode_attention;
 use crate::device::DeviceSetup;
 use crate::frozen_matmul::matmul_frozen_rhs;
 use crate::lora::{LoraAdapter, LoraConfig};
@@ -37,6 +41,10 @@ use crate::swiglu::swiglu;
 /// Up to this many rows, the output projection streams the embedding with [`skinny_matmul_t`]
 /// instead of a packed GEMM (measured faster from 1 to 16 rows; slower at 32).
 const FEW_ROWS: usize = 16;
+
+/// Up to this many new positions per row, cached eval-mode attention on the CPU runs as
+/// [`decode_attention`]'s loops (decode steps); longer prefills use batched matmuls.
+const DECODE_POSITIONS: usize = 4;
 
 /// Which kernels and which view of the weights a forward pass uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -277,9 +285,9 @@ pub(crate) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// Whether the hand-written CPU training ops (attention probabilities, RoPE, SwiGLU, the
-    /// adapted projection) apply to `x`: f32 compute on the CPU. Elsewhere (CUDA, bf16) the
-    /// same maths runs as candle ops.
+    /// Whether the hand-written CPU ops (for training: attention probabilities, RoPE, SwiGLU,
+    /// the frozen and adapted projections; for decoding: attention over the cache) apply to
+    /// `x`: f32 compute on the CPU. Elsewhere (CUDA, bf16) the same maths runs as candle ops.
     fn fused_cpu_ops(&self, x: &Tensor) -> bool {
         self.dtype == DType::F32 && x.dtype() == DType::F32 && x.device().is_cpu()
     }
@@ -1009,14 +1017,22 @@ impl Transformer {
                 (rope(&q, &cx.cos, &cx.sin)?, rope(&k, &cx.cos, &cx.sin)?)
             }
         };
+        let scale = 1.0 / (hd as f64).sqrt();
         let (k, v) = match cache {
-            Some(c) => c.append(index, &k, &v)?,
+            Some(c) => {
+                let (k_seen, v_seen) = c.append(index, &k, &v)?;
+                if cx.mode == Mode::Eval && t <= DECODE_POSITIONS && cx.fused_cpu_ops(&q) {
+                    let (k_all, v_all) = (&c.k[index], &c.v[index]);
+                    let out = decode_attention(&q, k_all, v_all, c.len + t, &cx.mask, scale)?;
+                    return layer.o.forward(&out, cx);
+                }
+                (k_seen, v_seen)
+            }
             None => (k, v),
         };
         let kv_len = k.dim(2)?;
         // Fold the `rep` query heads sharing a key/value head into the matmul rows.
         let q = q.reshape((b, nkv, rep * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let raw = q.matmul(&k.t()?)?;
         let probs = if cx.mode == Mode::Train && cx.fused_cpu_ops(&raw) {
             attention_probs(
