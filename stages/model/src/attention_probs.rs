@@ -107,6 +107,7 @@ pub(crate) fn attention_probs(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs_diff;
     use candle_core::{Device, Var, D};
 
     #[test]
@@ -134,7 +135,7 @@ mod tests {
             &(scores.as_tensor() * scale)?.broadcast_add(&mask.unsqueeze(1)?)?,
             D::Minus1,
         )?;
-        let diff = (&ours - &plain)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = max_abs_diff(&ours, &plain)?;
         assert!(diff < 1e-6, "probabilities differ by {diff}");
 
         let g_ours = (ours * &upstream)?.sum_all()?.backward()?;
@@ -147,7 +148,7 @@ mod tests {
                 .get(scores.as_tensor())
                 .expect("scores have a gradient"),
         );
-        let diff = (a - c)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = max_abs_diff(a, c)?;
         assert!(diff < 1e-6, "gradients differ by {diff}");
         assert!(a.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
         Ok(())

@@ -98,6 +98,7 @@ pub(crate) fn decode_attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs_diff;
     use candle_core::Device;
 
     /// The same attention spelled with candle ops, as the prefill path computes it.
@@ -151,7 +152,7 @@ mod tests {
         let ours = decode_attention(&q, &k_cache, &v_cache, len, &mask, scale)?;
         let filled = |c: &Tensor| c.narrow(2, 0, len)?.contiguous();
         let plain = composite(&q, &filled(&k_cache)?, &filled(&v_cache)?, &mask, scale)?;
-        let diff = (&ours - &plain)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = max_abs_diff(&ours, &plain)?;
         assert!(diff < 1e-5, "outputs differ by {diff}");
         Ok(())
     }

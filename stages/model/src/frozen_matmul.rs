@@ -130,6 +130,7 @@ pub(crate) fn matmul_frozen_rhs(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs_diff;
     use candle_core::{Device, Var};
 
     #[test]
@@ -142,7 +143,7 @@ mod tests {
 
         let ours = matmul_frozen_rhs(x.as_tensor(), &w)?;
         let plain = x.as_tensor().matmul(&w)?;
-        let diff = (&ours - &plain)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = max_abs_diff(&ours, &plain)?;
         assert!(diff < 1e-6, "forward differs by {diff}");
 
         let g_ours = loss(ours)?.backward()?;
@@ -151,7 +152,7 @@ mod tests {
             g_ours.get(x.as_tensor()).expect("x has a gradient"),
             g_plain.get(x.as_tensor()).expect("x has a gradient"),
         );
-        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = max_abs_diff(a, b)?;
         assert!(diff < 1e-5, "input gradient differs by {diff}");
         assert!(a.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
         // The frozen weight is not part of the graph, so no gradient is computed for it.
@@ -168,7 +169,7 @@ mod tests {
         let ours = matmul_frozen_rhs(x.as_tensor(), &w)?;
         assert_eq!(ours.dims(), &[2, 3, 5]);
         let plain = x.as_tensor().broadcast_matmul(&w)?;
-        let diff = (&ours - &plain)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = max_abs_diff(&ours, &plain)?;
         assert!(diff < 1e-6, "forward differs by {diff}");
         let g_ours = (ours * &upstream)?.sum_all()?.backward()?;
         let g_plain = (plain * &upstream)?.sum_all()?.backward()?;
@@ -177,7 +178,7 @@ mod tests {
             g_plain.get(x.as_tensor()).expect("x has a gradient"),
         );
         assert_eq!(a.dims(), &[2, 3, 4]);
-        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = max_abs_diff(a, b)?;
         assert!(diff < 1e-5, "input gradient differs by {diff}");
         Ok(())
     }

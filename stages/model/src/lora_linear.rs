@@ -131,6 +131,7 @@ pub(crate) fn lora_linear(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs_diff;
     use candle_core::{Device, Var};
 
     #[test]
@@ -151,7 +152,7 @@ mod tests {
                 .broadcast_matmul(&a.as_tensor().t()?)?
                 .broadcast_matmul(&b.as_tensor().t()?)?
                 * scale)?)?;
-        let diff = (&ours - &plain)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = max_abs_diff(&ours, &plain)?;
         assert!(diff < 1e-5, "values differ by {diff}");
 
         let g_ours = (ours * &upstream)?.sum_all()?.backward()?;
@@ -161,7 +162,7 @@ mod tests {
                 g_ours.get(v.as_tensor()).expect("a gradient"),
                 g_plain.get(v.as_tensor()).expect("a gradient"),
             );
-            let diff = (p - q)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = max_abs_diff(p, q)?;
             assert!(diff < 1e-4, "{name} gradients differ by {diff}");
             assert!(p.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
         }

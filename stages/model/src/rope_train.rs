@@ -100,6 +100,7 @@ pub(crate) fn rope_train(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs_diff;
     use candle_core::{Device, Var};
 
     #[test]
@@ -114,7 +115,7 @@ mod tests {
             let ours = rope_train(x.as_tensor(), &cos, &sin, interleaved)?;
             let plain =
                 crate::transformer::rope_differentiable(x.as_tensor(), &cos, &sin, interleaved)?;
-            let diff = (&ours - &plain)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = max_abs_diff(&ours, &plain)?;
             assert!(
                 diff < 1e-6,
                 "interleaved={interleaved}: values differ by {diff}"
@@ -125,7 +126,7 @@ mod tests {
                 g_ours.get(x.as_tensor()).expect("x has a gradient"),
                 g_plain.get(x.as_tensor()).expect("x has a gradient"),
             );
-            let diff = (a - c)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = max_abs_diff(a, c)?;
             assert!(
                 diff < 1e-5,
                 "interleaved={interleaved}: gradients differ by {diff}"

@@ -125,3 +125,9 @@ fn lock_exclusive(file: &std::fs::File) {
         libc::flock(file.as_raw_fd(), libc::LOCK_EX);
     }
 }
+
+/// The largest absolute elementwise difference of two same-shaped tensors: how tests compare a
+/// fused op with its composite spelling.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> anyhow::Result<f32> {
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
