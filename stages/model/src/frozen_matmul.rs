@@ -11,6 +11,15 @@ use anyhow::{bail, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 
+/// `dims` with its last entry replaced by `n`: the shape of a product over the last dim.
+pub(crate) fn with_last_dim(dims: &[usize], n: usize) -> Vec<usize> {
+    let mut out = dims.to_vec();
+    if let Some(last) = out.last_mut() {
+        *last = n;
+    }
+    out
+}
+
 /// The custom op: right-multiplication by a constant matrix `w` of shape (k, n).
 struct FrozenMatmul {
     w: Tensor,
@@ -31,12 +40,8 @@ impl FrozenMatmul {
             });
         }
         let m = layout.shape().elem_count() / k.max(1);
-        let mut out = dims.to_vec();
-        if let Some(last) = out.last_mut() {
-            *last = n;
-        }
         let rows = Layout::contiguous_with_offset((m, k), layout.start_offset());
-        Ok(((m, k, n), rows, Shape::from(out)))
+        Ok(((m, k, n), rows, Shape::from(with_last_dim(dims, n))))
     }
 }
 
@@ -86,11 +91,7 @@ impl CustomOp1 for FrozenMatmul {
         let (k, n) = self.w.dims2()?;
         let m = grad_res.elem_count() / n.max(1);
         let grad_x = grad_res.reshape((m, n))?.matmul(&self.w.t()?)?;
-        let mut dims = grad_res.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = k;
-        }
-        Ok(Some(grad_x.reshape(dims)?))
+        Ok(Some(grad_x.reshape(with_last_dim(grad_res.dims(), k))?))
     }
 }
 
@@ -118,11 +119,10 @@ pub(crate) fn matmul_frozen_rhs(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         let dims = x.dims();
         let m = x.elem_count() / k.max(1);
-        let mut out = dims.to_vec();
-        if let Some(last) = out.last_mut() {
-            *last = n;
-        }
-        return Ok(x.reshape((m, k))?.matmul(w)?.reshape(out)?);
+        return Ok(x
+            .reshape((m, k))?
+            .matmul(w)?
+            .reshape(with_last_dim(dims, n))?);
     }
     Ok(x.contiguous()?.apply_op1(FrozenMatmul { w: w.detach() })?)
 }

@@ -16,6 +16,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 
+use crate::frozen_matmul::with_last_dim;
+
 /// The op: `w` is the frozen (in, out) weight, captured as a constant.
 pub(crate) struct LoraLinear {
     pub(crate) w: Tensor,
@@ -74,11 +76,7 @@ impl CustomOp3 for LoraLinear {
         for (y, l) in y.iter_mut().zip(&l) {
             *y += l * self.scale;
         }
-        let mut out = dims.to_vec();
-        if let Some(last) = out.last_mut() {
-            *last = n;
-        }
-        Ok((CpuStorage::F32(y), Shape::from(out)))
+        Ok((CpuStorage::F32(y), Shape::from(with_last_dim(dims, n))))
     }
 
     fn bwd(
