@@ -3,6 +3,7 @@
 
 mod adamw_host;
 mod attention_probs;
+mod attention_train;
 pub mod bench;
 pub mod chat;
 pub mod config;

@@ -27,6 +27,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::attention_probs::attention_probs;
+use crate::attention_train::{attention_train, Heads};
 use crate::config::ModelConfig;
 use crate::decode_attention::decode_attention;
 use crate::device::DeviceSetup;
@@ -996,9 +997,29 @@ impl Transformer {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(layer.q.forward(x, cx)?, nh)?;
-        let k = heads(layer.k.forward(x, cx)?, nkv)?;
-        let v = heads(layer.v.forward(x, cx)?, nkv)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let (q, k, v) = (
+            layer.q.forward(x, cx)?,
+            layer.k.forward(x, cx)?,
+            layer.v.forward(x, cx)?,
+        );
+        if cx.mode == Mode::Train && cache.is_none() && cx.fused_cpu_ops(&q) {
+            let shape = Heads {
+                query: nh,
+                key_value: nkv,
+                dim: hd,
+            };
+            let out = attention_train(
+                (&q, &k, &v),
+                (&cx.cos, &cx.sin),
+                &cx.mask,
+                shape,
+                scale,
+                cfg.rope_interleaved,
+            )?;
+            return layer.o.forward(&out, cx);
+        }
+        let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
         let (q, k) = match cx.mode {
             Mode::Train if cx.fused_cpu_ops(&q) => (
                 rope_train(&q, &cx.cos, &cx.sin, cfg.rope_interleaved)?,
@@ -1017,7 +1038,6 @@ impl Transformer {
                 (rope(&q, &cx.cos, &cx.sin)?, rope(&k, &cx.cos, &cx.sin)?)
             }
         };
-        let scale = 1.0 / (hd as f64).sqrt();
         let (k, v) = match cache {
             Some(c) => {
                 let (k_seen, v_seen) = c.append(index, &k, &v)?;
