@@ -17,6 +17,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu_gemm::{gemm_into, MatRef};
 use crate::host_slice::{f32_slice, with_f32};
 
 /// Head counts and sizes of one attention layer.
@@ -39,59 +40,26 @@ pub(crate) struct AttentionTrain {
     probs: Mutex<Option<Vec<f32>>>,
 }
 
-/// `dst (m x n, row stride dst_rs) [+]= A (m x k) · B (k x n)`, where element (i, p) of A is
-/// `a[i * a_rs + p * a_cs]` and element (p, j) of B is `b[p * b_rs + j * b_cs]`.
+/// `dst [+]= A · B` on one thread, each operand given as (data, row stride, column stride).
 fn small_gemm(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: &mut [f32],
     dst_rs: usize,
     accumulate: bool,
     (a, a_rs, a_cs): (&[f32], usize, usize),
     (b, b_rs, b_cs): (&[f32], usize, usize),
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(
-        last(m, dst_rs, n, 1) < dst.len(),
-        "small_gemm: dst too short"
-    );
-    if k > 0 {
-        assert!(
-            last(m, a_rs, k, a_cs) < a.len(),
-            "small_gemm: lhs too short"
-        );
-        assert!(
-            last(k, b_rs, n, b_cs) < b.len(),
-            "small_gemm: rhs too short"
-        );
-    }
-    // SAFETY: the asserts above keep every element gemm touches inside the three slices, and
-    // `dst` is borrowed mutably, so it aliases neither operand.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    let a = MatRef {
+        data: a,
+        rs: a_rs,
+        cs: a_cs,
+    };
+    let b = MatRef {
+        data: b,
+        rs: b_rs,
+        cs: b_cs,
+    };
+    gemm_into(dst, dst_rs, dims, (a, b), (accumulate, 1.0), true);
 }
 
 impl AttentionTrain {

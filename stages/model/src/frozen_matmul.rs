@@ -9,7 +9,10 @@
 
 use anyhow::{bail, Result};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+
+use crate::cpu_gemm::{gemm_new, matrix, with_matrix, MatRef};
+use crate::host_slice::{f32_slice, with_f32};
 
 /// `dims` with its last entry replaced by `n`: the shape of a product over the last dim.
 pub(crate) fn with_last_dim(dims: &[usize], n: usize) -> Vec<usize> {
@@ -62,8 +65,12 @@ impl CustomOp1 for FrozenMatmul {
                 "frozen_matmul: the input is on the CPU but the weight is not".into(),
             ));
         };
-        let out = storage.matmul(w, (1, m, n, k), &rows, w_layout)?;
-        Ok((out, shape))
+        if !matches!(storage, CpuStorage::F32(_)) {
+            return Ok((storage.matmul(w, (1, m, n, k), &rows, w_layout)?, shape));
+        }
+        let x = MatRef::rows(f32_slice(storage, &rows, "frozen_matmul", "input")?, k);
+        let out = gemm_new((m, n, k), x, matrix(w, w_layout, "frozen_matmul")?, 1.0);
+        Ok((CpuStorage::F32(out), shape))
     }
 
     fn cuda_fwd(
@@ -90,8 +97,17 @@ impl CustomOp1 for FrozenMatmul {
     ) -> candle_core::Result<Option<Tensor>> {
         let (k, n) = self.w.dims2()?;
         let m = grad_res.elem_count() / n.max(1);
+        let shape = with_last_dim(grad_res.dims(), k);
+        if grad_res.device().is_cpu() && grad_res.dtype() == DType::F32 {
+            let dx = with_f32(grad_res, "frozen_matmul", |g| {
+                with_matrix(&self.w, "frozen_matmul", |w| {
+                    gemm_new((m, k, n), MatRef::rows(g, n), w.t(), 1.0)
+                })
+            })??;
+            return Ok(Some(Tensor::from_vec(dx, shape, grad_res.device())?));
+        }
         let grad_x = grad_res.reshape((m, n))?.matmul(&self.w.t()?)?;
-        Ok(Some(grad_x.reshape(with_last_dim(grad_res.dims(), k))?))
+        Ok(Some(grad_x.reshape(shape)?))
     }
 }
 

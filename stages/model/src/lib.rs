@@ -7,6 +7,7 @@ mod attention_train;
 pub mod bench;
 pub mod chat;
 pub mod config;
+mod cpu_gemm;
 mod decode_attention;
 pub mod device;
 mod frozen_matmul;

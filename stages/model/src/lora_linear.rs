@@ -13,10 +13,11 @@
 //!
 //! `dx` is computed only when `x` is part of the graph (the first layer's input is not).
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
+use crate::cpu_gemm::{gemm_into, gemm_new, matrix, with_matrix, MatRef};
 use crate::frozen_matmul::with_last_dim;
+use crate::host_slice::{f32_slice, with_f32};
 
 /// The op: `w` is the frozen (in, out) weight, captured as a constant.
 pub(crate) struct LoraLinear {
@@ -53,29 +54,20 @@ impl CustomOp3 for LoraLinear {
                 self.w.shape()
             )));
         }
-        let (w_storage, wl) = self.w.storage_and_layout();
-        let Storage::Cpu(w) = &*w_storage else {
-            return Err(candle_core::Error::Msg(
-                "lora_linear: the input is on the CPU but the weight is not".into(),
-            ));
-        };
-        let rows = Layout::contiguous_with_offset((m, k), xl.start_offset());
-        let base = xs.matmul(w, (1, m, n, k), &rows, wl)?;
-        let down = xs.matmul(a_s, (1, m, r, k), &rows, &al.transpose(0, 1)?)?;
-        let lora = down.matmul(
-            bs,
-            (1, m, n, r),
-            &Layout::contiguous((m, r)),
-            &bl.transpose(0, 1)?,
-        )?;
-        let (CpuStorage::F32(mut y), CpuStorage::F32(l)) = (base, lora) else {
-            return Err(candle_core::Error::Msg(
-                "lora_linear needs f32 inputs".into(),
-            ));
-        };
-        for (y, l) in y.iter_mut().zip(&l) {
-            *y += l * self.scale;
-        }
+        let x = MatRef::rows(f32_slice(xs, xl, "lora_linear", "input")?, k);
+        let a = matrix(a_s, al, "lora_linear")?;
+        let b = matrix(bs, bl, "lora_linear")?;
+        // y = x W, then y += scale * (x Aᵀ) Bᵀ in place.
+        let mut y = with_matrix(&self.w, "lora_linear", |w| gemm_new((m, n, k), x, w, 1.0))?;
+        let down = gemm_new((m, r, k), x, a.t(), 1.0);
+        gemm_into(
+            &mut y,
+            n,
+            (m, n, r),
+            (MatRef::rows(&down, r), b.t()),
+            (true, self.scale),
+            false,
+        );
         Ok((CpuStorage::F32(y), Shape::from(with_last_dim(dims, n))))
     }
 
@@ -87,23 +79,54 @@ impl CustomOp3 for LoraLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Leading dims as rows: (m, k) input, (m, n) gradient.
+        // Leading dims as rows: (m, k) input, (m, n) gradient; A is (r, k), B is (n, r).
         let (k, n) = self.w.dims2()?;
         let m = x.elem_count() / k.max(1);
-        let x_in = x.detach().reshape((m, k))?;
-        let g = grad.detach().reshape((m, n))?;
-        let (a, b) = (a.detach(), b.detach());
-        let gs = g.affine(self.scale as f64, 0.0)?;
-        let down = x_in.matmul(&a.t()?)?;
-        let d_b = gs.t()?.matmul(&down)?;
-        let gs_b = gs.matmul(&b)?;
-        let d_a = gs_b.t()?.matmul(&x_in)?;
-        let d_x = if x.track_op() {
-            Some((g.matmul(&self.w.t()?)? + gs_b.matmul(&a)?)?.reshape(x.shape())?)
-        } else {
-            None
+        let r = a.dim(0)?;
+        let (a, b) = (a.contiguous()?, b.contiguous()?);
+        let (mut d_a, mut d_b, mut d_x) = (vec![0f32; r * k], vec![0f32; n * r], None);
+        with_f32(x, "lora_linear", |xv| {
+            with_f32(grad, "lora_linear", |gv| {
+                with_f32(&a, "lora_linear", |av| {
+                    with_f32(&b, "lora_linear", |bv| {
+                        let (xm, g) = (MatRef::rows(xv, k), MatRef::rows(gv, n));
+                        let (am, bm) = (MatRef::rows(av, k), MatRef::rows(bv, r));
+                        let down = gemm_new((m, r, k), xm, am.t(), 1.0);
+                        // dB = scale gᵀ (x Aᵀ); gs_b = scale g B; dA = gs_bᵀ x
+                        gemm_into(
+                            &mut d_b,
+                            r,
+                            (n, r, m),
+                            (g.t(), MatRef::rows(&down, r)),
+                            (false, self.scale),
+                            false,
+                        );
+                        let gs_b = gemm_new((m, r, n), g, bm, self.scale);
+                        let gs_b = MatRef::rows(&gs_b, r);
+                        gemm_into(&mut d_a, k, (r, k, m), (gs_b.t(), xm), (false, 1.0), false);
+                        if x.track_op() {
+                            // dx = g Wᵀ + gs_b A
+                            let mut dx = with_matrix(&self.w, "lora_linear", |w| {
+                                gemm_new((m, k, n), g, w.t(), 1.0)
+                            })?;
+                            gemm_into(&mut dx, k, (m, k, r), (gs_b, am), (true, 1.0), false);
+                            d_x = Some(dx);
+                        }
+                        Ok::<(), candle_core::Error>(())
+                    })
+                })
+            })
+        })?????;
+        let dev = x.device();
+        let d_x = match d_x {
+            Some(dx) => Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            None => None,
         };
-        Ok((d_x, Some(d_a), Some(d_b)))
+        Ok((
+            d_x,
+            Some(Tensor::from_vec(d_a, (r, k), dev)?),
+            Some(Tensor::from_vec(d_b, (n, r), dev)?),
+        ))
     }
 }
 
