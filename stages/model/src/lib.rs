@@ -27,6 +27,7 @@ mod swiglu;
 /// Shared helpers for tests across the workspace (real weights, paper data).
 pub mod testing;
 pub mod tokenizer;
+mod trainable_matmul;
 pub mod transformer;
 pub mod weights;
 pub use chat::{encode_chat, encode_prompt, ChatTemplate, EncodedChat, Message};

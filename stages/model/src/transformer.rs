@@ -38,6 +38,7 @@ use crate::rms_norm::RmsNorm;
 use crate::rope_train::rope_train;
 use crate::skinny_matmul::skinny_matmul_t;
 use crate::swiglu::swiglu;
+use crate::trainable_matmul::matmul_trainable_rhs;
 
 /// Up to this many rows, the output projection streams the embedding with [`skinny_matmul_t`]
 /// instead of a packed GEMM (measured faster from 1 to 16 rows; slower at 32).
@@ -192,8 +193,29 @@ impl Linear {
         Ok(Some(y))
     }
 
+    /// A training pass's trainable projection (full fine-tuning) on the CPU in f32, on `x` of
+    /// any rank, as one [`matmul_trainable_rhs`] node. None where it does not apply (a frozen
+    /// weight, another device or dtype, an active adapter).
+    fn train_trainable(&self, x: &Tensor, cx: &Ctx) -> Result<Option<Tensor>> {
+        let Weight::Trainable(w) = &self.weight_t else {
+            return Ok(None);
+        };
+        let adapted = cx.lora_enabled && self.lora.is_some();
+        if cx.mode != Mode::Train || !cx.fused_cpu_ops(x) || adapted {
+            return Ok(None);
+        }
+        let mut y = matmul_trainable_rhs(x, w.as_tensor())?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.get(cx.mode, cx.dtype)?)?;
+        }
+        Ok(Some(y))
+    }
+
     fn forward(&self, x: &Tensor, cx: &Ctx) -> Result<Tensor> {
         if let Some(y) = self.train_frozen(x, cx)? {
+            return Ok(y);
+        }
+        if let Some(y) = self.train_trainable(x, cx)? {
             return Ok(y);
         }
         // One large (rows, in) x (in, out) matmul whatever the leading dims are.
@@ -787,6 +809,9 @@ impl Transformer {
         if frozen {
             // Any leading dims, and no reshape nodes around a logits-sized product.
             return Ok(matmul_frozen_rhs(&h.contiguous()?, &w_t)?.to_dtype(DType::F32)?);
+        }
+        if mode == Mode::Train && self.dtype == DType::F32 && h.device().is_cpu() {
+            return Ok(matmul_trainable_rhs(h, &w_t)?);
         }
         let dims = h.dims().to_vec();
         let (inner, lead) = dims.split_last().context("hidden states have no dims")?;
