@@ -185,6 +185,8 @@ fn time_train(model: &Transformer, batch: usize, len: usize, steps: usize) -> Re
         .collect();
     let ids = Tensor::from_vec(ids, (batch, len), model.device())?;
     let mask = Tensor::ones((batch, len), candle_core::DType::F32, model.device())?;
+    let targets = ids.narrow(1, 1, len - 1)?.contiguous()?;
+    let loss_mask = mask.narrow(1, 1, len - 1)?.contiguous()?;
     let mut opt = AdamW::new(model.trainable_vars(), AdamWConfig::default())?;
     let mut timing = TrainTiming {
         forward: 0.0,
@@ -200,9 +202,9 @@ fn time_train(model: &Transformer, batch: usize, len: usize, steps: usize) -> Re
     };
     for step in 0..=steps {
         let mut clock = Instant::now();
-        // The SFT stage's loss: next-token cross-entropy over every position.
-        let logits = model.forward_train(&ids, &mask)?;
-        let loss = crate::losses::sft_loss(&logits, &ids, &mask)?;
+        // The SFT stage's pass and loss: next-token cross-entropy over every position.
+        let scores = model.forward_train_scores(&ids, &mask, &[], (0, len - 1), &targets, 1.0)?;
+        let loss = crate::losses::masked_mean(&scores.logprobs.neg()?, &loss_mask)?;
         let forward = lap(&mut clock)?;
         let grads = loss.backward()?;
         let backward = lap(&mut clock)?;

@@ -46,7 +46,7 @@ impl TargetLogprobs {
 }
 
 /// (max of z/T, log of the sum of exp(z/T - max)) of one row.
-fn row_stats(row: &[f32], inv_t: f32) -> (f32, f32) {
+pub(crate) fn row_stats(row: &[f32], inv_t: f32) -> (f32, f32) {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(v * inv_t));
     let sum: f32 = row.iter().map(|v| (v * inv_t - max).exp()).sum();
     (max, sum.ln())

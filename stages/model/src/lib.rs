@@ -13,6 +13,7 @@ pub mod device;
 mod frozen_matmul;
 mod fused_logprobs;
 pub mod generate;
+mod head_logprobs;
 mod host_slice;
 mod loader;
 pub mod lora;

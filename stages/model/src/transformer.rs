@@ -32,8 +32,10 @@ use crate::config::ModelConfig;
 use crate::decode_attention::decode_attention;
 use crate::device::DeviceSetup;
 use crate::frozen_matmul::matmul_frozen_rhs;
+use crate::head_logprobs::head_logprobs;
 use crate::lora::{LoraAdapter, LoraConfig};
 use crate::lora_linear::lora_linear;
+use crate::losses::token_logprobs;
 use crate::rms_norm::RmsNorm;
 use crate::rope_train::rope_train;
 use crate::skinny_matmul::skinny_matmul_t;
@@ -314,6 +316,17 @@ impl Ctx<'_> {
     fn fused_cpu_ops(&self, x: &Tensor) -> bool {
         self.dtype == DType::F32 && x.dtype() == DType::F32 && x.device().is_cpu()
     }
+}
+
+/// What [`Transformer::forward_train_scores`] returns.
+pub struct PositionScores {
+    /// `log p(target)` at each scored position, (b, len); differentiable.
+    pub logprobs: Tensor,
+    /// Entropy of each scored position's next-token distribution at the same temperature,
+    /// (b, len); detached.
+    pub entropy: Tensor,
+    /// The outputs of the requested decoder layers, each (b, t, hidden).
+    pub hidden: Vec<Tensor>,
 }
 
 /// Preallocated per-layer key/value storage for a batch: (b, kv_heads, capacity, head_dim).
@@ -775,6 +788,76 @@ impl Transformer {
         }
         let h = h.narrow(1, from, len)?.contiguous()?;
         Ok((self.logits(&h, Mode::Train)?, captured))
+    }
+
+    /// A differentiable forward pass scored at positions `from..from + len` only: the
+    /// log-probability of `targets` (b, len) at each, at `temperature`, with each position's
+    /// entropy and the outputs of the listed decoder `layers`. This is what SFT and GRPO
+    /// train on; with a frozen output projection on the CPU in f32 no logits tensor is ever
+    /// built (see `head_logprobs`), elsewhere it is the logits and [`token_logprobs`].
+    pub fn forward_train_scores(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        layers: &[usize],
+        (from, len): (usize, usize),
+        targets: &Tensor,
+        temperature: f64,
+    ) -> Result<PositionScores> {
+        if !(temperature > 0.0 && temperature.is_finite()) {
+            bail!("temperature must be a positive number, got {temperature}");
+        }
+        let rows = mask_rows(attention_mask)?;
+        let (h, hidden) = self.run(ids, &rows, Mode::Train, None, layers)?;
+        let (b, t, _) = h.dims3()?;
+        if len == 0 || from + len > t {
+            bail!(
+                "scores requested for positions {from}..{}, but the sequences have {t}",
+                from + len
+            );
+        }
+        if targets.dims() != [b, len] {
+            bail!(
+                "{:?} targets for {b} sequences scored at {len} positions",
+                targets.dims()
+            );
+        }
+        let h = if from == 0 && len == t {
+            h
+        } else {
+            h.narrow(1, from, len)?.contiguous()?
+        };
+        if let (Some(w), true) = (self.frozen_head()?, h.device().is_cpu()) {
+            if self.dtype == DType::F32 {
+                let targets = targets.to_dtype(DType::U32)?;
+                let s = head_logprobs(&h, &w, &targets, temperature)?;
+                return Ok(PositionScores {
+                    logprobs: s.logprobs,
+                    entropy: s.entropy,
+                    hidden,
+                });
+            }
+        }
+        let logits = self.logits(&h, Mode::Train)?;
+        let logprobs = token_logprobs(&logits, targets, temperature)?;
+        let z = (logits.detach() / temperature)?;
+        let logp_all = candle_nn::ops::log_softmax(&z, D::Minus1)?;
+        let entropy = (logp_all.exp()? * &logp_all)?.sum(D::Minus1)?.neg()?;
+        Ok(PositionScores {
+            logprobs,
+            entropy,
+            hidden,
+        })
+    }
+
+    /// The output projection as (hidden, vocab) when it is frozen (a frozen head, or the tied
+    /// embedding while the embedding is frozen).
+    fn frozen_head(&self) -> Result<Option<Tensor>> {
+        Ok(match (&self.lm_head_t, &self.embed_t) {
+            (Some(head @ Weight::Frozen(_)), _) => Some(head.get(Mode::Train, self.dtype)?),
+            (None, Some(embed_t)) => Some(embed_t.clone()),
+            _ => None,
+        })
     }
 
     /// Fused-kernel forward without a graph: f32 logits (b, t, vocab).

@@ -197,3 +197,64 @@ fn logits_of_a_position_range_equal_that_slice_of_the_full_logits_and_carry_grad
         .forward_train_hidden_range(&ids, &mask, &[], 7, 4)
         .is_err());
 }
+
+#[test]
+fn position_scores_match_the_logits_path_in_values_entropy_and_gradients() {
+    // LoRA: the output projection is frozen, so the CPU pass never builds logits; the
+    // reference is the logits of the same positions through token_logprobs.
+    let mut model = tiny(Arch::Llama, 2);
+    model.add_lora(&lora(4, None), 3).unwrap();
+    perturb_b(&model);
+    let (ids, mask) = batch();
+    let (from, len, temperature) = (3, 6, 0.7);
+    let targets = ids.narrow(1, from + 1, len).unwrap().contiguous().unwrap();
+    let weights = Tensor::randn(0f32, 1.0, (2, len), &Device::Cpu).unwrap();
+
+    let scores = model
+        .forward_train_scores(&ids, &mask, &[], (from, len), &targets, temperature)
+        .unwrap();
+    let (logits, _) = model
+        .forward_train_hidden_range(&ids, &mask, &[], from, len)
+        .unwrap();
+    let want = emflow_model::token_logprobs(&logits, &targets, temperature).unwrap();
+    assert_eq!(scores.logprobs.dims(), &[2, len]);
+    assert!(max_abs_diff(&scores.logprobs, &want) < 1e-5);
+
+    let z = (logits.detach() / temperature).unwrap();
+    let logp = candle_nn::ops::log_softmax(&z, candle_core::D::Minus1).unwrap();
+    let entropy = (logp.exp().unwrap() * &logp)
+        .unwrap()
+        .sum(candle_core::D::Minus1)
+        .unwrap()
+        .neg()
+        .unwrap();
+    assert!(max_abs_diff(&scores.entropy, &entropy) < 1e-4);
+
+    let ours = (scores.logprobs * &weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let plain = (want * &weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (name, var) in model.trainable_vars() {
+        let (a, b) = (
+            ours.get(&var).expect("a gradient"),
+            plain.get(&var).expect("a gradient"),
+        );
+        let scale = max_abs_diff(b, &b.zeros_like().unwrap());
+        assert!(scale > 0.0, "{name} has a zero gradient");
+        assert!(
+            max_abs_diff(a, b) <= 1e-4 * scale.max(1.0),
+            "{name}: gradients differ"
+        );
+    }
+    assert!(model
+        .forward_train_scores(&ids, &mask, &[], (7, 4), &targets, 1.0)
+        .is_err());
+}

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use emflow_engine::context::StageContext;
 use emflow_engine::kind::{
     ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, Params, PortSpec, StageKind,
@@ -605,16 +605,17 @@ pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
                         .map(|h| h.detach())
                         .collect()
                 };
-                // Logits only where they predict completion tokens (the prompt's would be
-                // projected to the vocabulary and thrown away).
-                let (comp_logits, hidden) = policy.lm.model.forward_train_hidden_range(
+                // Scored only where they predict completion tokens (the prompt's positions
+                // would be projected to the vocabulary and thrown away).
+                let scores = policy.lm.model.forward_train_scores(
                     &b.ids,
                     &b.attention,
                     &ldifs_layers,
-                    b.first_predicting_position(),
-                    b.completion_len,
+                    (b.first_predicting_position(), b.completion_len),
+                    &b.completion,
+                    p.temperature,
                 )?;
-                let logps = token_logprobs(&comp_logits, &b.completion, p.temperature)?;
+                let (logps, hidden) = (scores.logprobs, scores.hidden);
                 let adv_t = Tensor::from_vec(
                     adv.values[m * micro..(m + 1) * micro]
                         .iter()
@@ -650,10 +651,7 @@ pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
                     loss = (loss + (dist * (ldifs_lambda / p.grad_accum as f64))?)?;
                 }
                 // Entropy of the (temperature-scaled) next-token distribution, for the log.
-                let z = (comp_logits.detach() / p.temperature)?;
-                let logp_all = candle_nn::ops::log_softmax(&z, D::Minus1)?;
-                let ent = (logp_all.exp()? * &logp_all)?.sum(D::Minus1)?.neg()?;
-                ent_sum += to_f64(&(ent * &b.completion_mask)?.sum_all()?)?;
+                ent_sum += to_f64(&(scores.entropy * &b.completion_mask)?.sum_all()?)?;
                 loss_sum += to_f64(&loss)?;
                 kl_sum += out.stats.kl.unwrap_or(0.0);
                 clip_sum += out.stats.clip_region;

@@ -169,17 +169,33 @@ pub fn sft_step(
             }
             ref_hidden = hidden.into_iter().map(|h| h.detach()).collect();
         }
-        let (logits, hidden) =
-            policy
-                .lm
-                .model
-                .forward_train_hidden(&batch.ids, &batch.attention, &layers)?;
-        let logits = logits.narrow(1, 0, t - 1)?.contiguous()?;
-        let logps = token_logprobs(&logits, &batch.targets, 1.0)?;
+        let model = &policy.lm.model;
+        // The KL term compares whole distributions, so it needs the logits; otherwise the
+        // pass scores the targets without building them.
+        let (logps, hidden, logits) = if ref_logits.is_some() {
+            let (logits, hidden) =
+                model.forward_train_hidden(&batch.ids, &batch.attention, &layers)?;
+            let logits = logits.narrow(1, 0, t - 1)?.contiguous()?;
+            (
+                token_logprobs(&logits, &batch.targets, 1.0)?,
+                hidden,
+                Some(logits),
+            )
+        } else {
+            let scores = model.forward_train_scores(
+                &batch.ids,
+                &batch.attention,
+                &layers,
+                (0, t - 1),
+                &batch.targets,
+                1.0,
+            )?;
+            (scores.logprobs, scores.hidden, None)
+        };
         let nll_sum = (logps * &batch.loss_mask)?.sum_all()?.neg()?;
         stats.nll += scalar(&nll_sum)? / denom;
         let mut loss = (nll_sum / denom)?;
-        if let Some(ref_logits) = ref_logits {
+        if let (Some(ref_logits), Some(logits)) = (ref_logits, logits) {
             let kl = (kl_per_position(&logits, &ref_logits)? * &batch.loss_mask)?.sum_all()?;
             kl_sum += scalar(&kl)? / denom;
             loss = (loss + (kl * (cfg.kl_lambda / denom))?)?;
