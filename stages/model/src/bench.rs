@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
+use rayon::prelude::*;
 
 use crate::config::ModelConfig;
 use crate::generate::{RowSampler, SamplingParams};
@@ -135,8 +136,8 @@ fn time_decode(
         } else {
             let host = logits.to_vec2::<f32>()?;
             Ok(samplers
-                .iter_mut()
-                .zip(&host)
+                .par_iter_mut()
+                .zip(host.par_iter())
                 .map(|(s, l)| s.sample(l, params))
                 .collect())
         }

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, D};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::tokenizer::Tokenizer;
@@ -356,9 +357,11 @@ impl Transformer {
             let next: Vec<u32> = if params.temperature == 0.0 {
                 logits.argmax(D::Minus1)?.to_vec1::<u32>()?
             } else {
+                // Each row draws from its own generator, so rows can be drawn in parallel
+                // without changing any draw.
                 let host = logits.to_vec2::<f32>()?;
-                rows.iter_mut()
-                    .zip(host.iter())
+                rows.par_iter_mut()
+                    .zip(host.par_iter())
                     .map(|(r, l)| r.sampler.sample(l, params))
                     .collect()
             };

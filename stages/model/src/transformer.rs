@@ -1081,7 +1081,7 @@ impl Transformer {
         let x = (x + attn)?;
         let h = self.norm(&x, &layer.post_norm, cx.mode)?;
         let (gate, up) = (layer.gate.forward(&h, cx)?, layer.up.forward(&h, cx)?);
-        let product = if cx.mode == Mode::Train && cx.fused_cpu_ops(&gate) {
+        let product = if cx.fused_cpu_ops(&gate) {
             swiglu(&gate, &up)?
         } else {
             (candle_nn::ops::silu(&gate)? * up)?
