@@ -216,8 +216,8 @@ impl Linear {
     /// An eval pass's frozen projection with its active adapter, on the CPU in f32, beyond the
     /// few rows [`Self::few_rows`] streams: one [`lora_linear`] call (three GEMMs, the adapter
     /// accumulated into the base product) instead of the base product and five candle ops for
-    /// the adapter, whose fixed costs were a third of a GRPO rollout's decode step. None where
-    /// it does not apply.
+    /// the adapter, whose fixed costs drew a third of the main thread's samples in a GRPO
+    /// rollout's decode. None where it does not apply.
     fn eval_adapted(&self, x: &Tensor, cx: &Ctx) -> Result<Option<Tensor>> {
         let (Weight::Frozen(w), Some(lora)) = (&self.weight_t, &self.lora) else {
             return Ok(None);
@@ -856,16 +856,15 @@ impl Transformer {
         } else {
             h.narrow(1, from, len)?.contiguous()?
         };
-        if let (Some(w), true) = (self.frozen_head()?, h.device().is_cpu()) {
-            if self.dtype == DType::F32 {
-                let targets = targets.to_dtype(DType::U32)?;
-                let s = head_logprobs(&h, &w, &targets, temperature)?;
-                return Ok(PositionScores {
-                    logprobs: s.logprobs,
-                    entropy: s.entropy,
-                    hidden,
-                });
-            }
+        let fused = h.device().is_cpu() && self.dtype == DType::F32;
+        if let (Some(w), true) = (self.frozen_head()?, fused) {
+            let targets = targets.to_dtype(DType::U32)?;
+            let s = head_logprobs(&h, &w, &targets, temperature)?;
+            return Ok(PositionScores {
+                logprobs: s.logprobs,
+                entropy: s.entropy,
+                hidden,
+            });
         }
         let logits = self.logits(&h, Mode::Train)?;
         let logprobs = token_logprobs(&logits, targets, temperature)?;
