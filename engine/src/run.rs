@@ -418,13 +418,21 @@ pub fn run_pipeline(
             match finished.outcome {
                 JobOutcome::Committed { record, reused } => {
                     if reused {
+                        // Same id: another process ran this very stage. Another id: a stage
+                        // whose inputs turned out identical to this one's (its upstream
+                        // produced the same bytes) committed the key first.
+                        let origin = if record.stage_id == *id {
+                            "produced meanwhile by another emflow process".to_string()
+                        } else {
+                            format!(
+                                "the same key as {}, which produced it first",
+                                record.stage_id
+                            )
+                        };
                         env.reporter.status(
                             Word::Cached,
                             id,
-                            &format!(
-                                "({}, produced meanwhile by another emflow process)",
-                                short(&record.key)
-                            ),
+                            &format!("({}, {origin})", short(&record.key)),
                             "",
                         );
                         env.reporter.event(
