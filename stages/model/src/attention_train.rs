@@ -12,13 +12,13 @@
 //! with small GEMMs on strided views, and the forward pass keeps the probabilities for the
 //! backward one. Every task's arithmetic is fixed, so results do not depend on the thread count.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu_gemm::{gemm_into, MatRef};
-use crate::host_slice::{f32_slice, with_f32};
+use crate::host_slice::{f32_slice, with_f32s};
 
 /// Head counts and sizes of one attention layer.
 #[derive(Clone, Copy, Debug)]
@@ -28,14 +28,31 @@ pub(crate) struct Heads {
     pub(crate) dim: usize,
 }
 
-/// The op. `cos`/`sin` are per-row RoPE tables (b, t, d/2); `mask` is additive, (b, t, t).
+/// A batch's per-row RoPE tables `cos`/`sin` (b, t, d/2) and additive mask (b, t, t) on the
+/// host: read once per forward pass and shared by every layer.
+pub(crate) struct AttentionTables {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    mask: Vec<f32>,
+}
+
+impl AttentionTables {
+    pub(crate) fn new(cos: &Tensor, sin: &Tensor, mask: &Tensor) -> candle_core::Result<Self> {
+        let host = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
+        Ok(AttentionTables {
+            cos: host(cos)?,
+            sin: host(sin)?,
+            mask: host(mask)?,
+        })
+    }
+}
+
+/// The op.
 pub(crate) struct AttentionTrain {
     heads: Heads,
     scale: f32,
     interleaved: bool,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    mask: Vec<f32>,
+    tables: Arc<AttentionTables>,
     /// The forward pass's probabilities, (b, query heads, t, t), for the backward pass.
     probs: Mutex<Option<Vec<f32>>>,
 }
@@ -88,8 +105,8 @@ impl AttentionTrain {
         let d = self.heads.dim;
         let half = d / 2;
         let (cos, sin) = (
-            &self.cos[table_row * half..][..half],
-            &self.sin[table_row * half..][..half],
+            &self.tables.cos[table_row * half..][..half],
+            &self.tables.sin[table_row * half..][..half],
         );
         for i in 0..half {
             let (c, s) = (cos[i], sign * sin[i]);
@@ -117,15 +134,15 @@ impl AttentionTrain {
             && key_value > 0
             && query % key_value == 0
             && dim % 2 == 0
-            && self.cos.len() == b * t * dim / 2
-            && self.sin.len() == self.cos.len()
-            && self.mask.len() == b * t * t;
+            && self.tables.cos.len() == b * t * dim / 2
+            && self.tables.sin.len() == self.tables.cos.len()
+            && self.tables.mask.len() == b * t * t;
         if !ok {
             return Err(candle_core::Error::Msg(format!(
                 "attention_train: q {q:?}, k {k:?}, v {v:?} do not fit {:?} with {} table and {} mask values",
                 self.heads,
-                self.cos.len(),
-                self.mask.len()
+                self.tables.cos.len(),
+                self.tables.mask.len()
             )));
         }
         Ok((b, t))
@@ -180,7 +197,7 @@ impl CustomOp3 for AttentionTrain {
                 let (item, g) = (task / nkv, task % nkv);
                 let kr = self.rotated(k, nkv, item, g, t, 1.0);
                 let v_g = &v[(item * t * nkv + g) * d..];
-                let mask = &self.mask[item * t * t..][..t * t];
+                let mask = &self.tables.mask[item * t * t..][..t * t];
                 for r in 0..rep {
                     let qr = self.rotated(q, nh, item, g * rep + r, t, 1.0);
                     let p_h = &mut p[r * t * t..][..t * t];
@@ -238,87 +255,59 @@ impl CustomOp3 for AttentionTrain {
         let mut dq = vec![0f32; b * nh * t * d];
         let mut dk = vec![0f32; b * nkv * t * d];
         let mut dv = vec![0f32; b * nkv * t * d];
-        with_f32(q, "attention_train", |q| {
-            with_f32(k, "attention_train", |k| {
-                with_f32(v, "attention_train", |v| {
-                    with_f32(grad, "attention_train", |g| {
-                        dq.par_chunks_mut(rep * t * d)
-                            .zip(dk.par_chunks_mut(t * d))
-                            .zip(dv.par_chunks_mut(t * d))
+        with_f32s([q, k, v, grad], "attention_train", |[q, k, v, g]| {
+            dq.par_chunks_mut(rep * t * d)
+                .zip(dk.par_chunks_mut(t * d))
+                .zip(dv.par_chunks_mut(t * d))
+                .enumerate()
+                .for_each(|(task, ((dq, dk), dv))| {
+                    let (item, g_kv) = (task / nkv, task % nkv);
+                    let kr = self.rotated(k, nkv, item, g_kv, t, 1.0);
+                    let v_g = &v[(item * t * nkv + g_kv) * d..];
+                    let mut dkr = vec![0f32; t * d];
+                    let mut ds = vec![0f32; t * t];
+                    let mut dqr = vec![0f32; t * d];
+                    for r in 0..rep {
+                        let h = g_kv * rep + r;
+                        let qr = self.rotated(q, nh, item, h, t, 1.0);
+                        let p_h = &probs[(item * nh + h) * t * t..][..t * t];
+                        let go = &g[(item * t * nh + h) * d..];
+                        // dV += Pᵀ · dO
+                        small_gemm((t, d, t), dv, d, r > 0, (p_h, 1, t), (go, nh * d, 1));
+                        // dP = dO · Vᵀ, then dS = scale · P ⊙ (dP − rowsum(dP ⊙ P))
+                        small_gemm(
+                            (t, t, d),
+                            &mut ds,
+                            t,
+                            false,
+                            (go, nh * d, 1),
+                            (v_g, 1, nkv * d),
+                        );
+                        for (dsr, pr) in ds.chunks_exact_mut(t).zip(p_h.chunks_exact(t)) {
+                            let dot: f32 = dsr.iter().zip(pr).map(|(a, p)| a * p).sum();
+                            for (a, p) in dsr.iter_mut().zip(pr) {
+                                *a = self.scale * p * (*a - dot);
+                            }
+                        }
+                        // dQ = dS · K, dK += dSᵀ · Q (both rotated)
+                        small_gemm((t, d, t), &mut dqr, d, false, (&ds, t, 1), (&kr, d, 1));
+                        small_gemm((t, d, t), &mut dkr, d, r > 0, (&ds, 1, t), (&qr, d, 1));
+                        let dq_h = &mut dq[r * t * d..][..t * d];
+                        for (pos, (src, dst)) in dqr
+                            .chunks_exact(d)
+                            .zip(dq_h.chunks_exact_mut(d))
                             .enumerate()
-                            .for_each(|(task, ((dq, dk), dv))| {
-                                let (item, g_kv) = (task / nkv, task % nkv);
-                                let kr = self.rotated(k, nkv, item, g_kv, t, 1.0);
-                                let v_g = &v[(item * t * nkv + g_kv) * d..];
-                                let mut dkr = vec![0f32; t * d];
-                                let mut ds = vec![0f32; t * t];
-                                let mut dqr = vec![0f32; t * d];
-                                for r in 0..rep {
-                                    let h = g_kv * rep + r;
-                                    let qr = self.rotated(q, nh, item, h, t, 1.0);
-                                    let p_h = &probs[(item * nh + h) * t * t..][..t * t];
-                                    let go = &g[(item * t * nh + h) * d..];
-                                    // dV += Pᵀ · dO
-                                    small_gemm(
-                                        (t, d, t),
-                                        dv,
-                                        d,
-                                        r > 0,
-                                        (p_h, 1, t),
-                                        (go, nh * d, 1),
-                                    );
-                                    // dP = dO · Vᵀ, then dS = scale · P ⊙ (dP − rowsum(dP ⊙ P))
-                                    small_gemm(
-                                        (t, t, d),
-                                        &mut ds,
-                                        t,
-                                        false,
-                                        (go, nh * d, 1),
-                                        (v_g, 1, nkv * d),
-                                    );
-                                    for (dsr, pr) in ds.chunks_exact_mut(t).zip(p_h.chunks_exact(t))
-                                    {
-                                        let dot: f32 = dsr.iter().zip(pr).map(|(a, p)| a * p).sum();
-                                        for (a, p) in dsr.iter_mut().zip(pr) {
-                                            *a = self.scale * p * (*a - dot);
-                                        }
-                                    }
-                                    // dQ = dS · K, dK += dSᵀ · Q (both rotated)
-                                    small_gemm(
-                                        (t, d, t),
-                                        &mut dqr,
-                                        d,
-                                        false,
-                                        (&ds, t, 1),
-                                        (&kr, d, 1),
-                                    );
-                                    small_gemm(
-                                        (t, d, t),
-                                        &mut dkr,
-                                        d,
-                                        r > 0,
-                                        (&ds, 1, t),
-                                        (&qr, d, 1),
-                                    );
-                                    let dq_h = &mut dq[r * t * d..][..t * d];
-                                    for (pos, (src, dst)) in dqr
-                                        .chunks_exact(d)
-                                        .zip(dq_h.chunks_exact_mut(d))
-                                        .enumerate()
-                                    {
-                                        self.rotate_row(src, dst, item * t + pos, -1.0);
-                                    }
-                                }
-                                for (pos, (src, dst)) in
-                                    dkr.chunks_exact(d).zip(dk.chunks_exact_mut(d)).enumerate()
-                                {
-                                    self.rotate_row(src, dst, item * t + pos, -1.0);
-                                }
-                            })
-                    })
+                        {
+                            self.rotate_row(src, dst, item * t + pos, -1.0);
+                        }
+                    }
+                    for (pos, (src, dst)) in
+                        dkr.chunks_exact(d).zip(dk.chunks_exact_mut(d)).enumerate()
+                    {
+                        self.rotate_row(src, dst, item * t + pos, -1.0);
+                    }
                 })
-            })
-        })????;
+        })?;
         let back = |blocks: &[f32], heads: usize, like: &Tensor| -> candle_core::Result<Tensor> {
             Tensor::from_vec(
                 Self::interleave_heads(blocks, heads, t, d),
@@ -335,25 +324,20 @@ impl CustomOp3 for AttentionTrain {
 }
 
 /// Self-attention of `q` (b, t, heads.query * d), `k` and `v` (b, t, heads.key_value * d), f32
-/// on the CPU: RoPE by the per-row tables `cos`/`sin` (b, t, d/2), then
-/// `softmax(q kᵀ * scale + mask) v` per head, with `mask` additive and (b, t, t). Returns the
-/// context as (b, t, heads.query * d).
+/// on the CPU: RoPE by the per-row `tables`, then `softmax(q kᵀ * scale + mask) v` per head.
+/// Returns the context as (b, t, heads.query * d).
 pub(crate) fn attention_train(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
-    (cos, sin): (&Tensor, &Tensor),
-    mask: &Tensor,
+    tables: &Arc<AttentionTables>,
     heads: Heads,
     scale: f64,
     interleaved: bool,
 ) -> candle_core::Result<Tensor> {
-    let host = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
     let op = AttentionTrain {
         heads,
         scale: scale as f32,
         interleaved,
-        cos: host(cos)?,
-        sin: host(sin)?,
-        mask: host(mask)?,
+        tables: tables.clone(),
         probs: Mutex::new(None),
     };
     q.contiguous()?
@@ -455,7 +439,8 @@ mod tests {
         let qkv = (q.as_tensor(), k.as_tensor(), v.as_tensor());
 
         for interleaved in [false, true] {
-            let ours = attention_train(qkv, (&cos, &sin), &mask, heads, scale, interleaved)?;
+            let tables = Arc::new(AttentionTables::new(&cos, &sin, &mask)?);
+            let ours = attention_train(qkv, &tables, heads, scale, interleaved)?;
             let plain = composite(qkv, (&cos, &sin), &mask, heads, scale, interleaved)?;
             let diff = max_abs_diff(&ours, &plain)?;
             assert!(

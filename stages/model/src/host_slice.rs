@@ -33,3 +33,27 @@ pub(crate) fn with_f32<R>(
         _ => Err(candle_core::Error::Msg(format!("{op} needs a CPU tensor"))),
     }
 }
+
+/// [`with_f32`] for several tensors at once: `f` gets their values in the order given.
+pub(crate) fn with_f32s<const N: usize, R>(
+    tensors: [&Tensor; N],
+    op: &str,
+    f: impl FnOnce([&[f32]; N]) -> R,
+) -> candle_core::Result<R> {
+    let owned = tensors
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(N);
+    for (storage, layout) in &guards {
+        match &**storage {
+            Storage::Cpu(cpu) => slices.push(f32_slice(cpu, layout, op, "tensor")?),
+            _ => return Err(candle_core::Error::Msg(format!("{op} needs CPU tensors"))),
+        }
+    }
+    let slices: [&[f32]; N] = slices
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg(format!("{op}: tensor count changed")))?;
+    Ok(f(slices))
+}

@@ -17,7 +17,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use crate::cpu_gemm::{gemm_into, gemm_new, matrix, with_matrix, MatRef};
 use crate::frozen_matmul::with_last_dim;
-use crate::host_slice::{f32_slice, with_f32};
+use crate::host_slice::{f32_slice, with_f32s};
 
 /// The op: `w` is the frozen (in, out) weight, captured as a constant.
 pub(crate) struct LoraLinear {
@@ -83,40 +83,33 @@ impl CustomOp3 for LoraLinear {
         let (k, n) = self.w.dims2()?;
         let m = x.elem_count() / k.max(1);
         let r = a.dim(0)?;
-        let (a, b) = (a.contiguous()?, b.contiguous()?);
         let (mut d_a, mut d_b, mut d_x) = (vec![0f32; r * k], vec![0f32; n * r], None);
-        with_f32(x, "lora_linear", |xv| {
-            with_f32(grad, "lora_linear", |gv| {
-                with_f32(&a, "lora_linear", |av| {
-                    with_f32(&b, "lora_linear", |bv| {
-                        let (xm, g) = (MatRef::rows(xv, k), MatRef::rows(gv, n));
-                        let (am, bm) = (MatRef::rows(av, k), MatRef::rows(bv, r));
-                        let down = gemm_new((m, r, k), xm, am.t(), 1.0);
-                        // dB = scale gᵀ (x Aᵀ); gs_b = scale g B; dA = gs_bᵀ x
-                        gemm_into(
-                            &mut d_b,
-                            r,
-                            (n, r, m),
-                            (g.t(), MatRef::rows(&down, r)),
-                            (false, self.scale),
-                            false,
-                        );
-                        let gs_b = gemm_new((m, r, n), g, bm, self.scale);
-                        let gs_b = MatRef::rows(&gs_b, r);
-                        gemm_into(&mut d_a, k, (r, k, m), (gs_b.t(), xm), (false, 1.0), false);
-                        if x.track_op() {
-                            // dx = g Wᵀ + gs_b A
-                            let mut dx = with_matrix(&self.w, "lora_linear", |w| {
-                                gemm_new((m, k, n), g, w.t(), 1.0)
-                            })?;
-                            gemm_into(&mut dx, k, (m, k, r), (gs_b, am), (true, 1.0), false);
-                            d_x = Some(dx);
-                        }
-                        Ok::<(), candle_core::Error>(())
-                    })
-                })
-            })
-        })?????;
+        with_f32s([x, grad, a, b], "lora_linear", |[xv, gv, av, bv]| {
+            let (xm, g) = (MatRef::rows(xv, k), MatRef::rows(gv, n));
+            let (am, bm) = (MatRef::rows(av, k), MatRef::rows(bv, r));
+            let down = gemm_new((m, r, k), xm, am.t(), 1.0);
+            // dB = scale gᵀ (x Aᵀ); gs_b = scale g B; dA = gs_bᵀ x
+            gemm_into(
+                &mut d_b,
+                r,
+                (n, r, m),
+                (g.t(), MatRef::rows(&down, r)),
+                (false, self.scale),
+                false,
+            );
+            let gs_b = gemm_new((m, r, n), g, bm, self.scale);
+            let gs_b = MatRef::rows(&gs_b, r);
+            gemm_into(&mut d_a, k, (r, k, m), (gs_b.t(), xm), (false, 1.0), false);
+            if x.track_op() {
+                // dx = g Wᵀ + gs_b A
+                let mut dx = with_matrix(&self.w, "lora_linear", |w| {
+                    gemm_new((m, k, n), g, w.t(), 1.0)
+                })?;
+                gemm_into(&mut dx, k, (m, k, r), (gs_b, am), (true, 1.0), false);
+                d_x = Some(dx);
+            }
+            Ok::<(), candle_core::Error>(())
+        })??;
         let dev = x.device();
         let d_x = match d_x {
             Some(dx) => Some(Tensor::from_vec(dx, x.shape(), dev)?),

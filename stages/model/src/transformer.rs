@@ -19,7 +19,7 @@
 //! repeated in memory.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, TensorId, Var, D};
@@ -27,7 +27,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::attention_probs::attention_probs;
-use crate::attention_train::{attention_train, Heads};
+use crate::attention_train::{attention_train, AttentionTables, Heads};
 use crate::config::ModelConfig;
 use crate::decode_attention::decode_attention;
 use crate::device::DeviceSetup;
@@ -335,6 +335,9 @@ pub(crate) struct Ctx<'a> {
     sin: Tensor,
     /// (b, 1, 1, t, kv_len) additive f32 mask.
     mask: Tensor,
+    /// Host copies of the tables and mask for [`attention_train`], made by the first layer
+    /// that needs them.
+    attention_tables: OnceLock<Arc<AttentionTables>>,
     pub(crate) dropout: Option<&'a Mutex<ChaCha8Rng>>,
 }
 
@@ -342,6 +345,14 @@ impl Ctx<'_> {
     /// Whether the hand-written CPU ops (for training: attention probabilities, RoPE, SwiGLU,
     /// the frozen and adapted projections; for decoding: attention over the cache) apply to
     /// `x`: f32 compute on the CPU. Elsewhere (CUDA, bf16) the same maths runs as candle ops.
+    fn attention_tables(&self) -> Result<Arc<AttentionTables>> {
+        if let Some(tables) = self.attention_tables.get() {
+            return Ok(tables.clone());
+        }
+        let tables = Arc::new(AttentionTables::new(&self.cos, &self.sin, &self.mask)?);
+        Ok(self.attention_tables.get_or_init(|| tables).clone())
+    }
+
     fn fused_cpu_ops(&self, x: &Tensor) -> bool {
         self.dtype == DType::F32 && x.dtype() == DType::F32 && x.device().is_cpu()
     }
@@ -1058,6 +1069,7 @@ impl Transformer {
             cos,
             sin,
             mask,
+            attention_tables: OnceLock::new(),
             dropout: Some(&self.dropout_rng),
         };
         let embed = self.embed.get(mode, self.dtype)?;
@@ -1147,8 +1159,7 @@ impl Transformer {
             };
             let out = attention_train(
                 (&q, &k, &v),
-                (&cx.cos, &cx.sin),
-                &cx.mask,
+                &cx.attention_tables()?,
                 shape,
                 scale,
                 cfg.rope_interleaved,
