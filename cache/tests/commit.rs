@@ -151,6 +151,7 @@ fn corrupt_and_tampered_records_are_errors_naming_the_file() {
 /// either absent or complete, reopening cleans up, and a new commit of the key succeeds.
 #[test]
 fn a_crash_at_any_commit_step_leaves_no_half_result() {
+    let _no_forks = no_forks();
     for prepopulated in [false, true] {
         let mut crash_at = 1;
         loop {

@@ -11,6 +11,7 @@ use emflow_cache::Store;
 
 #[test]
 fn a_second_handle_waits_until_the_first_releases() {
+    let _no_forks = no_forks();
     let dir = tempfile::tempdir().unwrap();
     let first = Store::open(dir.path()).unwrap();
     let second = Store::open(dir.path()).unwrap();

@@ -6,11 +6,23 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
 
 use emflow_cache::{hash_file, EntryKind, StageRecord, Store};
 
 /// Environment variable that turns a test binary into a helper child process.
 pub const CHILD_ENV: &str = "EMFLOW_CACHE_TEST_CHILD";
+
+/// Held while a child process starts, and by a test that expects a lock it released to be free
+/// at once. A child forked by another test thread holds copies of this process's descriptors
+/// until it execs, and with them every flock they carry: CI once saw an abandoned staging
+/// folder's owner lock still held that way, so `Store::open` (rightly) left the folder.
+static FORKS: Mutex<()> = Mutex::new(());
+
+/// Keeps other test threads from starting child processes while the guard lives.
+pub fn no_forks() -> MutexGuard<'static, ()> {
+    FORKS.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// A helper process running this test binary; killed when dropped, so a failing test
 /// never leaves it running.
@@ -20,6 +32,8 @@ impl ChildProcess {
     /// Starts this test binary again, running only `test_name` with `role` in the
     /// environment, and waits until it prints `ready_line`.
     pub fn spawn(test_name: &str, role: &str, store: &Path, ready_line: &str) -> ChildProcess {
+        // Held until the child prints its ready line, by which time it has exec'd.
+        let _forking = no_forks();
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, role)
