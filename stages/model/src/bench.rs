@@ -19,7 +19,7 @@ use crate::lora::LoraConfig;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::transformer::{KvCache, Mode, Transformer};
 
-const USAGE: &str = "usage: emflow bench model [--model PATH.gguf|HF_DIR | --random smollm2-135m|qwen2.5-0.5b] [--cuda ORDINAL] [--steps N] [--only prefill|decode|lora|full]";
+const USAGE: &str = "usage: emflow bench model [--model PATH.gguf|HF_DIR | --random smollm2-135m|qwen2.5-0.5b] [--cuda ORDINAL] [--steps N] [--only prefill|decode|lora|full|kernels]";
 
 struct Args {
     model: Option<PathBuf>,
@@ -74,7 +74,7 @@ fn parse(args: &[String]) -> Result<Args> {
             }
             "--only" => {
                 let part = it.next().context(USAGE)?;
-                if !["prefill", "decode", "lora", "full"].contains(&part.as_str()) {
+                if !["prefill", "decode", "lora", "full", "kernels"].contains(&part.as_str()) {
                     bail!("unknown part {part:?} for --only; {USAGE}");
                 }
                 out.only = Some(part.clone());
@@ -157,6 +157,57 @@ fn time_decode(
     Ok((prefill, start.elapsed().as_secs_f64()))
 }
 
+/// GFLOPS of the decode-step products at 1, 4 and 16 rows on SmolLM2's shapes, by kernel:
+/// the panel kernel decode uses and the `gemm` crate the other passes use.
+fn bench_kernels() {
+    use crate::cpu_gemm::{gemm_new, MatRef};
+    use crate::panel_matmul::PanelMatrix;
+    let time = |f: &mut dyn FnMut(), flops: f64| {
+        f();
+        let reps = ((2e9 / flops) as usize).clamp(3, 2000);
+        let start = Instant::now();
+        for _ in 0..reps {
+            f();
+        }
+        flops * reps as f64 / start.elapsed().as_secs_f64() / 1e9
+    };
+    println!("decode-step products, GFLOPS (panel: decode's kernel; gemm: the gemm crate's):");
+    for (k, n, what) in [
+        (576, 576, "q/o proj"),
+        (576, 192, "k/v proj"),
+        (576, 1536, "gate/up "),
+        (1536, 576, "down    "),
+        (576, 49152, "LM head "),
+    ] {
+        let w: Vec<f32> = (0..k * n)
+            .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
+            .collect();
+        let packed = PanelMatrix::from_in_out(&w, k, n);
+        let mut line = format!("  {what} {k:>4}x{n:<5}");
+        for m in [1usize, 4, 16] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i % 13) as f32 - 6.0) / 13.0).collect();
+            let flops = 2.0 * (m * k * n) as f64;
+            let panel = time(
+                &mut || drop(std::hint::black_box(packed.matmul(&x, m))),
+                flops,
+            );
+            let gemm = time(
+                &mut || {
+                    drop(std::hint::black_box(gemm_new(
+                        (m, n, k),
+                        MatRef::rows(&x, k),
+                        MatRef::rows(&w, n),
+                        1.0,
+                    )))
+                },
+                flops,
+            );
+            line += &format!("  m={m:<2} panel {panel:>5.1} gemm {gemm:>5.1}");
+        }
+        println!("{line}");
+    }
+}
+
 /// Where a training step's time went, in seconds.
 struct TrainTiming {
     forward: f64,
@@ -224,6 +275,10 @@ fn time_train(model: &Transformer, batch: usize, len: usize, steps: usize) -> Re
 /// Print the model-layer figures for SmolLM2 (or `--model`) on this machine.
 pub fn bench_model(args: &[String]) -> Result<()> {
     let args = parse(args)?;
+    if args.only.as_deref() == Some("kernels") {
+        bench_kernels();
+        return Ok(());
+    }
     let setup = crate::device::setup(args.cuda)?;
     let source = match (&args.random, &args.model) {
         (Some(name), _) => format!("random weights in the {name} shape"),

@@ -20,10 +20,10 @@ pub mod lora;
 mod lora_linear;
 pub mod losses;
 pub mod optim;
+mod panel_matmul;
 mod rms_norm;
 mod rope_train;
 pub mod score;
-mod skinny_matmul;
 mod swiglu;
 /// Shared helpers for tests across the workspace (real weights, paper data).
 pub mod testing;

@@ -495,3 +495,26 @@ fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
         layers,
     })
 }
+
+/// Adds an adapter's share, `scale · (x Aᵀ) Bᵀ`, to `y` (rows, n) on the host: `x` is
+/// (rows, k), `a` (r, k) and `b` (n, r), all row-major. Each row is computed on its own.
+pub(crate) fn add_adapter(
+    y: &mut [f32],
+    x: &[f32],
+    (a, b): (&[f32], &[f32]),
+    (rows, k, n): (usize, usize, usize),
+    scale: f32,
+) {
+    let r = a.len() / k.max(1);
+    let mut xa = vec![0f32; r];
+    for i in 0..rows {
+        let xi = &x[i * k..(i + 1) * k];
+        for (v, a_row) in xa.iter_mut().zip(a.chunks_exact(k)) {
+            *v = xi.iter().zip(a_row).map(|(p, q)| p * q).sum();
+        }
+        for (yo, b_row) in y[i * n..(i + 1) * n].iter_mut().zip(b.chunks_exact(r)) {
+            let d: f32 = xa.iter().zip(b_row).map(|(p, q)| p * q).sum();
+            *yo += scale * d;
+        }
+    }
+}

@@ -158,6 +158,29 @@ fn adapter_round_trip_merge_and_disable() {
     }
 }
 
+/// Ten tokens in all: eval passes this small take the decode path (packed weights, the adapter
+/// applied on the host), which must agree with the merged weights and with the wide path.
+#[test]
+fn a_decode_sized_pass_applies_the_adapter_like_the_merged_weights() {
+    let (ids, mask) = batch();
+    let (ids, mask) = (ids.narrow(1, 0, 5).unwrap(), mask.narrow(1, 0, 5).unwrap());
+    let mut model = tiny(Arch::Qwen2, 4);
+    model.add_lora(&lora(4, None), 1).unwrap();
+    perturb_b(&model);
+    let adapted = model.forward_eval(&ids, &mask).unwrap();
+    let (wide_ids, wide_mask) = batch();
+    let wide = model
+        .forward_eval(&wide_ids, &wide_mask)
+        .unwrap()
+        .narrow(1, 0, 5)
+        .unwrap();
+    let d = max_abs_diff(&adapted, &wide);
+    assert!(d < 1e-4, "decode-sized and wide passes differ by {d}");
+    model.merge_lora().unwrap();
+    let d = max_abs_diff(&adapted, &model.forward_eval(&ids, &mask).unwrap());
+    assert!(d < 1e-4, "merged logits differ by {d}");
+}
+
 #[test]
 fn full_weights_round_trip() {
     let (ids, mask) = batch();
