@@ -203,33 +203,49 @@ impl Kernel {
         let mut r = 0;
         while r < m {
             let rows = m - r;
-            let xr = x[r * k..].as_ptr();
-            let yr = y.add(r * ldy);
-            let (p, w) = (panel.as_ptr(), ldy);
-            let done = match self {
+            let b = Block {
+                x: x[r * k..].as_ptr(),
+                k,
+                panel: panel.as_ptr(),
+                y: y.add(r * ldy),
+                ldy,
+                cols,
+            };
+            r += match self {
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx512 => match rows {
-                    1 => x86::avx512::<1>(xr, k, p, yr, w, cols),
-                    2 => x86::avx512::<2>(xr, k, p, yr, w, cols),
-                    3 => x86::avx512::<3>(xr, k, p, yr, w, cols),
-                    4 => x86::avx512::<4>(xr, k, p, yr, w, cols),
-                    5 => x86::avx512::<5>(xr, k, p, yr, w, cols),
-                    6 => x86::avx512::<6>(xr, k, p, yr, w, cols),
-                    7 => x86::avx512::<7>(xr, k, p, yr, w, cols),
-                    _ => x86::avx512::<8>(xr, k, p, yr, w, cols),
+                    1 => x86::avx512::<1>(b),
+                    2 => x86::avx512::<2>(b),
+                    3 => x86::avx512::<3>(b),
+                    4 => x86::avx512::<4>(b),
+                    5 => x86::avx512::<5>(b),
+                    6 => x86::avx512::<6>(b),
+                    7 => x86::avx512::<7>(b),
+                    _ => x86::avx512::<8>(b),
                 },
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx2 => match rows {
-                    1 => x86::avx2::<1>(xr, k, p, yr, w, cols),
-                    2 => x86::avx2::<2>(xr, k, p, yr, w, cols),
-                    3 => x86::avx2::<3>(xr, k, p, yr, w, cols),
-                    _ => x86::avx2::<4>(xr, k, p, yr, w, cols),
+                    1 => x86::avx2::<1>(b),
+                    2 => x86::avx2::<2>(b),
+                    3 => x86::avx2::<3>(b),
+                    _ => x86::avx2::<4>(b),
                 },
-                Kernel::Portable => portable(xr, rows.min(4), k, p, yr, w, cols),
+                Kernel::Portable => portable(b, rows.min(4)),
             };
-            r += done;
         }
     }
+}
+
+/// A block of rows against one panel, as the kernels take it: rows of `x` are `k` apart, rows
+/// of `y` `ldy` apart, and only the panel's first `cols` columns are written.
+#[derive(Clone, Copy)]
+struct Block {
+    x: *const f32,
+    k: usize,
+    panel: *const f32,
+    y: *mut f32,
+    ldy: usize,
+    cols: usize,
 }
 
 /// Plain loops with the same rounding as the vector kernels (one fused multiply-add per term).
@@ -237,25 +253,17 @@ impl Kernel {
 ///
 /// # Safety
 /// As [`Kernel::panel`], for `rows` rows.
-unsafe fn portable(
-    x: *const f32,
-    rows: usize,
-    k: usize,
-    panel: *const f32,
-    y: *mut f32,
-    ldy: usize,
-    cols: usize,
-) -> usize {
+unsafe fn portable(b: Block, rows: usize) -> usize {
     for i in 0..rows {
         let mut acc = [0f32; PANEL];
-        for kk in 0..k {
-            let xv = *x.add(i * k + kk);
+        for kk in 0..b.k {
+            let xv = *b.x.add(i * b.k + kk);
             for (j, a) in acc.iter_mut().enumerate() {
-                *a = xv.mul_add(*panel.add(kk * PANEL + j), *a);
+                *a = xv.mul_add(*b.panel.add(kk * PANEL + j), *a);
             }
         }
-        for (j, a) in acc.iter().enumerate().take(cols) {
-            *y.add(i * ldy + j) = *a;
+        for (j, a) in acc.iter().enumerate().take(b.cols) {
+            *b.y.add(i * b.ldy + j) = *a;
         }
     }
     rows
@@ -263,7 +271,7 @@ unsafe fn portable(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::PANEL;
+    use super::{Block, PANEL};
     use std::arch::x86_64::*;
 
     /// `R` rows by one panel: 3R accumulators, three weight vectors per `k`. Returns `R`.
@@ -271,14 +279,15 @@ mod x86 {
     /// # Safety
     /// As [`super::Kernel::panel`], for `R` rows; AVX-512F present.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn avx512<const R: usize>(
-        x: *const f32,
-        k: usize,
-        panel: *const f32,
-        y: *mut f32,
-        ldy: usize,
-        cols: usize,
-    ) -> usize {
+    pub(super) unsafe fn avx512<const R: usize>(b: Block) -> usize {
+        let Block {
+            x,
+            k,
+            panel,
+            y,
+            ldy,
+            cols,
+        } = b;
         let mut acc = [[_mm512_setzero_ps(); 3]; R];
         for kk in 0..k {
             let w = panel.add(kk * PANEL);
@@ -316,14 +325,15 @@ mod x86 {
     /// # Safety
     /// As [`super::Kernel::panel`], for `R` rows; AVX2 and FMA present.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn avx2<const R: usize>(
-        x: *const f32,
-        k: usize,
-        panel: *const f32,
-        y: *mut f32,
-        ldy: usize,
-        cols: usize,
-    ) -> usize {
+    pub(super) unsafe fn avx2<const R: usize>(b: Block) -> usize {
+        let Block {
+            x,
+            k,
+            panel,
+            y,
+            ldy,
+            cols,
+        } = b;
         for first in (0..cols).step_by(16) {
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
             for kk in 0..k {
