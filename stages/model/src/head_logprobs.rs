@@ -26,6 +26,10 @@ const BLOCK_ROWS: usize = 128;
 pub(crate) struct HeadLogprobs {
     /// The frozen output projection, (hidden, vocab), any strides.
     w: Tensor,
+    /// The same matrix transposed, (vocab, hidden), when the model holds it (a tied
+    /// embedding): the gradient's product then reads it row by row, at twice the speed of
+    /// a transposed view of `w` (92 against 46 GFLOPS for 128 SmolLM2 rows).
+    w_rows: Option<Tensor>,
     targets: Vec<u32>,
     temperature: f32,
     /// Whether to keep each row's gradient for a backward pass.
@@ -118,6 +122,21 @@ impl HeadLogprobs {
                 "head_logprobs: target id {t} is outside the vocabulary of {vocab}"
             )));
         }
+        let rows_guard = self.w_rows.as_ref().map(|t| t.storage_and_layout());
+        let w_t = match &rows_guard {
+            None => w.t(),
+            Some((storage, layout)) => match &**storage {
+                candle_core::Storage::Cpu(cpu) if layout.shape().dims2()? == (vocab, hidden) => {
+                    matrix(cpu, layout, "head_logprobs")?
+                }
+                _ => {
+                    return Err(candle_core::Error::Msg(
+                        "head_logprobs: the transposed weight is not a (vocab, hidden) CPU matrix"
+                            .into(),
+                    ))
+                }
+            },
+        };
         let inv_t = 1.0 / self.temperature;
         let mut logprobs = vec![0f32; rows];
         let mut entropy = vec![0f32; rows];
@@ -148,7 +167,7 @@ impl HeadLogprobs {
                     &mut g[first * hidden..(first + n) * hidden],
                     hidden,
                     (n, hidden, vocab),
-                    (MatRef::rows(block, vocab), w.t()),
+                    (MatRef::rows(block, vocab), w_t),
                     (false, 1.0),
                     false,
                 );
@@ -200,15 +219,17 @@ pub(crate) struct HeadScores {
 }
 
 /// Project `h` (.., hidden; f32 on the CPU) through the frozen `w` (hidden, vocab) and score
-/// `targets` (.., u32) at `temperature`.
+/// `targets` (.., u32) at `temperature`. `w_rows`, when given, is `w`'s transpose as a
+/// (vocab, hidden) matrix (a tied embedding), used for the gradient's product.
 pub(crate) fn head_logprobs(
     h: &Tensor,
-    w: &Tensor,
+    (w, w_rows): (&Tensor, Option<&Tensor>),
     targets: &Tensor,
     temperature: f64,
 ) -> candle_core::Result<HeadScores> {
     let op = Arc::new(HeadLogprobs {
         w: w.detach(),
+        w_rows: w_rows.map(Tensor::detach),
         targets: targets.flatten_all()?.to_vec1::<u32>()?,
         temperature: temperature as f32,
         keep_gradient: h.track_op(),

@@ -862,7 +862,12 @@ impl Transformer {
         let fused = h.device().is_cpu() && self.dtype == DType::F32;
         if let (Some(w), true) = (self.frozen_head()?, fused) {
             let targets = targets.to_dtype(DType::U32)?;
-            let s = head_logprobs(&h, &w, &targets, temperature)?;
+            // A tied frozen embedding is the head's transpose, stored row-major.
+            let w_rows = match (&self.lm_head_t, &self.embed) {
+                (None, Weight::Frozen(e)) => Some(e),
+                _ => None,
+            };
+            let s = head_logprobs(&h, (&w, w_rows), &targets, temperature)?;
             return Ok(PositionScores {
                 logprobs: s.logprobs,
                 entropy: s.entropy,
