@@ -17,6 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::panel_matmul::PanelMatrix;
 use crate::transformer::{Ctx, Mode, Transformer, Weight, LINEAR_MODULES};
 
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
@@ -497,7 +498,10 @@ fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
 }
 
 /// Adds an adapter's share, `scale · (x Aᵀ) Bᵀ`, to `y` (rows, n) on the host: `x` is
-/// (rows, k), `a` (r, k) and `b` (n, r), all row-major. Each row is computed on its own.
+/// (rows, k), `a` (r, k) and `b` (n, r), all row-major. Both factors go through the panel
+/// kernel (packing them costs less than one pass over `x`), so each row is computed on its
+/// own, vectorised. (Plain iterator sums here were a strict f32 chain the compiler may not
+/// vectorise: they took 70 % of a GRPO rollout's main-thread time.)
 pub(crate) fn add_adapter(
     y: &mut [f32],
     x: &[f32],
@@ -506,15 +510,9 @@ pub(crate) fn add_adapter(
     scale: f32,
 ) {
     let r = a.len() / k.max(1);
-    let mut xa = vec![0f32; r];
-    for i in 0..rows {
-        let xi = &x[i * k..(i + 1) * k];
-        for (v, a_row) in xa.iter_mut().zip(a.chunks_exact(k)) {
-            *v = xi.iter().zip(a_row).map(|(p, q)| p * q).sum();
-        }
-        for (yo, b_row) in y[i * n..(i + 1) * n].iter_mut().zip(b.chunks_exact(r)) {
-            let d: f32 = xa.iter().zip(b_row).map(|(p, q)| p * q).sum();
-            *yo += scale * d;
-        }
+    let down = PanelMatrix::from_out_in(a, r, k).matmul(x, rows);
+    let up = PanelMatrix::from_out_in(b, n, r).matmul(&down, rows);
+    for (yv, u) in y.iter_mut().zip(&up) {
+        *yv += scale * u;
     }
 }
