@@ -35,7 +35,7 @@ impl<'a> MatRef<'a> {
         }
     }
 
-    fn last_index(&self, rows: usize, cols: usize) -> usize {
+    pub(crate) fn last_index(&self, rows: usize, cols: usize) -> usize {
         (rows - 1) * self.rs + (cols - 1) * self.cs
     }
 }

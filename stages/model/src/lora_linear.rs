@@ -16,12 +16,16 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use crate::cpu_gemm::{gemm_into, gemm_new, matrix, with_matrix, MatRef};
-use crate::frozen_matmul::with_last_dim;
+use crate::frozen_matmul::{input_gradient, with_last_dim};
 use crate::host_slice::{f32_slice, with_f32s};
+use crate::panel_matmul::{matmul_few_cols, matmul_few_rows, FEW_COLS};
 
 /// The op: `w` is the frozen (in, out) weight, captured as a constant.
 pub(crate) struct LoraLinear {
     pub(crate) w: Tensor,
+    /// `w`'s transpose, (out, in) row-major, when the caller keeps one (see
+    /// [`input_gradient`]).
+    pub(crate) w_rows: Option<Tensor>,
     pub(crate) scale: f32,
 }
 
@@ -59,7 +63,7 @@ impl CustomOp3 for LoraLinear {
         let b = matrix(bs, bl, "lora_linear")?;
         // y = x W, then y += scale * (x Aᵀ) Bᵀ in place.
         let mut y = with_matrix(&self.w, "lora_linear", |w| gemm_new((m, n, k), x, w, 1.0))?;
-        let down = gemm_new((m, r, k), x, a.t(), 1.0);
+        let down = down_projection(x, a, (m, k, r));
         gemm_into(
             &mut y,
             n,
@@ -87,24 +91,22 @@ impl CustomOp3 for LoraLinear {
         with_f32s([x, grad, a, b], "lora_linear", |[xv, gv, av, bv]| {
             let (xm, g) = (MatRef::rows(xv, k), MatRef::rows(gv, n));
             let (am, bm) = (MatRef::rows(av, k), MatRef::rows(bv, r));
-            let down = gemm_new((m, r, k), xm, am.t(), 1.0);
-            // dB = scale gᵀ (x Aᵀ); gs_b = scale g B; dA = gs_bᵀ x
-            gemm_into(
-                &mut d_b,
-                r,
-                (n, r, m),
-                (g.t(), MatRef::rows(&down, r)),
-                (false, self.scale),
-                false,
-            );
-            let gs_b = gemm_new((m, r, n), g, bm, self.scale);
+            let down = down_projection(xm, am, (m, k, r));
+            let mut gs_b = rank_product(g, bm, (m, n, r));
+            gs_b.iter_mut().for_each(|v| *v *= self.scale);
+            // dB = scale gᵀ (x Aᵀ) and dA = (scale g B)ᵀ x: r output rows, contractions over
+            // the m rows, read in place through transposed views.
+            let d_b_t = few_rows_product(MatRef::rows(&down, r).t(), g, (r, m, n));
+            for (o, row) in d_b.chunks_exact_mut(r).enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = self.scale * d_b_t[j * n + o];
+                }
+            }
             let gs_b = MatRef::rows(&gs_b, r);
-            gemm_into(&mut d_a, k, (r, k, m), (gs_b.t(), xm), (false, 1.0), false);
+            d_a.copy_from_slice(&few_rows_product(gs_b.t(), xm, (r, m, k)));
             if x.track_op() {
                 // dx = g Wᵀ + gs_b A
-                let mut dx = with_matrix(&self.w, "lora_linear", |w| {
-                    gemm_new((m, k, n), g, w.t(), 1.0)
-                })?;
+                let mut dx = input_gradient(gv, &self.w, self.w_rows.as_ref(), (m, k, n))?;
                 gemm_into(&mut dx, k, (m, k, r), (gs_b, am), (true, 1.0), false);
                 d_x = Some(dx);
             }
@@ -123,11 +125,47 @@ impl CustomOp3 for LoraLinear {
     }
 }
 
+/// `x Aᵀ` (m, r) for `x` (m, k) row-major and `a` (r, k).
+fn down_projection(x: MatRef, a: MatRef, (m, k, r): (usize, usize, usize)) -> Vec<f32> {
+    let mut a_t = vec![0f32; k * r];
+    for (kk, row) in a_t.chunks_exact_mut(r.max(1)).enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = a.data[j * a.rs + kk * a.cs];
+        }
+    }
+    rank_product(x, MatRef::rows(&a_t, r), (m, k, r))
+}
+
+/// `x rhs` (m, r) for `x` (m, k) row-major and a rank-wide `rhs` (k, r): the panel crate's
+/// few-columns kernel when `rhs` is row-major and narrow enough, else the GEMM.
+fn rank_product(x: MatRef, rhs: MatRef, (m, k, r): (usize, usize, usize)) -> Vec<f32> {
+    let row_major = |t: &MatRef, cols: usize| t.cs == 1 && t.rs == cols;
+    if r <= FEW_COLS
+        && row_major(&x, k)
+        && row_major(&rhs, r)
+        && x.data.len() == m * k
+        && rhs.data.len() == k * r
+    {
+        matmul_few_cols(x.data, rhs.data, (m, k, r))
+    } else {
+        gemm_new((m, r, k), x, rhs, 1.0)
+    }
+}
+
+/// `lhs rhs` (r, n) for a few output rows: the panel kernel when `rhs`'s rows are contiguous.
+fn few_rows_product(lhs: MatRef, rhs: MatRef, (r, m, n): (usize, usize, usize)) -> Vec<f32> {
+    if rhs.cs == 1 {
+        matmul_few_rows(lhs, rhs, (r, m, n))
+    } else {
+        gemm_new((r, n, m), lhs, rhs, 1.0)
+    }
+}
+
 /// `x W + scale * (x Aᵀ) Bᵀ` for `x` (.., in), frozen `w` (in, out), `a` (r, in) and `b`
 /// (out, r), all f32 on the CPU; the result is (.., out).
 pub(crate) fn lora_linear(
     x: &Tensor,
-    w: &Tensor,
+    (w, w_rows): (&Tensor, Option<&Tensor>),
     a: &Tensor,
     b: &Tensor,
     scale: f64,
@@ -137,6 +175,7 @@ pub(crate) fn lora_linear(
         b,
         LoraLinear {
             w: w.detach(),
+            w_rows: w_rows.map(Tensor::detach),
             scale: scale as f32,
         },
     )
@@ -160,7 +199,13 @@ mod tests {
         let upstream = Tensor::randn(0f32, 1.0, (2, m, n), &dev)?;
         let scale = 2.0;
 
-        let ours = lora_linear(x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), scale)?;
+        let ours = lora_linear(
+            x.as_tensor(),
+            (&w, None),
+            a.as_tensor(),
+            b.as_tensor(),
+            scale,
+        )?;
         let plain = (x.as_tensor().broadcast_matmul(&w)?
             + (x.as_tensor()
                 .broadcast_matmul(&a.as_tensor().t()?)?
@@ -187,7 +232,7 @@ mod tests {
 
         // An input outside the graph gets no gradient computed for it.
         let detached = Tensor::randn(0f32, 1.0, (2, m, k), &dev)?;
-        let y = lora_linear(&detached, &w, a.as_tensor(), b.as_tensor(), scale)?;
+        let y = lora_linear(&detached, (&w, None), a.as_tensor(), b.as_tensor(), scale)?;
         let grads = (y * &upstream)?.sum_all()?.backward()?;
         assert!(grads.get(&detached).is_none());
         assert!(grads.get(b.as_tensor()).is_some());

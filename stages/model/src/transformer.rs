@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, TensorId, Var, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -31,7 +31,7 @@ use crate::attention_train::{attention_train, AttentionTables, Heads};
 use crate::config::ModelConfig;
 use crate::decode_attention::decode_attention;
 use crate::device::DeviceSetup;
-use crate::frozen_matmul::matmul_frozen_rhs;
+use crate::frozen_matmul::{matmul_frozen_rhs, matmul_frozen_rhs_with};
 use crate::head_logprobs::head_logprobs;
 use crate::host_slice::with_f32s;
 use crate::lora::{add_adapter, LoraAdapter, LoraConfig};
@@ -122,6 +122,8 @@ pub(crate) struct Linear {
     pub(crate) lora: Option<LoraAdapter>,
     /// A frozen weight's packed copy for decode steps (see [`FEW_ROWS`]).
     pub(crate) panels: PanelCache,
+    /// A frozen weight's (out, in) copy for training (see [`Linear::weight_rows`]).
+    pub(crate) weight_rows: Mutex<Option<(TensorId, Tensor)>>,
 }
 
 impl Linear {
@@ -131,6 +133,7 @@ impl Linear {
             bias,
             lora: None,
             panels: PanelCache::default(),
+            weight_rows: Mutex::new(None),
         }
     }
 
@@ -163,6 +166,23 @@ impl Linear {
         Ok(Some(Tensor::from_vec(y, (rows, packed.n()), x2.device())?))
     }
 
+    /// The frozen weight's transpose, (out, in) row-major, for training's input gradients:
+    /// made on first use and kept, tagged with the id of the tensor it came from.
+    fn weight_rows(&self, w: &Tensor) -> Result<Tensor> {
+        let mut slot = self
+            .weight_rows
+            .lock()
+            .map_err(|_| anyhow::anyhow!("transposed weight lock poisoned"))?;
+        if let Some((id, rows)) = &*slot {
+            if *id == w.id() {
+                return Ok(rows.clone());
+            }
+        }
+        let rows = w.t()?.contiguous()?;
+        *slot = Some((w.id(), rows.clone()));
+        Ok(rows)
+    }
+
     /// A training pass's frozen projection on the CPU in f32, on `x` of any rank: with its
     /// adapter (when active and without dropout) as one [`lora_linear`] node, or alone as one
     /// [`matmul_frozen_rhs`] node, so no reshape nodes surround it. None where neither applies.
@@ -173,12 +193,17 @@ impl Linear {
         if cx.mode != Mode::Train || !cx.fused_cpu_ops(x) {
             return Ok(None);
         }
+        let rows = self.weight_rows(w)?;
         let mut y = match (&self.lora, cx.lora_enabled) {
-            (Some(lora), true) if lora.dropout == 0.0 => {
-                lora_linear(x, w, lora.a.as_tensor(), lora.b.as_tensor(), lora.scale)?
-            }
+            (Some(lora), true) if lora.dropout == 0.0 => lora_linear(
+                x,
+                (w, Some(&rows)),
+                lora.a.as_tensor(),
+                lora.b.as_tensor(),
+                lora.scale,
+            )?,
             (Some(_), true) => return Ok(None),
-            _ => matmul_frozen_rhs(x, w)?,
+            _ => matmul_frozen_rhs_with(x, w, Some(&rows))?,
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.get(cx.mode, cx.dtype)?)?;
@@ -219,7 +244,7 @@ impl Linear {
             return Ok(None);
         }
         let (a, b) = (lora.a.as_detached_tensor(), lora.b.as_detached_tensor());
-        let mut y = lora_linear(x, w, &a, &b, lora.scale)?;
+        let mut y = lora_linear(x, (w, None), &a, &b, lora.scale)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(&bias.get(cx.mode, cx.dtype)?)?;
         }
