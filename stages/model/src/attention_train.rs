@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 use crate::cpu_gemm::{gemm_into, MatRef};
 use crate::host_slice::{f32_slice, with_f32s};
+use crate::softmax_rows::{exp_nonpositive, lane_sum};
 
 /// Head counts and sizes of one attention layer.
 #[derive(Clone, Copy, Debug)]
@@ -208,13 +209,12 @@ impl CustomOp3 for AttentionTrain {
                             *o = *o * self.scale + m;
                             max = max.max(*o);
                         }
-                        let mut sum = 0f32;
                         for o in row.iter_mut() {
-                            *o = (*o - max).exp();
-                            sum += *o;
+                            *o = exp_nonpositive(*o - max);
                         }
+                        let inv = 1.0 / lane_sum(row);
                         for o in row.iter_mut() {
-                            *o /= sum;
+                            *o *= inv;
                         }
                     }
                     let ctx_h = &mut ctx[r * t * d..][..t * d];

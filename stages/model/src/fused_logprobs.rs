@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::host_slice::f32_slice;
+use crate::softmax_rows::row_sums_of;
 
 pub(crate) struct TargetLogprobs {
     /// One target id per row.
@@ -47,9 +48,8 @@ impl TargetLogprobs {
 
 /// (max of z/T, log of the sum of exp(z/T - max)) of one row.
 pub(crate) fn row_stats(row: &[f32], inv_t: f32) -> (f32, f32) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(v * inv_t));
-    let sum: f32 = row.iter().map(|v| (v * inv_t - max).exp()).sum();
-    (max, sum.ln())
+    let s = row_sums_of(row, inv_t);
+    (s.max, s.sum.ln())
 }
 
 impl CustomOp1 for TargetLogprobs {

@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 use crate::cpu_gemm::{gemm_into, matrix, MatRef};
 use crate::host_slice::{f32_slice, with_f32};
+use crate::softmax_rows::{row_sums, RowSums};
 
 /// Rows projected to the vocabulary at a time (SmolLM2: 25 MB of logits).
 const BLOCK_ROWS: usize = 128;
@@ -46,22 +47,11 @@ struct Kept {
 
 /// Per row of logits `z`: log p(target) and the entropy at temperature `1 / inv_t`; with
 /// `gradient`, the row is overwritten by d log p(target) / dz = `(onehot(target) - p) / T`.
-/// One exponential per entry: the first pass finds the maximum, the second sums the shifted
-/// exponentials (in the order `row_stats` does, so log-probabilities agree with
-/// `token_logprobs` to the bit) and, for the gradient, keeps them in place.
+/// One exponential per entry, kept in place for the gradient; the sums are `row_stats`'s
+/// (see `softmax_rows`), so log-probabilities agree with `token_logprobs`.
 fn score_row(row: &mut [f32], target: usize, inv_t: f32, gradient: bool) -> (f32, f32) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(v * inv_t));
     let z_target = row[target] * inv_t;
-    let (mut sum, mut weighted) = (0f32, 0f32);
-    for v in row.iter_mut() {
-        let z = *v * inv_t;
-        let e = (z - max).exp();
-        sum += e;
-        weighted += e * z;
-        if gradient {
-            *v = e;
-        }
-    }
+    let RowSums { max, sum, weighted } = row_sums(row, inv_t, gradient);
     let lse = max + sum.ln();
     if gradient {
         let scale = -inv_t / sum;

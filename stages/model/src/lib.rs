@@ -24,6 +24,7 @@ mod panel_matmul;
 mod rms_norm;
 mod rope_train;
 pub mod score;
+mod softmax_rows;
 mod swiglu;
 /// Shared helpers for tests across the workspace (real weights, paper data).
 pub mod testing;

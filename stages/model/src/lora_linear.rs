@@ -211,8 +211,9 @@ mod tests {
                 .broadcast_matmul(&a.as_tensor().t()?)?
                 .broadcast_matmul(&b.as_tensor().t()?)?
                 * scale)?)?;
+        // Values of order 10 from random inputs, summed in another order than candle's.
         let diff = max_abs_diff(&ours, &plain)?;
-        assert!(diff < 1e-5, "values differ by {diff}");
+        assert!(diff < 1e-4, "values differ by {diff}");
 
         let g_ours = (ours * &upstream)?.sum_all()?.backward()?;
         let g_plain = (plain * &upstream)?.sum_all()?.backward()?;
