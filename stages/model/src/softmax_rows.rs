@@ -59,88 +59,75 @@ pub(crate) struct RowSums {
 /// The softmax sums of `row` at inverse temperature `inv_t`; with `keep`, each entry is
 /// overwritten by its `e^(z - max)`.
 pub(crate) fn row_sums(row: &mut [f32], inv_t: f32, keep: bool) -> RowSums {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the feature was detected at run time.
-        return unsafe { row_sums_avx512(row, inv_t, keep) };
+    let (ptr, len) = (row.as_mut_ptr(), row.len());
+    // SAFETY: `row` is borrowed mutably for the call; its len values are valid.
+    unsafe {
+        if keep {
+            dispatch::<true>(ptr, len, inv_t)
+        } else {
+            dispatch::<false>(ptr, len, inv_t)
+        }
     }
-    row_sums_generic(row, inv_t, keep)
 }
 
 /// [`row_sums`] of a row it may not write.
 pub(crate) fn row_sums_of(row: &[f32], inv_t: f32) -> RowSums {
+    // SAFETY: without KEEP nothing is written through the pointer.
+    unsafe { dispatch::<false>(row.as_ptr().cast_mut(), row.len(), inv_t) }
+}
+
+/// # Safety
+/// `row` is valid for `len` reads, and for writes when `KEEP`.
+unsafe fn dispatch<const KEEP: bool>(row: *mut f32, len: usize, inv_t: f32) -> RowSums {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the feature was detected at run time.
-        return unsafe { sums_of_avx512(row, inv_t) };
+        return sums_avx512::<KEEP>(row, len, inv_t);
     }
-    sums(row, inv_t)
+    sums::<KEEP>(row, len, inv_t)
 }
 
+/// [`sums`] compiled for AVX-512.
+///
+/// # Safety
+/// As [`dispatch`]; AVX-512F present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn row_sums_avx512(row: &mut [f32], inv_t: f32, keep: bool) -> RowSums {
-    row_sums_generic(row, inv_t, keep)
+unsafe fn sums_avx512<const KEEP: bool>(row: *mut f32, len: usize, inv_t: f32) -> RowSums {
+    sums::<KEEP>(row, len, inv_t)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn sums_of_avx512(row: &[f32], inv_t: f32) -> RowSums {
-    sums(row, inv_t)
-}
-
+/// One pass for the maximum, one for the sums (writing each exponential when `KEEP`), in
+/// [`LANES`] partial sums added in a fixed order whatever the build.
+///
+/// # Safety
+/// As [`dispatch`].
 #[inline(always)]
-fn row_sums_generic(row: &mut [f32], inv_t: f32, keep: bool) -> RowSums {
-    if !keep {
-        return sums(row, inv_t);
-    }
-    let max = row_max(row, inv_t);
+unsafe fn sums<const KEEP: bool>(row: *mut f32, len: usize, inv_t: f32) -> RowSums {
+    let max = row_max(std::slice::from_raw_parts(row, len), inv_t);
     let (mut sum, mut weighted) = ([0f32; LANES], [0f32; LANES]);
-    let mut chunks = row.chunks_exact_mut(LANES);
-    for c in &mut chunks {
+    let body = len - len % LANES;
+    for first in (0..body).step_by(LANES) {
         for l in 0..LANES {
-            let z = c[l] * inv_t;
+            let v = row.add(first + l);
+            let z = *v * inv_t;
             let e = exp_nonpositive(z - max);
             sum[l] += e;
             weighted[l] += e * z;
-            c[l] = e;
+            if KEEP {
+                *v = e;
+            }
         }
     }
     let (mut s, mut w) = (total(&sum), total(&weighted));
-    for v in chunks.into_remainder() {
+    for i in body..len {
+        let v = row.add(i);
         let z = *v * inv_t;
         let e = exp_nonpositive(z - max);
         s += e;
         w += e * z;
-        *v = e;
-    }
-    RowSums {
-        max,
-        sum: s,
-        weighted: w,
-    }
-}
-
-/// The sums without writing, in exactly the order [`row_sums_generic`] keeps them.
-#[inline(always)]
-fn sums(row: &[f32], inv_t: f32) -> RowSums {
-    let max = row_max(row, inv_t);
-    let (mut sum, mut weighted) = ([0f32; LANES], [0f32; LANES]);
-    let mut chunks = row.chunks_exact(LANES);
-    for c in &mut chunks {
-        for l in 0..LANES {
-            let z = c[l] * inv_t;
-            let e = exp_nonpositive(z - max);
-            sum[l] += e;
-            weighted[l] += e * z;
+        if KEEP {
+            *v = e;
         }
-    }
-    let (mut s, mut w) = (total(&sum), total(&weighted));
-    for v in chunks.remainder() {
-        let z = *v * inv_t;
-        let e = exp_nonpositive(z - max);
-        s += e;
-        w += e * z;
     }
     RowSums {
         max,
@@ -214,11 +201,14 @@ mod tests {
         let row: Vec<f32> = (0..1000)
             .map(|i| ((i * 7919) % 997) as f32 / 50.0 - 10.0)
             .collect();
-        let reference = sums(&row, 0.7);
+        // SAFETY: a live vector, only read.
+        let reference = unsafe { sums::<false>(row.as_ptr().cast_mut(), row.len(), 0.7) };
         let of = row_sums_of(&row, 0.7);
         let mut kept = row.clone();
         let with = row_sums(&mut kept, 0.7, true);
-        let generic = row_sums_generic(&mut row.clone(), 0.7, true);
+        let mut copy = row.clone();
+        // SAFETY: a live vector of that length.
+        let generic = unsafe { sums::<true>(copy.as_mut_ptr(), copy.len(), 0.7) };
         for s in [&of, &with, &generic] {
             assert_eq!(
                 (s.max, s.sum, s.weighted),
