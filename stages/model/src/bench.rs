@@ -1,7 +1,9 @@
 //! `emflow bench model` / `cargo bench -p emflow-model`: throughput of the model layer on this
 //! machine for SmolLM2-135M (dequantised GGUF; or random weights in a published shape, on the
 //! CPU or a CUDA device): prefill, decode at batch 1 and 16, and training steps (LoRA r=8 and
-//! full fine-tuning, forward + backward + AdamW on 4 x 128 tokens).
+//! full fine-tuning, forward + backward + AdamW on 4 x 128 tokens). `--only kernels` prints
+//! instead the GFLOPS of the decode-step products on SmolLM2's shapes, panel kernel against the
+//! `gemm` crate, with no model loaded.
 //!
 //! Decode is timed on the same prefill/step path `generate` uses, with end-of-sequence ignored so
 //! every row decodes the same number of steps.
