@@ -9,6 +9,7 @@ pub mod chat;
 pub mod config;
 mod cpu_gemm;
 mod decode_attention;
+mod derived_copy;
 pub mod device;
 mod frozen_matmul;
 mod fused_logprobs;

@@ -17,12 +17,13 @@
 //! kernel over an unpacked right-hand side for the rank-high gradients `(gs B)ᵀ x`, and
 //! [`matmul_few_cols`] covers the rank-wide products `x Aᵀ` and `g B`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use candle_core::{Tensor, TensorId};
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 use crate::cpu_gemm::MatRef;
+use crate::derived_copy::DerivedCopy;
 use crate::host_slice::with_f32;
 
 /// Output columns per panel: three AVX-512 vectors (six AVX2 vectors).
@@ -267,30 +268,23 @@ pub(crate) enum Stored {
     OutIn,
 }
 
-/// A frozen weight's packed copy, made on the first decode step that needs it and tagged with
-/// the id of the tensor it was packed from, so a replaced weight never meets a stale copy.
-#[derive(Default)]
-pub(crate) struct PanelCache(Mutex<Option<(TensorId, Arc<PanelMatrix>)>>);
+/// A frozen weight's packed copy for decode steps.
+pub(crate) type PanelCache = DerivedCopy<PanelMatrix>;
 
 impl PanelCache {
     /// The packed copy of `w` (a 2-D f32 CPU tensor, laid out as `stored` says).
-    pub(crate) fn get(&self, w: &Tensor, stored: Stored) -> candle_core::Result<Arc<PanelMatrix>> {
-        let mut slot = self
-            .0
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("packed weight lock poisoned".into()))?;
-        if let Some((id, packed)) = &*slot {
-            if *id == w.id() {
-                return Ok(packed.clone());
-            }
-        }
-        let (rows, cols) = w.dims2()?;
-        let packed = Arc::new(with_f32(w, "panel packing", |data| match stored {
-            Stored::InOut => PanelMatrix::from_in_out(data, rows, cols),
-            Stored::OutIn => PanelMatrix::from_out_in(data, rows, cols),
-        })?);
-        *slot = Some((w.id(), packed.clone()));
-        Ok(packed)
+    pub(crate) fn packed(
+        &self,
+        w: &Tensor,
+        stored: Stored,
+    ) -> candle_core::Result<Arc<PanelMatrix>> {
+        self.get(w, |w| {
+            let (rows, cols) = w.dims2()?;
+            with_f32(w, "panel packing", |data| match stored {
+                Stored::InOut => PanelMatrix::from_in_out(data, rows, cols),
+                Stored::OutIn => PanelMatrix::from_out_in(data, rows, cols),
+            })
+        })
     }
 }
 

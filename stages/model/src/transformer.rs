@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, TensorId, Var, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -30,6 +30,7 @@ use crate::attention_probs::attention_probs;
 use crate::attention_train::{attention_train, AttentionTables, Heads};
 use crate::config::ModelConfig;
 use crate::decode_attention::decode_attention;
+use crate::derived_copy::DerivedCopy;
 use crate::device::DeviceSetup;
 use crate::frozen_matmul::{matmul_frozen_rhs, matmul_frozen_rhs_with};
 use crate::head_logprobs::head_logprobs;
@@ -122,8 +123,8 @@ pub(crate) struct Linear {
     pub(crate) lora: Option<LoraAdapter>,
     /// A frozen weight's packed copy for decode steps (see [`FEW_ROWS`]).
     pub(crate) panels: PanelCache,
-    /// A frozen weight's (out, in) copy for training (see [`Linear::weight_rows`]).
-    pub(crate) weight_rows: Mutex<Option<(TensorId, Tensor)>>,
+    /// A frozen weight's (out, in) copy for training's input gradients.
+    pub(crate) weight_rows: DerivedCopy<Tensor>,
 }
 
 impl Linear {
@@ -133,7 +134,7 @@ impl Linear {
             bias,
             lora: None,
             panels: PanelCache::default(),
-            weight_rows: Mutex::new(None),
+            weight_rows: DerivedCopy::default(),
         }
     }
 
@@ -154,7 +155,7 @@ impl Linear {
         {
             return Ok(None);
         }
-        let packed = self.panels.get(w, Stored::InOut)?;
+        let packed = self.panels.packed(w, Stored::InOut)?;
         let x = x2.flatten_all()?.to_vec1::<f32>()?;
         let mut y = packed.matmul(&x, rows);
         if let (Some(lora), true) = (&self.lora, cx.lora_enabled) {
@@ -164,23 +165,6 @@ impl Linear {
             })?;
         }
         Ok(Some(Tensor::from_vec(y, (rows, packed.n()), x2.device())?))
-    }
-
-    /// The frozen weight's transpose, (out, in) row-major, for training's input gradients:
-    /// made on first use and kept, tagged with the id of the tensor it came from.
-    fn weight_rows(&self, w: &Tensor) -> Result<Tensor> {
-        let mut slot = self
-            .weight_rows
-            .lock()
-            .map_err(|_| anyhow::anyhow!("transposed weight lock poisoned"))?;
-        if let Some((id, rows)) = &*slot {
-            if *id == w.id() {
-                return Ok(rows.clone());
-            }
-        }
-        let rows = w.t()?.contiguous()?;
-        *slot = Some((w.id(), rows.clone()));
-        Ok(rows)
     }
 
     /// A training pass's frozen projection on the CPU in f32, on `x` of any rank: with its
@@ -193,17 +177,18 @@ impl Linear {
         if cx.mode != Mode::Train || !cx.fused_cpu_ops(x) {
             return Ok(None);
         }
-        let rows = self.weight_rows(w)?;
+        // w's transpose, (out, in) row-major, for the input gradients (see `input_gradient`).
+        let rows = self.weight_rows.get(w, |w| w.t()?.contiguous())?;
         let mut y = match (&self.lora, cx.lora_enabled) {
             (Some(lora), true) if lora.dropout == 0.0 => lora_linear(
                 x,
-                (w, Some(&rows)),
+                (w, Some(rows.as_ref())),
                 lora.a.as_tensor(),
                 lora.b.as_tensor(),
                 lora.scale,
             )?,
             (Some(_), true) => return Ok(None),
-            _ => matmul_frozen_rhs_with(x, w, Some(&rows))?,
+            _ => matmul_frozen_rhs_with(x, w, Some(rows.as_ref()))?,
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.get(cx.mode, cx.dtype)?)?;
@@ -987,7 +972,7 @@ impl Transformer {
         if !applies {
             return Ok(None);
         }
-        let packed = self.head_panels.get(head, stored)?;
+        let packed = self.head_panels.packed(head, stored)?;
         let logits = packed.matmul(&h.flatten_all()?.to_vec1::<f32>()?, rows);
         let mut out = lead.to_vec();
         out.push(packed.n());
