@@ -159,9 +159,29 @@ fn time_decode(
     Ok((prefill, start.elapsed().as_secs_f64()))
 }
 
+/// How many of the model's decode weights are multiplied from which form, e.g.
+/// "210 from 4-bit codes, 1 from 8-bit codes".
+fn describe_decode_weights(model: &Transformer) -> Result<String> {
+    let bits = model.decode_weight_bits()?;
+    let mut parts = Vec::new();
+    for (b, form) in [
+        (Some(4), "from 4-bit codes"),
+        (Some(8), "from 8-bit codes"),
+        (Some(32), "f32"),
+        (None, "not packed (trainable or off the CPU)"),
+    ] {
+        let count = bits.iter().filter(|&&x| x == b).count();
+        if count > 0 {
+            parts.push(format!("{count} {form}"));
+        }
+    }
+    Ok(parts.join(", "))
+}
+
 /// GFLOPS of the decode-step products at 1, 4 and 16 rows on SmolLM2's shapes, by kernel:
 /// the panel kernel decode uses and the `gemm` crate the other passes use.
 fn bench_kernels() {
+    use crate::coded_panels::CodedPanels;
     use crate::cpu_gemm::{gemm_new, MatRef};
     use crate::panel_matmul::PanelMatrix;
     let time = |f: &mut dyn FnMut(), flops: f64| {
@@ -173,7 +193,10 @@ fn bench_kernels() {
         }
         flops * reps as f64 / start.elapsed().as_secs_f64() / 1e9
     };
-    println!("decode-step products, GFLOPS (panel: decode's kernel; gemm: the gemm crate's):");
+    println!(
+        "decode-step products, GFLOPS (panel: decode's kernel on f32 panels; codes: on 4-bit \
+         codes; gemm: the gemm crate's):"
+    );
     for (k, n, what) in [
         (576, 576, "q/o proj"),
         (576, 192, "k/v proj"),
@@ -181,16 +204,24 @@ fn bench_kernels() {
         (1536, 576, "down    "),
         (576, 49152, "LM head "),
     ] {
+        // Values on a 4-bit grid (scale 1/64, offset -1/8), as a Q4_1 file gives them.
         let w: Vec<f32> = (0..k * n)
-            .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
+            .map(|i| ((i * 7 + i / 13) % 16) as f32 / 64.0 - 0.125)
             .collect();
         let packed = PanelMatrix::from_in_out(&w, k, n);
+        let Some(coded) = CodedPanels::find(|kk, j| w[kk * n + j], k, n) else {
+            unreachable!("a 4-bit grid has 4-bit codes")
+        };
         let mut line = format!("  {what} {k:>4}x{n:<5}");
         for m in [1usize, 4, 16] {
             let x: Vec<f32> = (0..m * k).map(|i| ((i % 13) as f32 - 6.0) / 13.0).collect();
             let flops = 2.0 * (m * k * n) as f64;
             let panel = time(
                 &mut || drop(std::hint::black_box(packed.matmul(&x, m))),
+                flops,
+            );
+            let codes = time(
+                &mut || drop(std::hint::black_box(coded.matmul(&x, m))),
                 flops,
             );
             let gemm = time(
@@ -204,7 +235,7 @@ fn bench_kernels() {
                 },
                 flops,
             );
-            line += &format!("  m={m:<2} panel {panel:>5.1} gemm {gemm:>5.1}");
+            line += &format!("  m={m:<2} panel {panel:>5.1} codes {codes:>5.1} gemm {gemm:>5.1}");
         }
         println!("{line}");
     }
@@ -323,8 +354,9 @@ pub fn bench_model(args: &[String]) -> Result<()> {
         );
     }
     if args.runs("decode") {
-        // Warm-up: the first decode step makes the (out, in) weight copies single rows use.
+        // Warm-up: the first decode step makes the weight copies decode multiplies by.
         time_decode(&model, &[token_ids(8, vocab, 9)], 2, &greedy)?;
+        println!("decode weights: {}", describe_decode_weights(&model)?);
         let steps = args.decode_steps;
         for (batch, params, label) in [
             (1, greedy.clone(), "greedy"),

@@ -17,14 +17,9 @@
 //! kernel over an unpacked right-hand side for the rank-high gradients `(gs B)ᵀ x`, and
 //! [`matmul_few_cols`] covers the rank-wide products `x Aᵀ` and `g B`.
 
-use std::sync::Arc;
-
-use candle_core::Tensor;
 use rayon::prelude::*;
 
 use crate::cpu_gemm::MatRef;
-use crate::derived_copy::DerivedCopy;
-use crate::host_slice::with_f32;
 
 /// Output columns per panel: three AVX-512 vectors (six AVX2 vectors).
 pub(crate) const PANEL: usize = 48;
@@ -95,7 +90,7 @@ impl PanelMatrix {
         };
         // SAFETY: x holds (m, k) row-major; panel p holds k rows of PANEL values.
         unsafe {
-            run_panels(kernel, lhs, (m, k, n), |p| Operand {
+            run_panels(kernel, lhs, (m, k, n), |p, _| Operand {
                 ptr: self.data[p * panel_len..].as_ptr(),
                 rs: PANEL,
                 cs: 1,
@@ -133,7 +128,7 @@ pub(crate) fn matmul_few_rows(
     // SAFETY: the asserts keep every (row, k) of lhs and every (k, column < n) of rhs inside
     // the slices; the kernels read no column of a panel at or past n.
     unsafe {
-        run_panels(Kernel::detect(), x, (m, k, n), |p| Operand {
+        run_panels(Kernel::detect(), x, (m, k, n), |p, _| Operand {
             ptr: rhs.data.as_ptr().add(p * PANEL),
             rs: rhs.rs,
             cs: 1,
@@ -225,16 +220,47 @@ struct Operand {
 unsafe impl Send for Operand {}
 unsafe impl Sync for Operand {}
 
-/// The (m, n) product of `lhs` (m, k) and the panels `panel(p)` returns (k rows of [`PANEL`]
-/// columns, the last one cut at n), panel by panel, on rayon's threads when large.
+/// `x` (m, k) row-major times a matrix whose panels `panel(p, scratch)` produces on demand,
+/// each as a pointer to k rows of [`PANEL`] contiguous values (a panel decoded into the
+/// calling thread's `scratch`, which it may resize, or one stored elsewhere).
+pub(crate) fn matmul_decoded_panels(
+    x: &[f32],
+    (m, k, n): (usize, usize, usize),
+    panel: impl Fn(usize, &mut Vec<f32>) -> *const f32 + Sync,
+) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "matmul_decoded_panels: x is not (m, k)");
+    let lhs = Operand {
+        ptr: x.as_ptr(),
+        rs: k,
+        cs: 1,
+    };
+    // SAFETY: x holds (m, k) row-major; `panel` returns k rows of PANEL readable values.
+    unsafe {
+        run_panels(Kernel::detect(), lhs, (m, k, n), |p, scratch| Operand {
+            ptr: panel(p, scratch),
+            rs: PANEL,
+            cs: 1,
+        })
+    }
+}
+
+thread_local! {
+    /// The panel a thread's current task decoded (see [`matmul_decoded_panels`]).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The (m, n) product of `lhs` (m, k) and the panels `panel(p, scratch)` returns (k rows of
+/// [`PANEL`] columns, the last one cut at n), panel by panel, on rayon's threads when large.
+/// `scratch` is the running thread's buffer, for panels decoded on the fly.
 ///
 /// # Safety
-/// Every (i < m, kk < k) of `lhs` and every (kk < k, j < cols of p) of each panel is readable.
+/// Every (i < m, kk < k) of `lhs` and every (kk < k, j < cols of p) of each panel is readable
+/// while the scratch it was given stays untouched.
 unsafe fn run_panels(
     kernel: Kernel,
     lhs: Operand,
     (m, k, n): (usize, usize, usize),
-    panel: impl Fn(usize) -> Operand + Sync,
+    panel: impl Fn(usize, &mut Vec<f32>) -> Operand + Sync,
 ) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
     if m == 0 || n == 0 {
@@ -244,9 +270,13 @@ unsafe fn run_panels(
     let one = |p: usize| {
         let first = p * PANEL;
         let cols = PANEL.min(n - first);
-        // SAFETY: panel `p` writes only columns first..first+cols of each of the m rows of y,
-        // which no other panel touches; y outlives the loop.
-        unsafe { kernel.panel(lhs, (m, k), panel(p), out.at(first), n, cols) };
+        SCRATCH.with_borrow_mut(|scratch| {
+            let w = panel(p, scratch);
+            // SAFETY: panel `p` writes only columns first..first+cols of each of the m rows of
+            // y, which no other panel touches; y outlives the loop; `w` stays valid while
+            // this closure holds the scratch.
+            unsafe { kernel.panel(lhs, (m, k), w, out.at(first), n, cols) };
+        });
     };
     // A weight element costs about as much to stream from memory as eight multiply-adds.
     // Below ~0.5 M such units a rayon hand-off costs more than the second core gains.
@@ -257,35 +287,6 @@ unsafe fn run_panels(
         (0..panels).into_par_iter().for_each(one);
     }
     y
-}
-
-/// How a weight tensor holds the matrix to pack.
-#[derive(Clone, Copy)]
-pub(crate) enum Stored {
-    /// (k, n): a projection's transposed weight.
-    InOut,
-    /// (n, k): an embedding used as output head.
-    OutIn,
-}
-
-/// A frozen weight's packed copy for decode steps.
-pub(crate) type PanelCache = DerivedCopy<PanelMatrix>;
-
-impl PanelCache {
-    /// The packed copy of `w` (a 2-D f32 CPU tensor, laid out as `stored` says).
-    pub(crate) fn packed(
-        &self,
-        w: &Tensor,
-        stored: Stored,
-    ) -> candle_core::Result<Arc<PanelMatrix>> {
-        self.get(w, |w| {
-            let (rows, cols) = w.dims2()?;
-            with_f32(w, "panel packing", |data| match stored {
-                Stored::InOut => PanelMatrix::from_in_out(data, rows, cols),
-                Stored::OutIn => PanelMatrix::from_out_in(data, rows, cols),
-            })
-        })
-    }
 }
 
 /// The output pointer shared by the panel tasks (each writes its own columns).

@@ -30,6 +30,7 @@ use crate::attention_probs::attention_probs;
 use crate::attention_train::{attention_train, AttentionTables, Heads};
 use crate::config::ModelConfig;
 use crate::decode_attention::decode_attention;
+use crate::decode_weight::{DecodeWeight, PanelCache, Stored};
 use crate::derived_copy::DerivedCopy;
 use crate::device::DeviceSetup;
 use crate::frozen_matmul::{matmul_frozen_rhs, matmul_frozen_rhs_with};
@@ -38,14 +39,14 @@ use crate::host_slice::with_f32s;
 use crate::lora::{add_adapter, LoraAdapter, LoraConfig};
 use crate::lora_linear::lora_linear;
 use crate::losses::token_logprobs;
-use crate::panel_matmul::{PanelCache, Stored};
 use crate::rms_norm::RmsNorm;
 use crate::rope_train::rope_train;
 use crate::swiglu::swiglu;
 use crate::trainable_matmul::matmul_trainable_rhs;
 
 /// Up to this many rows (a decode step's), an eval-mode product with a frozen f32 weight on the
-/// CPU runs on the weight's [`PanelMatrix`] copy instead of a GEMM that repacks it per call.
+/// CPU runs on the weight's [`DecodeWeight`] copy (packed panels, or the codes a quantised file
+/// gave it) instead of a GEMM that repacks it per call.
 /// Measured on SmolLM2's shapes at 16 rows (2-core Xeon, AVX-512): 135-174 GFLOPS against the
 /// `gemm` crate's 63-89, and 89 against 35 for the output projection.
 const FEW_ROWS: usize = 16;
@@ -143,19 +144,13 @@ impl Linear {
     /// the host too: its two rank-r products are a few thousand multiply-adds per row, less
     /// than the fixed cost of the candle ops that would compute them.
     fn few_rows(&self, x2: &Tensor, cx: &Ctx) -> Result<Option<Tensor>> {
-        let Weight::Frozen(w) = &self.weight_t else {
-            return Ok(None);
-        };
         let (rows, k) = x2.dims2()?;
-        if cx.mode != Mode::Eval
-            || rows > FEW_ROWS
-            || !w.device().is_cpu()
-            || w.dtype() != DType::F32
-            || x2.dtype() != DType::F32
-        {
+        if cx.mode != Mode::Eval || rows > FEW_ROWS || x2.dtype() != DType::F32 {
             return Ok(None);
         }
-        let packed = self.panels.packed(w, Stored::InOut)?;
+        let Some(packed) = self.decode_weight()? else {
+            return Ok(None);
+        };
         let x = x2.flatten_all()?.to_vec1::<f32>()?;
         let mut y = packed.matmul(&x, rows);
         if let (Some(lora), true) = (&self.lora, cx.lora_enabled) {
@@ -165,6 +160,16 @@ impl Linear {
             })?;
         }
         Ok(Some(Tensor::from_vec(y, (rows, packed.n()), x2.device())?))
+    }
+
+    /// The decode copy of a frozen f32 weight on the CPU; None for any other weight.
+    fn decode_weight(&self) -> Result<Option<Arc<DecodeWeight>>> {
+        match &self.weight_t {
+            Weight::Frozen(w) if w.device().is_cpu() && w.dtype() == DType::F32 => {
+                Ok(Some(self.panels.packed(w, Stored::InOut)?))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// A training pass's frozen projection on the CPU in f32, on `x` of any rank: with its
@@ -954,29 +959,51 @@ impl Transformer {
     /// The output projection of a decode step (at most [`FEW_ROWS`] rows, f32 on the CPU, a
     /// frozen head or tied embedding) on its packed copy; None where it does not apply.
     fn few_row_logits(&self, h: &Tensor, mode: Mode) -> Result<Option<Tensor>> {
-        let (head, stored) = match (&self.lm_head_t, &self.embed) {
-            (Some(Weight::Frozen(head)), _) => (head, Stored::InOut),
-            (None, Weight::Frozen(embed)) => (embed, Stored::OutIn),
-            _ => return Ok(None),
-        };
         let dims = h.dims().to_vec();
         let Some((_, lead)) = dims.split_last() else {
             return Ok(None);
         };
         let rows: usize = lead.iter().product();
-        let applies = mode == Mode::Eval
-            && rows <= FEW_ROWS
-            && h.device().is_cpu()
-            && h.dtype() == DType::F32
-            && head.dtype() == DType::F32;
-        if !applies {
+        if mode != Mode::Eval || rows > FEW_ROWS || h.dtype() != DType::F32 {
             return Ok(None);
         }
-        let packed = self.head_panels.packed(head, stored)?;
+        let Some(packed) = self.decode_head()? else {
+            return Ok(None);
+        };
         let logits = packed.matmul(&h.flatten_all()?.to_vec1::<f32>()?, rows);
         let mut out = lead.to_vec();
         out.push(packed.n());
         Ok(Some(Tensor::from_vec(logits, out, h.device())?))
+    }
+
+    /// The decode copy of a frozen f32 output projection (a head, or the tied embedding) on
+    /// the CPU; None for any other.
+    fn decode_head(&self) -> Result<Option<Arc<DecodeWeight>>> {
+        let (head, stored) = match (&self.lm_head_t, &self.embed) {
+            (Some(Weight::Frozen(head)), _) => (head, Stored::InOut),
+            (None, Weight::Frozen(embed)) => (embed, Stored::OutIn),
+            _ => return Ok(None),
+        };
+        if !head.device().is_cpu() || head.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        Ok(Some(self.head_panels.packed(head, stored)?))
+    }
+
+    /// How decode steps hold each projection, in layer order (q, k, v, o, gate, up, down),
+    /// then the output head: `Some(bits)` when multiplied from 4- or 8-bit codes that give
+    /// its f32 values exactly (weights read from a block-quantised file), `Some(32)` for f32
+    /// panels, None where decode does not pack the weight (trainable, not f32, not on the CPU).
+    pub fn decode_weight_bits(&self) -> Result<Vec<Option<usize>>> {
+        let bits = |w: Option<Arc<DecodeWeight>>| w.map(|w| w.code_bits().unwrap_or(32));
+        let mut all = Vec::new();
+        for b in &self.layers {
+            for l in [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down] {
+                all.push(bits(l.decode_weight()?));
+            }
+        }
+        all.push(bits(self.decode_head()?));
+        Ok(all)
     }
 
     fn run(

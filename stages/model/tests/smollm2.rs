@@ -88,6 +88,18 @@ fn greedy_smollm2_knows_the_capital_of_france() {
 }
 
 #[test]
+fn decode_multiplies_smollm2_from_its_file_codes() {
+    let Some(path) = smollm2() else { return };
+    let loaded = load(&path, &cpu()).unwrap();
+    let bits = loaded.model.decode_weight_bits().unwrap();
+    // Thirty layers of seven Q4_1 projections, then the tied Q8_0 embedding as head.
+    let (head, projections) = bits.split_last().unwrap();
+    assert_eq!(projections.len(), 30 * 7);
+    assert!(projections.iter().all(|&b| b == Some(4)), "{projections:?}");
+    assert_eq!(*head, Some(8));
+}
+
+#[test]
 fn source_digest_is_the_blake3_of_the_file() {
     let Some(path) = smollm2() else { return };
     let loaded = load(&path, &cpu()).unwrap();
