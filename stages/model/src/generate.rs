@@ -339,18 +339,42 @@ impl Transformer {
             }
             return Ok(finished);
         }
+        // Rows with the same prompt (an RL group's generations) share one prefill: only the
+        // first row of each prompt runs, and the cache and logits rows are copied out after.
+        let mut unique: Vec<usize> = Vec::new();
+        let copy_from: Vec<u32> = chunk
+            .iter()
+            .enumerate()
+            .map(|(r, &i)| {
+                let same = |&u: &usize| reqs[chunk[u]].prompt_ids == reqs[i].prompt_ids;
+                let slot = unique.iter().position(same).unwrap_or_else(|| {
+                    unique.push(r);
+                    unique.len() - 1
+                });
+                slot as u32
+            })
+            .collect();
         let mut cache = KvCache::starting_with(
             self,
             prefix,
-            chunk.len(),
+            unique.len(),
             shared + prompt_len + params.max_new_tokens,
         )?;
-        let ids = Tensor::from_vec(ids, (chunk.len(), prompt_len), &self.device)?;
-        let key_valid: Vec<Vec<bool>> = rows.iter().map(|r| r.key_valid.clone()).collect();
+        let unique_ids: Vec<u32> = unique
+            .iter()
+            .flat_map(|&r| &ids[r * prompt_len..(r + 1) * prompt_len])
+            .copied()
+            .collect();
+        let ids = Tensor::from_vec(unique_ids, (unique.len(), prompt_len), &self.device)?;
+        let key_valid: Vec<Vec<bool>> = unique.iter().map(|&r| rows[r].key_valid.clone()).collect();
         let h = self.hidden_eval(&ids, &key_valid, Some(&mut cache))?;
         let mut logits = self
             .logits(&h.narrow(1, prompt_len - 1, 1)?, Mode::Eval)?
             .squeeze(1)?;
+        if unique.len() < chunk.len() {
+            cache.select_rows(&copy_from)?;
+            logits = logits.index_select(&Tensor::new(copy_from.as_slice(), &self.device)?, 0)?;
+        }
         let eos = tok.eos_ids();
         let stop_window = params.stop.iter().map(|s| s.len()).max().unwrap_or(0) + 8;
         loop {

@@ -109,6 +109,27 @@ fn same_seeds_give_same_samples_at_batch_1_and_8() {
 }
 
 #[test]
+fn a_group_of_one_prompt_prefills_once_and_changes_no_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tiny_tokenizer(dir.path(), 256);
+    let model = tiny(Arch::Llama, 14);
+    // Three prompts, four generations each (as a GRPO step asks), interleaved.
+    let ps = prompts(3, 256);
+    let reqs: Vec<GenerationRequest> = (0..12)
+        .map(|k| GenerationRequest {
+            prompt_ids: ps[k % 3].clone(),
+            seed: derive_seed(7, &format!("prompt-{}", k % 3), (k / 3) as u64),
+        })
+        .collect();
+    let params = sampling(12);
+    let grouped = model.generate(&tok, &reqs, &params, 12, &|_| {}).unwrap();
+    let alone = model.generate(&tok, &reqs, &params, 1, &|_| {}).unwrap();
+    assert_eq!(grouped, alone);
+    // Each generation's own seed drew it: a group's members differ.
+    assert_ne!(grouped[0].tokens, grouped[3].tokens);
+}
+
+#[test]
 fn a_shared_prompt_prefix_runs_once_and_changes_no_sample() {
     let dir = tempfile::tempdir().unwrap();
     let tok = tiny_tokenizer(dir.path(), 256);
