@@ -16,13 +16,27 @@ state="$(realpath -m "${2:-${EMFLOW_SLURM_STATE:-/tmp/emflow-slurm}}")"
 port="${EMFLOW_SLURM_PORT:-6817}"
 conf="$state/slurm.conf"
 
-install() {
+installed() {
   command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
-    && command -v munged >/dev/null && return 0
-  echo "slurm-local: installing slurmctld slurmd slurm-client munge" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >&2 || true
-  apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >&2
+    && command -v munged >/dev/null
+}
+
+install() {
+  installed && return 0
+  # The tests start several clusters at once on a fresh machine: one installs while the others
+  # wait for it. (Concurrent apt-get runs failed on the dpkg and lists locks, and an install
+  # whose `apt-get update` lost that race found no package sources.)
+  exec 9>"${TMPDIR:-/tmp}/emflow-slurm-install.lock"
+  flock 9
+  if ! installed; then
+    echo "slurm-local: installing slurmctld slurmd slurm-client munge" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=600 update -qq >&2 || true
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
+      slurmctld slurmd slurm-client munge >&2
+  fi
+  flock -u 9
+  exec 9>&-
 }
 
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
