@@ -994,6 +994,7 @@ impl Transformer {
     /// then the output head: `Some(bits)` when multiplied from 4- or 8-bit codes that give
     /// its f32 values exactly (weights read from a block-quantised file), `Some(32)` for f32
     /// panels, None where decode does not pack the weight (trainable, not f32, not on the CPU).
+    /// Makes the decode copies that the first decode step would make, if none exist yet.
     pub fn decode_weight_bits(&self) -> Result<Vec<Option<usize>>> {
         let bits = |w: Option<Arc<DecodeWeight>>| w.map(|w| w.code_bits().unwrap_or(32));
         let mut all = Vec::new();
