@@ -1,7 +1,9 @@
 """TRL reference for `emflow bench rl` (stages/src/train/bench.rs): seconds per GRPO step.
 
-The same step shape as our bench, with TRL's GRPOTrainer on PyTorch (f32, CPU,
-`torch.set_num_threads(--threads)`): SmolLM2-135M-Instruct loaded from the same GGUF file
+The same step shape as our bench, with TRL's GRPOTrainer on PyTorch (CPU,
+`torch.set_num_threads(--threads)`; f32 like ours, without gradient checkpointing, unless
+--trl-defaults keeps TRL's own defaults, which on a CPU with bf16 support mean bf16 autocast
+and gradient checkpointing): SmolLM2-135M-Instruct loaded from the same GGUF file
 (transformers dequantises it to f32), LoRA r=8 alpha 16 on q,k,v,o,gate,up,down, 4 prompts x 4
 generations per optimizer step (per_device_train_batch_size 4, gradient_accumulation_steps 4,
 so one generation batch of 16 completions per step, split into 4 micro-batches of 4 as ours),
@@ -18,7 +20,8 @@ Setup (once; PyPI only):
     /tmp/refvenv/bin/pip install torch==2.15.0 transformers==5.24.0 peft gguf "trl==1.16.*"
 Run:
     /tmp/refvenv/bin/python stages/src/train/trl_reference.py \
-        --model target/test-assets/SmolLM2-135M-Instruct.Q4_1.gguf [--threads 2] [--steps 3]
+        --model target/test-assets/SmolLM2-135M-Instruct.Q4_1.gguf [--threads 2] [--steps 3] \
+        [--trl-defaults]
 """
 
 import argparse
@@ -47,6 +50,11 @@ def main():
     p.add_argument("--model", required=True, help="path to a .gguf file")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="steps after the first")
+    p.add_argument(
+        "--trl-defaults",
+        action="store_true",
+        help="keep TRL's precision and gradient-checkpointing defaults instead of f32 without",
+    )
     args = p.parse_args()
 
     import torch
@@ -74,7 +82,13 @@ def main():
         tokenizer.pad_token = tokenizer.eos_token
     steps = args.steps + 1
     rows = [{"prompt": [{"role": "user", "content": q}]} for q in QUESTIONS] * steps
+    precision = {} if args.trl_defaults else {
+        "bf16": False,
+        "fp16": False,
+        "gradient_checkpointing": False,
+    }
     config = GRPOConfig(
+        **precision,
         output_dir=tempfile.mkdtemp(prefix="trl-reference-"),
         use_cpu=True,
         per_device_train_batch_size=4,
@@ -141,6 +155,7 @@ def main():
     trainer.add_callback(StepTimes())
     print(
         f"TRL {trl.__version__}, torch {torch.__version__}, CPU, {torch.get_num_threads()} threads "
+        f"| bf16 {config.bf16}, gradient checkpointing {config.gradient_checkpointing} "
         f"| LoRA r=8 | 4 prompts x 4 generations x 64 tokens | {steps} steps"
     )
     trainer.train()
