@@ -218,13 +218,15 @@ impl CodedPanels {
         let code_len = self.form.code_rows() * PANEL;
         let scales = &self.scales[p * groups * 2 * PANEL..][..groups * 2 * PANEL];
         let codes = &self.codes[p * groups * code_len..][..groups * code_len];
+        #[cfg(target_arch = "x86_64")]
+        let avx512 = is_x86_feature_detected!("avx512f");
         for ((scales, codes), out) in scales
             .chunks_exact(2 * PANEL)
             .zip(codes.chunks_exact(code_len))
             .zip(out.chunks_exact_mut(GROUP * PANEL))
         {
             #[cfg(target_arch = "x86_64")]
-            if is_x86_feature_detected!("avx512f") {
+            if avx512 {
                 // SAFETY: AVX-512F was detected; the slices have the lengths the kernel reads.
                 unsafe { x86::decode_group(self.form, scales, codes, out) };
                 continue;

@@ -33,11 +33,11 @@ impl DecodeWeight {
         }
     }
 
-    /// Bits per element of the codes, or None for f32 panels.
-    pub(crate) fn code_bits(&self) -> Option<usize> {
+    /// Bits per stored element: the codes' 4 or 8, or 32 for f32 panels.
+    pub(crate) fn bits(&self) -> usize {
         match self {
-            DecodeWeight::Coded(c) => Some(c.code_bits()),
-            DecodeWeight::Panels(_) => None,
+            DecodeWeight::Coded(c) => c.code_bits(),
+            DecodeWeight::Panels(_) => 32,
         }
     }
 }
@@ -63,17 +63,17 @@ impl PanelCache {
     ) -> candle_core::Result<Arc<DecodeWeight>> {
         self.get(w, |w| {
             let (rows, cols) = w.dims2()?;
-            with_f32(w, "decode packing", |data| match stored {
-                Stored::InOut => CodedPanels::find(|kk, j| data[kk * cols + j], rows, cols)
-                    .map(DecodeWeight::Coded)
-                    .unwrap_or_else(|| {
-                        DecodeWeight::Panels(PanelMatrix::from_in_out(data, rows, cols))
-                    }),
-                Stored::OutIn => CodedPanels::find(|kk, j| data[j * cols + kk], cols, rows)
-                    .map(DecodeWeight::Coded)
-                    .unwrap_or_else(|| {
-                        DecodeWeight::Panels(PanelMatrix::from_out_in(data, rows, cols))
-                    }),
+            with_f32(w, "decode packing", |data| {
+                let coded = match stored {
+                    Stored::InOut => CodedPanels::find(|kk, j| data[kk * cols + j], rows, cols),
+                    Stored::OutIn => CodedPanels::find(|kk, j| data[j * cols + kk], cols, rows),
+                };
+                coded.map(DecodeWeight::Coded).unwrap_or_else(|| {
+                    DecodeWeight::Panels(match stored {
+                        Stored::InOut => PanelMatrix::from_in_out(data, rows, cols),
+                        Stored::OutIn => PanelMatrix::from_out_in(data, rows, cols),
+                    })
+                })
             })
         })
     }

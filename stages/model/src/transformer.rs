@@ -996,7 +996,7 @@ impl Transformer {
     /// panels, None where decode does not pack the weight (trainable, not f32, not on the CPU).
     /// Makes the decode copies that the first decode step would make, if none exist yet.
     pub fn decode_weight_bits(&self) -> Result<Vec<Option<usize>>> {
-        let bits = |w: Option<Arc<DecodeWeight>>| w.map(|w| w.code_bits().unwrap_or(32));
+        let bits = |w: Option<Arc<DecodeWeight>>| w.map(|w| w.bits());
         let mut all = Vec::new();
         for b in &self.layers {
             for l in [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down] {
