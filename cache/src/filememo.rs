@@ -81,7 +81,7 @@ impl Store {
         }
     }
 
-    fn digest_file(&self, path: &Path) -> Result<Digest, CacheError> {
+    pub(crate) fn digest_file(&self, path: &Path) -> Result<Digest, CacheError> {
         let canonical = fs::canonicalize(path).at("resolve", path)?;
         let mut before = Stamp::of(&fs::metadata(&canonical).at("inspect", &canonical)?);
         if before.size < MEMO_MIN_SIZE {

@@ -178,6 +178,33 @@ fn make_writable_dirs(dir: &Path) -> Result<(), CacheError> {
     Ok(())
 }
 
+/// Swaps two paths in one step (`renameat2(RENAME_EXCHANGE)`): both keep existing
+/// throughout, so a reader sees either the old entry or the new one, never neither. Used to
+/// replace a damaged folder, which plain `rename` cannot do over a non-empty target.
+pub(crate) fn exchange(a: &Path, b: &Path) -> Result<(), CacheError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| CacheError::io("swap", p, std::io::Error::other("path has a NUL byte")))
+    };
+    let (ca, cb) = (c(a)?, c(b)?);
+    // SAFETY: both pointers are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(CacheError::io("swap", b, std::io::Error::last_os_error()))
+    }
+}
+
 /// Sets a file's permission bits.
 pub(crate) fn set_mode(path: &Path, mode: u32) -> Result<(), CacheError> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).at("set permissions of", path)

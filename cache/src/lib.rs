@@ -30,6 +30,7 @@ mod hash;
 mod memo;
 mod record;
 mod store;
+mod verify;
 
 pub use error::CacheError;
 pub use flock::{KeyLock, LockHolder, StorePin};
@@ -37,3 +38,4 @@ pub use gc::{AreaSize, GcOptions, GcReport, StoreSize};
 pub use hash::{hash_file, Digest};
 pub use record::{EntryKind, OutputEntry, StageRecord, RECORD_SCHEMA};
 pub use store::{digest_bytes, Staging, Store, StoreOptions};
+pub use verify::{AuditReport, Damage, DamagedBlob, DamagedOutput};

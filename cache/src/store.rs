@@ -25,6 +25,7 @@ use crate::flock::{self, KeyLock, LockHolder, Mode, StorePin};
 use crate::fsutil::{self, check_name, unique_suffix};
 use crate::hash::{self, hash_file, Digest};
 use crate::record::{EntryKind, OutputEntry, StageRecord, RECORD_SCHEMA};
+use crate::verify::Damage;
 
 pub(crate) const OBJECTS: &str = "objects";
 pub(crate) const TREES: &str = "trees";
@@ -300,8 +301,9 @@ impl Store {
                 size: meta.len(),
             };
             let dest = self.artifact_path(&entry);
-            let present = fs::metadata(&dest).map(|m| m.len() == entry.size);
-            if present.unwrap_or(false) {
+            // Dedupe only onto intact bytes: a damaged blob of the same digest is replaced by
+            // the rename below, in one step (issue 19: `--force` used to keep a flipped byte).
+            if self.check_output(&entry)?.is_none() {
                 fs::remove_file(child).at("remove deduplicated", child)?;
                 reached()?;
                 return Ok(entry);
@@ -330,7 +332,8 @@ impl Store {
                 size: tree.size,
             };
             let dest = self.artifact_path(&entry);
-            if dest.is_dir() {
+            let damage = self.check_output(&entry)?;
+            if damage.is_none() {
                 fsutil::remove_all(child)?;
                 reached()?;
                 return Ok(entry);
@@ -339,6 +342,17 @@ impl Store {
             reached()?;
             let shard = dest.parent().unwrap_or(&self.root).to_path_buf();
             fsutil::ensure_dir(&shard)?;
+            if damage == Some(Damage::WrongType) {
+                // A file squats where the folder belongs: no reader can use it either way.
+                fsutil::remove_all(&dest)?;
+            } else if damage != Some(Damage::Missing) {
+                fsutil::set_mode(child, 0o755)?;
+                self.replace_damaged_tree(child, &dest)?;
+                fsutil::set_mode(&dest, 0o555)?;
+                fsutil::fsync_dir(&shard)?;
+                reached()?;
+                return Ok(entry);
+            }
             match fs::rename(child, &dest) {
                 Ok(()) => {}
                 // Someone committed the same tree a moment ago: theirs is complete, use it.
@@ -376,19 +390,6 @@ impl Store {
     pub(crate) fn content_path(&self, area: &str, digest: &str) -> PathBuf {
         let shard = digest.get(..2).unwrap_or("__");
         self.root.join(area).join(shard).join(digest)
-    }
-
-    /// Whether every output a record names is present in the store.
-    pub fn outputs_present(&self, record: &StageRecord) -> bool {
-        record.outputs.values().all(|entry| {
-            let path = self.artifact_path(entry);
-            match entry.kind {
-                EntryKind::File => {
-                    fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == entry.size)
-                }
-                EntryKind::Tree => path.is_dir(),
-            }
-        })
     }
 
     // ----- records -----

@@ -38,18 +38,22 @@ pub fn status(
         .collect();
     let count = |label: &str| statuses.iter().filter(|s| s.state.label() == label).count();
     reporter.line(&format!(
-        "{} {}: {} stages: {} cached, {} stale, {} missing, {} pending",
+        "{} {}: {} stages: {} cached, {} stale, {} missing, {} pending{}",
         reporter.bold("Status"),
         pipeline.manifest_path.display(),
         statuses.len(),
         count("cached"),
         count("stale"),
         count("missing"),
-        count("pending")
+        count("pending"),
+        match count("damaged") {
+            0 => String::new(),
+            n => format!(", {n} damaged"),
+        }
     ));
     // Changed stages first (what the user just did), then the rest in pipeline order.
     let rank = |s: &StageStatus| match &s.state {
-        State::Stale { .. } => 0,
+        State::Damaged { .. } | State::Stale { .. } => 0,
         State::Pending { changes, .. } if !changes.is_empty() => 1,
         State::Missing { .. } => 2,
         State::Pending { .. } => 3,
@@ -381,7 +385,7 @@ pub fn check(
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Verification {
     pub stage: String,
-    /// `same`, `differs`, `failed`, `not_cached`.
+    /// `same`, `differs`, `failed`, `not_cached`, `damaged` (stored bytes no longer match).
     pub verdict: &'static str,
     /// Outputs whose digest differs: name -> (recorded, reproduced).
     pub differing: BTreeMap<String, (String, String)>,
@@ -418,6 +422,24 @@ pub fn verify(
     let run_id = format!("verify-{}", crate::host::new_run_id());
     for (i, s) in &statuses {
         if !selected.contains(i) {
+            continue;
+        }
+        if let State::Damaged { outputs } = &s.state {
+            let detail = crate::run::damage_lines(outputs);
+            reporter.status(
+                Word::Damaged,
+                &s.id,
+                "stored outputs are damaged",
+                &format!("{detail}\n`emflow run` re-executes it and replaces the damaged blobs"),
+            );
+            let v = Verification {
+                stage: s.id.clone(),
+                verdict: "damaged",
+                differing: BTreeMap::new(),
+                error: Some(detail),
+            };
+            reporter.event("verify", json!(v));
+            results.push(v);
             continue;
         }
         if records[*i].is_none() {
@@ -620,6 +642,51 @@ pub fn gc(
         }
     }
     Ok((report, kept_runs))
+}
+
+/// `emflow cache verify`: rehashes every blob in the store (no memo) with a progress bar,
+/// prints each damaged one with the stages whose records name it, and with `repair` moves
+/// them out of the store so that the next `emflow run` rebuilds those stages. Returns the
+/// audit; the caller decides the exit code.
+pub fn cache_verify(
+    store: &Store,
+    reporter: &Arc<Reporter>,
+    repair: bool,
+) -> anyhow::Result<emflow_cache::AuditReport> {
+    use crate::context::Progress as _;
+    let progress = reporter.stage_progress("store");
+    let mut started = false;
+    let mut last = 0;
+    let audit = store.audit(repair, &mut |done, total| {
+        if !started {
+            progress.phase("hashing every blob", total, "bytes");
+            started = true;
+        }
+        progress.inc(done - last);
+        last = done;
+    });
+    progress.finish();
+    let audit = audit?;
+    for blob in &audit.damaged {
+        let stages = if blob.stages.is_empty() {
+            "no record names it".to_string()
+        } else {
+            format!("output of {}", blob.stages.join(", "))
+        };
+        let fate = if repair {
+            "removed; `emflow run` rebuilds it"
+        } else {
+            "`emflow cache verify --repair` removes it so that `emflow run` rebuilds it"
+        };
+        reporter.status(
+            Word::Damaged,
+            &blob.path.display().to_string(),
+            &format!("{}: {stages}", blob.damage),
+            fate,
+        );
+        reporter.event("damaged_blob", json!(blob));
+    }
+    Ok(audit)
 }
 
 /// `emflow cache ls`: every record, newest last.

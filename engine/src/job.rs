@@ -171,11 +171,15 @@ fn try_execute(
         }
     };
     if !force {
+        // Another process may have committed this key while we waited for its lock; its
+        // record is reused only if its outputs are intact (a damaged one is rebuilt here).
         if let Some(record) = store.record(&job.key)? {
-            return Ok(JobOutcome::Committed {
-                record: Box::new(record),
-                reused: true,
-            });
+            if store.damaged_outputs(&record)?.is_empty() {
+                return Ok(JobOutcome::Committed {
+                    record: Box::new(record),
+                    reused: true,
+                });
+            }
         }
     }
     let staging = store.staging(&job.key)?;

@@ -86,6 +86,11 @@ pub enum State {
     Stale { changes: Vec<KeyChange> },
     /// Never produced (or its record was garbage-collected: `note`).
     Missing { note: Option<String> },
+    /// A record for the current key exists but some of its outputs' bytes are no longer
+    /// what it names (flipped, truncated, deleted, replaced): the stage runs again.
+    Damaged {
+        outputs: Vec<emflow_cache::DamagedOutput>,
+    },
     /// The key depends on outputs that do not exist yet. `changes`: key parts already known
     /// to differ from the last record (params, kind version, env).
     Pending {
@@ -98,6 +103,7 @@ impl State {
     pub fn label(&self) -> &'static str {
         match self {
             State::Cached => "cached",
+            State::Damaged { .. } => "damaged",
             State::Stale { .. } => "stale",
             State::Missing { .. } => "missing",
             State::Pending { .. } => "pending",
@@ -414,7 +420,14 @@ impl<'a> Planner<'a> {
                         self.store.record(&key)?
                     };
                     let state = match &record {
-                        Some(_) => State::Cached,
+                        Some(record) => {
+                            let outputs = self.store.damaged_outputs(record)?;
+                            if outputs.is_empty() {
+                                State::Cached
+                            } else {
+                                State::Damaged { outputs }
+                            }
+                        }
                         None => self.explain_missing(i, &key, &parts, forced.contains(&i))?,
                     };
                     records[i] = record.clone();

@@ -39,6 +39,7 @@ pub enum Word {
     Stale,
     Missing,
     Pending,
+    Damaged,
 }
 
 impl Word {
@@ -56,13 +57,14 @@ impl Word {
             Word::Stale => "STALE",
             Word::Missing => "MISSING",
             Word::Pending => "PENDING",
+            Word::Damaged => "DAMAGED",
         }
     }
 
     fn color(self) -> &'static str {
         match self {
             Word::Cached | Word::Pass | Word::Verify => "32",
-            Word::Fail | Word::Differ => "31",
+            Word::Fail | Word::Differ | Word::Damaged => "31",
             Word::Skip | Word::Stop | Word::Stale | Word::Pending => "33",
             Word::Start | Word::Fetch | Word::Missing => "36",
         }

@@ -285,7 +285,7 @@ pub fn run_pipeline(
                     let cached = if forced.contains(&i) {
                         None
                     } else {
-                        store.record(&key)?
+                        intact_record(store, &env.reporter, &pipeline.stages[i].id, &key)?
                     };
                     match cached {
                         Some(record) => {
@@ -646,7 +646,8 @@ fn fetch_models(
         let key = model_fetch_key(&decl.source);
         keys.push(key.clone());
         let store = env.store.as_ref();
-        if store.record(&key)?.is_some() {
+        let id = model_stage_id(&name);
+        if intact_record(store, &env.reporter, &id, &key)?.is_some() {
             continue;
         }
         let fetcher = env.registry.fetcher(&scheme).ok_or_else(|| {
@@ -654,11 +655,13 @@ fn fetch_models(
                 "model `{name}`: this emflow binary cannot fetch `{scheme}:` sources; download the model yourself and point `models.{name}.source` at the local file or folder"
             )
         })?;
-        let id = model_stage_id(&name);
         let progress = env.reporter.stage_progress(&id);
         let clock = Instant::now();
         let _lock = store.lock(&key)?;
-        if store.record(&key)?.is_some() {
+        if store
+            .record(&key)?
+            .is_some_and(|r| store.damaged_outputs(&r).is_ok_and(|d| d.is_empty()))
+        {
             progress.finish();
             continue;
         }
@@ -761,6 +764,13 @@ pub fn plan_line(r: &Reporter, s: &StageStatus) {
         .unwrap_or_default();
     let (word, detail) = match &s.state {
         State::Cached => (Word::Cached, String::new()),
+        State::Damaged { outputs } => (
+            Word::Damaged,
+            format!(
+                "{}\nruns again; its commit replaces the damaged blobs",
+                damage_lines(outputs)
+            ),
+        ),
         State::Stale { changes } => (
             Word::Stale,
             changes
@@ -788,6 +798,44 @@ pub fn plan_line(r: &Reporter, s: &StageStatus) {
     };
     r.status(word, &s.id, &key, &detail);
     r.event("stage", json!(s));
+}
+
+/// One line per damaged output: which output, where its blob is, what is wrong, what happens.
+pub fn damage_lines(outputs: &[emflow_cache::DamagedOutput]) -> String {
+    outputs
+        .iter()
+        .map(|d| format!("output `{}` ({}): {}", d.output, d.path.display(), d.damage))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The record of `key` when every output it names is intact. A damaged record is reported
+/// (status line and `damaged` event naming the stage and each output) and treated as absent,
+/// so the stage runs again and its commit replaces the bad blobs.
+pub(crate) fn intact_record(
+    store: &Store,
+    reporter: &Reporter,
+    stage_id: &str,
+    key: &str,
+) -> anyhow::Result<Option<StageRecord>> {
+    let Some(record) = store.record(key)? else {
+        return Ok(None);
+    };
+    let damaged = store.damaged_outputs(&record)?;
+    if damaged.is_empty() {
+        return Ok(Some(record));
+    }
+    reporter.status(
+        Word::Damaged,
+        stage_id,
+        &format!("({})", short(key)),
+        &format!("{}\nrunning it again", damage_lines(&damaged)),
+    );
+    reporter.event(
+        "damaged",
+        json!({ "stage": stage_id, "key": key, "outputs": damaged }),
+    );
+    Ok(None)
 }
 
 fn footer(r: &Reporter, s: &RunSummary) {

@@ -212,6 +212,17 @@ enum CacheCommand {
     Ls,
     /// One record in full (a key prefix is enough).
     Show { key: String },
+    /// Rehash every blob in the store and report those whose bytes no longer match their
+    /// digest, with the stages that made them (exit 1 if any). `emflow run` already checks
+    /// the outputs it reuses; this checks everything, every byte, without the file memo.
+    #[command(
+        after_help = "Examples:\n  emflow cache verify            report damaged blobs\n  emflow cache verify --repair   also remove them, so that `emflow run` rebuilds their stages"
+    )]
+    Verify {
+        /// Move damaged blobs out of the store (the stages that made them run again).
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 /// The `emflow` binary's entry point.
@@ -488,6 +499,28 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
                 println!("output {name}: {}", store.artifact_path(entry).display());
             }
             Ok(0)
+        }
+        Command::Cache {
+            command: CacheCommand::Verify { repair },
+        } => {
+            let store = open_store(store_flag, None)?;
+            let reporter = Reporter::new(ReportMode::Human);
+            let audit = commands::cache_verify(&store, &reporter, repair)?;
+            let size = crate::host::human_bytes(audit.bytes);
+            match (audit.damaged.len(), repair) {
+                (0, _) => {
+                    println!("all {} blobs ({size}) match their digests", audit.blobs);
+                    Ok(0)
+                }
+                (n, true) => {
+                    println!("{n} of {} blobs ({size}) were damaged and are removed; `emflow run` rebuilds the stages named above", audit.blobs);
+                    Ok(0)
+                }
+                (n, false) => {
+                    println!("{n} of {} blobs ({size}) are damaged", audit.blobs);
+                    Ok(EXIT_FAILED)
+                }
+            }
         }
         Command::Bench { name, args } => tools::bench(&registry, name.as_deref(), &args),
         Command::Serve {
