@@ -135,6 +135,9 @@ pub struct Planner<'a> {
     /// store's per-stage lookup scans every record for an id it has never seen, which
     /// would make planning many new stages on a big store quadratic.
     recorded_ids: Option<std::collections::HashSet<String>>,
+    /// Keys whose outputs this command has already found intact: a run checks each reused
+    /// record once, not once for the plan's header and again when it settles the stage.
+    intact_keys: std::collections::HashSet<String>,
 }
 
 impl<'a> Planner<'a> {
@@ -162,6 +165,7 @@ impl<'a> Planner<'a> {
             specs,
             file_digests: HashMap::new(),
             recorded_ids: None,
+            intact_keys: Default::default(),
         })
     }
 
@@ -421,7 +425,7 @@ impl<'a> Planner<'a> {
                     };
                     let state = match &record {
                         Some(record) => {
-                            let outputs = self.store.damaged_outputs(record)?;
+                            let outputs = self.damaged_outputs(record)?;
                             if outputs.is_empty() {
                                 State::Cached
                             } else {
@@ -456,6 +460,22 @@ impl<'a> Planner<'a> {
             out.push((i, status));
         }
         Ok(out)
+    }
+
+    /// The outputs of `record` whose bytes are damaged (see [`Store::damaged_outputs`]),
+    /// remembering intact keys for the rest of this command.
+    pub fn damaged_outputs(
+        &mut self,
+        record: &StageRecord,
+    ) -> anyhow::Result<Vec<emflow_cache::DamagedOutput>> {
+        if self.intact_keys.contains(&record.key) {
+            return Ok(Vec::new());
+        }
+        let damaged = self.store.damaged_outputs(record)?;
+        if damaged.is_empty() {
+            self.intact_keys.insert(record.key.clone());
+        }
+        Ok(damaged)
     }
 
     /// The last record of stage instance `i`, if it ever had one.

@@ -285,7 +285,7 @@ pub fn run_pipeline(
                     let cached = if forced.contains(&i) {
                         None
                     } else {
-                        intact_record(store, &env.reporter, &pipeline.stages[i].id, &key)?
+                        intact_record(&mut planner, &env.reporter, &pipeline.stages[i].id, &key)?
                     };
                     match cached {
                         Some(record) => {
@@ -647,7 +647,7 @@ fn fetch_models(
         keys.push(key.clone());
         let store = env.store.as_ref();
         let id = model_stage_id(&name);
-        if intact_record(store, &env.reporter, &id, &key)?.is_some() {
+        if intact_record(planner, &env.reporter, &id, &key)?.is_some() {
             continue;
         }
         let fetcher = env.registry.fetcher(&scheme).ok_or_else(|| {
@@ -812,16 +812,16 @@ pub fn damage_lines(outputs: &[emflow_cache::DamagedOutput]) -> String {
 /// The record of `key` when every output it names is intact. A damaged record is reported
 /// (status line and `damaged` event naming the stage and each output) and treated as absent,
 /// so the stage runs again and its commit replaces the bad blobs.
-pub(crate) fn intact_record(
-    store: &Store,
+fn intact_record(
+    planner: &mut Planner,
     reporter: &Reporter,
     stage_id: &str,
     key: &str,
 ) -> anyhow::Result<Option<StageRecord>> {
-    let Some(record) = store.record(key)? else {
+    let Some(record) = planner.store.record(key)? else {
         return Ok(None);
     };
-    let damaged = store.damaged_outputs(&record)?;
+    let damaged = planner.damaged_outputs(&record)?;
     if damaged.is_empty() {
         return Ok(Some(record));
     }
