@@ -16,6 +16,7 @@ pub mod local;
 pub mod logits;
 pub mod openai;
 pub mod score;
+pub mod scripted;
 pub mod template;
 
 mod memo;
