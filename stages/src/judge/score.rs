@@ -32,17 +32,25 @@ pub struct Score {
     pub text: Option<String>,
 }
 
-/// How far above 1 a total probability may round before it is not a probability.
-const MASS_TOLERANCE: f64 = 1e-3;
+/// How far above 1 a total probability may be before it is not a probability: rounding of
+/// reported log-probabilities, not a distribution that sums to more.
+const MASS_TOLERANCE: f64 = 0.01;
+/// How far outside 0..=100 an expectation may round (`Σ k p_k / Σ p_k` with every `k = 100`
+/// is not always exactly 100 in floating point).
+const VALUE_TOLERANCE: f64 = 1e-6;
 
 impl Score {
-    /// Whether this is a judgement the formulas can produce: a mass in [0, 1] (within
-    /// rounding), and a value in 0..=100 exactly when the mass reaches [`MIN_NUMBER_MASS`].
-    /// Anything else (NaN, a value without mass) came from a fault, never from a judge.
+    /// Whether this is a judgement the formulas can produce: a mass in [0, 1] and a value in
+    /// 0..=100 (both within rounding), the value present exactly when the mass reaches
+    /// [`MIN_NUMBER_MASS`]. Anything else (NaN, a value without mass) came from a fault,
+    /// never from a judge.
     pub fn is_well_formed(&self) -> bool {
         let mass_ok = self.mass.is_finite() && (0.0..=1.0 + MASS_TOLERANCE).contains(&self.mass);
         let value_ok = match self.value {
-            Some(v) => v.is_finite() && (0.0..=MAX_SCORE as f64).contains(&v),
+            Some(v) => {
+                v.is_finite()
+                    && (-VALUE_TOLERANCE..=MAX_SCORE as f64 + VALUE_TOLERANCE).contains(&v)
+            }
             None => true,
         };
         let threshold_ok = self.value.is_some() == (self.mass >= MIN_NUMBER_MASS);
@@ -152,6 +160,9 @@ mod tests {
     #[test]
     fn only_formula_shaped_scores_are_well_formed() {
         assert!(expected_score(&[(80, 0.9)]).is_well_formed());
+        // All mass on 100 does not always divide back to exactly 100.
+        let all_hundred = expected_score(&[(100, 0.6), (100, 0.3)]);
+        assert!(all_hundred.value.unwrap() > 100.0 && all_hundred.is_well_formed());
         assert!(expected_score(&[]).is_well_formed());
         assert!(score_from_text("REFUSAL").is_well_formed());
         let s = |value, mass| Score {
