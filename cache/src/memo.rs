@@ -38,6 +38,42 @@ impl Store {
         fsutil::rename_into_place(&tmp, &path, false)
     }
 
+    /// Removes every memo entry of the namespaces named `prefix` or `prefix.*` (e.g. `judge`
+    /// takes `judge.v1`): the calls are made again when next needed. Returns the entries and
+    /// bytes removed (with `dry_run`, that would be). Refuses with [`CacheError::StoreBusy`]
+    /// while a run holds the store.
+    pub fn drop_memo_namespaces(
+        &self,
+        prefix: &str,
+        dry_run: bool,
+    ) -> Result<(u64, u64), CacheError> {
+        check_name("memo namespace", prefix)?;
+        let Some(_exclusive) = self.try_exclusive()? else {
+            return Err(CacheError::StoreBusy {
+                root: self.root().to_path_buf(),
+            });
+        };
+        let (mut entries, mut bytes) = (0, 0);
+        for namespace in fsutil::list_dir(&self.dir(MEMO))? {
+            let Some(name) = fsutil::file_name(&namespace) else {
+                continue;
+            };
+            let dotted = name
+                .strip_prefix(prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'));
+            if !dotted {
+                continue;
+            }
+            let (b, n) = fsutil::disk_usage(&namespace)?;
+            entries += n;
+            bytes += b;
+            if !dry_run {
+                self.discard(&namespace)?;
+            }
+        }
+        Ok((entries, bytes))
+    }
+
     /// Records (or replaces) the journal of one run, atomically.
     pub fn write_run(&self, run_id: &str, run: &serde_json::Value) -> Result<(), CacheError> {
         check_name("run id", run_id)?;

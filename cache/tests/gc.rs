@@ -143,3 +143,32 @@ fn gc_clears_leftovers_of_a_dead_stage_but_not_a_live_one() {
         "a running stage's staging is untouched"
     );
 }
+
+#[test]
+fn dropping_memo_namespaces_takes_the_prefix_and_its_dotted_versions_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    for ns in ["judge", "judge.v1", "judgement", "other"] {
+        store.memo_put(ns, b"q", b"v").unwrap();
+    }
+    store.memo_put("judge.v1", b"q2", b"v2").unwrap();
+    assert_eq!(store.drop_memo_namespaces("judge", true).unwrap().0, 3);
+    assert!(
+        store.memo_get("judge.v1", b"q").unwrap().is_some(),
+        "dry run"
+    );
+
+    let pin = store.pin().unwrap();
+    assert!(matches!(
+        store.drop_memo_namespaces("judge", false),
+        Err(CacheError::StoreBusy { .. })
+    ));
+    drop(pin);
+
+    let (entries, bytes) = store.drop_memo_namespaces("judge", false).unwrap();
+    assert_eq!((entries, bytes), (3, 4), "v, v and v2");
+    assert_eq!(store.memo_get("judge", b"q").unwrap(), None);
+    assert_eq!(store.memo_get("judge.v1", b"q2").unwrap(), None);
+    assert!(store.memo_get("judgement", b"q").unwrap().is_some());
+    assert!(store.memo_get("other", b"q").unwrap().is_some());
+}

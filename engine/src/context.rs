@@ -102,6 +102,52 @@ impl Memo for MemoryMemo {
     }
 }
 
+/// A memo that answers only what it stored itself: every other call is asked again and its
+/// fresh answer replaces the stored one (`emflow run --refresh-judge`). Calls repeated within
+/// the stage are still answered once.
+pub struct RefreshingMemo {
+    inner: Arc<dyn Memo>,
+    written: std::sync::Mutex<std::collections::BTreeSet<MemoKey>>,
+}
+
+impl RefreshingMemo {
+    pub fn new(inner: Arc<dyn Memo>) -> Self {
+        RefreshingMemo {
+            inner,
+            written: Default::default(),
+        }
+    }
+}
+
+impl Memo for RefreshingMemo {
+    fn get(&self, namespace: &str, key: &[u8]) -> Option<Vec<u8>> {
+        let written = self.written.lock().ok()?;
+        if written.contains(&(namespace.to_string(), key.to_vec())) {
+            self.inner.get(namespace, key)
+        } else {
+            None
+        }
+    }
+    fn put(&self, namespace: &str, key: &[u8], value: &[u8]) -> anyhow::Result<()> {
+        self.inner.put(namespace, key, value)?;
+        let mut written = self
+            .written
+            .lock()
+            .map_err(|_| anyhow!("memo lock poisoned"))?;
+        written.insert((namespace.to_string(), key.to_vec()));
+        Ok(())
+    }
+}
+
+/// `memo` as a stage sees it: wrapped in a [`RefreshingMemo`] when `refresh` is asked for.
+pub fn memo_for(memo: Arc<dyn Memo>, refresh: bool) -> Arc<dyn Memo> {
+    if refresh {
+        Arc::new(RefreshingMemo::new(memo))
+    } else {
+        memo
+    }
+}
+
 /// The error a stage returns to say "I saved a checkpoint and stopped; run me again".
 /// The engine recognises it (by downcast) and, under Slurm, requeues the job.
 #[derive(Debug, thiserror::Error)]

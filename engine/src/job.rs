@@ -80,6 +80,10 @@ pub struct Job {
     pub threads: usize,
     pub store: PathBuf,
     pub mode: JobMode,
+    /// Memoised calls (judge verdicts) are asked again, not read; the fresh answers replace
+    /// them (`emflow run --refresh-judge`).
+    #[serde(default)]
+    pub refresh_memo: bool,
 }
 
 /// How a job ended.
@@ -302,7 +306,7 @@ fn context(
         },
         threads: job.threads.max(1),
         progress,
-        memo: Arc::new(StoreMemo(store.clone())),
+        memo: crate::context::memo_for(Arc::new(StoreMemo(store.clone())), job.refresh_memo),
         interrupt,
     })
 }

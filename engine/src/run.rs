@@ -41,6 +41,8 @@ pub struct RunOptions {
     pub only: Vec<String>,
     /// Stage names or instance ids to rerun even if cached.
     pub force: Vec<String>,
+    /// Stages this run executes ask their judges again instead of reading the memo.
+    pub refresh_memo: bool,
     /// GPU ids stages may use (see [`crate::host::visible_gpus`]).
     pub gpus: Vec<String>,
     /// Cores the CPU budget allows.
@@ -55,6 +57,7 @@ impl Default for RunOptions {
             dry_run: false,
             only: Vec::new(),
             force: Vec::new(),
+            refresh_memo: false,
             gpus: crate::host::visible_gpus(),
             cpus: crate::host::cores(),
         }
@@ -336,6 +339,7 @@ pub fn run_pipeline(
                 };
                 let (i, mut job) = queue.remove(k);
                 job.threads = alloc.cpus;
+                job.refresh_memo = opts.refresh_memo;
                 job.device = alloc.device();
                 job.gpu_ids = alloc.gpu_ids();
                 let progress = env.reporter.stage_progress(&pipeline.stages[i].id);
@@ -604,6 +608,7 @@ pub(crate) fn make_job(
         threads: stage.resources.cpus.max(1) as usize,
         store: store.root().to_path_buf(),
         mode,
+        refresh_memo: false,
     }
 }
 

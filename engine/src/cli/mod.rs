@@ -27,6 +27,8 @@ const EXIT_FAILED: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 /// Exit code when Ctrl-C stopped a run.
 const EXIT_STOPPED: u8 = 130;
+/// Memo namespaces of judge calls start with this (see `emflow_stages::judge`).
+const JUDGE_MEMO_PREFIX: &str = "judge";
 
 #[derive(Parser)]
 #[command(
@@ -71,6 +73,7 @@ enum Command {
   emflow run m.yaml --only eval           just `eval` (all its cells) and its missing upstream
   emflow run m.yaml --only 'sft[seed=0]'  one matrix cell
   emflow run m.yaml --force report        rerun `report` even though it is cached
+  emflow run m.yaml --force eval --refresh-judge   rerun `eval` asking its judge afresh
   emflow run m.yaml --jobs 4 --keep-going --json")]
     Run {
         #[command(flatten)]
@@ -84,6 +87,10 @@ enum Command {
         /// Rerun this stage (name or instance id) even if cached. Repeatable.
         #[arg(long, value_name = "STAGE")]
         force: Vec<String>,
+        /// Stages that run ask their judges again instead of reading memoised verdicts; the
+        /// fresh answers replace the memo entries. With `--force STAGE`: re-judge that stage.
+        #[arg(long)]
+        refresh_judge: bool,
         /// Stages running at once (default: number of cores).
         #[arg(long, short = 'j')]
         jobs: Option<usize>,
@@ -179,7 +186,9 @@ enum Command {
         executor: String,
     },
     /// Free store space: keep what the lock files of MANIFESTS and the last runs reach.
-    #[command(after_help = "Example:\n  emflow gc manifests/*.yaml --keep-runs 5 --dry-run")]
+    #[command(
+        after_help = "Examples:\n  emflow gc manifests/*.yaml --keep-runs 5 --dry-run\n  emflow gc manifests/*.yaml --drop-judge-memo   also forget every memoised judge verdict"
+    )]
     Gc {
         /// Manifests whose `emflow.lock` entries are kept.
         manifests: Vec<PathBuf>,
@@ -189,6 +198,9 @@ enum Command {
         /// Keep everything the last N runs used.
         #[arg(long, default_value_t = 10)]
         keep_runs: usize,
+        /// Also remove every memoised judge call, so every judge is asked again.
+        #[arg(long)]
+        drop_judge_memo: bool,
     },
     /// Inspect the store.
     Cache {
@@ -283,6 +295,7 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
             dry_run,
             only,
             force,
+            refresh_judge,
             jobs,
             keep_going,
             json,
@@ -321,6 +334,7 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
                 only,
                 force,
                 keep_going,
+                refresh_memo: refresh_judge,
                 ..RunOptions::default()
             };
             if slurm_profile.is_some() {
@@ -455,10 +469,18 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
             manifests,
             dry_run,
             keep_runs,
+            drop_judge_memo,
         } => {
             let store = open_store(store_flag, manifests.first().map(PathBuf::as_path))?;
             let (report, runs) = commands::gc(&store, &manifests, keep_runs, dry_run)?;
             let verb = if dry_run { "would remove" } else { "removed" };
+            if drop_judge_memo {
+                let (entries, bytes) = store.drop_memo_namespaces(JUDGE_MEMO_PREFIX, dry_run)?;
+                println!(
+                    "{verb} {entries} memoised judge calls: {}",
+                    crate::host::human_bytes(bytes)
+                );
+            }
             println!(
                 "{verb} {} records, {} files, {} folders, {} checkpoints, {} memo entries: {} (kept {} records reached by {} lock file(s) and the last {runs} runs)",
                 report.records_removed.len(),

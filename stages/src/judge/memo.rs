@@ -9,12 +9,18 @@ use serde::Serialize;
 
 use super::{Judge, Score};
 
-/// Memo namespace for judge calls; bump the suffix if the stored value format changes.
+/// Memo namespace for judge calls; bump the suffix if the stored value format changes. It
+/// must start with `judge`: `emflow gc --drop-judge-memo` removes the namespaces that do.
 const NAMESPACE: &str = "judge.v1";
 
 /// A judge whose every call is looked up in, and stored into, a persistent memo keyed by
 /// (judge identity, operation, params, full prompt). Only the misses reach the inner judge,
 /// in one batch.
+///
+/// Only answers are memoised: a call that fails stores nothing (the inner judges turn every
+/// fault into an error), an answer the inner judge does not [`Judge::accepts`] is an error
+/// and is not stored, and a stored entry that does not parse or is not accepted is treated
+/// as a miss and replaced by the fresh answer.
 pub struct Memoized {
     inner: Arc<dyn Judge>,
     memo: Arc<dyn Memo>,
@@ -33,11 +39,13 @@ impl Memoized {
     }
 
     /// Answers what the memo knows, asks `call` for the rest (in input order), stores them.
+    /// `accepts` tells an answer from a malformed value, for memo entries and fresh answers.
     fn cached<T: Serialize + DeserializeOwned + Clone>(
         &self,
         op: &str,
         params: serde_json::Value,
         prompts: &[String],
+        accepts: impl Fn(&T) -> bool,
         call: impl FnOnce(&[String]) -> Result<Vec<T>>,
     ) -> Result<Vec<T>> {
         let keys: Vec<Vec<u8>> = prompts.iter().map(|p| self.key(op, &params, p)).collect();
@@ -47,6 +55,7 @@ impl Memoized {
                 self.memo
                     .get(NAMESPACE, k)
                     .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                    .filter(|v| accepts(v))
             })
             .collect();
         let missing: Vec<usize> = (0..prompts.len()).filter(|&i| out[i].is_none()).collect();
@@ -60,6 +69,14 @@ impl Memoized {
                 answers.len(),
                 asked.len()
             );
+            if let Some(pos) = answers.iter().position(|a| !accepts(a)) {
+                anyhow::bail!(
+                    "judge {} gave a malformed {op} answer for prompt {} of {}; nothing was memoised",
+                    self.inner.identity(),
+                    missing[pos] + 1,
+                    prompts.len()
+                );
+            }
             for (&i, answer) in missing.iter().zip(answers) {
                 let bytes = serde_json::to_vec(&answer)
                     .context("serialising a judge answer for the memo")?;
@@ -82,16 +99,28 @@ impl Judge for Memoized {
     }
 
     fn score_0_100(&self, prompts: &[String]) -> Result<Vec<Score>> {
-        self.cached::<Score>("score_0_100", serde_json::Value::Null, prompts, |p| {
-            self.inner.score_0_100(p)
-        })
+        self.cached::<Score>(
+            "score_0_100",
+            serde_json::Value::Null,
+            prompts,
+            |s| self.inner.accepts(s),
+            |p| self.inner.score_0_100(p),
+        )
+    }
+
+    fn accepts(&self, score: &Score) -> bool {
+        self.inner.accepts(score)
     }
 
     fn complete(&self, prompts: &[String], max_tokens: usize) -> Result<Vec<String>> {
         let params = serde_json::json!({ "max_tokens": max_tokens, "temperature": 0 });
-        self.cached::<String>("complete", params, prompts, |p| {
-            self.inner.complete(p, max_tokens)
-        })
+        self.cached::<String>(
+            "complete",
+            params,
+            prompts,
+            |_| true,
+            |p| self.inner.complete(p, max_tokens),
+        )
     }
 }
 
@@ -170,5 +199,105 @@ mod tests {
         judge2.complete(&prompts, 5).unwrap();
         judge2.complete(&prompts, 6).unwrap();
         assert_eq!(inner.calls.load(Ordering::SeqCst), 4);
+    }
+
+    /// Answers with a fixed score, or fails, and counts its calls.
+    struct Fixed {
+        score: Option<Score>,
+        calls: AtomicUsize,
+    }
+
+    impl Judge for Fixed {
+        fn identity(&self) -> &str {
+            "fixed"
+        }
+        fn score_0_100(&self, prompts: &[String]) -> Result<Vec<Score>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            match &self.score {
+                Some(s) => Ok(vec![s.clone(); prompts.len()]),
+                None => anyhow::bail!("the judge is down"),
+            }
+        }
+        fn complete(&self, _: &[String], _: usize) -> Result<Vec<String>> {
+            anyhow::bail!("not used")
+        }
+    }
+
+    fn fixed(score: Option<Score>) -> Arc<Fixed> {
+        Arc::new(Fixed {
+            score,
+            calls: AtomicUsize::new(0),
+        })
+    }
+
+    fn good() -> Score {
+        Score {
+            value: Some(70.0),
+            mass: 0.9,
+            text: None,
+        }
+    }
+
+    #[test]
+    fn failures_and_malformed_answers_are_never_memoised() {
+        let memo: Arc<dyn Memo> = Arc::new(MemoryMemo::default());
+        let prompts = vec!["q".to_string()];
+        let down = Memoized::new(fixed(None), memo.clone());
+        let key = down.key("score_0_100", &serde_json::Value::Null, "q");
+        assert!(down.score_0_100(&prompts).is_err());
+        assert_eq!(memo.get(NAMESPACE, &key), None);
+
+        // A value without mass is no judgement the formulas can give.
+        let broken = Memoized::new(
+            fixed(Some(Score {
+                value: Some(50.0),
+                mass: 0.0,
+                text: None,
+            })),
+            memo.clone(),
+        );
+        let err = broken.score_0_100(&prompts).unwrap_err().to_string();
+        assert!(
+            err.contains("malformed") && err.contains("nothing was memoised"),
+            "{err}"
+        );
+        assert_eq!(memo.get(NAMESPACE, &key), None);
+
+        let up = fixed(Some(good()));
+        let judge = Memoized::new(up.clone(), memo.clone());
+        assert_eq!(judge.score_0_100(&prompts).unwrap(), vec![good()]);
+        assert!(memo.get(NAMESPACE, &key).is_some());
+    }
+
+    #[test]
+    fn a_malformed_memo_entry_is_a_miss_and_is_replaced() {
+        let memo: Arc<dyn Memo> = Arc::new(MemoryMemo::default());
+        let inner = fixed(Some(good()));
+        let judge = Memoized::new(inner.clone(), memo.clone());
+        let key = judge.key("score_0_100", &serde_json::Value::Null, "q");
+        for planted in [
+            br#"{"value":null,"mass":0.9}"#.as_slice(),
+            b"not json",
+            br#"{"value":70.0,"mass":0.9}"#,
+        ] {
+            memo.put(NAMESPACE, &key, planted).unwrap();
+            let before = inner.calls.load(Ordering::SeqCst);
+            assert_eq!(judge.score_0_100(&["q".to_string()]).unwrap(), vec![good()]);
+            // The last plant parses and is well formed: it is served, the judge is not asked.
+            let asked = inner.calls.load(Ordering::SeqCst) - before;
+            let well_formed = planted.starts_with(br#"{"value":70"#);
+            assert_eq!(
+                asked,
+                usize::from(!well_formed),
+                "{}",
+                String::from_utf8_lossy(planted)
+            );
+            if !well_formed {
+                assert_eq!(
+                    serde_json::from_slice::<Score>(&memo.get(NAMESPACE, &key).unwrap()).unwrap(),
+                    good()
+                );
+            }
+        }
     }
 }

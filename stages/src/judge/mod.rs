@@ -16,6 +16,7 @@ pub mod local;
 pub mod logits;
 pub mod openai;
 pub mod score;
+pub mod scripted;
 pub mod template;
 
 mod memo;
@@ -43,6 +44,13 @@ pub trait Judge: Send + Sync {
     /// One greedy (temperature 0) completion per prompt, at most `max_tokens` tokens; used by
     /// graders that answer JSON.
     fn complete(&self, prompts: &[String], max_tokens: usize) -> Result<Vec<String>>;
+
+    /// Whether `score` is an answer this judge, as configured, can give. [`Memoized`] stores
+    /// only answers that pass and serves only memo entries that pass, so a malformed value
+    /// (from a fault, or from an older emflow that memoised faults) is never an answer.
+    fn accepts(&self, score: &Score) -> bool {
+        score.is_well_formed()
+    }
 }
 
 /// How a 0-100 score is read from a local model's probabilities.

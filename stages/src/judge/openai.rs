@@ -2,12 +2,26 @@
 //! vLLM, llama.cpp's server, `emflow serve`).
 //!
 //! 0-100 scores ask for one token at temperature 0 with `logprobs: true, top_logprobs: 20`
-//! and apply the top-20 formula. A server that answers without log-probabilities gets a
-//! second, short text request whose answer is parsed (mass 1 for a bare number, else 0), so
-//! such a judge still works, only coarser. Requests run on a private thread pool of
-//! `concurrency` threads; transport errors, 429 and 5xx are retried with exponential backoff.
+//! and apply the top-20 formula ([`ScoreMode::Logprobs`], the default). For a server that
+//! cannot give log-probabilities, `score_mode: text` asks for a short text answer instead and
+//! parses it (mass 1 for a bare number, else 0); that is a choice made in the manifest (and
+//! part of the judge's identity), never a silent downgrade.
+//!
+//! Only a well-formed answer is ever returned. Everything else is a *fault*: a transport
+//! error, an HTTP error status, a body that is not JSON, a 200 without `choices`, without
+//! the log-probabilities that were asked for, or without message content. Faults that can
+//! pass (transport errors, 408/409/425/429/5xx, malformed 200s) are retried with a
+//! deterministic exponential backoff that honours `Retry-After`; then, or at once for a
+//! fault that cannot pass (400, 401, 403, 404, ...), the call fails with an error naming the
+//! endpoint and the fault. No fault ever reaches the memo.
+//!
+//! The API key never leaves in anything but the `Authorization` header: every text built
+//! from a server's answer or a transport error is redacted (see [`redact`]) where it is
+//! created, so no error, log, event or stored file can carry it.
+//!
+//! Requests run on a private thread pool of `concurrency` threads.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use rayon::prelude::*;
@@ -16,6 +30,25 @@ use serde_json::{json, Value};
 
 use super::score::{score_from_text, score_from_top_logprobs, Score};
 use super::Judge;
+
+/// How an `openai` judge reads a 0-100 score.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreMode {
+    /// The next token's top-20 log-probabilities (the paper's formula). A response without
+    /// them is a fault, retried and then reported.
+    #[default]
+    Logprobs,
+    /// A short text answer read as a bare number (mass 1) or not (mass 0): for servers that
+    /// cannot return log-probabilities. Coarser; a different judge identity.
+    Text,
+}
+
+impl ScoreMode {
+    fn is_default(&self) -> bool {
+        *self == ScoreMode::Logprobs
+    }
+}
 
 /// The manifest's settings for an OpenAI-compatible judge.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -32,15 +65,25 @@ pub struct OpenAiConfig {
     /// Per-request timeout, seconds.
     #[serde(default = "default_timeout_s")]
     pub timeout_s: f64,
-    /// Retries after a transport error, 429 or 5xx, with backoff 0.5 s, 1 s, 2 s, ... (max 30 s).
+    /// Retries after a fault that can pass (transport error, 408, 409, 425, 429, 5xx, a
+    /// malformed 200), waiting `backoff_s`, then twice that, ... or what `Retry-After` says.
     #[serde(default = "default_retries")]
     pub max_retries: u32,
+    /// The first wait before a retry, seconds; it doubles on each further retry.
+    #[serde(default = "default_backoff_s")]
+    pub backoff_s: f64,
+    /// The longest wait before one retry, seconds: caps the backoff and `Retry-After`.
+    #[serde(default = "default_max_wait_s")]
+    pub max_wait_s: f64,
     /// Requests in flight at once.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
     /// Ask for `response_format: {"type": "json_object"}` on grader completions.
     #[serde(default = "default_true")]
     pub json_mode: bool,
+    /// How 0-100 scores are read: `logprobs` (default) or `text`.
+    #[serde(default, skip_serializing_if = "ScoreMode::is_default")]
+    pub score_mode: ScoreMode,
 }
 
 fn default_timeout_s() -> f64 {
@@ -49,6 +92,12 @@ fn default_timeout_s() -> f64 {
 fn default_retries() -> u32 {
     5
 }
+fn default_backoff_s() -> f64 {
+    0.5
+}
+fn default_max_wait_s() -> f64 {
+    60.0
+}
 fn default_concurrency() -> usize {
     8
 }
@@ -56,9 +105,57 @@ fn default_true() -> bool {
     true
 }
 
-/// Tokens asked for when the server gives no log-probabilities and the number is read from
-/// text ("100" plus room for a stray space or period).
-const TEXT_FALLBACK_TOKENS: usize = 8;
+/// Tokens asked for in text mode ("100" plus room for a stray space or period).
+const TEXT_SCORE_TOKENS: usize = 8;
+
+/// What replaces a secret in any text.
+pub const REDACTED: &str = "[redacted]";
+
+/// `text` with every occurrence of `secret` replaced by [`REDACTED`]. An empty secret
+/// redacts nothing (it would match everywhere).
+pub fn redact(text: &str, secret: Option<&str>) -> String {
+    match secret {
+        Some(s) if !s.is_empty() => text.replace(s, REDACTED),
+        _ => text.to_string(),
+    }
+}
+
+/// Why one attempt gave no well-formed answer. Its text is already redacted.
+struct Fault {
+    what: String,
+    /// Whether another attempt may succeed.
+    transient: bool,
+    /// The server's `Retry-After`, when it sent one.
+    retry_after: Option<Duration>,
+}
+
+impl Fault {
+    /// A 200 whose body does not hold the answer: worth another attempt.
+    fn malformed(what: String) -> Self {
+        Fault {
+            what,
+            transient: true,
+            retry_after: None,
+        }
+    }
+}
+
+/// Whether an HTTP status may pass on a later attempt (timeouts, conflicts, rate limits,
+/// server errors).
+fn is_transient_status(status: u16) -> bool {
+    matches!(status, 408 | 409 | 425 | 429) || status >= 500
+}
+
+/// A `Retry-After` value: delay-seconds or an HTTP date (RFC 9110 §10.2.3); `None` when it is
+/// neither. A date in the past means "now".
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
 
 pub struct OpenAiJudge {
     cfg: OpenAiConfig,
@@ -84,6 +181,11 @@ impl OpenAiJudge {
         if cfg.timeout_s.is_nan() || cfg.timeout_s <= 0.0 {
             bail!("openai judge: timeout_s must be positive");
         }
+        for (name, v) in [("backoff_s", cfg.backoff_s), ("max_wait_s", cfg.max_wait_s)] {
+            if !v.is_finite() || v < 0.0 {
+                bail!("openai judge: {name} must be a number of seconds, 0 or more");
+            }
+        }
         let api_key = match &cfg.api_key_env {
             None => None,
             Some(var) => Some(std::env::var(var).map_err(|_| {
@@ -94,11 +196,14 @@ impl OpenAiJudge {
             })?),
         };
         let url = format!("{}/chat/completions", cfg.base_url.trim_end_matches('/'));
-        let identity = format!(
+        let mut identity = format!(
             "openai|{}|{}",
             cfg.base_url.trim_end_matches('/'),
             cfg.model
         );
+        if cfg.score_mode == ScoreMode::Text {
+            identity.push_str("|text");
+        }
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs_f64(cfg.timeout_s)))
             .http_status_as_error(false)
@@ -119,53 +224,115 @@ impl OpenAiJudge {
         })
     }
 
-    /// POSTs one request, retrying transient failures; returns the response JSON.
-    fn post(&self, body: &Value) -> Result<Value> {
-        let mut last_error = String::new();
-        for attempt in 0..=self.cfg.max_retries {
-            if attempt > 0 {
-                let backoff = (0.5 * 2f64.powi(attempt as i32 - 1)).min(30.0);
-                std::thread::sleep(Duration::from_secs_f64(backoff));
+    fn redact(&self, text: &str) -> String {
+        redact(text, self.api_key.as_deref())
+    }
+
+    /// The wait before attempt `attempt` (1-based retries): `Retry-After` when the server
+    /// sent one, else `backoff_s * 2^(attempt-1)`; never more than `max_wait_s`.
+    fn wait_before(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let backoff = self.cfg.backoff_s * 2f64.powi(attempt.saturating_sub(1).min(60) as i32);
+        let secs = retry_after.map_or(backoff, |d| d.as_secs_f64());
+        Duration::from_secs_f64(secs.min(self.cfg.max_wait_s))
+    }
+
+    /// POSTs `body` until `read` finds a well-formed answer in the response, retrying the
+    /// faults that may pass; the error names the endpoint and the last fault.
+    fn request<T>(&self, body: &Value, read: impl Fn(&Value) -> Result<T, String>) -> Result<T> {
+        let attempts = self.cfg.max_retries.saturating_add(1);
+        let mut last: Option<Fault> = None;
+        for attempt in 0..attempts {
+            if let Some(fault) = &last {
+                std::thread::sleep(self.wait_before(attempt, fault.retry_after));
             }
-            let mut req = self
-                .agent
-                .post(&self.url)
-                .header("Content-Type", "application/json");
-            if let Some(key) = &self.api_key {
-                req = req.header("Authorization", &format!("Bearer {key}"));
+            let fault = match self.attempt(body, &read) {
+                Ok(answer) => return Ok(answer),
+                Err(fault) => fault,
+            };
+            if !fault.transient {
+                bail!(
+                    "openai judge: POST {} failed: {} (not retried){}",
+                    self.url,
+                    fault.what,
+                    self.hint(&fault.what)
+                );
             }
-            match req.send_json(body) {
-                Err(e) => last_error = format!("request failed: {e}"),
-                Ok(mut resp) => {
-                    let status = resp.status().as_u16();
-                    let text = resp.body_mut().read_to_string().unwrap_or_default();
-                    if (200..300).contains(&status) {
-                        return serde_json::from_str(&text).with_context(|| {
-                            format!(
-                                "openai judge: {} answered with invalid JSON: {}",
-                                self.url,
-                                excerpt(&text)
-                            )
-                        });
-                    }
-                    if status == 429 || status >= 500 {
-                        last_error = format!("HTTP {status}: {}", excerpt(&text));
-                        continue;
-                    }
-                    bail!(
-                        "openai judge: {} refused the request with HTTP {status}: {}",
-                        self.url,
-                        excerpt(&text)
-                    );
-                }
-            }
+            last = Some(fault);
         }
+        let what = last.map_or_else(|| "no attempt was made".to_string(), |f| f.what);
         bail!(
-            "openai judge: {} failed after {} attempts; last error: {last_error}. Check that the server \
-             is up (for `emflow serve`, that it was started on this address) or raise max_retries/timeout_s",
+            "openai judge: POST {} failed after {attempts} attempts; last fault: {what}. Check that the \
+             server is up and answers chat completions{} (for `emflow serve`, that it was started on this \
+             address), or raise max_retries/timeout_s",
             self.url,
-            self.cfg.max_retries + 1
+            match self.cfg.score_mode {
+                ScoreMode::Logprobs => " with logprobs (or set `score_mode: text`)",
+                ScoreMode::Text => "",
+            }
         )
+    }
+
+    fn hint(&self, what: &str) -> String {
+        match (
+            &self.cfg.api_key_env,
+            what.starts_with("HTTP 401") || what.starts_with("HTTP 403"),
+        ) {
+            (Some(var), true) => format!("; check the API key in `{var}`"),
+            (None, true) => "; the server wants an API key: set `api_key_env`".into(),
+            _ => String::new(),
+        }
+    }
+
+    /// One POST: the answer `read` finds, or the fault (redacted).
+    fn attempt<T>(
+        &self,
+        body: &Value,
+        read: &impl Fn(&Value) -> Result<T, String>,
+    ) -> Result<T, Fault> {
+        let mut req = self
+            .agent
+            .post(&self.url)
+            .header("Content-Type", "application/json");
+        if let Some(key) = &self.api_key {
+            req = req.header("Authorization", &format!("Bearer {key}"));
+        }
+        let mut resp = req.send_json(body).map_err(|e| Fault {
+            what: self.redact(&format!("request failed: {e}")),
+            transient: true,
+            retry_after: None,
+        })?;
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        // Redacted before anything reads it, so no excerpt, parse error or answer holds the key.
+        let text = match resp.body_mut().read_to_string() {
+            Ok(text) => self.redact(&text),
+            Err(e) => {
+                return Err(Fault {
+                    what: self.redact(&format!("HTTP {status} with an unreadable body: {e}")),
+                    transient: true,
+                    retry_after,
+                })
+            }
+        };
+        if !(200..300).contains(&status) {
+            return Err(Fault {
+                what: format!("HTTP {status}: {}", excerpt(&text)),
+                transient: is_transient_status(status),
+                retry_after,
+            });
+        }
+        let json: Value = serde_json::from_str(&text).map_err(|e| {
+            Fault::malformed(format!(
+                "HTTP {status} with a body that is not JSON ({e}): {}",
+                excerpt(&text)
+            ))
+        })?;
+        read(&json)
+            .map_err(|what| Fault::malformed(format!("HTTP {status} {}", self.redact(&what))))
     }
 
     fn messages(prompt: &str) -> Value {
@@ -173,29 +340,45 @@ impl OpenAiJudge {
     }
 
     fn score_one(&self, prompt: &str) -> Result<Score> {
-        let body = json!({
-            "model": self.cfg.model,
-            "messages": Self::messages(prompt),
-            "max_tokens": 1,
-            "temperature": 0,
-            "logprobs": true,
-            "top_logprobs": 20,
-            "seed": 0,
-        });
-        let resp = self.post(&body)?;
-        if let Some(top) = first_token_top_logprobs(&resp)? {
-            return Ok(score_from_top_logprobs(&top));
+        match self.cfg.score_mode {
+            ScoreMode::Logprobs => {
+                let body = json!({
+                    "model": self.cfg.model,
+                    "messages": Self::messages(prompt),
+                    "max_tokens": 1,
+                    "temperature": 0,
+                    "logprobs": true,
+                    "top_logprobs": 20,
+                    "seed": 0,
+                });
+                self.request(&body, |resp| match first_token_top_logprobs(resp)? {
+                    Some(top) => {
+                        let score = score_from_top_logprobs(&top);
+                        if score.is_well_formed() {
+                            Ok(score)
+                        } else {
+                            Err(format!("with top_logprobs that are not probabilities: {}", excerpt(&resp.to_string())))
+                        }
+                    }
+                    None => Err(format!(
+                        "without the logprobs asked for (choices[0].logprobs.content[0].top_logprobs): {}",
+                        excerpt(&resp.to_string())
+                    )),
+                })
+            }
+            ScoreMode::Text => {
+                let body = json!({
+                    "model": self.cfg.model,
+                    "messages": Self::messages(prompt),
+                    "max_tokens": TEXT_SCORE_TOKENS,
+                    "temperature": 0,
+                    "seed": 0,
+                });
+                self.request(&body, |resp| {
+                    message_content(resp).map(|t| score_from_text(&t))
+                })
+            }
         }
-        // No log-probabilities from this server: read the number from a short text answer.
-        let body = json!({
-            "model": self.cfg.model,
-            "messages": Self::messages(prompt),
-            "max_tokens": TEXT_FALLBACK_TOKENS,
-            "temperature": 0,
-            "seed": 0,
-        });
-        let resp = self.post(&body)?;
-        Ok(score_from_text(&message_content(&resp)?))
     }
 
     fn complete_one(&self, prompt: &str, max_tokens: usize) -> Result<String> {
@@ -209,7 +392,7 @@ impl OpenAiJudge {
         if self.cfg.json_mode {
             body["response_format"] = json!({ "type": "json_object" });
         }
-        message_content(&self.post(&body)?)
+        self.request(&body, message_content)
     }
 }
 
@@ -231,15 +414,21 @@ impl Judge for OpenAiJudge {
                 .collect()
         })
     }
+
+    fn accepts(&self, score: &Score) -> bool {
+        // A text-read score carries its text, a probability-read one does not: an entry of
+        // the other kind was not made by this judge as configured.
+        score.is_well_formed() && score.text.is_some() == (self.cfg.score_mode == ScoreMode::Text)
+    }
 }
 
-/// `choices[0].logprobs.content[0].top_logprobs` as (token, logprob), or `None` when the
-/// server sent no log-probabilities.
-pub fn first_token_top_logprobs(resp: &Value) -> Result<Option<Vec<(String, f64)>>> {
-    let Some(first) = resp.pointer("/choices/0/logprobs/content/0") else {
-        return Ok(None);
-    };
-    let Some(top) = first.get("top_logprobs").and_then(Value::as_array) else {
+/// `choices[0].logprobs.content[0].top_logprobs` as (token, logprob); `None` when the response
+/// has no (or an empty) list there; an error for a malformed entry.
+pub fn first_token_top_logprobs(resp: &Value) -> Result<Option<Vec<(String, f64)>>, String> {
+    let Some(top) = resp
+        .pointer("/choices/0/logprobs/content/0/top_logprobs")
+        .and_then(Value::as_array)
+    else {
         return Ok(None);
     };
     if top.is_empty() {
@@ -250,29 +439,28 @@ pub fn first_token_top_logprobs(resp: &Value) -> Result<Option<Vec<(String, f64)
             let token = entry.get("token").and_then(Value::as_str);
             let lp = entry.get("logprob").and_then(Value::as_f64);
             match (token, lp) {
-                (Some(t), Some(lp)) => Ok((t.to_string(), lp)),
-                _ => Err(anyhow!(
-                    "openai judge: malformed top_logprobs entry {entry}"
+                (Some(t), Some(lp)) if !lp.is_nan() => Ok((t.to_string(), lp)),
+                _ => Err(format!(
+                    "with a malformed top_logprobs entry: {}",
+                    excerpt(&entry.to_string())
                 )),
             }
         })
-        .collect::<Result<Vec<_>>>()
+        .collect::<Result<Vec<_>, String>>()
         .map(Some)
 }
 
-/// `choices[0].message.content` (an empty string for a `null` content).
-pub fn message_content(resp: &Value) -> Result<String> {
-    let msg = resp.pointer("/choices/0/message").ok_or_else(|| {
-        anyhow!(
-            "openai judge: response has no choices[0].message: {}",
-            excerpt(&resp.to_string())
-        )
-    })?;
-    Ok(msg
-        .get("content")
+/// `choices[0].message.content`; an error when the response has no such string.
+pub fn message_content(resp: &Value) -> Result<String, String> {
+    resp.pointer("/choices/0/message/content")
         .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string())
+        .map(str::to_string)
+        .ok_or_else(|| {
+            format!(
+                "without choices[0].message.content: {}",
+                excerpt(&resp.to_string())
+            )
+        })
 }
 
 fn excerpt(text: &str) -> String {
@@ -316,15 +504,97 @@ mod tests {
     }
 
     #[test]
+    fn content_that_is_missing_or_null_is_a_fault_and_empty_text_an_answer() {
+        assert!(message_content(&json!({"choices": []})).is_err());
+        assert!(message_content(&json!({"choices": [{"message": {"content": null}}]})).is_err());
+        assert_eq!(
+            message_content(&json!({"choices": [{"message": {"content": ""}}]})).unwrap(),
+            ""
+        );
+        let bad =
+            json!({"choices": [{"logprobs": {"content": [{"top_logprobs": [{"token": "7"}]}]}}]});
+        assert!(first_token_top_logprobs(&bad).is_err());
+    }
+
+    #[test]
     fn unreachable_server_fails_after_retries_with_a_hint() {
         let mut c = cfg("http://127.0.0.1:9/v1");
         c.max_retries = 1;
         c.timeout_s = 2.0;
+        c.backoff_s = 0.01;
         let judge = OpenAiJudge::new(c).unwrap();
         let err = judge
             .score_0_100(&["q".to_string()])
             .unwrap_err()
             .to_string();
         assert!(err.contains("after 2 attempts"), "{err}");
+        assert!(
+            err.contains("http://127.0.0.1:9/v1/chat/completions"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        assert_eq!(parse_retry_after(" 3 ", now), Some(Duration::from_secs(3)));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:47 GMT", now),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
+    }
+
+    #[test]
+    fn waits_double_from_backoff_and_retry_after_wins_up_to_the_cap() {
+        let mut c = cfg("http://127.0.0.1:9/v1");
+        c.backoff_s = 0.5;
+        c.max_wait_s = 3.0;
+        let judge = OpenAiJudge::new(c).unwrap();
+        let waits: Vec<f64> = (1..=5)
+            .map(|a| judge.wait_before(a, None).as_secs_f64())
+            .collect();
+        assert_eq!(waits, vec![0.5, 1.0, 2.0, 3.0, 3.0]);
+        assert_eq!(
+            judge.wait_before(1, Some(Duration::from_secs(2))),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            judge.wait_before(1, Some(Duration::from_secs(3600))),
+            Duration::from_secs(3)
+        );
+    }
+
+    #[test]
+    fn redaction_replaces_every_occurrence_and_ignores_an_empty_key() {
+        assert_eq!(
+            redact("Bearer sk-1 and sk-1", Some("sk-1")),
+            "Bearer [redacted] and [redacted]"
+        );
+        assert_eq!(redact("abc", Some("")), "abc");
+        assert_eq!(redact("abc", None), "abc");
+    }
+
+    #[test]
+    fn score_mode_text_is_opt_in_and_changes_the_identity() {
+        let plain = OpenAiJudge::new(cfg("http://h/v1")).unwrap();
+        assert_eq!(plain.identity(), "openai|http://h/v1|m");
+        let mut c = cfg("http://h/v1");
+        c.score_mode = ScoreMode::Text;
+        let text = OpenAiJudge::new(c).unwrap();
+        assert_eq!(text.identity(), "openai|http://h/v1|m|text");
+        // The default mode is not written out when a config is serialised.
+        assert!(!serde_json::to_string(&cfg("http://h/v1"))
+            .unwrap()
+            .contains("score_mode"));
+        let from_text = score_from_text("85");
+        let from_logprobs = score_from_top_logprobs(&[("85".to_string(), 0.0)]);
+        assert!(text.accepts(&from_text) && !text.accepts(&from_logprobs));
+        assert!(plain.accepts(&from_logprobs) && !plain.accepts(&from_text));
     }
 }

@@ -8,8 +8,9 @@
 //!
 //! Backends differ only in how they obtain `p_k`: from one token's top-20 log-probabilities
 //! (remote APIs, tokenizers with one token per number), from exact enumeration of every number
-//! string followed by end-of-turn (local models whose tokenizer splits digits), or, as a last
-//! resort, from a parsed text answer (mass 1 or 0).
+//! string followed by end-of-turn (local models whose tokenizer splits digits), or, for a
+//! remote judge without log-probabilities configured with `score_mode: text`, from a parsed
+//! text answer (mass 1 or 0).
 
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +30,32 @@ pub struct Score {
     /// The judge's text, when the score came from parsing text rather than probabilities.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
+}
+
+/// How far above 1 a total probability may be before it is not a probability: rounding of
+/// reported log-probabilities, not a distribution that sums to more.
+const MASS_TOLERANCE: f64 = 0.01;
+/// How far outside 0..=100 an expectation may round (`Σ k p_k / Σ p_k` with every `k = 100`
+/// is not always exactly 100 in floating point).
+const VALUE_TOLERANCE: f64 = 1e-6;
+
+impl Score {
+    /// Whether this is a judgement the formulas can produce: a mass in [0, 1] and a value in
+    /// 0..=100 (both within rounding), the value present exactly when the mass reaches
+    /// [`MIN_NUMBER_MASS`]. Anything else (NaN, a value without mass) came from a fault,
+    /// never from a judge.
+    pub fn is_well_formed(&self) -> bool {
+        let mass_ok = self.mass.is_finite() && (0.0..=1.0 + MASS_TOLERANCE).contains(&self.mass);
+        let value_ok = match self.value {
+            Some(v) => {
+                v.is_finite()
+                    && (-VALUE_TOLERANCE..=MAX_SCORE as f64 + VALUE_TOLERANCE).contains(&v)
+            }
+            None => true,
+        };
+        let threshold_ok = self.value.is_some() == (self.mass >= MIN_NUMBER_MASS);
+        mass_ok && value_ok && threshold_ok
+    }
 }
 
 /// `Σ k p_k / Σ p_k` over `(k, p_k)` pairs, `None` under the mass threshold. Pairs with the
@@ -67,7 +94,7 @@ pub fn score_from_top_logprobs(top: &[(String, f64)]) -> Score {
     expected_score(&probs)
 }
 
-/// Fallback for judges that give text only: a bare number 0..=100 (an optional trailing `.`
+/// Text mode, for judges that give text only: a bare number 0..=100 (an optional trailing `.`
 /// allowed) scores itself with mass 1; anything else (REFUSAL, CODE, prose) is `None`, mass 0.
 pub fn score_from_text(text: &str) -> Score {
     let t = text.trim().trim_end_matches('.');
@@ -128,6 +155,27 @@ mod tests {
         let s = score_from_top_logprobs(&top);
         assert_eq!(s.value, None);
         assert!((s.mass - 0.2).abs() < 1e-9);
+    }
+
+    #[test]
+    fn only_formula_shaped_scores_are_well_formed() {
+        assert!(expected_score(&[(80, 0.9)]).is_well_formed());
+        // All mass on 100 does not always divide back to exactly 100.
+        let all_hundred = expected_score(&[(100, 0.6), (100, 0.3)]);
+        assert!(all_hundred.value.unwrap() > 100.0 && all_hundred.is_well_formed());
+        assert!(expected_score(&[]).is_well_formed());
+        assert!(score_from_text("REFUSAL").is_well_formed());
+        let s = |value, mass| Score {
+            value,
+            mass,
+            text: None,
+        };
+        assert!(!s(Some(50.0), 0.0).is_well_formed(), "a value without mass");
+        assert!(!s(None, 0.9).is_well_formed(), "mass without a value");
+        assert!(!s(Some(f64::NAN), 0.9).is_well_formed());
+        assert!(!s(Some(150.0), 0.9).is_well_formed());
+        assert!(!s(Some(50.0), 2.0).is_well_formed());
+        assert!(!s(None, f64::NAN).is_well_formed());
     }
 
     #[test]
