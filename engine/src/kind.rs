@@ -232,6 +232,15 @@ pub trait StageKind: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether the default `local` executor may run this kind on a thread of the driver
+    /// instead of in an `exec-stage` child process of its own. Say yes only for a kind whose
+    /// real work already runs in child processes (`command`) or that cannot crash, leak or
+    /// need its own peak-memory figure: for such a kind the ~10 ms a process start costs
+    /// buys nothing, and sweeps of thousands of small stages pay it on every fresh run.
+    fn runs_in_driver(&self) -> bool {
+        false
+    }
+
     /// Produce every declared output under [`StageContext::output_path`].
     ///
     /// Contract:

@@ -279,10 +279,10 @@ fn executor(
         _ => {
             let exe =
                 std::env::current_exe().context("finding the emflow binary to run stages with")?;
-            Box::new(SubprocessExecutor::new(
-                exe,
-                store.root().join("jobs").join(run_dir),
-            ))
+            Box::new(
+                SubprocessExecutor::new(exe, store.root().join("jobs").join(run_dir))
+                    .with_driver_threads(registry.clone(), store.clone()),
+            )
         }
     })
 }

@@ -21,9 +21,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use super::{Executor, Finished, JobHandle, Wake};
+use emflow_cache::Store;
+
+use super::{Executor, Finished, InProcessExecutor, JobHandle, Wake};
 use crate::context::Progress;
 use crate::job::{write_json_atomic, Job, JobDevice, JobOutcome};
+use crate::kind::Registry;
 
 /// A progress event on the wire between `exec-stage` and the driver.
 #[derive(Debug, Serialize, Deserialize)]
@@ -50,11 +53,25 @@ pub struct SubprocessExecutor {
     exe: PathBuf,
     /// Folder for job files, result files and logs: `<store>/jobs/<run id>`.
     jobs_dir: PathBuf,
+    /// Where kinds that say [`crate::StageKind::runs_in_driver`] go instead of a child.
+    driver: Option<(Registry, InProcessExecutor)>,
 }
 
 impl SubprocessExecutor {
+    /// Every job in a child process.
     pub fn new(exe: PathBuf, jobs_dir: PathBuf) -> Self {
-        SubprocessExecutor { exe, jobs_dir }
+        SubprocessExecutor {
+            exe,
+            jobs_dir,
+            driver: None,
+        }
+    }
+
+    /// Jobs of kinds that may run in the driver ([`crate::StageKind::runs_in_driver`]) run on
+    /// a thread of this process; every other job still gets its own child process.
+    pub fn with_driver_threads(mut self, registry: Registry, store: Arc<Store>) -> Self {
+        self.driver = Some((registry.clone(), InProcessExecutor::new(registry, store)));
+        self
     }
 }
 
@@ -77,6 +94,11 @@ impl Executor for SubprocessExecutor {
         progress: Arc<dyn Progress>,
         wake: Wake,
     ) -> anyhow::Result<Box<dyn JobHandle>> {
+        if let Some((registry, threads)) = &self.driver {
+            if registry.kind(&job.kind).is_some_and(|k| k.runs_in_driver()) {
+                return threads.submit(job, progress, wake);
+            }
+        }
         let mode = if matches!(job.mode, crate::job::JobMode::Verify) {
             "-verify"
         } else {
@@ -134,6 +156,7 @@ impl Executor for SubprocessExecutor {
             )
         })?;
         let pid = child.id() as libc::pid_t;
+        let exited = crate::host::ExitWatch::new(pid);
         if let Some(stdout) = child.stdout.take() {
             // Detached on purpose: a grandchild may hold the pipe open after the child exits.
             std::thread::spawn(move || {
@@ -141,6 +164,9 @@ impl Executor for SubprocessExecutor {
                     let Ok(line) = line else { break };
                     forward(&line, progress.as_ref());
                 }
+                // The pipe closes a moment before the child is reapable; waking the scheduler
+                // then made it find nothing and sleep its 100 ms tick (issue 22).
+                exited.wait(Duration::from_secs(1));
                 wake.wake();
             });
         }

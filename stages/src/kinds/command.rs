@@ -235,6 +235,12 @@ impl StageKind for CommandKind {
         }
     }
 
+    /// The command runs in a process group of its own (with its own death signal), so an
+    /// `exec-stage` child around it would only add a process start per stage.
+    fn runs_in_driver(&self) -> bool {
+        true
+    }
+
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
         if let Err(errors) = self.check(ctx.params()) {
             let lines: Vec<String> = errors
@@ -557,6 +563,7 @@ impl Running {
     /// unrelated group in between.
     fn wait(&mut self, stop: impl Fn() -> bool) -> anyhow::Result<Outcome> {
         let mut stopped_at: Option<Instant> = None;
+        let exit = emflow_engine::host::ExitWatch::new(self.child.id() as libc::pid_t);
         loop {
             if leader_exited(self.child.id() as libc::pid_t)
                 .context("cannot wait for the command")?
@@ -574,7 +581,7 @@ impl Running {
                 Some(at) if at.elapsed() > STOP_GRACE => break,
                 _ => {}
             }
-            std::thread::sleep(Duration::from_millis(20));
+            exit.wait(Duration::from_millis(20));
         }
         kill_group(self.pgid());
         let status = self.child.wait().context("cannot reap the command")?;
@@ -582,8 +589,10 @@ impl Running {
         // Readers end when the last writer of the pipes is gone; a process that left the
         // group (setsid) may hold them open, so do not wait for it forever.
         let deadline = Instant::now() + Duration::from_secs(2);
+        let mut pause = Duration::from_micros(100);
         while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(10));
         }
         for reader in std::mem::take(&mut self.readers) {
             if reader.is_finished() {
