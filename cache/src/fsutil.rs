@@ -152,6 +152,14 @@ pub(crate) fn remove_all(path: &Path) -> Result<(), CacheError> {
     }
 }
 
+/// Removes everything inside `dir`, keeping `dir` itself.
+pub(crate) fn remove_children(dir: &Path) -> Result<(), CacheError> {
+    for child in list_dir(dir)? {
+        remove_all(&child)?;
+    }
+    Ok(())
+}
+
 fn make_writable_dirs(dir: &Path) -> Result<(), CacheError> {
     let meta = match fs::symlink_metadata(dir) {
         Ok(m) => m,

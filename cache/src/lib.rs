@@ -21,6 +21,7 @@
 //! identical outputs of different stages are stored once and an upstream rerun that yields
 //! the same bytes is recognised as unchanged.
 
+mod dirpool;
 mod error;
 mod filememo;
 mod flock;
@@ -37,5 +38,5 @@ pub use flock::{KeyLock, LockHolder, StorePin};
 pub use gc::{AreaSize, GcOptions, GcReport, StoreSize};
 pub use hash::{hash_file, Digest};
 pub use record::{EntryKind, OutputEntry, StageRecord, RECORD_SCHEMA};
-pub use store::{digest_bytes, Staging, Store, StoreOptions};
+pub use store::{digest_bytes, Scratch, Staging, Store, StoreOptions};
 pub use verify::{AuditReport, Damage, DamagedBlob, DamagedOutput};

@@ -20,6 +20,7 @@ use std::time::Duration;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::dirpool::DirPool;
 use crate::error::{CacheError, IoContext};
 use crate::flock::{self, KeyLock, LockHolder, Mode, StorePin};
 use crate::fsutil::{self, check_name, unique_suffix};
@@ -75,6 +76,8 @@ impl Default for StoreOptions {
 pub struct Store {
     root: PathBuf,
     pub(crate) options: StoreOptions,
+    /// Empty folders this process reuses for staging, checkpoints and scratch.
+    pool: std::sync::Arc<DirPool>,
 }
 
 /// A private folder where one execution of a key writes its outputs, one direct child per
@@ -86,6 +89,7 @@ pub struct Staging {
     key: String,
     owner_lock: Option<File>,
     finished: bool,
+    pool: std::sync::Arc<DirPool>,
 }
 
 impl Staging {
@@ -111,9 +115,30 @@ impl Drop for Staging {
     fn drop(&mut self) {
         if !self.finished {
             // Best effort: whatever stays behind is removed by the next `open` or `gc`.
-            let _ = fsutil::remove_all(&self.dir);
+            self.pool.give(&self.dir);
             let _ = fs::remove_file(&self.owner);
         }
+    }
+}
+
+/// A private, empty folder for a stage's temporary files (a command's working directory).
+/// Emptied and kept for reuse on drop; left behind by a crash, it is removed by the next
+/// `open` or `gc` like any entry of a dead process in `tmp/`.
+#[derive(Debug)]
+pub struct Scratch {
+    dir: PathBuf,
+    pool: std::sync::Arc<DirPool>,
+}
+
+impl Scratch {
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        self.pool.give(&self.dir);
     }
 }
 
@@ -139,6 +164,7 @@ impl Store {
         let store = Store {
             root: root.to_path_buf(),
             options,
+            pool: std::sync::Arc::new(DirPool::new(root.join(TMP))),
         };
         // Leftovers never block a run, so a failure to tidy up is not a failure to open.
         let _ = store.clean_tmp(false);
@@ -179,13 +205,14 @@ impl Store {
                 _ => continue,
             }
             let dir = tmp.join(&name);
-            fs::create_dir(&dir).at("create staging folder", &dir)?;
+            self.pool.take(&dir)?;
             return Ok(Staging {
                 dir,
                 owner,
                 key: key.to_string(),
                 owner_lock: Some(file),
                 finished: false,
+                pool: self.pool.clone(),
             });
         }
     }
@@ -273,7 +300,7 @@ impl Store {
             Err(e) => Err(e),
             Ok(record) => {
                 staging.finished = true;
-                let _ = fsutil::remove_all(&staging.dir);
+                self.pool.give(&staging.dir);
                 let _ = fs::remove_file(&staging.owner);
                 Ok(record)
             }
@@ -532,14 +559,37 @@ impl Store {
     pub fn checkpoint_dir(&self, key: &str) -> Result<PathBuf, CacheError> {
         check_name("stage key", key)?;
         let dir = self.dir(CHECKPOINTS).join(key);
-        fsutil::ensure_dir(&dir)?;
+        if !dir.is_dir() {
+            match self.pool.take(&dir) {
+                Ok(()) => {}
+                // Another caller made it in between: a folder that exists is what was asked.
+                Err(_) if dir.is_dir() => {}
+                Err(e) => return Err(e),
+            }
+        }
         Ok(dir)
     }
 
     /// Removes the checkpoint folder of `key` (after a successful commit). Fine if absent.
+    /// An empty one (the common case: the stage never checkpointed) is kept for reuse.
     pub fn remove_checkpoint(&self, key: &str) -> Result<(), CacheError> {
         check_name("stage key", key)?;
-        self.discard(&self.dir(CHECKPOINTS).join(key))
+        let dir = self.dir(CHECKPOINTS).join(key);
+        if fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_none()) {
+            self.pool.give(&dir);
+            return Ok(());
+        }
+        self.discard(&dir)
+    }
+
+    /// A private, empty scratch folder in `tmp/` (see [`Scratch`]).
+    pub fn scratch(&self) -> Result<Scratch, CacheError> {
+        let dir = self.dir(TMP).join(format!("scratch-{}", unique_suffix()));
+        self.pool.take(&dir)?;
+        Ok(Scratch {
+            dir,
+            pool: self.pool.clone(),
+        })
     }
 
     /// Makes a folder disappear atomically (rename into `tmp/`), then deletes it. A crash
@@ -583,9 +633,9 @@ impl Store {
                 // A staging folder whose owner file is gone was being removed when its
                 // remover died (the owner file is created first and removed last).
                 !names.contains(&format!("{name}.owner"))
-            } else if let Some(rest) = name
-                .strip_prefix("write-")
-                .or_else(|| name.strip_prefix("trash-"))
+            } else if let Some(rest) = ["write-", "trash-", "spare-", "scratch-"]
+                .iter()
+                .find_map(|prefix| name.strip_prefix(prefix))
             {
                 let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
                 pid.is_none_or(|pid| !fsutil::pid_alive(pid))

@@ -261,3 +261,35 @@ fn kill_9_during_commits_never_leaves_a_broken_record_or_a_blocking_leftover() {
     let record = store.commit(staging, "c0", record_for("c0", "t")).unwrap();
     assert_outputs_intact(&store, &record);
 }
+
+/// Staging, checkpoint and scratch folders are reused instead of removed (an `rmdir` costs
+/// ~2.5 ms on the project's ext4); a reused folder starts empty, and the spares a dead
+/// process left are removed by the next `open`.
+#[test]
+fn folders_are_reused_empty_and_a_dead_process_spares_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let scratch = store.scratch().unwrap();
+    fs::write(scratch.path().join("junk"), b"left by a command").unwrap();
+    fs::create_dir(scratch.path().join("sub")).unwrap();
+    drop(scratch);
+    let again = store.scratch().unwrap();
+    assert_eq!(fs::read_dir(again.path()).unwrap().count(), 0);
+    drop(again);
+
+    let staging = store.staging("k").unwrap();
+    assert_eq!(fs::read_dir(staging.path()).unwrap().count(), 0);
+    write_outputs(staging.path(), 1, 10);
+    store.commit(staging, "k", record_for("s", "t")).unwrap();
+    let ckpt = store.checkpoint_dir("k").unwrap();
+    assert_eq!(fs::read_dir(&ckpt).unwrap().count(), 0);
+    store.remove_checkpoint("k").unwrap();
+    assert!(!ckpt.exists());
+    assert!(tmp_entries(&store).is_empty(), "{:?}", tmp_entries(&store));
+
+    // u32::MAX is no pid a process can have.
+    let dead = dir.path().join(format!("tmp/spare-{}-1-0", u32::MAX));
+    fs::create_dir(&dead).unwrap();
+    Store::open(dir.path()).unwrap();
+    assert!(!dead.exists());
+}

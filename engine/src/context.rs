@@ -164,6 +164,7 @@ pub struct StageContext {
     inputs: BTreeMap<String, Vec<Artifact>>,
     staging: PathBuf,
     checkpoint: PathBuf,
+    scratch: PathBuf,
     device: DeviceRequest,
     threads: usize,
     progress: Arc<dyn Progress>,
@@ -182,6 +183,9 @@ pub struct ContextParts {
     pub staging: PathBuf,
     /// Folder that survives a crash or interruption of this stage key; created by the caller.
     pub checkpoint: PathBuf,
+    /// Empty folder for temporary files, created by the caller and emptied after the stage;
+    /// never committed.
+    pub scratch: PathBuf,
     pub device: DeviceRequest,
     pub threads: usize,
     pub progress: Arc<dyn Progress>,
@@ -199,6 +203,7 @@ impl StageContext {
             inputs: parts.inputs,
             staging: parts.staging,
             checkpoint: parts.checkpoint,
+            scratch: parts.scratch,
             device: parts.device,
             threads: parts.threads,
             progress: parts.progress,
@@ -284,6 +289,13 @@ impl StageContext {
     /// resumable checkpoints. Removed by the engine after a successful commit.
     pub fn checkpoint_dir(&self) -> &Path {
         &self.checkpoint
+    }
+
+    /// An empty folder private to this execution for temporary files (a command's working
+    /// directory and `TMPDIR`). Outside the staging folder, so nothing in it is committed;
+    /// the engine empties it after the stage.
+    pub fn scratch_dir(&self) -> &Path {
+        &self.scratch
     }
 
     pub fn device(&self) -> &DeviceRequest {

@@ -188,12 +188,14 @@ fn try_execute(
     }
     let staging = store.staging(&job.key)?;
     let checkpoint = store.checkpoint_dir(&job.key)?;
+    let scratch = store.scratch()?;
     let started_at = SystemTime::now();
     let clock = Instant::now();
     let mut ctx = context(
         job,
         staging.path(),
         &checkpoint,
+        scratch.path(),
         store,
         progress.clone(),
         interrupt,
@@ -241,11 +243,13 @@ fn verify(
     let staging = store.staging(&job.key)?;
     // A scratch checkpoint folder: resuming from the real one would not re-execute.
     let scratch_checkpoint = store.staging(&job.key)?;
+    let scratch = store.scratch()?;
     let clock = Instant::now();
     let mut ctx = context(
         job,
         staging.path(),
         scratch_checkpoint.path(),
+        scratch.path(),
         store,
         progress.clone(),
         interrupt,
@@ -273,6 +277,7 @@ fn context(
     job: &Job,
     staging: &Path,
     checkpoint: &Path,
+    scratch: &Path,
     store: &Arc<Store>,
     progress: Arc<dyn Progress>,
     interrupt: Arc<AtomicBool>,
@@ -300,6 +305,7 @@ fn context(
         inputs,
         staging: staging.to_path_buf(),
         checkpoint: checkpoint.to_path_buf(),
+        scratch: scratch.to_path_buf(),
         device: match job.device {
             JobDevice::Cpu => DeviceRequest::Cpu,
             JobDevice::Cuda { ordinal } => DeviceRequest::Cuda { ordinal },

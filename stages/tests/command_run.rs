@@ -84,7 +84,10 @@ fn command_sees_inputs_outputs_params_and_env() {
         "EMFLOW_PARAM_LABEL=run one".to_string(),
         "EMFLOW_STAGE_ID=test_command".to_string(),
         "GREETING=hello".to_string(),
-        format!("PWD={}", staging.join(".command-scratch").display()),
+        format!(
+            "PWD={}",
+            std::path::absolute(s.ctx.scratch_dir()).unwrap().display()
+        ),
     ];
     for line in &expect {
         assert!(
@@ -109,7 +112,9 @@ fn command_sees_inputs_outputs_params_and_env() {
         "1"
     );
 
-    // The scratch folder (cwd, TMPDIR) is gone; only the declared outputs remain.
+    // The relative write went to the scratch folder (cwd, TMPDIR), which lies outside the
+    // staging folder: only the declared outputs are there to be committed.
+    assert!(s.ctx.scratch_dir().join("relative.txt").is_file());
     let mut left: Vec<String> = std::fs::read_dir(&staging)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

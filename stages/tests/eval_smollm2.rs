@@ -75,6 +75,7 @@ fn run_eval(dir: &Path, gguf: &Path, questions: &Path, memo: Arc<dyn Memo>) -> S
         inputs,
         staging: staging.clone(),
         checkpoint: dir.join("ckpt"),
+        scratch: dir.join("scratch"),
         device: DeviceRequest::Cpu,
         threads: 2,
         progress: Arc::new(NoProgress),

@@ -109,6 +109,7 @@ fn report_pools_seeds_and_writes_a_self_contained_page() {
         ]),
         staging: staging.clone(),
         checkpoint: d.join("ckpt"),
+        scratch: d.join("scratch"),
         device: DeviceRequest::Cpu,
         threads: 1,
         progress: Arc::new(NoProgress),

@@ -77,6 +77,7 @@ fn run_stage(
         inputs,
         staging: staging.to_path_buf(),
         checkpoint: checkpoint.to_path_buf(),
+        scratch: staging.with_extension("scratch"),
         device: DeviceRequest::Cpu,
         threads: 2,
         progress: Arc::new(NoProgress),

@@ -137,9 +137,16 @@ pub fn assert_outputs_intact(store: &Store, record: &StageRecord) {
 
 /// Names of the entries in the store's tmp/ folder.
 pub fn tmp_entries(store: &Store) -> Vec<String> {
+    // This process's spare folders (empty, kept for reuse) are not leftovers.
+    let spare = format!("spare-{}-", std::process::id());
     let mut names: Vec<String> = fs::read_dir(store.root().join("tmp"))
         .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .map(|e| e.unwrap())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            !(name.starts_with(&spare) && fs::read_dir(e.path()).unwrap().next().is_none())
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
     names

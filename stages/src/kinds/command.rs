@@ -19,8 +19,9 @@
 //! declared in the manifest (`outputs: {name: file|dir}`) and become the stage's outputs.
 //!
 //! The command runs under `bash -euo pipefail -c RUN` (a failing step fails the stage, as in
-//! Snakemake), with stdin closed and the working directory set to a scratch folder inside the
-//! stage's private staging folder, so relative writes land in a place the engine discards.
+//! Snakemake), with stdin closed and the working directory set to the stage's private scratch
+//! folder ([`StageContext::scratch_dir`]), so relative writes land in a place the engine
+//! empties afterwards and never commits.
 //! Environment: the inherited one plus
 //! - `EMFLOW_IN_FILES_COUNT`, `EMFLOW_IN_FILES_0`, `EMFLOW_IN_FILES_1`, ... (absolute paths,
 //!   in wiring order; `EMFLOW_IN_FILES` too when exactly one is wired), same for `DIRS`;
@@ -81,8 +82,6 @@ const PORTS: &[(&str, ArtifactType)] =
     &[("files", ArtifactType::File), ("dirs", ArtifactType::Dir)];
 /// Lines of stdout and of stderr kept for the error message of a failed command.
 const TAIL_LINES: usize = 20;
-/// The scratch folder (working directory and TMPDIR) inside the staging folder.
-const SCRATCH: &str = ".command-scratch";
 
 /// The shell that leads the command's process group. It runs the user's command as a child
 /// so that it can still act when the kernel signals the death of emflow: on TERM (sent by
@@ -267,9 +266,12 @@ impl StageKind for CommandKind {
                 ctx.checkpoint_dir().display()
             )
         })?;
-        let scratch = staging.join(SCRATCH);
-        std::fs::create_dir_all(&scratch)
-            .with_context(|| format!("cannot create {}", scratch.display()))?;
+        let scratch = std::path::absolute(ctx.scratch_dir()).with_context(|| {
+            format!(
+                "cannot resolve scratch folder {}",
+                ctx.scratch_dir().display()
+            )
+        })?;
 
         let mut command = Command::new("bash");
         command
@@ -332,8 +334,7 @@ impl StageKind for CommandKind {
             check_output(&staging.join(name), name, *ty)
                 .with_context(|| format!("stage {}", ctx.stage_id))?;
         }
-        std::fs::remove_dir_all(&scratch)
-            .with_context(|| format!("cannot remove {}", scratch.display()))?;
+
         ctx.summarize("stdout_lines", running.line_counts.0);
         ctx.summarize("stderr_lines", running.line_counts.1);
         Ok(())
@@ -702,6 +703,7 @@ mod tests {
         let (staging, checkpoint) = (dir.path().join("staging"), dir.path().join("ckpt"));
         std::fs::create_dir_all(&staging).unwrap();
         std::fs::create_dir_all(&checkpoint).unwrap();
+        std::fs::create_dir_all(dir.path().join("scratch")).unwrap();
         let ready = dir.path().join("ready");
         let params = json!({
             "run": "trap 'echo 7 > \"$EMFLOW_CHECKPOINT_DIR/step\"; exit 75' USR2; touch \"$EMFLOW_PARAM_READY\"; while true; do sleep 0.1; done",
@@ -716,6 +718,7 @@ mod tests {
             inputs: BTreeMap::new(),
             staging,
             checkpoint: checkpoint.clone(),
+            scratch: dir.path().join("scratch"),
             device: DeviceRequest::Cpu,
             threads: 1,
             progress: Arc::new(NoProgress),

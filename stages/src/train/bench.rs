@@ -116,6 +116,7 @@ fn run_in(dir: &std::path::Path, model: PathBuf, steps: u64, device: DeviceReque
     let checkpoint = dir.join("checkpoint");
     std::fs::create_dir_all(&staging)?;
     std::fs::create_dir_all(&checkpoint)?;
+    std::fs::create_dir_all(dir.join("scratch"))?;
     let mut ctx = StageContext::new(ContextParts {
         stage_id: "bench_rl".into(),
         kind: "rl".into(),
@@ -132,6 +133,7 @@ fn run_in(dir: &std::path::Path, model: PathBuf, steps: u64, device: DeviceReque
         ]),
         staging: staging.clone(),
         checkpoint,
+        scratch: dir.join("scratch"),
         device: device.clone(),
         threads: rayon::current_num_threads(),
         progress: Arc::new(StepLog),

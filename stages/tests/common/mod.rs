@@ -93,6 +93,7 @@ impl TestStage {
         let checkpoint = dir.path().join("checkpoint");
         std::fs::create_dir_all(&staging).unwrap();
         std::fs::create_dir_all(&checkpoint).unwrap();
+        std::fs::create_dir_all(dir.path().join("scratch")).unwrap();
         let progress = Arc::new(RecordingProgress::default());
         let interrupt = Arc::new(AtomicBool::new(false));
         let ctx = StageContext::new(ContextParts {
@@ -105,6 +106,7 @@ impl TestStage {
                 .collect::<BTreeMap<_, _>>(),
             staging,
             checkpoint,
+            scratch: dir.path().join("scratch"),
             device: DeviceRequest::Cpu,
             threads: 1,
             progress: progress.clone(),
