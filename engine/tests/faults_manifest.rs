@@ -161,6 +161,26 @@ fn a_manifest_that_is_not_utf8_names_the_byte_line_and_column() {
 }
 
 #[test]
+fn a_manifest_without_the_format_line_says_how_to_add_it() {
+    let errs = errors("# a comment first\nstages:\n  s: {kind: gen, params: {n: 1}}\n");
+    expect_problem(
+        &errs,
+        "the manifest has no `emflow:` format line",
+        "m.yaml:2:1",
+        "add `emflow: 1` as the first line",
+    );
+    assert_eq!(errs.problems().len(), 1, "{}", errs.render_plain());
+    // A wrong version is its own error, at the value.
+    let errs = errors("emflow: 2\nstages:\n  s: {kind: gen, params: {n: 1}}\n");
+    expect_problem(
+        &errs,
+        "unsupported manifest format version 2",
+        "m.yaml:1:9",
+        "`emflow: 1`",
+    );
+}
+
+#[test]
 fn read_manifest_of_a_missing_file_says_so() {
     let errs = read_manifest(Path::new("/nonexistent/m.yaml")).unwrap_err();
     assert!(errs.problems()[0].message.contains("cannot read manifest"));
