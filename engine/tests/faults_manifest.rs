@@ -181,6 +181,20 @@ fn a_manifest_without_the_format_line_says_how_to_add_it() {
 }
 
 #[test]
+fn a_memory_request_no_machine_has_is_refused_at_the_value() {
+    let src = "emflow: 1\nstages:\n  s:\n    kind: gen\n    params: {n: 1}\n    resources: {memory: 900TiB}\n";
+    let errs = errors(src);
+    expect_problem(
+        &errs,
+        "`memory` asks for 921600 GiB, more than any one machine has",
+        "m.yaml:6:25",
+        "needs on one machine, e.g. `memory: 64GiB`",
+    );
+    // Large but real requests plan.
+    load("emflow: 1\nstages:\n  s:\n    kind: gen\n    params: {n: 1}\n    resources: {memory: 2TiB}\n");
+}
+
+#[test]
 fn read_manifest_of_a_missing_file_says_so() {
     let errs = read_manifest(Path::new("/nonexistent/m.yaml")).unwrap_err();
     assert!(errs.problems()[0].message.contains("cannot read manifest"));
