@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use emflow_engine::expand::{load_pipeline, read_manifest, LoadOptions};
 use emflow_engine::manifest::yaml::{MAX_ALIAS_NODES, MAX_DEPTH, MAX_TEXT_BYTES};
-use manifest_support::{errors, expect_problem, load, registry};
+use manifest_support::{errors, expect_problem, load, load_with, registry};
 
 /// The classic "billion laughs": nine levels of nine aliases each, half a kilobyte, which
 /// would expand to 9^9 (387 million) strings.
@@ -192,6 +192,49 @@ fn a_memory_request_no_machine_has_is_refused_at_the_value() {
     );
     // Large but real requests plan.
     load("emflow: 1\nstages:\n  s:\n    kind: gen\n    params: {n: 1}\n    resources: {memory: 2TiB}\n");
+}
+
+/// `n` top-level params, one of them referenced by the only stage, and a profile `half`
+/// that overrides every other one.
+fn many_params(n: usize) -> String {
+    let mut s = String::from("emflow: 1\nparams:\n");
+    for i in 0..n {
+        let _ = writeln!(s, "  p{i}: {i}");
+    }
+    let _ = writeln!(s, "  last: '${{p{}}}'", n - 1);
+    s.push_str("profiles:\n  half:\n");
+    for i in (1..n).step_by(2) {
+        let _ = writeln!(s, "    p{i}: {}", i + 1);
+    }
+    s.push_str("stages:\n  s: {kind: gen, params: {n: '${last}'}}\n");
+    s
+}
+
+#[test]
+fn fifty_thousand_params_plan_in_linear_time() {
+    let src = many_params(50_000);
+    let started = Instant::now();
+    let l = load(&src);
+    println!("50,000 params planned in {:?}", started.elapsed());
+    assert_eq!(l.pipeline.stages[0].params["n"], serde_json::json!(49_999));
+    let started = Instant::now();
+    let opts = LoadOptions {
+        profile: Some("half".into()),
+        sets: vec![],
+    };
+    let l = load_with(&src, &opts).unwrap_or_else(|e| panic!("{}", e.render_plain()));
+    println!(
+        "50,000 params with a profile of 25,000 planned in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(l.pipeline.stages[0].params["n"], serde_json::json!(50_000));
+    // Not asserted (debug builds on shared machines are noisy): printed for comparison.
+    for n in [25_000, 100_000] {
+        let src = many_params(n);
+        let started = Instant::now();
+        load(&src);
+        println!("{n} params planned in {:?}", started.elapsed());
+    }
 }
 
 #[test]

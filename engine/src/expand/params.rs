@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::diagnostics::{did_you_mean, Problem};
 use crate::expand::refs::{substitute, RefSource};
-use crate::manifest::yaml::{Map, Node};
+use crate::manifest::yaml::{Entry, Map, Node};
 use crate::pipeline::SourceSpan;
 
 enum State {
@@ -20,6 +20,8 @@ enum State {
 /// Resolves the manifest's top-level params.
 pub struct ParamResolver<'m> {
     raw: &'m Map,
+    /// The entries of `raw` by name: a lookup per reference must not scan every param.
+    index: HashMap<&'m str, &'m Entry>,
     state: HashMap<String, State>,
     /// Params being resolved, outermost first, with where each is defined.
     stack: Vec<(String, SourceSpan)>,
@@ -39,6 +41,7 @@ impl<'m> ParamResolver<'m> {
     pub fn resolve_all(raw: &'m Map, problems: &mut Vec<Problem>) -> ResolvedParams {
         let mut r = ParamResolver {
             raw,
+            index: raw.entries.iter().map(|e| (e.key.as_str(), e)).collect(),
             state: HashMap::new(),
             stack: Vec::new(),
         };
@@ -69,7 +72,7 @@ impl<'m> ParamResolver<'m> {
             Some(State::Failed | State::InProgress) => return None,
             None => {}
         }
-        let entry = self.raw.entry(name)?;
+        let entry = *self.index.get(name)?;
         self.state.insert(name.to_string(), State::InProgress);
         self.stack.push((name.to_string(), entry.key_span));
         let resolved = substitute(&entry.value, self, problems);
@@ -129,7 +132,7 @@ impl RefSource for ParamResolver<'_> {
             }
             return None;
         }
-        if self.raw.entry(root).is_none() {
+        if !self.index.contains_key(root) {
             problems.push(unknown_param(root, at, self.raw.keys()));
             return None;
         }
