@@ -90,3 +90,72 @@ fn positive_steps_and_no_steps_plan() {
         }
     }
 }
+
+#[test]
+fn take_skip_and_sample_beyond_a_file_source_are_refused_at_the_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let row = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}"#;
+    // Three rows; the blank line is not a row.
+    std::fs::write(
+        dir.path().join("d.jsonl"),
+        format!("{row}\n{row}\n\n{row}\n"),
+    )
+    .unwrap();
+    let path = dir.path().join("m.yaml");
+    let at = |line_col: &str| format!("{}:{line_col}", path.display());
+    let stage = |source: &str, ops: &str| {
+        format!("  d:\n    kind: dataset\n    inputs: {{source: {source}}}\n    params:\n      ops: {ops}\n")
+    };
+    let file = "file:d.jsonl";
+    assert_eq!(
+        problems_at(&path, &stage(file, "[{shuffle: {seed: 0}}, {take: 5}]")),
+        [format!(
+            "{}: stage `d`: ops.1 (take) needs 5 rows but only 3 reach it",
+            at("9:42")
+        )]
+    );
+    assert_eq!(
+        problems_at(&path, &stage(file, "[{skip: 1}, {take: 3}]")),
+        [format!(
+            "{}: stage `d`: ops.1 (take) needs 3 rows but only 2 reach it",
+            at("9:31")
+        )]
+    );
+    assert_eq!(
+        problems_at(&path, &stage(file, "[{sample: {n: 4, seed: 1}}]")),
+        [format!(
+            "{}: stage `d`: ops.0 (sample) needs 4 rows but only 3 reach it",
+            at("9:26")
+        )]
+    );
+    let two = format!("[{file}, {file}]");
+    assert_eq!(
+        problems_at(&path, &stage(&two, "[{skip: 7}]")),
+        [format!(
+            "{}: stage `d`: ops.0 (skip) needs 7 rows but only 6 reach it",
+            at("9:20")
+        )]
+    );
+    // What the counts allow, or cannot tell, plans: the run checks the rest.
+    for (source, ops) in [
+        (file, "[{skip: 1}, {take: 2}]"),
+        (file, "[{take: 3}, {sample: {n: 3, seed: 0}}]"),
+        // After a filter the count is unknown.
+        (
+            file,
+            "[{filter: {field: id, contains: x, if_missing: keep}}, {take: 5}]",
+        ),
+        // A missing file is the run's to report.
+        ("file:missing.jsonl", "[{take: 5}]"),
+        // So is a source made by another stage.
+        ("[file:d.jsonl, e.data]", "[{take: 5}]"),
+    ] {
+        let stages = format!(
+            "{}  e:\n    kind: dataset\n    inputs: {{source: file:d.jsonl}}\n",
+            stage(source, ops)
+        );
+        if let Err(e) = load_at(&path, &stages) {
+            panic!("{source} {ops}:\n{}", e.render_plain());
+        }
+    }
+}
