@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use emflow_engine::expand::{load_pipeline, read_manifest, LoadOptions};
-use emflow_engine::manifest::yaml::{MAX_ALIAS_NODES, MAX_DEPTH, MAX_TEXT_BYTES};
+use emflow_engine::manifest::yaml::{MAX_ALIAS_BYTES, MAX_ALIAS_NODES, MAX_DEPTH, MAX_TEXT_BYTES};
 use manifest_support::{errors, expect_problem, load, load_with, registry};
 
 /// The classic "billion laughs": nine levels of nine aliases each, half a kilobyte, which
@@ -37,14 +37,41 @@ fn a_billion_laughs_stops_at_the_alias_that_crosses_the_budget() {
     assert_eq!(MAX_ALIAS_NODES, 250_000);
     let p = expect_problem(
         &errs,
-        "aliases in this manifest copy more than 250000 values",
+        "aliases in this manifest copy more than 250000 values or 4 MiB of text",
         "m.yaml:8:18",
         "billion laughs",
     );
     assert_eq!(errs.problems().len(), 1, "{}", errs.render_plain());
-    assert!(p.labels[0].text.contains("66430"), "{:?}", p.labels);
+    assert!(
+        p.labels[0].text.contains("66430 more values"),
+        "{:?}",
+        p.labels
+    );
     // A sanity bound only: the work is bounded by the budget, not by this figure.
     assert!(took.as_secs() < 20, "took {took:?}");
+}
+
+#[test]
+fn aliases_that_copy_much_text_in_few_values_stop_too() {
+    // Few values, long strings: 5 levels of 9 aliases copy 9^5 = 59,049 strings of 400 bytes.
+    let long = "x".repeat(400);
+    let mut src = format!("emflow: 1\nparams:\n  a: &a \"{long}\"\n");
+    for (prev, name) in "abcde".chars().zip("bcdef".chars()) {
+        let items = vec![format!("*{prev}"); 9].join(", ");
+        let _ = writeln!(src, "  {name}: &{name} [{items}]");
+    }
+    src.push_str("stages:\n  s: {kind: gen, params: {n: 1}}\n");
+    assert!(src.len() < 1000, "{} bytes", src.len());
+    assert_eq!(MAX_ALIAS_BYTES, 4 << 20);
+    // b..d copy 327,600 bytes, the nine `*d` in `e` 2,624,400 more (2,952,000 in all, under
+    // 4 MiB), and the first `*e` in `f` would copy another 2,624,400: it crosses.
+    let errs = errors(&src);
+    let p = expect_problem(&errs, "4 MiB of text", "m.yaml:8:10", "billion laughs");
+    assert!(
+        p.labels[0].text.contains("2624400 bytes of text"),
+        "{:?}",
+        p.labels
+    );
 }
 
 #[test]

@@ -12,9 +12,10 @@
 //! Parsing is bounded, so that a small hostile or broken file cannot take the process down:
 //! the text may be at most [`MAX_TEXT_BYTES`], collections nest at most [`MAX_DEPTH`] deep
 //! (later passes walk the tree recursively), and aliases together may copy at most
-//! [`MAX_ALIAS_NODES`] values (each alias copies its anchor's whole value, so nested aliases
-//! grow exponentially: a 1 KB "billion laughs" file would expand to gigabytes). Each limit
-//! stops the parse at once with an error located where it was crossed.
+//! [`MAX_ALIAS_NODES`] values and [`MAX_ALIAS_BYTES`] of text (each alias copies its
+//! anchor's whole value, so nested aliases grow exponentially: a 1 KB "billion laughs" file
+//! would expand to gigabytes). Each limit stops the parse at once with an error located
+//! where it was crossed.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -31,6 +32,9 @@ pub const MAX_TEXT_BYTES: usize = 16 << 20;
 pub const MAX_DEPTH: usize = 128;
 /// The most values that aliases may copy into one document, all aliases together.
 pub const MAX_ALIAS_NODES: usize = 250_000;
+/// The most bytes of strings and keys that aliases may copy into one document, all aliases
+/// together: few values can still carry much text.
+pub const MAX_ALIAS_BYTES: usize = 4 << 20;
 
 /// A YAML value and where it was written.
 #[derive(Clone, Debug, PartialEq)]
@@ -218,20 +222,33 @@ impl Offsets {
     }
 }
 
-/// How big a built node is: its values in all (itself included) and how many collections
-/// deep it goes (0 for a scalar). What an alias to it would add.
+/// How big a built node is: its values in all (itself included), the bytes of its strings
+/// and keys, and how many collections deep it goes (0 for a scalar). What an alias to it
+/// would add.
 #[derive(Clone, Copy, Debug, Default)]
 struct Shape {
     size: usize,
+    bytes: usize,
     height: usize,
 }
 
 impl Shape {
-    const SCALAR: Shape = Shape { size: 1, height: 0 };
+    /// A scalar's shape: one value, and its text when it is a string.
+    fn scalar(value: &Value) -> Shape {
+        Shape {
+            size: 1,
+            bytes: match value {
+                Value::Str(s) => s.len(),
+                _ => 0,
+            },
+            height: 0,
+        }
+    }
 
     /// Adds a child's shape to a collection's running total.
     fn add(&mut self, child: Shape) {
         self.size += child.size;
+        self.bytes += child.bytes;
         self.height = self.height.max(child.height);
     }
 
@@ -239,6 +256,7 @@ impl Shape {
     fn collection(self) -> Shape {
         Shape {
             size: self.size + 1,
+            bytes: self.bytes,
             height: self.height + 1,
         }
     }
@@ -279,8 +297,10 @@ struct Builder<'t> {
     anchors: HashMap<usize, (Node, Shape)>,
     root: Option<Node>,
     problems: Vec<Problem>,
-    /// Values copied by aliases so far, against [`MAX_ALIAS_NODES`].
+    /// Values and string bytes copied by aliases so far, against [`MAX_ALIAS_NODES`] and
+    /// [`MAX_ALIAS_BYTES`].
     alias_nodes: usize,
+    alias_bytes: usize,
     /// A limit was crossed: stop reading at once.
     stop: bool,
 }
@@ -299,6 +319,7 @@ pub fn parse(text: &str, base: usize) -> Result<Node, Vec<Problem>> {
         root: None,
         problems: Vec::new(),
         alias_nodes: 0,
+        alias_bytes: 0,
         stop: false,
     };
     let mut documents = 0;
@@ -470,13 +491,9 @@ impl Builder<'_> {
         if self.awaiting_key() {
             let merge = style == ScalarStyle::Plain && value == "<<";
             if anchor != 0 {
-                self.anchors.insert(
-                    anchor,
-                    (
-                        Node::new(span, Value::Str(value.to_string())),
-                        Shape::SCALAR,
-                    ),
-                );
+                let node = Node::new(span, Value::Str(value.to_string()));
+                let shape = Shape::scalar(&node.value);
+                self.anchors.insert(anchor, (node, shape));
             }
             if let Some(Frame::Map { key, .. }) = self.stack.last_mut() {
                 *key = Some(PendingKey {
@@ -500,7 +517,8 @@ impl Builder<'_> {
                 Node::new(span, Value::Null)
             }
         };
-        self.complete(node, anchor, Shape::SCALAR);
+        let shape = Shape::scalar(&node.value);
+        self.complete(node, anchor, shape);
     }
 
     /// Where a string's characters start in the source, when they map one-to-one onto it.
@@ -591,20 +609,24 @@ impl Builder<'_> {
                 Problem::new("alias to an unknown anchor")
                     .at(span, "no anchor of this name before here"),
             );
-            self.complete(Node::new(span, Value::Null), 0, Shape::SCALAR);
+            self.complete(Node::new(span, Value::Null), 0, Shape::scalar(&Value::Null));
             return;
         };
         // Checked before copying: the copy is what would exhaust memory.
-        if self.alias_nodes + shape.size > MAX_ALIAS_NODES {
+        if self.alias_nodes + shape.size > MAX_ALIAS_NODES
+            || self.alias_bytes + shape.bytes > MAX_ALIAS_BYTES
+        {
             self.problems.push(
                 Problem::new(format!(
-                    "aliases in this manifest copy more than {MAX_ALIAS_NODES} values in all"
+                    "aliases in this manifest copy more than {MAX_ALIAS_NODES} values or {} MiB \
+                     of text in all",
+                    MAX_ALIAS_BYTES >> 20
                 ))
                 .at(
                     span,
                     format!(
-                        "this alias would copy {} more, after {} already copied",
-                        shape.size, self.alias_nodes
+                        "this alias would copy {} more values ({} bytes of text), after {} ({} bytes)",
+                        shape.size, shape.bytes, self.alias_nodes, self.alias_bytes
                     ),
                 )
                 .help(
@@ -620,6 +642,7 @@ impl Builder<'_> {
             return;
         }
         self.alias_nodes += shape.size;
+        self.alias_bytes += shape.bytes;
         let Some((anchored, _)) = self.anchors.get(&id) else {
             return;
         };
@@ -679,6 +702,7 @@ impl Builder<'_> {
             }) => {
                 *end = (*end).max(node_end);
                 children.add(shape);
+                children.bytes += key.as_ref().map_or(0, |k| k.name.len());
                 match key.take() {
                     None => self.problems.push(
                         Problem::new("a mapping key must be a plain value, not a list or mapping")
