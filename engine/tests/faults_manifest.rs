@@ -75,6 +75,44 @@ fn aliases_that_copy_much_text_in_few_values_stop_too() {
 }
 
 #[test]
+fn references_that_double_at_each_step_stop_at_the_copy_budget() {
+    // Text: `p1: "${p0}${p0}"`, `p2: "${p1}${p1}"`, ... 40 steps would make 3 TiB. The copies
+    // reach 12,582,906 bytes through p21; p22's first reference (+6,291,456) crosses 16 MiB.
+    let mut src = String::from("emflow: 1\nparams:\n  p0: lol\n");
+    for k in 1..40 {
+        let _ = writeln!(src, "  p{k}: \"${{p{}}}${{p{}}}\"", k - 1, k - 1);
+    }
+    src.push_str("stages:\n  s: {kind: gen, params: {n: 1, label: '${p39}'}}\n");
+    assert!(src.len() < 1100, "{} bytes", src.len());
+    let started = Instant::now();
+    let errs = errors(&src);
+    println!("text reference bomb refused in {:?}", started.elapsed());
+    expect_problem(
+        &errs,
+        "references in this manifest copy more than 500000 values or 16 MiB of text",
+        "m.yaml:25:9",
+        "refer to large values fewer times",
+    );
+    assert_eq!(errs.problems().len(), 1, "{}", errs.render_plain());
+
+    // Values: `p1: ["${p0}", "${p0}"]` doubles a list. p_k has 3 * 2^k - 1 values; the copies
+    // reach 393,178 through p16, and p17's first reference (+196,607) crosses 500,000.
+    let mut src = String::from("emflow: 1\nparams:\n  p0: [1]\n");
+    for k in 1..40 {
+        let _ = writeln!(src, "  p{k}: [\"${{p{}}}\", \"${{p{}}}\"]", k - 1, k - 1);
+    }
+    src.push_str("stages:\n  s: {kind: gen, params: {n: 1, extra: '${p39}'}}\n");
+    let errs = errors(&src);
+    expect_problem(
+        &errs,
+        "references in this manifest copy more than 500000 values",
+        "m.yaml:20:10",
+        "refer to large values fewer times",
+    );
+    assert_eq!(errs.problems().len(), 1, "{}", errs.render_plain());
+}
+
+#[test]
 fn aliases_below_the_budget_still_expand() {
     // Levels a..d: 8,290 values copied, well inside the budget.
     let src = billion_laughs()

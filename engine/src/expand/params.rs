@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::diagnostics::{did_you_mean, Problem};
-use crate::expand::refs::{substitute, RefSource};
+use crate::expand::refs::{substitute, CopyBudget, RefSource};
 use crate::manifest::yaml::{Entry, Map, Node};
 use crate::pipeline::SourceSpan;
 
@@ -25,6 +25,7 @@ pub struct ParamResolver<'m> {
     state: HashMap<String, State>,
     /// Params being resolved, outermost first, with where each is defined.
     stack: Vec<(String, SourceSpan)>,
+    budget: CopyBudget,
 }
 
 /// The resolved params: name -> value, and the names that failed (already reported), so that
@@ -35,6 +36,8 @@ pub struct ResolvedParams {
     pub failed: std::collections::HashSet<String>,
     /// Names in manifest order, for hints.
     pub names: Vec<String>,
+    /// What references have copied so far in this load (params' and stages' together).
+    pub budget: CopyBudget,
 }
 
 impl<'m> ParamResolver<'m> {
@@ -44,12 +47,14 @@ impl<'m> ParamResolver<'m> {
             index: raw.entries.iter().map(|e| (e.key.as_str(), e)).collect(),
             state: HashMap::new(),
             stack: Vec::new(),
+            budget: CopyBudget::default(),
         };
         for e in &raw.entries {
             r.resolve(&e.key, problems);
         }
         let mut out = ResolvedParams {
             names: raw.keys().map(str::to_string).collect(),
+            budget: std::mem::take(&mut r.budget),
             ..Default::default()
         };
         for (name, state) in r.state {
@@ -138,6 +143,10 @@ impl RefSource for ParamResolver<'_> {
         }
         self.resolve(root, problems)
     }
+
+    fn budget(&self) -> &CopyBudget {
+        &self.budget
+    }
 }
 
 pub fn unknown_param<'a>(
@@ -216,5 +225,9 @@ impl RefSource for StageScope<'_> {
             ));
         }
         None
+    }
+
+    fn budget(&self) -> &CopyBudget {
+        &self.params.budget
     }
 }
