@@ -239,7 +239,7 @@ pub trait StageKind: Send + Sync + 'static {
     /// Checks that need the stage's input files, for the inputs known at plan time: those
     /// wired with `file:` (files made by other stages do not exist yet). `files` holds each
     /// wired input port's references in order: `Some(path)` for a `file:` input, `None` for
-    /// any other. Called while the manifest is expanded, once per stage instance with `file:`
+    /// any other. Called while the manifest is expanded, once per matrix cell with `file:`
     /// inputs, after [`StageKind::check`] passed; errors are located like `check`'s.
     ///
     /// Keep it cheap (it runs on every plan, `--dry-run` and `emflow check` included): look
