@@ -24,6 +24,7 @@ fn emflow(dir: &Path, args: &[&str]) -> std::process::Output {
 }
 
 const MANIFEST: &str = r#"
+emflow: 1
 name: crash
 stages:
   slow:

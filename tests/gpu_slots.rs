@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 const MANIFEST: &str = r#"
+emflow: 1
 name: gpus
 stages:
   first:

@@ -4,6 +4,7 @@
 use std::process::Command;
 
 const MANIFEST: &str = r#"
+emflow: 1
 name: twins
 stages:
   left:

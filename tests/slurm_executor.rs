@@ -127,6 +127,7 @@ const RUN_ON_SLURM: [&str; 6] = [
 /// Three stages fail three ways; each is reported with its reason, and a rerun (after
 /// the cause is fixed) completes them.
 const FAILING: &str = r#"
+emflow: 1
 name: failing
 stages:
   bad:
@@ -214,6 +215,7 @@ fn exit_code_time_limit_and_cancel_are_reported_then_reruns_complete() {
 /// running job instead of submitting it again, and every stage runs exactly once. A
 /// fully cached rerun submits nothing; `--dry-run` prints sbatch lines and submits nothing.
 const CHAIN: &str = r#"
+emflow: 1
 name: chain
 stages:
   first:
@@ -313,6 +315,7 @@ fn killed_driver_reattaches_runs_nothing_twice_and_cached_rerun_submits_nothing(
 /// key, a new job) and the next attempt resumes where the last one stopped, until the work is
 /// done. 160 half-second steps (80 s of work) cannot fit in one attempt.
 const LONG: &str = r#"
+emflow: 1
 name: long
 stages:
   long:

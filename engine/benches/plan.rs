@@ -1,6 +1,7 @@
 //! Manifest front-end speed: parse + expand + validate generated manifests of ~10,000
-//! stage instances (a chain, a wide fan, a 100x100 matrix joined downstream). Prints the
-//! figures; the target is well under a second each on one core in a release build.
+//! stage instances (a chain, a wide fan, a 100x100 matrix joined downstream) and of 50,000
+//! top-level params (planning was once quadratic in them). Prints the figures; the target
+//! is well under a second each on one core in a release build.
 //!
 //! `cargo bench -p emflow-engine --bench plan`
 //! (Key computation and dry-run planning are measured by `benches/plan_keys.rs`.)
@@ -95,6 +96,24 @@ fn matrix(side: usize) -> String {
     )
 }
 
+/// `n` top-level params (a quarter referring to the one before), read by one stage.
+fn params(n: usize) -> String {
+    let mut s = String::from("emflow: 1\nname: bench\nparams:\n");
+    for i in 0..n {
+        if i % 4 == 3 {
+            let _ = writeln!(s, "  p{i}: 'x-${{p{}}}'", i - 1);
+        } else {
+            let _ = writeln!(s, "  p{i}: {i}");
+        }
+    }
+    let _ = write!(
+        s,
+        "stages:\n  root:\n    kind: step\n    params: {{lr: 0.1, label: '${{p{}}}'}}\n",
+        n - 1
+    );
+    s
+}
+
 /// CPU time of this thread: on a busy machine it shows the work done, where wall time also
 /// counts waiting for a core.
 fn thread_cpu() -> Duration {
@@ -146,6 +165,7 @@ fn front_end_figures() {
     time_load("chain of 10,000", &chain(10_000), &registry);
     time_load("fan of 10,000 (+ fan-in)", &fan(10_000), &registry);
     time_load("matrix 100x100 (+ join)", &matrix(100), &registry);
+    time_load("50,000 top-level params", &params(50_000), &registry);
 }
 
 fn main() {

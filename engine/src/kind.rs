@@ -200,6 +200,10 @@ pub struct KindSpec {
 /// Params after profile overlay, `--set`, reference substitution and defaults: a JSON object.
 pub type Params = serde_json::Map<String, Value>;
 
+/// A stage's wired input ports, each with its references in order: `Some(path)` (absolute)
+/// for a `file:` input, `None` for a model or another stage's output.
+pub type InputFiles = BTreeMap<String, Vec<Option<std::path::PathBuf>>>;
+
 /// A problem a kind found in its params; `param` is a dotted path below the stage's
 /// `params:` (e.g. `ops.2.take`) that the engine turns into a manifest line and column.
 #[derive(Clone, Debug)]
@@ -239,6 +243,19 @@ pub trait StageKind: Send + Sync + 'static {
     /// buys nothing, and sweeps of thousands of small stages pay it on every fresh run.
     fn runs_in_driver(&self) -> bool {
         false
+    }
+
+    /// Checks that need the stage's input files, for the inputs known at plan time: those
+    /// wired with `file:` (files made by other stages do not exist yet). `files` holds each
+    /// wired input port's references in order: `Some(path)` for a `file:` input, `None` for
+    /// any other. Called while the manifest is expanded, once per matrix cell with `file:`
+    /// inputs, after [`StageKind::check`] passed; errors are located like `check`'s.
+    ///
+    /// Keep it cheap (it runs on every plan, `--dry-run` and `emflow check` included): look
+    /// at small files only, and skip missing or unreadable ones, which the run reports.
+    fn check_files(&self, params: &Params, files: &InputFiles) -> Result<(), Vec<ParamError>> {
+        let _ = (params, files);
+        Ok(())
     }
 
     /// Produce every declared output under [`StageContext::output_path`].

@@ -7,11 +7,11 @@ use manifest_support::{errors, errors_with, expect_problem, load};
 
 #[test]
 fn yaml_syntax_error_is_located() {
-    let errs = errors("stages:\n  a:\n    kind: gen\n    params: {n: 1\n  b: 2\n");
+    let errs = errors("emflow: 1\nstages:\n  a:\n    kind: gen\n    params: {n: 1\n  b: 2\n");
     let p = expect_problem(
         &errs,
         "YAML syntax error",
-        "m.yaml:5:4",
+        "m.yaml:6:4",
         "check the indentation",
     );
     assert_eq!(p.labels.len(), 1);
@@ -19,35 +19,35 @@ fn yaml_syntax_error_is_located() {
 
 #[test]
 fn tab_indentation_gets_its_own_hint() {
-    let errs = errors("stages:\n\ta: 1\n");
-    expect_problem(&errs, "YAML syntax error", "m.yaml:2:2", "spaces, not tabs");
+    let errs = errors("emflow: 1\nstages:\n\ta: 1\n");
+    expect_problem(&errs, "YAML syntax error", "m.yaml:3:2", "spaces, not tabs");
 }
 
 #[test]
 fn unknown_top_level_and_stage_keys_suggest_the_right_one() {
-    let src = "parms:\n  x: 1\nstages:\n  a:\n    kind: gen\n    parmas: {n: 1}\n";
+    let src = "emflow: 1\nparms:\n  x: 1\nstages:\n  a:\n    kind: gen\n    parmas: {n: 1}\n";
     let errs = errors(src);
     expect_problem(
         &errs,
         "unknown top-level key `parms`",
-        "m.yaml:1:1",
+        "m.yaml:2:1",
         "did you mean `params`?",
     );
     expect_problem(
         &errs,
         "unknown stage key `parmas`",
-        "m.yaml:6:5",
+        "m.yaml:7:5",
         "did you mean `params`?",
     );
 }
 
 #[test]
 fn unknown_kind_lists_known_kinds_and_suggests_the_closest() {
-    let errs = errors("stages:\n  a:\n    kind: trian\n");
+    let errs = errors("emflow: 1\nstages:\n  a:\n    kind: trian\n");
     let p = expect_problem(
         &errs,
         "unknown stage kind `trian`",
-        "m.yaml:3:11",
+        "m.yaml:4:11",
         "did you mean `train`?",
     );
     assert!(p
@@ -59,14 +59,18 @@ fn unknown_kind_lists_known_kinds_and_suggests_the_closest() {
 
 #[test]
 fn unknown_param_suggests_a_declared_one_and_open_kinds_accept_anything() {
-    let errs = errors("stages:\n  a:\n    kind: gen\n    params:\n      n: 1\n      lable: x\n");
+    let errs = errors(
+        "emflow: 1\nstages:\n  a:\n    kind: gen\n    params:\n      n: 1\n      lable: x\n",
+    );
     expect_problem(
         &errs,
         "unknown param `lable` for kind `gen`",
-        "m.yaml:6:7",
+        "m.yaml:7:7",
         "did you mean `label`?",
     );
-    let ok = load("stages:\n  a:\n    kind: cmd\n    params: {run: echo, anything: [1, 2]}\n");
+    let ok = load(
+        "emflow: 1\nstages:\n  a:\n    kind: cmd\n    params: {run: echo, anything: [1, 2]}\n",
+    );
     assert_eq!(
         ok.pipeline.stages[0].params["anything"],
         serde_json::json!([1, 2])
@@ -76,6 +80,7 @@ fn unknown_param_suggests_a_declared_one_and_open_kinds_accept_anything() {
 #[test]
 fn wrong_param_types_are_reported_per_type() {
     let src = "\
+emflow: 1
 stages:
   a:
     kind: gen
@@ -91,37 +96,37 @@ stages:
     expect_problem(
         &errs,
         "param `n` must be an integer, not a float",
-        "m.yaml:5:10",
+        "m.yaml:6:10",
         "rows to make",
     );
     expect_problem(
         &errs,
         "param `lr` must be a number, not a string",
-        "m.yaml:6:11",
+        "m.yaml:7:11",
         "a float",
     );
     expect_problem(
         &errs,
         "param `mode` must be one of `fast`, `slow`",
-        "m.yaml:7:13",
+        "m.yaml:8:13",
         "use one of `fast`, `slow`",
     );
     expect_problem(
         &errs,
         "param `label` must be a string, not an integer",
-        "m.yaml:8:14",
+        "m.yaml:9:14",
         "quote it",
     );
     expect_problem(
         &errs,
         "param `flag` must be a boolean, not a string",
-        "m.yaml:9:13",
+        "m.yaml:10:13",
         "a flag",
     );
     expect_problem(
         &errs,
         "param `ops` must be a list, not a mapping",
-        "m.yaml:10:12",
+        "m.yaml:11:12",
         "operations",
     );
     assert_eq!(errs.problems().len(), 6, "{}", errs.render_plain());
@@ -129,18 +134,18 @@ stages:
 
 #[test]
 fn missing_required_param_points_at_params() {
-    let errs = errors("stages:\n  a:\n    kind: gen\n    params:\n      lr: 1\n");
+    let errs = errors("emflow: 1\nstages:\n  a:\n    kind: gen\n    params:\n      lr: 1\n");
     expect_problem(
         &errs,
         "missing required param `n` of kind `gen`",
-        "m.yaml:4:5",
+        "m.yaml:5:5",
         "add `n: ...`",
     );
-    let errs = errors("stages:\n  a:\n    kind: gen\n");
+    let errs = errors("emflow: 1\nstages:\n  a:\n    kind: gen\n");
     expect_problem(
         &errs,
         "missing required param `n`",
-        "m.yaml:2:3",
+        "m.yaml:3:3",
         "an integer: rows to make",
     );
 }
@@ -148,6 +153,7 @@ fn missing_required_param_points_at_params() {
 #[test]
 fn references_to_missing_things_are_located_and_suggested() {
     let src = "\
+emflow: 1
 params:
   seed: 0
 models:
@@ -165,33 +171,33 @@ stages:
     expect_problem(
         &errs,
         "reference to unknown param `sede`",
-        "m.yaml:8:18",
+        "m.yaml:9:18",
         "did you mean `seed`?",
     );
     expect_problem(
         &errs,
         "reference to unknown param `nope`",
-        "m.yaml:8:48",
+        "m.yaml:9:48",
         "top-level `params:`",
     );
     expect_problem(
         &errs,
         "reference to unknown stage `dta`",
-        "m.yaml:11:20",
+        "m.yaml:12:20",
         "did you mean `data`?",
     );
     expect_problem(
         &errs,
         "reference to unknown model `bsae`",
-        "m.yaml:11:37",
+        "m.yaml:12:37",
         "did you mean `base`?",
     );
-    let src = "stages:\n  data: {kind: gen, params: {n: 1}}\n  t: {kind: train, inputs: {data: data.dat}}\n";
+    let src = "emflow: 1\nstages:\n  data: {kind: gen, params: {n: 1}}\n  t: {kind: train, inputs: {data: data.dat}}\n";
     let errs = errors(src);
     expect_problem(
         &errs,
         "stage `data` has no output `dat`",
-        "m.yaml:3:35",
+        "m.yaml:4:35",
         "did you mean `data`?",
     );
 }
@@ -199,12 +205,12 @@ stages:
 #[test]
 fn matrix_reference_to_a_missing_axis() {
     let src =
-        "stages:\n  a:\n    kind: gen\n    matrix: {seed: [1]}\n    params: {n: '${matrix.sed}'}\n";
+        "emflow: 1\nstages:\n  a:\n    kind: gen\n    matrix: {seed: [1]}\n    params: {n: '${matrix.sed}'}\n";
     let errs = errors(src);
     expect_problem(
         &errs,
         "stage `a` has no matrix axis `sed`",
-        "m.yaml:5:18",
+        "m.yaml:6:18",
         "did you mean `seed`?",
     );
 }
@@ -212,6 +218,7 @@ fn matrix_reference_to_a_missing_axis() {
 #[test]
 fn wrong_input_port_and_unwired_required_port() {
     let src = "\
+emflow: 1
 stages:
   data: {kind: gen, params: {n: 1}}
   t:
@@ -223,13 +230,13 @@ stages:
     expect_problem(
         &errs,
         "kind `train` has no input port `dta`",
-        "m.yaml:6:7",
+        "m.yaml:7:7",
         "did you mean `data`?",
     );
     expect_problem(
         &errs,
         "required input port `data` of kind `train` is not wired",
-        "m.yaml:5:5",
+        "m.yaml:6:5",
         "messages expected",
     );
 }
@@ -237,6 +244,7 @@ stages:
 #[test]
 fn output_of_the_wrong_type_names_both_types() {
     let src = "\
+emflow: 1
 stages:
   data: {kind: gen, params: {n: 1}}
   t: {kind: train, inputs: {data: data.data}}
@@ -246,7 +254,7 @@ stages:
     let p = expect_problem(
         &errs,
         "input port `adapter` expects adapter artifacts, but `t.metrics` is metrics",
-        "m.yaml:4:37",
+        "m.yaml:5:37",
         "wire an output of type adapter",
     );
     assert_eq!(p.labels[0].text, "metrics here, adapter expected");
@@ -255,6 +263,7 @@ stages:
 #[test]
 fn a_single_port_fed_several_artifacts() {
     let src = "\
+emflow: 1
 stages:
   data: {kind: gen, params: {n: 1}}
   more: {kind: gen, params: {n: 2}}
@@ -272,13 +281,13 @@ stages:
     expect_problem(
         &errs,
         "input port `data` takes one artifact, but is fed 2",
-        "m.yaml:6:20",
+        "m.yaml:7:20",
         "only many-ports",
     );
     expect_problem(
         &errs,
         "input port `adapter` takes one artifact, but its reference matches 2 matrix cells",
-        "m.yaml:12:37",
+        "m.yaml:13:37",
         "select one cell",
     );
 }
@@ -286,6 +295,7 @@ stages:
 #[test]
 fn matrix_expanding_to_nothing() {
     let src = "\
+emflow: 1
 stages:
   a:
     kind: gen
@@ -302,13 +312,13 @@ stages:
     expect_problem(
         &errs,
         "stage `a`: the matrix expands to nothing",
-        "m.yaml:4:14",
+        "m.yaml:5:14",
         "give the axis at least one value",
     );
     let p = expect_problem(
         &errs,
         "stage `b`: the matrix expands to nothing",
-        "m.yaml:9:7",
+        "m.yaml:10:7",
         "at least one cell",
     );
     assert_eq!(p.labels[0].text, "`exclude` removes every cell");
@@ -316,7 +326,7 @@ stages:
 
 #[test]
 fn set_on_a_missing_path_says_which_part() {
-    let src = "params: {seed: 0}\nstages:\n  data: {kind: gen, params: {n: 1}}\n";
+    let src = "emflow: 1\nparams: {seed: 0}\nstages:\n  data: {kind: gen, params: {n: 1}}\n";
     let opts = LoadOptions {
         profile: None,
         sets: vec!["stages.dat.params.n=3".into()],
@@ -344,7 +354,7 @@ fn set_on_a_missing_path_says_which_part() {
 
 #[test]
 fn unknown_profile_lists_the_profiles() {
-    let src = "params: {n: 1}\nprofiles:\n  ci: {n: 2}\n  smoke: {n: 3}\nstages:\n  data: {kind: gen, params: {n: '${n}'}}\n";
+    let src = "emflow: 1\nparams: {n: 1}\nprofiles:\n  ci: {n: 2}\n  smoke: {n: 3}\nstages:\n  data: {kind: gen, params: {n: '${n}'}}\n";
     let opts = LoadOptions {
         profile: Some("cj".into()),
         sets: vec![],
@@ -353,7 +363,7 @@ fn unknown_profile_lists_the_profiles() {
     let p = expect_problem(
         &errs,
         "unknown profile `cj`",
-        "m.yaml:2:1",
+        "m.yaml:3:1",
         "did you mean `ci`?",
     );
     assert!(p
@@ -365,12 +375,12 @@ fn unknown_profile_lists_the_profiles() {
 
 #[test]
 fn a_profile_setting_an_undeclared_param() {
-    let src = "params: {n_train: 1}\nprofiles:\n  ci: {n_trian: 2}\nstages:\n  data: {kind: gen, params: {n: 1}}\n";
+    let src = "emflow: 1\nparams: {n_train: 1}\nprofiles:\n  ci: {n_trian: 2}\nstages:\n  data: {kind: gen, params: {n: 1}}\n";
     let errs = errors(src);
     expect_problem(
         &errs,
         "profile `ci` sets `n_trian`, which is not a param",
-        "m.yaml:3:8",
+        "m.yaml:4:8",
         "did you mean `n_train`?",
     );
 }
@@ -378,6 +388,7 @@ fn a_profile_setting_an_undeclared_param() {
 #[test]
 fn bad_resources_strings() {
     let src = "\
+emflow: 1
 stages:
   a:
     kind: gen
@@ -388,37 +399,37 @@ stages:
     expect_problem(
         &errs,
         "`cpus` must be a whole number of at least 1",
-        "m.yaml:5:23",
+        "m.yaml:6:23",
         "cpus: 4",
     );
     expect_problem(
         &errs,
         "`memory` is not a size",
-        "m.yaml:5:34",
+        "m.yaml:6:34",
         "`512MiB`, `4GiB`",
     );
     expect_problem(
         &errs,
         "`time` is not a duration",
-        "m.yaml:5:48",
+        "m.yaml:6:48",
         "`1:30:00`",
     );
     expect_problem(
         &errs,
         "unknown resources key `gpu`",
-        "m.yaml:5:57",
+        "m.yaml:6:57",
         "did you mean `gpus`?",
     );
 }
 
 #[test]
 fn a_reference_cycle_between_params_is_printed() {
-    let src = "params:\n  a: '${b}'\n  b: 'x-${c}'\n  c: '${a}'\nstages:\n  s: {kind: gen, params: {n: 1, label: '${a}'}}\n";
+    let src = "emflow: 1\nparams:\n  a: '${b}'\n  b: 'x-${c}'\n  c: '${a}'\nstages:\n  s: {kind: gen, params: {n: 1, label: '${a}'}}\n";
     let errs = errors(src);
     let p = expect_problem(
         &errs,
         "params reference each other in a cycle: a -> b -> c -> a",
-        "m.yaml:4:7",
+        "m.yaml:5:7",
         "replace one reference",
     );
     assert_eq!(p.labels.len(), 4, "{p:?}");
@@ -429,6 +440,7 @@ fn a_reference_cycle_between_params_is_printed() {
 #[test]
 fn a_cycle_between_stages_is_printed() {
     let src = "\
+emflow: 1
 stages:
   a: {kind: train, inputs: {data: c.data}}
   b: {kind: gen, params: {n: 1}}
@@ -438,7 +450,7 @@ stages:
     expect_problem(
         &errs,
         "stages depend on each other in a cycle: c -> a -> c",
-        "m.yaml:4:70",
+        "m.yaml:5:70",
         "remove one of these inputs",
     );
 }
@@ -446,6 +458,7 @@ stages:
 #[test]
 fn kind_check_errors_are_located_by_param_path() {
     let src = "\
+emflow: 1
 stages:
   a:
     kind: gen
@@ -459,7 +472,7 @@ stages:
     expect_problem(
         &errs,
         "stage `a`: `take` must not be negative",
-        "m.yaml:8:17",
+        "m.yaml:9:17",
         "use 0 or more",
     );
 }
@@ -467,6 +480,7 @@ stages:
 #[test]
 fn many_mistakes_are_all_reported_at_once() {
     let src = "\
+emflow: 1
 stages:
   a: {kind: gen, params: {n: x}}
   b: {kind: nope}
@@ -483,19 +497,20 @@ stages:
 
 #[test]
 fn invalid_names_and_duplicate_keys() {
-    let errs = errors("stages:\n  Data-Prep: {kind: gen, params: {n: 1}}\n");
+    let errs = errors("emflow: 1\nstages:\n  Data-Prep: {kind: gen, params: {n: 1}}\n");
     expect_problem(
         &errs,
         "invalid stage name `Data-Prep`",
-        "m.yaml:2:3",
+        "m.yaml:3:3",
         "`data_prep`",
     );
-    let errs =
-        errors("stages:\n  a: {kind: gen, params: {n: 1}}\n  a: {kind: gen, params: {n: 2}}\n");
+    let errs = errors(
+        "emflow: 1\nstages:\n  a: {kind: gen, params: {n: 1}}\n  a: {kind: gen, params: {n: 2}}\n",
+    );
     expect_problem(
         &errs,
         "key `a` appears twice",
-        "m.yaml:3:3",
+        "m.yaml:4:3",
         "remove one of them",
     );
 }

@@ -82,8 +82,11 @@ fn profile_deep_merges_and_set_wins_over_it() {
 
 #[test]
 fn float_params_key_the_same_for_1_and_1_0_and_key_order_never_matters() {
-    let a = load("stages:\n  d: {kind: gen, params: {n: 1, lr: 1, label: x}}\n").pipeline;
-    let b = load("stages:\n  d:\n    params: {label: x, lr: 1.0, n: 1}\n    kind: gen\n").pipeline;
+    let a =
+        load("emflow: 1\nstages:\n  d: {kind: gen, params: {n: 1, lr: 1, label: x}}\n").pipeline;
+    let b =
+        load("emflow: 1\nstages:\n  d:\n    params: {label: x, lr: 1.0, n: 1}\n    kind: gen\n")
+            .pipeline;
     assert_eq!(a.stages[0].params, b.stages[0].params);
     assert_eq!(
         serde_json::to_string(&a.stages[0].params).unwrap(),
@@ -95,6 +98,7 @@ fn float_params_key_the_same_for_1_and_1_0_and_key_order_never_matters() {
 #[test]
 fn anchors_and_merge_keys_work_in_stages() {
     let src = "\
+emflow: 1
 common: &common {kind: train, params: {lr: 0.1}}
 stages:
   data: {kind: gen, params: {n: 1}}
@@ -113,6 +117,7 @@ stages:
 }
 
 const SWEEP: &str = "\
+emflow: 1
 params:
   seeds: [0, 1]
 models:
@@ -221,6 +226,7 @@ fn matrix_cells_join_on_shared_axes_and_fan_in() {
 #[test]
 fn matrix_include_and_exclude() {
     let src = "\
+emflow: 1
 stages:
   s:
     kind: gen
@@ -246,6 +252,7 @@ stages:
 #[test]
 fn identical_cells_merge_and_keep_only_the_axes_that_matter() {
     let src = "\
+emflow: 1
 stages:
   data:
     kind: gen
@@ -274,6 +281,7 @@ stages:
 #[test]
 fn merged_cells_with_no_agreeing_axis_fall_back_to_full_ids_when_needed() {
     let src = "\
+emflow: 1
 stages:
   s:
     kind: gen
@@ -290,6 +298,7 @@ stages:
 #[test]
 fn open_kind_outputs_come_from_params() {
     let src = "\
+emflow: 1
 stages:
   c: {kind: cmd, params: {run: 'make', outputs: [table, plot], threads: 4}}
   r: {kind: cmd, params: {run: 'cat'}, inputs: {files: [c.table, c.plot]}}
@@ -305,7 +314,7 @@ stages:
 #[test]
 fn instances_carry_their_stage_span_and_param_paths_can_be_located() {
     let src =
-        "stages:\n  data:\n    kind: gen\n    params:\n      n: 1\n      ops:\n        - take: 3\n";
+        "emflow: 1\nstages:\n  data:\n    kind: gen\n    params:\n      n: 1\n      ops:\n        - take: 3\n";
     let path = std::path::Path::new("located-test.yaml");
     let p = load_pipeline_str(src, path, &LoadOptions::default(), &registry()).unwrap();
     let s = &p.stages[0];
@@ -322,6 +331,6 @@ fn instances_carry_their_stage_span_and_param_paths_can_be_located() {
     miette::GraphicalReportHandler::new_themed(miette::GraphicalTheme::unicode_nocolor())
         .render_report(&mut out, report.as_ref())
         .unwrap();
-    assert!(out.contains("[located-test.yaml:7:17]"), "{out}");
+    assert!(out.contains("[located-test.yaml:8:17]"), "{out}");
     assert!(out.contains("fix it"), "{out}");
 }

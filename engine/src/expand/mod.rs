@@ -24,7 +24,7 @@ use std::sync::Arc;
 use crate::diagnostics::{list_names, ManifestErrors, Problem};
 use crate::kind::Registry;
 use crate::manifest::raw::{self, RawModel};
-use crate::manifest::source::SourceMap;
+use crate::manifest::source::{self, SourceMap};
 use crate::manifest::yaml::{self, Value};
 use crate::pipeline::{ModelDecl, Pipeline, SourceSpan};
 
@@ -51,16 +51,62 @@ pub fn load_pipeline(
     opts: &LoadOptions,
     registry: &Registry,
 ) -> Result<Pipeline, ManifestErrors> {
-    let src = std::fs::read_to_string(path).map_err(|e| {
-        let problem = Problem::new(format!("cannot read manifest {}: {e}", path.display()))
-            .help("check the path; `emflow run` takes the manifest file as its argument");
-        ManifestErrors::new(
-            path,
-            vec![problem],
-            Arc::new(SourceMap::new(path.display().to_string(), "")),
-        )
-    })?;
+    let src = read_manifest(path)?;
     load_pipeline_str(&src, path, opts, registry)
+}
+
+/// A manifest file's text. Reads at most one byte past [`yaml::MAX_TEXT_BYTES`], so a huge
+/// file is refused without reading it, and locates the first byte that is not UTF-8.
+pub fn read_manifest(path: &Path) -> Result<String, ManifestErrors> {
+    let name = path.display().to_string();
+    let fail = |problem: Problem, text: String| {
+        ManifestErrors::new(path, vec![problem], Arc::new(SourceMap::new(&name, text)))
+    };
+    let cannot = |e: std::io::Error| {
+        fail(
+            Problem::new(format!("cannot read manifest {}: {e}", path.display()))
+                .help("check the path; `emflow run` takes the manifest file as its argument"),
+            String::new(),
+        )
+    };
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, yaml::MAX_TEXT_BYTES as u64 + 1),
+        &mut bytes,
+    )
+    .map_err(cannot)?;
+    if bytes.len() > yaml::MAX_TEXT_BYTES {
+        let total = std::fs::metadata(path).map_or(bytes.len() as u64, |m| m.len());
+        bytes.truncate(yaml::MAX_TEXT_BYTES);
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        return Err(fail(yaml::too_large(&text, 0, total), text));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let bad = e.as_bytes()[at..]
+            .iter()
+            .take(e.utf8_error().error_len().unwrap_or(1).max(1))
+            .map(|b| format!("0x{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        // The lossy text equals the file up to the bad byte, so offsets before it hold; the
+        // bad byte becomes U+FFFD (3 bytes), which the label covers.
+        let text = String::from_utf8_lossy(e.as_bytes()).into_owned();
+        let (line, col) = SourceMap::new("", text.as_str()).manifest().line_col(at);
+        let problem = Problem::new(format!(
+            "the manifest is not UTF-8 text: byte {bad} at line {line}, column {col} (byte offset {at})"
+        ))
+        .at(
+            source::span_between(at, at + char::REPLACEMENT_CHARACTER.len_utf8()),
+            "not UTF-8",
+        )
+        .help(
+            "manifests are UTF-8; re-save the file as UTF-8 (it may be Latin-1, Windows-1252 \
+             or UTF-16), e.g. `iconv -f latin1 -t utf-8`",
+        );
+        fail(problem, text)
+    })
 }
 
 /// Same from a string (tests, generated manifests); `path` is used for messages and relative paths.

@@ -6,6 +6,8 @@
 //! `--set`, and `--set` may reach anything (`stages.sft.params.lr=2e-4`); a bare path is
 //! short for `params.<path>`.
 
+use std::collections::{HashMap, HashSet};
+
 use crate::diagnostics::{did_you_mean, list_names, Problem};
 use crate::manifest::raw::TOP_LEVEL_KEYS;
 use crate::manifest::source::{span_between, SourceMap};
@@ -28,17 +30,18 @@ pub fn apply_profile(root: &mut Node, profile: Option<&str>, problems: &mut Vec<
             None
         }
     });
-    let params_keys: Vec<String> = match top.get("params").map(|p| &p.value) {
-        Some(Value::Map(m)) => m.keys().map(str::to_string).collect(),
+    let params_keys: Vec<&str> = match top.get("params").map(|p| &p.value) {
+        Some(Value::Map(m)) => m.keys().collect(),
         _ => Vec::new(),
     };
+    let declared: HashSet<&str> = params_keys.iter().copied().collect();
     // Every profile is checked, used or not: a typo in `ci` should not wait for CI to show.
     for e in profiles.iter().flat_map(|m| m.entries.iter()) {
         match &e.value.value {
             Value::Map(overlay) => {
                 for o in &overlay.entries {
-                    if !params_keys.contains(&o.key) {
-                        let hint = did_you_mean(&o.key, params_keys.iter().map(String::as_str)).unwrap_or_else(|| {
+                    if !declared.contains(o.key.as_str()) {
+                        let hint = did_you_mean(&o.key, params_keys.iter().copied()).unwrap_or_else(|| {
                             "a profile overrides params declared under the top-level `params:`; declare it there first"
                                 .to_string()
                         });
@@ -96,10 +99,20 @@ pub fn apply_profile(root: &mut Node, profile: Option<&str>, problems: &mut Vec<
 pub fn deep_merge(base: &mut Node, overlay: Node) {
     match (&mut base.value, overlay.value) {
         (Value::Map(b), Value::Map(o)) => {
+            // By index, not by scanning `b` for each key: a profile may override many params.
+            let mut index: HashMap<String, usize> = b
+                .entries
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e.key.clone(), i))
+                .collect();
             for e in o.entries {
-                match b.entry_mut(&e.key) {
-                    Some(existing) => deep_merge(&mut existing.value, e.value),
-                    None => b.entries.push(e),
+                match index.get(&e.key) {
+                    Some(&i) => deep_merge(&mut b.entries[i].value, e.value),
+                    None => {
+                        index.insert(e.key.clone(), b.entries.len());
+                        b.entries.push(e);
+                    }
                 }
             }
         }

@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::diagnostics::{did_you_mean, Problem};
-use crate::expand::refs::{substitute, RefSource};
-use crate::manifest::yaml::{Map, Node};
+use crate::expand::refs::{substitute, CopyBudget, RefSource};
+use crate::manifest::yaml::{Entry, Map, Node};
 use crate::pipeline::SourceSpan;
 
 enum State {
@@ -20,9 +20,12 @@ enum State {
 /// Resolves the manifest's top-level params.
 pub struct ParamResolver<'m> {
     raw: &'m Map,
+    /// The entries of `raw` by name: a lookup per reference must not scan every param.
+    index: HashMap<&'m str, &'m Entry>,
     state: HashMap<String, State>,
     /// Params being resolved, outermost first, with where each is defined.
     stack: Vec<(String, SourceSpan)>,
+    budget: CopyBudget,
 }
 
 /// The resolved params: name -> value, and the names that failed (already reported), so that
@@ -33,20 +36,25 @@ pub struct ResolvedParams {
     pub failed: std::collections::HashSet<String>,
     /// Names in manifest order, for hints.
     pub names: Vec<String>,
+    /// What references have copied so far in this load (params' and stages' together).
+    pub budget: CopyBudget,
 }
 
 impl<'m> ParamResolver<'m> {
     pub fn resolve_all(raw: &'m Map, problems: &mut Vec<Problem>) -> ResolvedParams {
         let mut r = ParamResolver {
             raw,
+            index: raw.entries.iter().map(|e| (e.key.as_str(), e)).collect(),
             state: HashMap::new(),
             stack: Vec::new(),
+            budget: CopyBudget::default(),
         };
         for e in &raw.entries {
             r.resolve(&e.key, problems);
         }
         let mut out = ResolvedParams {
             names: raw.keys().map(str::to_string).collect(),
+            budget: std::mem::take(&mut r.budget),
             ..Default::default()
         };
         for (name, state) in r.state {
@@ -69,7 +77,7 @@ impl<'m> ParamResolver<'m> {
             Some(State::Failed | State::InProgress) => return None,
             None => {}
         }
-        let entry = self.raw.entry(name)?;
+        let entry = *self.index.get(name)?;
         self.state.insert(name.to_string(), State::InProgress);
         self.stack.push((name.to_string(), entry.key_span));
         let resolved = substitute(&entry.value, self, problems);
@@ -129,11 +137,15 @@ impl RefSource for ParamResolver<'_> {
             }
             return None;
         }
-        if self.raw.entry(root).is_none() {
+        if !self.index.contains_key(root) {
             problems.push(unknown_param(root, at, self.raw.keys()));
             return None;
         }
         self.resolve(root, problems)
+    }
+
+    fn budget(&self) -> &CopyBudget {
+        &self.budget
     }
 }
 
@@ -213,5 +225,9 @@ impl RefSource for StageScope<'_> {
             ));
         }
         None
+    }
+
+    fn budget(&self) -> &CopyBudget {
+        &self.params.budget
     }
 }

@@ -7,6 +7,7 @@
 //! [`RefSource`], which is how top-level params resolve lazily with cycle detection.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 
 use crate::diagnostics::Problem;
 use crate::manifest::raw::float_text;
@@ -111,6 +112,80 @@ pub fn sub_span(node: &Node, start: usize, end: usize) -> SourceSpan {
     }
 }
 
+/// The most values that references may copy in one manifest load, all references together.
+pub const MAX_COPY_NODES: usize = 500_000;
+/// The most bytes of text (strings and keys) that references may copy in one load.
+pub const MAX_COPY_BYTES: usize = 16 << 20;
+
+/// What references have copied in one manifest load. Like aliases, references to values
+/// that repeat references grow exponentially (`b: "${a}${a}"`, `c: "${b}${b}"`, ... doubles
+/// at each step), so every copy is counted, and the first to cross [`MAX_COPY_NODES`] or
+/// [`MAX_COPY_BYTES`] is reported; after that every reference fails quietly.
+#[derive(Debug, Default)]
+pub struct CopyBudget {
+    nodes: Cell<usize>,
+    bytes: Cell<usize>,
+    spent: Cell<bool>,
+}
+
+impl CopyBudget {
+    /// Counts a copy of `nodes` values holding `bytes` of text, made by the reference at
+    /// `at`; `false` (reported once) when the budget is spent.
+    pub fn charge(
+        &self,
+        (nodes, bytes): (usize, usize),
+        at: SourceSpan,
+        problems: &mut Vec<Problem>,
+    ) -> bool {
+        if self.spent.get() {
+            return false;
+        }
+        let (n, b) = (self.nodes.get() + nodes, self.bytes.get() + bytes);
+        self.nodes.set(n);
+        self.bytes.set(b);
+        if n <= MAX_COPY_NODES && b <= MAX_COPY_BYTES {
+            return true;
+        }
+        self.spent.set(true);
+        problems.push(
+            Problem::new(format!(
+                "references in this manifest copy more than {MAX_COPY_NODES} values or {} MiB \
+                 of text in all",
+                MAX_COPY_BYTES >> 20
+            ))
+            .at(at, "this reference crosses the limit")
+            .help(
+                "each `${...}` copies the value it names, so params that repeat references to \
+                 params that repeat references grow exponentially (`b: \"${a}${a}\"`, \
+                 `c: \"${b}${b}\"`, ...); refer to large values fewer times",
+            ),
+        );
+        false
+    }
+}
+
+/// The values and text bytes in `node`, for [`CopyBudget::charge`] (iterative: a value
+/// built by references may nest deeper than the parser allows).
+pub fn weight(node: &Node) -> (usize, usize) {
+    let (mut nodes, mut bytes) = (0, 0);
+    let mut stack = vec![node];
+    while let Some(n) = stack.pop() {
+        nodes += 1;
+        match &n.value {
+            Value::Str(s) => bytes += s.len(),
+            Value::Seq(items) => stack.extend(items),
+            Value::Map(m) => {
+                for e in &m.entries {
+                    bytes += e.key.len();
+                    stack.push(&e.value);
+                }
+            }
+            _ => {}
+        }
+    }
+    (nodes, bytes)
+}
+
 /// Resolves the root name of a reference (`seed` in `${seed.x}`, or `matrix` for
 /// `${matrix.axis}`: then `rest` is the axis).
 pub trait RefSource {
@@ -123,6 +198,9 @@ pub trait RefSource {
         at: SourceSpan,
         problems: &mut Vec<Problem>,
     ) -> Option<Node>;
+
+    /// The load's budget for what references copy.
+    fn budget(&self) -> &CopyBudget;
 }
 
 /// Substitutes every reference in `node`. Returns `None` when any reference failed (each
@@ -193,6 +271,9 @@ fn substitute_str(
     if let [Piece::Ref { path, start, end }] = pieces.as_slice() {
         let at = sub_span(node, *start, *end);
         let value = lookup_path(path, at, src, problems)?;
+        if !src.budget().charge(weight(&value), at, problems) {
+            return None;
+        }
         return Some(Node {
             span: node.span,
             value: value.value,
@@ -210,6 +291,9 @@ fn substitute_str(
                     ok = false;
                     continue;
                 };
+                if !src.budget().charge(weight(&value), at, problems) {
+                    return None;
+                }
                 match &value.value {
                     Value::Str(v) => out.push_str(v),
                     Value::Int(i) => out.push_str(&i.to_string()),

@@ -7,6 +7,13 @@ use crate::pipeline::Resources;
 
 pub const RESOURCE_KEYS: &[&str] = &["cpus", "gpus", "memory", "time"];
 
+/// The largest `memory` a stage may ask for. No single machine has more (the largest hold
+/// a few tens of TiB), so a larger request is a typo; it is refused at plan time rather than
+/// left to a scheduler that rejects the job, or to a local executor that never enforces it.
+/// A fixed bound rather than this machine's memory, so that a manifest meant for a cluster
+/// still plans (`--dry-run`, `emflow check`) on a laptop.
+pub const MAX_MEMORY: u64 = 64 << 40;
+
 /// Reads a substituted `resources:` node; every bad entry is reported.
 pub fn parse(node: &Node, problems: &mut Vec<Problem>) -> Option<Resources> {
     let mut res = Resources::default();
@@ -35,6 +42,17 @@ pub fn parse(node: &Node, problems: &mut Vec<Problem>) -> Option<Resources> {
                 None => problems.push(bad(v, "`gpus` must be a whole number", "e.g. `gpus: 1`, or `gpus: 0` for CPU only")),
             },
             "memory" => match memory(v) {
+                Some(b) if b > MAX_MEMORY => problems.push(
+                    Problem::new(format!(
+                        "`memory` asks for {} GiB, more than any one machine has",
+                        b >> 30
+                    ))
+                    .at(v.span, "a request above 64 TiB")
+                    .help(
+                        "`memory` is what one stage instance needs on one machine, e.g. `memory: 64GiB`; \
+                         requests above 64 TiB are refused as typos (check the unit: `TiB` for `GiB`?)",
+                    ),
+                ),
                 Some(b) => res.memory = b,
                 None => problems.push(bad(
                     v,

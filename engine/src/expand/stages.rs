@@ -13,7 +13,7 @@
 //! id if that would collide with another instance of the stage.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::diagnostics::{did_you_mean, list_names, Problem};
 use crate::expand::inputs::{read_inputs, InputSpec, PortWiring};
@@ -21,8 +21,8 @@ use crate::expand::matrix::{self, instance_id, value_key};
 use crate::expand::params::{ResolvedParams, StageScope};
 use crate::expand::refs::substitute;
 use crate::expand::resources;
-use crate::expand::validate::{check_params, ParamsSite};
-use crate::kind::{ArtifactType, KindSpec, Params, PortSpec, Registry};
+use crate::expand::validate::{check_params, report_kind_errors, ParamsSite};
+use crate::kind::{ArtifactType, InputFiles, KindSpec, Params, PortSpec, Registry};
 use crate::manifest::raw::RawStage;
 use crate::manifest::yaml::Node;
 use crate::pipeline::{InputRef, ModelDecl, Resources, SourceSpan, StageInstance};
@@ -222,6 +222,12 @@ fn plan_stage(ctx: &Context<'_>, raw: &RawStage, problems: &mut Vec<Problem>) ->
                 }
             }
         }
+        if let Some(files) = input_files(&wiring, ctx.manifest_dir) {
+            if let Err(errors) = kind.check_files(&params, &files) {
+                report_kind_errors(&site, params_node.as_ref(), errors, problems);
+                continue;
+            }
+        }
         let outputs = kind
             .outputs(&params)
             .into_iter()
@@ -248,6 +254,41 @@ fn plan_stage(ctx: &Context<'_>, raw: &RawStage, problems: &mut Vec<Problem>) ->
         deps,
         instances: Vec::new(),
         cell_instance: Vec::new(),
+    })
+}
+
+/// A `file:` input's path: absolute, or relative to the manifest's folder.
+fn file_path(path: &str, manifest_dir: &Path) -> PathBuf {
+    let p = Path::new(path);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        manifest_dir.join(p)
+    }
+}
+
+/// A cell's wired ports with their `file:` paths, for [`crate::kind::StageKind::check_files`];
+/// `None` when the cell has no `file:` input.
+fn input_files(wiring: &[PortWiring], manifest_dir: &Path) -> Option<InputFiles> {
+    let any_file = wiring
+        .iter()
+        .flat_map(|w| &w.refs)
+        .any(|(r, _)| matches!(r, InputSpec::File { .. }));
+    any_file.then(|| {
+        wiring
+            .iter()
+            .map(|w| {
+                let refs = w
+                    .refs
+                    .iter()
+                    .map(|(r, _)| match r {
+                        InputSpec::File { path } => Some(file_path(path, manifest_dir)),
+                        _ => None,
+                    })
+                    .collect();
+                (w.port.clone(), refs)
+            })
+            .collect()
     })
 }
 
@@ -401,13 +442,9 @@ fn wire_stage(
             for (spec, span) in &w.refs {
                 match spec {
                     InputSpec::File { path } => {
-                        let p = Path::new(path);
-                        let path = if p.is_absolute() {
-                            p.to_path_buf()
-                        } else {
-                            ctx.manifest_dir.join(p)
-                        };
-                        refs.push(InputRef::File { path });
+                        refs.push(InputRef::File {
+                            path: file_path(path, ctx.manifest_dir),
+                        });
                     }
                     InputSpec::Model { name } => {
                         if !port.ty.accepts(ArtifactType::Model) {

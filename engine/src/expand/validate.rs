@@ -6,7 +6,7 @@
 //! an open kind in manifest order; `Float` params always hold floats (`1` and `1.0` are equal).
 
 use crate::diagnostics::{did_you_mean, list_names, Problem};
-use crate::kind::{KindSpec, ParamSpec, ParamType, Params, StageKind};
+use crate::kind::{KindSpec, ParamError, ParamSpec, ParamType, Params, StageKind};
 use crate::manifest::yaml::{Map, Node, Value};
 use crate::pipeline::SourceSpan;
 
@@ -101,18 +101,29 @@ pub fn check_params(
         return None;
     }
     if let Err(errors) = kind.check(&params) {
-        for err in errors {
-            let span = locate(node, &err.param).unwrap_or(site.missing_at);
-            let mut p = Problem::new(format!("stage `{}`: {}", site.stage, err.message))
-                .at(span, format!("param `{}`", err.param));
-            if let Some(h) = err.hint {
-                p = p.help(h);
-            }
-            problems.push(p);
-        }
+        report_kind_errors(site, node, errors, problems);
         return None;
     }
     Some(params)
+}
+
+/// A kind's own findings ([`StageKind::check`], [`StageKind::check_files`]), each at its
+/// param's place below `node` (the stage's `params:`), or at `site.missing_at`.
+pub fn report_kind_errors(
+    site: &ParamsSite<'_>,
+    node: Option<&Node>,
+    errors: Vec<ParamError>,
+    problems: &mut Vec<Problem>,
+) {
+    for err in errors {
+        let span = locate(node, &err.param).unwrap_or(site.missing_at);
+        let mut p = Problem::new(format!("stage `{}`: {}", site.stage, err.message))
+            .at(span, format!("param `{}`", err.param));
+        if let Some(h) = err.hint {
+            p = p.help(h);
+        }
+        problems.push(p);
+    }
 }
 
 /// The span of a dotted param path below `params:`, or of its deepest written ancestor.

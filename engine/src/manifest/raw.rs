@@ -6,6 +6,7 @@
 //! of the manifest is still checked.
 
 use crate::diagnostics::{did_you_mean, list_names, Problem};
+use crate::manifest::source::span_between;
 use crate::manifest::yaml::{Map, Node, Value};
 use crate::pipeline::SourceSpan;
 
@@ -150,13 +151,24 @@ pub fn read(mut root: Node, problems: &mut Vec<Problem>) -> RawManifest {
     };
     check_keys(top, TOP_LEVEL_KEYS, "top-level", problems);
 
-    if let Some(v) = top.get("emflow") {
-        if v.value != Value::Int(FORMAT_VERSION) {
+    match top.get("emflow") {
+        Some(v) if v.value != Value::Int(FORMAT_VERSION) => problems.push(
+            Problem::new(format!("unsupported manifest format version {}", show(v)))
+                .at(v.span, "unsupported version")
+                .help(format!(
+                    "this emflow reads format `emflow: {FORMAT_VERSION}`"
+                )),
+        ),
+        Some(_) => {}
+        None => {
+            let start = root.span.offset;
             problems.push(
-                Problem::new(format!("unsupported manifest format version {}", show(v)))
-                    .at(v.span, "unsupported version")
+                Problem::new("the manifest has no `emflow:` format line")
+                    .at(span_between(start, start), "the manifest starts here")
                     .help(format!(
-                        "this emflow reads format `emflow: {FORMAT_VERSION}`"
+                        "add `emflow: {FORMAT_VERSION}` as the first line: it names the manifest \
+                         format the file is written in, so that a later emflow can read it or say \
+                         clearly that it cannot"
                     )),
             );
         }

@@ -8,6 +8,14 @@
 //! node, located where the alias is written), YAML 1.1 merge keys (`<<: *base`, explicit keys
 //! win, earlier merged maps win over later ones), duplicate keys (an error), and scalar types
 //! by the YAML 1.2 core schema (`yes` is a string, `1e-4` is a float).
+//!
+//! Parsing is bounded, so that a small hostile or broken file cannot take the process down:
+//! the text may be at most [`MAX_TEXT_BYTES`], collections nest at most [`MAX_DEPTH`] deep
+//! (later passes walk the tree recursively), and aliases together may copy at most
+//! [`MAX_ALIAS_NODES`] values and [`MAX_ALIAS_BYTES`] of text (each alias copies its
+//! anchor's whole value, so nested aliases grow exponentially: a 1 KB "billion laughs" file
+//! would expand to gigabytes). Each limit stops the parse at once with an error located
+//! where it was crossed.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -17,6 +25,16 @@ use saphyr_parser::{Event, Parser, ScalarStyle, Span as YamlSpan, Tag};
 use crate::diagnostics::Problem;
 use crate::manifest::source::{span_between, span_end};
 use crate::pipeline::SourceSpan;
+
+/// The largest manifest (or `--set` value) read, in bytes.
+pub const MAX_TEXT_BYTES: usize = 16 << 20;
+/// The deepest nesting of lists and mappings, counting those copied in by aliases.
+pub const MAX_DEPTH: usize = 128;
+/// The most values that aliases may copy into one document, all aliases together.
+pub const MAX_ALIAS_NODES: usize = 250_000;
+/// The most bytes of strings and keys that aliases may copy into one document, all aliases
+/// together: few values can still carry much text.
+pub const MAX_ALIAS_BYTES: usize = 4 << 20;
 
 /// A YAML value and where it was written.
 #[derive(Clone, Debug, PartialEq)]
@@ -204,6 +222,46 @@ impl Offsets {
     }
 }
 
+/// How big a built node is: its values in all (itself included), the bytes of its strings
+/// and keys, and how many collections deep it goes (0 for a scalar). What an alias to it
+/// would add.
+#[derive(Clone, Copy, Debug, Default)]
+struct Shape {
+    size: usize,
+    bytes: usize,
+    height: usize,
+}
+
+impl Shape {
+    /// A scalar's shape: one value, and its text when it is a string.
+    fn scalar(value: &Value) -> Shape {
+        Shape {
+            size: 1,
+            bytes: match value {
+                Value::Str(s) => s.len(),
+                _ => 0,
+            },
+            height: 0,
+        }
+    }
+
+    /// Adds a child's shape to a collection's running total.
+    fn add(&mut self, child: Shape) {
+        self.size += child.size;
+        self.bytes += child.bytes;
+        self.height = self.height.max(child.height);
+    }
+
+    /// The shape of a collection whose children added up to `self`.
+    fn collection(self) -> Shape {
+        Shape {
+            size: self.size + 1,
+            bytes: self.bytes,
+            height: self.height + 1,
+        }
+    }
+}
+
 enum Frame {
     Seq {
         start: usize,
@@ -211,12 +269,14 @@ enum Frame {
         flow: bool,
         anchor: usize,
         items: Vec<Node>,
+        children: Shape,
     },
     Map {
         start: usize,
         end: usize,
         flow: bool,
         anchor: usize,
+        children: Shape,
         map: Map,
         seen: HashSet<String>,
         key: Option<PendingKey>,
@@ -234,14 +294,23 @@ struct Builder<'t> {
     text: &'t str,
     offsets: Offsets,
     stack: Vec<Frame>,
-    anchors: HashMap<usize, Node>,
+    anchors: HashMap<usize, (Node, Shape)>,
     root: Option<Node>,
     problems: Vec<Problem>,
+    /// Values and string bytes copied by aliases so far, against [`MAX_ALIAS_NODES`] and
+    /// [`MAX_ALIAS_BYTES`].
+    alias_nodes: usize,
+    alias_bytes: usize,
+    /// A limit was crossed: stop reading at once.
+    stop: bool,
 }
 
 /// Parses one YAML document that starts at global offset `base`. An empty document is
 /// `Null`. Syntax errors, duplicate keys and unsupported constructs are all reported.
 pub fn parse(text: &str, base: usize) -> Result<Node, Vec<Problem>> {
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(vec![too_large(text, base, text.len() as u64)]);
+    }
     let mut b = Builder {
         text,
         offsets: Offsets::new(text, base),
@@ -249,9 +318,15 @@ pub fn parse(text: &str, base: usize) -> Result<Node, Vec<Problem>> {
         anchors: HashMap::new(),
         root: None,
         problems: Vec::new(),
+        alias_nodes: 0,
+        alias_bytes: 0,
+        stop: false,
     };
     let mut documents = 0;
     for item in Parser::new_from_str(text) {
+        if b.stop {
+            return Err(b.problems);
+        }
         let (event, yspan) = match item {
             Ok(e) => e,
             Err(err) => {
@@ -279,6 +354,7 @@ pub fn parse(text: &str, base: usize) -> Result<Node, Vec<Problem>> {
             Event::Alias(id) => b.alias(id, span),
             Event::SequenceStart(anchor, tag) => {
                 b.collection_tag(tag.as_deref(), "seq", span);
+                b.check_depth(1, span);
                 let flow = b.starts_with(span, b'[');
                 b.stack.push(Frame::Seq {
                     start: span.offset,
@@ -286,16 +362,19 @@ pub fn parse(text: &str, base: usize) -> Result<Node, Vec<Problem>> {
                     flow,
                     anchor,
                     items: Vec::new(),
+                    children: Shape::default(),
                 });
             }
             Event::MappingStart(anchor, tag) => {
                 b.collection_tag(tag.as_deref(), "map", span);
+                b.check_depth(1, span);
                 let flow = b.starts_with(span, b'{');
                 b.stack.push(Frame::Map {
                     start: span.offset,
                     end: span_end(span),
                     flow,
                     anchor,
+                    children: Shape::default(),
                     map: Map::default(),
                     seen: HashSet::new(),
                     key: None,
@@ -309,12 +388,14 @@ pub fn parse(text: &str, base: usize) -> Result<Node, Vec<Problem>> {
                     flow,
                     anchor,
                     items,
+                    children,
                 }) = b.stack.pop()
                 {
                     let end = if flow { span_end(span) } else { end };
                     b.complete(
                         Node::new(span_between(start, end), Value::Seq(items)),
                         anchor,
+                        children.collection(),
                     );
                 }
             }
@@ -326,12 +407,17 @@ pub fn parse(text: &str, base: usize) -> Result<Node, Vec<Problem>> {
                     anchor,
                     mut map,
                     merges,
+                    children,
                     ..
                 }) = b.stack.pop()
                 {
                     let end = if flow { span_end(span) } else { end };
                     b.apply_merges(&mut map, merges);
-                    b.complete(Node::new(span_between(start, end), Value::Map(map)), anchor);
+                    b.complete(
+                        Node::new(span_between(start, end), Value::Map(map)),
+                        anchor,
+                        children.collection(),
+                    );
                 }
             }
             Event::StreamStart | Event::StreamEnd | Event::DocumentEnd | Event::Nothing => {}
@@ -342,6 +428,27 @@ pub fn parse(text: &str, base: usize) -> Result<Node, Vec<Problem>> {
     }
     Ok(b.root
         .unwrap_or_else(|| Node::new(span_between(base, base), Value::Null)))
+}
+
+/// A text of `total` bytes, over [`MAX_TEXT_BYTES`], located where the limit is crossed
+/// (`text` may hold only its first [`MAX_TEXT_BYTES`]).
+pub fn too_large(text: &str, base: usize, total: u64) -> Problem {
+    let mut at = MAX_TEXT_BYTES.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    Problem::new(format!(
+        "this text is {total} bytes; manifests are limited to {} MiB",
+        MAX_TEXT_BYTES >> 20
+    ))
+    .at(
+        span_between(base + at, base + at),
+        "the limit is reached here",
+    )
+    .help(
+        "a manifest describes a pipeline, not its data: keep large lists and texts in files \
+         and wire them in with `file:` inputs",
+    )
 }
 
 fn syntax_problem(info: &str, at: usize, text: &str, base: usize) -> Problem {
@@ -384,8 +491,9 @@ impl Builder<'_> {
         if self.awaiting_key() {
             let merge = style == ScalarStyle::Plain && value == "<<";
             if anchor != 0 {
-                self.anchors
-                    .insert(anchor, Node::new(span, Value::Str(value.to_string())));
+                let node = Node::new(span, Value::Str(value.to_string()));
+                let shape = Shape::scalar(&node.value);
+                self.anchors.insert(anchor, (node, shape));
             }
             if let Some(Frame::Map { key, .. }) = self.stack.last_mut() {
                 *key = Some(PendingKey {
@@ -409,7 +517,8 @@ impl Builder<'_> {
                 Node::new(span, Value::Null)
             }
         };
-        self.complete(node, anchor);
+        let shape = Shape::scalar(&node.value);
+        self.complete(node, anchor, shape);
     }
 
     /// Where a string's characters start in the source, when they map one-to-one onto it.
@@ -495,28 +604,91 @@ impl Builder<'_> {
             }
             return;
         }
-        let node = match self.anchors.get(&id) {
-            Some(n) => Node { span, ..n.clone() },
-            None => {
-                self.problems.push(
-                    Problem::new("alias to an unknown anchor")
-                        .at(span, "no anchor of this name before here"),
-                );
-                Node::new(span, Value::Null)
-            }
+        let Some(&(_, shape)) = self.anchors.get(&id) else {
+            self.problems.push(
+                Problem::new("alias to an unknown anchor")
+                    .at(span, "no anchor of this name before here"),
+            );
+            self.complete(Node::new(span, Value::Null), 0, Shape::scalar(&Value::Null));
+            return;
         };
-        self.complete(node, 0);
+        // Checked before copying: the copy is what would exhaust memory.
+        if self.alias_nodes + shape.size > MAX_ALIAS_NODES
+            || self.alias_bytes + shape.bytes > MAX_ALIAS_BYTES
+        {
+            self.problems.push(
+                Problem::new(format!(
+                    "aliases in this manifest copy more than {MAX_ALIAS_NODES} values or {} MiB \
+                     of text in all",
+                    MAX_ALIAS_BYTES >> 20
+                ))
+                .at(
+                    span,
+                    format!(
+                        "this alias would copy {} more values ({} bytes of text), after {} ({} bytes)",
+                        shape.size, shape.bytes, self.alias_nodes, self.alias_bytes
+                    ),
+                )
+                .help(
+                    "each `*alias` copies its anchor's whole value, so aliases of aliases grow \
+                     exponentially (a \"billion laughs\"); write the repeated part once as a \
+                     param and refer to it with `${...}`, or copy less of it",
+                ),
+            );
+            self.stop = true;
+            return;
+        }
+        if !self.check_depth(shape.height, span) {
+            return;
+        }
+        self.alias_nodes += shape.size;
+        self.alias_bytes += shape.bytes;
+        let Some((anchored, _)) = self.anchors.get(&id) else {
+            return;
+        };
+        let node = Node {
+            span,
+            ..anchored.clone()
+        };
+        self.complete(node, 0, shape);
     }
 
-    fn complete(&mut self, node: Node, anchor: usize) {
+    /// Whether `height` more levels of collections fit below the open ones; if not, reports
+    /// it at `span` and stops the parse.
+    fn check_depth(&mut self, height: usize, span: SourceSpan) -> bool {
+        let depth = self.stack.len() + height;
+        if depth <= MAX_DEPTH {
+            return true;
+        }
+        self.problems.push(
+            Problem::new(format!(
+                "lists and mappings nest {depth} deep here; the limit is {MAX_DEPTH}"
+            ))
+            .at(span, format!("level {depth}"))
+            .help(
+                "a manifest this deep is almost always generated by mistake (or an alias copies \
+                 a value into itself); flatten the structure",
+            ),
+        );
+        self.stop = true;
+        false
+    }
+
+    fn complete(&mut self, node: Node, anchor: usize, shape: Shape) {
         if anchor != 0 {
-            self.anchors.insert(anchor, node.clone());
+            self.anchors.insert(anchor, (node.clone(), shape));
         }
         let node_end = span_end(node.span);
         match self.stack.last_mut() {
             None => self.root = Some(node),
-            Some(Frame::Seq { items, end, .. }) => {
+            Some(Frame::Seq {
+                items,
+                end,
+                children,
+                ..
+            }) => {
                 *end = (*end).max(node_end);
+                children.add(shape);
                 items.push(node);
             }
             Some(Frame::Map {
@@ -525,9 +697,12 @@ impl Builder<'_> {
                 key,
                 merges,
                 end,
+                children,
                 ..
             }) => {
                 *end = (*end).max(node_end);
+                children.add(shape);
+                children.bytes += key.as_ref().map_or(0, |k| k.name.len());
                 match key.take() {
                     None => self.problems.push(
                         Problem::new("a mapping key must be a plain value, not a list or mapping")
@@ -571,6 +746,11 @@ impl Builder<'_> {
     }
 
     fn apply_merges(&mut self, map: &mut Map, merges: Vec<Node>) {
+        if merges.is_empty() {
+            return;
+        }
+        // Keys present so far, so that merging a large mapping is not a scan per key.
+        let mut present: HashSet<String> = map.entries.iter().map(|e| e.key.clone()).collect();
         for merge in merges {
             let sources: Vec<Node> = match merge.value {
                 Value::Map(_) => vec![merge],
@@ -588,7 +768,7 @@ impl Builder<'_> {
                 match source.value {
                     Value::Map(m) => {
                         for e in m.entries {
-                            if map.entry(&e.key).is_none() {
+                            if present.insert(e.key.clone()) {
                                 map.entries.push(e);
                             }
                         }

@@ -261,6 +261,10 @@ impl StageKind for RlKind {
                 hint: None,
             }]
         };
+        let errors = super::check_run_length(params);
+        if !errors.is_empty() {
+            return Err(errors);
+        }
         let p: RlParams =
             serde_json::from_value(Value::Object(params.clone())).map_err(|e| err("", e.into()))?;
         p.validate().map_err(|e| err("", e))?;

@@ -152,7 +152,10 @@ impl StageKind for SftKind {
     }
 
     fn check(&self, params: &Params) -> Result<(), Vec<ParamError>> {
-        let mut errs = Vec::new();
+        let mut errs = super::check_run_length(params);
+        if !errs.is_empty() {
+            return Err(errs);
+        }
         let p: SftParams = match serde_json::from_value(Value::Object(params.clone())) {
             Ok(p) => p,
             Err(e) => {

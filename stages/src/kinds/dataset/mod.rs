@@ -58,7 +58,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context as _};
 use emflow_engine::context::Artifact;
-use emflow_engine::kind::ParamError;
+use emflow_engine::kind::{InputFiles, ParamError};
 use emflow_engine::{
     ArtifactType, KindSpec, ParamSpec, ParamType, Params, PortSpec, StageContext, StageKind,
 };
@@ -209,6 +209,44 @@ impl StageKind for DatasetKind {
         Ok(())
     }
 
+    /// `take`, `skip` and `sample` against the rows of `file:` sources, before anything runs:
+    /// when every source is a JSONL file (together at most [`PLAN_COUNT_MAX_BYTES`]), its
+    /// rows are counted and followed through the ops whose output count is known from their
+    /// input count (up to the first `filter` or `dedupe`). Sources made by other stages, YAML
+    /// sources and larger files are left to the run, which fails the same way.
+    fn check_files(&self, params: &Params, files: &InputFiles) -> Result<(), Vec<ParamError>> {
+        let Some(sources) = files.get("source") else {
+            return Ok(());
+        };
+        let Some(total) = count_rows(sources) else {
+            return Ok(());
+        };
+        let mut rows = total;
+        for (i, op) in parse_ops(params)?.iter().enumerate() {
+            if let Some((n, at)) = op.needs() {
+                if n > rows {
+                    let files = if sources.len() == 1 { "file" } else { "files" };
+                    return Err(vec![ParamError {
+                        param: format!("ops.{i}.{at}"),
+                        message: format!(
+                            "ops.{i} ({}) needs {n} rows but only {rows} reach it",
+                            op.name()
+                        ),
+                        hint: Some(format!(
+                            "the source {files} hold {total} rows; lower the number, or check the \
+                             sources and the ops before it"
+                        )),
+                    }]);
+                }
+            }
+            match op.rows_after(rows) {
+                Some(after) => rows = after,
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
         let ops = parse_ops(ctx.params()).map_err(|errors| {
             let lines: Vec<String> = errors
@@ -275,6 +313,39 @@ impl StageKind for DatasetKind {
         ctx.summarize("ops", Value::Array(counts));
         Ok(())
     }
+}
+
+/// The most bytes of `file:` sources whose rows are counted at plan time; larger sources
+/// are checked by the run only, so that planning never reads much data.
+pub const PLAN_COUNT_MAX_BYTES: u64 = 64 << 20;
+
+/// The rows of `file:` sources that are all JSONL and small enough to count at plan time
+/// (one row a non-blank line, as the readers count them); `None` when that is not so, or a
+/// file is missing or unreadable (the run says why).
+fn count_rows(sources: &[Option<std::path::PathBuf>]) -> Option<usize> {
+    let paths: Vec<&Path> = sources
+        .iter()
+        .map(|s| s.as_deref())
+        .collect::<Option<_>>()?;
+    let mut size = 0u64;
+    for path in &paths {
+        size += std::fs::metadata(path).ok()?.len();
+    }
+    if size > PLAN_COUNT_MAX_BYTES {
+        return None;
+    }
+    let mut rows = 0;
+    for path in paths {
+        let text = std::fs::read_to_string(path).ok()?;
+        if looks_like_yaml(path, &text) {
+            return None;
+        }
+        rows += text
+            .lines()
+            .filter(|l| !l.trim_start_matches('\u{feff}').trim().is_empty())
+            .count();
+    }
+    Some(rows)
 }
 
 /// How a source names itself in errors: the path for `file:` inputs, else the stage output.

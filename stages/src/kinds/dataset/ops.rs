@@ -364,6 +364,43 @@ impl Op {
     }
 }
 
+impl Op {
+    /// The rows an op fails without (`sample`, `take`, `skip`), with the dotted path of that
+    /// number below the op (`take`, `sample.n`).
+    pub fn needs(&self) -> Option<(usize, &'static str)> {
+        match self {
+            Op::Sample { n, .. } => Some((*n, "sample.n")),
+            Op::Take(n) => Some((*n, "take")),
+            Op::Skip(n) => Some((*n, "skip")),
+            _ => None,
+        }
+    }
+
+    /// How many rows leave this op when `rows` reach it, where the count alone decides that:
+    /// `None` for `filter` and `dedupe`, which depend on the rows themselves.
+    pub fn rows_after(&self, rows: usize) -> Option<usize> {
+        match self {
+            Op::Filter(_) | Op::Dedupe { .. } => None,
+            Op::Sample { n, .. } | Op::Take(n) => Some((*n).min(rows)),
+            Op::Skip(n) => Some(rows.saturating_sub(*n)),
+            Op::Split { test, part, .. } => {
+                let n_test = ((rows as f64 * test).round() as usize).min(rows);
+                Some(match part {
+                    Part::Test => n_test,
+                    Part::Train => rows - n_test,
+                })
+            }
+            Op::Select(_)
+            | Op::Shuffle { .. }
+            | Op::SystemPrompt(_)
+            | Op::AppendUser(_)
+            | Op::StripUserSuffix(_)
+            | Op::StripAssistantPrefix(_)
+            | Op::DropRole(_) => Some(rows),
+        }
+    }
+}
+
 /// The rows at `indices`, in their original order.
 fn keep_indices(rows: Vec<Row>, mut indices: Vec<usize>) -> Vec<Row> {
     indices.sort_unstable();
