@@ -238,6 +238,13 @@ pub fn run_pipeline(
         slot[i] = Slot::Waiting;
     }
     let mut records: Vec<Option<StageRecord>> = vec![None; n];
+    // Records the plan already read and found intact, by key: a no-op rerun reads and
+    // checks each record once, not once for the header and again to settle the stage.
+    let mut planned: HashMap<String, StageRecord> = statuses
+        .into_iter()
+        .filter(|(_, s)| matches!(s.state, State::Cached))
+        .filter_map(|(_, s)| Some((s.key?, s.record?)))
+        .collect();
     let mut results: HashMap<usize, StageResult> = HashMap::new();
     let mut errors = BTreeMap::new();
     let mut queue: Vec<(usize, Job)> = Vec::new();
@@ -287,6 +294,8 @@ pub fn run_pipeline(
                 Resolved::Ready { inputs, parts, key } => {
                     let cached = if forced.contains(&i) {
                         None
+                    } else if let Some(record) = planned.remove(&key) {
+                        Some(record)
                     } else {
                         intact_record(&mut planner, &env.reporter, &pipeline.stages[i].id, &key)?
                     };
