@@ -60,7 +60,7 @@ fn pipeline(dir: &std::path::Path, n: usize, fan: usize, lr: f64) -> Pipeline {
             StageInstance {
                 id: format!("s{i}"),
                 stage: format!("s{i}"),
-                matrix: BTreeMap::new(),
+                matrix: Vec::new(),
                 kind: "step".into(),
                 params: json!({"lr": lr, "seed": i}).as_object().cloned().unwrap(),
                 inputs: BTreeMap::from([("in".to_string(), vec![input])]),

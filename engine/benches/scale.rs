@@ -44,9 +44,9 @@ impl StageKind for Touch {
     }
 }
 
-const SIZES: [usize; 3] = [1_000, 10_000, 100_000];
+const SIZES: [usize; 3] = [1_001, 10_001, 100_001];
 /// Largest size that is also run for real (a first run of 100,000 stages takes minutes).
-const MAX_EXECUTED: usize = 10_000;
+const MAX_EXECUTED: usize = 10_001;
 
 /// `src` plus a `side_a x side_b` matrix stage reading it: `n` instances in all.
 fn manifest(n: usize) -> String {
@@ -83,6 +83,10 @@ fn child(n: usize) -> anyhow::Result<()> {
     })?;
     println!("figure load_s {}", clock.elapsed().as_secs_f64());
     println!("figure stages {}", pipeline.stages.len());
+    println!(
+        "figure load_rss_mib {}",
+        peak_rss_bytes() as f64 / 1048576.0
+    );
 
     let dir = tempfile::tempdir()?;
     let store = Arc::new(Store::open(&dir.path().join("store"))?);
@@ -135,6 +139,7 @@ fn parent() -> anyhow::Result<()> {
         ("dry_run_s", "dry run (plan)"),
         ("first_run_s", "first run, in-process"),
         ("noop_rerun_s", "no-op rerun"),
+        ("load_rss_mib", "peak RSS after load (MiB)"),
         ("peak_rss_mib", "peak RSS (MiB)"),
     ];
     let mut rows: Vec<Vec<Option<f64>>> = Vec::new();
@@ -157,13 +162,13 @@ fn parent() -> anyhow::Result<()> {
         };
         rows.push(names.iter().map(|(k, _)| value(k)).collect());
     }
-    print!("{:<24}", "stages");
+    print!("{:<26}", "stages");
     for n in SIZES {
         print!("{n:>12}");
     }
     println!("   growth exponent per step (1.0 = linear)");
     for (j, (key, label)) in names.iter().enumerate() {
-        print!("{label:<24}");
+        print!("{label:<26}");
         for row in &rows {
             match row[j] {
                 Some(v) if key.ends_with("_s") => print!("{:>11.3}s", v),

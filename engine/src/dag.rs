@@ -260,7 +260,7 @@ mod tests {
         StageInstance {
             id: id.into(),
             stage: id.into(),
-            matrix: BTreeMap::new(),
+            matrix: Vec::new(),
             kind: "toy".into(),
             params: Default::default(),
             inputs: if upstream.is_empty() {

@@ -218,7 +218,9 @@ pub fn run_pipeline(
             elapsed_s: clock.elapsed().as_secs_f64(),
             interrupted: false,
         };
-        env.reporter.event("summary", summary.to_json());
+        if env.reporter.is_json() {
+            env.reporter.event("summary", summary.to_json());
+        }
         return Ok(summary);
     }
 
@@ -811,7 +813,10 @@ pub fn plan_line(r: &Reporter, s: &StageStatus) {
         }
     };
     r.status(word, &s.id, &key, &detail);
-    r.event("stage", json!(s));
+    // Built only when someone reads it: at 100,000 stages these values cost real memory.
+    if r.is_json() {
+        r.event("stage", json!(s));
+    }
 }
 
 /// One line per damaged output: which output, where its blob is, what is wrong, what happens.
@@ -875,5 +880,7 @@ fn footer(r: &Reporter, s: &RunSummary) {
         let first = err.lines().next().unwrap_or("");
         r.line(&format!("{:>8}  {id}: {first}", "FAILED"));
     }
-    r.event("summary", s.to_json());
+    if r.is_json() {
+        r.event("summary", s.to_json());
+    }
 }

@@ -200,7 +200,7 @@ impl Fixture {
         StageInstance {
             id: id.into(),
             stage: id.split('[').next().unwrap().into(),
-            matrix: BTreeMap::new(),
+            matrix: Vec::new(),
             kind: kind.into(),
             params,
             inputs: ins,

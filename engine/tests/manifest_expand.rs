@@ -170,7 +170,10 @@ fn matrix_cells_join_on_shared_axes_and_fan_in() {
     let w = stage(&p, "warmup[domain=legal,seed=1]");
     assert_eq!(w.params["seed"], json!(1));
     assert_eq!(w.params["domain"], json!("legal"));
-    assert_eq!(w.matrix["seed"], json!(1));
+    assert_eq!(
+        w.matrix,
+        [("domain".into(), json!("legal")), ("seed".into(), json!(1))]
+    );
     assert_eq!(w.inputs["data"], vec![from("data[domain=legal]", "data")]);
     assert_eq!(
         w.inputs["model"],

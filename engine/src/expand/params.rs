@@ -4,7 +4,7 @@
 //! params in progress finds the order without building a graph first, and a reference back
 //! into the stack is a cycle, reported with its whole path (`a -> b -> a`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use crate::diagnostics::{did_you_mean, Problem};
 use crate::expand::refs::{substitute, CopyBudget, RefSource};
@@ -168,7 +168,7 @@ pub fn unknown_param<'a>(
 pub struct StageScope<'a> {
     pub params: &'a ResolvedParams,
     /// Axis -> this cell's value; `None` outside matrix stages.
-    pub matrix: Option<&'a BTreeMap<String, Node>>,
+    pub matrix: Option<&'a crate::expand::matrix::Coords>,
     pub stage: &'a str,
 }
 

@@ -29,7 +29,7 @@ use crate::pipeline::{InputRef, ModelDecl, Resources, SourceSpan, StageInstance}
 
 /// One matrix cell (or the single cell of a plain stage) before wiring.
 struct Cell {
-    coords: BTreeMap<String, Node>,
+    coords: matrix::Coords,
     params: Params,
     wiring: Vec<PortWiring>,
     resources: Resources,
@@ -118,7 +118,7 @@ fn plan_stage(ctx: &Context<'_>, raw: &RawStage, problems: &mut Vec<Problem>) ->
     };
     let spec = kind.spec();
     let before = problems.len();
-    let no_cell = BTreeMap::new();
+    let no_cell = matrix::Coords::new();
     let (axes, cells_coords) = match raw.matrix() {
         None => (Vec::new(), vec![no_cell]),
         Some(m) => {
@@ -431,10 +431,14 @@ fn wire_stage(
     let before = problems.len();
     let mut upstream_broken = false;
     let mut instances = Vec::with_capacity(plan.cells.len());
-    for cell in &plan.cells {
+    // A cell's params, wiring and outputs move into its instance: downstream stages read
+    // only the cells' coordinates (and the instances), and at 100,000 cells the copies
+    // were a third of a dry run's peak memory (issue 22).
+    let mut cells = std::mem::take(&mut plan.cells);
+    for cell in &mut cells {
         let id = instance_id(&plan.name, &cell.coords);
         let mut inputs: BTreeMap<String, Vec<InputRef>> = BTreeMap::new();
-        for w in &cell.wiring {
+        for w in std::mem::take(&mut cell.wiring) {
             let Some(port) = plan.spec.inputs.iter().find(|p| p.name == w.port) else {
                 continue;
             };
@@ -543,13 +547,14 @@ fn wire_stage(
                 .filter_map(|(k, v)| v.to_json().ok().map(|j| (k.clone(), j)))
                 .collect(),
             kind: plan.kind.clone(),
-            params: cell.params.clone(),
+            params: std::mem::take(&mut cell.params),
             inputs,
-            outputs: cell.outputs.clone(),
+            outputs: std::mem::take(&mut cell.outputs),
             resources: cell.resources.clone(),
             span: plan.name_span,
         });
     }
+    plan.cells = cells;
     plan.instances = instances;
     problems.len() == before && !upstream_broken
 }
@@ -678,7 +683,7 @@ fn merge_cells(plan: &mut StagePlan) {
     }
     let instances = std::mem::take(&mut plan.instances);
     let mut groups: Vec<Vec<usize>> = Vec::new();
-    let mut by_key: HashMap<String, usize> = HashMap::new();
+    let mut by_key: HashMap<[u8; 32], usize> = HashMap::new();
     let mut cell_group = Vec::with_capacity(instances.len());
     for inst in &instances {
         let key = identity(inst);
@@ -699,7 +704,7 @@ fn merge_cells(plan: &mut StagePlan) {
     for group in &groups {
         let mut first = instances[group[0]].clone();
         let coords = &plan.cells[group[0]].coords;
-        let agreed: BTreeMap<String, Node> = coords
+        let agreed: matrix::Coords = coords
             .iter()
             .filter(|(axis, v)| {
                 group
@@ -730,12 +735,13 @@ fn merge_cells(plan: &mut StagePlan) {
     plan.instances = merged;
 }
 
-/// What makes two cells the same work: kind, canonical params, inputs, resources.
-fn identity(inst: &StageInstance) -> String {
+/// What makes two cells the same work: kind, canonical params, inputs, resources; hashed,
+/// so that a 100,000-cell matrix keeps 32 bytes per cell, not the whole text.
+fn identity(inst: &StageInstance) -> [u8; 32] {
     let mut key = String::with_capacity(256);
     key.push_str(&inst.kind);
     key.push('\u{1f}');
-    canonical_json(&serde_json::Value::Object(inst.params.clone()), &mut key);
+    canonical_object(&inst.params, &mut key);
     key.push('\u{1f}');
     for (port, refs) in &inst.inputs {
         key.push_str(port);
@@ -745,27 +751,30 @@ fn identity(inst: &StageInstance) -> String {
         }
     }
     key.push_str(&format!("\u{1f}{:?}", inst.resources));
-    key
+    *blake3::hash(key.as_bytes()).as_bytes()
+}
+
+/// [`canonical_json`] of an object, without wrapping it in a `Value` first.
+fn canonical_object(map: &serde_json::Map<String, serde_json::Value>, out: &mut String) {
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort();
+    out.push('{');
+    for (i, k) in keys.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::Value::String(k.clone()).to_string());
+        out.push(':');
+        canonical_json(&map[k], out);
+    }
+    out.push('}');
 }
 
 /// JSON with object keys sorted at every level, so that key order never matters.
 pub fn canonical_json(v: &serde_json::Value, out: &mut String) {
     use serde_json::Value as J;
     match v {
-        J::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&J::String(k.clone()).to_string());
-                out.push(':');
-                canonical_json(&map[k], out);
-            }
-            out.push('}');
-        }
+        J::Object(map) => canonical_object(map, out),
         J::Array(items) => {
             out.push('[');
             for (i, item) in items.iter().enumerate() {
