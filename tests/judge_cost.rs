@@ -74,6 +74,24 @@ fn smoke_plan_counts_local_judge_calls_and_a_run_over_the_limit_refuses() {
     let out = emflow(store.path(), &[&["plan", "--json"][..], &args].concat());
     let costs = judge_cost(&out);
     assert_eq!(stage(&costs, "eval_base")["calls"], 6);
+    // onpolicy_safety: every safety prompt x 1 sample x (aligned, coherent).
+    let prompts = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/data/safety/safety_prompts.jsonl"),
+    )
+    .unwrap()
+    .lines()
+    .filter(|l| !l.trim().is_empty())
+    .count();
+    assert_eq!(stage(&costs, "onpolicy_safety")["calls"], prompts * 2);
+    // GRPO: 2 steps x 2 prompts x 2 generations, at most (short answers get no grader call).
+    let grpo = stage(&costs, "grpo[domain=medical,seed=0]");
+    assert_eq!(grpo["calls"], 8);
+    assert_eq!(grpo["upper_bound"], true);
+    assert_eq!(
+        grpo["completion_tokens"],
+        8 * 48,
+        "grader_max_tokens 48 a call"
+    );
     let total = costs["totals"]["to_call"].as_u64().unwrap();
     let sum: u64 = costs["stages"]
         .as_array()
