@@ -213,7 +213,7 @@ impl StageKind for DatasetKind {
         let sources = ctx.inputs("source").to_vec();
         let progress = ctx.progress_handle();
         let built = build(
-            &ctx.stage_id,
+            &format!("stage {}", ctx.stage_id),
             ctx.params(),
             &sources,
             &ctx.output_path("data"),
@@ -240,7 +240,13 @@ impl StageKind for DatasetKind {
         else {
             return Ok(false);
         };
-        build("preview", params, &sources, &dir.join("data"), &NoProgress)?;
+        build(
+            "plan-time preview",
+            params,
+            &sources,
+            &dir.join("data"),
+            &NoProgress,
+        )?;
         Ok(true)
     }
 }
@@ -253,9 +259,10 @@ struct Built {
     counts: Vec<Value>,
 }
 
-/// Reads `sources`, applies the ops of `params` and writes the canonical JSONL to `out`.
+/// Reads `sources`, applies the ops of `params` and writes the canonical JSONL to `out`;
+/// errors start with `label` (`stage ID`).
 fn build(
-    stage_id: &str,
+    label: &str,
     params: &Params,
     sources: &[Artifact],
     out: &Path,
@@ -269,7 +276,7 @@ fn build(
         anyhow::anyhow!("invalid ops: {}", lines.join("; "))
     })?;
     if sources.is_empty() {
-        bail!("stage {stage_id}: no sources; wire one or more files to `source`");
+        bail!("{label}: no sources; wire one or more files to `source`");
     }
 
     // Under `auto` the first source fixes the format and the others must agree.
@@ -294,7 +301,7 @@ fn build(
             .apply(rows, format, &mut |note| {
                 progress.log(&format!("ops.{i}: {note}"))
             })
-            .with_context(|| format!("stage {stage_id}: ops.{i} ({})", op.name()))?;
+            .with_context(|| format!("{label}: ops.{i} ({})", op.name()))?;
         progress.log(&format!(
             "ops.{i} {}: {before} -> {} rows",
             op.name(),
@@ -305,13 +312,13 @@ fn build(
     }
     if rows.is_empty() {
         bail!(
-            "stage {stage_id}: no rows left ({rows_in} read, {}); an empty dataset is almost always a mistake",
+            "{label}: no rows left ({rows_in} read, {}); an empty dataset is almost always a mistake",
             counts.iter().map(|c| format!("{} -> {}", c["op"].as_str().unwrap_or("?"), c["rows"])).collect::<Vec<_>>().join(", ")
         );
     }
 
     let rows_out = rows.len();
-    write_rows(out, rows, format).with_context(|| format!("stage {stage_id}"))?;
+    write_rows(out, rows, format).with_context(|| label.to_string())?;
     Ok(Built {
         format,
         rows_in,
