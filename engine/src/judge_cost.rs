@@ -385,8 +385,11 @@ impl JudgeCostPlan {
                 ));
             }
             r.line(&fmt(row));
-            if let Some(s) = self.stages.get(k) {
-                for note in &s.estimate.notes {
+            // Notes once per run of rows that share them (matrix cells mostly do).
+            let notes = self.stages.get(k).map(|s| &s.estimate.notes);
+            let previous = k.checked_sub(1).and_then(|j| self.stages.get(j));
+            if notes != previous.map(|s| &s.estimate.notes) {
+                for note in notes.into_iter().flatten() {
                     r.line(&format!("      {note}"));
                 }
             }
