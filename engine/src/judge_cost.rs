@@ -160,8 +160,8 @@ impl StageJudgeCost {
     fn cost_text(&self) -> String {
         match (self.cost_usd, &self.price) {
             (Some(c), Some(_)) => usd(c),
-            (Some(_), None) if self.cached => usd(0.0),
-            (Some(_), None) => "local, not billed".into(),
+            (Some(_), None) if self.estimate.local && !self.cached => "local, not billed".into(),
+            (Some(c), None) => usd(c),
             (None, _) if self.to_call.is_none() => "unknown".into(),
             (None, _) => "price not set".into(),
         }
