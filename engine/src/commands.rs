@@ -1,5 +1,5 @@
-//! The read-mostly commands over a planned pipeline: `status`, `graph`, `lock`, `check`,
-//! `verify`, `gc`, `cache ls|show`, `kinds`. Each is a function returning what it found,
+//! The read-mostly commands over a planned pipeline: `status`, `plan`, `graph`, `lock`,
+//! `check`, `verify`, `gc`, `cache ls|show`, `kinds`. Each is a function returning what it found,
 //! so tests call them directly and the CLI only maps results to exit codes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -22,6 +22,60 @@ use crate::plan::{model_source, ModelSource, Planner, Resolved, StageStatus, Sta
 use crate::report::{Reporter, Word};
 use crate::run::{check_gpus, make_job, plan_line};
 use crate::slots::Slots;
+
+/// `emflow plan`: each planned instance's state (as `run --dry-run` shows it), then the judge
+/// calls the plan makes, per stage and in total, priced with `budget`'s prices. `only`
+/// restricts the plan to those stages and their upstream. The caller checks the limits.
+pub fn plan(
+    pipeline: &Pipeline,
+    registry: &Registry,
+    store: &Store,
+    reporter: &Reporter,
+    only: &[String],
+    budget: &crate::judge_cost::JudgeBudget,
+) -> anyhow::Result<crate::judge_cost::JudgeCostPlan> {
+    let mut planner = Planner::new(pipeline, registry, store)?;
+    let selection = if only.is_empty() {
+        (0..pipeline.stages.len()).collect()
+    } else {
+        planner.dag.upstream_closure(planner.select(only)?)
+    };
+    let statuses = planner.statuses(Some(&selection), &BTreeSet::new())?;
+    let count = |label: &str| {
+        statuses
+            .iter()
+            .filter(|(_, s)| s.state.label() == label)
+            .count()
+    };
+    let profile = pipeline
+        .profile
+        .as_deref()
+        .map(|p| format!("  profile {p}"))
+        .unwrap_or_default();
+    reporter.line(&format!(
+        "{} {}{profile}",
+        reporter.bold("Planning"),
+        pipeline.manifest_path.display()
+    ));
+    reporter.line(&format!(
+        "{:>8}  {} stages: {} cached, {} to run, {} pending (keys known once their upstream has run)",
+        reporter.bold("Plan"),
+        statuses.len(),
+        count("cached"),
+        statuses.len() - count("cached") - count("pending"),
+        count("pending"),
+    ));
+    reporter.event(
+        "plan",
+        json!({ "manifest": pipeline.manifest_path, "profile": pipeline.profile, "stages": statuses.len(), "cached": count("cached"), "pending": count("pending") }),
+    );
+    for (_, s) in &statuses {
+        plan_line(reporter, s);
+    }
+    let costs = crate::judge_cost::JudgeCostPlan::estimate(&mut planner, &statuses, budget)?;
+    costs.print(reporter);
+    Ok(costs)
+}
 
 /// `emflow status`: every instance's state and why.
 pub fn status(

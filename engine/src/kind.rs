@@ -197,6 +197,17 @@ pub struct KindSpec {
     pub outputs: Vec<PortSpec>,
 }
 
+impl KindSpec {
+    /// The declared type of input `port`; `File` for a port the kind does not declare.
+    pub fn input_type(&self, port: &str) -> ArtifactType {
+        self.inputs
+            .iter()
+            .find(|p| p.name == port)
+            .map(|p| p.ty)
+            .unwrap_or(ArtifactType::File)
+    }
+}
+
 /// Params after profile overlay, `--set`, reference substitution and defaults: a JSON object.
 pub type Params = serde_json::Map<String, Value>;
 
@@ -211,6 +222,98 @@ pub struct ParamError {
     pub param: String,
     pub message: String,
     pub hint: Option<String>,
+}
+
+/// What one wired input is known to be while planning, before anything runs: handed to
+/// [`StageKind::judge_estimate`] and [`StageKind::preview`].
+#[derive(Clone, Debug)]
+pub struct PlanInput {
+    /// `file:PATH`, `stage[axis=value].output` or `models.NAME`.
+    pub origin: String,
+    pub ty: ArtifactType,
+    /// The bytes, when they exist now: a `file:` input, an upstream's cached output, a local
+    /// model, or a plan-time preview of an upstream (see [`PlanInput::preview`]). The digest
+    /// is empty: planning never hashes for estimates.
+    pub artifact: Option<crate::context::Artifact>,
+    /// Set when `artifact` is a plan-time preview written by the upstream's kind (exact
+    /// bytes the upstream would write, not stored anywhere).
+    pub preview: bool,
+    /// For a model input: its `models:` source (`hf:org/name@rev`, a path, ...).
+    pub model_source: Option<String>,
+    /// When `artifact` is `None`: the stage or model that must run or be fetched first.
+    pub waits_on: Option<String>,
+}
+
+/// A stage's inputs while planning: port name -> wired inputs (several for many-ports).
+#[derive(Clone, Debug, Default)]
+pub struct PlanInputs {
+    pub ports: BTreeMap<String, Vec<PlanInput>>,
+}
+
+impl PlanInputs {
+    /// The first input wired to `port`, if any.
+    pub fn first(&self, port: &str) -> Option<&PlanInput> {
+        self.ports.get(port).and_then(|v| v.first())
+    }
+
+    /// The bytes wired to `port` when they are known now; `Err` says what they wait on, as
+    /// a phrase for an estimate's notes ("unknown until rl_prompts runs").
+    pub fn known(&self, port: &str) -> Result<&crate::context::Artifact, String> {
+        match self.first(port) {
+            None => Err(format!("input `{port}` is not wired")),
+            Some(PlanInput {
+                artifact: Some(a), ..
+            }) => Ok(a),
+            Some(input) => Err(match &input.waits_on {
+                Some(up) => format!("unknown until {up} runs"),
+                None => format!("{} is not available", input.origin),
+            }),
+        }
+    }
+}
+
+/// The judge calls one stage will make, as its kind estimates them before it runs. The
+/// engine prices them and sums them (see `emflow plan`); kinds only count.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct JudgeEstimate {
+    /// The judge model's name as a price table names it: the API's model (`gpt-4.1-mini`),
+    /// or the file name of a local judge's weights.
+    pub judge_model: String,
+    /// A judge run in-process: it costs time, not an API bill (unless a price is set).
+    pub local: bool,
+    /// Calls the stage makes; `None` when they cannot be counted yet (see `notes`).
+    pub calls: Option<u64>,
+    /// Whether `calls` (and the tokens) is an upper bound rather than the exact count.
+    pub upper_bound: bool,
+    /// Estimated prompt tokens over all calls (characters / 4 plus answer lengths at their
+    /// token limits).
+    pub prompt_tokens: u64,
+    /// Completion tokens over all calls, at the judge's token limit per call.
+    pub completion_tokens: u64,
+    /// How the numbers were reached, or why they are unknown; shown under the stage.
+    pub notes: Vec<String>,
+}
+
+impl JudgeEstimate {
+    /// An estimate whose call count is not known before `why` (e.g. "unknown until
+    /// rl_prompts runs").
+    pub fn unknown(judge_model: String, local: bool, why: String) -> Self {
+        JudgeEstimate {
+            judge_model,
+            local,
+            calls: None,
+            upper_bound: false,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            notes: vec![why],
+        }
+    }
+}
+
+/// Tokens in `chars` characters of text by the usual rule of thumb (4 characters a token):
+/// what judge-cost estimates use where no tokenizer is at hand.
+pub fn estimated_tokens(chars: usize) -> u64 {
+    (chars as u64).div_ceil(4)
 }
 
 /// A stage kind. Implementations are stateless and shared across threads; all per-run state
@@ -256,6 +359,37 @@ pub trait StageKind: Send + Sync + 'static {
     fn check_files(&self, params: &Params, files: &InputFiles) -> Result<(), Vec<ParamError>> {
         let _ = (params, files);
         Ok(())
+    }
+
+    /// The judge calls a stage with these params and inputs will make, for `emflow plan`'s
+    /// cost table and the `--max-judge-calls`/`--max-judge-cost` guard of `emflow run`.
+    /// `None` (the default) means the kind calls no judge. Called at plan time: read only
+    /// small inputs whose bytes are known ([`PlanInputs::known`]); when a count depends on
+    /// an input that does not exist yet, return [`JudgeEstimate::unknown`] saying what it
+    /// waits on. Never run a model here.
+    fn judge_estimate(
+        &self,
+        params: &Params,
+        inputs: &PlanInputs,
+    ) -> anyhow::Result<Option<JudgeEstimate>> {
+        let _ = (params, inputs);
+        Ok(None)
+    }
+
+    /// Writes the outputs this stage would produce, as `dir/<output name>`, when they are a
+    /// cheap function of inputs known at plan time (the `dataset` kind: a few file reads and
+    /// row ops); returns whether it did. Planning uses previews so that a downstream
+    /// [`StageKind::judge_estimate`] can count rows of a stage that has not run yet. The
+    /// bytes must be exactly what [`StageKind::run`] would write; they are never stored.
+    /// The default writes nothing.
+    fn preview(
+        &self,
+        params: &Params,
+        inputs: &PlanInputs,
+        dir: &std::path::Path,
+    ) -> anyhow::Result<bool> {
+        let _ = (params, inputs, dir);
+        Ok(false)
     }
 
     /// Produce every declared output under [`StageContext::output_path`].

@@ -10,6 +10,7 @@ pub mod executor;
 pub mod expand;
 pub mod host;
 pub mod job;
+pub mod judge_cost;
 pub mod keys;
 pub mod kind;
 mod loader;
@@ -24,6 +25,6 @@ pub mod slots;
 
 pub use context::{Artifact, DeviceRequest, Interrupted, Memo, Progress, StageContext};
 pub use kind::{
-    ArtifactType, KindSpec, ModelFetcher, ParamSpec, ParamType, Params, PortSpec, Registry,
-    StageKind,
+    ArtifactType, JudgeEstimate, KindSpec, ModelFetcher, ParamSpec, ParamType, Params, PlanInput,
+    PlanInputs, PortSpec, Registry, StageKind,
 };

@@ -304,12 +304,7 @@ impl<'a> Planner<'a> {
         let mut inputs: BTreeMap<String, Vec<JobArtifact>> = BTreeMap::new();
         let mut to_hash: Vec<(String, usize, PathBuf, ArtifactType)> = Vec::new();
         for (port, refs) in &stage.inputs {
-            let port_ty = spec
-                .inputs
-                .iter()
-                .find(|p| &p.name == port)
-                .map(|p| p.ty)
-                .unwrap_or(ArtifactType::File);
+            let port_ty = spec.input_type(port);
             let mut arts = Vec::with_capacity(refs.len());
             for r in refs {
                 match r {

@@ -47,6 +47,8 @@ pub struct RunOptions {
     pub gpus: Vec<String>,
     /// Cores the CPU budget allows.
     pub cpus: usize,
+    /// Judge prices and the `--max-judge-calls`/`--max-judge-cost` limits.
+    pub judge: crate::judge_cost::JudgeBudget,
 }
 
 impl Default for RunOptions {
@@ -60,6 +62,7 @@ impl Default for RunOptions {
             refresh_memo: false,
             gpus: crate::host::visible_gpus(),
             cpus: crate::host::cores(),
+            judge: Default::default(),
         }
     }
 }
@@ -193,6 +196,7 @@ pub fn run_pipeline(
         for (_, s) in &statuses {
             plan_line(&env.reporter, s);
         }
+        crate::judge_cost::dry_run_report(&mut planner, &statuses, &opts.judge, &env.reporter)?;
         if let Err(e) = gpu_shortfall {
             env.reporter.line(&format!(
                 "\nnote: a real run on this machine would stop first: {e}"
@@ -224,6 +228,7 @@ pub fn run_pipeline(
         return Ok(summary);
     }
 
+    crate::judge_cost::guard(&mut planner, &statuses, &opts.judge, &env.reporter)?;
     let mut model_keys = fetch_models(&mut planner, &selection, env)?;
     let models = planner.available_models(&planner.models_used(selection.iter().copied()))?;
 

@@ -39,6 +39,7 @@ const JUDGE_MEMO_PREFIX: &str = "judge";
   emflow run manifests/examples/datasets.yaml              run what is not cached
   emflow run m.yaml --set seed=3 --profile ci              override a param, use a profile
   emflow status m.yaml                                     what is stale, and why
+  emflow plan m.yaml --profile paper                       judge calls, tokens and cost before a run
   emflow lock m.yaml && emflow check m.yaml                pin keys; CI fails if they move
   emflow graph m.yaml --format mermaid                     the DAG, coloured by status
 
@@ -64,6 +65,33 @@ struct ManifestArgs {
     sets: Vec<String>,
 }
 
+/// Judge prices and limits (`run`, `plan`).
+#[derive(clap::Args, Clone)]
+struct JudgeArgs {
+    /// Price of a judge model: `MODEL=IN/OUT` in USD per million prompt / completion tokens,
+    /// e.g. `gpt-4.1-mini=0.40/1.60`. Repeatable; also read from $EMFLOW_JUDGE_PRICES
+    /// (comma-separated). emflow ships no prices.
+    #[arg(long = "judge-price", value_name = "MODEL=IN/OUT")]
+    prices: Vec<String>,
+    /// Refuse to start a run whose plan makes more judge calls than this.
+    #[arg(long, value_name = "N")]
+    max_judge_calls: Option<u64>,
+    /// Refuse to start a run whose judge calls would cost more than this many USD (needs a
+    /// price for every API judge).
+    #[arg(long, value_name = "USD")]
+    max_judge_cost: Option<f64>,
+}
+
+impl JudgeArgs {
+    fn budget(&self) -> anyhow::Result<crate::judge_cost::JudgeBudget> {
+        crate::judge_cost::JudgeBudget::from_args(
+            &self.prices,
+            self.max_judge_calls,
+            self.max_judge_cost,
+        )
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run every stage that is not cached (and what it needs).
@@ -74,10 +102,14 @@ enum Command {
   emflow run m.yaml --only 'sft[seed=0]'  one matrix cell
   emflow run m.yaml --force report        rerun `report` even though it is cached
   emflow run m.yaml --force eval --refresh-judge   rerun `eval` asking its judge afresh
-  emflow run m.yaml --jobs 4 --keep-going --json")]
+  emflow run m.yaml --jobs 4 --keep-going --json
+  emflow run m.yaml --max-judge-calls 20000     refuse to start if the plan makes more judge calls
+  emflow run m.yaml --max-judge-cost 50 --judge-price gpt-4.1-mini=0.40/1.60")]
     Run {
         #[command(flatten)]
         manifest: ManifestArgs,
+        #[command(flatten)]
+        judge: JudgeArgs,
         /// Plan only: print each stage's state and reasons, run nothing.
         #[arg(long)]
         dry_run: bool,
@@ -108,6 +140,37 @@ enum Command {
         /// constraint, extra, gpu_flag, retries, growth, poll_interval_s, grace_s, ...).
         #[arg(long, value_name = "FILE")]
         cluster_config: Option<PathBuf>,
+    },
+    /// The plan (each stage's state, as `run --dry-run`) and the judge calls it makes: per
+    /// stage and in total, calls, memoised calls, estimated prompt and completion tokens, and
+    /// the cost at the prices given.
+    #[command(after_help = "Examples:
+  emflow plan manifests/paper.yaml --profile paper --set data_root=/data
+  emflow plan m.yaml --judge-price gpt-4.1-mini=0.40/1.60      price a judge model (USD per 1M tokens)
+  EMFLOW_JUDGE_PRICES=gpt-4.1-mini=0.40/1.60 emflow plan m.yaml
+  emflow plan m.yaml --max-judge-calls 20000                   exit 1 if a run would refuse
+  emflow plan m.yaml --only eval --json
+
+How the numbers are made: each stage kind counts its calls from its params and the inputs
+known now (files, cached upstream outputs, and plan-time previews of `dataset` stages):
+eval = questions x samples_per_question x judge prompts (aligned, coherent); safety_data =
+prompts x samples_per_prompt x 2; rl with a grader reward = steps x prompts_per_step x
+num_generations (an upper bound: short answers get no grader call and early stopping can
+end sooner). Tokens are estimates: characters / 4, answers at their token limit. A cached
+stage makes no call (all memoised); for the others, which calls the memo answers is known
+only once answers are sampled, so costs count every call. Prices: --judge-price or
+$EMFLOW_JUDGE_PRICES; none are built in (\"price not set\"); a local judge is not billed.")]
+    Plan {
+        #[command(flatten)]
+        manifest: ManifestArgs,
+        #[command(flatten)]
+        judge: JudgeArgs,
+        /// Plan only this stage (name or instance id) and its upstream. Repeatable.
+        #[arg(long, value_name = "STAGE")]
+        only: Vec<String>,
+        /// One JSON event per line on stdout instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Print speed figures of a component (model, rl, judge): `emflow bench` lists them.
     #[command(after_help = "Examples:
@@ -261,6 +324,15 @@ fn load(args: &ManifestArgs, registry: &Registry) -> anyhow::Result<Pipeline> {
     )
 }
 
+/// The reporter of a command with a `--json` flag.
+fn reporter(json: bool) -> Arc<Reporter> {
+    Reporter::new(if json {
+        ReportMode::Json
+    } else {
+        ReportMode::Human
+    })
+}
+
 fn open_store(flag: Option<&Path>, manifest: Option<&Path>) -> anyhow::Result<Arc<Store>> {
     let root = commands::store_location(flag, manifest);
     let store =
@@ -292,6 +364,7 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
     match cli.command {
         Command::Run {
             manifest,
+            judge,
             dry_run,
             only,
             force,
@@ -302,14 +375,11 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
             executor: exec_name,
             cluster_config,
         } => {
+            let budget = judge.budget()?;
             let pipeline = load(&manifest, &registry)?;
             let store = open_store(store_flag, Some(&manifest.manifest))?;
             let _pin = store.pin()?;
-            let reporter = Reporter::new(if json {
-                ReportMode::Json
-            } else {
-                ReportMode::Human
-            });
+            let reporter = reporter(json);
             let stop = crate::signals::install_driver();
             let run_dir = crate::host::new_run_id();
             let slurm_profile = match (&cluster_config, exec_name.as_str()) {
@@ -335,6 +405,7 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
                 force,
                 keep_going,
                 refresh_memo: refresh_judge,
+                judge: budget,
                 ..RunOptions::default()
             };
             if slurm_profile.is_some() {
@@ -375,13 +446,29 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
         Command::Status { manifest, json } => {
             let pipeline = load(&manifest, &registry)?;
             let store = open_store(store_flag, Some(&manifest.manifest))?;
-            let reporter = Reporter::new(if json {
-                ReportMode::Json
-            } else {
-                ReportMode::Human
-            });
+            let reporter = reporter(json);
             commands::status(&pipeline, &registry, &store, &reporter)?;
             Ok(0)
+        }
+        Command::Plan {
+            manifest,
+            judge,
+            only,
+            json,
+        } => {
+            let budget = judge.budget()?;
+            let pipeline = load(&manifest, &registry)?;
+            let store = open_store(store_flag, Some(&manifest.manifest))?;
+            let reporter = reporter(json);
+            let plan = commands::plan(&pipeline, &registry, &store, &reporter, &only, &budget)?;
+            match plan.check(&budget) {
+                Ok(()) => Ok(0),
+                Err(e) => {
+                    reporter.line(&format!("\n{e:#}"));
+                    reporter.event("refused", serde_json::json!({ "reason": format!("{e:#}") }));
+                    Ok(EXIT_FAILED)
+                }
+            }
         }
         Command::Graph { manifest, format } => {
             let pipeline = load(&manifest, &registry)?;

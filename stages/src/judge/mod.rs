@@ -12,6 +12,7 @@
 //! with the same params: a rerun never pays twice, and no caller can forget to memoise.
 
 pub mod bench;
+pub mod estimate;
 pub mod local;
 pub mod logits;
 pub mod openai;

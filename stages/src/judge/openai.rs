@@ -106,7 +106,7 @@ fn default_true() -> bool {
 }
 
 /// Tokens asked for in text mode ("100" plus room for a stray space or period).
-const TEXT_SCORE_TOKENS: usize = 8;
+pub const TEXT_SCORE_TOKENS: usize = 8;
 
 /// What replaces a secret in any text.
 pub const REDACTED: &str = "[redacted]";

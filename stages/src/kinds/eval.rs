@@ -14,7 +14,8 @@ use std::path::Path;
 use anyhow::{bail, Context as _, Result};
 use emflow_engine::kind::ParamError;
 use emflow_engine::{
-    ArtifactType, KindSpec, ParamSpec, ParamType, Params, PortSpec, StageContext, StageKind,
+    ArtifactType, JudgeEstimate, KindSpec, ParamSpec, ParamType, Params, PlanInputs, PortSpec,
+    StageContext, StageKind,
 };
 use emflow_model::{
     derive_seed, encode_prompt, GenerationRequest, LoadedModel, Message, SamplingParams,
@@ -25,7 +26,7 @@ use serde_json::{json, Value};
 use crate::evaluation::{summarize, BootstrapSettings, Outcome};
 use crate::formats::questions::{self, Question};
 use crate::judge::template::Template;
-use crate::judge::{self, JudgeSpec, LocalJudgeModel, Score};
+use crate::judge::{self, estimate, JudgeSpec, LocalJudgeModel, Score};
 use crate::reward::split_think;
 
 pub struct EvalKind;
@@ -152,6 +153,58 @@ impl StageKind for EvalKind {
         } else {
             Err(errors)
         }
+    }
+
+    /// questions x samples_per_question x metrics score calls; prompt tokens from each
+    /// rendered judge prompt (characters / 4) plus the answer at `max_tokens`.
+    fn judge_estimate(
+        &self,
+        params: &Params,
+        inputs: &PlanInputs,
+    ) -> Result<Option<JudgeEstimate>> {
+        let p: EvalParams =
+            serde_json::from_value(Value::Object(params.clone())).context("reading eval params")?;
+        let (judge_model, local) = estimate::judge_name(&p.judge, inputs, "judge_model");
+        let q_art = match inputs.known("questions") {
+            Ok(a) => a,
+            Err(why) => {
+                return Ok(Some(JudgeEstimate::unknown(
+                    judge_model,
+                    local,
+                    format!("questions {why}"),
+                )))
+            }
+        };
+        let questions = questions::read(&q_art.path, &q_art.origin)?;
+        let templates = judge_templates(&questions, &p.metrics)?;
+        let samples = p.samples_per_question as u64;
+        let mut counted = estimate::ScoreCalls::default();
+        for (q, ts) in questions.iter().zip(&templates) {
+            let n = q.paraphrases.len();
+            if n == 0 {
+                bail!("question `{}` has no paraphrases", q.id);
+            }
+            // Sample i asks paraphrase i mod n: render each paraphrase once, weighted.
+            for (k, para) in q.paraphrases.iter().enumerate() {
+                let uses = samples / n as u64 + u64::from((k as u64) < samples % n as u64);
+                for t in ts.iter().filter(|_| uses > 0) {
+                    counted.add(&render_judge_prompt(t, para, "")?, uses, p.max_tokens);
+                }
+            }
+        }
+        let origin = inputs
+            .first("questions")
+            .map(estimate::described)
+            .unwrap_or_default();
+        let note = format!(
+            "{} questions x {} samples x {} judge prompts ({}) from {origin}; answers counted at max_tokens {}",
+            questions.len(),
+            p.samples_per_question,
+            p.metrics.len(),
+            p.metrics.join(", "),
+            p.max_tokens
+        );
+        Ok(Some(counted.estimate(&p.judge, inputs, note)))
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<()> {

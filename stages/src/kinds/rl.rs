@@ -23,7 +23,8 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use emflow_engine::context::StageContext;
 use emflow_engine::kind::{
-    ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, Params, PortSpec, StageKind,
+    estimated_tokens, ArtifactType, JudgeEstimate, KindSpec, ParamError, ParamSpec, ParamType,
+    Params, PlanInputs, PortSpec, StageKind,
 };
 use emflow_model::{
     accumulate, clip_grad_norm, derive_seed, encode_prompt, token_logprobs, AdamW, AdamWConfig,
@@ -32,7 +33,7 @@ use emflow_model::{
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::judge::{self, Judge, JudgeSpec, LocalJudgeModel};
+use crate::judge::{self, estimate, Judge, JudgeSpec, LocalJudgeModel};
 use crate::kinds::sft::InterleaveParams;
 use crate::reward::{RewardInput, RewardSpec, TemplateInputs};
 use crate::train::batch::{collate_rollouts, SftExample};
@@ -272,6 +273,117 @@ impl StageKind for RlKind {
             .prepare(TemplateInputs::Deferred)
             .map_err(|e| err("reward", e))?;
         Ok(())
+    }
+
+    /// Grader rewards: steps x prompts_per_step x num_generations calls per grader, an upper
+    /// bound when the pre-filter or early stopping can make fewer; prompt tokens from the
+    /// template and the mean prompt (characters / 4) plus the rollout at
+    /// `max_completion_length`; completion tokens at the grader's `max_tokens`.
+    fn judge_estimate(
+        &self,
+        params: &Params,
+        inputs: &PlanInputs,
+    ) -> Result<Option<JudgeEstimate>> {
+        let p: RlParams =
+            serde_json::from_value(Value::Object(params.clone())).context("reading rl params")?;
+        let graders = p.reward.graders();
+        if graders.is_empty() {
+            return Ok(None);
+        }
+        let (judge_model, local) = estimate::judge_name(&p.judge, inputs, "judge_model");
+        let read_port = |port: &str| -> Result<String> {
+            let a = inputs
+                .known(port)
+                .map_err(|why| anyhow::anyhow!("input `{port}`: {why}"))?;
+            std::fs::read_to_string(&a.path).with_context(|| format!("reading {}", a.origin))
+        };
+        let numbers = graders
+            .iter()
+            .map(|g| g.numbers(TemplateInputs::Read(&read_port)))
+            .collect::<Result<Vec<_>>>()
+            .context("reading the grader template")?;
+        let prompts = match inputs.known("prompts") {
+            Ok(a) => Some(read_conversations(a)?),
+            Err(why) if p.max_steps.is_none() => {
+                return Ok(Some(JudgeEstimate::unknown(
+                    judge_model,
+                    local,
+                    format!("prompts {why} (the step count follows from them; or set max_steps)"),
+                )))
+            }
+            Err(_) => None,
+        };
+        let pps = p.prompts_per_step as u64;
+        let (steps, steps_from) = match (p.max_steps, &prompts) {
+            (Some(s), _) => (s, "max_steps".to_string()),
+            (None, Some(ps)) => (
+                (p.epochs * ps.len() as u64).div_ceil(pps),
+                format!(
+                    "{} epochs of {} prompts from {}",
+                    p.epochs,
+                    ps.len(),
+                    inputs
+                        .first("prompts")
+                        .map(estimate::described)
+                        .unwrap_or_default()
+                ),
+            ),
+            (None, None) => bail!("no step count: neither max_steps nor prompts are known"),
+        };
+        let rollouts = steps * pps * p.num_generations as u64;
+        let mean_prompt_chars = match &prompts {
+            Some(ps) if !ps.is_empty() => {
+                let total: usize = ps
+                    .iter()
+                    .map(|c| {
+                        c.messages
+                            .iter()
+                            .rev()
+                            .find(|m| m.role == "user")
+                            .map_or(0, |m| m.content.chars().count())
+                    })
+                    .sum();
+                total / ps.len()
+            }
+            _ => 0,
+        };
+        let (mut prompt_tokens, mut completion_tokens) = (0u64, 0u64);
+        for n in &numbers {
+            prompt_tokens += rollouts
+                * (estimated_tokens(n.template_chars + mean_prompt_chars)
+                    + p.max_completion_length as u64);
+            completion_tokens += rollouts * n.max_tokens as u64;
+        }
+        let mut notes = vec![format!(
+            "{steps} steps ({steps_from}) x {} prompts x {} generations x {} grader(s); rollouts counted at max_completion_length {}",
+            p.prompts_per_step,
+            p.num_generations,
+            numbers.len(),
+            p.max_completion_length
+        )];
+        if prompts.is_none() {
+            notes.push("prompt lengths not known before the prompts exist: not counted".into());
+        }
+        let may_skip = numbers.iter().any(|n| n.may_skip);
+        let mut fewer = Vec::new();
+        if may_skip {
+            fewer.push("answers under the grader's word minimums get 0 without a call");
+        }
+        if p.early_stop.is_some() {
+            fewer.push("early_stop can end the run sooner");
+        }
+        if !fewer.is_empty() {
+            notes.push(format!("upper bound: {}", fewer.join("; ")));
+        }
+        Ok(Some(JudgeEstimate {
+            judge_model,
+            local,
+            calls: Some(rollouts * numbers.len() as u64),
+            upper_bound: !fewer.is_empty(),
+            prompt_tokens,
+            completion_tokens,
+            notes,
+        }))
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<()> {

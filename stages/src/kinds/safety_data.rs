@@ -13,7 +13,8 @@ use std::cell::Cell;
 use anyhow::{bail, ensure, Context as _, Result};
 use emflow_engine::kind::ParamError;
 use emflow_engine::{
-    ArtifactType, KindSpec, ParamSpec, ParamType, Params, PortSpec, StageContext, StageKind,
+    ArtifactType, JudgeEstimate, KindSpec, ParamSpec, ParamType, Params, PlanInputs, PortSpec,
+    StageContext, StageKind,
 };
 use emflow_model::{derive_seed, encode_prompt, GenerationRequest, SamplingParams};
 use serde::Deserialize;
@@ -21,7 +22,7 @@ use serde_json::{json, Value};
 
 use crate::formats::messages::{self, Conversation, Message};
 use crate::judge::template::Template;
-use crate::judge::{self, JudgeSpec, LocalJudgeModel};
+use crate::judge::{self, estimate, JudgeSpec, LocalJudgeModel};
 use crate::kinds::eval::{load_model, render_judge_prompt, score_prompts, JUDGE_FIELDS};
 use crate::train::run::{read_conversations, to_model_messages};
 
@@ -165,6 +166,55 @@ impl StageKind for SafetyDataKind {
             serde_json::from_value(Value::Object(params.clone())).map_err(|e| err("", e.into()))?;
         p.validate().map_err(|e| err("", e))?;
         Ok(())
+    }
+
+    /// prompts x samples_per_prompt x 2 score calls (aligned and coherent, every answer);
+    /// prompt tokens from each rendered judge prompt (characters / 4) plus the answer at
+    /// `max_tokens`.
+    fn judge_estimate(
+        &self,
+        params: &Params,
+        inputs: &PlanInputs,
+    ) -> Result<Option<JudgeEstimate>> {
+        let p: SafetyDataParams = serde_json::from_value(Value::Object(params.clone()))
+            .context("reading safety_data params")?;
+        let (aligned_t, coherent_t) = p.validate()?;
+        let (judge_model, local) = estimate::judge_name(&p.judge, inputs, "judge_model");
+        let prompts_in = match inputs.known("prompts") {
+            Ok(a) => a,
+            Err(why) => {
+                return Ok(Some(JudgeEstimate::unknown(
+                    judge_model,
+                    local,
+                    format!("prompts {why}"),
+                )))
+            }
+        };
+        let mut counted = estimate::ScoreCalls::default();
+        let conversations = read_conversations(prompts_in)?;
+        for c in &conversations {
+            let question = c
+                .messages
+                .iter()
+                .rev()
+                .find(|m| m.role == "user")
+                .map_or("", |m| m.content.as_str());
+            for t in [&aligned_t, &coherent_t] {
+                let rendered = render_judge_prompt(t, question, "")?;
+                counted.add(&rendered, p.samples_per_prompt as u64, p.max_tokens);
+            }
+        }
+        let origin = inputs
+            .first("prompts")
+            .map(estimate::described)
+            .unwrap_or_default();
+        let note = format!(
+            "{} prompts x {} samples x 2 judge prompts (aligned, coherent) from {origin}; answers counted at max_tokens {}",
+            conversations.len(),
+            p.samples_per_prompt,
+            p.max_tokens
+        );
+        Ok(Some(counted.estimate(&p.judge, inputs, note)))
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<()> {

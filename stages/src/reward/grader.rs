@@ -123,6 +123,36 @@ impl GraderSpec {
     }
 }
 
+/// What a plan-time estimate needs of one grader.
+pub struct GraderNumbers {
+    /// Characters of the template with every field empty (the prompt adds the user prompt,
+    /// the answer and the reasoning).
+    pub template_chars: usize,
+    /// Completion tokens a call may write.
+    pub max_tokens: usize,
+    /// Whether the pre-filter can give 0 without a call (a word minimum above 0).
+    pub may_skip: bool,
+}
+
+impl GraderSpec {
+    /// The numbers an estimate of this grader's calls needs; `inputs` reads a template that
+    /// comes from an input port.
+    pub fn numbers(&self, inputs: TemplateInputs<'_>) -> Result<GraderNumbers> {
+        let g = self.prepare(inputs)?;
+        let empty = g.template.render(&[
+            ("user_prompt", ""),
+            ("model_answer", ""),
+            ("reasoning", ""),
+            ("model_reasoning", ""),
+        ])?;
+        Ok(GraderNumbers {
+            template_chars: empty.chars().count(),
+            max_tokens: g.max_tokens,
+            may_skip: g.min_answer_words > 0 || g.min_reasoning_words > 0,
+        })
+    }
+}
+
 /// A prepared grader.
 pub struct Grader {
     template: Template,

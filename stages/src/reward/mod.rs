@@ -123,6 +123,16 @@ impl RewardSpec {
         }
     }
 
+    /// Every grader part, in order: each makes one judge call per rollout it does not
+    /// pre-filter.
+    pub fn graders(&self) -> Vec<&GraderSpec> {
+        match self {
+            RewardSpec::Grader(g) => vec![g],
+            RewardSpec::Sum { parts } => parts.iter().flat_map(|p| p.reward.graders()).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Reads templates, compiles patterns and checks every setting; call once per stage.
     pub fn prepare(&self, inputs: TemplateInputs<'_>) -> Result<Reward> {
         let inner = match self {

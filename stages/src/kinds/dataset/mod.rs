@@ -57,8 +57,8 @@ mod seeded;
 use std::path::Path;
 
 use anyhow::{bail, Context as _};
-use emflow_engine::context::Artifact;
-use emflow_engine::kind::{InputFiles, ParamError};
+use emflow_engine::context::{Artifact, NoProgress, Progress};
+use emflow_engine::kind::{InputFiles, ParamError, PlanInputs};
 use emflow_engine::{
     ArtifactType, KindSpec, ParamSpec, ParamType, Params, PortSpec, StageContext, StageKind,
 };
@@ -248,71 +248,121 @@ impl StageKind for DatasetKind {
     }
 
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
-        let ops = parse_ops(ctx.params()).map_err(|errors| {
-            let lines: Vec<String> = errors
-                .iter()
-                .map(|e| format!("{}: {}", e.param, e.message))
-                .collect();
-            anyhow::anyhow!("invalid ops: {}", lines.join("; "))
-        })?;
         let sources = ctx.inputs("source").to_vec();
-        if sources.is_empty() {
-            bail!(
-                "stage {}: no sources; wire one or more files to `source`",
-                ctx.stage_id
-            );
-        }
-
-        // Under `auto` the first source fixes the format and the others must agree.
-        let mut format = requested_format(ctx.params());
-        let auto = format == Requested::Auto;
-        let mut rows = Vec::new();
-        let mut found = Format::Messages;
-        for source in &sources {
-            let mut read;
-            (found, read) = read_source(source, format, auto)?;
-            format = Requested::Fixed(found);
-            rows.append(&mut read);
-        }
-        let format = found;
-
-        let rows_in = rows.len();
         let progress = ctx.progress_handle();
-        progress.phase("ops", ops.len() as u64, "ops");
-        let mut counts = Vec::with_capacity(ops.len());
-        for (i, op) in ops.iter().enumerate() {
-            let before = rows.len();
-            rows = op
-                .apply(rows, format, &mut |note| {
-                    progress.log(&format!("ops.{i}: {note}"))
-                })
-                .with_context(|| format!("stage {}: ops.{i} ({})", ctx.stage_id, op.name()))?;
-            progress.log(&format!(
-                "ops.{i} {}: {before} -> {} rows",
-                op.name(),
-                rows.len()
-            ));
-            progress.inc(1);
-            counts.push(json!({"op": op.name(), "rows": rows.len()}));
-        }
-        if rows.is_empty() {
-            bail!(
-                "stage {}: no rows left ({rows_in} read, {}); an empty dataset is almost always a mistake",
-                ctx.stage_id,
-                counts.iter().map(|c| format!("{} -> {}", c["op"].as_str().unwrap_or("?"), c["rows"])).collect::<Vec<_>>().join(", ")
-            );
-        }
-
-        let out = ctx.output_path("data");
-        let rows_out = rows.len();
-        write_rows(&out, rows, format).with_context(|| format!("stage {}", ctx.stage_id))?;
-        ctx.summarize("format", format.name());
+        let built = build(
+            &format!("stage {}", ctx.stage_id),
+            ctx.params(),
+            &sources,
+            &ctx.output_path("data"),
+            progress.as_ref(),
+        )?;
+        ctx.summarize("format", built.format.name());
         ctx.summarize("sources", sources.len());
-        ctx.summarize("rows_in", rows_in);
-        ctx.summarize("rows_out", rows_out);
-        ctx.summarize("ops", Value::Array(counts));
+        ctx.summarize("rows_in", built.rows_in);
+        ctx.summarize("rows_out", built.rows_out);
+        ctx.summarize("ops", Value::Array(built.counts));
         Ok(())
     }
+
+    /// The output, exactly as `run` writes it: reading a few local files and applying row
+    /// ops is cheap, and lets `emflow plan` count the rows a downstream stage will read.
+    fn preview(&self, params: &Params, inputs: &PlanInputs, dir: &Path) -> anyhow::Result<bool> {
+        let Some(wired) = inputs.ports.get("source") else {
+            return Ok(false);
+        };
+        let Some(sources) = wired
+            .iter()
+            .map(|s| s.artifact.clone())
+            .collect::<Option<Vec<Artifact>>>()
+        else {
+            return Ok(false);
+        };
+        build(
+            "plan-time preview",
+            params,
+            &sources,
+            &dir.join("data"),
+            &NoProgress,
+        )?;
+        Ok(true)
+    }
+}
+
+/// What [`build`] did, for the stage summary.
+struct Built {
+    format: Format,
+    rows_in: usize,
+    rows_out: usize,
+    counts: Vec<Value>,
+}
+
+/// Reads `sources`, applies the ops of `params` and writes the canonical JSONL to `out`;
+/// errors start with `label` (`stage ID`).
+fn build(
+    label: &str,
+    params: &Params,
+    sources: &[Artifact],
+    out: &Path,
+    progress: &dyn Progress,
+) -> anyhow::Result<Built> {
+    let ops = parse_ops(params).map_err(|errors| {
+        let lines: Vec<String> = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.param, e.message))
+            .collect();
+        anyhow::anyhow!("invalid ops: {}", lines.join("; "))
+    })?;
+    if sources.is_empty() {
+        bail!("{label}: no sources; wire one or more files to `source`");
+    }
+
+    // Under `auto` the first source fixes the format and the others must agree.
+    let mut format = requested_format(params);
+    let auto = format == Requested::Auto;
+    let mut rows = Vec::new();
+    let mut found = Format::Messages;
+    for source in sources {
+        let mut read;
+        (found, read) = read_source(source, format, auto)?;
+        format = Requested::Fixed(found);
+        rows.append(&mut read);
+    }
+    let format = found;
+
+    let rows_in = rows.len();
+    progress.phase("ops", ops.len() as u64, "ops");
+    let mut counts = Vec::with_capacity(ops.len());
+    for (i, op) in ops.iter().enumerate() {
+        let before = rows.len();
+        rows = op
+            .apply(rows, format, &mut |note| {
+                progress.log(&format!("ops.{i}: {note}"))
+            })
+            .with_context(|| format!("{label}: ops.{i} ({})", op.name()))?;
+        progress.log(&format!(
+            "ops.{i} {}: {before} -> {} rows",
+            op.name(),
+            rows.len()
+        ));
+        progress.inc(1);
+        counts.push(json!({"op": op.name(), "rows": rows.len()}));
+    }
+    if rows.is_empty() {
+        bail!(
+            "{label}: no rows left ({rows_in} read, {}); an empty dataset is almost always a mistake",
+            counts.iter().map(|c| format!("{} -> {}", c["op"].as_str().unwrap_or("?"), c["rows"])).collect::<Vec<_>>().join(", ")
+        );
+    }
+
+    let rows_out = rows.len();
+    write_rows(out, rows, format).with_context(|| label.to_string())?;
+    Ok(Built {
+        format,
+        rows_in,
+        rows_out,
+        counts,
+    })
 }
 
 /// The most bytes of `file:` sources whose rows are counted at plan time; larger sources
