@@ -265,7 +265,7 @@ pub fn expand(stage: &str, node: &Node, problems: &mut Vec<Problem>) -> Option<M
         }
         let missing: Vec<&str> = axis_names
             .iter()
-            .filter(|a| !cell.contains_key(*a))
+            .filter(|a| !cell.contains_key(a))
             .map(String::as_str)
             .collect();
         if !missing.is_empty() {

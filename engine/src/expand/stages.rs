@@ -635,7 +635,7 @@ fn match_cells(
     let mut axes: Vec<String> = up
         .axes
         .iter()
-        .filter(|a| select.iter().any(|(s, _)| s == *a) || (cell.coords.contains_key(*a)))
+        .filter(|a| select.iter().any(|(s, _)| s == *a) || (cell.coords.contains_key(a)))
         .cloned()
         .collect();
     axes.sort();
@@ -709,7 +709,7 @@ fn merge_cells(plan: &mut StagePlan) {
             .filter(|(axis, v)| {
                 group
                     .iter()
-                    .all(|&c| plan.cells[c].coords.get(*axis).map(value_key) == Some(value_key(v)))
+                    .all(|&c| plan.cells[c].coords.get(axis).map(value_key) == Some(value_key(v)))
             })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
