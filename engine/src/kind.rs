@@ -344,6 +344,7 @@ pub trait StageKind: Send + Sync + 'static {
     /// real work already runs in child processes (`command`) or that cannot crash, leak or
     /// need its own peak-memory figure: for such a kind the ~10 ms a process start costs
     /// buys nothing, and sweeps of thousands of small stages pay it on every fresh run.
+    /// A job given GPUs always gets a child process (its `CUDA_VISIBLE_DEVICES` is its own).
     fn runs_in_driver(&self) -> bool {
         false
     }

@@ -94,8 +94,11 @@ impl Executor for SubprocessExecutor {
         progress: Arc<dyn Progress>,
         wake: Wake,
     ) -> anyhow::Result<Box<dyn JobHandle>> {
+        // A job with GPUs still gets a child: only a child's environment can say which
+        // devices it sees (`CUDA_VISIBLE_DEVICES`, below), and everything it starts inherits it.
         if let Some((registry, threads)) = &self.driver {
-            if registry.kind(&job.kind).is_some_and(|k| k.runs_in_driver()) {
+            let light = registry.kind(&job.kind).is_some_and(|k| k.runs_in_driver());
+            if light && job.gpu_ids.is_empty() {
                 return threads.submit(job, progress, wake);
             }
         }
