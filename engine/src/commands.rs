@@ -1,5 +1,5 @@
 //! The read-mostly commands over a planned pipeline: `status`, `plan`, `graph`, `lock`,
-//! `check`, `verify`, `gc`, `cache ls|show`, `kinds`. Each is a function returning what it found,
+//! `check`, `verify`, `gc`, `cache ls|show|path|verify`, `kinds`. Each is a function returning what it found,
 //! so tests call them directly and the CLI only maps results to exit codes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -750,26 +750,77 @@ pub fn cache_ls(store: &Store) -> anyhow::Result<Vec<(String, StageRecord)>> {
     Ok(records)
 }
 
-/// `emflow cache show KEY`: the record whose key starts with `prefix`.
-pub fn cache_show(store: &Store, prefix: &str) -> anyhow::Result<StageRecord> {
-    let matches: Vec<(String, StageRecord)> = store
-        .records()?
-        .into_iter()
-        .filter(|(k, _)| k.starts_with(prefix))
+/// The record a user names: a stage instance id (`grpo[domain=medical,seed=0]`), a stage name
+/// with exactly one recorded instance (`report`), or a key prefix. For an instance, its most
+/// recent record. Errors say what matched instead and how to narrow it.
+pub fn cache_lookup(store: &Store, what: &str) -> anyhow::Result<(String, StageRecord)> {
+    if let Some(found) = store.last_record_for_stage(what)? {
+        return Ok(found);
+    }
+    let records = store.records()?;
+    let mut instances: Vec<&str> = records
+        .iter()
+        .map(|(_, r)| r.stage_id.as_str())
+        .filter(|id| id.split('[').next() == Some(what))
         .collect();
-    match matches.len() {
-        0 => Err(anyhow!(
-            "no record with a key starting with `{prefix}`; `emflow cache ls` lists them"
+    instances.sort_unstable();
+    instances.dedup();
+    match instances.as_slice() {
+        [one] => {
+            let one = one.to_string();
+            return store
+                .last_record_for_stage(&one)?
+                .ok_or_else(|| anyhow!("the record of `{one}` vanished; run the command again"));
+        }
+        [] => {}
+        many => {
+            return Err(anyhow!(
+                "stage `{what}` has {} recorded instances: {}; name one, e.g. `{}`",
+                many.len(),
+                many.iter().take(10).copied().collect::<Vec<_>>().join(", "),
+                many[0]
+            ))
+        }
+    }
+    let by_key: Vec<&(String, StageRecord)> = records
+        .iter()
+        .filter(|(k, _)| k.starts_with(what))
+        .collect();
+    match by_key.as_slice() {
+        [one] => Ok((one.0.clone(), one.1.clone())),
+        [] => Err(anyhow!(
+            "no stage instance, stage name or key prefix `{what}` in the store; `emflow cache ls` lists them"
         )),
-        1 => Ok(matches
-            .into_iter()
-            .next()
-            .map(|(_, r)| r)
-            .unwrap_or_default()),
-        n => Err(anyhow!(
-            "{n} records have keys starting with `{prefix}`; give more digits"
+        many => Err(anyhow!(
+            "{} records have keys starting with `{what}`; give more digits",
+            many.len()
         )),
     }
+}
+
+/// A record as scripts read it: the record's own fields plus each output's path in the store.
+pub fn record_json(store: &Store, key: &str, record: &StageRecord) -> serde_json::Value {
+    let outputs: serde_json::Map<String, serde_json::Value> = record
+        .outputs
+        .iter()
+        .map(|(name, entry)| {
+            (
+                name.clone(),
+                json!({
+                    "path": store.artifact_path(entry),
+                    "digest": entry.digest,
+                    "kind": entry.kind,
+                    "size": entry.size,
+                }),
+            )
+        })
+        .collect();
+    let mut value = json!(record);
+    if let Some(map) = value.as_object_mut() {
+        map.insert("key".into(), json!(key));
+        map.insert("outputs".into(), serde_json::Value::Object(outputs));
+    }
+    value
 }
 
 /// `emflow kinds`: each kind with its params and ports.

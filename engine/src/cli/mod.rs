@@ -283,10 +283,31 @@ $EMFLOW_JUDGE_PRICES; none are built in (\"price not set\"); a local judge is no
 
 #[derive(Subcommand)]
 enum CacheCommand {
-    /// Every record: key, stage, kind, size, when.
-    Ls,
-    /// One record in full (a key prefix is enough).
-    Show { key: String },
+    /// Every record: key, stage, kind, size, when (newest last).
+    #[command(
+        after_help = "Example:\n  emflow cache ls --json | python -c 'import json,sys; print(len(json.load(sys.stdin)))'"
+    )]
+    Ls {
+        /// One JSON array on stdout (each record with its outputs' paths) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One record in full, with its outputs' paths.
+    #[command(
+        after_help = "STAGE is a stage instance id, a stage name with one recorded instance, or a key prefix:\n  emflow cache show 'grpo[domain=medical,seed=0]'\n  emflow cache show report --json\n  emflow cache show 3fa2c1"
+    )]
+    Show {
+        stage: String,
+        /// The record as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The path of one output of a stage in the store, for a shell (`cat "$(emflow cache path report report)/index.html"`).
+    Path {
+        /// A stage instance id, a stage name with one recorded instance, or a key prefix.
+        stage: String,
+        output: String,
+    },
     /// Rehash every blob in the store and report those whose bytes no longer match their
     /// digest, with the stages that made them (exit 1 if any). `emflow run` already checks
     /// the outputs it reuses; this checks everything, every byte, without the file memo.
@@ -357,6 +378,85 @@ fn executor(
             )
         }
     })
+}
+
+/// `emflow cache ...`: pure data on stdout (text or `--json`), messages on stderr.
+fn cache(store_flag: Option<&Path>, command: CacheCommand) -> anyhow::Result<u8> {
+    let store = open_store(store_flag, None)?;
+    match command {
+        CacheCommand::Ls { json } => {
+            let records = commands::cache_ls(&store)?;
+            if json {
+                let all: Vec<_> = records
+                    .iter()
+                    .map(|(key, r)| commands::record_json(&store, key, r))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&all)?);
+                return Ok(0);
+            }
+            for (key, r) in records {
+                let size: u64 = r.outputs.values().map(|o| o.size).sum();
+                println!(
+                    "{}  {:<32} {:<12} {:>10}  {}",
+                    crate::keys::short(&key),
+                    r.stage_id,
+                    r.kind,
+                    crate::host::human_bytes(size),
+                    r.finished_at
+                );
+            }
+            Ok(0)
+        }
+        CacheCommand::Show { stage, json } => {
+            let (key, record) = commands::cache_lookup(&store, &stage)?;
+            if json {
+                let value = commands::record_json(&store, &key, &record);
+                println!("{}", serde_json::to_string_pretty(&value)?);
+                return Ok(0);
+            }
+            println!("{}", serde_json::to_string_pretty(&record)?);
+            for (name, entry) in &record.outputs {
+                println!("output {name}: {}", store.artifact_path(entry).display());
+            }
+            Ok(0)
+        }
+        CacheCommand::Path { stage, output } => {
+            let (_, record) = commands::cache_lookup(&store, &stage)?;
+            let entry = record.outputs.get(&output).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "stage {} has no output `{output}`; its outputs: {}",
+                    record.stage_id,
+                    record
+                        .outputs
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+            println!("{}", store.artifact_path(entry).display());
+            Ok(0)
+        }
+        CacheCommand::Verify { repair } => {
+            let reporter = Reporter::new(ReportMode::Human);
+            let audit = commands::cache_verify(&store, &reporter, repair)?;
+            let size = crate::host::human_bytes(audit.bytes);
+            match (audit.damaged.len(), repair) {
+                (0, _) => {
+                    println!("all {} blobs ({size}) match their digests", audit.blobs);
+                    Ok(0)
+                }
+                (n, true) => {
+                    println!("{n} of {} blobs ({size}) were damaged and are removed; `emflow run` rebuilds the stages named above", audit.blobs);
+                    Ok(0)
+                }
+                (n, false) => {
+                    println!("{n} of {} blobs ({size}) are damaged", audit.blobs);
+                    Ok(EXIT_FAILED)
+                }
+            }
+        }
+    }
 }
 
 fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
@@ -581,56 +681,7 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
             );
             Ok(0)
         }
-        Command::Cache {
-            command: CacheCommand::Ls,
-        } => {
-            let store = open_store(store_flag, None)?;
-            for (key, r) in commands::cache_ls(&store)? {
-                let size: u64 = r.outputs.values().map(|o| o.size).sum();
-                println!(
-                    "{}  {:<32} {:<12} {:>10}  {}",
-                    crate::keys::short(&key),
-                    r.stage_id,
-                    r.kind,
-                    crate::host::human_bytes(size),
-                    r.finished_at
-                );
-            }
-            Ok(0)
-        }
-        Command::Cache {
-            command: CacheCommand::Show { key },
-        } => {
-            let store = open_store(store_flag, None)?;
-            let record = commands::cache_show(&store, &key)?;
-            println!("{}", serde_json::to_string_pretty(&record)?);
-            for (name, entry) in &record.outputs {
-                println!("output {name}: {}", store.artifact_path(entry).display());
-            }
-            Ok(0)
-        }
-        Command::Cache {
-            command: CacheCommand::Verify { repair },
-        } => {
-            let store = open_store(store_flag, None)?;
-            let reporter = Reporter::new(ReportMode::Human);
-            let audit = commands::cache_verify(&store, &reporter, repair)?;
-            let size = crate::host::human_bytes(audit.bytes);
-            match (audit.damaged.len(), repair) {
-                (0, _) => {
-                    println!("all {} blobs ({size}) match their digests", audit.blobs);
-                    Ok(0)
-                }
-                (n, true) => {
-                    println!("{n} of {} blobs ({size}) were damaged and are removed; `emflow run` rebuilds the stages named above", audit.blobs);
-                    Ok(0)
-                }
-                (n, false) => {
-                    println!("{n} of {} blobs ({size}) are damaged", audit.blobs);
-                    Ok(EXIT_FAILED)
-                }
-            }
-        }
+        Command::Cache { command } => cache(store_flag, command),
         Command::Bench { name, args } => tools::bench(&registry, name.as_deref(), &args),
         Command::Serve {
             model,
