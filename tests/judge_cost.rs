@@ -191,4 +191,26 @@ fn paper_plan_prints_judge_calls_tokens_and_cost_per_stage_and_in_total() {
         "one logprob token a score"
     );
     assert!(costs["totals"]["to_call"].as_u64().unwrap() > calls);
+
+    // The budget is checked before the GPU check, so it refuses on any machine: here, one
+    // where the paper profile's stages would also find no GPU.
+    let total = costs["totals"]["to_call"].as_u64().unwrap();
+    let limit = (total - 1).to_string();
+    let run = [&["run", "--max-judge-calls", &limit][..], &args].concat();
+    let out = Command::new(env!("CARGO_BIN_EXE_emflow"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("EMFLOW_HOME")
+        .env("EMFLOW_GPUS", "0")
+        .env("CUDA_VISIBLE_DEVICES", "")
+        .arg("--store")
+        .arg(store.path())
+        .args(&run)
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("refusing to start") && said.contains(&format!("{total} judge calls")),
+        "{said}"
+    );
 }

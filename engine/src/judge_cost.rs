@@ -285,7 +285,9 @@ impl JudgeCostPlan {
 
     /// The table for people and a `judge_cost` event for `--json`.
     pub fn print(&self, r: &Reporter) {
-        r.event("judge_cost", json!(self));
+        if r.is_json() {
+            r.event("judge_cost", json!(self));
+        }
         if self.stages.is_empty() {
             r.line(&format!(
                 "{:>8}  no planned stage calls a judge",
@@ -306,6 +308,54 @@ impl JudgeCostPlan {
             "completion tokens",
             "cost",
         ];
+        let rows = self.rows();
+        let mut width = header.map(str::len);
+        for row in &rows {
+            for (w, cell) in width.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let fmt = |cells: &[String; 7]| {
+            let mut line = String::from("  ");
+            for (k, (cell, w)) in cells.iter().zip(width).enumerate() {
+                let pad = w - cell.chars().count();
+                // Names left-aligned, numbers right-aligned.
+                if matches!(k, 2 | 4 | 5) {
+                    line.push_str(&" ".repeat(pad));
+                    line.push_str(cell);
+                } else {
+                    line.push_str(cell);
+                    line.push_str(&" ".repeat(pad));
+                }
+                line.push_str("  ");
+            }
+            line.trim_end().to_string()
+        };
+        r.line(&fmt(&header.map(String::from)));
+        let n = rows.len();
+        for (k, row) in rows.iter().enumerate() {
+            if k + 1 == n {
+                r.line(&format!(
+                    "  {}",
+                    "-".repeat(width.iter().sum::<usize>() + 12)
+                ));
+            }
+            r.line(&fmt(row));
+            // Notes once per run of rows that share them (matrix cells mostly do).
+            let notes = self.stages.get(k).map(|s| &s.estimate.notes);
+            let previous = k.checked_sub(1).and_then(|j| self.stages.get(j));
+            if notes != previous.map(|s| &s.estimate.notes) {
+                for note in notes.into_iter().flatten() {
+                    r.line(&format!("      {note}"));
+                }
+            }
+        }
+        self.print_notes(r);
+    }
+
+    /// One row per stage, then the total row: stage, judge, calls, memoised, prompt tokens,
+    /// completion tokens, cost.
+    fn rows(&self) -> Vec<[String; 7]> {
         let mut rows: Vec<[String; 7]> = self
             .stages
             .iter()
@@ -353,47 +403,13 @@ impl JudgeCostPlan {
             format!("{bound}{}{unknown}", grouped(t.completion_tokens)),
             cost,
         ]);
-        let mut width = header.map(str::len);
-        for row in &rows {
-            for (w, cell) in width.iter_mut().zip(row) {
-                *w = (*w).max(cell.chars().count());
-            }
-        }
-        let fmt = |cells: &[String; 7]| {
-            let mut line = String::from("  ");
-            for (k, (cell, w)) in cells.iter().zip(width).enumerate() {
-                let pad = w - cell.chars().count();
-                // Names left-aligned, numbers right-aligned.
-                if matches!(k, 2 | 4 | 5) {
-                    line.push_str(&" ".repeat(pad));
-                    line.push_str(cell);
-                } else {
-                    line.push_str(cell);
-                    line.push_str(&" ".repeat(pad));
-                }
-                line.push_str("  ");
-            }
-            line.trim_end().to_string()
-        };
-        r.line(&fmt(&header.map(String::from)));
-        let n = rows.len();
-        for (k, row) in rows.iter().enumerate() {
-            if k + 1 == n {
-                r.line(&format!(
-                    "  {}",
-                    "-".repeat(width.iter().sum::<usize>() + 12)
-                ));
-            }
-            r.line(&fmt(row));
-            // Notes once per run of rows that share them (matrix cells mostly do).
-            let notes = self.stages.get(k).map(|s| &s.estimate.notes);
-            let previous = k.checked_sub(1).and_then(|j| self.stages.get(j));
-            if notes != previous.map(|s| &s.estimate.notes) {
-                for note in notes.into_iter().flatten() {
-                    r.line(&format!("      {note}"));
-                }
-            }
-        }
+        rows
+    }
+
+    /// The lines under the table: stages without judges, missing prices, what could not be
+    /// counted or previewed.
+    fn print_notes(&self, r: &Reporter) {
+        let t = &self.totals;
         if self.other_stages > 0 {
             r.line(&format!(
                 "  {} other planned stage(s) call no judge",
@@ -603,6 +619,105 @@ impl Previews {
     }
 }
 
+/// A plan-time artifact: a path with no digest yet.
+fn plan_artifact(path: PathBuf, ty: ArtifactType, origin: &str) -> Artifact {
+    Artifact {
+        path,
+        digest: String::new(),
+        ty,
+        origin: origin.to_string(),
+    }
+}
+
+/// Output `output` of upstream stage `up`, from its record when cached, else from its preview.
+fn stage_input(
+    planner: &Planner,
+    reader: &str,
+    (up, output): (&str, &str),
+    port_ty: ArtifactType,
+    cached: &HashMap<usize, &StageRecord>,
+    previews: &Previews,
+) -> anyhow::Result<PlanInput> {
+    let origin = format!("{up}.{output}");
+    let j = planner
+        .dag
+        .index_of(up)
+        .ok_or_else(|| anyhow!("stage {} reads unknown stage {up}", reader))?;
+    let ty = planner
+        .stage(j)
+        .outputs
+        .get(output)
+        .copied()
+        .unwrap_or(port_ty);
+    let from_record = cached.get(&j).and_then(|rec| rec.outputs.get(output));
+    let from_preview = previews
+        .done
+        .get(&j)
+        .map(|d| d.join(output))
+        .filter(|p| p.exists());
+    Ok(match (from_record, from_preview) {
+        (Some(entry), _) => PlanInput {
+            artifact: Some(plan_artifact(
+                planner.store.artifact_path(entry),
+                ty,
+                &origin,
+            )),
+            origin,
+            ty,
+            preview: false,
+            model_source: None,
+            waits_on: None,
+        },
+        (None, Some(path)) => PlanInput {
+            artifact: Some(plan_artifact(path, ty, &origin)),
+            origin,
+            ty,
+            preview: true,
+            model_source: None,
+            waits_on: None,
+        },
+        (None, None) => PlanInput {
+            origin,
+            ty,
+            artifact: None,
+            preview: false,
+            model_source: None,
+            waits_on: Some(up.to_string()),
+        },
+    })
+}
+
+/// Model `name`: a local file or folder, or what the store fetched for it.
+fn model_input(planner: &Planner, name: &str) -> PlanInput {
+    let origin = format!("models.{name}");
+    let decl = planner.pipeline.models.get(name);
+    let path = match decl.map(|d| model_source(d, &planner.pipeline.manifest_dir)) {
+        Some(ModelSource::Local(p)) if p.exists() => Some(p),
+        Some(ModelSource::Fetched { .. }) => decl
+            .and_then(|d| {
+                planner
+                    .store
+                    .record(&model_fetch_key(&d.source))
+                    .ok()
+                    .flatten()
+            })
+            .and_then(|rec| {
+                rec.outputs
+                    .get("model")
+                    .map(|e| planner.store.artifact_path(e))
+            }),
+        _ => None,
+    };
+    PlanInput {
+        waits_on: path.is_none().then(|| origin.clone()),
+        artifact: path.map(|p| plan_artifact(p, ArtifactType::Model, &origin)),
+        origin,
+        ty: ArtifactType::Model,
+        preview: false,
+        model_source: decl.map(|d| d.source.clone()),
+    }
+}
+
 /// What stage `i`'s inputs are known to be now.
 fn plan_inputs(
     planner: &Planner,
@@ -619,97 +734,17 @@ fn plan_inputs(
         let port_ty = spec.input_type(port);
         let mut list = Vec::with_capacity(refs.len());
         for r in refs {
-            let artifact = |path: PathBuf, ty: ArtifactType, origin: &str| Artifact {
-                path,
-                digest: String::new(),
-                ty,
-                origin: origin.to_string(),
-            };
             let input = match r {
                 InputRef::Stage { stage: up, output } => {
-                    let origin = format!("{up}.{output}");
-                    let j = planner
-                        .dag
-                        .index_of(up)
-                        .ok_or_else(|| anyhow!("stage {} reads unknown stage {up}", stage.id))?;
-                    let ty = planner
-                        .stage(j)
-                        .outputs
-                        .get(output)
-                        .copied()
-                        .unwrap_or(port_ty);
-                    let from_record = cached.get(&j).and_then(|rec| rec.outputs.get(output));
-                    let from_preview = previews
-                        .done
-                        .get(&j)
-                        .map(|d| d.join(output))
-                        .filter(|p| p.exists());
-                    match (from_record, from_preview) {
-                        (Some(entry), _) => PlanInput {
-                            artifact: Some(artifact(
-                                planner.store.artifact_path(entry),
-                                ty,
-                                &origin,
-                            )),
-                            origin,
-                            ty,
-                            preview: false,
-                            model_source: None,
-                            waits_on: None,
-                        },
-                        (None, Some(path)) => PlanInput {
-                            artifact: Some(artifact(path, ty, &origin)),
-                            origin,
-                            ty,
-                            preview: true,
-                            model_source: None,
-                            waits_on: None,
-                        },
-                        (None, None) => PlanInput {
-                            origin,
-                            ty,
-                            artifact: None,
-                            preview: false,
-                            model_source: None,
-                            waits_on: Some(up.clone()),
-                        },
-                    }
+                    stage_input(planner, &stage.id, (up, output), port_ty, cached, previews)?
                 }
-                InputRef::Model { name } => {
-                    let origin = format!("models.{name}");
-                    let decl = planner.pipeline.models.get(name);
-                    let path = match decl.map(|d| model_source(d, &planner.pipeline.manifest_dir)) {
-                        Some(ModelSource::Local(p)) if p.exists() => Some(p),
-                        Some(ModelSource::Fetched { .. }) => decl
-                            .and_then(|d| {
-                                planner
-                                    .store
-                                    .record(&model_fetch_key(&d.source))
-                                    .ok()
-                                    .flatten()
-                            })
-                            .and_then(|rec| {
-                                rec.outputs
-                                    .get("model")
-                                    .map(|e| planner.store.artifact_path(e))
-                            }),
-                        _ => None,
-                    };
-                    PlanInput {
-                        waits_on: path.is_none().then(|| origin.clone()),
-                        artifact: path.map(|p| artifact(p, ArtifactType::Model, &origin)),
-                        origin,
-                        ty: ArtifactType::Model,
-                        preview: false,
-                        model_source: decl.map(|d| d.source.clone()),
-                    }
-                }
+                InputRef::Model { name } => model_input(planner, name),
                 InputRef::File { path } => {
                     let origin = format!("file:{}", path.display());
                     PlanInput {
                         artifact: path
                             .exists()
-                            .then(|| artifact(path.clone(), port_ty, &origin)),
+                            .then(|| plan_artifact(path.clone(), port_ty, &origin)),
                         waits_on: None,
                         origin,
                         ty: port_ty,

@@ -184,11 +184,9 @@ pub fn run_pipeline(
         .copied()
         .collect();
     // A dry run plans on any machine (a laptop checking the `paper` profile before sending it
-    // to a GPU node); it says what a real run here would refuse instead of failing.
-    let gpu_shortfall = match check_gpus(&planner, &selection, opts.gpus.len()) {
-        Err(e) if !opts.dry_run => return Err(e),
-        other => other,
-    };
+    // to a GPU node); it says what a real run here would refuse instead of failing. A real
+    // run refuses after the judge budget check below, which holds on any machine.
+    let gpu_shortfall = check_gpus(&planner, &selection, opts.gpus.len());
 
     let statuses = planner.statuses(Some(&selection), &forced)?;
     header(pipeline, env, &run_id, &statuses, opts.dry_run);
@@ -229,6 +227,7 @@ pub fn run_pipeline(
     }
 
     crate::judge_cost::guard(&mut planner, &statuses, &opts.judge, &env.reporter)?;
+    gpu_shortfall?;
     let mut model_keys = fetch_models(&mut planner, &selection, env)?;
     let models = planner.available_models(&planner.models_used(selection.iter().copied()))?;
 
