@@ -446,6 +446,29 @@ pub struct Verification {
     pub error: Option<String>,
 }
 
+/// The verdict on a stage whose stored outputs no longer match their record, reported.
+fn damaged_verdict(
+    reporter: &Reporter,
+    id: &str,
+    outputs: &[emflow_cache::DamagedOutput],
+) -> Verification {
+    let detail = crate::run::damage_lines(outputs);
+    reporter.status(
+        Word::Damaged,
+        id,
+        "stored outputs are damaged",
+        &format!("{detail}\n`emflow run` re-executes it and replaces the damaged blobs"),
+    );
+    let v = Verification {
+        stage: id.to_string(),
+        verdict: "damaged",
+        differing: BTreeMap::new(),
+        error: Some(detail),
+    };
+    reporter.event("verify", json!(v));
+    v
+}
+
 /// `emflow verify`: re-executes cached stages without the cache, in scratch space, and
 /// compares their output digests with the records.
 pub fn verify(
@@ -479,21 +502,7 @@ pub fn verify(
             continue;
         }
         if let State::Damaged { outputs } = &s.state {
-            let detail = crate::run::damage_lines(outputs);
-            reporter.status(
-                Word::Damaged,
-                &s.id,
-                "stored outputs are damaged",
-                &format!("{detail}\n`emflow run` re-executes it and replaces the damaged blobs"),
-            );
-            let v = Verification {
-                stage: s.id.clone(),
-                verdict: "damaged",
-                differing: BTreeMap::new(),
-                error: Some(detail),
-            };
-            reporter.event("verify", json!(v));
-            results.push(v);
+            results.push(damaged_verdict(reporter, &s.id, outputs));
             continue;
         }
         if records[*i].is_none() {
