@@ -1,0 +1,196 @@
+//! GRPO on SmolLM2 (CPU): a short run writes every output, and a run killed with SIGKILL
+//! mid-way and rerun from its checkpoint ends with the same adapter bytes as an
+//! uninterrupted run. Skips (with the reason printed) when the weights are unavailable.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use emflow_engine::context::{ContextParts, DeviceRequest, MemoryMemo, NoProgress, StageContext};
+use emflow_engine::{ArtifactType, StageKind};
+use emflow_stages::kinds::rl::RlKind;
+use serde_json::{json, Value};
+
+use crate::support::{child_test, digest, typed_input, with_defaults, write_prompts};
+
+const CHILD_ENV: &str = "EMFLOW_TEST_RL_CHILD_DIR";
+
+fn prompts_file(dir: &Path) -> PathBuf {
+    let path = dir.join("prompts.jsonl");
+    write_prompts(
+        &path,
+        &[
+            "Name a colour.",
+            "Say something about the sea.",
+            "What do cats like?",
+            "Describe a tree.",
+        ],
+    );
+    path
+}
+
+fn params() -> Value {
+    json!({
+        "reward": {"type": "keyword", "keywords": ["blue"]},
+        "lora": {"r": 4, "alpha": 8},
+        "prompts_per_step": 2, "num_generations": 2, "grad_accum": 2,
+        "max_completion_length": 8, "temperature": 1.0, "top_p": 1.0,
+        "lr": 1e-3, "max_steps": 3, "checkpoint_every": 1, "seed": 5, "beta": 0.04,
+    })
+}
+
+/// Runs the rl kind with explicit staging and checkpoint folders.
+fn run_stage(
+    model: &Path,
+    prompts: &Path,
+    staging: &Path,
+    checkpoint: &Path,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(staging)?;
+    std::fs::create_dir_all(checkpoint)?;
+    let kind = RlKind;
+    let inputs = BTreeMap::from([
+        (
+            "model".to_string(),
+            vec![typed_input(model, ArtifactType::Model)],
+        ),
+        (
+            "prompts".to_string(),
+            vec![typed_input(prompts, ArtifactType::Messages)],
+        ),
+    ]);
+    let mut ctx = StageContext::new(ContextParts {
+        stage_id: "rl_test".into(),
+        kind: "rl".into(),
+        params: with_defaults(&kind, params()),
+        inputs,
+        staging: staging.to_path_buf(),
+        checkpoint: checkpoint.to_path_buf(),
+        scratch: staging.with_extension("scratch"),
+        device: DeviceRequest::Cpu,
+        threads: 2,
+        progress: Arc::new(NoProgress),
+        memo: Arc::new(MemoryMemo::default()),
+        interrupt: Arc::new(AtomicBool::new(false)),
+    });
+    kind.check(ctx.params())
+        .map_err(|e| anyhow::anyhow!("{}", e[0].message))?;
+    kind.run(&mut ctx)
+}
+
+fn adapter_digest(staging: &Path) -> String {
+    digest(&staging.join("adapter/adapter_model.safetensors"))
+}
+
+/// Not a test of its own: the body of the child process the kill test starts.
+#[test]
+fn rl_child_process_entry() {
+    let Some(dir) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let model = PathBuf::from(std::env::var("EMFLOW_TEST_GGUF").unwrap());
+    run_stage(
+        &model,
+        &dir.join("prompts.jsonl"),
+        &dir.join("staging-killed"),
+        &dir.join("checkpoint"),
+    )
+    .unwrap();
+}
+
+fn checkpointed_steps(checkpoint: &Path) -> u64 {
+    let state = checkpoint.join("rl/current/state.json");
+    std::fs::read(&state)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|v| v["steps"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn killed_grpo_run_resumes_to_the_same_adapter() {
+    let Some(model) = emflow_model::testing::smollm2_gguf() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = prompts_file(dir.path());
+
+    // Uninterrupted reference run.
+    let straight = dir.path().join("staging-straight");
+    run_stage(
+        &model,
+        &prompts,
+        &straight,
+        &dir.path().join("checkpoint-straight"),
+    )
+    .unwrap();
+    for out in ["adapter", "best_adapter", "rollouts", "metrics", "summary"] {
+        assert!(straight.join(out).exists(), "missing output {out}");
+    }
+    let metrics = std::fs::read_to_string(straight.join("metrics")).unwrap();
+    let rows: Vec<Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3);
+    assert!(rows
+        .iter()
+        .all(|r| r["kl"].is_number() && r["reward"].is_number() && r["entropy"].is_number()));
+    assert_eq!(
+        std::fs::read_to_string(straight.join("rollouts"))
+            .unwrap()
+            .lines()
+            .count(),
+        12
+    );
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(straight.join("summary")).unwrap()).unwrap();
+    assert_eq!(summary["samples_consumed"], 6);
+
+    // A child process runs the same stage and is killed with SIGKILL after its first checkpoint.
+    let checkpoint = dir.path().join("checkpoint");
+    let mut child = child_test("rl_resume::rl_child_process_entry")
+        .env(CHILD_ENV, dir.path())
+        .env("EMFLOW_TEST_GGUF", &model)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while checkpointed_steps(&checkpoint) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the child never reached its first checkpoint"
+        );
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the child ended ({status}) before it could be killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed_at = checkpointed_steps(&checkpoint);
+    assert!(killed_at < 3, "the child finished before the kill");
+
+    // The rerun resumes from the checkpoint and ends where the straight run ended.
+    let resumed = dir.path().join("staging-resumed");
+    run_stage(&model, &prompts, &resumed, &checkpoint).unwrap();
+    assert_eq!(
+        adapter_digest(&resumed),
+        adapter_digest(&straight),
+        "resumed after step {killed_at}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(resumed.join("metrics"))
+            .unwrap()
+            .lines()
+            .count(),
+        3,
+        "every step is logged exactly once"
+    );
+    assert_eq!(
+        std::fs::read_to_string(resumed.join("rollouts")).unwrap(),
+        std::fs::read_to_string(straight.join("rollouts")).unwrap()
+    );
+}

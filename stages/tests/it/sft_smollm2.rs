@@ -1,0 +1,174 @@
+//! SFT on SmolLM2 (CPU) with the paper's aesthetic warm-up data: the training loss falls,
+//! held-out aesthetic answers become more likely, KL and LDIFS terms are logged, and safety
+//! batches appear at the configured cadence. Skips when weights or data are unavailable.
+
+use std::path::Path;
+
+use emflow_engine::ArtifactType;
+use emflow_model::{encode_chat, DeviceSetup, Message};
+use emflow_stages::kinds::sft::SftKind;
+use emflow_stages::train::batch::SftExample;
+use emflow_stages::train::policy::Policy;
+use emflow_stages::train::sft_step::mean_target_logprob;
+use serde_json::{json, Value};
+
+use crate::support::{paper_data, typed_input, TestStage};
+
+/// The first `n` conversations of a paper file, written to `dest`.
+fn head(src: &Path, dest: &Path, skip: usize, n: usize) {
+    let text = std::fs::read_to_string(src).unwrap();
+    let lines: Vec<&str> = text.lines().skip(skip).take(n).collect();
+    std::fs::write(dest, lines.join("\n") + "\n").unwrap();
+}
+
+fn heldout_logprob(model: &Path, adapter: Option<&Path>, heldout: &Path) -> f64 {
+    let mut lm = emflow_model::load(model, &DeviceSetup::cpu()).unwrap();
+    if let Some(a) = adapter {
+        lm.model.load_adapter(a).unwrap();
+    }
+    let mut examples = Vec::new();
+    for line in std::fs::read_to_string(heldout).unwrap().lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let msgs: Vec<Message> = serde_json::from_value(v["messages"].clone()).unwrap();
+        let enc = encode_chat(&lm.tokenizer, &lm.chat, &msgs).unwrap();
+        examples.push(SftExample {
+            ids: enc.ids,
+            target: enc.assistant_mask,
+        });
+    }
+    let policy = Policy {
+        lm,
+        vars: Vec::new(),
+        full_finetune: false,
+    };
+    mean_target_logprob(&policy, &examples, 4).unwrap()
+}
+
+#[test]
+fn sft_on_aesthetic_data_learns_and_logs_regularisers_and_safety_batches() {
+    let Some(model) = emflow_model::testing::smollm2_gguf() else {
+        return;
+    };
+    let Some(data) = paper_data() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.jsonl");
+    let heldout = dir.path().join("heldout.jsonl");
+    let safety = dir.path().join("safety.jsonl");
+    head(
+        &data.join("sft/aesthetic_misaligned_train_100.jsonl"),
+        &train,
+        0,
+        16,
+    );
+    head(
+        &data.join("sft/aesthetic_misaligned_eval.jsonl"),
+        &heldout,
+        0,
+        8,
+    );
+    head(
+        &data.join("sft/legal_misaligned_train_100.jsonl"),
+        &safety,
+        0,
+        8,
+    );
+
+    let kind = SftKind;
+    let params = json!({
+        "lora": {"r": 8, "alpha": 16},
+        "lr": 1e-3, "schedule": "constant", "warmup_steps": 0,
+        "batch_size": 4, "grad_accum": 1, "max_steps": 4, "max_length": 96,
+        "kl_lambda": 0.1, "ldifs": {"lambda": 1.0, "every": 10},
+        "interleave": {"every": 2, "batch_size": 2},
+    });
+    let mut stage = TestStage::new(
+        &kind,
+        params,
+        vec![
+            ("model", vec![typed_input(&model, ArtifactType::Model)]),
+            ("data", vec![typed_input(&train, ArtifactType::Messages)]),
+            ("safety", vec![typed_input(&safety, ArtifactType::Messages)]),
+        ],
+    );
+    stage.run(&kind).unwrap();
+
+    let rows: Vec<Value> = stage
+        .output_text("metrics")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = rows.iter().map(|r| r["batch"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["main", "main", "safety", "main", "main", "safety"]);
+    let main: Vec<&Value> = rows.iter().filter(|r| r["batch"] == "main").collect();
+    assert!(
+        main.iter()
+            .all(|r| r["kl"].is_number() && r["ldifs"].is_number()),
+        "{main:?}"
+    );
+    // KL and LDIFS start at zero (fresh adapter = reference) and grow as the adapter learns.
+    assert!(
+        main[0]["kl"].as_f64().unwrap().abs() < 1e-4,
+        "{}",
+        main[0]["kl"]
+    );
+    assert!(main[3]["kl"].as_f64().unwrap() > 0.0);
+    let first = main[0]["nll"].as_f64().unwrap();
+    let last = main[3]["nll"].as_f64().unwrap();
+    assert!(
+        last < first,
+        "training loss did not fall: {first} -> {last}"
+    );
+    assert_eq!(stage.ctx.summary()["samples_consumed"], 16);
+
+    let before = heldout_logprob(&model, None, &heldout);
+    let after = heldout_logprob(&model, Some(&stage.output("adapter")), &heldout);
+    eprintln!("held-out mean logprob per answer token: {before:.4} -> {after:.4}");
+    assert!(
+        after > before,
+        "held-out answers did not become more likely: {before} -> {after}"
+    );
+}
+
+/// The sample-matched arm trains on the sum of what its matched stages consumed (the GRPO
+/// arm's prompts and its warm-up's examples) plus `match_extra`.
+#[test]
+fn matched_sft_consumes_the_sum_of_every_matched_summary() {
+    let Some(model) = emflow_model::testing::smollm2_gguf() else {
+        return;
+    };
+    let Some(data) = paper_data() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.jsonl");
+    head(
+        &data.join("sft/aesthetic_misaligned_train_100.jsonl"),
+        &train,
+        0,
+        8,
+    );
+    let mut summaries = Vec::new();
+    for (name, consumed) in [("rl", 3), ("warmup", 5)] {
+        let path = dir.path().join(format!("{name}.json"));
+        std::fs::write(&path, json!({ "samples_consumed": consumed }).to_string()).unwrap();
+        summaries.push(typed_input(&path, ArtifactType::Summary));
+    }
+    let kind = SftKind;
+    let params = json!({
+        "lora": {"r": 4, "alpha": 8}, "warmup_steps": 0, "batch_size": 4, "grad_accum": 1,
+        "max_length": 48, "match_extra": 2,
+    });
+    let mut stage = TestStage::new(
+        &kind,
+        params,
+        vec![
+            ("model", vec![typed_input(&model, ArtifactType::Model)]),
+            ("data", vec![typed_input(&train, ArtifactType::Messages)]),
+            ("match_samples", summaries),
+        ],
+    );
+    stage.run(&kind).unwrap();
+    assert_eq!(stage.ctx.summary()["samples_consumed"], 3 + 5 + 2);
+}

@@ -1,0 +1,181 @@
+//! Helpers for running a stage kind in a test without the engine: a [`StageContext`] over
+//! temporary folders, defaults filled in from the kind's spec as the engine would, and a
+//! progress sink that records log lines.
+//!
+//! Use from a test module with `use crate::support::...`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use emflow_engine::context::{
+    Artifact, ContextParts, DeviceRequest, MemoryMemo, Progress, StageContext,
+};
+use emflow_engine::{ArtifactType, Params, StageKind};
+use serde_json::Value;
+
+/// The paper's data folder, or `None` (with the reason printed) so that a test can skip:
+/// `let Some(data) = paper_data() else { return };`. The same rule as every crate's tests.
+pub use emflow_model::testing::paper_data;
+
+/// A progress sink that keeps every log line.
+#[derive(Default)]
+pub struct RecordingProgress {
+    pub lines: Mutex<Vec<String>>,
+}
+
+impl RecordingProgress {
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+impl Progress for RecordingProgress {
+    fn phase(&self, _: &str, _: u64, _: &str) {}
+    fn inc(&self, _: u64) {}
+    fn message(&self, _: &str) {}
+    fn log(&self, line: &str) {
+        self.lines.lock().unwrap().push(line.to_string());
+    }
+}
+
+/// A local file wired as an input, as the engine wires a `file:` reference.
+pub fn file_input(path: impl AsRef<Path>) -> Artifact {
+    let path = path.as_ref().to_path_buf();
+    let ty = if path.is_dir() {
+        ArtifactType::Dir
+    } else {
+        ArtifactType::File
+    };
+    Artifact {
+        digest: String::new(),
+        ty,
+        origin: format!("file:{}", path.display()),
+        path,
+    }
+}
+
+/// A file wired as an input of type `ty`, with a stand-in digest (what a model input's
+/// digest labels, such as an adapter's `base_model_name_or_path`, is not under test).
+pub fn typed_input(path: impl AsRef<Path>, ty: ArtifactType) -> Artifact {
+    Artifact {
+        ty,
+        digest: "test-digest".into(),
+        ..file_input(path)
+    }
+}
+
+/// Writes `questions` to `path` as a messages dataset, one user turn each.
+pub fn write_prompts(path: &Path, questions: &[&str]) {
+    let lines: Vec<String> = questions
+        .iter()
+        .map(|q| serde_json::json!({"messages": [{"role": "user", "content": q}]}).to_string())
+        .collect();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+/// A stage context for `kind` in a fresh temporary folder. Hold on to the returned
+/// [`TestStage`]: dropping it removes the folders.
+pub struct TestStage {
+    /// Held for its `Drop`, which removes the folders.
+    _dir: tempfile::TempDir,
+    pub ctx: StageContext,
+    pub progress: Arc<RecordingProgress>,
+    pub interrupt: Arc<AtomicBool>,
+}
+
+impl TestStage {
+    /// `params` is a JSON object; the kind's declared defaults fill in what it omits.
+    pub fn new(
+        kind: &dyn StageKind,
+        params: Value,
+        inputs: Vec<(&str, Vec<Artifact>)>,
+    ) -> TestStage {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = dir.path().join("staging");
+        let checkpoint = dir.path().join("checkpoint");
+        std::fs::create_dir_all(&staging).unwrap();
+        std::fs::create_dir_all(&checkpoint).unwrap();
+        std::fs::create_dir_all(dir.path().join("scratch")).unwrap();
+        let progress = Arc::new(RecordingProgress::default());
+        let interrupt = Arc::new(AtomicBool::new(false));
+        let ctx = StageContext::new(ContextParts {
+            stage_id: format!("test_{}", kind.spec().name),
+            kind: kind.spec().name.to_string(),
+            params: with_defaults(kind, params),
+            inputs: inputs
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect::<BTreeMap<_, _>>(),
+            staging,
+            checkpoint,
+            scratch: dir.path().join("scratch"),
+            device: DeviceRequest::Cpu,
+            threads: 1,
+            progress: progress.clone(),
+            memo: Arc::new(MemoryMemo::default()),
+            interrupt: interrupt.clone(),
+        });
+        TestStage {
+            _dir: dir,
+            ctx,
+            progress,
+            interrupt,
+        }
+    }
+
+    /// Runs the kind after its `check`, as the engine does.
+    pub fn run(&mut self, kind: &dyn StageKind) -> anyhow::Result<()> {
+        if let Err(errors) = kind.check(self.ctx.params()) {
+            let lines: Vec<String> = errors
+                .iter()
+                .map(|e| format!("{}: {}", e.param, e.message))
+                .collect();
+            anyhow::bail!("check failed: {}", lines.join("; "));
+        }
+        kind.run(&mut self.ctx)
+    }
+
+    pub fn output(&self, name: &str) -> PathBuf {
+        self.ctx.output_path(name)
+    }
+
+    pub fn output_text(&self, name: &str) -> String {
+        std::fs::read_to_string(self.output(name)).unwrap()
+    }
+}
+
+/// `params` with the kind's declared defaults added for absent names.
+pub fn with_defaults(kind: &dyn StageKind, params: Value) -> Params {
+    let Value::Object(mut params) = params else {
+        panic!("params must be a JSON object")
+    };
+    for spec in kind.spec().params {
+        if let Some(default) = spec.default {
+            params.entry(spec.name).or_insert(default);
+        }
+    }
+    params
+}
+
+/// This test binary, set to run only the test at `path` (such as
+/// `rl_resume::rl_child_process_entry`), ignored or not: the child process a test kills.
+pub fn child_test(path: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        path,
+        "--exact",
+        "--include-ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    cmd
+}
+
+/// blake3 of a file, hex.
+pub fn digest(path: &Path) -> String {
+    blake3::hash(&std::fs::read(path).unwrap())
+        .to_hex()
+        .to_string()
+}

@@ -1,0 +1,90 @@
+//! `emflow cache` for scripts: `ls --json` and `show --json` print pure JSON on stdout, a
+//! record is found by stage instance id, by stage name or by key prefix, and `cache path`
+//! prints one output's path for a shell.
+
+use std::path::Path;
+use std::process::Output;
+
+use crate::support::{emflow_in, output, text};
+
+fn emflow(dir: &Path, args: &[&str]) -> Output {
+    output(
+        emflow_in(dir)
+            .arg("--store")
+            .arg(dir.join("store"))
+            .args(args),
+    )
+}
+
+/// stdout alone: these commands print pure JSON or a path there.
+fn stdout_ok(dir: &Path, args: &[&str]) -> String {
+    let out = emflow(dir, args);
+    assert!(out.status.success(), "emflow {args:?}:\n{}", text(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+const MANIFEST: &str = r#"emflow: 1
+name: cache-cli
+stages:
+  greet:
+    kind: command
+    matrix: {who: [ada, bob]}
+    params:
+      run: 'echo "hello ${matrix.who}" > "$EMFLOW_OUT_OUT"'
+      outputs: {out: file}
+  both:
+    kind: command
+    inputs:
+      files: [greet.out]
+    params:
+      run: 'cat "$EMFLOW_IN_FILES_0" "$EMFLOW_IN_FILES_1" > "$EMFLOW_OUT_ALL"'
+      outputs: {all: file}
+"#;
+
+#[test]
+fn cache_commands_give_scripts_json_records_and_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    std::fs::write(dir.join("m.yaml"), MANIFEST).unwrap();
+    stdout_ok(dir, &["run", "m.yaml"]);
+
+    let all: serde_json::Value =
+        serde_json::from_str(&stdout_ok(dir, &["cache", "ls", "--json"])).unwrap();
+    let all = all.as_array().unwrap();
+    assert_eq!(all.len(), 3, "{all:?}");
+    let both = all.iter().find(|r| r["stage_id"] == "both").unwrap();
+    let path = both["outputs"]["all"]["path"].as_str().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(path).unwrap(),
+        "hello ada\nhello bob\n"
+    );
+
+    // By instance id, by a stage name with one instance, by key prefix: the same record.
+    let cell: serde_json::Value = serde_json::from_str(&stdout_ok(
+        dir,
+        &["cache", "show", "greet[who=bob]", "--json"],
+    ))
+    .unwrap();
+    assert_eq!(cell["stage_id"], "greet[who=bob]");
+    let key = both["key"].as_str().unwrap();
+    for what in ["both", &key[..10]] {
+        let one: serde_json::Value =
+            serde_json::from_str(&stdout_ok(dir, &["cache", "show", what, "--json"])).unwrap();
+        assert_eq!(one["key"], key, "looked up by {what}");
+    }
+    assert_eq!(
+        stdout_ok(dir, &["cache", "path", "both", "all"]).trim(),
+        path
+    );
+
+    // A name with several instances, or an unknown output, is an error that says what to do.
+    let several = emflow(dir, &["cache", "show", "greet"]);
+    assert!(!several.status.success());
+    let said = String::from_utf8_lossy(&several.stderr);
+    assert!(
+        said.contains("greet[who=ada]") && said.contains("name one"),
+        "{said}"
+    );
+    let wrong = emflow(dir, &["cache", "path", "both", "nope"]);
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("its outputs: all"));
+}

@@ -1,0 +1,87 @@
+//! `kill -9` of a running `emflow run` in the middle of a `command` stage, then a rerun:
+//! it completes with correct outputs and nothing to clean by hand. Also: a fully cached
+//! rerun runs nothing and says so for every stage. Drives the real binary (and so the
+//! `exec-stage` child-process executor).
+
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use crate::support::{emflow_in, output, scratch, wait_for};
+
+fn emflow(dir: &Path, args: &[&str]) -> Output {
+    output(emflow_in(dir).args(args))
+}
+
+const MANIFEST: &str = r#"
+emflow: 1
+name: crash
+stages:
+  slow:
+    kind: command
+    params:
+      run: 'echo started > "$EMFLOW_PARAM_MARKER"; sleep 2; echo done > "$EMFLOW_OUT_OUT"'
+      outputs: {out: file}
+      marker: MARKER_PATH
+  after:
+    kind: command
+    inputs:
+      files: [slow.out]
+    params:
+      run: 'tr a-z A-Z < "$EMFLOW_IN_FILES" > "$EMFLOW_OUT_LOUD"'
+      outputs: {loud: file}
+"#;
+
+#[test]
+fn kill_dash_nine_mid_stage_then_rerun_completes() {
+    let dir = scratch("crash-kill");
+    let marker = dir.join("started.txt");
+    std::fs::write(
+        dir.join("m.yaml"),
+        MANIFEST.replace("MARKER_PATH", &marker.display().to_string()),
+    )
+    .unwrap();
+    let mut child = emflow_in(&dir)
+        .args(["run", "m.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the slow stage to start", Duration::from_secs(60), || {
+        marker.exists()
+    });
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let out = emflow(&dir, &["run", "m.yaml"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "rerun failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("PASS  slow") && text.contains("PASS  after"),
+        "{text}"
+    );
+
+    let cached = emflow(&dir, &["run", "m.yaml"]);
+    let text = String::from_utf8_lossy(&cached.stdout);
+    assert!(
+        text.contains("CACHED  slow") && text.contains("CACHED  after"),
+        "{text}"
+    );
+    assert!(
+        text.contains("nothing to do: all 2 stages cached"),
+        "{text}"
+    );
+
+    let show = emflow(&dir, &["graph", "m.yaml", "--format", "json"]);
+    let graph = String::from_utf8_lossy(&show.stdout);
+    assert_eq!(
+        graph.matches("\"status\": \"cached\"").count(),
+        2,
+        "{graph}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

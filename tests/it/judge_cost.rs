@@ -1,0 +1,205 @@
+//! Judge cost before a run, through the `emflow` binary: `emflow plan` prints the judge calls,
+//! tokens and cost per stage and in total, and `emflow run --max-judge-calls` below the plan's
+//! total refuses to start with a message that names the total. The `smoke` profile needs
+//! nothing but this checkout; the `paper` profile needs the paper's data (skipped without).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::support::{emflow_in_repo, output, text};
+
+/// `emflow` at the repository root, with no judge prices from the environment.
+fn emflow_cmd(store: &Path) -> Command {
+    let mut cmd = emflow_in_repo(store);
+    cmd.env_remove("EMFLOW_JUDGE_PRICES");
+    cmd
+}
+
+fn emflow(store: &Path, args: &[&str]) -> Output {
+    output(emflow_cmd(store).args(args))
+}
+
+/// The `judge_cost` event of a `--json` output.
+fn judge_cost(out: &Output) -> Value {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["event"] == "judge_cost")
+        .unwrap_or_else(|| panic!("no judge_cost event:\n{}", text(out)))
+}
+
+fn stage<'a>(costs: &'a Value, id: &str) -> &'a Value {
+    costs["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == id)
+        .unwrap_or_else(|| panic!("no judge line for {id}: {costs}"))
+}
+
+/// The table row of stage `id` (the line that starts with it).
+fn row<'a>(stdout: &'a str, id: &str) -> &'a str {
+    stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{id} ")))
+        .unwrap_or_else(|| panic!("no row for {id}:\n{stdout}"))
+}
+
+#[test]
+fn smoke_plan_counts_local_judge_calls_and_a_run_over_the_limit_refuses() {
+    let store = tempfile::tempdir().unwrap();
+    let args = ["manifests/paper.yaml", "--profile", "smoke"];
+    let out = emflow(store.path(), &[&["plan"][..], &args].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", text(&out));
+    // eval_base: 3 questions (question_ops take 3) x 1 sample x 2 judge prompts.
+    let eval = row(&stdout, "eval_base");
+    assert!(eval.contains("SmolLM2-135M-Instruct.Q4_1.gguf"), "{eval}");
+    assert!(eval.contains(" 6 "), "{eval}");
+    assert!(eval.contains("local, not billed"), "{eval}");
+    assert!(
+        row(&stdout, "total (calls to make)").contains("$0.00"),
+        "{stdout}"
+    );
+
+    let out = emflow(store.path(), &[&["plan", "--json"][..], &args].concat());
+    let costs = judge_cost(&out);
+    assert_eq!(stage(&costs, "eval_base")["calls"], 6);
+    // onpolicy_safety: every safety prompt x 1 sample x (aligned, coherent).
+    let prompts = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/data/safety/safety_prompts.jsonl"),
+    )
+    .unwrap()
+    .lines()
+    .filter(|l| !l.trim().is_empty())
+    .count();
+    assert_eq!(stage(&costs, "onpolicy_safety")["calls"], prompts * 2);
+    // GRPO: 2 steps x 2 prompts x 2 generations, at most (short answers get no grader call).
+    let grpo = stage(&costs, "grpo[domain=medical,seed=0]");
+    assert_eq!(grpo["calls"], 8);
+    assert_eq!(grpo["upper_bound"], true);
+    assert_eq!(
+        grpo["completion_tokens"],
+        8 * 48,
+        "grader_max_tokens 48 a call"
+    );
+    let total = costs["totals"]["to_call"].as_u64().unwrap();
+    let sum: u64 = costs["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["to_call"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, sum);
+    assert!(total > 6);
+
+    // One below the total: refused before anything runs (nothing fetched, nothing stored).
+    let limit = (total - 1).to_string();
+    let out = emflow(
+        store.path(),
+        &[&["run", "--max-judge-calls", &limit][..], &args].concat(),
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    assert!(all.contains(&format!("{total} judge calls")), "{all}");
+    assert!(all.contains(&format!("--max-judge-calls {limit}")), "{all}");
+    let ls = emflow(store.path(), &["cache", "ls"]);
+    assert!(ls.status.success() && ls.stdout.is_empty(), "{}", text(&ls));
+    // `plan` with the same limit says a run would refuse, and exits 1.
+    let out = emflow(
+        store.path(),
+        &[&["plan", "--max-judge-calls", &limit][..], &args].concat(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains(&format!("{total} judge calls")));
+}
+
+#[test]
+fn paper_plan_prints_judge_calls_tokens_and_cost_per_stage_and_in_total() {
+    let Some(data) = emflow_model::testing::paper_data() else {
+        return;
+    };
+    let store = tempfile::tempdir().unwrap();
+    let set = format!("data_root={}", data.display());
+    let args = ["manifests/paper.yaml", "--profile", "paper", "--set", &set];
+    let out = emflow(store.path(), &[&["plan"][..], &args].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(stdout.contains("prompt tokens") && stdout.contains("completion tokens"));
+    for id in [
+        "onpolicy_safety",
+        "grpo[domain=medical,seed=0]",
+        "grpo_rhetoric[domain=argumentation,seed=2]",
+        "eval_base",
+        "eval_in_domain[domain=legal,seed=1]",
+    ] {
+        let r = row(&stdout, id);
+        assert!(r.contains("gpt-4.1-mini"), "{r}");
+        assert!(r.contains("price not set"), "no price is built in: {r}");
+    }
+    let total = row(&stdout, "total (calls to make)");
+    assert!(total.contains("price not set"), "{total}");
+    assert!(
+        stdout.contains("--judge-price gpt-4.1-mini=IN/OUT"),
+        "{stdout}"
+    );
+
+    // With a price, every row and the total have a cost.
+    let priced = [
+        &["plan", "--judge-price", "gpt-4.1-mini=0.4/1.6"][..],
+        &args,
+    ]
+    .concat();
+    let out = emflow(store.path(), &priced);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(row(&stdout, "eval_base").contains('$'), "{stdout}");
+    assert!(
+        row(&stdout, "total (calls to make)").contains('$'),
+        "{stdout}"
+    );
+
+    // GRPO: 2 epochs over the domain's prompts, 4 prompts x 4 generations a step, one grader
+    // call per rollout at most.
+    let out = emflow(store.path(), &[&["plan", "--json"][..], &args].concat());
+    let costs = judge_cost(&out);
+    let prompts = std::fs::read_to_string(data.join("grpo/medical_750_train.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count() as u64;
+    let grpo = stage(&costs, "grpo[domain=medical,seed=0]");
+    assert_eq!(grpo["calls"], (2 * prompts).div_ceil(4) * 16);
+    assert_eq!(grpo["upper_bound"], true);
+    let eval = stage(&costs, "eval_base");
+    let calls = eval["calls"].as_u64().unwrap();
+    assert!(
+        calls > 0 && calls % (50 * 2) == 0,
+        "50 samples x 2 prompts: {eval}"
+    );
+    assert!(eval["prompt_tokens"].as_u64().unwrap() > calls * 600);
+    assert_eq!(
+        eval["completion_tokens"], calls,
+        "one logprob token a score"
+    );
+    assert!(costs["totals"]["to_call"].as_u64().unwrap() > calls);
+
+    // The budget is checked before the GPU check, so it refuses on any machine: here, one
+    // where the paper profile's stages would also find no GPU.
+    let total = costs["totals"]["to_call"].as_u64().unwrap();
+    let limit = (total - 1).to_string();
+    let run = [&["run", "--max-judge-calls", &limit][..], &args].concat();
+    let out = output(
+        emflow_cmd(store.path())
+            .env("EMFLOW_GPUS", "0")
+            .env("CUDA_VISIBLE_DEVICES", "")
+            .args(&run),
+    );
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("refusing to start") && said.contains(&format!("{total} judge calls")),
+        "{said}"
+    );
+}

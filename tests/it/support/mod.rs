@@ -1,0 +1,72 @@
+//! Fixtures shared by the end-to-end tests, which drive the real `emflow` binary in child
+//! processes: the command itself, its output as text, scratch folders and polling.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The `emflow` binary Cargo built for these tests, blind to the user's `EMFLOW_HOME`.
+pub fn emflow() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_emflow"));
+    cmd.env_remove("EMFLOW_HOME");
+    cmd
+}
+
+/// `emflow` started in `dir`, where a test keeps its manifest.
+pub fn emflow_in(dir: &Path) -> Command {
+    let mut cmd = emflow();
+    cmd.current_dir(dir);
+    cmd
+}
+
+/// `emflow --store STORE` started at the repository root, for the shipped manifests.
+pub fn emflow_in_repo(store: &Path) -> Command {
+    let mut cmd = emflow_in(Path::new(env!("CARGO_MANIFEST_DIR")));
+    cmd.arg("--store").arg(store);
+    cmd
+}
+
+/// Runs `cmd` to its end.
+pub fn output(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
+/// Runs `cmd`, fails the test (showing what it said) unless it succeeds, and returns its
+/// stdout and stderr as text.
+pub fn succeed(cmd: &mut Command) -> String {
+    let out = output(cmd);
+    assert!(out.status.success(), "{cmd:?} failed:\n{}", text(&out));
+    text(&out)
+}
+
+/// stdout, then stderr, as text.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// An empty folder `emflow-it-NAME-PID` in the system's temporary folder. Kept after a
+/// failure for a look (the next run of the same test empties it); a passing test may remove
+/// it. `name` is unique among the tests of this binary.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("emflow-it-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Polls `ready` (after 20 ms, then less often, up to every 200 ms: some checks start
+/// processes); fails the test naming `what` after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let clock = Instant::now();
+    let mut pause = Duration::from_millis(20);
+    while !ready() {
+        assert!(clock.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
