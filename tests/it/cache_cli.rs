@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Output;
 
-use crate::support::{emflow_in, output, text};
+use crate::support::{emflow_in, output, text, write_manifest};
 
 fn emflow(dir: &Path, args: &[&str]) -> Output {
     output(
@@ -45,7 +45,7 @@ stages:
 fn cache_commands_give_scripts_json_records_and_paths() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    std::fs::write(dir.join("m.yaml"), MANIFEST).unwrap();
+    write_manifest(dir, MANIFEST);
     stdout_ok(dir, &["run", "m.yaml"]);
 
     let all: serde_json::Value =

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use crate::support::{emflow_in, output, scratch, wait_for};
+use crate::support::{emflow_in, output, scratch, wait_for, write_manifest};
 
 fn emflow(dir: &Path, args: &[&str]) -> Output {
     output(emflow_in(dir).args(args))
@@ -36,11 +36,10 @@ stages:
 fn kill_dash_nine_mid_stage_then_rerun_completes() {
     let dir = scratch("crash-kill");
     let marker = dir.join("started.txt");
-    std::fs::write(
-        dir.join("m.yaml"),
-        MANIFEST.replace("MARKER_PATH", &marker.display().to_string()),
-    )
-    .unwrap();
+    write_manifest(
+        &dir,
+        &MANIFEST.replace("MARKER_PATH", &marker.display().to_string()),
+    );
     let mut child = emflow_in(&dir)
         .args(["run", "m.yaml"])
         .stdout(Stdio::null())

@@ -2,7 +2,7 @@
 //! `CUDA_VISIBLE_DEVICES`, taken from the driver's inherited `CUDA_VISIBLE_DEVICES`.
 //! Needs no GPU: the command kind only reports what it was given.
 
-use crate::support::{emflow_in, output, scratch, succeed};
+use crate::support::{emflow_in, output, scratch, succeed, write_manifest};
 
 const MANIFEST: &str = r#"
 emflow: 1
@@ -34,7 +34,7 @@ stages:
 #[test]
 fn gpu_stages_get_distinct_inherited_devices() {
     let dir = scratch("gpu-slots");
-    std::fs::write(dir.join("m.yaml"), MANIFEST).unwrap();
+    write_manifest(&dir, MANIFEST);
     succeed(
         emflow_in(&dir)
             .env_remove("EMFLOW_GPUS")

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::{emflow_in, scratch, text, wait_for};
+use crate::support::{emflow_in, scratch, text, wait_for, write_manifest};
 
 struct Cluster {
     state: PathBuf,
@@ -221,11 +221,7 @@ fn killed_driver_reattaches_runs_nothing_twice_and_cached_rerun_submits_nothing(
     };
     let dir = scratch("slurm-attach");
     let log = dir.join("ran.log");
-    std::fs::write(
-        dir.join("m.yaml"),
-        CHAIN.replace("@LOG@", &log.display().to_string()),
-    )
-    .unwrap();
+    write_manifest(&dir, &CHAIN.replace("@LOG@", &log.display().to_string()));
     std::fs::write(dir.join("cluster.yaml"), PROFILE).unwrap();
     let args = RUN_ON_SLURM;
 
@@ -339,11 +335,7 @@ fn checkpointing_stage_warned_before_its_time_limit_is_requeued_and_resumes() {
     };
     let dir = scratch("slurm-requeue");
     let log = dir.join("attempts.log");
-    std::fs::write(
-        dir.join("m.yaml"),
-        LONG.replace("@LOG@", &log.display().to_string()),
-    )
-    .unwrap();
+    write_manifest(&dir, &LONG.replace("@LOG@", &log.display().to_string()));
     std::fs::write(
         dir.join("cluster.yaml"),
         format!("{PROFILE}signal_before_s: 30\nmax_requeue: 10\n"),

@@ -5,6 +5,11 @@ use std::fs;
 use crate::support::*;
 use emflow_cache::Store;
 
+/// The key of the last record of stage `id`.
+fn last_key(store: &Store, id: &str) -> String {
+    store.last_record_for_stage(id).unwrap().unwrap().0
+}
+
 #[test]
 fn last_record_for_stage_follows_commits_and_reuse() {
     let dir = tempfile::tempdir().unwrap();
@@ -16,35 +21,14 @@ fn last_record_for_stage_follows_commits_and_reuse() {
             .commit(staging, key, record_for("grpo[seed=1]", when))
             .unwrap();
     }
-    assert_eq!(
-        store
-            .last_record_for_stage("grpo[seed=1]")
-            .unwrap()
-            .unwrap()
-            .0,
-        "k-b"
-    );
+    assert_eq!(last_key(&store, "grpo[seed=1]"), "k-b");
     store.note_stage_record("grpo[seed=1]", "k-a").unwrap();
-    assert_eq!(
-        store
-            .last_record_for_stage("grpo[seed=1]")
-            .unwrap()
-            .unwrap()
-            .0,
-        "k-a"
-    );
+    assert_eq!(last_key(&store, "grpo[seed=1]"), "k-a");
     // Without the index (e.g. lost), the newest record by finish time is found by a scan.
     for entry in fs::read_dir(dir.path().join("stage-index")).unwrap() {
         fs::remove_file(entry.unwrap().path()).unwrap();
     }
-    assert_eq!(
-        store
-            .last_record_for_stage("grpo[seed=1]")
-            .unwrap()
-            .unwrap()
-            .0,
-        "k-b"
-    );
+    assert_eq!(last_key(&store, "grpo[seed=1]"), "k-b");
     let keys: Vec<String> = store
         .records()
         .unwrap()

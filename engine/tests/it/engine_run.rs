@@ -104,21 +104,10 @@ fn registry() -> Registry {
         .with_kind(Resumable)
 }
 
-/// A [`Workdir`] with the hand-built pipelines these tests run.
-struct Fixture(Workdir);
+/// These tests build their pipelines by hand, without the manifest front end.
+type Fixture = Workdir;
 
-impl std::ops::Deref for Fixture {
-    type Target = Workdir;
-    fn deref(&self) -> &Workdir {
-        &self.0
-    }
-}
-
-impl Fixture {
-    fn new() -> Self {
-        Fixture(Workdir::new())
-    }
-
+impl Workdir {
     fn instance(
         &self,
         id: &str,

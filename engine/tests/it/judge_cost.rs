@@ -106,28 +106,20 @@ fn registry() -> Registry {
         .with_kind(Judged)
 }
 
-/// A [`Workdir`] holding `items.txt`, with the manifests these tests plan and run.
-struct Fixture(Workdir);
-
-impl std::ops::Deref for Fixture {
-    type Target = Workdir;
-    fn deref(&self) -> &Workdir {
-        &self.0
-    }
+/// A [`Workdir`] holding `items.txt`.
+fn fixture() -> Workdir {
+    let work = Workdir::new();
+    // 3 lines of 8, 8 and 16 characters: 2 + 2 + 4 = 8 tokens at 4 characters a token.
+    std::fs::write(
+        work.dir.path().join("items.txt"),
+        "question\nanother!\nand a third one.\n",
+    )
+    .unwrap();
+    work
 }
 
-impl Fixture {
-    fn new() -> Self {
-        let work = Workdir::new();
-        // 3 lines of 8, 8 and 16 characters: 2 + 2 + 4 = 8 tokens at 4 characters a token.
-        std::fs::write(
-            work.dir.path().join("items.txt"),
-            "question\nanother!\nand a third one.\n",
-        )
-        .unwrap();
-        Fixture(work)
-    }
-
+/// The manifests these tests plan and run (names apart from `engine_run`'s methods).
+impl Workdir {
     /// A manifest through the real front end; `log` is set to this fixture's run log.
     fn load(&self, yaml: &str) -> Pipeline {
         let path = self.dir.path().join("emflow.yaml");
@@ -142,7 +134,7 @@ impl Fixture {
 
     /// items.txt -> copy -> judged (4 samples: 12 calls); judged_file reads items.txt itself
     /// (1 sample, a local judge: 3 calls).
-    fn pipeline(&self) -> Pipeline {
+    fn judged_pipeline(&self) -> Pipeline {
         self.load(
             r#"
 emflow: 1
@@ -177,11 +169,11 @@ stages:
         .unwrap()
     }
 
-    fn run(&self, pipeline: &Pipeline, budget: JudgeBudget) -> anyhow::Result<RunSummary> {
-        self.run_with(pipeline, budget, false)
+    fn run_judged(&self, pipeline: &Pipeline, budget: JudgeBudget) -> anyhow::Result<RunSummary> {
+        self.run_judged_with(pipeline, budget, false)
     }
 
-    fn run_with(
+    fn run_judged_with(
         &self,
         pipeline: &Pipeline,
         budget: JudgeBudget,
@@ -215,8 +207,8 @@ fn limit_calls(n: u64) -> JudgeBudget {
 
 #[test]
 fn plan_counts_calls_through_a_preview_of_an_upstream_that_has_not_run() {
-    let fx = Fixture::new();
-    let plan = fx.plan(&fx.pipeline(), &JudgeBudget::default());
+    let fx = fixture();
+    let plan = fx.plan(&fx.judged_pipeline(), &JudgeBudget::default());
     let judged = stage(&plan, "judged");
     assert_eq!(judged.estimate.calls, Some(12), "3 lines x 4 samples");
     assert_eq!(judged.to_call, Some(12));
@@ -241,9 +233,9 @@ fn plan_counts_calls_through_a_preview_of_an_upstream_that_has_not_run() {
 
 #[test]
 fn prices_turn_tokens_into_cost() {
-    let fx = Fixture::new();
+    let fx = fixture();
     let budget = JudgeBudget::from_args(&["api-model=2/10".to_string()], None, None).unwrap();
-    let plan = fx.plan(&fx.pipeline(), &budget);
+    let plan = fx.plan(&fx.judged_pipeline(), &budget);
     let judged = stage(&plan, "judged");
     let want = (32.0 * 2.0 + 12.0 * 10.0) / 1e6;
     assert!((judged.cost_usd.unwrap() - want).abs() < 1e-12);
@@ -253,9 +245,9 @@ fn prices_turn_tokens_into_cost() {
 
 #[test]
 fn cached_stages_make_no_calls_and_count_as_memoised() {
-    let fx = Fixture::new();
-    let p = fx.pipeline();
-    assert!(fx.run(&p, JudgeBudget::default()).unwrap().ok());
+    let fx = fixture();
+    let p = fx.judged_pipeline();
+    assert!(fx.run_judged(&p, JudgeBudget::default()).unwrap().ok());
     fx.executed();
     let plan = fx.plan(&p, &JudgeBudget::default());
     let judged = stage(&plan, "judged");
@@ -272,44 +264,44 @@ fn cached_stages_make_no_calls_and_count_as_memoised() {
 
 #[test]
 fn max_judge_calls_below_the_total_refuses_before_anything_runs() {
-    let fx = Fixture::new();
-    let p = fx.pipeline();
-    let err = fx.run(&p, limit_calls(14)).unwrap_err().to_string();
+    let fx = fixture();
+    let p = fx.judged_pipeline();
+    let err = fx.run_judged(&p, limit_calls(14)).unwrap_err().to_string();
     assert!(err.contains("15 judge calls"), "{err}");
     assert!(err.contains("--max-judge-calls 14"), "{err}");
     assert!(err.contains("judged 12"), "names the largest stage: {err}");
     assert!(fx.executed().is_empty(), "nothing may run");
     assert!(fx.store.records().unwrap().is_empty());
     // At the total, it runs.
-    let summary = fx.run(&p, limit_calls(15)).unwrap();
+    let summary = fx.run_judged(&p, limit_calls(15)).unwrap();
     assert!(summary.ok(), "{:?}", summary.errors);
     assert_eq!(fx.executed().len(), 3);
 }
 
 #[test]
 fn max_judge_cost_needs_a_price_and_refuses_over_it() {
-    let fx = Fixture::new();
-    let p = fx.pipeline();
+    let fx = fixture();
+    let p = fx.judged_pipeline();
     let no_price = JudgeBudget::from_args(&[], None, Some(1.0)).unwrap();
-    let err = fx.run(&p, no_price).unwrap_err().to_string();
+    let err = fx.run_judged(&p, no_price).unwrap_err().to_string();
     assert!(err.contains("no price for api-model"), "{err}");
     assert!(err.contains("--judge-price api-model=IN/OUT"), "{err}");
     // 32 prompt tokens at $1000/M and 12 completion tokens at $0: $0.032.
     let priced = |max: f64| {
         JudgeBudget::from_args(&["api-model=1000/0".to_string()], None, Some(max)).unwrap()
     };
-    let err = fx.run(&p, priced(0.02)).unwrap_err().to_string();
+    let err = fx.run_judged(&p, priced(0.02)).unwrap_err().to_string();
     assert!(
         err.contains("cost $0.03") && err.contains("--max-judge-cost $0.02"),
         "names the total and the limit: {err}"
     );
     assert!(fx.executed().is_empty());
-    assert!(fx.run(&p, priced(0.04)).unwrap().ok());
+    assert!(fx.run_judged(&p, priced(0.04)).unwrap().ok());
 }
 
 #[test]
 fn calls_that_wait_on_an_upstream_are_unknown_and_a_limit_cannot_pass() {
-    let fx = Fixture::new();
+    let fx = fixture();
     let p = fx.load(
         r#"
 emflow: 1
@@ -330,22 +322,27 @@ stages:
     assert_eq!(judged.estimate.calls, None);
     assert_eq!(judged.estimate.notes, ["unknown until emit runs"]);
     assert_eq!(plan.totals.unknown_stages, ["judged"]);
-    let err = fx.run(&p, limit_calls(1000)).unwrap_err().to_string();
+    let err = fx
+        .run_judged(&p, limit_calls(1000))
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("cannot check") && err.contains("judged"),
         "{err}"
     );
     assert!(fx.executed().is_empty());
     // Once the upstream has run, the count is known and the limit passes.
-    assert!(fx.run(&p, JudgeBudget::default()).unwrap().ok());
+    assert!(fx.run_judged(&p, JudgeBudget::default()).unwrap().ok());
     let plan = fx.plan(&p, &JudgeBudget::default());
     assert_eq!(stage(&plan, "judged").estimate.calls, Some(2));
 }
 
 #[test]
 fn a_dry_run_reports_and_never_refuses() {
-    let fx = Fixture::new();
-    let summary = fx.run_with(&fx.pipeline(), limit_calls(1), true).unwrap();
+    let fx = fixture();
+    let summary = fx
+        .run_judged_with(&fx.judged_pipeline(), limit_calls(1), true)
+        .unwrap();
     assert!(summary.ok());
     assert!(fx.executed().is_empty());
 }

@@ -4,17 +4,17 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use emflow_engine::context::{ContextParts, DeviceRequest, MemoryMemo, NoProgress, StageContext};
+use emflow_engine::context::MemoryMemo;
 use emflow_engine::{ArtifactType, Memo, StageKind};
 use emflow_model::testing;
 use emflow_stages::evaluation::Summary;
 use emflow_stages::kinds::eval::EvalKind;
 use serde_json::{json, Value};
 
-use crate::support::typed_input;
+use crate::support::{context_at, typed_input, with_defaults};
 
 /// A memo that counts writes: every judge call that reaches the model is stored once.
 #[derive(Default)]
@@ -35,13 +35,10 @@ impl Memo for CountingMemo {
 
 fn run_eval(dir: &Path, gguf: &Path, questions: &Path, memo: Arc<dyn Memo>) -> Summary {
     let kind = EvalKind;
-    let mut params = serde_json::Map::new();
-    for spec in kind.spec().params {
-        params.insert(spec.name.to_string(), spec.default.unwrap());
-    }
-    params.insert("samples_per_question".into(), json!(4));
-    params.insert("max_tokens".into(), json!(12));
-    params.insert("bootstrap_resamples".into(), json!(200));
+    let params = with_defaults(
+        &kind,
+        json!({"samples_per_question": 4, "max_tokens": 12, "bootstrap_resamples": 200}),
+    );
     kind.check(&params).map_err(|e| format!("{e:?}")).unwrap();
     let staging = dir.join("staging");
     std::fs::create_dir_all(&staging).unwrap();
@@ -59,20 +56,7 @@ fn run_eval(dir: &Path, gguf: &Path, questions: &Path, memo: Arc<dyn Memo>) -> S
             vec![typed_input(questions, ArtifactType::Questions)],
         ),
     ]);
-    let mut ctx = StageContext::new(ContextParts {
-        stage_id: "eval_test".into(),
-        kind: "eval".into(),
-        params,
-        inputs,
-        staging: staging.clone(),
-        checkpoint: dir.join("ckpt"),
-        scratch: dir.join("scratch"),
-        device: DeviceRequest::Cpu,
-        threads: 2,
-        progress: Arc::new(NoProgress),
-        memo,
-        interrupt: Arc::new(AtomicBool::new(false)),
-    });
+    let mut ctx = context_at(&kind, params, inputs, (&staging, &dir.join("ckpt")), memo);
     kind.run(&mut ctx).unwrap();
     serde_json::from_str(&std::fs::read_to_string(staging.join("summary")).unwrap()).unwrap()
 }

@@ -3,16 +3,15 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use emflow_engine::context::{
-    Artifact, ContextParts, DeviceRequest, MemoryMemo, NoProgress, StageContext,
-};
+use emflow_engine::context::{Artifact, MemoryMemo};
 use emflow_engine::{ArtifactType, StageKind};
 use emflow_stages::evaluation::{summarize, BootstrapSettings, Outcome};
 use emflow_stages::kinds::report::ReportKind;
 use serde_json::json;
+
+use crate::support::{context_at, with_defaults};
 
 fn summary_file(dir: &Path, name: &str, misaligned_per_question: usize) -> std::path::PathBuf {
     let per_question: Vec<(String, Vec<Outcome>)> = (0..4)
@@ -93,29 +92,15 @@ fn report_pools_seeds_and_writes_a_self_contained_page() {
     )];
 
     let kind = ReportKind;
-    let mut params = serde_json::Map::new();
-    for spec in kind.spec().params {
-        params.insert(spec.name.to_string(), spec.default.unwrap());
-    }
+    let params = with_defaults(&kind, json!({}));
     let staging = d.join("staging");
     std::fs::create_dir_all(&staging).unwrap();
-    let mut ctx = StageContext::new(ContextParts {
-        stage_id: "report".into(),
-        kind: "report".into(),
-        params,
-        inputs: BTreeMap::from([
-            ("summaries".to_string(), summaries),
-            ("metrics".to_string(), metrics),
-        ]),
-        staging: staging.clone(),
-        checkpoint: d.join("ckpt"),
-        scratch: d.join("scratch"),
-        device: DeviceRequest::Cpu,
-        threads: 1,
-        progress: Arc::new(NoProgress),
-        memo: Arc::new(MemoryMemo::default()),
-        interrupt: Arc::new(AtomicBool::new(false)),
-    });
+    let inputs = BTreeMap::from([
+        ("summaries".to_string(), summaries),
+        ("metrics".to_string(), metrics),
+    ]);
+    let memo = Arc::new(MemoryMemo::default());
+    let mut ctx = context_at(&kind, params, inputs, (&staging, &d.join("ckpt")), memo);
     kind.run(&mut ctx).unwrap();
 
     let out = staging.join("report");

@@ -4,16 +4,15 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use emflow_engine::context::{ContextParts, DeviceRequest, MemoryMemo, NoProgress, StageContext};
+use emflow_engine::context::MemoryMemo;
 use emflow_engine::{ArtifactType, StageKind};
 use emflow_stages::kinds::rl::RlKind;
 use serde_json::{json, Value};
 
-use crate::support::{child_test, digest, typed_input, with_defaults, write_prompts};
+use crate::support::{child_test, context_at, digest, typed_input, with_defaults, write_prompts};
 
 const CHILD_ENV: &str = "EMFLOW_TEST_RL_CHILD_DIR";
 
@@ -61,20 +60,9 @@ fn run_stage(
             vec![typed_input(prompts, ArtifactType::Messages)],
         ),
     ]);
-    let mut ctx = StageContext::new(ContextParts {
-        stage_id: "rl_test".into(),
-        kind: "rl".into(),
-        params: with_defaults(&kind, params()),
-        inputs,
-        staging: staging.to_path_buf(),
-        checkpoint: checkpoint.to_path_buf(),
-        scratch: staging.with_extension("scratch"),
-        device: DeviceRequest::Cpu,
-        threads: 2,
-        progress: Arc::new(NoProgress),
-        memo: Arc::new(MemoryMemo::default()),
-        interrupt: Arc::new(AtomicBool::new(false)),
-    });
+    let params = with_defaults(&kind, params());
+    let memo = Arc::new(MemoryMemo::default());
+    let mut ctx = context_at(&kind, params, inputs, (staging, checkpoint), memo);
     kind.check(ctx.params())
         .map_err(|e| anyhow::anyhow!("{}", e[0].message))?;
     kind.run(&mut ctx)

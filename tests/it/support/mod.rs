@@ -59,6 +59,11 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// Writes `text` as `m.yaml` in `dir`, the manifest the tests' commands name.
+pub fn write_manifest(dir: &Path, text: &str) {
+    std::fs::write(dir.join("m.yaml"), text).unwrap();
+}
+
 /// Polls `ready` (after 20 ms, then less often, up to every 200 ms: some checks start
 /// processes); fails the test naming `what` after `limit`.
 pub fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {

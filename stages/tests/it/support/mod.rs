@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use emflow_engine::context::{
-    Artifact, ContextParts, DeviceRequest, MemoryMemo, Progress, StageContext,
+    Artifact, ContextParts, DeviceRequest, Memo, MemoryMemo, NoProgress, Progress, StageContext,
 };
 use emflow_engine::{ArtifactType, Params, StageKind};
 use serde_json::Value;
@@ -144,6 +144,31 @@ impl TestStage {
     pub fn output_text(&self, name: &str) -> String {
         std::fs::read_to_string(self.output(name)).unwrap()
     }
+}
+
+/// A context for `kind` whose folders the test chooses: `checkpoint` (kept across a killed
+/// run and its rerun) and `staging`, with scratch beside it; quiet, two threads.
+pub fn context_at(
+    kind: &dyn StageKind,
+    params: Params,
+    inputs: BTreeMap<String, Vec<Artifact>>,
+    (staging, checkpoint): (&Path, &Path),
+    memo: Arc<dyn Memo>,
+) -> StageContext {
+    StageContext::new(ContextParts {
+        stage_id: format!("test_{}", kind.spec().name),
+        kind: kind.spec().name.to_string(),
+        params,
+        inputs,
+        staging: staging.to_path_buf(),
+        checkpoint: checkpoint.to_path_buf(),
+        scratch: staging.with_extension("scratch"),
+        device: DeviceRequest::Cpu,
+        threads: 2,
+        progress: Arc::new(NoProgress),
+        memo,
+        interrupt: Arc::new(AtomicBool::new(false)),
+    })
 }
 
 /// `params` with the kind's declared defaults added for absent names.
