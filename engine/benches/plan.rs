@@ -11,33 +11,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use emflow_engine::expand::{load_pipeline_str, LoadOptions};
-use emflow_engine::{
-    ArtifactType, KindSpec, ParamSpec, ParamType, PortSpec, Registry, StageContext, StageKind,
-};
-use serde_json::json;
+use emflow_engine::Registry;
 
-struct Step;
-impl StageKind for Step {
-    fn spec(&self) -> KindSpec {
-        KindSpec {
-            name: "step",
-            version: 1,
-            summary: "bench kind",
-            params: vec![
-                ParamSpec::required("lr", ParamType::Float, "learning rate"),
-                ParamSpec::optional("seed", ParamType::Int, json!(0), "seed"),
-                ParamSpec::optional("label", ParamType::String, json!(""), "label"),
-                ParamSpec::optional("ops", ParamType::List, json!([]), "ops"),
-            ],
-            open_params: false,
-            inputs: vec![PortSpec::many_input("in", ArtifactType::File, "inputs")],
-            outputs: vec![PortSpec::output("out", ArtifactType::File, "output")],
-        }
-    }
-    fn run(&self, _: &mut StageContext) -> anyhow::Result<()> {
-        anyhow::bail!("the bench only plans")
-    }
-}
+mod common;
+use common::Step;
 
 const HEADER: &str = "\
 emflow: 1

@@ -10,37 +10,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use emflow_cache::Store;
-use emflow_engine::executor::InProcessExecutor;
 use emflow_engine::pipeline::{InputRef, Pipeline, Resources, SourceSpan, StageInstance};
-use emflow_engine::report::{ReportMode, Reporter};
-use emflow_engine::run::{run_pipeline, RunEnv, RunOptions};
-use emflow_engine::{
-    ArtifactType, KindSpec, ParamSpec, ParamType, PortSpec, Registry, StageContext, StageKind,
-};
+use emflow_engine::run::RunOptions;
+use emflow_engine::{ArtifactType, Registry};
 use serde_json::json;
 
-struct Step;
-impl StageKind for Step {
-    fn spec(&self) -> KindSpec {
-        KindSpec {
-            name: "step",
-            version: 1,
-            summary: "bench kind",
-            params: vec![
-                ParamSpec::required("lr", ParamType::Float, ""),
-                ParamSpec::required("seed", ParamType::Int, ""),
-            ],
-            open_params: false,
-            inputs: vec![PortSpec::many_input("in", ArtifactType::File, "")],
-            outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
-        }
-    }
-    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
-        let seed: i64 = ctx.param("seed")?;
-        std::fs::write(ctx.output_path("out"), seed.to_string())?;
-        Ok(())
-    }
-}
+mod common;
+use common::{run_quiet, Step};
 
 /// `n` stages; every `fan`-th stage is a root reading a data file, the others read the
 /// output of an earlier stage (a wide, deep DAG like a sweep).
@@ -102,13 +78,9 @@ fn main() {
     for (label, fan, populate) in scenarios {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(&dir.path().join(".emflow")).unwrap());
-        let executor = InProcessExecutor::new(registry.clone(), store.clone());
-        let env = RunEnv {
-            registry: &registry,
-            store: store.clone(),
-            executor: &executor,
-            reporter: Reporter::new(ReportMode::Quiet),
-            stop: Arc::new(AtomicBool::new(false)),
+        let stop = Arc::new(AtomicBool::new(false));
+        let run = |p: &Pipeline, opts: &RunOptions| {
+            run_quiet(&registry, store.clone(), p, opts, stop.clone()).unwrap()
         };
         if populate > 0 {
             let mut old = pipeline(dir.path(), 10_000, fan, 1e-3);
@@ -119,7 +91,7 @@ fn main() {
                 gpus: vec![],
                 ..RunOptions::default()
             };
-            assert!(run_pipeline(&old, &env, &opts).unwrap().ok());
+            assert!(run(&old, &opts).ok());
         }
         let p = pipeline(dir.path(), 10_000, fan, 1e-4);
         let opts = RunOptions {
@@ -132,7 +104,7 @@ fn main() {
         let mut best = f64::MAX;
         for _ in 0..3 {
             let t = Instant::now();
-            let summary = run_pipeline(&p, &env, &opts).unwrap();
+            let summary = run(&p, &opts);
             assert_eq!(summary.stages.len(), 10_000);
             best = best.min(t.elapsed().as_secs_f64());
         }

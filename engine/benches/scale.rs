@@ -15,34 +15,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use emflow_cache::Store;
-use emflow_engine::executor::InProcessExecutor;
 use emflow_engine::expand::{load_pipeline_str, LoadOptions};
-use emflow_engine::report::{ReportMode, Reporter};
-use emflow_engine::run::{run_pipeline, RunEnv, RunOptions};
-use emflow_engine::{
-    ArtifactType, KindSpec, ParamSpec, ParamType, PortSpec, Registry, StageContext, StageKind,
-};
+use emflow_engine::run::RunOptions;
+use emflow_engine::Registry;
 
-/// Writes its `cell` param to `out`; reads nothing of its optional input but its path.
-struct Touch;
-impl StageKind for Touch {
-    fn spec(&self) -> KindSpec {
-        KindSpec {
-            name: "touch",
-            version: 1,
-            summary: "writes one small file",
-            params: vec![ParamSpec::required("cell", ParamType::String, "")],
-            open_params: false,
-            inputs: vec![PortSpec::many_input("in", ArtifactType::File, "")],
-            outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
-        }
-    }
-    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
-        let cell: String = ctx.param("cell")?;
-        std::fs::write(ctx.output_path("out"), cell)?;
-        Ok(())
-    }
-}
+mod common;
+use common::{run_quiet, Step};
 
 const SIZES: [usize; 3] = [1_001, 10_001, 100_001];
 /// Largest size that is also run for real (a first run of 100,000 stages takes minutes).
@@ -54,14 +32,14 @@ fn manifest(n: usize) -> String {
     let side_b = (n - 1) / side_a;
     let list = |k: usize| (0..k).map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
     format!(
-        "emflow: 1\nname: scale\nstages:\n  src:\n    kind: touch\n    params: {{cell: src}}\n  cell:\n    kind: touch\n    matrix: {{a: [{}], b: [{}]}}\n    inputs: {{in: src.out}}\n    params: {{cell: '${{matrix.a}}-${{matrix.b}}'}}\n",
+        "emflow: 1\nname: scale\nstages:\n  src:\n    kind: step\n    params: {{cell: src}}\n  cell:\n    kind: step\n    matrix: {{a: [{}], b: [{}]}}\n    inputs: {{in: src.out}}\n    params: {{cell: '${{matrix.a}}-${{matrix.b}}'}}\n",
         list(side_a),
         list(side_b)
     )
 }
 
 fn registry() -> Registry {
-    Registry::new().with_kind(Touch)
+    Registry::new().with_kind(Step)
 }
 
 /// One size, in this (child) process: prints `figure <name> <value>` lines.
@@ -90,31 +68,26 @@ fn child(n: usize) -> anyhow::Result<()> {
 
     let dir = tempfile::tempdir()?;
     let store = Arc::new(Store::open(&dir.path().join("store"))?);
-    let executor = InProcessExecutor::new(registry.clone(), store.clone());
-    let env = RunEnv {
-        registry: &registry,
-        store: store.clone(),
-        executor: &executor,
-        reporter: Reporter::new(ReportMode::Quiet),
-        stop: Arc::new(AtomicBool::new(false)),
-    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let run =
+        |opts: &RunOptions| run_quiet(&registry, store.clone(), &pipeline, opts, stop.clone());
     let mut opts = RunOptions {
         dry_run: true,
         gpus: Vec::new(),
         ..RunOptions::default()
     };
     let clock = Instant::now();
-    run_pipeline(&pipeline, &env, &opts)?;
+    run(&opts)?;
     println!("figure dry_run_s {}", clock.elapsed().as_secs_f64());
 
     if n <= MAX_EXECUTED {
         opts.dry_run = false;
         let clock = Instant::now();
-        let first = run_pipeline(&pipeline, &env, &opts)?;
+        let first = run(&opts)?;
         anyhow::ensure!(first.ok(), "the first run failed: {:?}", first.errors);
         println!("figure first_run_s {}", clock.elapsed().as_secs_f64());
         let clock = Instant::now();
-        run_pipeline(&pipeline, &env, &opts)?;
+        run(&opts)?;
         println!("figure noop_rerun_s {}", clock.elapsed().as_secs_f64());
     }
     println!(

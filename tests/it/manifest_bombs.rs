@@ -25,6 +25,8 @@ fn bomb(first: &str, item: &str) -> String {
 /// bytes. Reaped with `wait4`, which reports that one child's usage: the tests of this
 /// binary share one process, so `getrusage(RUSAGE_CHILDREN)` would report the largest child
 /// of any of them (a training run's, say).
+// Clippy cannot see that wait4 reaps the child.
+#[allow(clippy::zombie_processes)]
 fn run_measured(cmd: &mut Command) -> (Option<i32>, String, u64) {
     let mut child = cmd
         .stdout(Stdio::null())
