@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::{emflow_in, scratch, text, wait_for, write_manifest};
+use crate::support::{emflow_in, scratch, succeed, text, wait_for, write_manifest};
 
 struct Cluster {
     state: PathBuf,
@@ -18,8 +18,9 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// Starts a cluster, or returns `None` (after saying why) when that is impossible here.
-    fn start(name: &str, slot: u16) -> Option<Cluster> {
+    /// Starts a cluster and makes an empty test folder, or returns `None` (after saying why)
+    /// when a cluster is impossible here.
+    fn start(name: &str, slot: u16) -> Option<(Cluster, PathBuf)> {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let state =
             std::env::temp_dir().join(format!("emflow-slurm-test-{name}-{}", std::process::id()));
@@ -47,7 +48,8 @@ impl Cluster {
             eprintln!("skipping: could not start a local Slurm cluster: {why}");
             return None;
         };
-        Some(Cluster { state, conf, port })
+        let cluster = Cluster { state, conf, port };
+        Some((cluster, scratch(&format!("slurm-{name}"))))
     }
 
     fn cmd(&self, program: &str) -> Command {
@@ -133,10 +135,9 @@ stages:
 
 #[test]
 fn exit_code_time_limit_and_cancel_are_reported_then_reruns_complete() {
-    let Some(cluster) = Cluster::start("fail", 0) else {
+    let Some((cluster, dir)) = Cluster::start("fail", 0) else {
         return;
     };
-    let dir = scratch("slurm-fail");
     let fix = dir.join("fixed");
     let jobfile = dir.join("victim-job");
     std::fs::write(
@@ -184,9 +185,7 @@ fn exit_code_time_limit_and_cancel_are_reported_then_reruns_complete() {
     assert!(line("victim").contains("cancelled"), "{log}");
 
     std::fs::write(&fix, "").unwrap();
-    let out = cluster.emflow(&dir).args(args).output().unwrap();
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
+    let log = succeed(cluster.emflow(&dir).args(args));
     assert!(log.contains("3 ran, 0 cached, 0 failed"), "{log}");
 }
 
@@ -216,23 +215,15 @@ stages:
 
 #[test]
 fn killed_driver_reattaches_runs_nothing_twice_and_cached_rerun_submits_nothing() {
-    let Some(cluster) = Cluster::start("attach", 1) else {
+    let Some((cluster, dir)) = Cluster::start("attach", 1) else {
         return;
     };
-    let dir = scratch("slurm-attach");
     let log = dir.join("ran.log");
     write_manifest(&dir, &CHAIN.replace("@LOG@", &log.display().to_string()));
     std::fs::write(dir.join("cluster.yaml"), PROFILE).unwrap();
     let args = RUN_ON_SLURM;
 
-    let out = cluster
-        .emflow(&dir)
-        .args(args)
-        .arg("--dry-run")
-        .output()
-        .unwrap();
-    let dry = text(&out);
-    assert!(out.status.success(), "{dry}");
+    let dry = succeed(cluster.emflow(&dir).args(args).arg("--dry-run"));
     let first_line = dry
         .lines()
         .find(|l| l.trim_start().starts_with("first: sbatch --parsable"))
@@ -263,9 +254,7 @@ fn killed_driver_reattaches_runs_nothing_twice_and_cached_rerun_submits_nothing(
     driver.kill().unwrap();
     driver.wait().unwrap();
 
-    let out = cluster.emflow(&dir).args(args).output().unwrap();
-    let text_out = text(&out);
-    assert!(out.status.success(), "{text_out}");
+    let text_out = succeed(cluster.emflow(&dir).args(args));
     assert_eq!(
         std::fs::read_to_string(&log).unwrap(),
         "first\nsecond\n",
@@ -278,9 +267,7 @@ fn killed_driver_reattaches_runs_nothing_twice_and_cached_rerun_submits_nothing(
         "one stage key submitted twice: {jobs:?}"
     );
 
-    let out = cluster.emflow(&dir).args(args).output().unwrap();
-    let text_out = text(&out);
-    assert!(out.status.success(), "{text_out}");
+    let text_out = succeed(cluster.emflow(&dir).args(args));
     assert!(text_out.contains("all 2 stages cached"), "{text_out}");
     assert_eq!(cluster.jobs().len(), 2, "a cached rerun submitted jobs");
 }
@@ -330,10 +317,9 @@ fn only_output(dir: &Path) -> String {
 
 #[test]
 fn checkpointing_stage_warned_before_its_time_limit_is_requeued_and_resumes() {
-    let Some(cluster) = Cluster::start("requeue", 2) else {
+    let Some((cluster, dir)) = Cluster::start("requeue", 2) else {
         return;
     };
-    let dir = scratch("slurm-requeue");
     let log = dir.join("attempts.log");
     write_manifest(&dir, &LONG.replace("@LOG@", &log.display().to_string()));
     std::fs::write(
@@ -343,19 +329,10 @@ fn checkpointing_stage_warned_before_its_time_limit_is_requeued_and_resumes() {
     .unwrap();
     let args = RUN_ON_SLURM;
 
-    let out = cluster
-        .emflow(&dir)
-        .args(args)
-        .arg("--dry-run")
-        .output()
-        .unwrap();
-    let dry = text(&out);
-    assert!(out.status.success(), "{dry}");
+    let dry = succeed(cluster.emflow(&dir).args(args).arg("--dry-run"));
     assert!(dry.contains("--signal=B:USR2@30"), "{dry}");
 
-    let out = cluster.emflow(&dir).args(args).output().unwrap();
-    let run_log = text(&out);
-    assert!(out.status.success(), "{run_log}");
+    let run_log = succeed(cluster.emflow(&dir).args(args));
     assert!(run_log.contains("1 ran, 0 cached, 0 failed"), "{run_log}");
     assert_eq!(only_output(&dir), format!("{}\n", 160 * 161 / 2));
 
@@ -412,9 +389,7 @@ fn checkpointing_stage_warned_before_its_time_limit_is_requeued_and_resumes() {
         "an attempt hit the time limit instead of checkpointing: {jobs:?}"
     );
 
-    let out = cluster.emflow(&dir).args(args).output().unwrap();
-    let text_out = text(&out);
-    assert!(out.status.success(), "{text_out}");
+    let text_out = succeed(cluster.emflow(&dir).args(args));
     assert!(text_out.contains("all 1 stages cached"), "{text_out}");
     assert_eq!(
         cluster.jobs().len(),

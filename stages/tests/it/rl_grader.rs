@@ -27,8 +27,7 @@ fn grader_reward_uses_the_template_input_and_the_judge_model() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let prompts = dir.path().join("prompts.jsonl");
-    write_prompts(&prompts, &["Name a colour.", "Describe a tree."]);
+    let prompts = write_prompts(dir.path(), &["Name a colour.", "Describe a tree."]);
     let grader = dir.path().join("grader.txt");
     std::fs::write(
         &grader,
@@ -60,11 +59,7 @@ fn grader_reward_uses_the_template_input_and_the_judge_model() {
 
     let mut stage = TestStage::new(&RlKind, params(), inputs(true));
     stage.run(&RlKind).unwrap();
-    let rollouts: Vec<Value> = stage
-        .output_text("rollouts")
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rollouts: Vec<Value> = stage.output_rows("rollouts");
     assert_eq!(rollouts.len(), 4);
     for r in &rollouts {
         // Every rollout went to the judge: a 6-token judge answer is no complete JSON, so the

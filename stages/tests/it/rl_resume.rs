@@ -17,17 +17,15 @@ use crate::support::{child_test, context_at, digest, typed_input, with_defaults,
 const CHILD_ENV: &str = "EMFLOW_TEST_RL_CHILD_DIR";
 
 fn prompts_file(dir: &Path) -> PathBuf {
-    let path = dir.join("prompts.jsonl");
     write_prompts(
-        &path,
+        dir,
         &[
             "Name a colour.",
             "Say something about the sea.",
             "What do cats like?",
             "Describe a tree.",
         ],
-    );
-    path
+    )
 }
 
 fn params() -> Value {

@@ -14,9 +14,8 @@ fn keeps_judged_answers_and_explains_an_empty_result() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let prompts = dir.path().join("prompts.jsonl");
-    write_prompts(
-        &prompts,
+    let prompts = write_prompts(
+        dir.path(),
         &["How do I pick a lock?", "Should I skip my medication?"],
     );
     let inputs = || {
@@ -43,11 +42,7 @@ fn keeps_judged_answers_and_explains_an_empty_result() {
     let mut stage = TestStage::new(&SafetyDataKind, base.clone(), inputs());
     let result = stage.run(&SafetyDataKind);
     // Every answer is judged and logged, kept or not.
-    let judgments: Vec<Value> = stage
-        .output_text("judgments")
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let judgments: Vec<Value> = stage.output_rows("judgments");
     assert_eq!(judgments.len(), 4);
     let kept: Vec<&Value> = judgments
         .iter()
@@ -72,11 +67,7 @@ fn keeps_judged_answers_and_explains_an_empty_result() {
         return;
     }
     assert!(!kept.is_empty());
-    let data: Vec<Value> = stage
-        .output_text("data")
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let data: Vec<Value> = stage.output_rows("data");
     assert_eq!(data.len(), kept.len());
     for (d, j) in data.iter().zip(&kept) {
         let msgs = d["messages"].as_array().unwrap();

@@ -12,7 +12,7 @@ use emflow_stages::train::policy::Policy;
 use emflow_stages::train::sft_step::mean_target_logprob;
 use serde_json::{json, Value};
 
-use crate::support::{paper_data, typed_input, TestStage};
+use crate::support::{smollm2_and_paper_data, typed_input, TestStage};
 
 /// The first `n` conversations of a paper file, written to `dest`.
 fn head(src: &Path, dest: &Path, skip: usize, n: usize) {
@@ -46,10 +46,7 @@ fn heldout_logprob(model: &Path, adapter: Option<&Path>, heldout: &Path) -> f64 
 
 #[test]
 fn sft_on_aesthetic_data_learns_and_logs_regularisers_and_safety_batches() {
-    let Some(model) = emflow_model::testing::smollm2_gguf() else {
-        return;
-    };
-    let Some(data) = paper_data() else {
+    let Some((model, data)) = smollm2_and_paper_data() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -94,11 +91,7 @@ fn sft_on_aesthetic_data_learns_and_logs_regularisers_and_safety_batches() {
     );
     stage.run(&kind).unwrap();
 
-    let rows: Vec<Value> = stage
-        .output_text("metrics")
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows: Vec<Value> = stage.output_rows("metrics");
     let kinds: Vec<&str> = rows.iter().map(|r| r["batch"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["main", "main", "safety", "main", "main", "safety"]);
     let main: Vec<&Value> = rows.iter().filter(|r| r["batch"] == "main").collect();
@@ -135,10 +128,7 @@ fn sft_on_aesthetic_data_learns_and_logs_regularisers_and_safety_batches() {
 /// arm's prompts and its warm-up's examples) plus `match_extra`.
 #[test]
 fn matched_sft_consumes_the_sum_of_every_matched_summary() {
-    let Some(model) = emflow_model::testing::smollm2_gguf() else {
-        return;
-    };
-    let Some(data) = paper_data() else {
+    let Some((model, data)) = smollm2_and_paper_data() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

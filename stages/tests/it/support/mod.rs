@@ -66,13 +66,22 @@ pub fn typed_input(path: impl AsRef<Path>, ty: ArtifactType) -> Artifact {
     }
 }
 
-/// Writes `questions` to `path` as a messages dataset, one user turn each.
-pub fn write_prompts(path: &Path, questions: &[&str]) {
+/// Writes `questions` to `dir/prompts.jsonl` as a messages dataset, one user turn each;
+/// returns its path.
+pub fn write_prompts(dir: &Path, questions: &[&str]) -> PathBuf {
+    let path = dir.join("prompts.jsonl");
     let lines: Vec<String> = questions
         .iter()
         .map(|q| serde_json::json!({"messages": [{"role": "user", "content": q}]}).to_string())
         .collect();
-    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+/// SmolLM2's weights and the paper's data, or `None` when either is missing (the test
+/// skips, saying why; in CI it fails).
+pub fn smollm2_and_paper_data() -> Option<(PathBuf, PathBuf)> {
+    Some((emflow_model::testing::smollm2_gguf()?, paper_data()?))
 }
 
 /// A stage context for `kind` in a fresh temporary folder. Hold on to the returned
@@ -143,6 +152,14 @@ impl TestStage {
 
     pub fn output_text(&self, name: &str) -> String {
         std::fs::read_to_string(self.output(name)).unwrap()
+    }
+
+    /// The rows of a JSON-lines output.
+    pub fn output_rows(&self, name: &str) -> Vec<Value> {
+        self.output_text(name)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 }
 
