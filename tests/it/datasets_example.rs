@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::support::{emflow_in_repo, scratch, succeed};
+use crate::support::{emflow_in_repo, paper_data_root, scratch, succeed};
 
 const STAGES: usize = 14;
 
@@ -15,13 +15,10 @@ fn emflow(store: &Path, args: &[&str]) -> String {
 
 #[test]
 fn datasets_example_builds_then_is_fully_cached() {
-    let Some(data) = emflow_model::testing::paper_data() else {
+    let Some((_, set)) = paper_data_root() else {
         return;
     };
-    // Absolute: the manifest is read from the repository root, the data may be elsewhere.
-    let data = std::path::absolute(data).unwrap();
     let store = scratch("datasets-example");
-    let set = format!("data_root={}", data.display());
     let run = ["run", "manifests/examples/datasets.yaml", "--set", &set];
 
     let first = emflow(&store, &run);

@@ -1,7 +1,7 @@
 //! Every shipped manifest plans under every one of its profiles: a typo in a profile that
 //! only CI or a GPU user would select fails here, on any machine, in milliseconds.
 
-use crate::support::{emflow_in_repo, succeed};
+use crate::support::{emflow_in_repo, paper_data_root, succeed};
 use std::path::Path;
 
 fn plans(manifest: &str, profile: Option<&str>, sets: &[String]) {
@@ -31,10 +31,9 @@ fn paper_manifest_plans_under_every_profile() {
         plans("manifests/paper.yaml", profile, &[]);
     }
     // The others read the paper's data, wherever the user keeps it.
-    let Some(data) = emflow_model::testing::paper_data() else {
+    let Some((_, set)) = paper_data_root() else {
         return;
     };
-    let set = format!("data_root={}", data.display());
     for profile in ["ci", "gpu-small", "paper"] {
         plans(
             "manifests/paper.yaml",
@@ -46,11 +45,10 @@ fn paper_manifest_plans_under_every_profile() {
 
 #[test]
 fn a_dry_run_of_the_paper_profile_plans_on_a_machine_without_its_gpus() {
-    let Some(data) = emflow_model::testing::paper_data() else {
+    let Some((_, set)) = paper_data_root() else {
         return;
     };
     let store = tempfile::tempdir().unwrap();
-    let set = format!("data_root={}", data.display());
     let args = ["manifests/paper.yaml", "--profile", "paper", "--set", &set];
     let out = emflow_in_repo(store.path())
         .args(["run", "--dry-run"])
@@ -84,10 +82,9 @@ fn a_dry_run_of_the_paper_profile_plans_on_a_machine_without_its_gpus() {
 fn example_manifests_plan() {
     // The examples read the paper's data; their default `data_root` is where a checkout beside
     // `shared/` finds it, so point them at wherever this machine keeps it.
-    let Some(data) = emflow_model::testing::paper_data() else {
+    let Some((_, set)) = paper_data_root() else {
         return;
     };
-    let set = format!("data_root={}", data.display());
     for m in [
         "manifests/examples/datasets.yaml",
         "manifests/examples/grpo_keyword.yaml",
@@ -177,10 +174,5 @@ fn smoke_profile_data_stages_run() {
     ] {
         cmd.args(["--only", stage]);
     }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "the smoke profile's data stages fail:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeed(&mut cmd);
 }

@@ -26,6 +26,15 @@ pub fn emflow_in_repo(store: &Path) -> Command {
     cmd
 }
 
+/// The paper's data as an absolute path (the commands run from the repository root) and
+/// `data_root=` it for `--set`, or `None` when it is missing (the test skips, saying why; in
+/// CI it fails).
+pub fn paper_data_root() -> Option<(PathBuf, String)> {
+    let data = std::path::absolute(emflow_model::testing::paper_data()?).unwrap();
+    let set = format!("data_root={}", data.display());
+    Some((data, set))
+}
+
 /// Runs `cmd` to its end.
 pub fn output(cmd: &mut Command) -> Output {
     cmd.output()
