@@ -351,6 +351,17 @@ fn checkpointing_stage_warned_before_its_time_limit_is_requeued_and_resumes() {
         assert!(saved.parse::<u32>().unwrap() > 0, "{attempts}");
     }
 
+    // The driver is done once the last attempt wrote its exit file; slurmctld may still
+    // show that job RUNNING or COMPLETING for a moment (seen on a loaded 2-core machine).
+    let settled = |jobs: &[(String, String, String)]| {
+        jobs.iter()
+            .all(|(_, _, state)| !matches!(state.as_str(), "RUNNING" | "COMPLETING"))
+    };
+    wait_for(
+        "Slurm to record the last job's end",
+        Duration::from_secs(30),
+        || settled(&cluster.jobs()),
+    );
     let mut jobs = cluster.jobs();
     jobs.sort_by_key(|(id, _, _)| id.parse::<u64>().unwrap());
     assert_eq!(
