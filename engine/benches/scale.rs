@@ -15,10 +15,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use emflow_cache::Store;
+use emflow_engine::console::{ReportMode, Reporter};
 use emflow_engine::executor::InProcessExecutor;
 use emflow_engine::expand::{load_pipeline_str, LoadOptions};
-use emflow_engine::report::{ReportMode, Reporter};
-use emflow_engine::run::{run_pipeline, RunEnv, RunOptions};
+use emflow_engine::scheduler::{run_pipeline, RunEnv, RunOptions};
 use emflow_engine::{
     ArtifactType, KindSpec, ParamSpec, ParamType, PortSpec, Registry, StageContext, StageKind,
 };

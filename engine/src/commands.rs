@@ -12,6 +12,7 @@ use anyhow::anyhow;
 use emflow_cache::{EntryKind, GcOptions, GcReport, OutputEntry, StageRecord, Store};
 use serde_json::json;
 
+use crate::console::{Reporter, Word};
 use crate::executor::{Executor, Wake};
 use crate::job::{error_chain, JobArtifact, JobMode, JobOutcome};
 use crate::keys::{explain_change, model_fetch_key, short, KeyChange};
@@ -19,8 +20,7 @@ use crate::kind::{ArtifactType, Registry};
 use crate::lockfile::{self, LockFile, LockedModel, LockedStage, ManifestLock};
 use crate::pipeline::Pipeline;
 use crate::plan::{model_source, ModelSource, Planner, Resolved, StageStatus, State};
-use crate::report::{Reporter, Word};
-use crate::run::{check_gpus, make_job, plan_line};
+use crate::scheduler::{check_gpus, make_job, plan_line};
 use crate::slots::Slots;
 
 /// `emflow plan`: each planned instance's state (as `run --dry-run` shows it), then the judge
@@ -452,7 +452,7 @@ fn damaged_verdict(
     id: &str,
     outputs: &[emflow_cache::DamagedOutput],
 ) -> Verification {
-    let detail = crate::run::damage_lines(outputs);
+    let detail = crate::scheduler::damage_lines(outputs);
     reporter.status(
         Word::Damaged,
         id,
@@ -592,7 +592,7 @@ pub fn verify(
                             &id,
                             &format!(
                                 "{}  reproduces its recorded outputs",
-                                crate::report::duration(duration_s)
+                                crate::console::duration(duration_s)
                             ),
                             "",
                         );

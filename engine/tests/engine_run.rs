@@ -10,12 +10,12 @@ use std::sync::Arc;
 
 use emflow_cache::Store;
 use emflow_engine::commands;
+use emflow_engine::console::{ReportMode, Reporter};
 use emflow_engine::executor::InProcessExecutor;
 use emflow_engine::keys::{EnvParts, KeyParts};
 use emflow_engine::pipeline::{InputRef, Pipeline, Resources, SourceSpan, StageInstance};
 use emflow_engine::plan::State;
-use emflow_engine::report::{ReportMode, Reporter};
-use emflow_engine::run::{run_pipeline, RunEnv, RunOptions, StageResult};
+use emflow_engine::scheduler::{run_pipeline, RunEnv, RunOptions, StageResult};
 use emflow_engine::{
     ArtifactType, KindSpec, ModelFetcher, ParamSpec, ParamType, PortSpec, Progress, Registry,
     StageContext, StageKind,
@@ -267,7 +267,7 @@ impl Fixture {
         ])
     }
 
-    fn run(&self, pipeline: &Pipeline, opts: RunOptions) -> emflow_engine::run::RunSummary {
+    fn run(&self, pipeline: &Pipeline, opts: RunOptions) -> emflow_engine::scheduler::RunSummary {
         self.run_with(registry(), pipeline, opts)
     }
 
@@ -276,7 +276,7 @@ impl Fixture {
         registry: Registry,
         pipeline: &Pipeline,
         opts: RunOptions,
-    ) -> emflow_engine::run::RunSummary {
+    ) -> emflow_engine::scheduler::RunSummary {
         let executor = InProcessExecutor::new(registry.clone(), self.store.clone());
         let env = RunEnv {
             registry: &registry,
@@ -306,7 +306,7 @@ fn opts() -> RunOptions {
     }
 }
 
-fn results(summary: &emflow_engine::run::RunSummary) -> Vec<(String, StageResult)> {
+fn results(summary: &emflow_engine::scheduler::RunSummary) -> Vec<(String, StageResult)> {
     summary.stages.clone()
 }
 

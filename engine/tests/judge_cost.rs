@@ -9,13 +9,13 @@ use std::sync::Arc;
 
 use emflow_cache::Store;
 use emflow_engine::commands;
+use emflow_engine::console::{ReportMode, Reporter};
 use emflow_engine::executor::InProcessExecutor;
 use emflow_engine::expand::{load_pipeline, LoadOptions};
 use emflow_engine::judge_cost::{parse_price, JudgeBudget, JudgeCostPlan, Price};
 use emflow_engine::kind::estimated_tokens;
 use emflow_engine::pipeline::Pipeline;
-use emflow_engine::report::{ReportMode, Reporter};
-use emflow_engine::run::{run_pipeline, RunEnv, RunOptions, RunSummary};
+use emflow_engine::scheduler::{run_pipeline, RunEnv, RunOptions, RunSummary};
 use emflow_engine::{
     ArtifactType, JudgeEstimate, KindSpec, ParamSpec, ParamType, Params, PlanInputs, PortSpec,
     Registry, StageContext, StageKind,

@@ -1,5 +1,5 @@
 //! The `emflow` command line. Parsing and help text live here; each command's work lives
-//! in [`crate::run`] and [`crate::commands`], so it can be tested without a process.
+//! in [`crate::scheduler`] and [`crate::commands`], so it can be tested without a process.
 
 mod exec_stage;
 mod tools;
@@ -13,13 +13,13 @@ use clap::{Parser, Subcommand};
 use emflow_cache::Store;
 
 use crate::commands::{self, GraphFormat};
+use crate::console::{ReportMode, Reporter};
 use crate::executor::{
     ClusterProfile, Executor, InProcessExecutor, SlurmExecutor, SubprocessExecutor,
 };
 use crate::kind::Registry;
 use crate::pipeline::Pipeline;
-use crate::report::{ReportMode, Reporter};
-use crate::run::{run_pipeline, RunEnv, RunOptions};
+use crate::scheduler::{run_pipeline, RunEnv, RunOptions};
 
 /// Exit code for "ran, but something failed or does not match".
 const EXIT_FAILED: u8 = 1;
