@@ -10,6 +10,35 @@ use crate::pipeline::Pipeline;
 use crate::plan::{Planner, StageStatus, State};
 use emflow_cache::StageRecord;
 
+/// How many planned stages are cached, to run, and pending (keyed once upstream runs).
+pub(crate) struct PlanCounts {
+    pub cached: usize,
+    pub to_run: usize,
+    pub pending: usize,
+}
+
+impl PlanCounts {
+    pub(crate) fn of(statuses: &[(usize, StageStatus)]) -> Self {
+        let count = |f: fn(&State) -> bool| statuses.iter().filter(|(_, s)| f(&s.state)).count();
+        let cached = count(|s| matches!(s, State::Cached));
+        let pending = count(|s| matches!(s, State::Pending { .. }));
+        PlanCounts {
+            cached,
+            to_run: statuses.len() - cached - pending,
+            pending,
+        }
+    }
+}
+
+/// `  profile NAME` for a header line, or nothing without a profile.
+pub(crate) fn profile_suffix(pipeline: &Pipeline) -> String {
+    pipeline
+        .profile
+        .as_deref()
+        .map(|p| format!("  profile {p}"))
+        .unwrap_or_default()
+}
+
 pub(super) fn header(
     pipeline: &Pipeline,
     env: &RunEnv,
@@ -17,21 +46,13 @@ pub(super) fn header(
     statuses: &[(usize, StageStatus)],
     dry_run: bool,
 ) {
-    let cached = statuses
-        .iter()
-        .filter(|(_, s)| matches!(s.state, State::Cached))
-        .count();
-    let pending = statuses
-        .iter()
-        .filter(|(_, s)| matches!(s.state, State::Pending { .. }))
-        .count();
-    let to_run = statuses.len() - cached - pending;
+    let PlanCounts {
+        cached,
+        to_run,
+        pending,
+    } = PlanCounts::of(statuses);
     let r = &env.reporter;
-    let profile = pipeline
-        .profile
-        .as_deref()
-        .map(|p| format!("  profile {p}"))
-        .unwrap_or_default();
+    let profile = profile_suffix(pipeline);
     r.line(&format!(
         "{} {}{profile}  ({} executor{})",
         r.bold(if dry_run { "Planning" } else { "Running" }),

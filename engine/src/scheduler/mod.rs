@@ -36,6 +36,7 @@ use crate::pipeline::Pipeline;
 use crate::plan::{Planner, StageStatus, State};
 
 pub use lines::{damage_lines, plan_line};
+pub(crate) use lines::{profile_suffix, PlanCounts};
 
 /// Options of one `emflow run`.
 #[derive(Clone, Debug)]
