@@ -455,6 +455,62 @@ impl JoinIndex {
     }
 }
 
+/// One reference from a stage's input port to an upstream stage's output.
+struct Link<'a> {
+    plan: &'a StagePlan,
+    port: &'a PortSpec,
+    up: &'a StagePlan,
+    output: &'a str,
+    span: SourceSpan,
+}
+
+impl Link<'_> {
+    /// Adds the output of each matched upstream cell to `refs`; stops at the first cell
+    /// without that output or with an output the port does not accept.
+    fn refs(&self, matched: Vec<usize>, refs: &mut Vec<InputRef>, problems: &mut Vec<Problem>) {
+        let (plan, up, output) = (self.plan, self.up, self.output);
+        for m in matched {
+            let inst = &up.instances[up.cell_instance[m]];
+            match inst.outputs.get(output) {
+                None => {
+                    let names = inst.outputs.keys().map(String::as_str);
+                    let help = did_you_mean(output, names.clone()).unwrap_or_else(|| {
+                        format!(
+                            "`{}` (kind `{}`) has outputs {}",
+                            up.name,
+                            up.kind,
+                            list_names(names)
+                        )
+                    });
+                    problems.push(
+                        Problem::new(format!(
+                            "stage `{}`: stage `{}` has no output `{output}`",
+                            plan.name, up.name
+                        ))
+                        .at(self.span, "no such output")
+                        .help(help),
+                    );
+                    break;
+                }
+                Some(&ty) if !self.port.ty.accepts(ty) => {
+                    problems.push(type_mismatch(
+                        &plan.name,
+                        self.port,
+                        &format!("{}.{output}", up.name),
+                        ty,
+                        self.span,
+                    ));
+                    break;
+                }
+                Some(_) => refs.push(InputRef::Stage {
+                    stage: inst.id.clone(),
+                    output: output.to_string(),
+                }),
+            }
+        }
+    }
+}
+
 fn wire_stage(
     ctx: &Context<'_>,
     plan: &mut StagePlan,
@@ -511,46 +567,14 @@ fn wire_stage(
                         };
                         let matched =
                             match_cells(plan, cell, &id, u, up, select, *span, joins, problems);
-                        for m in matched {
-                            let inst = &up.instances[up.cell_instance[m]];
-                            match inst.outputs.get(output) {
-                                None => {
-                                    let names = inst.outputs.keys().map(String::as_str);
-                                    let help =
-                                        did_you_mean(output, names.clone()).unwrap_or_else(|| {
-                                            format!(
-                                                "`{}` (kind `{}`) has outputs {}",
-                                                up.name,
-                                                up.kind,
-                                                list_names(names)
-                                            )
-                                        });
-                                    problems.push(
-                                        Problem::new(format!(
-                                            "stage `{}`: stage `{}` has no output `{output}`",
-                                            plan.name, up.name
-                                        ))
-                                        .at(*span, "no such output")
-                                        .help(help),
-                                    );
-                                    break;
-                                }
-                                Some(&ty) if !port.ty.accepts(ty) => {
-                                    problems.push(type_mismatch(
-                                        &plan.name,
-                                        port,
-                                        &format!("{}.{output}", up.name),
-                                        ty,
-                                        *span,
-                                    ));
-                                    break;
-                                }
-                                Some(_) => refs.push(InputRef::Stage {
-                                    stage: inst.id.clone(),
-                                    output: output.clone(),
-                                }),
-                            }
-                        }
+                        let link = Link {
+                            plan,
+                            port,
+                            up,
+                            output,
+                            span: *span,
+                        };
+                        link.refs(matched, &mut refs, problems);
                     }
                 }
             }
