@@ -800,7 +800,8 @@ fn identity(inst: &StageInstance) -> [u8; 32] {
     let mut key = String::with_capacity(256);
     key.push_str(&inst.kind);
     key.push('\u{1f}');
-    canonical_object(&inst.params, &mut key);
+    // The key's own canonical form, so cells merge exactly when their params key the same.
+    crate::keys::write_canonical_object(&inst.params, &mut key);
     key.push('\u{1f}');
     for (port, refs) in &inst.inputs {
         key.push_str(port);
@@ -811,39 +812,4 @@ fn identity(inst: &StageInstance) -> [u8; 32] {
     }
     key.push_str(&format!("\u{1f}{:?}", inst.resources));
     *blake3::hash(key.as_bytes()).as_bytes()
-}
-
-/// [`canonical_json`] of an object, without wrapping it in a `Value` first.
-fn canonical_object(map: &serde_json::Map<String, serde_json::Value>, out: &mut String) {
-    let mut keys: Vec<&String> = map.keys().collect();
-    keys.sort();
-    out.push('{');
-    for (i, k) in keys.into_iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(&serde_json::Value::String(k.clone()).to_string());
-        out.push(':');
-        canonical_json(&map[k], out);
-    }
-    out.push('}');
-}
-
-/// JSON with object keys sorted at every level, so that key order never matters.
-pub fn canonical_json(v: &serde_json::Value, out: &mut String) {
-    use serde_json::Value as J;
-    match v {
-        J::Object(map) => canonical_object(map, out),
-        J::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                canonical_json(item, out);
-            }
-            out.push(']');
-        }
-        other => out.push_str(&other.to_string()),
-    }
 }
