@@ -382,6 +382,10 @@ pub struct Registry {
 /// What a tool runs: called with the arguments after its name.
 pub type CommandFn = std::sync::Arc<dyn Fn(&[String]) -> anyhow::Result<()> + Send + Sync>;
 
+/// A function a [`Tool`] can run.
+pub trait ToolFn: Fn(&[String]) -> anyhow::Result<()> + Send + Sync + 'static {}
+impl<F: Fn(&[String]) -> anyhow::Result<()> + Send + Sync + 'static> ToolFn for F {}
+
 /// A named program the binary offers besides stage kinds: a benchmark (it prints its own
 /// figures) or an extra top-level command such as `serve`.
 #[derive(Clone)]
@@ -392,10 +396,7 @@ pub struct Tool {
 }
 
 impl Tool {
-    fn new(
-        summary: &'static str,
-        run: impl Fn(&[String]) -> anyhow::Result<()> + Send + Sync + 'static,
-    ) -> Self {
+    fn new(summary: &'static str, run: impl ToolFn) -> Self {
         Tool {
             summary,
             run: std::sync::Arc::new(run),
@@ -425,7 +426,7 @@ impl Registry {
         mut self,
         name: &'static str,
         summary: &'static str,
-        run: impl Fn(&[String]) -> anyhow::Result<()> + Send + Sync + 'static,
+        run: impl ToolFn,
     ) -> Self {
         self.benches.insert(name, Tool::new(summary, run));
         self
@@ -437,7 +438,7 @@ impl Registry {
         mut self,
         name: &'static str,
         summary: &'static str,
-        run: impl Fn(&[String]) -> anyhow::Result<()> + Send + Sync + 'static,
+        run: impl ToolFn,
     ) -> Self {
         self.commands.insert(name, Tool::new(summary, run));
         self

@@ -60,6 +60,17 @@ fn load(args: &ManifestArgs, registry: &Registry) -> anyhow::Result<Pipeline> {
     )
 }
 
+/// The pipeline of a manifest and the store its commands use.
+fn load_with_store(
+    store_flag: Option<&Path>,
+    manifest: &ManifestArgs,
+    registry: &Registry,
+) -> anyhow::Result<(Pipeline, Arc<Store>)> {
+    let pipeline = load(manifest, registry)?;
+    let store = open_store(store_flag, Some(&manifest.manifest))?;
+    Ok((pipeline, store))
+}
+
 /// The reporter of a command with a `--json` flag.
 fn reporter(json: bool) -> Arc<Reporter> {
     Reporter::new(if json {
@@ -120,8 +131,7 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
 /// `emflow run`.
 fn cmd_run(store_flag: Option<&Path>, registry: &Registry, args: RunArgs) -> anyhow::Result<u8> {
     let budget = args.judge.budget()?;
-    let pipeline = load(&args.manifest, registry)?;
-    let store = open_store(store_flag, Some(&args.manifest.manifest))?;
+    let (pipeline, store) = load_with_store(store_flag, &args.manifest, registry)?;
     let _pin = store.pin()?;
     let slurm_profile = match (&args.cluster_config, args.executor.as_str()) {
         (Some(path), "slurm") => Some(ClusterProfile::load(path)?),
@@ -186,8 +196,7 @@ fn cmd_status(
     manifest: &ManifestArgs,
     json: bool,
 ) -> anyhow::Result<u8> {
-    let pipeline = load(manifest, registry)?;
-    let store = open_store(store_flag, Some(&manifest.manifest))?;
+    let (pipeline, store) = load_with_store(store_flag, manifest, registry)?;
     commands::status(&pipeline, registry, &store, &reporter(json))?;
     Ok(0)
 }
@@ -195,8 +204,7 @@ fn cmd_status(
 /// `emflow plan`: exit 1 when a run would refuse the plan's judge calls.
 fn cmd_plan(store_flag: Option<&Path>, registry: &Registry, args: PlanArgs) -> anyhow::Result<u8> {
     let budget = args.judge.budget()?;
-    let pipeline = load(&args.manifest, registry)?;
-    let store = open_store(store_flag, Some(&args.manifest.manifest))?;
+    let (pipeline, store) = load_with_store(store_flag, &args.manifest, registry)?;
     let reporter = reporter(args.json);
     let plan = commands::plan(&pipeline, registry, &store, &reporter, &args.only, &budget)?;
     match plan.check(&budget) {
@@ -216,8 +224,7 @@ fn cmd_graph(
     manifest: &ManifestArgs,
     format: GraphFormat,
 ) -> anyhow::Result<u8> {
-    let pipeline = load(manifest, registry)?;
-    let store = open_store(store_flag, Some(&manifest.manifest))?;
+    let (pipeline, store) = load_with_store(store_flag, manifest, registry)?;
     print!("{}", commands::graph(&pipeline, registry, &store, format)?);
     Ok(0)
 }
@@ -228,8 +235,7 @@ fn cmd_lock(
     registry: &Registry,
     manifest: &ManifestArgs,
 ) -> anyhow::Result<u8> {
-    let pipeline = load(manifest, registry)?;
-    let store = open_store(store_flag, Some(&manifest.manifest))?;
+    let (pipeline, store) = load_with_store(store_flag, manifest, registry)?;
     let (path, section) = commands::lock(&pipeline, registry, &store)?;
     println!(
         "locked {} stages and {} models of {} in {}",
@@ -247,8 +253,7 @@ fn cmd_check(
     registry: &Registry,
     manifest: &ManifestArgs,
 ) -> anyhow::Result<u8> {
-    let pipeline = load(manifest, registry)?;
-    let store = open_store(store_flag, Some(&manifest.manifest))?;
+    let (pipeline, store) = load_with_store(store_flag, manifest, registry)?;
     let mismatches = commands::check(&pipeline, registry, &store)?;
     if mismatches.is_empty() {
         println!(
@@ -277,8 +282,7 @@ fn cmd_verify(
     registry: &Registry,
     args: VerifyArgs,
 ) -> anyhow::Result<u8> {
-    let pipeline = load(&args.manifest, registry)?;
-    let store = open_store(store_flag, Some(&args.manifest.manifest))?;
+    let (pipeline, store) = load_with_store(store_flag, &args.manifest, registry)?;
     let _pin = store.pin()?;
     let reporter = Reporter::new(ReportMode::Human);
     let exec = executor(&args.executor, registry, &store, &crate::host::new_run_id())?;

@@ -312,7 +312,7 @@ impl AxisCheck<'_> {
             cell.insert(e.key.clone(), e.value.clone());
         }
         let missing: Vec<&str> = (self.names.iter())
-            .filter(|a| !cell.contains_key(*a))
+            .filter(|a| !cell.contains_key(a))
             .map(String::as_str)
             .collect();
         if missing.is_empty() {
