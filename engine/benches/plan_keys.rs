@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use emflow_cache::Store;
 use emflow_engine::pipeline::{InputRef, Pipeline, Resources, SourceSpan, StageInstance};
-use emflow_engine::run::RunOptions;
+use emflow_engine::scheduler::RunOptions;
 use emflow_engine::{ArtifactType, Registry};
 use serde_json::json;
 

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use emflow_cache::Store;
 use emflow_engine::expand::{load_pipeline_str, LoadOptions};
-use emflow_engine::run::RunOptions;
+use emflow_engine::scheduler::RunOptions;
 use emflow_engine::Registry;
 
 mod common;

@@ -14,19 +14,8 @@ use anyhow::{anyhow, Context as _};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::kind::{ArtifactType, Params};
-
-/// One artifact handed to a stage as input.
-#[derive(Clone, Debug)]
-pub struct Artifact {
-    /// Read-only file or directory. Never write here.
-    pub path: PathBuf,
-    /// blake3 content digest (hex) of the file, or of the canonical tree listing of a directory.
-    pub digest: String,
-    pub ty: ArtifactType,
-    /// Where it came from, for messages: `stage[axis=value].output`, `models.NAME` or `file:PATH`.
-    pub origin: String,
-}
+pub use crate::artifact::Artifact;
+use crate::artifact::Params;
 
 /// Where a stage runs. Device *class* and dtype are part of the stage key; the ordinal and
 /// thread count are operational and never are.

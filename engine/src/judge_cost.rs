@@ -34,12 +34,12 @@ use emflow_cache::{StageRecord, Staging};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::console::Reporter;
 use crate::context::Artifact;
 use crate::keys::model_fetch_key;
 use crate::kind::{ArtifactType, JudgeEstimate, PlanInput, PlanInputs};
 use crate::pipeline::InputRef;
 use crate::plan::{model_source, ModelSource, Planner, StageStatus, State};
-use crate::report::Reporter;
 
 /// Environment variable with judge prices: `MODEL=IN/OUT[,MODEL=IN/OUT...]`.
 pub const PRICES_ENV: &str = "EMFLOW_JUDGE_PRICES";

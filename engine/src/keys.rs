@@ -158,21 +158,25 @@ pub fn write_canonical(value: &Value, out: &mut String) {
             }
             out.push(']');
         }
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                let _ = write!(out, "{}", Value::String(k.clone()));
-                out.push(':');
-                write_canonical(&map[k], out);
-            }
-            out.push('}');
-        }
+        Value::Object(map) => write_canonical_object(map, out),
     }
+}
+
+/// [`write_canonical`] of an object, without wrapping it in a `Value` first (cell identity
+/// in `expand` writes every cell's params this way).
+pub fn write_canonical_object(map: &serde_json::Map<String, Value>, out: &mut String) {
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort();
+    out.push('{');
+    for (i, k) in keys.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{}", Value::String(k.clone()));
+        out.push(':');
+        write_canonical(&map[k], out);
+    }
+    out.push('}');
 }
 
 /// Compact canonical text of a value, for messages (strings without quotes).

@@ -16,70 +16,8 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
+pub use crate::artifact::{ArtifactType, Params};
 use crate::context::StageContext;
-
-/// The type of an artifact flowing along a DAG edge. Validation refuses an edge whose
-/// producer and consumer disagree on it, so a typo'd wiring fails at plan time, not after
-/// an hour of training.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum ArtifactType {
-    /// Chat conversations, JSONL: one `{"messages": [{"role", "content"}, ...], ...}` a line.
-    Messages,
-    /// Evaluation questions, JSONL: one question (id, paraphrases, system, judge prompts) a line.
-    Questions,
-    /// A model: a GGUF file or an HF-format directory (config.json, *.safetensors, tokenizer.json).
-    Model,
-    /// A LoRA adapter directory (PEFT layout: adapter_model.safetensors + adapter_config.json),
-    /// or a full fine-tuned weight directory.
-    Adapter,
-    /// Generated samples or RL rollouts, JSONL.
-    Samples,
-    /// Judge scores, JSONL.
-    Judgments,
-    /// A JSON summary of an evaluation.
-    Summary,
-    /// Training metrics, JSONL: one object per step.
-    Metrics,
-    /// A human-facing report directory (HTML, Markdown).
-    Report,
-    /// Any single file; matches any file-typed artifact on the consuming side.
-    File,
-    /// Any directory.
-    Dir,
-}
-
-impl ArtifactType {
-    /// Whether an artifact of type `produced` may be fed into a port declared `self`.
-    /// `File` and `Dir` ports accept anything of that shape; other types must match.
-    pub fn accepts(self, produced: ArtifactType) -> bool {
-        use ArtifactType::*;
-        match self {
-            File => !matches!(produced, Dir | Adapter | Report),
-            Dir => matches!(produced, Dir | Adapter | Report | Model),
-            wanted => wanted == produced,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        use ArtifactType::*;
-        match self {
-            Messages => "messages",
-            Questions => "questions",
-            Model => "model",
-            Adapter => "adapter",
-            Samples => "samples",
-            Judgments => "judgments",
-            Summary => "summary",
-            Metrics => "metrics",
-            Report => "report",
-            File => "file",
-            Dir => "dir",
-        }
-    }
-}
 
 /// The type a param must have. Checked at validation time, with the manifest location.
 #[derive(Clone, Debug, PartialEq)]
@@ -208,9 +146,6 @@ impl KindSpec {
     }
 }
 
-/// Params after profile overlay, `--set`, reference substitution and defaults: a JSON object.
-pub type Params = serde_json::Map<String, Value>;
-
 /// A stage's wired input ports, each with its references in order: `Some(path)` (absolute)
 /// for a `file:` input, `None` for a model or another stage's output.
 pub type InputFiles = BTreeMap<String, Vec<Option<std::path::PathBuf>>>;
@@ -234,7 +169,7 @@ pub struct PlanInput {
     /// The bytes, when they exist now: a `file:` input, an upstream's cached output, a local
     /// model, or a plan-time preview of an upstream (see [`PlanInput::preview`]). The digest
     /// is empty: planning never hashes for estimates.
-    pub artifact: Option<crate::context::Artifact>,
+    pub artifact: Option<crate::artifact::Artifact>,
     /// Set when `artifact` is a plan-time preview written by the upstream's kind (exact
     /// bytes the upstream would write, not stored anywhere).
     pub preview: bool,
@@ -258,7 +193,7 @@ impl PlanInputs {
 
     /// The bytes wired to `port` when they are known now; `Err` says what they wait on, as
     /// a phrase for an estimate's notes ("unknown until rl_prompts runs").
-    pub fn known(&self, port: &str) -> Result<&crate::context::Artifact, String> {
+    pub fn known(&self, port: &str) -> Result<&crate::artifact::Artifact, String> {
         match self.first(port) {
             None => Err(format!("input `{port}` is not wired")),
             Some(PlanInput {
@@ -429,25 +364,44 @@ pub trait ModelFetcher: Send + Sync + 'static {
     ) -> anyhow::Result<()>;
 }
 
-/// The kinds and fetchers one `emflow` binary knows. Built by the binary (from the stages
-/// crate) and handed to the CLI; the engine itself knows no kind by name.
+/// The kinds and fetchers one `emflow` binary knows, and the tools it offers besides them.
+/// Built by the binary (from the stages crate) and handed to the CLI; the engine itself
+/// knows no kind by name.
 #[derive(Default, Clone)]
 pub struct Registry {
+    /// Stage kinds by their spec name.
     kinds: BTreeMap<&'static str, std::sync::Arc<dyn StageKind>>,
+    /// Model fetchers, asked in order for a `scheme:` they handle.
     fetchers: Vec<std::sync::Arc<dyn ModelFetcher>>,
-    benches: BTreeMap<&'static str, Bench>,
-    commands: BTreeMap<&'static str, Bench>,
+    /// Benchmarks: `emflow bench NAME [ARGS...]`.
+    benches: BTreeMap<&'static str, Tool>,
+    /// Top-level commands implemented outside the engine: `emflow NAME [ARGS...]`.
+    commands: BTreeMap<&'static str, Tool>,
 }
 
-/// What a bench or extra command runs: called with the arguments after its name.
+/// What a tool runs: called with the arguments after its name.
 pub type CommandFn = std::sync::Arc<dyn Fn(&[String]) -> anyhow::Result<()> + Send + Sync>;
 
-/// A named benchmark run by `emflow bench NAME [ARGS...]`: it prints its own figures.
+/// A function a [`Tool`] can run.
+pub trait ToolFn: Fn(&[String]) -> anyhow::Result<()> + Send + Sync + 'static {}
+impl<F: Fn(&[String]) -> anyhow::Result<()> + Send + Sync + 'static> ToolFn for F {}
+
+/// A named program the binary offers besides stage kinds: a benchmark (it prints its own
+/// figures) or an extra top-level command such as `serve`.
 #[derive(Clone)]
-pub struct Bench {
+pub struct Tool {
     pub summary: &'static str,
-    /// Called with the arguments after the name; prints figures to stdout.
+    /// Called with the arguments after the name.
     pub run: CommandFn,
+}
+
+impl Tool {
+    fn new(summary: &'static str, run: impl ToolFn) -> Self {
+        Tool {
+            summary,
+            run: std::sync::Arc::new(run),
+        }
+    }
 }
 
 impl Registry {
@@ -467,19 +421,14 @@ impl Registry {
         self
     }
 
+    /// Adds a benchmark run by `emflow bench NAME [ARGS...]`.
     pub fn with_bench(
         mut self,
         name: &'static str,
         summary: &'static str,
-        run: impl Fn(&[String]) -> anyhow::Result<()> + Send + Sync + 'static,
+        run: impl ToolFn,
     ) -> Self {
-        self.benches.insert(
-            name,
-            Bench {
-                summary,
-                run: std::sync::Arc::new(run),
-            },
-        );
+        self.benches.insert(name, Tool::new(summary, run));
         self
     }
 
@@ -489,27 +438,21 @@ impl Registry {
         mut self,
         name: &'static str,
         summary: &'static str,
-        run: impl Fn(&[String]) -> anyhow::Result<()> + Send + Sync + 'static,
+        run: impl ToolFn,
     ) -> Self {
-        self.commands.insert(
-            name,
-            Bench {
-                summary,
-                run: std::sync::Arc::new(run),
-            },
-        );
+        self.commands.insert(name, Tool::new(summary, run));
         self
     }
 
-    pub fn command(&self, name: &str) -> Option<&Bench> {
+    pub fn command(&self, name: &str) -> Option<&Tool> {
         self.commands.get(name)
     }
 
-    pub fn bench(&self, name: &str) -> Option<&Bench> {
+    pub fn bench(&self, name: &str) -> Option<&Tool> {
         self.benches.get(name)
     }
 
-    pub fn benches(&self) -> impl Iterator<Item = (&'static str, &Bench)> + '_ {
+    pub fn benches(&self) -> impl Iterator<Item = (&'static str, &Tool)> + '_ {
         self.benches.iter().map(|(k, v)| (*k, v))
     }
 

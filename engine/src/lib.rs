@@ -1,8 +1,10 @@
 //! emflow's engine: manifest model, validation, expansion, DAG, planner, scheduler,
 //! executors, run records and the CLI. Stage kinds plug in through [`kind::StageKind`].
 
+pub mod artifact;
 pub mod cli;
 pub mod commands;
+pub mod console;
 pub mod context;
 pub mod dag;
 pub mod diagnostics;
@@ -18,8 +20,7 @@ pub mod lockfile;
 pub mod manifest;
 pub mod pipeline;
 pub mod plan;
-pub mod report;
-pub mod run;
+pub mod scheduler;
 pub mod signals;
 pub mod slots;
 

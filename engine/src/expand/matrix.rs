@@ -136,7 +136,11 @@ pub fn instance_id(stage: &str, coords: &Coords) -> String {
     format!("{stage}[{}]", parts.join(","))
 }
 
-/// Expands a `matrix:` node whose references are already substituted.
+/// One axis as written: its name, where, and its values.
+type Axis = (String, SourceSpan, Vec<Node>);
+
+/// Expands a `matrix:` node whose references are already substituted: the grid of the axes
+/// (last axis fastest), less the `exclude` cells, plus the `include` cells.
 pub fn expand(stage: &str, node: &Node, problems: &mut Vec<Problem>) -> Option<Matrix> {
     let Value::Map(map) = &node.value else {
         problems.push(
@@ -149,7 +153,51 @@ pub fn expand(stage: &str, node: &Node, problems: &mut Vec<Problem>) -> Option<M
         return None;
     };
     let before = problems.len();
-    let mut axes: Vec<(String, SourceSpan, Vec<Node>)> = Vec::new();
+    let axes = axes_of(map, problems);
+    let include = entries_of(map, "include", stage, problems);
+    let exclude = entries_of(map, "exclude", stage, problems);
+    if problems.len() > before {
+        return None;
+    }
+    let mut axis_names: Vec<String> = axes.iter().map(|a| a.0.clone()).collect();
+    if axis_names.is_empty() {
+        if let Some(first) = include.first() {
+            axis_names = first.keys().map(str::to_string).collect();
+        }
+    }
+    let mut cells = grid(stage, node, &axes, problems)?;
+    let check = AxisCheck {
+        stage,
+        names: &axis_names,
+    };
+    check.known(&exclude, "exclude", problems);
+    cells.retain(|cell| !exclude.iter().any(|ex| cell_matches(cell, ex)));
+    let mut seen: HashSet<String> = cells.iter().map(cell_key).collect();
+    for inc in &include {
+        let Some(cell) = check.included_cell(node, inc, problems) else {
+            continue;
+        };
+        if seen.insert(cell_key(&cell)) {
+            cells.push(cell);
+        }
+    }
+    if problems.len() > before {
+        return None;
+    }
+    if cells.is_empty() {
+        problems.push(expands_to_nothing(stage, node, &axes, !exclude.is_empty()));
+        return None;
+    }
+    Some(Matrix {
+        axes: axis_names,
+        cells,
+    })
+}
+
+/// The axes of a matrix mapping (every entry but `include` and `exclude`), each a list of
+/// scalars; a bad name or a non-list is a problem and the axis is left out.
+fn axes_of(map: &Map, problems: &mut Vec<Problem>) -> Vec<Axis> {
+    let mut axes = Vec::new();
     for e in &map.entries {
         if e.key == "include" || e.key == "exclude" {
             continue;
@@ -179,26 +227,25 @@ pub fn expand(stage: &str, node: &Node, problems: &mut Vec<Problem>) -> Option<M
         }
         axes.push((e.key.clone(), e.key_span, values.clone()));
     }
-    let include = entries_of(map, "include", stage, problems);
-    let exclude = entries_of(map, "exclude", stage, problems);
-    if problems.len() > before {
-        return None;
-    }
+    axes
+}
 
-    let mut axis_names: Vec<String> = axes.iter().map(|a| a.0.clone()).collect();
-    if axis_names.is_empty() {
-        if let Some(first) = include.first() {
-            axis_names = first.keys().map(str::to_string).collect();
-        }
+/// Every combination of the axes' values, the first-written axis the outermost loop; none
+/// without axes (only `include:`: the grid is empty, not a single empty cell). `None` past
+/// [`MAX_CELLS`].
+fn grid(
+    stage: &str,
+    node: &Node,
+    axes: &[Axis],
+    problems: &mut Vec<Problem>,
+) -> Option<Vec<Coords>> {
+    if axes.is_empty() {
+        return Some(Vec::new());
     }
-    let known: HashSet<&str> = axis_names.iter().map(String::as_str).collect();
-
     let total = axes
         .iter()
         .try_fold(1usize, |acc, a| acc.checked_mul(a.2.len()));
-    if axes.is_empty() {
-        // Only `include:`; the grid is empty, not a single empty cell.
-    } else if total.is_none_or(|t| t > MAX_CELLS) {
+    let Some(total) = total.filter(|&t| t <= MAX_CELLS) else {
         problems.push(
             Problem::new(format!(
                 "stage `{stage}`: the matrix has more than {MAX_CELLS} cells"
@@ -207,114 +254,103 @@ pub fn expand(stage: &str, node: &Node, problems: &mut Vec<Problem>) -> Option<M
             .help("split the sweep or reduce the axes"),
         );
         return None;
-    }
-    let mut cells: Vec<Coords> = Vec::new();
-    let mut seen = HashSet::new();
-    if !axes.is_empty() {
-        let total = total.unwrap_or(0);
-        cells.reserve(total);
-        for index in 0..total {
-            let mut rem = index;
-            let mut cell = Coords::new();
-            // Last axis varies fastest: the first-written axis is the outermost loop.
-            for (name, _, values) in axes.iter().rev() {
-                cell.insert(name.clone(), values[rem % values.len()].clone());
-                rem /= values.len();
-            }
-            cells.push(cell);
+    };
+    let mut cells = Vec::with_capacity(total);
+    for index in 0..total {
+        let mut rem = index;
+        let mut cell = Coords::new();
+        // Last axis varies fastest: the first-written axis is the outermost loop.
+        for (name, _, values) in axes.iter().rev() {
+            cell.insert(name.clone(), values[rem % values.len()].clone());
+            rem /= values.len();
         }
+        cells.push(cell);
     }
-    for ex in &exclude {
-        for e in &ex.entries {
-            if !known.contains(e.key.as_str()) {
+    Some(cells)
+}
+
+/// Whether `cell` has every value an `exclude` entry names.
+fn cell_matches(cell: &Coords, ex: &Map) -> bool {
+    ex.entries
+        .iter()
+        .all(|e| cell.get(&e.key).map(value_key) == Some(value_key(&e.value)))
+}
+
+/// Checks `include`/`exclude` entries against the matrix's axis names.
+struct AxisCheck<'a> {
+    stage: &'a str,
+    names: &'a [String],
+}
+
+impl AxisCheck<'_> {
+    fn is_axis(&self, name: &str) -> bool {
+        self.names.iter().any(|a| a == name)
+    }
+
+    /// A problem for every name in `entries` that is not an axis.
+    fn known(&self, entries: &[Map], what: &str, problems: &mut Vec<Problem>) {
+        for ex in entries {
+            for e in ex.entries.iter().filter(|e| !self.is_axis(&e.key)) {
                 problems.push(unknown_axis(
-                    stage,
-                    "exclude",
-                    &e.key,
-                    e.key_span,
-                    &axis_names,
+                    self.stage, what, &e.key, e.key_span, self.names,
                 ));
             }
         }
     }
-    cells.retain(|cell| {
-        !exclude.iter().any(|ex| {
-            ex.entries
-                .iter()
-                .all(|e| cell.get(&e.key).map(value_key) == Some(value_key(&e.value)))
-        })
-    });
-    for cell in &cells {
-        seen.insert(cell_key(cell));
-    }
-    for inc in &include {
+
+    /// The cell an `include` entry names, when it names a value for every axis.
+    fn included_cell(&self, node: &Node, inc: &Map, problems: &mut Vec<Problem>) -> Option<Coords> {
         let mut cell = Coords::new();
         for e in &inc.entries {
-            if !known.contains(e.key.as_str()) {
+            if !self.is_axis(&e.key) {
                 problems.push(unknown_axis(
-                    stage,
-                    "include",
-                    &e.key,
-                    e.key_span,
-                    &axis_names,
+                    self.stage, "include", &e.key, e.key_span, self.names,
                 ));
                 continue;
             }
             check_scalar(&e.key, &e.value, problems);
             cell.insert(e.key.clone(), e.value.clone());
         }
-        let missing: Vec<&str> = axis_names
-            .iter()
+        let missing: Vec<&str> = (self.names.iter())
             .filter(|a| !cell.contains_key(a))
             .map(String::as_str)
             .collect();
-        if !missing.is_empty() {
-            problems.push(
-                Problem::new(format!(
-                    "stage `{stage}`: an `include` entry gives no value for {}",
-                    list_names(missing.iter().copied())
-                ))
-                .at(
-                    inc.entries.first().map_or(node.span, |e| e.key_span),
-                    "incomplete cell",
-                )
-                .help("each included cell names a value for every axis"),
-            );
-            continue;
+        if missing.is_empty() {
+            return Some(cell);
         }
-        if seen.insert(cell_key(&cell)) {
-            cells.push(cell);
-        }
-    }
-    if problems.len() > before {
-        return None;
-    }
-    if cells.is_empty() {
-        let reason = match axes.iter().find(|a| a.2.is_empty()) {
-            Some((name, span, _)) => {
-                problems.push(
-                    Problem::new(format!("stage `{stage}`: the matrix expands to nothing"))
-                        .at(*span, format!("axis `{name}` has no values"))
-                        .help("give the axis at least one value, or remove the `matrix:`"),
-                );
-                return None;
-            }
-            None if !exclude.is_empty() => "`exclude` removes every cell",
-            None => "it has no axes and no `include` cells",
-        };
         problems.push(
-            Problem::new(format!("stage `{stage}`: the matrix expands to nothing"))
-                .at(node.span, reason)
-                .help(
-                    "a matrix stage needs at least one cell; check the axes and `exclude` entries",
-                ),
+            Problem::new(format!(
+                "stage `{}`: an `include` entry gives no value for {}",
+                self.stage,
+                list_names(missing.iter().copied())
+            ))
+            .at(
+                inc.entries.first().map_or(node.span, |e| e.key_span),
+                "incomplete cell",
+            )
+            .help("each included cell names a value for every axis"),
         );
-        return None;
+        None
     }
-    Some(Matrix {
-        axes: axis_names,
-        cells,
-    })
+}
+
+/// Why a matrix has no cells: an axis without values, an `exclude` that removes all, or
+/// nothing declared.
+fn expands_to_nothing(stage: &str, node: &Node, axes: &[Axis], excluded: bool) -> Problem {
+    let problem = Problem::new(format!("stage `{stage}`: the matrix expands to nothing"));
+    if let Some((name, span, _)) = axes.iter().find(|a| a.2.is_empty()) {
+        return problem
+            .at(*span, format!("axis `{name}` has no values"))
+            .help("give the axis at least one value, or remove the `matrix:`");
+    }
+    let reason = if excluded {
+        "`exclude` removes every cell"
+    } else {
+        "it has no axes and no `include` cells"
+    };
+    problem
+        .at(node.span, reason)
+        .help("a matrix stage needs at least one cell; check the axes and `exclude` entries")
 }
 
 fn cell_key(cell: &Coords) -> String {

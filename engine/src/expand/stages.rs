@@ -22,8 +22,8 @@ use crate::expand::params::{ResolvedParams, StageScope};
 use crate::expand::refs::substitute;
 use crate::expand::resources;
 use crate::expand::validate::{check_params, report_kind_errors, ParamsSite};
-use crate::kind::{ArtifactType, InputFiles, KindSpec, Params, PortSpec, Registry};
-use crate::manifest::raw::RawStage;
+use crate::kind::{ArtifactType, InputFiles, KindSpec, Params, PortSpec, Registry, StageKind};
+use crate::manifest::raw::{Located, RawStage};
 use crate::manifest::yaml::Node;
 use crate::pipeline::{InputRef, ModelDecl, Resources, SourceSpan, StageInstance};
 
@@ -98,29 +98,19 @@ pub fn expand_stages(
         .collect()
 }
 
+/// One stage's plan: its kind, its matrix cells, each cell's checked params, wiring and
+/// resources, and the stages it reads from. `None` when anything about it is wrong (the
+/// problems say what).
 fn plan_stage(ctx: &Context<'_>, raw: &RawStage, problems: &mut Vec<Problem>) -> Option<StagePlan> {
     let kind_name = raw.kind.as_ref()?;
     let Some(kind) = ctx.registry.kind(&kind_name.value) else {
-        let known: Vec<&str> = ctx.registry.kind_names().collect();
-        let mut help = format!("known kinds: {}", list_names(known.iter().copied()));
-        if let Some(d) = did_you_mean(&kind_name.value, known.iter().copied()) {
-            help = format!("{d}\n{help}");
-        }
-        problems.push(
-            Problem::new(format!(
-                "stage `{}`: unknown stage kind `{}`",
-                raw.name, kind_name.value
-            ))
-            .at(kind_name.span, "unknown kind")
-            .help(help),
-        );
+        problems.push(unknown_kind(ctx, raw, kind_name));
         return None;
     };
     let spec = kind.spec();
     let before = problems.len();
-    let no_cell = matrix::Coords::new();
     let (axes, cells_coords) = match raw.matrix() {
-        None => (Vec::new(), vec![no_cell]),
+        None => (Vec::new(), vec![matrix::Coords::new()]),
         Some(m) => {
             let mut scope = StageScope {
                 params: ctx.params,
@@ -132,114 +122,29 @@ fn plan_stage(ctx: &Context<'_>, raw: &RawStage, problems: &mut Vec<Problem>) ->
             (m.axes, m.cells)
         }
     };
-    let missing_params_at = raw.params_key.unwrap_or(raw.name_span);
-    let missing_inputs_at = raw.inputs_key.unwrap_or(raw.name_span);
     let mut cells = Vec::with_capacity(cells_coords.len());
-    let mut deps: Vec<(String, SourceSpan)> = Vec::new();
-    let mut dep_seen: HashSet<String> = HashSet::new();
+    let mut deps = Deps::default();
     for coords in cells_coords {
         let matrix = (!axes.is_empty()).then_some(&coords);
-        let mut scope = StageScope {
-            params: ctx.params,
+        let site = CellSite {
+            ctx,
+            raw,
+            kind: kind.as_ref(),
+            spec: &spec,
             matrix,
-            stage: &raw.name,
         };
-        let params_node = match raw.params() {
-            Some(n) => substitute(n, &mut scope, problems).map(Some),
-            None => Some(None),
-        };
-        let inputs_node = match raw.inputs() {
-            Some(n) => substitute(n, &mut scope, problems).map(Some),
-            None => Some(None),
-        };
-        let resources_node = match raw.resources() {
-            Some(n) => substitute(n, &mut scope, problems).map(Some),
-            None => Some(None),
-        };
-        let (Some(params_node), Some(inputs_node), Some(resources_node)) =
-            (params_node, inputs_node, resources_node)
-        else {
-            continue;
-        };
-        let site = ParamsSite {
-            stage: &raw.name,
-            missing_at: missing_params_at,
-        };
-        let params = check_params(&site, &spec, kind.as_ref(), params_node.as_ref(), problems);
-        let wiring = read_inputs(
-            &raw.name,
-            &spec,
-            inputs_node.as_ref(),
-            missing_inputs_at,
-            problems,
-        );
-        let res = match &resources_node {
-            Some(n) => resources::parse(n, problems),
-            None => Some(Resources::default()),
-        };
-        let (Some(params), Some(wiring), Some(resources)) = (params, wiring, res) else {
-            continue;
-        };
-        for w in &wiring {
-            for (r, span) in &w.refs {
-                match r {
-                    InputSpec::Stage { stage, .. } => {
-                        if !ctx.stage_set.contains(stage.as_str()) {
-                            let names = ctx.stage_names.iter().copied();
-                            let help = did_you_mean(stage, names.clone()).unwrap_or_else(|| {
-                                format!("stages in this manifest: {}", list_names(names.take(30)))
-                            });
-                            problems.push(
-                                Problem::new(format!(
-                                    "stage `{}`: reference to unknown stage `{stage}`",
-                                    raw.name
-                                ))
-                                .at(*span, "no such stage")
-                                .help(help),
-                            );
-                        } else if dep_seen.insert(stage.clone()) {
-                            deps.push((stage.clone(), *span));
-                        }
-                    }
-                    InputSpec::Model { name } if !ctx.models.contains_key(name) => {
-                        let help = did_you_mean(name, ctx.models.keys().map(String::as_str))
-                            .unwrap_or_else(|| {
-                                format!(
-                                    "models in this manifest: {}",
-                                    list_names(ctx.models.keys().map(String::as_str))
-                                )
-                            });
-                        problems.push(
-                            Problem::new(format!(
-                                "stage `{}`: reference to unknown model `{name}`",
-                                raw.name
-                            ))
-                            .at(*span, "no such model")
-                            .help(help),
-                        );
-                    }
-                    _ => {}
-                }
-            }
+        if let Some((params, wiring, resources)) = site.plan(&mut deps, problems) {
+            let outputs = (kind.outputs(&params).into_iter())
+                .map(|p| (p.name, p.ty))
+                .collect();
+            cells.push(Cell {
+                coords,
+                params,
+                wiring,
+                resources,
+                outputs,
+            });
         }
-        if let Some(files) = input_files(&wiring, ctx.manifest_dir) {
-            if let Err(errors) = kind.check_files(&params, &files) {
-                report_kind_errors(&site, params_node.as_ref(), errors, problems);
-                continue;
-            }
-        }
-        let outputs = kind
-            .outputs(&params)
-            .into_iter()
-            .map(|p| (p.name, p.ty))
-            .collect();
-        cells.push(Cell {
-            coords,
-            params,
-            wiring,
-            resources,
-            outputs,
-        });
     }
     if problems.len() > before {
         return None;
@@ -251,10 +156,140 @@ fn plan_stage(ctx: &Context<'_>, raw: &RawStage, problems: &mut Vec<Problem>) ->
         spec,
         axes,
         cells,
-        deps,
+        deps: deps.list,
         instances: Vec::new(),
         cell_instance: Vec::new(),
     })
+}
+
+fn unknown_kind(ctx: &Context<'_>, raw: &RawStage, kind_name: &Located<String>) -> Problem {
+    let known: Vec<&str> = ctx.registry.kind_names().collect();
+    let mut help = format!("known kinds: {}", list_names(known.iter().copied()));
+    if let Some(d) = did_you_mean(&kind_name.value, known.iter().copied()) {
+        help = format!("{d}\n{help}");
+    }
+    Problem::new(format!(
+        "stage `{}`: unknown stage kind `{}`",
+        raw.name, kind_name.value
+    ))
+    .at(kind_name.span, "unknown kind")
+    .help(help)
+}
+
+/// The stages a stage reads from, each once, in the order first referenced.
+#[derive(Default)]
+struct Deps {
+    list: Vec<(String, SourceSpan)>,
+    seen: HashSet<String>,
+}
+
+/// One matrix cell of a stage being planned.
+struct CellSite<'a, 'c> {
+    ctx: &'a Context<'c>,
+    raw: &'a RawStage,
+    kind: &'a dyn StageKind,
+    spec: &'a KindSpec,
+    /// The cell's coordinates, for a matrix stage.
+    matrix: Option<&'a matrix::Coords>,
+}
+
+impl CellSite<'_, '_> {
+    /// The cell's params, wiring and resources with references substituted and checked
+    /// against the kind; references to stages are added to `deps`.
+    fn plan(
+        &self,
+        deps: &mut Deps,
+        problems: &mut Vec<Problem>,
+    ) -> Option<(Params, Vec<PortWiring>, Resources)> {
+        let raw = self.raw;
+        // All three are substituted before giving up, so one pass reports every problem.
+        let params_node = self.substituted(raw.params(), problems);
+        let inputs_node = self.substituted(raw.inputs(), problems);
+        let resources_node = self.substituted(raw.resources(), problems);
+        let (params_node, inputs_node, resources_node) =
+            (params_node?, inputs_node?, resources_node?);
+        let site = ParamsSite {
+            stage: &raw.name,
+            missing_at: raw.params_key.unwrap_or(raw.name_span),
+        };
+        let params = check_params(&site, self.spec, self.kind, params_node.as_ref(), problems);
+        let missing_inputs_at = raw.inputs_key.unwrap_or(raw.name_span);
+        let node = inputs_node.as_ref();
+        let wiring = read_inputs(&raw.name, self.spec, node, missing_inputs_at, problems);
+        let res = match &resources_node {
+            Some(n) => resources::parse(n, problems),
+            None => Some(Resources::default()),
+        };
+        let (Some(params), Some(wiring), Some(resources)) = (params, wiring, res) else {
+            return None;
+        };
+        self.check_refs(&wiring, deps, problems);
+        if let Some(files) = input_files(&wiring, self.ctx.manifest_dir) {
+            if let Err(errors) = self.kind.check_files(&params, &files) {
+                report_kind_errors(&site, params_node.as_ref(), errors, problems);
+                return None;
+            }
+        }
+        Some((params, wiring, resources))
+    }
+
+    /// `node` with `${...}` substituted in this cell's scope: `Some(None)` for an absent
+    /// node, `None` when substitution failed.
+    fn substituted(
+        &self,
+        node: Option<&Node>,
+        problems: &mut Vec<Problem>,
+    ) -> Option<Option<Node>> {
+        let Some(node) = node else {
+            return Some(None);
+        };
+        let mut scope = StageScope {
+            params: self.ctx.params,
+            matrix: self.matrix,
+            stage: &self.raw.name,
+        };
+        substitute(node, &mut scope, problems).map(Some)
+    }
+
+    /// Every stage or model an input names must exist; stages go into `deps`.
+    fn check_refs(&self, wiring: &[PortWiring], deps: &mut Deps, problems: &mut Vec<Problem>) {
+        let (ctx, stage_name) = (self.ctx, &self.raw.name);
+        for (r, span) in wiring.iter().flat_map(|w| &w.refs) {
+            match r {
+                InputSpec::Stage { stage, .. } => {
+                    if !ctx.stage_set.contains(stage.as_str()) {
+                        let names = ctx.stage_names.iter().copied();
+                        let help = did_you_mean(stage, names.clone()).unwrap_or_else(|| {
+                            format!("stages in this manifest: {}", list_names(names.take(30)))
+                        });
+                        problems.push(
+                            Problem::new(format!(
+                                "stage `{stage_name}`: reference to unknown stage `{stage}`"
+                            ))
+                            .at(*span, "no such stage")
+                            .help(help),
+                        );
+                    } else if deps.seen.insert(stage.clone()) {
+                        deps.list.push((stage.clone(), *span));
+                    }
+                }
+                InputSpec::Model { name } if !ctx.models.contains_key(name) => {
+                    let models = || ctx.models.keys().map(String::as_str);
+                    let help = did_you_mean(name, models()).unwrap_or_else(|| {
+                        format!("models in this manifest: {}", list_names(models()))
+                    });
+                    problems.push(
+                        Problem::new(format!(
+                            "stage `{stage_name}`: reference to unknown model `{name}`"
+                        ))
+                        .at(*span, "no such model")
+                        .help(help),
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 /// A `file:` input's path: absolute, or relative to the manifest's folder.
@@ -420,6 +455,62 @@ impl JoinIndex {
     }
 }
 
+/// One reference from a stage's input port to an upstream stage's output.
+struct Link<'a> {
+    plan: &'a StagePlan,
+    port: &'a PortSpec,
+    up: &'a StagePlan,
+    output: &'a str,
+    span: SourceSpan,
+}
+
+impl Link<'_> {
+    /// Adds the output of each matched upstream cell to `refs`; stops at the first cell
+    /// without that output or with an output the port does not accept.
+    fn refs(&self, matched: Vec<usize>, refs: &mut Vec<InputRef>, problems: &mut Vec<Problem>) {
+        let (plan, up, output) = (self.plan, self.up, self.output);
+        for m in matched {
+            let inst = &up.instances[up.cell_instance[m]];
+            match inst.outputs.get(output) {
+                None => {
+                    let names = inst.outputs.keys().map(String::as_str);
+                    let help = did_you_mean(output, names.clone()).unwrap_or_else(|| {
+                        format!(
+                            "`{}` (kind `{}`) has outputs {}",
+                            up.name,
+                            up.kind,
+                            list_names(names)
+                        )
+                    });
+                    problems.push(
+                        Problem::new(format!(
+                            "stage `{}`: stage `{}` has no output `{output}`",
+                            plan.name, up.name
+                        ))
+                        .at(self.span, "no such output")
+                        .help(help),
+                    );
+                    break;
+                }
+                Some(&ty) if !self.port.ty.accepts(ty) => {
+                    problems.push(type_mismatch(
+                        &plan.name,
+                        self.port,
+                        &format!("{}.{output}", up.name),
+                        ty,
+                        self.span,
+                    ));
+                    break;
+                }
+                Some(_) => refs.push(InputRef::Stage {
+                    stage: inst.id.clone(),
+                    output: output.to_string(),
+                }),
+            }
+        }
+    }
+}
+
 fn wire_stage(
     ctx: &Context<'_>,
     plan: &mut StagePlan,
@@ -476,46 +567,14 @@ fn wire_stage(
                         };
                         let matched =
                             match_cells(plan, cell, &id, u, up, select, *span, joins, problems);
-                        for m in matched {
-                            let inst = &up.instances[up.cell_instance[m]];
-                            match inst.outputs.get(output) {
-                                None => {
-                                    let names = inst.outputs.keys().map(String::as_str);
-                                    let help =
-                                        did_you_mean(output, names.clone()).unwrap_or_else(|| {
-                                            format!(
-                                                "`{}` (kind `{}`) has outputs {}",
-                                                up.name,
-                                                up.kind,
-                                                list_names(names)
-                                            )
-                                        });
-                                    problems.push(
-                                        Problem::new(format!(
-                                            "stage `{}`: stage `{}` has no output `{output}`",
-                                            plan.name, up.name
-                                        ))
-                                        .at(*span, "no such output")
-                                        .help(help),
-                                    );
-                                    break;
-                                }
-                                Some(&ty) if !port.ty.accepts(ty) => {
-                                    problems.push(type_mismatch(
-                                        &plan.name,
-                                        port,
-                                        &format!("{}.{output}", up.name),
-                                        ty,
-                                        *span,
-                                    ));
-                                    break;
-                                }
-                                Some(_) => refs.push(InputRef::Stage {
-                                    stage: inst.id.clone(),
-                                    output: output.clone(),
-                                }),
-                            }
-                        }
+                        let link = Link {
+                            plan,
+                            port,
+                            up,
+                            output,
+                            span: *span,
+                        };
+                        link.refs(matched, &mut refs, problems);
                     }
                 }
             }
@@ -741,7 +800,8 @@ fn identity(inst: &StageInstance) -> [u8; 32] {
     let mut key = String::with_capacity(256);
     key.push_str(&inst.kind);
     key.push('\u{1f}');
-    canonical_object(&inst.params, &mut key);
+    // The key's own canonical form, so cells merge exactly when their params key the same.
+    crate::keys::write_canonical_object(&inst.params, &mut key);
     key.push('\u{1f}');
     for (port, refs) in &inst.inputs {
         key.push_str(port);
@@ -752,39 +812,4 @@ fn identity(inst: &StageInstance) -> [u8; 32] {
     }
     key.push_str(&format!("\u{1f}{:?}", inst.resources));
     *blake3::hash(key.as_bytes()).as_bytes()
-}
-
-/// [`canonical_json`] of an object, without wrapping it in a `Value` first.
-fn canonical_object(map: &serde_json::Map<String, serde_json::Value>, out: &mut String) {
-    let mut keys: Vec<&String> = map.keys().collect();
-    keys.sort();
-    out.push('{');
-    for (i, k) in keys.into_iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(&serde_json::Value::String(k.clone()).to_string());
-        out.push(':');
-        canonical_json(&map[k], out);
-    }
-    out.push('}');
-}
-
-/// JSON with object keys sorted at every level, so that key order never matters.
-pub fn canonical_json(v: &serde_json::Value, out: &mut String) {
-    use serde_json::Value as J;
-    match v {
-        J::Object(map) => canonical_object(map, out),
-        J::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                canonical_json(item, out);
-            }
-            out.push(']');
-        }
-        other => out.push_str(&other.to_string()),
-    }
 }

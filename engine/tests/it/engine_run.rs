@@ -13,8 +13,8 @@ use emflow_engine::executor::InProcessExecutor;
 use emflow_engine::keys::{EnvParts, KeyParts};
 use emflow_engine::pipeline::{InputRef, Pipeline, Resources, SourceSpan, StageInstance};
 use emflow_engine::plan::State;
-use emflow_engine::report::{ReportMode, Reporter};
-use emflow_engine::run::{RunOptions, StageResult};
+use emflow_engine::console::{ReportMode, Reporter};
+use emflow_engine::scheduler::{RunOptions, StageResult};
 use emflow_engine::{
     ArtifactType, KindSpec, ModelFetcher, ParamSpec, ParamType, PortSpec, Progress, Registry,
     StageContext, StageKind,
@@ -197,7 +197,7 @@ impl Workdir {
         ])
     }
 
-    fn run(&self, pipeline: &Pipeline, opts: RunOptions) -> emflow_engine::run::RunSummary {
+    fn run(&self, pipeline: &Pipeline, opts: RunOptions) -> emflow_engine::scheduler::RunSummary {
         self.run_with(registry(), pipeline, opts)
     }
 
@@ -206,7 +206,7 @@ impl Workdir {
         registry: Registry,
         pipeline: &Pipeline,
         opts: RunOptions,
-    ) -> emflow_engine::run::RunSummary {
+    ) -> emflow_engine::scheduler::RunSummary {
         let opts = RunOptions {
             gpus: vec![],
             ..opts
@@ -224,7 +224,7 @@ fn opts() -> RunOptions {
     }
 }
 
-fn results(summary: &emflow_engine::run::RunSummary) -> Vec<(String, StageResult)> {
+fn results(summary: &emflow_engine::scheduler::RunSummary) -> Vec<(String, StageResult)> {
     summary.stages.clone()
 }
 

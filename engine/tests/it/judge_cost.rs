@@ -10,8 +10,8 @@ use emflow_engine::expand::{load_pipeline, LoadOptions};
 use emflow_engine::judge_cost::{parse_price, JudgeBudget, JudgeCostPlan, Price};
 use emflow_engine::kind::estimated_tokens;
 use emflow_engine::pipeline::Pipeline;
-use emflow_engine::report::{ReportMode, Reporter};
-use emflow_engine::run::{RunOptions, RunSummary};
+use emflow_engine::console::{ReportMode, Reporter};
+use emflow_engine::scheduler::{RunOptions, RunSummary};
 use emflow_engine::{
     ArtifactType, JudgeEstimate, KindSpec, ParamSpec, ParamType, Params, PlanInputs, PortSpec,
     Registry, StageContext, StageKind,

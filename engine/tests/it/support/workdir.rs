@@ -10,8 +10,8 @@ use std::sync::Arc;
 use emflow_cache::Store;
 use emflow_engine::executor::InProcessExecutor;
 use emflow_engine::pipeline::Pipeline;
-use emflow_engine::report::{ReportMode, Reporter};
-use emflow_engine::run::{run_pipeline, RunEnv, RunOptions, RunSummary};
+use emflow_engine::console::{ReportMode, Reporter};
+use emflow_engine::scheduler::{run_pipeline, RunEnv, RunOptions, RunSummary};
 use emflow_engine::{
     ArtifactType, KindSpec, ParamSpec, ParamType, PortSpec, Registry, StageContext, StageKind,
 };
