@@ -92,7 +92,9 @@ impl std::fmt::Display for LockHolder {
     }
 }
 
-pub(crate) fn hostname() -> String {
+/// This machine's name, as lock holders, stage records and run journals name it;
+/// `unknown-host` when the system will not say.
+pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };

@@ -267,3 +267,11 @@ pub(crate) fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, CacheError> {
 pub(crate) fn file_name(path: &Path) -> Option<&str> {
     path.file_name().and_then(|n| n.to_str())
 }
+
+/// The store name a listed file stands for: its file name less `suffix` (`<key>.json` ->
+/// `<key>`; `""` for none), when it has that suffix and the rest passes [`check_name`] as a
+/// `what`. `None` for anything else found in the folder.
+pub(crate) fn stored_name<'p>(path: &'p Path, suffix: &str, what: &'static str) -> Option<&'p str> {
+    let name = file_name(path)?.strip_suffix(suffix)?;
+    check_name(what, name).ok().map(|()| name)
+}

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::error::{CacheError, IoContext};
 use crate::flock::KeyLock;
-use crate::fsutil::{self, check_name};
+use crate::fsutil;
 use crate::record::EntryKind;
 use crate::store::{
     is_digest, parse_record, Store, CHECKPOINTS, FILEMEMO, LOCKS, MEMO, OBJECTS, RECORDS,
@@ -67,6 +67,13 @@ pub struct StoreSize {
     pub total_bytes: u64,
 }
 
+/// What the kept records hold on to: their keys and the content their outputs name.
+#[derive(Default)]
+struct Kept {
+    keys: HashSet<String>,
+    reachable: HashSet<(EntryKind, String)>,
+}
+
 impl Store {
     /// Keeps every record whose key is in `keep_keys` and the content they reference, and
     /// removes the rest. Refuses with [`CacheError::StoreBusy`] while a run holds the store.
@@ -86,50 +93,69 @@ impl Store {
             ..GcReport::default()
         };
         report.bytes_freed += self.clean_tmp(dry)?;
+        let kept = self.gc_records(keep_keys, &mut report)?;
+        self.gc_content(&kept.reachable, &mut report)?;
+        self.gc_checkpoints(keep_keys, &mut report)?;
+        if let Some(max_age) = opts.keep_memo_newer_than {
+            self.gc_memo(max_age, &mut report)?;
+        }
+        if !dry {
+            self.prune_bookkeeping(&kept.keys)?;
+        }
+        Ok(report)
+    }
 
-        // 1. Records: keep the roots, remove the rest (corrupt ones are useless: removed too).
-        let mut reachable: HashSet<(EntryKind, String)> = HashSet::new();
-        let mut kept_keys: HashSet<String> = HashSet::new();
+    /// Phase 1, records: keeps the roots and removes the rest (corrupt ones are useless:
+    /// removed too). Returns what the kept records name.
+    fn gc_records(
+        &self,
+        keep_keys: &BTreeSet<String>,
+        report: &mut GcReport,
+    ) -> Result<Kept, CacheError> {
+        let mut kept = Kept::default();
         let records_dir = self.dir(RECORDS);
         for path in fsutil::list_dir(&records_dir)? {
-            let Some(key) = fsutil::file_name(&path).and_then(|n| n.strip_suffix(".json")) else {
+            let Some(key) = fsutil::stored_name(&path, ".json", "stage key") else {
                 continue;
             };
-            if check_name("stage key", key).is_err() {
-                continue;
-            }
             let Some(bytes) = fsutil::read_optional(&path)? else {
                 continue;
             };
-            let parsed = parse_record(&path, &bytes);
-            match parsed {
+            match parse_record(&path, &bytes) {
                 Ok(record) if keep_keys.contains(key) => {
                     report.records_kept += 1;
-                    kept_keys.insert(key.to_string());
+                    kept.keys.insert(key.to_string());
                     for entry in record.outputs.values() {
-                        reachable.insert((entry.kind, entry.digest.clone()));
+                        kept.reachable.insert((entry.kind, entry.digest.clone()));
                     }
                 }
                 // A record of a newer emflow is never ours to judge.
                 Err(CacheError::NewerSchema { .. }) => {
                     report.records_kept += 1;
-                    kept_keys.insert(key.to_string());
+                    kept.keys.insert(key.to_string());
                 }
                 _ => {
                     report.records_removed.push(key.to_string());
                     report.bytes_freed += bytes.len() as u64;
-                    if !dry {
+                    if !report.dry_run {
                         fsutil::remove_file_if_present(&path)?;
                     }
                 }
             }
         }
-        if !dry {
+        if !report.dry_run {
             // Record removals must be durable before any content they named disappears.
             fsutil::fsync_dir(&records_dir)?;
         }
+        Ok(kept)
+    }
 
-        // 2. Content nobody reachable names.
+    /// Phase 2: blobs and trees that no kept record names.
+    fn gc_content(
+        &self,
+        reachable: &HashSet<(EntryKind, String)>,
+        report: &mut GcReport,
+    ) -> Result<(), CacheError> {
         for (area, kind) in [(OBJECTS, EntryKind::File), (TREES, EntryKind::Tree)] {
             for shard in fsutil::list_dir(&self.dir(area))? {
                 for path in fsutil::list_dir(&shard)? {
@@ -150,7 +176,7 @@ impl Store {
                         continue;
                     }
                     report.bytes_freed += fsutil::disk_usage(&path)?.0;
-                    if !dry {
+                    if !report.dry_run {
                         match kind {
                             EntryKind::File => {
                                 fsutil::remove_file_if_present(&path)?;
@@ -161,13 +187,20 @@ impl Store {
                 }
             }
         }
+        Ok(())
+    }
 
-        // 3. Checkpoints of keys nobody keeps and nobody is running.
+    /// Phase 3: checkpoints of keys nobody keeps and nobody is running.
+    fn gc_checkpoints(
+        &self,
+        keep_keys: &BTreeSet<String>,
+        report: &mut GcReport,
+    ) -> Result<(), CacheError> {
         for path in fsutil::list_dir(&self.dir(CHECKPOINTS))? {
-            let Some(key) = fsutil::file_name(&path) else {
+            let Some(key) = fsutil::stored_name(&path, "", "stage key") else {
                 continue;
             };
-            if check_name("stage key", key).is_err() || keep_keys.contains(key) {
+            if keep_keys.contains(key) {
                 continue;
             }
             if self.lock_holder(key)?.is_some() {
@@ -175,35 +208,32 @@ impl Store {
             }
             report.checkpoints_removed += 1;
             report.bytes_freed += fsutil::disk_usage(&path)?.0;
-            if !dry {
+            if !report.dry_run {
                 self.discard(&path)?;
             }
         }
+        Ok(())
+    }
 
-        // 4. Old memo entries.
-        if let Some(max_age) = opts.keep_memo_newer_than {
-            let cutoff = SystemTime::now().checked_sub(max_age);
-            for namespace in fsutil::list_dir(&self.dir(MEMO))? {
-                for shard in fsutil::list_dir(&namespace)? {
-                    for path in fsutil::list_dir(&shard)? {
-                        let meta = fs::metadata(&path).at("inspect", &path)?;
-                        let written = meta.modified().at("inspect", &path)?;
-                        if cutoff.is_some_and(|c| written < c) {
-                            report.memo_entries_removed += 1;
-                            report.bytes_freed += meta.len();
-                            if !dry {
-                                fsutil::remove_file_if_present(&path)?;
-                            }
+    /// Phase 4: memo entries written longer ago than `max_age`.
+    fn gc_memo(&self, max_age: Duration, report: &mut GcReport) -> Result<(), CacheError> {
+        let cutoff = SystemTime::now().checked_sub(max_age);
+        for namespace in fsutil::list_dir(&self.dir(MEMO))? {
+            for shard in fsutil::list_dir(&namespace)? {
+                for path in fsutil::list_dir(&shard)? {
+                    let meta = fs::metadata(&path).at("inspect", &path)?;
+                    let written = meta.modified().at("inspect", &path)?;
+                    if cutoff.is_some_and(|c| written < c) {
+                        report.memo_entries_removed += 1;
+                        report.bytes_freed += meta.len();
+                        if !report.dry_run {
+                            fsutil::remove_file_if_present(&path)?;
                         }
                     }
                 }
             }
         }
-
-        if !dry {
-            self.prune_bookkeeping(&kept_keys)?;
-        }
-        Ok(report)
+        Ok(())
     }
 
     /// Removes small bookkeeping files that point at nothing: memo entries of files that
@@ -224,10 +254,7 @@ impl Store {
             }
         }
         for path in fsutil::list_dir(&self.dir(LOCKS))? {
-            let Some(key) = fsutil::file_name(&path).and_then(|n| n.strip_suffix(".lock")) else {
-                continue;
-            };
-            if check_name("stage key", key).is_err() {
+            if fsutil::stored_name(&path, ".lock", "stage key").is_none() {
                 continue;
             }
             // Unlinking while holding the lock is safe: a process that opened the old file

@@ -34,7 +34,7 @@ mod store;
 mod verify;
 
 pub use error::CacheError;
-pub use flock::{KeyLock, LockHolder, StorePin};
+pub use flock::{hostname, KeyLock, LockHolder, StorePin};
 pub use gc::{AreaSize, GcOptions, GcReport, StoreSize};
 pub use hash::{hash_file, Digest};
 pub use record::{EntryKind, OutputEntry, StageRecord, RECORD_SCHEMA};

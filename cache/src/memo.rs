@@ -89,12 +89,9 @@ impl Store {
     pub fn runs(&self) -> Result<Vec<(String, serde_json::Value)>, CacheError> {
         let mut out = Vec::new();
         for path in fsutil::list_dir(&self.dir(RUNS))? {
-            let Some(id) = fsutil::file_name(&path).and_then(|n| n.strip_suffix(".json")) else {
+            let Some(id) = fsutil::stored_name(&path, ".json", "run id") else {
                 continue;
             };
-            if check_name("run id", id).is_err() {
-                continue;
-            }
             let Some(bytes) = fsutil::read_optional(&path)? else {
                 continue;
             };

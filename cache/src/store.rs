@@ -439,7 +439,7 @@ impl Store {
     pub fn records(&self) -> Result<Vec<(String, StageRecord)>, CacheError> {
         let mut out = Vec::new();
         for path in fsutil::list_dir(&self.dir(RECORDS))? {
-            let Some(key) = record_key_of(&path) else {
+            let Some(key) = fsutil::stored_name(&path, ".json", "stage key") else {
                 continue;
             };
             // A record removed by a concurrent gc between listing and reading is just gone.
@@ -669,11 +669,6 @@ fn seal_tree(root: &Path, entries: &[hash::TreeEntry]) -> Result<(), CacheError>
         fsutil::set_mode(&e.abs, 0o555)?;
     }
     fsutil::fsync_dir(root)
-}
-
-fn record_key_of(path: &Path) -> Option<&str> {
-    let key = fsutil::file_name(path)?.strip_suffix(".json")?;
-    check_name("stage key", key).ok().map(|_| key)
 }
 
 pub(crate) fn parse_record(path: &Path, bytes: &[u8]) -> Result<StageRecord, CacheError> {

@@ -5,6 +5,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Defined once, in the store, whose lock files name their holder's host.
+pub use emflow_cache::hostname;
+
 /// `2026-11-27T13:05:09Z` for `t` (UTC, whole seconds).
 pub fn rfc3339(t: SystemTime) -> String {
     let secs = t
@@ -52,17 +55,6 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "unknown".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 /// Peak resident memory in bytes of this process and of its waited-for children,

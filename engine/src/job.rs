@@ -144,29 +144,36 @@ pub fn execute_job(
     interrupt: Arc<AtomicBool>,
     measure_rss: bool,
 ) -> JobOutcome {
-    match try_execute(job, registry, store, progress, interrupt, measure_rss) {
+    let result = match registry.kind(&job.kind) {
+        None => Err(anyhow!(
+            "this emflow binary has no stage kind `{}`; run `emflow kinds` to list the kinds it has",
+            job.kind
+        )),
+        Some(kind) => match job.mode {
+            JobMode::Commit { force } => {
+                commit(job, kind.as_ref(), force, store, progress, interrupt, measure_rss)
+            }
+            JobMode::Verify => verify(job, kind.as_ref(), store, progress, interrupt),
+        },
+    };
+    match result {
         Ok(outcome) => outcome,
         Err(err) if err.downcast_ref::<Interrupted>().is_some() => JobOutcome::Interrupted,
         Err(err) => JobOutcome::failed(&err),
     }
 }
 
-fn try_execute(
+/// Runs the stage under its key's lock and commits its outputs; or, unless `force`, reuses
+/// the intact record another process committed while this one waited for the lock.
+fn commit(
     job: &Job,
-    registry: &Registry,
+    kind: &dyn crate::kind::StageKind,
+    force: bool,
     store: &Arc<Store>,
     progress: Arc<dyn Progress>,
     interrupt: Arc<AtomicBool>,
     measure_rss: bool,
 ) -> anyhow::Result<JobOutcome> {
-    let kind = registry
-        .kind(&job.kind)
-        .ok_or_else(|| anyhow!("this emflow binary has no stage kind `{}`; run `emflow kinds` to list the kinds it has", job.kind))?;
-    let force = match job.mode {
-        JobMode::Commit { force } => force,
-        JobMode::Verify => return verify(job, kind.as_ref(), store, progress, interrupt),
-    };
-
     let _lock = match store.try_lock(&job.key)? {
         Some(lock) => lock,
         None => {

@@ -28,7 +28,7 @@ use crate::manifest::source::{self, SourceMap};
 use crate::manifest::yaml::{self, Value};
 use crate::pipeline::{ModelDecl, Pipeline, SourceSpan};
 
-pub use sources::LoadedSources;
+pub use sources::{diagnostic_at, span_of, LoadedSources};
 
 /// How to load a manifest: the CLI's `--profile` and `--set` flags.
 #[derive(Clone, Debug, Default)]
@@ -188,23 +188,6 @@ pub fn load_manifest_str(
         pipeline,
         sources: Arc::new(LoadedSources::new(Arc::new(sources), stage_nodes)),
     })
-}
-
-/// For errors found later (cycle in the DAG, a kind's ParamError): build a diagnostic at a span.
-pub fn diagnostic_at(
-    pipeline: &Pipeline,
-    span: SourceSpan,
-    message: impl Into<String>,
-    label: impl Into<String>,
-    help: Option<String>,
-) -> miette::Report {
-    sources::diagnostic_at(pipeline, span, message, label, help)
-}
-
-/// Where `path` (relative to the stage's entry: `params.ops.2.take`, `inputs.data`) is written
-/// for stage instance `stage_id`. `None` when the pipeline was not loaded by this process.
-pub fn span_of(pipeline: &Pipeline, stage_id: &str, path: &str) -> Option<SourceSpan> {
-    sources::span_of(pipeline, stage_id, path)
 }
 
 /// Where a kind's [`crate::kind::ParamError::param`] (a path below `params:`) is written.

@@ -115,12 +115,13 @@ pub fn sources_for(pipeline: &Pipeline) -> Option<Arc<LoadedSources>> {
         .cloned()
 }
 
-/// See [`super::span_of`].
+/// Where `path` (relative to the stage's entry: `params.ops.2.take`, `inputs.data`) is written
+/// for stage instance `stage_id`. `None` when the pipeline was not loaded by this process.
 pub fn span_of(pipeline: &Pipeline, stage_id: &str, path: &str) -> Option<SourceSpan> {
     sources_for(pipeline)?.span_of(pipeline, stage_id, path)
 }
 
-/// See [`super::diagnostic_at`].
+/// For errors found later (cycle in the DAG, a kind's ParamError): build a diagnostic at a span.
 pub fn diagnostic_at(
     pipeline: &Pipeline,
     span: SourceSpan,

@@ -262,24 +262,27 @@ impl Shape {
     }
 }
 
-enum Frame {
-    Seq {
-        start: usize,
-        end: usize,
-        flow: bool,
-        anchor: usize,
-        items: Vec<Node>,
-        children: Shape,
-    },
+/// A list or mapping being read: where it opened and what it holds so far.
+struct Frame {
+    start: usize,
+    /// The end of its opening event, then of its last item: where a block collection ends.
+    end: usize,
+    /// Written as `[...]` or `{...}`: it ends at its closing bracket instead.
+    flow: bool,
+    anchor: usize,
+    children: Shape,
+    body: Body,
+}
+
+enum Body {
+    Seq(Vec<Node>),
     Map {
-        start: usize,
-        end: usize,
-        flow: bool,
-        anchor: usize,
-        children: Shape,
         map: Map,
+        /// The keys, once the mapping is large enough that scanning for duplicates is slow.
         seen: HashSet<String>,
+        /// The key read, waiting for its value.
         key: Option<PendingKey>,
+        /// The values of `<<` keys, merged in when the mapping closes.
         merges: Vec<Node>,
     },
 }
@@ -301,7 +304,9 @@ struct Builder<'t> {
     /// [`MAX_ALIAS_BYTES`].
     alias_nodes: usize,
     alias_bytes: usize,
-    /// A limit was crossed: stop reading at once.
+    /// Documents started so far: a manifest is one.
+    documents: usize,
+    /// A limit was crossed (or a second document began): stop reading at once.
     stop: bool,
 }
 
@@ -311,18 +316,7 @@ pub fn parse(text: &str, base: usize) -> Result<Node, Vec<Problem>> {
     if text.len() > MAX_TEXT_BYTES {
         return Err(vec![too_large(text, base, text.len() as u64)]);
     }
-    let mut b = Builder {
-        text,
-        offsets: Offsets::new(text, base),
-        stack: Vec::new(),
-        anchors: HashMap::new(),
-        root: None,
-        problems: Vec::new(),
-        alias_nodes: 0,
-        alias_bytes: 0,
-        stop: false,
-    };
-    let mut documents = 0;
+    let mut b = Builder::new(text, base);
     for item in Parser::new_from_str(text) {
         if b.stop {
             return Err(b.problems);
@@ -336,92 +330,7 @@ pub fn parse(text: &str, base: usize) -> Result<Node, Vec<Problem>> {
             }
         };
         let span = b.offsets.span(&yspan);
-        match event {
-            Event::DocumentStart(_) => {
-                documents += 1;
-                if documents > 1 {
-                    b.problems.push(
-                        Problem::new("a manifest is one YAML document, but this file has several")
-                            .at(span, "a second document starts here")
-                            .help(
-                                "remove the `---` line, or split the file into separate manifests",
-                            ),
-                    );
-                    return Err(b.problems);
-                }
-            }
-            Event::Scalar(value, style, anchor, tag) => b.scalar(value, style, anchor, tag, span),
-            Event::Alias(id) => b.alias(id, span),
-            Event::SequenceStart(anchor, tag) => {
-                b.collection_tag(tag.as_deref(), "seq", span);
-                b.check_depth(1, span);
-                let flow = b.starts_with(span, b'[');
-                b.stack.push(Frame::Seq {
-                    start: span.offset,
-                    end: span_end(span),
-                    flow,
-                    anchor,
-                    items: Vec::new(),
-                    children: Shape::default(),
-                });
-            }
-            Event::MappingStart(anchor, tag) => {
-                b.collection_tag(tag.as_deref(), "map", span);
-                b.check_depth(1, span);
-                let flow = b.starts_with(span, b'{');
-                b.stack.push(Frame::Map {
-                    start: span.offset,
-                    end: span_end(span),
-                    flow,
-                    anchor,
-                    children: Shape::default(),
-                    map: Map::default(),
-                    seen: HashSet::new(),
-                    key: None,
-                    merges: Vec::new(),
-                });
-            }
-            Event::SequenceEnd => {
-                if let Some(Frame::Seq {
-                    start,
-                    end,
-                    flow,
-                    anchor,
-                    items,
-                    children,
-                }) = b.stack.pop()
-                {
-                    let end = if flow { span_end(span) } else { end };
-                    b.complete(
-                        Node::new(span_between(start, end), Value::Seq(items)),
-                        anchor,
-                        children.collection(),
-                    );
-                }
-            }
-            Event::MappingEnd => {
-                if let Some(Frame::Map {
-                    start,
-                    end,
-                    flow,
-                    anchor,
-                    mut map,
-                    merges,
-                    children,
-                    ..
-                }) = b.stack.pop()
-                {
-                    let end = if flow { span_end(span) } else { end };
-                    b.apply_merges(&mut map, merges);
-                    b.complete(
-                        Node::new(span_between(start, end), Value::Map(map)),
-                        anchor,
-                        children.collection(),
-                    );
-                }
-            }
-            Event::StreamStart | Event::StreamEnd | Event::DocumentEnd | Event::Nothing => {}
-        }
+        b.event(event, span);
     }
     if !b.problems.is_empty() {
         return Err(b.problems);
@@ -471,13 +380,118 @@ fn syntax_problem(info: &str, at: usize, text: &str, base: usize) -> Problem {
         .help(help)
 }
 
-impl Builder<'_> {
+impl<'t> Builder<'t> {
+    fn new(text: &'t str, base: usize) -> Self {
+        Builder {
+            text,
+            offsets: Offsets::new(text, base),
+            stack: Vec::new(),
+            anchors: HashMap::new(),
+            root: None,
+            problems: Vec::new(),
+            alias_nodes: 0,
+            alias_bytes: 0,
+            documents: 0,
+            stop: false,
+        }
+    }
+
+    /// Feeds one parser event, located at `span`, into the tree being built.
+    fn event(&mut self, event: Event<'_>, span: SourceSpan) {
+        match event {
+            Event::DocumentStart(_) => self.document_start(span),
+            Event::Scalar(value, style, anchor, tag) => {
+                self.scalar(value, style, anchor, tag, span);
+            }
+            Event::Alias(id) => self.alias(id, span),
+            Event::SequenceStart(anchor, tag) => {
+                self.open(anchor, tag, span, Body::Seq(Vec::new()))
+            }
+            Event::MappingStart(anchor, tag) => {
+                let body = Body::Map {
+                    map: Map::default(),
+                    seen: HashSet::new(),
+                    key: None,
+                    merges: Vec::new(),
+                };
+                self.open(anchor, tag, span, body);
+            }
+            Event::SequenceEnd | Event::MappingEnd => self.close(span),
+            Event::StreamStart | Event::StreamEnd | Event::DocumentEnd | Event::Nothing => {}
+        }
+    }
+
+    /// Counts documents; the second one is an error that stops the parse.
+    fn document_start(&mut self, span: SourceSpan) {
+        self.documents += 1;
+        if self.documents > 1 {
+            self.problems.push(
+                Problem::new("a manifest is one YAML document, but this file has several")
+                    .at(span, "a second document starts here")
+                    .help("remove the `---` line, or split the file into separate manifests"),
+            );
+            self.stop = true;
+        }
+    }
+
+    /// Opens a list or mapping: checks its tag and depth, and pushes its frame.
+    fn open(&mut self, anchor: usize, tag: Option<Cow<'_, Tag>>, span: SourceSpan, body: Body) {
+        let (expected, bracket) = match body {
+            Body::Seq(_) => ("seq", b'['),
+            Body::Map { .. } => ("map", b'{'),
+        };
+        self.collection_tag(tag.as_deref(), expected, span);
+        self.check_depth(1, span);
+        let flow = self.starts_with(span, bracket);
+        self.stack.push(Frame {
+            start: span.offset,
+            end: span_end(span),
+            flow,
+            anchor,
+            children: Shape::default(),
+            body,
+        });
+    }
+
+    /// Closes the open list or mapping, applying a mapping's merge keys. A block collection
+    /// ends at its last item; a flow one at its closing bracket, `span`.
+    fn close(&mut self, span: SourceSpan) {
+        let Some(frame) = self.stack.pop() else {
+            return;
+        };
+        let end = if frame.flow {
+            span_end(span)
+        } else {
+            frame.end
+        };
+        let value = match frame.body {
+            Body::Seq(items) => Value::Seq(items),
+            Body::Map {
+                mut map, merges, ..
+            } => {
+                self.apply_merges(&mut map, merges);
+                Value::Map(map)
+            }
+        };
+        self.complete(
+            Node::new(span_between(frame.start, end), value),
+            frame.anchor,
+            frame.children.collection(),
+        );
+    }
+
     fn starts_with(&self, span: SourceSpan, byte: u8) -> bool {
         self.text.as_bytes().get(span.offset - self.offsets.base) == Some(&byte)
     }
 
     fn awaiting_key(&self) -> bool {
-        matches!(self.stack.last(), Some(Frame::Map { key: None, .. }))
+        matches!(
+            self.stack.last(),
+            Some(Frame {
+                body: Body::Map { key: None, .. },
+                ..
+            })
+        )
     }
 
     fn scalar(
@@ -495,7 +509,11 @@ impl Builder<'_> {
                 let shape = Shape::scalar(&node.value);
                 self.anchors.insert(anchor, (node, shape));
             }
-            if let Some(Frame::Map { key, .. }) = self.stack.last_mut() {
+            if let Some(Frame {
+                body: Body::Map { key, .. },
+                ..
+            }) = self.stack.last_mut()
+            {
                 *key = Some(PendingKey {
                     name: value.into_owned(),
                     span,
@@ -595,7 +613,11 @@ impl Builder<'_> {
                     .help("write the key out"),
             );
             // Keep the structure consistent: treat it as a key nobody can match.
-            if let Some(Frame::Map { key, .. }) = self.stack.last_mut() {
+            if let Some(Frame {
+                body: Body::Map { key, .. },
+                ..
+            }) = self.stack.last_mut()
+            {
                 *key = Some(PendingKey {
                     name: String::new(),
                     span,
@@ -679,30 +701,21 @@ impl Builder<'_> {
             self.anchors.insert(anchor, (node.clone(), shape));
         }
         let node_end = span_end(node.span);
-        match self.stack.last_mut() {
-            None => self.root = Some(node),
-            Some(Frame::Seq {
-                items,
-                end,
-                children,
-                ..
-            }) => {
-                *end = (*end).max(node_end);
-                children.add(shape);
-                items.push(node);
-            }
-            Some(Frame::Map {
+        let Some(frame) = self.stack.last_mut() else {
+            self.root = Some(node);
+            return;
+        };
+        frame.end = frame.end.max(node_end);
+        frame.children.add(shape);
+        match &mut frame.body {
+            Body::Seq(items) => items.push(node),
+            Body::Map {
                 map,
                 seen,
                 key,
                 merges,
-                end,
-                children,
-                ..
-            }) => {
-                *end = (*end).max(node_end);
-                children.add(shape);
-                children.bytes += key.as_ref().map_or(0, |k| k.name.len());
+            } => {
+                frame.children.bytes += key.as_ref().map_or(0, |k| k.name.len());
                 match key.take() {
                     None => self.problems.push(
                         Problem::new("a mapping key must be a plain value, not a list or mapping")
@@ -711,33 +724,8 @@ impl Builder<'_> {
                     ),
                     Some(k) if k.merge => merges.push(node),
                     Some(k) => {
-                        // Small maps (almost all) are scanned; large ones get a set of keys.
-                        let fresh = if map.entries.len() < 16 {
-                            map.entries.iter().all(|e| e.key != k.name)
-                        } else {
-                            if seen.is_empty() {
-                                seen.extend(map.entries.iter().map(|e| e.key.clone()));
-                            }
-                            seen.insert(k.name.clone())
-                        };
-                        if fresh {
-                            map.entries.push(Entry {
-                                key: k.name,
-                                key_span: k.span,
-                                value: node,
-                            });
-                        } else {
-                            let first = map.entry(&k.name).map(|e| e.key_span);
-                            let mut p = Problem::new(format!(
-                                "key `{}` appears twice in the same mapping",
-                                k.name
-                            ))
-                            .at(k.span, "duplicate key");
-                            if let Some(first) = first {
-                                p = p.at(first, "first written here");
-                            }
-                            self.problems
-                                .push(p.help("remove one of them; YAML keeps no duplicate keys"));
+                        if let Err(p) = insert_entry(map, seen, k, node) {
+                            self.problems.push(p);
                         }
                     }
                 }
@@ -781,6 +769,43 @@ impl Builder<'_> {
             }
         }
     }
+}
+
+/// Adds `key: value` to a mapping being read; a key already there is an error located at
+/// both. `seen` is filled only once `map` is large.
+fn insert_entry(
+    map: &mut Map,
+    seen: &mut HashSet<String>,
+    key: PendingKey,
+    value: Node,
+) -> Result<(), Problem> {
+    // Small maps (almost all) are scanned; large ones get a set of keys.
+    let fresh = if map.entries.len() < 16 {
+        map.entries.iter().all(|e| e.key != key.name)
+    } else {
+        if seen.is_empty() {
+            seen.extend(map.entries.iter().map(|e| e.key.clone()));
+        }
+        seen.insert(key.name.clone())
+    };
+    if !fresh {
+        let first = map.entry(&key.name).map(|e| e.key_span);
+        let mut p = Problem::new(format!(
+            "key `{}` appears twice in the same mapping",
+            key.name
+        ))
+        .at(key.span, "duplicate key");
+        if let Some(first) = first {
+            p = p.at(first, "first written here");
+        }
+        return Err(p.help("remove one of them; YAML keeps no duplicate keys"));
+    }
+    map.entries.push(Entry {
+        key: key.name,
+        key_span: key.span,
+        value,
+    });
+    Ok(())
 }
 
 fn unsupported_tag(tag: &Tag, span: SourceSpan) -> Problem {
