@@ -160,16 +160,9 @@ impl StageKind for EvalKind {
     ) -> Result<Option<JudgeEstimate>> {
         let p: EvalParams =
             serde_json::from_value(Value::Object(params.clone())).context("reading eval params")?;
-        let (judge_model, local) = estimate::judge_name(&p.judge, inputs, "judge_model");
-        let q_art = match inputs.known("questions") {
+        let q_art = match estimate::known_input(&p.judge, inputs, "questions") {
             Ok(a) => a,
-            Err(why) => {
-                return Ok(Some(JudgeEstimate::unknown(
-                    judge_model,
-                    local,
-                    format!("questions {why}"),
-                )))
-            }
+            Err(unknown) => return Ok(Some(unknown)),
         };
         let questions = questions::read(&q_art.path, &q_art.origin)?;
         let templates = judge_templates(&questions, &p.metrics)?;
@@ -188,10 +181,7 @@ impl StageKind for EvalKind {
                 }
             }
         }
-        let origin = inputs
-            .first("questions")
-            .map(estimate::described)
-            .unwrap_or_default();
+        let origin = estimate::origin(inputs, "questions");
         let note = format!(
             "{} questions x {} samples x {} judge prompts ({}) from {origin}; answers counted at max_tokens {}",
             questions.len(),

@@ -623,14 +623,7 @@ impl RlRun {
                 self.state.steps.is_multiple_of(p.checkpoint_every) || ctx.interrupt_requested();
             if !finished && due {
                 let logs = [&self.metrics, &self.rollouts];
-                save_checkpoint(
-                    &ckpt_root(ctx),
-                    &self.policy,
-                    &self.opt,
-                    &self.state,
-                    &logs,
-                    |_| Ok(()),
-                )?;
+                save_checkpoint(&ckpt_root(ctx), &self.policy, &self.opt, &self.state, &logs)?;
                 ctx.check_interrupt()?;
             }
         }

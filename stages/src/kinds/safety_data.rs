@@ -164,16 +164,9 @@ impl StageKind for SafetyDataKind {
         let p: SafetyDataParams = serde_json::from_value(Value::Object(params.clone()))
             .context("reading safety_data params")?;
         let (aligned_t, coherent_t) = p.validate()?;
-        let (judge_model, local) = estimate::judge_name(&p.judge, inputs, "judge_model");
-        let prompts_in = match inputs.known("prompts") {
+        let prompts_in = match estimate::known_input(&p.judge, inputs, "prompts") {
             Ok(a) => a,
-            Err(why) => {
-                return Ok(Some(JudgeEstimate::unknown(
-                    judge_model,
-                    local,
-                    format!("prompts {why}"),
-                )))
-            }
+            Err(unknown) => return Ok(Some(unknown)),
         };
         let mut counted = estimate::ScoreCalls::default();
         let conversations = read_conversations(prompts_in)?;
@@ -189,10 +182,7 @@ impl StageKind for SafetyDataKind {
                 counted.add(&rendered, p.samples_per_prompt as u64, p.max_tokens);
             }
         }
-        let origin = inputs
-            .first("prompts")
-            .map(estimate::described)
-            .unwrap_or_default();
+        let origin = estimate::origin(inputs, "prompts");
         let note = format!(
             "{} prompts x {} samples x 2 judge prompts (aligned, coherent) from {origin}; answers counted at max_tokens {}",
             conversations.len(),

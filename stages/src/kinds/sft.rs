@@ -437,14 +437,7 @@ impl SftRun {
             let main_steps = self.state.main_steps;
             if main_steps.is_multiple_of(checkpoint_every) && main_steps < total_steps {
                 let logs = [&self.metrics];
-                save_checkpoint(
-                    &ckpt_root(ctx),
-                    &self.policy,
-                    &self.opt,
-                    &self.state,
-                    &logs,
-                    |_| Ok(()),
-                )?;
+                save_checkpoint(&ckpt_root(ctx), &self.policy, &self.opt, &self.state, &logs)?;
                 ctx.check_interrupt()?;
             }
         }

@@ -354,6 +354,20 @@ mod tests {
             max_completion_length: 4,
         }
     }
+    fn micro<'a>(
+        pol: &'a Tensor,
+        (old, reference): (Option<&'a Tensor>, Option<&'a Tensor>),
+        mask: &'a Tensor,
+        adv: &'a Tensor,
+    ) -> MicroBatch<'a> {
+        MicroBatch {
+            policy_logps: pol,
+            old_logps: old,
+            ref_logps: reference,
+            mask,
+            advantages: adv,
+        }
+    }
     const ONE: StepShape = StepShape {
         grad_accum_steps: 1,
         step_tokens: 5.0,
@@ -412,13 +426,7 @@ mod tests {
     #[test]
     fn loss_types_aggregate_as_trl_at_ratio_one() {
         let (pol, mask, adv) = ratio_one_batch();
-        let mb = MicroBatch {
-            policy_logps: &pol,
-            old_logps: None,
-            ref_logps: None,
-            mask: &mask,
-            advantages: &adv,
-        };
+        let mb = micro(&pol, (None, None), &mask, &adv);
         let run = |lt| {
             scalar(
                 &grpo_loss(&cfg(lt, ImportanceSampling::Token), &mb, ONE)
@@ -478,13 +486,7 @@ mod tests {
         let old = t2(&[&[0.0, 0.0, 0.0], &[0.0, 0.0, 0.0]]);
         let mask = t2(&[&[1.0, 1.0, 1.0], &[1.0, 1.0, 0.0]]);
         let adv = t1(&[1.0, -1.0]);
-        let mb = MicroBatch {
-            policy_logps: &pol,
-            old_logps: Some(&old),
-            ref_logps: None,
-            mask: &mask,
-            advantages: &adv,
-        };
+        let mb = micro(&pol, (Some(&old), None), &mask, &adv);
         let out = grpo_loss(&cfg(LossType::Bnpo, ImportanceSampling::Token), &mb, ONE).unwrap();
         // row0: -min(r, clip r) = -(1.2) , -(1.1), -(1.0); row1 (A=-1): -min(-r, -clip r) = max(r, clip r): 0.8, 1.0
         close(scalar(&out.loss), (-1.2 - 1.1 - 1.0 + 0.8 + 1.0) / 5.0);
@@ -501,13 +503,7 @@ mod tests {
         let old = t2(&[&[0.0, 0.0], &[0.0, 0.0]]);
         let mask = t2(&[&[1.0, 1.0], &[1.0, 0.0]]);
         let adv = t1(&[1.0, 2.0]);
-        let mb = MicroBatch {
-            policy_logps: &pol,
-            old_logps: Some(&old),
-            ref_logps: None,
-            mask: &mask,
-            advantages: &adv,
-        };
+        let mb = micro(&pol, (Some(&old), None), &mask, &adv);
         let out = grpo_loss(&cfg(LossType::Grpo, ImportanceSampling::Sequence), &mb, ONE).unwrap();
         let r1 = 0.1f64.exp();
         close(scalar(&out.loss), (-1.2 + -2.0 * r1) / 2.0);
@@ -521,13 +517,7 @@ mod tests {
         let reference = t2(&[&[-1.5, -2.0, -3.0, 0.0], &[-0.5, 0.0, 0.0, 0.0]]);
         let mut c = cfg(LossType::Bnpo, ImportanceSampling::Token);
         c.beta = 0.5;
-        let mb = MicroBatch {
-            policy_logps: &pol,
-            old_logps: None,
-            ref_logps: Some(&reference),
-            mask: &mask,
-            advantages: &adv,
-        };
+        let mb = micro(&pol, (None, Some(&reference)), &mask, &adv);
         let out = grpo_loss(&c, &mb, ONE).unwrap();
         let k = |d: f64| d.exp() - d - 1.0;
         let kl_sum = k(-0.5) + k(0.5);
@@ -545,13 +535,7 @@ mod tests {
         let (pol, mask, adv) = ratio_one_batch();
         let reference = t2(&[&[-1.5, -2.0, -3.0, 0.0], &[-0.5, 0.0, 0.0, 0.0]]);
         let c = cfg(LossType::Bnpo, ImportanceSampling::Token);
-        let with_ref = MicroBatch {
-            policy_logps: &pol,
-            old_logps: None,
-            ref_logps: Some(&reference),
-            mask: &mask,
-            advantages: &adv,
-        };
+        let with_ref = micro(&pol, (None, Some(&reference)), &mask, &adv);
         let without = MicroBatch {
             ref_logps: None,
             ..with_ref

@@ -132,14 +132,14 @@ pub fn resume_with_logs<S: DeserializeOwned>(
     Ok((resumed.map(|r| r.state), logs))
 }
 
-/// Writes a checkpoint of everything a resumed run needs. `extra` may add files.
+/// Writes a checkpoint of everything a resumed run needs: weights, optimizer, loop state
+/// and a copy of each log.
 pub fn save_checkpoint<S: Serialize>(
     root: &Path,
     policy: &Policy,
     opt: &AdamW,
     state: &S,
     logs: &[&JsonlLog],
-    extra: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
     checkpoint::save(root, |dir| {
         policy.save(&dir.join(WEIGHTS))?;
@@ -153,7 +153,6 @@ pub fn save_checkpoint<S: Serialize>(
             std::fs::copy(log.path(), dir.join(LOGS).join(name))
                 .with_context(|| format!("copying {} into the checkpoint", log.path().display()))?;
         }
-        extra(dir)?;
         checkpoint::save_state(dir, state)
     })?;
     Ok(())
