@@ -318,10 +318,7 @@ impl StageKind for RlKind {
                     "{} epochs of {} prompts from {}",
                     p.epochs,
                     ps.len(),
-                    inputs
-                        .first("prompts")
-                        .map(estimate::described)
-                        .unwrap_or_default()
+                    estimate::origin(inputs, "prompts")
                 ),
             ),
             (None, None) => bail!("no step count: neither max_steps nor prompts are known"),
@@ -401,10 +398,9 @@ fn with_inoculation(inoculation: Option<&str>, system: Option<String>) -> Option
 }
 
 pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
-    let progress = ctx.progress_handle();
-    progress.phase("loading", 0, "");
+    ctx.progress().phase("loading", 0, "");
     let reward = prepare_reward(ctx, p)?;
-    let mut policy = load_policy(ctx, &p.lora, p.full_finetune, p.seed)?;
+    let policy = load_policy(ctx, &p.lora, p.full_finetune, p.seed)?;
     // A local judge loads its own copy of `judge_model`, even when it is the policy's base
     // model: the model layer's `Transformer` cannot yet share its frozen weights with a
     // second owner (see the report on issue 4).
@@ -417,61 +413,8 @@ pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
     };
     let prompts = encode_prompts(ctx, p, &policy)?;
     let safety = interleave_setting(p.interleave.as_ref())?;
-    let mut safety = Interleave::load(ctx, safety, &policy, None, p.seed)?;
-    let total_steps = match p.max_steps {
-        Some(s) => s,
-        None => (p.epochs * prompts.ids.len() as u64).div_ceil(p.prompts_per_step as u64),
-    };
-    ensure!(
-        total_steps > 0,
-        "stage {}: nothing to train (0 steps)",
-        ctx.stage_id
-    );
-    let total_updates = total_steps as usize * p.num_iterations;
-    let schedule = LrSchedule {
-        base_lr: p.lr,
-        kind: p.schedule,
-        warmup_steps: (p.warmup_ratio * total_updates as f64).ceil() as usize,
-        total_steps: total_updates,
-    };
-    let mut opt = optimizer(&policy, p.lr, p.weight_decay)?;
-    let cfg = grpo_config(p, &policy);
-
-    let logs = [
-        ("metrics", ctx.output_path("metrics")),
-        ("rollouts", ctx.output_path("rollouts")),
-    ];
-    let (resumed, logs) =
-        resume_with_logs::<RlState>(&ckpt_root(ctx), &mut policy, &mut opt, &logs)?;
-    if let Some(r) = &resumed {
-        progress.log(&format!(
-            "resuming from checkpoint after RL step {}",
-            r.steps
-        ));
-    }
-    let state = resumed.unwrap_or_default();
-    if let Some(s) = safety.as_mut() {
-        s.seek(state.safety_consumed);
-    }
-    let [metrics, rollouts]: [JsonlLog; 2] = logs
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("resume_with_logs opens one log per name"))?;
-    let mut run = RlRun {
-        cursor: Cursor::new(prompts.ids.len(), p.seed, "prompts", state.prompts_consumed),
-        early_window: p.early_stop.as_ref().map(|e| {
-            e.window
-                .unwrap_or_else(|| prompts.ids.len().div_ceil(2 * p.prompts_per_step).max(1))
-        }),
-        policy,
-        opt,
-        schedule,
-        cfg,
-        safety,
-        state,
-        metrics,
-        rollouts,
-        total_steps,
-    };
+    let safety = Interleave::load(ctx, safety, &policy, None, p.seed)?;
+    let mut run = RlRun::start(ctx, p, policy, safety, prompts.ids.len())?;
     let src = StepSources {
         prompts: &prompts,
         reward: &reward,
@@ -585,6 +528,68 @@ struct RlRun {
 }
 
 impl RlRun {
+    /// The run over `n_prompts` prompts: its length, learning-rate schedule and optimizer,
+    /// then the newest checkpoint's state and logs if there is one.
+    fn start(
+        ctx: &StageContext,
+        p: &RlParams,
+        mut policy: Policy,
+        mut safety: Option<Interleave>,
+        n_prompts: usize,
+    ) -> Result<Self> {
+        let total_steps = match p.max_steps {
+            Some(s) => s,
+            None => (p.epochs * n_prompts as u64).div_ceil(p.prompts_per_step as u64),
+        };
+        ensure!(
+            total_steps > 0,
+            "stage {}: nothing to train (0 steps)",
+            ctx.stage_id
+        );
+        let total_updates = total_steps as usize * p.num_iterations;
+        let schedule = LrSchedule {
+            base_lr: p.lr,
+            kind: p.schedule,
+            warmup_steps: (p.warmup_ratio * total_updates as f64).ceil() as usize,
+            total_steps: total_updates,
+        };
+        let mut opt = optimizer(&policy, p.lr, p.weight_decay)?;
+        let cfg = grpo_config(p, &policy);
+        let logs = [
+            ("metrics", ctx.output_path("metrics")),
+            ("rollouts", ctx.output_path("rollouts")),
+        ];
+        let (resumed, logs) =
+            resume_with_logs::<RlState>(&ckpt_root(ctx), &mut policy, &mut opt, &logs)?;
+        if let Some(r) = &resumed {
+            let resuming = format!("resuming from checkpoint after RL step {}", r.steps);
+            ctx.progress().log(&resuming);
+        }
+        let state = resumed.unwrap_or_default();
+        if let Some(s) = safety.as_mut() {
+            s.seek(state.safety_consumed);
+        }
+        let [metrics, rollouts]: [JsonlLog; 2] = logs
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("resume_with_logs opens one log per name"))?;
+        Ok(RlRun {
+            cursor: Cursor::new(n_prompts, p.seed, "prompts", state.prompts_consumed),
+            early_window: p.early_stop.as_ref().map(|e| {
+                e.window
+                    .unwrap_or_else(|| n_prompts.div_ceil(2 * p.prompts_per_step).max(1))
+            }),
+            policy,
+            opt,
+            schedule,
+            cfg,
+            safety,
+            state,
+            metrics,
+            rollouts,
+            total_steps,
+        })
+    }
+
     /// Steps until `total_steps` or an early stop; each is a GRPO step, then the safety
     /// steps due after it, then (every `checkpoint_every` steps or when asked to stop) a
     /// checkpoint.
