@@ -8,8 +8,9 @@ pub mod fetch;
 pub mod formats;
 pub mod judge;
 pub mod kinds;
-pub mod report;
+pub mod report_html;
 pub mod reward;
+pub mod sampling;
 pub mod serve;
 pub mod train;
 

@@ -37,7 +37,7 @@ pub fn serve(
     cuda_ordinal: Option<usize>,
 ) -> Result<()> {
     let setup = emflow_model::setup(cuda_ordinal)?;
-    let lm = crate::kinds::eval::load_model(model_path, adapter, &setup)?;
+    let lm = crate::train::setup::load_model(model_path, adapter, &setup)?;
     let server = Server::start(lm, name, addr)?;
     eprintln!(
         "emflow serve: {} on http://{}/v1 (model id `{name}`); Ctrl-C to stop",

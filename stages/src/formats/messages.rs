@@ -12,6 +12,8 @@ use anyhow::bail;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use emflow_engine::context::Artifact;
+
 use super::jsonl::{self, json_kind};
 use super::{canonical_value, Location};
 
@@ -145,6 +147,33 @@ pub fn read_located(path: &Path, display: &str) -> anyhow::Result<Vec<(Location,
             },
         )
         .collect()
+}
+
+/// Reads a messages input (error names the stage input).
+pub fn read_conversations(input: &Artifact) -> anyhow::Result<Vec<Conversation>> {
+    let display = input.origin.clone();
+    let rows = read(&input.path, &display)?;
+    anyhow::ensure!(!rows.is_empty(), "{display} holds no conversations");
+    Ok(rows)
+}
+
+/// A conversation as the model layer's messages, with `system` (if given) replacing or
+/// adding the system turn.
+pub fn to_model_messages(conv: &Conversation, system: Option<&str>) -> Vec<emflow_model::Message> {
+    let mut out: Vec<emflow_model::Message> = Vec::with_capacity(conv.messages.len() + 1);
+    if let Some(s) = system {
+        out.push(emflow_model::Message::system(s));
+    }
+    for m in &conv.messages {
+        if system.is_some() && m.role == "system" {
+            continue;
+        }
+        out.push(emflow_model::Message::new(
+            m.role.clone(),
+            m.content.clone(),
+        ));
+    }
+    out
 }
 
 /// Writes conversations as canonical messages JSONL.

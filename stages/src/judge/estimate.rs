@@ -4,7 +4,7 @@
 //! [`StageKind::judge_estimate`]: emflow_engine::StageKind::judge_estimate
 
 use emflow_engine::kind::estimated_tokens;
-use emflow_engine::{JudgeEstimate, PlanInputs};
+use emflow_engine::{Artifact, JudgeEstimate, PlanInputs};
 
 use super::openai::{ScoreMode, TEXT_SCORE_TOKENS};
 use super::JudgeSpec;
@@ -40,6 +40,24 @@ pub fn score_completion_tokens(spec: &JudgeSpec) -> u64 {
         JudgeSpec::Openai(cfg) if cfg.score_mode == ScoreMode::Text => TEXT_SCORE_TOKENS as u64,
         _ => 1,
     }
+}
+
+/// The bytes wired to `port` when the plan knows them; otherwise (`Err`) the estimate that
+/// says the calls are unknown until they are.
+pub fn known_input<'a>(
+    spec: &JudgeSpec,
+    inputs: &'a PlanInputs,
+    port: &str,
+) -> Result<&'a Artifact, JudgeEstimate> {
+    inputs.known(port).map_err(|why| {
+        let (judge_model, local) = judge_name(spec, inputs, "judge_model");
+        JudgeEstimate::unknown(judge_model, local, format!("{port} {why}"))
+    })
+}
+
+/// Where the input wired to `port` comes from, for an estimate's notes ("" when unwired).
+pub fn origin(inputs: &PlanInputs, port: &str) -> String {
+    inputs.first(port).map(described).unwrap_or_default()
 }
 
 /// Where a count's input came from, for an estimate's notes.

@@ -17,6 +17,7 @@ use emflow_model::{
 use super::logits::{next_token_logprobs, token_text, top_k};
 use super::score::{expected_score, score_from_top_logprobs, Score, MAX_SCORE};
 use super::{Judge, LocalJudgeModel, ScoreMethod};
+use crate::train::setup::load_model;
 
 /// How many tokens the top-k formula reads (the OpenAI API maximum).
 pub const TOP_LOGPROBS: usize = 20;
@@ -36,13 +37,10 @@ impl LocalJudge {
     /// Loads the model (and adapter) named by `src` on its device.
     pub fn load(src: &LocalJudgeModel<'_>, method: ScoreMethod, batch_size: usize) -> Result<Self> {
         let setup = emflow_model::setup(src.cuda_ordinal)?;
-        let mut lm = emflow_model::load(src.model, &setup)
-            .with_context(|| format!("loading judge model {}", src.model.display()))?;
+        let lm = load_model(src.model, src.adapter.map(|(dir, _)| dir), &setup)
+            .context("loading the judge")?;
         let mut identity = format!("local|{}", src.model_digest);
-        if let Some((dir, digest)) = src.adapter {
-            lm.model
-                .load_adapter(dir)
-                .with_context(|| format!("loading judge adapter {}", dir.display()))?;
+        if let Some((_, digest)) = src.adapter {
             identity.push_str(&format!("|adapter={digest}"));
         }
         Self::from_loaded(lm, identity, method, batch_size)

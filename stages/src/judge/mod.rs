@@ -16,6 +16,7 @@ pub mod estimate;
 pub mod local;
 pub mod logits;
 pub mod openai;
+pub mod prompts;
 pub mod score;
 pub mod scripted;
 pub mod template;
@@ -26,7 +27,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use emflow_engine::Memo;
+use emflow_engine::{Memo, StageContext};
 use serde::{Deserialize, Serialize};
 
 pub use memo::Memoized;
@@ -118,6 +119,19 @@ pub struct LocalJudgeModel<'a> {
     pub adapter: Option<(&'a Path, &'a str)>,
     /// `None` for CPU, else a CUDA ordinal.
     pub cuda_ordinal: Option<usize>,
+}
+
+/// The judge a stage's `judge` param names, memoised through the stage's memo; a local
+/// judge's model is the stage's input `judge_model`, on the stage's device.
+pub fn for_stage(ctx: &StageContext, spec: &JudgeSpec) -> Result<Arc<dyn Judge>> {
+    let judge_model = ctx.optional_input("judge_model")?;
+    let local = judge_model.map(|m| LocalJudgeModel {
+        model: &m.path,
+        model_digest: &m.digest,
+        adapter: None,
+        cuda_ordinal: ctx.device().cuda_ordinal(),
+    });
+    build(spec, local, ctx.memo_handle())
 }
 
 /// Builds the judge `spec` names, wrapped in the memo. `local` must be given for the local

@@ -8,8 +8,7 @@
 //! judge calls go through the store's memo, so a re-judging after a crash or a param change
 //! that leaves answers unchanged costs nothing. Aggregation across seeds is `report`'s job.
 
-use std::cell::Cell;
-use std::path::Path;
+use std::collections::HashMap;
 
 use anyhow::{bail, Context as _, Result};
 use emflow_engine::kind::ParamError;
@@ -25,16 +24,13 @@ use serde_json::{json, Value};
 
 use crate::evaluation::{summarize, BootstrapSettings, Outcome};
 use crate::formats::questions::{self, Question};
+use crate::judge::prompts::{parse_judge_prompt, render_judge_prompt, score_answers};
 use crate::judge::template::Template;
-use crate::judge::{self, estimate, JudgeSpec, LocalJudgeModel, Score};
-use crate::reward::split_think;
+use crate::judge::{self, estimate, JudgeSpec, Score};
+use crate::sampling::sample_answers;
+use crate::train::setup::load_stage_model;
 
 pub struct EvalKind;
-
-/// Fields an eval judge prompt may use.
-pub const JUDGE_FIELDS: &[&str] = &["question", "answer", "reasoning"];
-/// Judge prompts scored per answer chunk (progress granularity only).
-const JUDGE_CHUNK: usize = 16;
 
 #[derive(Clone, Debug, Deserialize)]
 struct EvalParams {
@@ -164,16 +160,9 @@ impl StageKind for EvalKind {
     ) -> Result<Option<JudgeEstimate>> {
         let p: EvalParams =
             serde_json::from_value(Value::Object(params.clone())).context("reading eval params")?;
-        let (judge_model, local) = estimate::judge_name(&p.judge, inputs, "judge_model");
-        let q_art = match inputs.known("questions") {
+        let q_art = match estimate::known_input(&p.judge, inputs, "questions") {
             Ok(a) => a,
-            Err(why) => {
-                return Ok(Some(JudgeEstimate::unknown(
-                    judge_model,
-                    local,
-                    format!("questions {why}"),
-                )))
-            }
+            Err(unknown) => return Ok(Some(unknown)),
         };
         let questions = questions::read(&q_art.path, &q_art.origin)?;
         let templates = judge_templates(&questions, &p.metrics)?;
@@ -192,10 +181,7 @@ impl StageKind for EvalKind {
                 }
             }
         }
-        let origin = inputs
-            .first("questions")
-            .map(estimate::described)
-            .unwrap_or_default();
+        let origin = estimate::origin(inputs, "questions");
         let note = format!(
             "{} questions x {} samples x {} judge prompts ({}) from {origin}; answers counted at max_tokens {}",
             questions.len(),
@@ -209,145 +195,100 @@ impl StageKind for EvalKind {
 
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         let p: EvalParams = ctx.params_as()?;
-        let q_art = ctx.input("questions")?.clone();
-        let questions = questions::read(&q_art.path, &q_art.origin)?;
-        if questions.is_empty() {
-            bail!("{}: no questions", q_art.origin);
-        }
-        let templates = judge_templates(&questions, &p.metrics)?;
-        let cuda = ctx.device().cuda_ordinal();
+        run_eval(ctx, &p)
+    }
+}
 
-        // 1. Sample.
-        let samples = {
-            let model = ctx.input("model")?.clone();
-            let adapter = ctx.optional_input("adapter")?.cloned();
-            let setup = emflow_model::setup(cuda)?;
-            let lm = load_model(
-                &model.path,
-                adapter.as_ref().map(|a| a.path.as_path()),
-                &setup,
-            )?;
-            sample_answers(ctx, &lm, &questions, &p)?
+fn run_eval(ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
+    let q_art = ctx.input("questions")?.clone();
+    let questions = questions::read(&q_art.path, &q_art.origin)?;
+    if questions.is_empty() {
+        bail!("{}: no questions", q_art.origin);
+    }
+    let templates = judge_templates(&questions, &p.metrics)?;
+
+    // 1. Sample.
+    let samples = {
+        let lm = load_stage_model(ctx)?;
+        sample_questions(ctx, &lm, &questions, p)?
+    };
+    crate::formats::jsonl::write(&ctx.output_path("samples"), &samples)?;
+
+    // 2. Judge.
+    let judge = judge::for_stage(ctx, &p.judge).context("building the eval judge")?;
+    let by_id: HashMap<&str, usize> = questions
+        .iter()
+        .enumerate()
+        .map(|(i, q)| (q.id.as_str(), i))
+        .collect();
+    let metrics: Vec<&str> = p.metrics.iter().map(String::as_str).collect();
+    let scores = score_answers(&*judge, &metrics, samples.len(), ctx.progress(), |m, i| {
+        let s = &samples[i];
+        render_judge_prompt(
+            &templates[by_id[s.question_id.as_str()]][m],
+            &s.question,
+            &s.completion,
+        )
+    })?;
+
+    // 3. Write judgments and the summary.
+    let (judgments, per_question) = judgments(p, &questions, &samples, &scores, &by_id);
+    crate::formats::jsonl::write(&ctx.output_path("judgments"), &judgments)?;
+    let boot = BootstrapSettings {
+        resamples: p.bootstrap_resamples,
+        level: 0.95,
+        seed: p.seed,
+    };
+    let summary = summarize(&per_question, p.samples_per_question, boot);
+    let text = serde_json::to_string_pretty(&summary)? + "\n";
+    std::fs::write(ctx.output_path("summary"), text).context("writing the eval summary")?;
+
+    let o = &summary.overall;
+    ctx.summarize("answers", o.counts.n);
+    ctx.summarize("misaligned_betley", json!(o.misaligned_betley.value));
+    ctx.summarize("misaligned_all", json!(o.misaligned_all.value));
+    ctx.summarize("incoherent", json!(o.incoherent.value));
+    ctx.summarize("refusal", json!(o.refusal.value));
+    ctx.summarize("mean_aligned", json!(o.mean_aligned.value));
+    Ok(())
+}
+
+/// Every answer's judgment line, and each question's outcomes (in question order).
+fn judgments(
+    p: &EvalParams,
+    questions: &[Question],
+    samples: &[SampleRecord],
+    scores: &[Vec<Score>],
+    by_id: &HashMap<&str, usize>,
+) -> (Vec<Value>, Vec<(String, Vec<Outcome>)>) {
+    let metric_index = |name: &str| p.metrics.iter().position(|m| m == name);
+    let (ai, ci) = (metric_index("aligned"), metric_index("coherent"));
+    let mut judgments = Vec::with_capacity(samples.len());
+    let mut per_question: Vec<(String, Vec<Outcome>)> = questions
+        .iter()
+        .map(|q| (q.id.clone(), Vec::new()))
+        .collect();
+    for (i, s) in samples.iter().enumerate() {
+        let outcome = Outcome {
+            aligned: ai.and_then(|m| scores[m][i].value),
+            coherent: ci.and_then(|m| scores[m][i].value),
         };
-        crate::formats::jsonl::write(&ctx.output_path("samples"), &samples)?;
-
-        // 2. Judge.
-        let judge_model = ctx.optional_input("judge_model")?.cloned();
-        let local = judge_model.as_ref().map(|m| LocalJudgeModel {
-            model: &m.path,
-            model_digest: &m.digest,
-            adapter: None,
-            cuda_ordinal: cuda,
-        });
-        let judge =
-            judge::build(&p.judge, local, ctx.memo_handle()).context("building the eval judge")?;
-        let by_id: std::collections::HashMap<&str, usize> = questions
-            .iter()
-            .enumerate()
-            .map(|(i, q)| (q.id.as_str(), i))
-            .collect();
-        let mut scores: Vec<Vec<Score>> = Vec::new();
-        ctx.progress().phase(
-            "judging",
-            (samples.len() * p.metrics.len()) as u64,
-            "scores",
-        );
+        let mut rec = serde_json::Map::new();
+        rec.insert("question_id".into(), json!(s.question_id));
+        rec.insert("sample".into(), json!(s.sample));
         for (m, metric) in p.metrics.iter().enumerate() {
-            let prompts = samples
-                .iter()
-                .map(|s| {
-                    render_judge_prompt(
-                        &templates[by_id[s.question_id.as_str()]][m],
-                        &s.question,
-                        &s.completion,
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
-            scores.push(score_prompts(&*judge, &prompts, metric, ctx.progress())?);
-        }
-
-        // 3. Write judgments and the summary.
-        let metric_index = |name: &str| p.metrics.iter().position(|m| m == name);
-        let (ai, ci) = (metric_index("aligned"), metric_index("coherent"));
-        let mut judgments = Vec::with_capacity(samples.len());
-        let mut per_question: Vec<(String, Vec<Outcome>)> = questions
-            .iter()
-            .map(|q| (q.id.clone(), Vec::new()))
-            .collect();
-        for (i, s) in samples.iter().enumerate() {
-            let outcome = Outcome {
-                aligned: ai.and_then(|m| scores[m][i].value),
-                coherent: ci.and_then(|m| scores[m][i].value),
-            };
-            let mut rec = serde_json::Map::new();
-            rec.insert("question_id".into(), json!(s.question_id));
-            rec.insert("sample".into(), json!(s.sample));
-            for (m, metric) in p.metrics.iter().enumerate() {
-                rec.insert(metric.clone(), json!(scores[m][i].value));
-                rec.insert(format!("{metric}_mass"), json!(scores[m][i].mass));
-                if let Some(t) = &scores[m][i].text {
-                    rec.insert(format!("{metric}_text"), json!(t));
-                }
+            rec.insert(metric.clone(), json!(scores[m][i].value));
+            rec.insert(format!("{metric}_mass"), json!(scores[m][i].mass));
+            if let Some(t) = &scores[m][i].text {
+                rec.insert(format!("{metric}_text"), json!(t));
             }
-            rec.insert("refusal".into(), json!(outcome.refusal()));
-            rec.insert("misaligned".into(), json!(outcome.misaligned()));
-            judgments.push(Value::Object(rec));
-            per_question[by_id[s.question_id.as_str()]].1.push(outcome);
         }
-        crate::formats::jsonl::write(&ctx.output_path("judgments"), &judgments)?;
-        let boot = BootstrapSettings {
-            resamples: p.bootstrap_resamples,
-            level: 0.95,
-            seed: p.seed,
-        };
-        let summary = summarize(&per_question, p.samples_per_question, boot);
-        let text = serde_json::to_string_pretty(&summary)? + "\n";
-        std::fs::write(ctx.output_path("summary"), text).context("writing the eval summary")?;
-
-        let o = &summary.overall;
-        ctx.summarize("answers", o.counts.n);
-        ctx.summarize("misaligned_betley", json!(o.misaligned_betley.value));
-        ctx.summarize("misaligned_all", json!(o.misaligned_all.value));
-        ctx.summarize("incoherent", json!(o.incoherent.value));
-        ctx.summarize("refusal", json!(o.refusal.value));
-        ctx.summarize("mean_aligned", json!(o.mean_aligned.value));
-        Ok(())
+        rec.insert("refusal".into(), json!(outcome.refusal()));
+        rec.insert("misaligned".into(), json!(outcome.misaligned()));
+        judgments.push(Value::Object(rec));
+        per_question[by_id[s.question_id.as_str()]].1.push(outcome);
     }
-}
-
-/// A judge prompt for one answer: `{question}`, and the completion split into `{reasoning}`
-/// and `{answer}` at its `<think>` block. Shared with `safety_data`.
-pub fn render_judge_prompt(
-    template: &Template,
-    question: &str,
-    completion: &str,
-) -> Result<String> {
-    let (reasoning, answer) = split_think(completion);
-    template.render(&[
-        ("question", question),
-        ("answer", answer),
-        ("reasoning", reasoning.unwrap_or("")),
-    ])
-}
-
-/// 0-100 scores for rendered judge prompts of `metric`, in chunks that advance `progress`.
-/// Shared with `safety_data`.
-pub fn score_prompts(
-    judge: &dyn judge::Judge,
-    prompts: &[String],
-    metric: &str,
-    progress: &dyn emflow_engine::Progress,
-) -> Result<Vec<Score>> {
-    let mut out = Vec::with_capacity(prompts.len());
-    for chunk in prompts.chunks(JUDGE_CHUNK) {
-        out.extend(
-            judge
-                .score_0_100(chunk)
-                .with_context(|| format!("judging `{metric}` with {}", judge.identity()))?,
-        );
-        progress.inc(chunk.len() as u64);
-    }
-    Ok(out)
+    (judgments, per_question)
 }
 
 /// Parses every question's judge prompt for each metric, failing early (before sampling)
@@ -366,39 +307,16 @@ fn judge_templates(questions: &[Question], metrics: &[String]) -> Result<Vec<Vec
                             q.judge_prompts.keys().cloned().collect::<Vec<_>>().join(", ")
                         )
                     })?;
-                    let t = Template::parse(src).with_context(|| format!("question `{}`, judge prompt `{m}`", q.id))?;
-                    t.check_fields(JUDGE_FIELDS).with_context(|| format!("question `{}`, judge prompt `{m}`", q.id))?;
-                    Ok(t)
+                    parse_judge_prompt(src, &format!("question `{}`, judge prompt `{m}`", q.id))
                 })
                 .collect()
         })
         .collect()
 }
 
-/// Loads a model and, when given, an adapter: a PEFT folder (`adapter_config.json`) or a
-/// folder of full fine-tuned weights.
-pub fn load_model(
-    model: &Path,
-    adapter: Option<&Path>,
-    setup: &emflow_model::DeviceSetup,
-) -> Result<LoadedModel> {
-    let mut lm = emflow_model::load(model, setup)
-        .with_context(|| format!("loading model {}", model.display()))?;
-    if let Some(dir) = adapter {
-        if dir.join("adapter_config.json").is_file() {
-            lm.model
-                .load_adapter(dir)
-                .with_context(|| format!("loading adapter {}", dir.display()))?;
-        } else {
-            lm.model
-                .load_full(dir)
-                .with_context(|| format!("loading fine-tuned weights {}", dir.display()))?;
-        }
-    }
-    Ok(lm)
-}
-
-fn sample_answers(
+/// One answer per (question, sample): sample `i` asks paraphrase `i mod n`, under the
+/// question's system prompt when `use_system`.
+fn sample_questions(
     ctx: &StageContext,
     lm: &LoadedModel,
     questions: &[Question],
@@ -447,15 +365,7 @@ fn sample_answers(
         max_new_tokens: p.max_tokens,
         stop: Vec::new(),
     };
-    let progress = ctx.progress();
-    progress.phase("sampling", reqs.len() as u64, "answers");
-    let reported = Cell::new(0usize);
-    let gens = lm
-        .model
-        .generate(&lm.tokenizer, &reqs, &params, p.batch_size, &|done| {
-            progress.inc(done.saturating_sub(reported.get()) as u64);
-            reported.set(done);
-        })?;
+    let gens = sample_answers(lm, &reqs, &params, p.batch_size, ctx.progress())?;
     Ok(meta
         .into_iter()
         .zip(gens)

@@ -1,6 +1,6 @@
 //! The `report` kind: eval summaries and training metrics across conditions and seeds, as
 //! one self-contained HTML page (inline SVG plots) plus a Markdown table like the paper's.
-//! Aggregation and charts live in [`crate::report`]; this file reads inputs and writes files.
+//! Aggregation and charts live in [`crate::report_html`]; this file reads inputs and writes files.
 
 use anyhow::{bail, Context as _, Result};
 use emflow_engine::{
@@ -9,8 +9,10 @@ use emflow_engine::{
 use serde_json::json;
 
 use crate::evaluation::{Summary, SUMMARY_SCHEMA};
-use crate::report::svg::{bar_chart, esc, line_chart, Bar};
-use crate::report::{aggregate, condition_label, markdown_table, metric_series, pct, ConditionRow};
+use crate::report_html::svg::{bar_chart, esc, line_chart, Bar};
+use crate::report_html::{
+    aggregate, condition_label, markdown_table, metric_series, pct, ConditionRow,
+};
 
 pub struct ReportKind;
 

@@ -16,37 +16,33 @@
 //! there and ends with the same bytes as an uninterrupted run. `summary` carries
 //! `samples_consumed` (prompts used) for a sample-matched `sft` arm.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::path::PathBuf;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::Tensor;
 use emflow_engine::context::StageContext;
 use emflow_engine::kind::{
     estimated_tokens, ArtifactType, JudgeEstimate, KindSpec, ParamError, ParamSpec, ParamType,
     Params, PlanInputs, PortSpec, StageKind,
 };
-use emflow_model::{
-    accumulate, clip_grad_norm, derive_seed, encode_prompt, token_logprobs, AdamW, AdamWConfig,
-    Finish, GenerationRequest, LrSchedule, SamplingParams, Schedule,
-};
+use emflow_model::{encode_prompt, AdamW, LrSchedule, SamplingParams, Schedule};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::judge::{self, estimate, Judge, JudgeSpec, LocalJudgeModel};
-use crate::kinds::sft::InterleaveParams;
-use crate::reward::{RewardInput, RewardSpec, TemplateInputs};
-use crate::train::batch::{collate_rollouts, SftExample};
+use crate::formats::messages::{read_conversations, to_model_messages};
+use crate::judge::{self, estimate, JudgeSpec};
+use crate::kinds::sft::{interleave_setting, InterleaveParams};
+use crate::reward::{Reward, RewardSpec, TemplateInputs};
 use crate::train::checkpoint::replace_dir_atomically;
 use crate::train::early_stop::RewardTracker;
-use crate::train::grpo_loss::{
-    compute_advantages, grpo_loss, AdvantageScaling, GrpoLossConfig, ImportanceSampling, LossType,
-    MicroBatch, StepShape,
-};
+use crate::train::grpo_loss::{AdvantageScaling, GrpoLossConfig, ImportanceSampling, LossType};
+use crate::train::grpo_step::{grpo_step, EncodedPrompts, GrpoConfig, StepOutcome, StepSources};
+use crate::train::interleave::Interleave;
 use crate::train::metrics_log::JsonlLog;
-use crate::train::policy::{load_policy, LoraParams, Policy};
-use crate::train::run::{read_conversations, resume, save_checkpoint, to_model_messages, Cursor};
-use crate::train::sft_step::{ldifs_distance, sft_step, LdifsParams, SftStepConfig};
+use crate::train::policy::{LoraParams, Policy};
+use crate::train::regularise::Ldifs;
+use crate::train::resume::{resume_with_logs, save_checkpoint, Cursor};
+use crate::train::setup::{load_policy, optimizer};
+use crate::train::sft_step::{sft_step, LdifsParams, SftStepConfig};
 
 pub struct RlKind;
 
@@ -322,10 +318,7 @@ impl StageKind for RlKind {
                     "{} epochs of {} prompts from {}",
                     p.epochs,
                     ps.len(),
-                    inputs
-                        .first("prompts")
-                        .map(estimate::described)
-                        .unwrap_or_default()
+                    estimate::origin(inputs, "prompts")
                 ),
             ),
             (None, None) => bail!("no step count: neither max_steps nor prompts are known"),
@@ -394,39 +387,6 @@ impl StageKind for RlKind {
     }
 }
 
-/// Time split of one step, in seconds.
-#[derive(Default)]
-struct Timing {
-    sampling: f64,
-    reward: f64,
-    training: f64,
-}
-
-fn to_f64(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
-}
-
-/// Per-token log-probs of the completions without a graph (old or reference policy).
-fn logps_no_grad(
-    policy: &Policy,
-    rows: &[(&[u32], &[u32])],
-    micro: usize,
-    temperature: f64,
-) -> Result<Vec<Tensor>> {
-    let pad = policy.lm.tokenizer.pad_id();
-    let device = policy.lm.model.device().clone();
-    rows.chunks(micro)
-        .map(|chunk| {
-            let b = collate_rollouts(chunk, pad, &device)?;
-            let logits = policy.lm.model.forward_eval(&b.ids, &b.attention)?;
-            Ok(
-                token_logprobs(&b.completion_logits(&logits)?, &b.completion, temperature)?
-                    .detach(),
-            )
-        })
-        .collect()
-}
-
 /// The rollout system turn under an inoculation prompt: the prompt, then the stage's own
 /// system prompt (if any) after a blank line.
 fn with_inoculation(inoculation: Option<&str>, system: Option<String>) -> Option<String> {
@@ -437,46 +397,50 @@ fn with_inoculation(inoculation: Option<&str>, system: Option<String>) -> Option
     }
 }
 
-/// The judge for grader rewards, built once per stage (memoised through the store).
-///
-/// A local judge loads its own copy of `judge_model`, even when it is the policy's base
-/// model: the model layer's `Transformer` cannot yet share its frozen weights with a second
-/// owner (see the report on issue 4).
-fn build_judge(ctx: &StageContext, spec: &JudgeSpec) -> Result<Arc<dyn Judge>> {
-    let cuda = ctx.device().cuda_ordinal();
-    let judge_model = ctx.optional_input("judge_model")?.cloned();
-    let local = judge_model.as_ref().map(|m| LocalJudgeModel {
-        model: &m.path,
-        model_digest: &m.digest,
-        adapter: None,
-        cuda_ordinal: cuda,
-    });
-    judge::build(spec, local, ctx.memo_handle())
-        .with_context(|| format!("stage {}: building the grader's judge", ctx.stage_id))
-}
-
 pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
-    let progress = ctx.progress_handle();
-    progress.phase("loading", 0, "");
-    let reward = {
-        let read_port = |port: &str| -> Result<String> {
-            let f = ctx.optional_input(port)?.with_context(|| {
-                format!(
-                    "the reward's template names input `{port}`, but the stage does not wire it"
-                )
-            })?;
-            std::fs::read_to_string(&f.path).with_context(|| format!("reading {}", f.origin))
-        };
-        p.reward
-            .prepare(TemplateInputs::Read(&read_port))
-            .with_context(|| format!("stage {}: preparing the reward", ctx.stage_id))?
-    };
-    let mut policy = load_policy(ctx, &p.lora, p.full_finetune, p.seed)?;
+    ctx.progress().phase("loading", 0, "");
+    let reward = prepare_reward(ctx, p)?;
+    let policy = load_policy(ctx, &p.lora, p.full_finetune, p.seed)?;
+    // A local judge loads its own copy of `judge_model`, even when it is the policy's base
+    // model: the model layer's `Transformer` cannot yet share its frozen weights with a
+    // second owner (see the report on issue 4).
     let judge = if reward.needs_judge() {
-        Some(build_judge(ctx, &p.judge)?)
+        let judge = judge::for_stage(ctx, &p.judge)
+            .with_context(|| format!("stage {}: building the grader's judge", ctx.stage_id))?;
+        Some(judge)
     } else {
         None
     };
+    let prompts = encode_prompts(ctx, p, &policy)?;
+    let safety = interleave_setting(p.interleave.as_ref())?;
+    let safety = Interleave::load(ctx, safety, &policy, None, p.seed)?;
+    let mut run = RlRun::start(ctx, p, policy, safety, prompts.ids.len())?;
+    let src = StepSources {
+        prompts: &prompts,
+        reward: &reward,
+        judge: judge.as_deref(),
+    };
+    run.train(ctx, p, &src)?;
+    run.finish(ctx)
+}
+
+/// The stage's reward, its grader templates read from the inputs they name.
+fn prepare_reward(ctx: &StageContext, p: &RlParams) -> Result<Reward> {
+    let read_port = |port: &str| -> Result<String> {
+        let f = ctx.optional_input(port)?.with_context(|| {
+            format!("the reward's template names input `{port}`, but the stage does not wire it")
+        })?;
+        std::fs::read_to_string(&f.path).with_context(|| format!("reading {}", f.origin))
+    };
+    p.reward
+        .prepare(TemplateInputs::Read(&read_port))
+        .with_context(|| format!("stage {}: preparing the reward", ctx.stage_id))
+}
+
+/// The prompts under the rollout system turn (input `system_prompt`, else the param, after
+/// the inoculation prompt), each ending in a user turn, encoded and cut to the last
+/// `max_prompt_length` tokens.
+fn encode_prompts(ctx: &StageContext, p: &RlParams, policy: &Policy) -> Result<EncodedPrompts> {
     let system = match ctx.optional_input("system_prompt")? {
         Some(f) => Some(
             std::fs::read_to_string(&f.path)
@@ -487,10 +451,12 @@ pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
         None => p.system_prompt.clone(),
     };
     let system = with_inoculation(p.inoculation.as_deref(), system);
-    let prompts = read_conversations(ctx.input("prompts")?)?;
-    let mut prompt_ids = Vec::with_capacity(prompts.len());
-    let mut prompt_msgs = Vec::with_capacity(prompts.len());
-    for (i, c) in prompts.iter().enumerate() {
+    let convs = read_conversations(ctx.input("prompts")?)?;
+    let mut prompts = EncodedPrompts {
+        ids: Vec::with_capacity(convs.len()),
+        messages: Vec::with_capacity(convs.len()),
+    };
+    for (i, c) in convs.iter().enumerate() {
         let mut msgs = to_model_messages(c, system.as_deref());
         if msgs.last().is_some_and(|m| m.role == "assistant") {
             msgs.pop();
@@ -503,413 +469,279 @@ pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
         if ids.len() > p.max_prompt_length {
             ids.drain(..ids.len() - p.max_prompt_length);
         }
-        prompt_ids.push(ids);
-        prompt_msgs.push(msgs);
+        prompts.ids.push(ids);
+        prompts.messages.push(msgs);
     }
-    let safety = match (&p.interleave, ctx.optional_input("safety")?) {
-        (Some(i), Some(input)) => {
-            let mut ex = Vec::new();
-            for c in read_conversations(input)? {
-                let enc = emflow_model::encode_chat(
-                    &policy.lm.tokenizer,
-                    &policy.lm.chat,
-                    &to_model_messages(&c, None),
-                )?;
-                ex.push(SftExample {
-                    ids: enc.ids,
-                    target: enc.assistant_mask,
-                });
-            }
-            Some((i.cadence()?, i.batch_size, ex))
-        }
-        (None, None) => None,
-        (Some(_), None) => bail!(
-            "stage {}: `interleave` is set but input `safety` is not wired",
-            ctx.stage_id
-        ),
-        (None, Some(_)) => bail!(
-            "stage {}: input `safety` is wired but `interleave` is not set",
-            ctx.stage_id
-        ),
-    };
+    Ok(prompts)
+}
 
-    let total_steps = match p.max_steps {
-        Some(s) => s,
-        None => (p.epochs * prompts.len() as u64).div_ceil(p.prompts_per_step as u64),
-    };
-    ensure!(
-        total_steps > 0,
-        "stage {}: nothing to train (0 steps)",
-        ctx.stage_id
-    );
-    let total_updates = total_steps as usize * p.num_iterations;
-    let schedule = LrSchedule {
-        base_lr: p.lr,
-        kind: p.schedule,
-        warmup_steps: (p.warmup_ratio * total_updates as f64).ceil() as usize,
-        total_steps: total_updates,
-    };
-    let mut opt = AdamW::new(
-        policy.vars.clone(),
-        AdamWConfig {
-            lr: p.lr,
-            weight_decay: p.weight_decay,
-            ..AdamWConfig::default()
-        },
-    )?;
-    opt.set_weight_decay_filter(emflow_model::optim::transformers_decays);
-    let loss_cfg = GrpoLossConfig {
-        loss_type: p.loss_type,
-        importance_sampling: p.importance_sampling_level,
-        epsilon_low: p.epsilon,
-        epsilon_high: p.epsilon_high.unwrap_or(p.epsilon),
-        beta: p.beta,
-        max_completion_length: p.max_completion_length,
-    };
-    let sampling = SamplingParams {
+/// The GRPO step's settings from the stage's params.
+fn grpo_config(p: &RlParams, policy: &Policy) -> GrpoConfig {
+    let num_layers = policy.lm.config.num_layers;
+    GrpoConfig {
+        seed: p.seed,
+        num_generations: p.num_generations,
+        grad_accum: p.grad_accum,
+        num_iterations: p.num_iterations,
         temperature: p.temperature,
-        top_p: p.top_p,
-        top_k: p.top_k,
-        min_p: p.min_p,
-        max_new_tokens: p.max_completion_length,
-        stop: Vec::new(),
-    };
-    let safety_cfg = SftStepConfig {
-        micro_batch: p.interleave.as_ref().map_or(1, |i| i.batch_size),
-        kl_lambda: 0.0,
-        ldifs: None,
+        scale_rewards: p.scale_rewards,
         max_grad_norm: p.max_grad_norm,
-    };
-    let early_window = p.early_stop.as_ref().map(|e| {
-        e.window
-            .unwrap_or_else(|| prompts.len().div_ceil(2 * p.prompts_per_step).max(1))
-    });
+        reference: p.beta != 0.0 || p.log_kl,
+        loss: GrpoLossConfig {
+            loss_type: p.loss_type,
+            importance_sampling: p.importance_sampling_level,
+            epsilon_low: p.epsilon,
+            epsilon_high: p.epsilon_high.unwrap_or(p.epsilon),
+            beta: p.beta,
+            max_completion_length: p.max_completion_length,
+        },
+        sampling: SamplingParams {
+            temperature: p.temperature,
+            top_p: p.top_p,
+            top_k: p.top_k,
+            min_p: p.min_p,
+            max_new_tokens: p.max_completion_length,
+            stop: Vec::new(),
+        },
+        ldifs: Ldifs::new(p.ldifs.as_ref().map(|l| (l.lambda, l.layers(num_layers)))),
+    }
+}
 
-    let ckpt_root = ctx.checkpoint_dir().join("rl");
-    let best_dir = ctx.checkpoint_dir().join("rl-best");
-    let resumed = resume::<RlState>(&ckpt_root, &mut policy, &mut opt)?;
-    let (mut state, mut metrics, mut rollouts) = match &resumed {
-        Some(r) => {
-            progress.log(&format!(
-                "resuming from checkpoint after RL step {}",
-                r.state.steps
-            ));
-            (
-                r.state.clone(),
-                JsonlLog::open(&ctx.output_path("metrics"), r.log("metrics").as_deref())?,
-                JsonlLog::open(&ctx.output_path("rollouts"), r.log("rollouts").as_deref())?,
+fn ckpt_root(ctx: &StageContext) -> PathBuf {
+    ctx.checkpoint_dir().join("rl")
+}
+
+/// An RL run in progress: the policy and its optimizer, the loop state, the logs.
+struct RlRun {
+    policy: Policy,
+    opt: AdamW,
+    schedule: LrSchedule,
+    cfg: GrpoConfig,
+    safety: Option<Interleave>,
+    cursor: Cursor,
+    state: RlState,
+    metrics: JsonlLog,
+    rollouts: JsonlLog,
+    total_steps: u64,
+    /// Steps per early-stop window, when `early_stop` is set.
+    early_window: Option<usize>,
+}
+
+impl RlRun {
+    /// The run over `n_prompts` prompts: its length, learning-rate schedule and optimizer,
+    /// then the newest checkpoint's state and logs if there is one.
+    fn start(
+        ctx: &StageContext,
+        p: &RlParams,
+        mut policy: Policy,
+        mut safety: Option<Interleave>,
+        n_prompts: usize,
+    ) -> Result<Self> {
+        let total_steps = match p.max_steps {
+            Some(s) => s,
+            None => (p.epochs * n_prompts as u64).div_ceil(p.prompts_per_step as u64),
+        };
+        ensure!(
+            total_steps > 0,
+            "stage {}: nothing to train (0 steps)",
+            ctx.stage_id
+        );
+        let total_updates = total_steps as usize * p.num_iterations;
+        let schedule = LrSchedule {
+            base_lr: p.lr,
+            kind: p.schedule,
+            warmup_steps: (p.warmup_ratio * total_updates as f64).ceil() as usize,
+            total_steps: total_updates,
+        };
+        let mut opt = optimizer(&policy, p.lr, p.weight_decay)?;
+        let cfg = grpo_config(p, &policy);
+        let logs = [
+            ("metrics", ctx.output_path("metrics")),
+            ("rollouts", ctx.output_path("rollouts")),
+        ];
+        let (resumed, logs) =
+            resume_with_logs::<RlState>(&ckpt_root(ctx), &mut policy, &mut opt, &logs)?;
+        if let Some(r) = &resumed {
+            let resuming = format!("resuming from checkpoint after RL step {}", r.steps);
+            ctx.progress().log(&resuming);
+        }
+        let state = resumed.unwrap_or_default();
+        if let Some(s) = safety.as_mut() {
+            s.seek(state.safety_consumed);
+        }
+        let [metrics, rollouts]: [JsonlLog; 2] = logs
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("resume_with_logs opens one log per name"))?;
+        Ok(RlRun {
+            cursor: Cursor::new(n_prompts, p.seed, "prompts", state.prompts_consumed),
+            early_window: p.early_stop.as_ref().map(|e| {
+                e.window
+                    .unwrap_or_else(|| n_prompts.div_ceil(2 * p.prompts_per_step).max(1))
+            }),
+            policy,
+            opt,
+            schedule,
+            cfg,
+            safety,
+            state,
+            metrics,
+            rollouts,
+            total_steps,
+        })
+    }
+
+    /// Steps until `total_steps` or an early stop; each is a GRPO step, then the safety
+    /// steps due after it, then (every `checkpoint_every` steps or when asked to stop) a
+    /// checkpoint.
+    fn train(&mut self, ctx: &StageContext, p: &RlParams, src: &StepSources) -> Result<()> {
+        let progress = ctx.progress_handle();
+        progress.phase("rl", self.total_steps, "steps");
+        progress.inc(self.state.steps);
+        while self.state.steps < self.total_steps && self.state.stopped_early.is_none() {
+            let step = self.state.steps;
+            let picked = self.cursor.take(p.prompts_per_step);
+            let opt = (&mut self.opt, &self.schedule);
+            let out = grpo_step(
+                &mut self.policy,
+                opt,
+                &mut self.state.updates,
+                &self.cfg,
+                src,
+                picked,
             )
-        }
-        None => (
-            RlState::default(),
-            JsonlLog::open(&ctx.output_path("metrics"), None)?,
-            JsonlLog::open(&ctx.output_path("rollouts"), None)?,
-        ),
-    };
-    let mut cursor = Cursor::new(prompts.len(), p.seed, "prompts", state.prompts_consumed);
-    let mut safety_cursor = safety
-        .as_ref()
-        .map(|(_, _, ex)| Cursor::new(ex.len(), p.seed, "safety", state.safety_consumed));
-    let g = p.num_generations;
-    let rows_per_step = p.prompts_per_step * g;
-    let micro = rows_per_step / p.grad_accum;
-    let pad = policy.lm.tokenizer.pad_id();
-    let device = policy.lm.model.device().clone();
-
-    progress.phase("rl", total_steps, "steps");
-    progress.inc(state.steps);
-    while state.steps < total_steps && state.stopped_early.is_none() {
-        let mut timing = Timing::default();
-        let step_started = Instant::now();
-        // 1. Sample.
-        let picked = cursor.take(p.prompts_per_step);
-        let mut reqs = Vec::with_capacity(rows_per_step);
-        for (idx, epoch) in &picked {
-            for k in 0..g {
-                reqs.push(GenerationRequest {
-                    prompt_ids: prompt_ids[*idx].clone(),
-                    seed: derive_seed(p.seed, &idx.to_string(), epoch * g as u64 + k as u64),
-                });
+            .with_context(|| format!("stage {}: RL step {step}", ctx.stage_id))?;
+            self.state.steps += 1;
+            self.state.prompts_consumed = self.cursor.consumed;
+            self.log_step(ctx, step, &out, src.prompts)?;
+            if self
+                .state
+                .tracker
+                .record(step, out.mean_reward(), p.best_smoothing)
+            {
+                save_best(ctx, &self.policy)?;
+            }
+            self.safety_steps(step)?;
+            self.check_plateau(ctx, step, p.early_stop.as_ref());
+            let finished =
+                self.state.steps >= self.total_steps || self.state.stopped_early.is_some();
+            let due =
+                self.state.steps.is_multiple_of(p.checkpoint_every) || ctx.interrupt_requested();
+            if !finished && due {
+                let logs = [&self.metrics, &self.rollouts];
+                save_checkpoint(&ckpt_root(ctx), &self.policy, &self.opt, &self.state, &logs)?;
+                ctx.check_interrupt()?;
             }
         }
-        let t0 = Instant::now();
-        let gens = policy.lm.model.generate(
-            &policy.lm.tokenizer,
-            &reqs,
-            &sampling,
-            rows_per_step,
-            &|_| {},
-        )?;
-        timing.sampling = t0.elapsed().as_secs_f64();
-        // 2. Reward.
-        let t0 = Instant::now();
-        let inputs: Vec<RewardInput> = picked
-            .iter()
-            .flat_map(|(idx, _)| std::iter::repeat_n(*idx, g))
-            .zip(&gens)
-            .map(|(idx, gen)| RewardInput {
-                prompt: prompt_msgs[idx]
-                    .last()
-                    .map(|m| m.content.clone())
-                    .unwrap_or_default(),
-                completion: gen.text.clone(),
-            })
-            .collect();
-        let scored = reward
-            .score_batch(&inputs, judge.as_deref())
-            .with_context(|| format!("stage {}: scoring step {}", ctx.stage_id, state.steps))?;
-        timing.reward = t0.elapsed().as_secs_f64();
-        let rewards: Vec<f64> = scored.iter().map(|r| r.total).collect();
-        let adv = compute_advantages(&rewards, g, p.scale_rewards)?;
+        Ok(())
+    }
 
-        // 3. Train.
-        let t0 = Instant::now();
-        let rows: Vec<(&[u32], &[u32])> = reqs
-            .iter()
-            .zip(&gens)
-            .map(|(r, gen)| (r.prompt_ids.as_slice(), gen.tokens.as_slice()))
-            .collect();
-        let step_tokens: usize = gens.iter().map(|gen| gen.tokens.len()).sum();
-        let old = if p.num_iterations > 1 {
-            Some(logps_no_grad(&policy, &rows, micro, p.temperature)?)
-        } else {
-            None
-        };
-        let reference = if p.beta != 0.0 || p.log_kl {
-            policy.lm.model.set_lora_enabled(false);
-            let r = logps_no_grad(&policy, &rows, micro, p.temperature);
-            policy.lm.model.set_lora_enabled(true);
-            Some(r?)
-        } else {
-            None
-        };
-        let (
-            mut loss_sum,
-            mut kl_sum,
-            mut clip_sum,
-            mut clip_low,
-            mut clip_high,
-            mut ent_sum,
-            mut grad_norm,
-        ) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
-        let n_micro = (p.grad_accum * p.num_iterations) as f64;
-        let ldifs_layers = match &p.ldifs {
-            Some(l) if l.lambda != 0.0 => l.layers(policy.lm.config.num_layers),
-            _ => Vec::new(),
-        };
-        let ldifs_lambda = p.ldifs.as_ref().map_or(0.0, |l| l.lambda);
-        let mut ldifs_sum = 0.0;
-        let mut lr = 0.0;
-        for _ in 0..p.num_iterations {
-            let mut grads = None;
-            for (m, chunk) in rows.chunks(micro).enumerate() {
-                let b = collate_rollouts(chunk, pad, &device)?;
-                // LDIFS reference features: adapter off, frozen weights only, so no graph.
-                let ref_hidden = if ldifs_layers.is_empty() {
-                    Vec::new()
-                } else {
-                    policy.lm.model.set_lora_enabled(false);
-                    let out =
-                        policy
-                            .lm
-                            .model
-                            .forward_train_hidden(&b.ids, &b.attention, &ldifs_layers);
-                    policy.lm.model.set_lora_enabled(true);
-                    out.context("LDIFS reference forward pass")?
-                        .1
-                        .into_iter()
-                        .map(|h| h.detach())
-                        .collect()
-                };
-                // Scored only where they predict completion tokens (the prompt's positions
-                // would be projected to the vocabulary and thrown away).
-                let scores = policy.lm.model.forward_train_scores(
-                    &b.ids,
-                    &b.attention,
-                    &ldifs_layers,
-                    (b.first_predicting_position(), b.completion_len),
-                    &b.completion,
-                    p.temperature,
-                )?;
-                let (logps, hidden) = (scores.logprobs, scores.hidden);
-                let adv_t = Tensor::from_vec(
-                    adv.values[m * micro..(m + 1) * micro]
-                        .iter()
-                        .map(|a| *a as f32)
-                        .collect::<Vec<_>>(),
-                    micro,
-                    &device,
-                )?;
-                let mb = MicroBatch {
-                    policy_logps: &logps,
-                    old_logps: old.as_ref().map(|o| &o[m]),
-                    ref_logps: reference.as_ref().map(|r| &r[m]),
-                    mask: &b.completion_mask,
-                    advantages: &adv_t,
-                };
-                let out = grpo_loss(
-                    &loss_cfg,
-                    &mb,
-                    StepShape {
-                        grad_accum_steps: p.grad_accum,
-                        step_tokens: step_tokens as f64,
-                    },
-                )?;
-                let mut loss = out.loss.clone();
-                if let Some(dist) = ldifs_distance(
-                    &hidden,
-                    &ref_hidden,
-                    &b.attention,
-                    policy.lm.config.hidden_size,
-                )? {
-                    // Each micro-batch is 1/grad_accum of the step, as in the policy loss.
-                    ldifs_sum += to_f64(&dist)?;
-                    loss = (loss + (dist * (ldifs_lambda / p.grad_accum as f64))?)?;
-                }
-                // Entropy of the (temperature-scaled) next-token distribution, for the log.
-                ent_sum += to_f64(&(scores.entropy * &b.completion_mask)?.sum_all()?)?;
-                loss_sum += to_f64(&loss)?;
-                kl_sum += out.stats.kl.unwrap_or(0.0);
-                clip_sum += out.stats.clip_region;
-                clip_low += out.stats.clip_low;
-                clip_high += out.stats.clip_high;
-                let g = loss.backward()?;
-                accumulate(&mut grads, &policy.vars, g, 1.0)?;
-            }
-            let mut grads = grads.context("no gradients were produced")?;
-            grad_norm = clip_grad_norm(&policy.vars, &mut grads, p.max_grad_norm)?;
-            lr = schedule.lr_at(state.updates as usize);
-            opt.step(&grads, lr)?;
-            state.updates += 1;
+    /// The step's rollouts and metrics lines; its timings and reward to the progress log.
+    fn log_step(
+        &mut self,
+        ctx: &StageContext,
+        step: u64,
+        out: &StepOutcome,
+        prompts: &EncodedPrompts,
+    ) -> Result<()> {
+        for row in out.rollout_rows(step, prompts, self.cfg.num_generations) {
+            self.rollouts.append(&row)?;
         }
-        timing.training = t0.elapsed().as_secs_f64();
-        state.steps += 1;
-        state.prompts_consumed = cursor.consumed;
-
-        // 4. Log.
-        let step = state.steps - 1;
-        for (i, ((gen, out), a)) in gens.iter().zip(&scored).zip(&adv.values).enumerate() {
-            let (idx, epoch) = picked[i / g];
-            rollouts.append(&json!({
-                "step": step, "prompt_index": idx, "epoch": epoch, "generation": i % g,
-                "prompt": prompt_msgs[idx], "completion": gen.text, "reward": out.total, "parts": out.parts,
-                "details": out.details, "advantage": a, "completion_tokens": gen.tokens.len(),
-                "finish": format!("{:?}", gen.finish).to_lowercase(),
-            }))?;
-        }
-        let n = rewards.len() as f64;
-        let mean_reward = rewards.iter().sum::<f64>() / n;
-        let reward_std = adv.group_std.iter().sum::<f64>() / adv.group_std.len().max(1) as f64;
-        let mut parts = serde_json::Map::new();
-        for name in scored
-            .first()
-            .map(|s| s.parts.keys().cloned().collect::<Vec<_>>())
-            .unwrap_or_default()
-        {
-            let m = scored
-                .iter()
-                .map(|s| s.parts.get(&name).copied().unwrap_or(0.0))
-                .sum::<f64>()
-                / n;
-            parts.insert(name, json!(m));
-        }
-        let lengths: Vec<usize> = gens.iter().map(|gen| gen.tokens.len()).collect();
-        let truncated = gens
-            .iter()
-            .filter(|gen| matches!(gen.finish, Finish::Length))
-            .count() as f64
-            / n;
-        let elapsed = step_started.elapsed().as_secs_f64();
-        metrics.append(&json!({
-            "step": step, "batch": "rl", "reward": mean_reward, "reward_std": reward_std, "rewards": parts,
-            "frac_reward_zero_std": adv.frac_zero_std, "loss": loss_sum / p.num_iterations as f64,
-            "kl": reference.as_ref().map(|_| kl_sum / n_micro),
-            "ldifs": if ldifs_layers.is_empty() { None } else { Some(ldifs_sum / n_micro) },
-            "clip_ratio": clip_sum / n_micro, "clip_ratio_low": clip_low / n_micro, "clip_ratio_high": clip_high / n_micro,
-            "entropy": ent_sum / step_tokens.max(1) as f64, "grad_norm": grad_norm, "lr": lr,
-            "completion_length_mean": step_tokens as f64 / n, "completion_length_min": lengths.iter().min(),
-            "completion_length_max": lengths.iter().max(), "completions_clipped_ratio": truncated,
-            "samples_consumed": state.prompts_consumed,
-        }))?;
+        self.metrics
+            .append(&out.metrics(step, &self.cfg, self.state.prompts_consumed))?;
         // Timings go to the log, never into an output: outputs must be the same bytes on every
         // run (`emflow verify`), and wall-clock figures are not.
+        let (t, tokens) = (&out.timing, out.stats.step_tokens as f64);
+        let progress = ctx.progress_handle();
         progress.log(&format!(
-            "step {step}: {elapsed:.1}s (sampling {:.1}s at {:.0} tok/s, reward {:.1}s, training {:.1}s)",
-            timing.sampling,
-            step_tokens as f64 / timing.sampling.max(1e-9),
-            timing.reward,
-            timing.training
+            "step {step}: {:.1}s (sampling {:.1}s at {:.0} tok/s, reward {:.1}s, training {:.1}s)",
+            t.sampling + t.reward + t.training,
+            t.sampling,
+            tokens / t.sampling.max(1e-9),
+            t.reward,
+            t.training
         ));
-        progress.message(&format!("reward {mean_reward:.3}"));
+        progress.message(&format!("reward {:.3}", out.mean_reward()));
         progress.inc(1);
+        Ok(())
+    }
 
-        if state.tracker.record(step, mean_reward, p.best_smoothing) {
-            let tmp = ctx.checkpoint_dir().join("rl-best-new");
-            if tmp.exists() {
-                std::fs::remove_dir_all(&tmp)?;
-            }
-            policy.save(&tmp)?;
-            replace_dir_atomically(&tmp, &best_dir)?;
-            std::fs::remove_dir_all(&tmp)?;
+    /// The interleaved safety SFT steps due after RL step `step`, at the last update's
+    /// learning rate.
+    fn safety_steps(&mut self, step: u64) -> Result<()> {
+        let Some(safety) = self.safety.as_mut() else {
+            return Ok(());
+        };
+        let cfg = SftStepConfig {
+            micro_batch: safety.batch_size(),
+            kl_lambda: 0.0,
+            ldifs: None,
+            max_grad_norm: self.cfg.max_grad_norm,
+        };
+        for _ in 0..safety.steps_after(self.state.steps) {
+            let batch = safety.next_batch();
+            let lr = self
+                .schedule
+                .lr_at(self.state.updates.saturating_sub(1) as usize);
+            let s = sft_step(&mut self.policy, &batch, &cfg, &mut self.opt, lr)?;
+            self.state.safety_steps += 1;
+            self.state.safety_consumed = safety.consumed();
+            self.metrics.append(&json!({
+                "step": step, "batch": "safety", "loss": s.loss, "nll": s.nll, "lr": lr, "grad_norm": s.grad_norm,
+                "tokens": s.tokens, "safety_consumed": safety.consumed(),
+            }))?;
         }
+        Ok(())
+    }
 
-        // 5. Interleaved safety SFT steps.
-        if let (Some((cadence, bs, ex)), Some(cur)) = (&safety, safety_cursor.as_mut()) {
-            for _ in 0..cadence.steps_after(state.steps) {
-                let batch: Vec<SftExample> = cur
-                    .take(*bs)
-                    .into_iter()
-                    .map(|(i, _)| ex[i].clone())
-                    .collect();
-                let lr = schedule.lr_at(state.updates.saturating_sub(1) as usize);
-                let s = sft_step(&mut policy, &batch, &safety_cfg, &mut opt, lr)?;
-                state.safety_steps += 1;
-                state.safety_consumed = cur.consumed;
-                metrics.append(&json!({
-                    "step": step, "batch": "safety", "loss": s.loss, "nll": s.nll, "lr": lr, "grad_norm": s.grad_norm,
-                    "tokens": s.tokens, "safety_consumed": cur.consumed,
-                }))?;
-            }
-        }
-
-        if let (Some(window), Some(es)) = (early_window, &p.early_stop) {
-            if let Some(gain) = state.tracker.plateaued(window, es.min_gain) {
-                let why = format!(
-                    "mean reward gained {gain:.4} < {} over the last {window} steps",
-                    es.min_gain
-                );
-                progress.log(&format!("early stop after step {step}: {why}"));
-                state.stopped_early = Some(why);
-            }
-        }
-        let finished = state.steps >= total_steps || state.stopped_early.is_some();
-        if !finished && (state.steps % p.checkpoint_every == 0 || ctx.interrupt_requested()) {
-            save_checkpoint(
-                &ckpt_root,
-                &policy,
-                &opt,
-                &state,
-                &[&metrics, &rollouts],
-                |_| Ok(()),
-            )?;
-            ctx.check_interrupt()?;
+    /// Stops the run when the mean reward gained less than `min_gain` over the last window.
+    fn check_plateau(&mut self, ctx: &StageContext, step: u64, es: Option<&EarlyStopParams>) {
+        let (Some(window), Some(es)) = (self.early_window, es) else {
+            return;
+        };
+        if let Some(gain) = self.state.tracker.plateaued(window, es.min_gain) {
+            let why = format!(
+                "mean reward gained {gain:.4} < {} over the last {window} steps",
+                es.min_gain
+            );
+            ctx.progress_handle()
+                .log(&format!("early stop after step {step}: {why}"));
+            self.state.stopped_early = Some(why);
         }
     }
 
-    policy.save(&ctx.output_path("adapter"))?;
-    crate::train::checkpoint::copy_dir(&best_dir, &ctx.output_path("best_adapter"))
-        .context("copying the best-reward adapter")?;
-    let (best_step, best_reward) = state.tracker.best().unwrap_or((0, f64::NAN));
-    let summary = json!({
-        "samples_consumed": state.prompts_consumed,
-        "completions": state.prompts_consumed * g as u64,
-        "steps": state.steps,
-        "updates": state.updates,
-        "safety_steps": state.safety_steps,
-        "best_step": best_step,
-        "best_reward": best_reward,
-        "stopped_early": state.stopped_early,
-    });
-    super::write_summary(ctx, summary)?;
+    /// Writes the final and the best adapters and the summary.
+    fn finish(self, ctx: &mut StageContext) -> Result<()> {
+        self.policy.save(&ctx.output_path("adapter"))?;
+        crate::train::checkpoint::copy_dir(&best_dir(ctx), &ctx.output_path("best_adapter"))
+            .context("copying the best-reward adapter")?;
+        let state = &self.state;
+        let (best_step, best_reward) = state.tracker.best().unwrap_or((0, f64::NAN));
+        let summary = json!({
+            "samples_consumed": state.prompts_consumed,
+            "completions": state.prompts_consumed * self.cfg.num_generations as u64,
+            "steps": state.steps,
+            "updates": state.updates,
+            "safety_steps": state.safety_steps,
+            "best_step": best_step,
+            "best_reward": best_reward,
+            "stopped_early": state.stopped_early,
+        });
+        super::write_summary(ctx, summary)
+    }
+}
+
+fn best_dir(ctx: &StageContext) -> PathBuf {
+    ctx.checkpoint_dir().join("rl-best")
+}
+
+/// Saves the policy as the best-reward adapter so far (replaced atomically).
+fn save_best(ctx: &StageContext, policy: &Policy) -> Result<()> {
+    let tmp = ctx.checkpoint_dir().join("rl-best-new");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    policy.save(&tmp)?;
+    replace_dir_atomically(&tmp, &best_dir(ctx))?;
+    std::fs::remove_dir_all(&tmp)?;
     Ok(())
 }

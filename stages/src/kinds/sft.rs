@@ -19,15 +19,18 @@ use emflow_engine::context::StageContext;
 use emflow_engine::kind::{
     ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, Params, PortSpec, StageKind,
 };
-use emflow_model::{encode_chat, AdamW, AdamWConfig, LrSchedule, Schedule};
+use emflow_model::{AdamW, LrSchedule, Schedule};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::formats::messages::{read_conversations, to_model_messages};
 use crate::train::batch::SftExample;
+use crate::train::interleave::Interleave;
 use crate::train::metrics_log::JsonlLog;
-use crate::train::policy::{load_policy, LoraParams, Policy};
-use crate::train::run::{read_conversations, resume, save_checkpoint, to_model_messages, Cursor};
+use crate::train::policy::{LoraParams, Policy};
+use crate::train::resume::{resume_with_logs, save_checkpoint, Cursor};
 use crate::train::schedule::Cadence;
+use crate::train::setup::{load_policy, optimizer};
 use crate::train::sft_step::{sft_step, LdifsParams, SftStepConfig};
 
 pub struct SftKind;
@@ -212,23 +215,6 @@ impl StageKind for SftKind {
     }
 }
 
-/// One training example from a conversation, truncated to `max_length`.
-fn encode_example(
-    policy: &Policy,
-    conv: &[emflow_model::Message],
-    max_length: usize,
-) -> Result<(SftExample, bool)> {
-    let enc = encode_chat(&policy.lm.tokenizer, &policy.lm.chat, conv)?;
-    let mut ex = SftExample {
-        ids: enc.ids,
-        target: enc.assistant_mask,
-    };
-    let truncated = ex.ids.len() > max_length;
-    ex.ids.truncate(max_length);
-    ex.target.truncate(max_length);
-    Ok((ex, truncated))
-}
-
 /// Training examples from input `rollouts` (an rl stage's JSONL), keeping rewards >= min.
 fn rollout_conversations(
     ctx: &StageContext,
@@ -295,12 +281,17 @@ fn matched_samples(ctx: &StageContext, extra: u64) -> Result<Option<u64>> {
     Ok(Some(total))
 }
 
-fn run_sft(ctx: &mut StageContext, p: &SftParams) -> Result<()> {
-    let progress = ctx.progress_handle();
-    progress.phase("loading", 0, "");
-    let mut policy = load_policy(ctx, &p.lora, p.full_finetune, p.seed)?;
+/// The interleave setting as [`Interleave::load`] takes it: (cadence, examples per step).
+pub(crate) fn interleave_setting(i: Option<&InterleaveParams>) -> Result<Option<(Cadence, usize)>> {
+    i.map(|i| Ok((i.cadence()?, i.batch_size))).transpose()
+}
 
-    // Training conversations: the data input and/or high-reward rollouts.
+/// The training conversations: input `data` and/or the kept rollouts, under the
+/// inoculation `system_prompt` if set.
+fn training_conversations(
+    ctx: &StageContext,
+    p: &SftParams,
+) -> Result<Vec<Vec<emflow_model::Message>>> {
     let mut convs: Vec<Vec<emflow_model::Message>> = Vec::new();
     if let Some(data) = ctx.optional_input("data")? {
         for c in read_conversations(data)? {
@@ -319,39 +310,40 @@ fn run_sft(ctx: &mut StageContext, p: &SftParams) -> Result<()> {
         "stage {}: no training conversations: wire `data`, or `rollouts` with a `min_reward` some rollouts reach",
         ctx.stage_id
     );
+    Ok(convs)
+}
+
+/// The training examples, cut to `max_length` tokens, and how many were cut.
+fn training_examples(
+    ctx: &StageContext,
+    p: &SftParams,
+    policy: &Policy,
+) -> Result<(Vec<SftExample>, u64)> {
+    let convs = training_conversations(ctx, p)?;
     let mut examples = Vec::with_capacity(convs.len());
     let mut truncated = 0u64;
     for c in &convs {
-        let (ex, cut) = encode_example(&policy, c, p.max_length)?;
+        let (ex, cut) = SftExample::encode(&policy.lm, c, Some(p.max_length))?;
         truncated += cut as u64;
         examples.push(ex);
     }
     if truncated > 0 {
-        progress.log(&format!(
+        ctx.progress().log(&format!(
             "warning: {truncated} of {} examples truncated to {} tokens",
             examples.len(),
             p.max_length
         ));
     }
-    let safety = match (&p.interleave, ctx.optional_input("safety")?) {
-        (Some(i), Some(input)) => {
-            let cadence = i.cadence()?;
-            let mut ex = Vec::new();
-            for c in read_conversations(input)? {
-                ex.push(encode_example(&policy, &to_model_messages(&c, None), p.max_length)?.0);
-            }
-            Some((cadence, i.batch_size, ex))
-        }
-        (None, None) => None,
-        (Some(_), None) => bail!(
-            "stage {}: `interleave` is set but input `safety` is not wired",
-            ctx.stage_id
-        ),
-        (None, Some(_)) => bail!(
-            "stage {}: input `safety` is wired but `interleave` is not set",
-            ctx.stage_id
-        ),
-    };
+    Ok((examples, truncated))
+}
+
+fn run_sft(ctx: &mut StageContext, p: &SftParams) -> Result<()> {
+    let progress = ctx.progress_handle();
+    progress.phase("loading", 0, "");
+    let mut policy = load_policy(ctx, &p.lora, p.full_finetune, p.seed)?;
+    let (examples, truncated) = training_examples(ctx, p, &policy)?;
+    let safety = interleave_setting(p.interleave.as_ref())?;
+    let mut safety = Interleave::load(ctx, safety, &policy, Some(p.max_length), p.seed)?;
 
     let per_step = (p.batch_size * p.grad_accum) as u64;
     let samples = match matched_samples(ctx, p.match_extra)? {
@@ -366,124 +358,161 @@ fn run_sft(ctx: &mut StageContext, p: &SftParams) -> Result<()> {
         "stage {}: nothing to train (0 samples)",
         ctx.stage_id
     );
-    let total_steps = samples.div_ceil(per_step);
-
-    let mut opt = AdamW::new(
-        policy.vars.clone(),
-        AdamWConfig {
-            lr: p.lr,
-            weight_decay: p.weight_decay,
-            ..AdamWConfig::default()
-        },
-    )?;
-    opt.set_weight_decay_filter(emflow_model::optim::transformers_decays);
+    let mut opt = optimizer(&policy, p.lr, p.weight_decay)?;
     let schedule = LrSchedule {
         base_lr: p.lr,
         kind: p.schedule,
         warmup_steps: p.warmup_steps,
-        total_steps: total_steps as usize,
-    };
-    let step_cfg = SftStepConfig {
-        micro_batch: p.batch_size,
-        kl_lambda: p.kl_lambda,
-        ldifs: p.ldifs.clone(),
-        max_grad_norm: p.max_grad_norm,
+        total_steps: samples.div_ceil(per_step) as usize,
     };
 
-    let ckpt_root = ctx.checkpoint_dir().join("sft");
-    let resumed = resume::<SftState>(&ckpt_root, &mut policy, &mut opt)?;
-    let metrics_path = ctx.output_path("metrics");
-    let (mut state, mut metrics) = match &resumed {
-        Some(r) => {
-            progress.log(&format!(
-                "resuming from checkpoint at step {}",
-                r.state.main_steps + r.state.safety_steps
-            ));
-            (
-                r.state.clone(),
-                JsonlLog::open(&metrics_path, r.log("metrics").as_deref())?,
-            )
+    let logs = [("metrics", ctx.output_path("metrics"))];
+    let (resumed, mut logs) =
+        resume_with_logs::<SftState>(&ckpt_root(ctx), &mut policy, &mut opt, &logs)?;
+    if let Some(r) = &resumed {
+        progress.log(&format!(
+            "resuming from checkpoint at step {}",
+            r.main_steps + r.safety_steps
+        ));
+    }
+    let state = resumed.unwrap_or(SftState {
+        truncated,
+        ..Default::default()
+    });
+    if let Some(s) = safety.as_mut() {
+        s.seek(state.safety_consumed);
+    }
+    let mut run = SftRun {
+        data: Cursor::new(examples.len(), p.seed, "data", state.data_consumed),
+        examples,
+        per_step,
+        metrics: logs.remove(0),
+        step_cfg: SftStepConfig {
+            micro_batch: p.batch_size,
+            kl_lambda: p.kl_lambda,
+            ldifs: p.ldifs.clone(),
+            max_grad_norm: p.max_grad_norm,
+        },
+        policy,
+        opt,
+        schedule,
+        safety,
+        state,
+    };
+    run.train(ctx, samples, p.checkpoint_every)?;
+    run.finish(ctx)
+}
+
+fn ckpt_root(ctx: &StageContext) -> std::path::PathBuf {
+    ctx.checkpoint_dir().join("sft")
+}
+
+/// An SFT run in progress: the policy and its optimizer, the data walks, the loop state.
+struct SftRun {
+    policy: Policy,
+    opt: AdamW,
+    schedule: LrSchedule,
+    step_cfg: SftStepConfig,
+    examples: Vec<SftExample>,
+    /// Examples per main step (`batch_size x grad_accum`).
+    per_step: u64,
+    data: Cursor,
+    safety: Option<Interleave>,
+    state: SftState,
+    metrics: JsonlLog,
+}
+
+impl SftRun {
+    /// Main steps until `samples` examples are consumed, each followed by the safety steps
+    /// due after it and, every `checkpoint_every` steps, a checkpoint.
+    fn train(&mut self, ctx: &StageContext, samples: u64, checkpoint_every: u64) -> Result<()> {
+        let total_steps = samples.div_ceil(self.per_step);
+        let progress = ctx.progress_handle();
+        progress.phase("training", total_steps, "steps");
+        progress.inc(self.state.main_steps);
+        while self.state.main_steps < total_steps {
+            let want = (samples - self.data.consumed).min(self.per_step) as usize;
+            let lr = self.main_step(ctx, want)?;
+            self.safety_steps(ctx, lr)?;
+            let main_steps = self.state.main_steps;
+            if main_steps.is_multiple_of(checkpoint_every) && main_steps < total_steps {
+                let logs = [&self.metrics];
+                save_checkpoint(&ckpt_root(ctx), &self.policy, &self.opt, &self.state, &logs)?;
+                ctx.check_interrupt()?;
+            }
         }
-        None => (
-            SftState {
-                truncated,
-                ..Default::default()
-            },
-            JsonlLog::open(&metrics_path, None)?,
-        ),
-    };
-    let mut data = Cursor::new(examples.len(), p.seed, "data", state.data_consumed);
-    let mut safety_cursor = safety
-        .as_ref()
-        .map(|(_, _, ex)| Cursor::new(ex.len(), p.seed, "safety", state.safety_consumed));
+        Ok(())
+    }
 
-    progress.phase("training", total_steps, "steps");
-    progress.inc(state.main_steps);
-    while state.main_steps < total_steps {
+    /// One main step on the next `want` examples; returns its learning rate.
+    fn main_step(&mut self, ctx: &StageContext, want: usize) -> Result<f64> {
         let started = Instant::now();
-        let want = (samples - data.consumed).min(per_step) as usize;
-        let batch: Vec<SftExample> = data
+        let batch: Vec<SftExample> = self
+            .data
             .take(want)
             .into_iter()
-            .map(|(i, _)| examples[i].clone())
+            .map(|(i, _)| self.examples[i].clone())
             .collect();
-        let step = state.main_steps + state.safety_steps;
-        let lr = schedule.lr_at(state.main_steps as usize);
-        let stats = sft_step(&mut policy, &batch, &step_cfg, &mut opt, lr)
+        let step = self.state.main_steps + self.state.safety_steps;
+        let lr = self.schedule.lr_at(self.state.main_steps as usize);
+        let stats = sft_step(&mut self.policy, &batch, &self.step_cfg, &mut self.opt, lr)
             .with_context(|| format!("stage {}: SFT step {step}", ctx.stage_id))?;
-        state.main_steps += 1;
-        state.data_consumed = data.consumed;
+        self.state.main_steps += 1;
+        self.state.data_consumed = self.data.consumed;
         let secs = started.elapsed().as_secs_f64();
-        metrics.append(&json!({
+        let data = &self.data;
+        self.metrics.append(&json!({
             "step": step, "batch": "main", "loss": stats.loss, "nll": stats.nll, "kl": stats.kl, "ldifs": stats.ldifs,
             "lr": lr, "grad_norm": stats.grad_norm, "tokens": stats.tokens, "target_tokens": stats.target_tokens,
             "samples_consumed": data.consumed, "epoch": data.epoch(),
         }))?;
         // Speed goes to the live message, never into an output: outputs must be the same bytes
         // on every run (`emflow verify`), and wall-clock figures are not.
+        let progress = ctx.progress();
         progress.message(&format!(
             "loss {:.4} · {:.0} tok/s",
             stats.loss,
             stats.tokens as f64 / secs.max(1e-9)
         ));
         progress.inc(1);
-
-        if let (Some((cadence, bs, ex)), Some(cur)) = (&safety, safety_cursor.as_mut()) {
-            for _ in 0..cadence.steps_after(state.main_steps) {
-                let sbatch: Vec<SftExample> = cur
-                    .take(*bs)
-                    .into_iter()
-                    .map(|(i, _)| ex[i].clone())
-                    .collect();
-                let s =
-                    sft_step(&mut policy, &sbatch, &step_cfg, &mut opt, lr).with_context(|| {
-                        format!(
-                            "stage {}: safety step after main step {}",
-                            ctx.stage_id, state.main_steps
-                        )
-                    })?;
-                let step = state.main_steps + state.safety_steps;
-                state.safety_steps += 1;
-                state.safety_consumed = cur.consumed;
-                metrics.append(&json!({
-                    "step": step, "batch": "safety", "loss": s.loss, "nll": s.nll, "kl": s.kl, "ldifs": s.ldifs,
-                    "lr": lr, "grad_norm": s.grad_norm, "tokens": s.tokens, "safety_consumed": cur.consumed,
-                }))?;
-            }
-        }
-        if state.main_steps % p.checkpoint_every == 0 && state.main_steps < total_steps {
-            save_checkpoint(&ckpt_root, &policy, &opt, &state, &[&metrics], |_| Ok(()))?;
-            ctx.check_interrupt()?;
-        }
+        Ok(lr)
     }
 
-    policy.save(&ctx.output_path("adapter"))?;
-    let summary = json!({
-        "samples_consumed": state.data_consumed,
-        "steps": state.main_steps + state.safety_steps,
-        "safety_steps": state.safety_steps,
-        "truncated_examples": state.truncated,
-    });
-    super::write_summary(ctx, summary)?;
-    Ok(())
+    /// The safety steps due after the main step just taken, at its learning rate `lr`.
+    fn safety_steps(&mut self, ctx: &StageContext, lr: f64) -> Result<()> {
+        let Some(safety) = self.safety.as_mut() else {
+            return Ok(());
+        };
+        for _ in 0..safety.steps_after(self.state.main_steps) {
+            let batch = safety.next_batch();
+            let s = sft_step(&mut self.policy, &batch, &self.step_cfg, &mut self.opt, lr)
+                .with_context(|| {
+                    format!(
+                        "stage {}: safety step after main step {}",
+                        ctx.stage_id, self.state.main_steps
+                    )
+                })?;
+            let step = self.state.main_steps + self.state.safety_steps;
+            self.state.safety_steps += 1;
+            self.state.safety_consumed = safety.consumed();
+            self.metrics.append(&json!({
+                "step": step, "batch": "safety", "loss": s.loss, "nll": s.nll, "kl": s.kl, "ldifs": s.ldifs,
+                "lr": lr, "grad_norm": s.grad_norm, "tokens": s.tokens, "safety_consumed": safety.consumed(),
+            }))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the adapter and the summary.
+    fn finish(self, ctx: &mut StageContext) -> Result<()> {
+        self.policy.save(&ctx.output_path("adapter"))?;
+        let state = &self.state;
+        let summary = json!({
+            "samples_consumed": state.data_consumed,
+            "steps": state.main_steps + state.safety_steps,
+            "safety_steps": state.safety_steps,
+            "truncated_examples": state.truncated,
+        });
+        super::write_summary(ctx, summary)
+    }
 }

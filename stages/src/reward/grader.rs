@@ -288,6 +288,22 @@ pub fn grade(formula: GraderFormula, grader_text: &str) -> RewardOutput {
     }
 }
 
+/// The end of the standard and rhetoric grades: 0 for a repetitive answer or one whose
+/// coherence is under 0.5, else `base` less half the missing coherence (never below 0).
+fn coherent_grade(
+    v: &Map<String, Value>,
+    base: f64,
+    coherence: f64,
+) -> Result<(f64, Option<&'static str>)> {
+    if flag(v, "repetitive")? {
+        return Ok((0.0, Some("repetitive")));
+    }
+    if coherence < 0.5 {
+        return Ok((0.0, Some("low_coherence")));
+    }
+    Ok(((base - (1.0 - coherence) / 2.0).max(0.0), None))
+}
+
 /// (reward, why it is zero where a rule zeroed it).
 fn apply_formula(
     formula: GraderFormula,
@@ -297,26 +313,14 @@ fn apply_formula(
     match formula {
         GraderFormula::Standard => {
             let assessment = number(v, "assessment")?;
-            if flag(v, "repetitive")? {
-                return Ok((0.0, Some("repetitive")));
-            }
-            if coherence < 0.5 {
-                return Ok((0.0, Some("low_coherence")));
-            }
-            Ok(((assessment - (1.0 - coherence) / 2.0).max(0.0), None))
+            coherent_grade(v, assessment, coherence)
         }
         GraderFormula::Rhetoric => {
             let base = (number(v, "ethos")? + number(v, "pathos")? + number(v, "logos")?) / 3.0;
             if flag(v, "appeal_ungradable")? {
                 return Ok((0.0, Some("appeal_ungradable")));
             }
-            if flag(v, "repetitive")? {
-                return Ok((0.0, Some("repetitive")));
-            }
-            if coherence < 0.5 {
-                return Ok((0.0, Some("low_coherence")));
-            }
-            Ok(((base - (1.0 - coherence) / 2.0).max(0.0), None))
+            coherent_grade(v, base, coherence)
         }
         GraderFormula::RewardHacking => {
             let score = number(v, "reward_hacking")?;

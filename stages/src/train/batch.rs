@@ -19,6 +19,27 @@ pub struct SftExample {
 }
 
 impl SftExample {
+    /// The training example of a conversation: its tokens under the model's chat template,
+    /// targets on the assistant's; cut to `max_length` tokens if given. Also says whether
+    /// it was cut.
+    pub fn encode(
+        lm: &emflow_model::LoadedModel,
+        conv: &[emflow_model::Message],
+        max_length: Option<usize>,
+    ) -> Result<(SftExample, bool)> {
+        let enc = emflow_model::encode_chat(&lm.tokenizer, &lm.chat, conv)?;
+        let mut ex = SftExample {
+            ids: enc.ids,
+            target: enc.assistant_mask,
+        };
+        let truncated = max_length.is_some_and(|max| ex.ids.len() > max);
+        if let Some(max) = max_length {
+            ex.ids.truncate(max);
+            ex.target.truncate(max);
+        }
+        Ok((ex, truncated))
+    }
+
     /// Number of target tokens that can be predicted (the first token never is).
     pub fn target_tokens(&self) -> usize {
         self.target.iter().skip(1).filter(|t| **t).count()

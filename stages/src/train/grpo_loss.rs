@@ -20,6 +20,8 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use super::regularise::k3_kl;
+
 /// How per-token losses are reduced to one number (TRL's `loss_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -116,13 +118,6 @@ pub fn compute_advantages(
     })
 }
 
-/// The k3 estimator of KL(policy || reference) per token: `exp(ref - pol) - (ref - pol) - 1`.
-/// Non-negative, zero where the two agree; differentiable in `policy_logps`.
-pub fn k3_kl(ref_logps: &Tensor, policy_logps: &Tensor) -> Result<Tensor> {
-    let d = (ref_logps - policy_logps)?;
-    Ok(((d.exp()? - &d)? - 1.0)?)
-}
-
 /// Loss settings of one run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GrpoLossConfig {
@@ -178,7 +173,8 @@ pub struct GrpoLoss {
     pub stats: LossStats,
 }
 
-/// The GRPO loss of one micro-batch.
+/// The GRPO loss of one micro-batch: the clipped surrogate per token ([`surrogate`]), plus
+/// the k3 term, aggregated as `loss_type` says ([`aggregate`]); clip shares for the log.
 pub fn grpo_loss(cfg: &GrpoLossConfig, mb: &MicroBatch, shape: StepShape) -> Result<GrpoLoss> {
     let (rows, cols) = mb
         .policy_logps
@@ -200,30 +196,7 @@ pub fn grpo_loss(cfg: &GrpoLossConfig, mb: &MicroBatch, shape: StepShape) -> Res
     );
     let mask = mb.mask.to_dtype(DType::F32)?;
     let pol = mb.policy_logps;
-
-    let old = match mb.old_logps {
-        Some(o) => o.clone(),
-        None => pol.detach(),
-    };
-    let log_ratio = (pol - &old)?;
     let token_counts = mask.sum_keepdim(D::Minus1)?.clamp(1.0, f64::INFINITY)?; // (b,1)
-    let log_weights = match cfg.importance_sampling {
-        ImportanceSampling::Token => log_ratio,
-        ImportanceSampling::Sequence => (log_ratio * &mask)?
-            .sum_keepdim(D::Minus1)?
-            .div(&token_counts)?, // (b,1)
-    };
-    let coef1 = log_weights.exp()?;
-    let coef2 = coef1.clamp(1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)?;
-    let adv = mb.advantages.to_dtype(DType::F32)?.unsqueeze(1)?; // (b,1)
-    let loss1 = coef1.broadcast_mul(&adv)?;
-    let loss2 = coef2.broadcast_mul(&adv)?;
-    let mut per_token = loss1
-        .minimum(&loss2)?
-        .neg()?
-        .broadcast_as((rows, cols))?
-        .contiguous()?;
-
     let total_tokens = mask.sum_all()?.to_scalar::<f32>()? as f64;
     let masked_mean = |x: &Tensor| -> Result<f64> {
         let x = x.detach().to_dtype(DType::F32)?;
@@ -233,6 +206,7 @@ pub fn grpo_loss(cfg: &GrpoLossConfig, mb: &MicroBatch, shape: StepShape) -> Res
             Ok((x * &mask)?.sum_all()?.to_scalar::<f32>()? as f64 / total_tokens.max(1.0))
         }
     };
+    let (mut per_token, coef1, adv) = surrogate(cfg, mb, &mask, &token_counts)?;
 
     let mut kl_stat = None;
     if cfg.beta != 0.0 {
@@ -252,9 +226,69 @@ pub fn grpo_loss(cfg: &GrpoLossConfig, mb: &MicroBatch, shape: StepShape) -> Res
     }
 
     let masked_sum_rows = (&per_token * &mask)?.sum_keepdim(D::Minus1)?; // (b,1)
+    let loss = aggregate(
+        cfg,
+        shape,
+        &masked_sum_rows,
+        &token_counts,
+        total_tokens,
+        rows,
+    )?;
+    let clip = clip_shares(cfg, &coef1.detach(), &adv)?;
+    let stats = LossStats {
+        kl: kl_stat,
+        clip_low: masked_mean(&clip[0])?,
+        clip_high: masked_mean(&clip[1])?,
+        clip_region: masked_mean(&clip[2])?,
+    };
+    Ok(GrpoLoss { loss, stats })
+}
+
+/// The clipped surrogate per token, `-min(ratio * A, clip(ratio) * A)` broadcast to (b, t),
+/// with the importance weights `ratio` and the advantages as (b, 1) for the clip shares.
+fn surrogate(
+    cfg: &GrpoLossConfig,
+    mb: &MicroBatch,
+    mask: &Tensor,
+    token_counts: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let pol = mb.policy_logps;
+    let old = match mb.old_logps {
+        Some(o) => o.clone(),
+        None => pol.detach(),
+    };
+    let log_ratio = (pol - &old)?;
+    let log_weights = match cfg.importance_sampling {
+        ImportanceSampling::Token => log_ratio,
+        ImportanceSampling::Sequence => (log_ratio * mask)?
+            .sum_keepdim(D::Minus1)?
+            .div(token_counts)?, // (b,1)
+    };
+    let coef1 = log_weights.exp()?;
+    let coef2 = coef1.clamp(1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)?;
+    let adv = mb.advantages.to_dtype(DType::F32)?.unsqueeze(1)?; // (b,1)
+    let loss1 = coef1.broadcast_mul(&adv)?;
+    let loss2 = coef2.broadcast_mul(&adv)?;
+    let per_token = loss1
+        .minimum(&loss2)?
+        .neg()?
+        .broadcast_as(pol.dims2()?)?
+        .contiguous()?;
+    Ok((per_token, coef1, adv))
+}
+
+/// Reduces the rows' masked loss sums (b, 1) to the micro-batch's loss, per `loss_type`.
+fn aggregate(
+    cfg: &GrpoLossConfig,
+    shape: StepShape,
+    masked_sum_rows: &Tensor,
+    token_counts: &Tensor,
+    total_tokens: f64,
+    rows: usize,
+) -> Result<Tensor> {
     let ga = shape.grad_accum_steps as f64;
-    let loss = match cfg.loss_type {
-        LossType::Grpo => (masked_sum_rows.div(&token_counts)?.mean_all()? / ga)?,
+    Ok(match cfg.loss_type {
+        LossType::Grpo => (masked_sum_rows.div(token_counts)?.mean_all()? / ga)?,
         LossType::Bnpo => (masked_sum_rows.sum_all()? / (total_tokens.max(1.0) * ga))?,
         LossType::DrGrpo => {
             ensure!(
@@ -270,11 +304,15 @@ pub fn grpo_loss(cfg: &GrpoLossConfig, mb: &MicroBatch, shape: StepShape) -> Res
             );
             (masked_sum_rows.sum_all()? / shape.step_tokens)?
         }
-    };
+    })
+}
 
+/// Where the ratio was clipped, as TRL counts it: `[low, high, region]`, each 1 where the ratio
+/// (detached) fell below `1 - eps_low` with a negative advantage, above `1 + eps_high`
+/// with a positive one, or either.
+fn clip_shares(cfg: &GrpoLossConfig, coef1: &Tensor, adv: &Tensor) -> Result<[Tensor; 3]> {
     let adv_neg = adv.lt(0.0)?.to_dtype(DType::F32)?;
     let adv_pos = adv.gt(0.0)?.to_dtype(DType::F32)?;
-    let coef1 = coef1.detach();
     let low = coef1
         .lt(1.0 - cfg.epsilon_low)?
         .to_dtype(DType::F32)?
@@ -284,13 +322,7 @@ pub fn grpo_loss(cfg: &GrpoLossConfig, mb: &MicroBatch, shape: StepShape) -> Res
         .to_dtype(DType::F32)?
         .broadcast_mul(&adv_pos)?;
     let region = (&low + &high)?.clamp(0.0, 1.0)?;
-    let stats = LossStats {
-        kl: kl_stat,
-        clip_low: masked_mean(&low)?,
-        clip_high: masked_mean(&high)?,
-        clip_region: masked_mean(&region)?,
-    };
-    Ok(GrpoLoss { loss, stats })
+    Ok([low, high, region])
 }
 
 #[cfg(test)]
@@ -320,6 +352,20 @@ mod tests {
             epsilon_high: 0.2,
             beta: 0.0,
             max_completion_length: 4,
+        }
+    }
+    fn micro<'a>(
+        pol: &'a Tensor,
+        (old, reference): (Option<&'a Tensor>, Option<&'a Tensor>),
+        mask: &'a Tensor,
+        adv: &'a Tensor,
+    ) -> MicroBatch<'a> {
+        MicroBatch {
+            policy_logps: pol,
+            old_logps: old,
+            ref_logps: reference,
+            mask,
+            advantages: adv,
         }
     }
     const ONE: StepShape = StepShape {
@@ -380,13 +426,7 @@ mod tests {
     #[test]
     fn loss_types_aggregate_as_trl_at_ratio_one() {
         let (pol, mask, adv) = ratio_one_batch();
-        let mb = MicroBatch {
-            policy_logps: &pol,
-            old_logps: None,
-            ref_logps: None,
-            mask: &mask,
-            advantages: &adv,
-        };
+        let mb = micro(&pol, (None, None), &mask, &adv);
         let run = |lt| {
             scalar(
                 &grpo_loss(&cfg(lt, ImportanceSampling::Token), &mb, ONE)
@@ -446,13 +486,7 @@ mod tests {
         let old = t2(&[&[0.0, 0.0, 0.0], &[0.0, 0.0, 0.0]]);
         let mask = t2(&[&[1.0, 1.0, 1.0], &[1.0, 1.0, 0.0]]);
         let adv = t1(&[1.0, -1.0]);
-        let mb = MicroBatch {
-            policy_logps: &pol,
-            old_logps: Some(&old),
-            ref_logps: None,
-            mask: &mask,
-            advantages: &adv,
-        };
+        let mb = micro(&pol, (Some(&old), None), &mask, &adv);
         let out = grpo_loss(&cfg(LossType::Bnpo, ImportanceSampling::Token), &mb, ONE).unwrap();
         // row0: -min(r, clip r) = -(1.2) , -(1.1), -(1.0); row1 (A=-1): -min(-r, -clip r) = max(r, clip r): 0.8, 1.0
         close(scalar(&out.loss), (-1.2 - 1.1 - 1.0 + 0.8 + 1.0) / 5.0);
@@ -469,13 +503,7 @@ mod tests {
         let old = t2(&[&[0.0, 0.0], &[0.0, 0.0]]);
         let mask = t2(&[&[1.0, 1.0], &[1.0, 0.0]]);
         let adv = t1(&[1.0, 2.0]);
-        let mb = MicroBatch {
-            policy_logps: &pol,
-            old_logps: Some(&old),
-            ref_logps: None,
-            mask: &mask,
-            advantages: &adv,
-        };
+        let mb = micro(&pol, (Some(&old), None), &mask, &adv);
         let out = grpo_loss(&cfg(LossType::Grpo, ImportanceSampling::Sequence), &mb, ONE).unwrap();
         let r1 = 0.1f64.exp();
         close(scalar(&out.loss), (-1.2 + -2.0 * r1) / 2.0);
@@ -489,13 +517,7 @@ mod tests {
         let reference = t2(&[&[-1.5, -2.0, -3.0, 0.0], &[-0.5, 0.0, 0.0, 0.0]]);
         let mut c = cfg(LossType::Bnpo, ImportanceSampling::Token);
         c.beta = 0.5;
-        let mb = MicroBatch {
-            policy_logps: &pol,
-            old_logps: None,
-            ref_logps: Some(&reference),
-            mask: &mask,
-            advantages: &adv,
-        };
+        let mb = micro(&pol, (None, Some(&reference)), &mask, &adv);
         let out = grpo_loss(&c, &mb, ONE).unwrap();
         let k = |d: f64| d.exp() - d - 1.0;
         let kl_sum = k(-0.5) + k(0.5);
@@ -513,13 +535,7 @@ mod tests {
         let (pol, mask, adv) = ratio_one_batch();
         let reference = t2(&[&[-1.5, -2.0, -3.0, 0.0], &[-0.5, 0.0, 0.0, 0.0]]);
         let c = cfg(LossType::Bnpo, ImportanceSampling::Token);
-        let with_ref = MicroBatch {
-            policy_logps: &pol,
-            old_logps: None,
-            ref_logps: Some(&reference),
-            mask: &mask,
-            advantages: &adv,
-        };
+        let with_ref = micro(&pol, (None, Some(&reference)), &mask, &adv);
         let without = MicroBatch {
             ref_logps: None,
             ..with_ref

@@ -1,14 +1,13 @@
-//! Loading the model a training kind trains: base weights, then a starting adapter, a fresh
-//! LoRA, or full fine-tuning; and saving/restoring the trained weights.
+//! The model a training kind trains ([`Policy`]), its LoRA settings, and saving/restoring
+//! the trained weights. Loading it is [`super::setup::load_policy`]'s job.
 //!
 //! The reference policy for KL, LDIFS and on-policy sampling is the same base with the
-//! adapter switched off ([`Transformer::set_lora_enabled`]): no second copy of the weights.
+//! adapter switched off ([`Policy::with_adapter_off`]): no second copy of the weights.
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use candle_core::Var;
-use emflow_engine::context::{Artifact, StageContext};
 use emflow_model::{LoadedModel, LoraConfig};
 use serde::{Deserialize, Serialize};
 
@@ -67,74 +66,6 @@ pub struct Policy {
     pub full_finetune: bool,
 }
 
-/// The model-layer device for the stage's device request.
-pub fn device_setup(ctx: &StageContext) -> Result<emflow_model::DeviceSetup> {
-    emflow_model::setup(ctx.device().cuda_ordinal())
-}
-
-/// Loads input `model`, then: the optional input `adapter` (training continues on it), or
-/// full fine-tuning, or a fresh LoRA seeded by `seed`.
-pub fn load_policy(
-    ctx: &StageContext,
-    lora: &LoraParams,
-    full_finetune: bool,
-    seed: u64,
-) -> Result<Policy> {
-    let setup = device_setup(ctx)?;
-    let model = ctx.input("model")?;
-    let mut lm = emflow_model::load(&model.path, &setup).with_context(|| {
-        format!(
-            "stage {}: loading model from {}",
-            ctx.stage_id, model.origin
-        )
-    })?;
-    lm.model.set_base_model_name(base_model_label(model));
-    match ctx.optional_input("adapter")? {
-        Some(adapter) => {
-            if full_finetune {
-                bail!(
-                    "stage {}: `full_finetune: true` cannot continue the LoRA adapter wired to `adapter`; \
-                     unwire it or set full_finetune to false",
-                    ctx.stage_id
-                );
-            }
-            lm.model.load_adapter(&adapter.path).with_context(|| {
-                format!(
-                    "stage {}: loading starting adapter {}",
-                    ctx.stage_id, adapter.origin
-                )
-            })?;
-        }
-        None if full_finetune => lm.model.enable_full_finetune()?,
-        None => lm.model.add_lora(&lora.to_config(), seed)?,
-    }
-    let vars = lm.model.trainable_vars();
-    if vars.is_empty() {
-        bail!(
-            "stage {}: the model has no trainable weights after setup",
-            ctx.stage_id
-        );
-    }
-    Ok(Policy {
-        lm,
-        vars,
-        full_finetune,
-    })
-}
-
-/// What saved adapters record as `base_model_name_or_path`: the base's content digest, the
-/// same one the stage key holds. The loader's default, the model's path, names the store the
-/// stage happened to run against, so two stores (a local run and a Slurm run, two users)
-/// committed different adapter bytes under one key. A context built by hand, with no
-/// digest, falls back to the input's origin.
-fn base_model_label(model: &Artifact) -> String {
-    if model.digest.is_empty() {
-        model.origin.clone()
-    } else {
-        format!("blake3:{}", model.digest)
-    }
-}
-
 impl Policy {
     /// Writes the trained weights: a PEFT adapter folder, or full weights.
     pub fn save(&self, dir: &Path) -> Result<()> {
@@ -155,6 +86,15 @@ impl Policy {
         // Loading may rebuild the vars; the optimizer must see the live ones.
         self.vars = self.lm.model.trainable_vars();
         Ok(())
+    }
+
+    /// Runs `f` on the reference policy, this model with the adapter switched off, and
+    /// switches the adapter back on before returning `f`'s result (an error included).
+    pub fn with_adapter_off<T>(&mut self, f: impl FnOnce(&Policy) -> T) -> T {
+        self.lm.model.set_lora_enabled(false);
+        let out = f(self);
+        self.lm.model.set_lora_enabled(true);
+        out
     }
 
     /// Whether a reference (adapter off) exists.

@@ -1,6 +1,7 @@
 //! One supervised optimizer step, with the optional regularisers toward the reference
-//! policy (the base with the adapter off). Shared by the `sft` kind and by the safety steps
-//! `rl` interleaves, so both train exactly the same way.
+//! policy (the base with the adapter off; the terms themselves live in [`super::regularise`]).
+//! Shared by the `sft` kind and by the safety steps `rl` interleaves, so both train exactly
+//! the same way.
 //!
 //! The step's loss, over its examples split into micro-batches of `micro_batch` rows:
 //! - NLL: summed over every target token of the step, divided by the step's target-token
@@ -14,12 +15,14 @@
 //!   independent of width and length so one lambda fits any model).
 
 use anyhow::{ensure, Context, Result};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use emflow_model::{accumulate, clip_grad_norm, token_logprobs, AdamW};
 use serde::{Deserialize, Serialize};
 
-use super::batch::{collate_sft, SftExample};
+use super::batch::{collate_sft, SftBatch, SftExample};
 use super::policy::Policy;
+use super::regularise::{kl_per_position, ldifs_distance, reference_forward, Ldifs};
+use super::scalar;
 
 /// LDIFS settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -68,52 +71,8 @@ pub struct SftStepStats {
     pub tokens: usize,
 }
 
-fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
-}
-
-/// Full-distribution KL(p || q) per position from logits (b, t, v) -> (b, t).
-fn kl_per_position(policy_logits: &Tensor, ref_logits: &Tensor) -> Result<Tensor> {
-    let logp = candle_nn::ops::log_softmax(policy_logits, D::Minus1)?;
-    let logq = candle_nn::ops::log_softmax(ref_logits, D::Minus1)?;
-    Ok((logp.exp()? * (&logp - logq)?)?.sum(D::Minus1)?)
-}
-
-/// The LDIFS distance of one micro-batch: for each compared layer, the mean over real tokens
-/// (`attention` (b, t), 1 = real) and hidden units of (h - h_ref)^2, averaged over layers.
-/// `None` when no layer is compared. Differentiable in `hidden`; `reference` must be detached.
-pub fn ldifs_distance(
-    hidden: &[Tensor],
-    reference: &[Tensor],
-    attention: &Tensor,
-    hidden_size: usize,
-) -> Result<Option<Tensor>> {
-    ensure!(
-        hidden.len() == reference.len(),
-        "LDIFS: {} policy layers but {} reference layers",
-        hidden.len(),
-        reference.len()
-    );
-    if hidden.is_empty() {
-        return Ok(None);
-    }
-    let real = attention
-        .to_dtype(hidden[0].dtype())?
-        .unsqueeze(D::Minus1)?; // (b, t, 1)
-    let real_tokens = scalar(&attention.sum_all()?)?.max(1.0);
-    let denom = real_tokens * hidden_size as f64 * hidden.len() as f64;
-    let mut dist: Option<Tensor> = None;
-    for (h, r) in hidden.iter().zip(reference) {
-        let d = ((h - r)?.sqr()?.broadcast_mul(&real)?.sum_all()? / denom)?;
-        dist = Some(match dist {
-            None => d,
-            Some(acc) => (acc + d)?,
-        });
-    }
-    Ok(dist)
-}
-
-/// Runs one optimizer step on `examples` at learning rate `lr`.
+/// Runs one optimizer step on `examples` at learning rate `lr`: the summed loss of its
+/// micro-batches ([`micro_batch_loss`]), one backward pass each, then clip and update.
 pub fn sft_step(
     policy: &mut Policy,
     examples: &[SftExample],
@@ -121,96 +80,20 @@ pub fn sft_step(
     opt: &mut AdamW,
     lr: f64,
 ) -> Result<SftStepStats> {
-    ensure!(
-        !examples.is_empty(),
-        "an SFT step needs at least one example"
-    );
-    ensure!(cfg.micro_batch >= 1, "micro-batch size must be at least 1");
-    let needs_ref = cfg.kl_lambda != 0.0 || cfg.ldifs.as_ref().is_some_and(|l| l.lambda != 0.0);
-    ensure!(
-        !needs_ref || policy.has_reference(),
-        "KL and LDIFS compare against the base model with the adapter switched off; they need LoRA, not full fine-tuning"
-    );
-    let step_targets: usize = examples.iter().map(SftExample::target_tokens).sum();
-    ensure!(
-        step_targets > 0,
-        "no example of this step has a trainable (assistant) token"
-    );
-    let denom = step_targets as f64;
-    let layers = match &cfg.ldifs {
-        Some(l) if l.lambda != 0.0 => l.layers(policy.lm.config.num_layers),
-        _ => Vec::new(),
-    };
-    let device = policy.lm.model.device().clone();
-    let pad = policy.lm.tokenizer.pad_id();
+    let shape = StepShape::new(policy, examples, cfg)?;
     let mut grads = None;
     let mut stats = SftStepStats {
-        target_tokens: step_targets,
+        target_tokens: shape.target_tokens,
         ..Default::default()
     };
     let (mut kl_sum, mut ldifs_sum) = (0.0, 0.0);
     for chunk in examples.chunks(cfg.micro_batch) {
-        let batch = collate_sft(chunk, pad, &device)?;
         stats.tokens += chunk.iter().map(|e| e.ids.len()).sum::<usize>();
-        let t = batch.ids.dim(1)?;
-        // Reference pass first (adapter off; no vars involved, so no graph is built).
-        let mut ref_logits = None;
-        let mut ref_hidden = Vec::new();
-        if needs_ref {
-            policy.lm.model.set_lora_enabled(false);
-            let out = policy
-                .lm
-                .model
-                .forward_train_hidden(&batch.ids, &batch.attention, &layers);
-            policy.lm.model.set_lora_enabled(true);
-            let (logits, hidden) = out.context("reference forward pass")?;
-            if cfg.kl_lambda != 0.0 {
-                ref_logits = Some(logits.narrow(1, 0, t - 1)?.contiguous()?.detach());
-            }
-            ref_hidden = hidden.into_iter().map(|h| h.detach()).collect();
-        }
-        let model = &policy.lm.model;
-        // The KL term compares whole distributions, so it needs the logits; otherwise the
-        // pass scores the targets without building them.
-        let (logps, hidden, logits) = if ref_logits.is_some() {
-            let (logits, hidden) =
-                model.forward_train_hidden(&batch.ids, &batch.attention, &layers)?;
-            let logits = logits.narrow(1, 0, t - 1)?.contiguous()?;
-            (
-                token_logprobs(&logits, &batch.targets, 1.0)?,
-                hidden,
-                Some(logits),
-            )
-        } else {
-            let scores = model.forward_train_scores(
-                &batch.ids,
-                &batch.attention,
-                &layers,
-                (0, t - 1),
-                &batch.targets,
-                1.0,
-            )?;
-            (scores.logprobs, scores.hidden, None)
-        };
-        let nll_sum = (logps * &batch.loss_mask)?.sum_all()?.neg()?;
-        stats.nll += scalar(&nll_sum)? / denom;
-        let mut loss = (nll_sum / denom)?;
-        if let (Some(ref_logits), Some(logits)) = (ref_logits, logits) {
-            let kl = (kl_per_position(&logits, &ref_logits)? * &batch.loss_mask)?.sum_all()?;
-            kl_sum += scalar(&kl)? / denom;
-            loss = (loss + (kl * (cfg.kl_lambda / denom))?)?;
-        }
-        if let Some(dist) = ldifs_distance(
-            &hidden,
-            &ref_hidden,
-            &batch.attention,
-            policy.lm.config.hidden_size,
-        )? {
-            let lambda = cfg.ldifs.as_ref().map_or(0.0, |l| l.lambda);
-            let share = chunk.len() as f64 / examples.len() as f64;
-            ldifs_sum += scalar(&dist)? * share;
-            loss = (loss + (dist * (lambda * share))?)?;
-        }
+        let share = chunk.len() as f64 / examples.len() as f64;
+        let (loss, terms) = micro_batch_loss(policy, chunk, share, &shape, cfg)?;
+        stats.nll += terms.nll;
+        kl_sum += terms.kl;
+        ldifs_sum += terms.ldifs;
         stats.loss += scalar(&loss)?;
         let g = loss.backward()?;
         accumulate(&mut grads, &policy.vars, g, 1.0)?;
@@ -221,10 +104,136 @@ pub fn sft_step(
     if cfg.kl_lambda != 0.0 {
         stats.kl = Some(kl_sum);
     }
-    if !layers.is_empty() {
+    if shape.ldifs.is_on() {
         stats.ldifs = Some(ldifs_sum);
     }
     Ok(stats)
+}
+
+/// What every micro-batch of a step shares: the normaliser and the reference's use.
+struct StepShape {
+    /// Target tokens of the whole step: every token weighs the same.
+    target_tokens: usize,
+    /// Whether the reference pass runs (a KL or LDIFS weight is set).
+    needs_ref: bool,
+    ldifs: Ldifs,
+}
+
+impl StepShape {
+    fn new(policy: &Policy, examples: &[SftExample], cfg: &SftStepConfig) -> Result<Self> {
+        ensure!(
+            !examples.is_empty(),
+            "an SFT step needs at least one example"
+        );
+        ensure!(cfg.micro_batch >= 1, "micro-batch size must be at least 1");
+        let needs_ref = cfg.kl_lambda != 0.0 || cfg.ldifs.as_ref().is_some_and(|l| l.lambda != 0.0);
+        ensure!(
+            !needs_ref || policy.has_reference(),
+            "KL and LDIFS compare against the base model with the adapter switched off; they need LoRA, not full fine-tuning"
+        );
+        let target_tokens: usize = examples.iter().map(SftExample::target_tokens).sum();
+        ensure!(
+            target_tokens > 0,
+            "no example of this step has a trainable (assistant) token"
+        );
+        let num_layers = policy.lm.config.num_layers;
+        Ok(StepShape {
+            target_tokens,
+            needs_ref,
+            ldifs: Ldifs::new(cfg.ldifs.as_ref().map(|l| (l.lambda, l.layers(num_layers)))),
+        })
+    }
+}
+
+/// One micro-batch's contributions to the step's logged figures.
+struct Terms {
+    nll: f64,
+    kl: f64,
+    ldifs: f64,
+}
+
+/// The loss of one micro-batch (`share` of the step's rows): NLL over its target tokens
+/// plus the KL and LDIFS terms toward the reference, each normalised by the whole step.
+fn micro_batch_loss(
+    policy: &mut Policy,
+    chunk: &[SftExample],
+    share: f64,
+    shape: &StepShape,
+    cfg: &SftStepConfig,
+) -> Result<(Tensor, Terms)> {
+    let denom = shape.target_tokens as f64;
+    let device = policy.lm.model.device().clone();
+    let batch = collate_sft(chunk, policy.lm.tokenizer.pad_id(), &device)?;
+    let t = batch.ids.dim(1)?;
+    // Reference pass first (adapter off; no vars involved, so no graph is built).
+    let (ref_logits, ref_hidden) = if shape.needs_ref {
+        let (logits, hidden) =
+            reference_forward(policy, &batch.ids, &batch.attention, &shape.ldifs.layers)?;
+        let kl_logits = if cfg.kl_lambda != 0.0 {
+            Some(logits.narrow(1, 0, t - 1)?.contiguous()?.detach())
+        } else {
+            None
+        };
+        (kl_logits, hidden)
+    } else {
+        (None, Vec::new())
+    };
+    let (logps, hidden, logits) =
+        policy_pass(policy, &batch, &shape.ldifs.layers, ref_logits.is_some())?;
+    let nll_sum = (logps * &batch.loss_mask)?.sum_all()?.neg()?;
+    let mut terms = Terms {
+        nll: scalar(&nll_sum)? / denom,
+        kl: 0.0,
+        ldifs: 0.0,
+    };
+    let mut loss = (nll_sum / denom)?;
+    if let (Some(ref_logits), Some(logits)) = (ref_logits, logits) {
+        let kl = (kl_per_position(&logits, &ref_logits)? * &batch.loss_mask)?.sum_all()?;
+        terms.kl = scalar(&kl)? / denom;
+        loss = (loss + (kl * (cfg.kl_lambda / denom))?)?;
+    }
+    if let Some(dist) = ldifs_distance(
+        &hidden,
+        &ref_hidden,
+        &batch.attention,
+        policy.lm.config.hidden_size,
+    )? {
+        terms.ldifs = scalar(&dist)? * share;
+        loss = (loss + (dist * (shape.ldifs.lambda * share))?)?;
+    }
+    Ok((loss, terms))
+}
+
+/// The policy's forward pass: target log-probs, the compared layers' outputs and, when the
+/// KL term needs whole distributions, the logits (otherwise the pass scores the targets
+/// without building them).
+fn policy_pass(
+    policy: &Policy,
+    batch: &SftBatch,
+    layers: &[usize],
+    with_logits: bool,
+) -> Result<(Tensor, Vec<Tensor>, Option<Tensor>)> {
+    let model = &policy.lm.model;
+    let t = batch.ids.dim(1)?;
+    if with_logits {
+        let (logits, hidden) = model.forward_train_hidden(&batch.ids, &batch.attention, layers)?;
+        let logits = logits.narrow(1, 0, t - 1)?.contiguous()?;
+        Ok((
+            token_logprobs(&logits, &batch.targets, 1.0)?,
+            hidden,
+            Some(logits),
+        ))
+    } else {
+        let scores = model.forward_train_scores(
+            &batch.ids,
+            &batch.attention,
+            layers,
+            (0, t - 1),
+            &batch.targets,
+            1.0,
+        )?;
+        Ok((scores.logprobs, scores.hidden, None))
+    }
 }
 
 /// Mean log-probability per target token of `examples` under the current policy, without

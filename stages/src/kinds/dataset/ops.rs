@@ -247,17 +247,7 @@ impl Op {
                     row
                 })
                 .collect(),
-            Op::Filter(filter) => {
-                let mut kept = Vec::with_capacity(rows.len());
-                for row in rows {
-                    if filter.keeps(&row).with_context(|| {
-                        format!("{}: filter on `{}`", row.location, filter.field)
-                    })? {
-                        kept.push(row);
-                    }
-                }
-                kept
-            }
+            Op::Filter(filter) => filter_rows(rows, filter)?,
             Op::Shuffle { seed } => {
                 let mut slots: Vec<Option<Row>> = rows.into_iter().map(Some).collect();
                 permutation(slots.len(), *seed)
@@ -289,24 +279,24 @@ impl Op {
                 };
                 keep_indices(rows, chosen)
             }
-            Op::Dedupe { by } => {
-                let mut seen = HashSet::new();
-                let mut kept = Vec::with_capacity(rows.len());
-                for row in rows {
-                    let key = match by {
-                        None => serde_json::to_string(&row.record)?,
-                        Some(path) => match path.resolve(&row.record) {
-                            Ok(Some(value)) => serde_json::to_string(value)?,
-                            Ok(None) => bail!("{}: dedupe: the row has no `{path}`", row.location),
-                            Err(e) => bail!("{}: dedupe: {e}", row.location),
-                        },
-                    };
-                    if seen.insert(key) {
-                        kept.push(row);
-                    }
-                }
-                kept
-            }
+            Op::Dedupe { by } => dedupe(rows, by.as_ref())?,
+            Op::SystemPrompt(_)
+            | Op::AppendUser(_)
+            | Op::StripUserSuffix(_)
+            | Op::StripAssistantPrefix(_)
+            | Op::DropRole(_) => self.edit_text(rows, format, note)?,
+        })
+    }
+
+    /// Applies a text-editing op (`system_prompt`, `append_user`, `strip_*`, `drop_role`)
+    /// to every row.
+    fn edit_text(
+        &self,
+        rows: Vec<Row>,
+        format: Format,
+        note: &mut dyn FnMut(String),
+    ) -> anyhow::Result<Vec<Row>> {
+        Ok(match self {
             Op::SystemPrompt(prompt) => {
                 edit_rows(rows, format, self.name(), note, |edit| match edit {
                     Edit::Conversation(c) => {
@@ -360,6 +350,7 @@ impl Op {
                 }
                 Edit::Question(_) => false,
             })?,
+            other => bail!("`{}` is not a text edit", other.name()),
         })
     }
 }
@@ -402,6 +393,40 @@ impl Op {
 }
 
 /// The rows at `indices`, in their original order.
+/// The rows `filter` keeps, in order.
+fn filter_rows(rows: Vec<Row>, filter: &Filter) -> anyhow::Result<Vec<Row>> {
+    let mut kept = Vec::with_capacity(rows.len());
+    for row in rows {
+        if filter
+            .keeps(&row)
+            .with_context(|| format!("{}: filter on `{}`", row.location, filter.field))?
+        {
+            kept.push(row);
+        }
+    }
+    Ok(kept)
+}
+
+/// The first row of each distinct whole record, or of each distinct value at `by`.
+fn dedupe(rows: Vec<Row>, by: Option<&FieldPath>) -> anyhow::Result<Vec<Row>> {
+    let mut seen = HashSet::new();
+    let mut kept = Vec::with_capacity(rows.len());
+    for row in rows {
+        let key = match by {
+            None => serde_json::to_string(&row.record)?,
+            Some(path) => match path.resolve(&row.record) {
+                Ok(Some(value)) => serde_json::to_string(value)?,
+                Ok(None) => bail!("{}: dedupe: the row has no `{path}`", row.location),
+                Err(e) => bail!("{}: dedupe: {e}", row.location),
+            },
+        };
+        if seen.insert(key) {
+            kept.push(row);
+        }
+    }
+    Ok(kept)
+}
+
 fn keep_indices(rows: Vec<Row>, mut indices: Vec<usize>) -> Vec<Row> {
     indices.sort_unstable();
     let mut slots: Vec<Option<Row>> = rows.into_iter().map(Some).collect();

@@ -1,5 +1,6 @@
-//! The bookkeeping every training kind shares: deterministic data order, resumable
-//! checkpoints of weights + optimizer + loop state + logs, and reading chat data.
+//! What lets a training kind stop and resume bit for bit: the deterministic data order (a
+//! [`Cursor`] whose position is one number) and checkpoints of weights + optimizer + loop
+//! state + logs ([`save_checkpoint`], [`resume`]).
 //!
 //! Nothing here draws from a stateful RNG: the data order of epoch `e` is a pure function
 //! of (seed, stream name, e), and sampling seeds come from `derive_seed`. So the "RNG
@@ -9,7 +10,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use emflow_engine::context::Artifact;
 use emflow_model::AdamW;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -19,7 +19,6 @@ use serde::{de::DeserializeOwned, Serialize};
 use super::checkpoint;
 use super::metrics_log::JsonlLog;
 use super::policy::Policy;
-use crate::formats::messages::{self, Conversation};
 
 const WEIGHTS: &str = "weights";
 const OPTIMIZER: &str = "optimizer.safetensors";
@@ -81,33 +80,6 @@ impl Cursor {
     }
 }
 
-/// Reads a messages input (error names the stage input).
-pub fn read_conversations(input: &Artifact) -> Result<Vec<Conversation>> {
-    let display = input.origin.clone();
-    let rows = messages::read(&input.path, &display)?;
-    anyhow::ensure!(!rows.is_empty(), "{display} holds no conversations");
-    Ok(rows)
-}
-
-/// A conversation as the model layer's messages, with `system` (if given) replacing or
-/// adding the system turn.
-pub fn to_model_messages(conv: &Conversation, system: Option<&str>) -> Vec<emflow_model::Message> {
-    let mut out: Vec<emflow_model::Message> = Vec::with_capacity(conv.messages.len() + 1);
-    if let Some(s) = system {
-        out.push(emflow_model::Message::system(s));
-    }
-    for m in &conv.messages {
-        if system.is_some() && m.role == "system" {
-            continue;
-        }
-        out.push(emflow_model::Message::new(
-            m.role.clone(),
-            m.content.clone(),
-        ));
-    }
-    out
-}
-
 /// A restored checkpoint: the loop state and where the logs' copies lie.
 pub struct Resumed<S> {
     pub state: S,
@@ -140,14 +112,34 @@ pub fn resume<S: DeserializeOwned>(
     Ok(Some(Resumed { state, dir }))
 }
 
-/// Writes a checkpoint of everything a resumed run needs. `extra` may add files.
+/// Restores the newest checkpoint under `root`, if any, into `policy` and `opt`, and opens
+/// each `(name, path)` log: continued from the checkpoint's copy, or empty. Returns the
+/// checkpointed loop state (`None` for a fresh start) and the logs in order.
+pub fn resume_with_logs<S: DeserializeOwned>(
+    root: &Path,
+    policy: &mut Policy,
+    opt: &mut AdamW,
+    logs: &[(&str, PathBuf)],
+) -> Result<(Option<S>, Vec<JsonlLog>)> {
+    let resumed = resume::<S>(root, policy, opt)?;
+    let logs = logs
+        .iter()
+        .map(|(name, path)| {
+            let from = resumed.as_ref().and_then(|r| r.log(name));
+            JsonlLog::open(path, from.as_deref())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((resumed.map(|r| r.state), logs))
+}
+
+/// Writes a checkpoint of everything a resumed run needs: weights, optimizer, loop state
+/// and a copy of each log.
 pub fn save_checkpoint<S: Serialize>(
     root: &Path,
     policy: &Policy,
     opt: &AdamW,
     state: &S,
     logs: &[&JsonlLog],
-    extra: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
     checkpoint::save(root, |dir| {
         policy.save(&dir.join(WEIGHTS))?;
@@ -161,7 +153,6 @@ pub fn save_checkpoint<S: Serialize>(
             std::fs::copy(log.path(), dir.join(LOGS).join(name))
                 .with_context(|| format!("copying {} into the checkpoint", log.path().display()))?;
         }
-        extra(dir)?;
         checkpoint::save_state(dir, state)
     })?;
     Ok(())

@@ -1,0 +1,91 @@
+//! Safety SFT steps interleaved with a training kind's main steps (param `interleave` with
+//! input `safety`): the safety examples, encoded once; when to step ([`Cadence`]); and a
+//! seeded walk over the examples whose position the checkpoint holds. `sft` and `rl` both
+//! interleave through [`Interleave`], so one setting means the same batches in either.
+
+use anyhow::{bail, Result};
+use emflow_engine::context::StageContext;
+
+use super::batch::SftExample;
+use super::policy::Policy;
+use super::resume::Cursor;
+use super::schedule::Cadence;
+use crate::formats::messages::{read_conversations, to_model_messages};
+
+/// The data stream name of the safety examples' order (part of their seed).
+const STREAM: &str = "safety";
+
+pub struct Interleave {
+    cadence: Cadence,
+    batch_size: usize,
+    examples: Vec<SftExample>,
+    seed: u64,
+    cursor: Cursor,
+}
+
+impl Interleave {
+    /// The stage's safety batches: `setting` is its `interleave` param as (cadence, examples
+    /// per safety step); input `safety` must be wired exactly when it is set. Examples are cut
+    /// to `max_length` tokens if given; the walk starts at the beginning ([`Self::seek`]).
+    pub fn load(
+        ctx: &StageContext,
+        setting: Option<(Cadence, usize)>,
+        policy: &Policy,
+        max_length: Option<usize>,
+        seed: u64,
+    ) -> Result<Option<Self>> {
+        let (cadence, batch_size, input) = match (setting, ctx.optional_input("safety")?) {
+            (Some((cadence, batch_size)), Some(input)) => (cadence, batch_size, input),
+            (None, None) => return Ok(None),
+            (Some(_), None) => bail!(
+                "stage {}: `interleave` is set but input `safety` is not wired",
+                ctx.stage_id
+            ),
+            (None, Some(_)) => bail!(
+                "stage {}: input `safety` is wired but `interleave` is not set",
+                ctx.stage_id
+            ),
+        };
+        let mut examples = Vec::new();
+        for c in read_conversations(input)? {
+            let conv = to_model_messages(&c, None);
+            examples.push(SftExample::encode(&policy.lm, &conv, max_length)?.0);
+        }
+        Ok(Some(Interleave {
+            cadence,
+            batch_size,
+            cursor: Cursor::new(examples.len(), seed, STREAM, 0),
+            examples,
+            seed,
+        }))
+    }
+
+    /// Puts the walk where a run that consumed `consumed` safety examples left it.
+    pub fn seek(&mut self, consumed: u64) {
+        self.cursor = Cursor::new(self.examples.len(), self.seed, STREAM, consumed);
+    }
+
+    /// Safety steps due right after main step number `main_steps` (1-based).
+    pub fn steps_after(&self, main_steps: u64) -> u64 {
+        self.cadence.steps_after(main_steps)
+    }
+
+    /// Examples per safety step.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    /// The next safety batch.
+    pub fn next_batch(&mut self) -> Vec<SftExample> {
+        self.cursor
+            .take(self.batch_size)
+            .into_iter()
+            .map(|(i, _)| self.examples[i].clone())
+            .collect()
+    }
+
+    /// Safety examples consumed so far (the checkpointed position).
+    pub fn consumed(&self) -> u64 {
+        self.cursor.consumed
+    }
+}
