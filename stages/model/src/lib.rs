@@ -27,6 +27,7 @@ mod panel_matmul;
 mod rms_norm;
 mod rope_train;
 pub mod score;
+pub mod seed;
 mod softmax_rows;
 mod swiglu;
 /// Shared helpers for tests across the workspace (real weights, paper data).

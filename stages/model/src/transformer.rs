@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::attention_probs::attention_probs;
@@ -41,6 +41,7 @@ use crate::lora_linear::lora_linear;
 use crate::losses::token_logprobs;
 use crate::rms_norm::RmsNorm;
 use crate::rope_train::rope_train;
+use crate::seed::{self, Purpose};
 use crate::swiglu::swiglu;
 use crate::trainable_matmul::matmul_trainable_rhs;
 
@@ -642,7 +643,8 @@ impl Transformer {
             sin,
             lora: None,
             lora_enabled: true,
-            dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(0)),
+            // Replaced by `add_lora`; an adapter loaded from a file keeps this stream.
+            dropout_rng: Mutex::new(seed::stream(Purpose::LoadedAdapterDropout)),
             base_model_name: String::new(),
         };
         model.refresh_embed_t()?;
@@ -661,7 +663,7 @@ impl Transformer {
     /// Random weights (uniform, deterministic in `seed`) with the real architecture, for tests
     /// and benchmarks.
     pub fn random(cfg: &ModelConfig, setup: &DeviceSetup, seed: u64) -> Result<Self> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut rng: ChaCha8Rng = seed::stream(Purpose::RandomWeights { seed });
         let mut tensors = HashMap::new();
         for (name, shape) in parameter_shapes(cfg) {
             let n: usize = shape.iter().product();

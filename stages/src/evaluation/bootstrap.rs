@@ -1,7 +1,9 @@
-//! Seeded percentile bootstrap, stratified by group (question, or seed x question), so an
-//! interval over a fixed question set resamples answers, not questions.
+//! The one bootstrap: seeded resampling rounds ([`sorted_draws`]) and percentile intervals
+//! ([`interval`]). `eval` resamples answers within each question ([`bootstrap`]); `report`
+//! resamples pooled counts within each (seed, question) through the same loop.
 
-use rand::{Rng, SeedableRng};
+use emflow_model::seed::{self, Purpose};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -14,9 +16,89 @@ pub struct Estimate {
     pub hi: Option<f64>,
 }
 
+/// The random indices of one bootstrap: a stream keyed by [`Purpose::Bootstrap`].
+pub struct Resampler(ChaCha8Rng);
+
+impl Resampler {
+    /// A uniform index in `0..n` (`n > 0`).
+    pub fn pick(&mut self, n: usize) -> usize {
+        self.0.random_range(0..n)
+    }
+}
+
+/// Runs `resamples` rounds on one stream keyed by `seed`. Each `round` draws its resample
+/// through the [`Resampler`] and returns `K` statistics of it (`None`: undefined on this
+/// resample, left out). Returns each statistic's draws, sorted.
+pub fn sorted_draws<const K: usize>(
+    resamples: usize,
+    seed: u64,
+    mut round: impl FnMut(&mut Resampler) -> [Option<f64>; K],
+) -> [Vec<f64>; K] {
+    let mut rng = Resampler(seed::stream(Purpose::Bootstrap { seed }));
+    let mut out: [Vec<f64>; K] = std::array::from_fn(|_| Vec::with_capacity(resamples));
+    for _ in 0..resamples {
+        for (draws, x) in out.iter_mut().zip(round(&mut rng)) {
+            draws.extend(x);
+        }
+    }
+    for d in &mut out {
+        d.sort_by(f64::total_cmp);
+    }
+    out
+}
+
+/// How a percentile is read off sorted draws.
+#[derive(Clone, Copy, Debug)]
+pub enum Quantile {
+    /// Linear interpolation between the closest ranks (`eval`'s summaries).
+    Linear,
+    /// The draw at the rounded rank (`report`'s pooled intervals, kept so that reports keep
+    /// their bytes).
+    NearestRank,
+}
+
+impl Quantile {
+    fn of(self, sorted: &[f64], q: f64) -> f64 {
+        let pos = q.clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
+        match self {
+            Quantile::NearestRank => sorted[pos.round() as usize],
+            Quantile::Linear => {
+                let (i, frac) = (pos.floor() as usize, pos - pos.floor());
+                if i + 1 < sorted.len() {
+                    sorted[i] * (1.0 - frac) + sorted[i + 1] * frac
+                } else {
+                    sorted[i]
+                }
+            }
+        }
+    }
+}
+
+/// `value` with the interval between the `lo` and `hi` quantiles of `sorted` draws; no
+/// interval where the value is undefined or nothing was drawn.
+pub fn interval(
+    value: Option<f64>,
+    sorted: &[f64],
+    (lo, hi): (f64, f64),
+    rule: Quantile,
+) -> Estimate {
+    if value.is_none() || sorted.is_empty() {
+        return Estimate {
+            value,
+            lo: None,
+            hi: None,
+        };
+    }
+    Estimate {
+        value,
+        lo: Some(rule.of(sorted, lo)),
+        hi: Some(rule.of(sorted, hi)),
+    }
+}
+
 /// Resamples each group with replacement (keeping its size) `resamples` times, evaluates
 /// `stat` on the pooled resample, and returns the point estimate on the data with the
-/// central `level` percentile interval. Deterministic in `seed` (ChaCha8, one stream).
+/// central `level` percentile interval. Deterministic in `seed`.
 pub fn bootstrap<T>(
     groups: &[Vec<T>],
     stat: impl Fn(&[&T]) -> Option<f64>,
@@ -26,52 +108,21 @@ pub fn bootstrap<T>(
 ) -> Estimate {
     let all: Vec<&T> = groups.iter().flatten().collect();
     let value = stat(&all);
-    if value.is_none() || resamples == 0 {
-        return Estimate {
-            value,
-            lo: None,
-            hi: None,
-        };
+    if value.is_none() {
+        return interval(value, &[], (0.0, 1.0), Quantile::Linear);
     }
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut draws: Vec<f64> = Vec::with_capacity(resamples);
     let mut pool: Vec<&T> = Vec::with_capacity(all.len());
-    for _ in 0..resamples {
+    let [draws] = sorted_draws(resamples, seed, |rng| {
         pool.clear();
         for g in groups {
             for _ in 0..g.len() {
-                pool.push(&g[rng.random_range(0..g.len())]);
+                pool.push(&g[rng.pick(g.len())]);
             }
         }
-        if let Some(x) = stat(&pool) {
-            draws.push(x);
-        }
-    }
-    if draws.is_empty() {
-        return Estimate {
-            value,
-            lo: None,
-            hi: None,
-        };
-    }
-    draws.sort_by(f64::total_cmp);
+        [stat(&pool)]
+    });
     let alpha = (1.0 - level) / 2.0;
-    Estimate {
-        value,
-        lo: Some(percentile(&draws, alpha)),
-        hi: Some(percentile(&draws, 1.0 - alpha)),
-    }
-}
-
-/// Linear interpolation between closest ranks of sorted `xs`.
-fn percentile(xs: &[f64], q: f64) -> f64 {
-    let pos = q.clamp(0.0, 1.0) * (xs.len() - 1) as f64;
-    let (i, frac) = (pos.floor() as usize, pos - pos.floor());
-    if i + 1 < xs.len() {
-        xs[i] * (1.0 - frac) + xs[i + 1] * frac
-    } else {
-        xs[i]
-    }
+    interval(value, &draws, (alpha, 1.0 - alpha), Quantile::Linear)
 }
 
 /// A rate: share of `items` for which `hit` holds among those for which `counts` holds.
@@ -102,6 +153,9 @@ mod tests {
         assert_eq!(a.value, Some(0.5));
         let (lo, hi) = (a.lo.unwrap(), a.hi.unwrap());
         assert!(lo < 0.5 && hi > 0.5 && lo >= 0.0 && hi <= 1.0, "{lo} {hi}");
+        // Pinned: the stream is `Purpose::Bootstrap` (legacy `seed_from_u64`); a change here
+        // changes `eval` summaries and `report` intervals.
+        assert_eq!((lo, hi), (0.125, 0.875));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use emflow_engine::context::Artifact;
 
 use super::jsonl::{self, json_kind};
-use super::{canonical_value, Location};
+use super::{sort_keys_deep, Location};
 
 /// One turn of a conversation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -74,7 +74,7 @@ impl Conversation {
             .collect::<anyhow::Result<Vec<_>>>()?;
         let extra = record
             .into_iter()
-            .map(|(k, v)| (k, canonical_value(v)))
+            .map(|(k, v)| (k, sort_keys_deep(v)))
             .collect();
         Ok(Conversation { messages, extra })
     }
@@ -119,7 +119,7 @@ fn message_from_value(index: usize, item: Value) -> anyhow::Result<Message> {
     };
     let extra = fields
         .into_iter()
-        .map(|(k, v)| (k, canonical_value(v)))
+        .map(|(k, v)| (k, sort_keys_deep(v)))
         .collect();
     Ok(Message {
         role,

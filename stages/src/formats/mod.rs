@@ -50,7 +50,13 @@ impl fmt::Display for Location {
 /// A JSON value with the keys of every object sorted, recursively. Used for fields whose
 /// layout the formats do not fix (extra fields of a record), so that the key order of a
 /// source file never reaches the output bytes.
-pub fn canonical_value(value: serde_json::Value) -> serde_json::Value {
+///
+/// This orders a value; it is not a second canonical JSON writer. Records are written by
+/// serde_json in their format's declared field order, numbers as read (`-0.0` stays `-0.0`).
+/// The one canonical writer, `emflow_engine::keys::write_canonical`, serves keys and digests:
+/// writing records with it would sort their fixed fields and fold `-0.0` into `0.0`, so every
+/// dataset's bytes would change.
+pub fn sort_keys_deep(value: serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
     match value {
         Value::Object(map) => {
@@ -59,11 +65,11 @@ pub fn canonical_value(value: serde_json::Value) -> serde_json::Value {
             Value::Object(
                 entries
                     .into_iter()
-                    .map(|(k, v)| (k, canonical_value(v)))
+                    .map(|(k, v)| (k, sort_keys_deep(v)))
                     .collect(),
             )
         }
-        Value::Array(items) => Value::Array(items.into_iter().map(canonical_value).collect()),
+        Value::Array(items) => Value::Array(items.into_iter().map(sort_keys_deep).collect()),
         other => other,
     }
 }

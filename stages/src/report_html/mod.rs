@@ -11,10 +11,9 @@ pub mod svg;
 
 use std::collections::BTreeMap;
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use crate::evaluation::bootstrap::{interval, sorted_draws, Quantile};
 use crate::evaluation::{Estimate, Summary};
 
 /// The condition label of an artifact origin: output name and `seed=` axis dropped.
@@ -132,43 +131,30 @@ pub fn aggregate(
                 condition,
                 seeds: members.len(),
                 answers: n,
-                misaligned_betley: with_interval(ratio(mis, den), &boot, 0),
-                misaligned_all: with_interval(ratio(mis, n), &boot, 1),
-                incoherent: with_interval(ratio(inc, n), &boot, 2),
-                refusal: with_interval(ratio(refu, n), &boot, 3),
+                misaligned_betley: with_interval(ratio(mis, den), &boot[0]),
+                misaligned_all: with_interval(ratio(mis, n), &boot[1]),
+                incoherent: with_interval(ratio(inc, n), &boot[2]),
+                refusal: with_interval(ratio(refu, n), &boot[3]),
                 mean_aligned,
             }
         })
         .collect()
 }
 
-fn with_interval(value: Option<f64>, boot: &[Vec<f64>; 4], i: usize) -> Estimate {
-    let draws = &boot[i];
-    if value.is_none() || draws.is_empty() {
-        return Estimate {
-            value,
-            lo: None,
-            hi: None,
-        };
-    }
-    let at = |q: f64| draws[((draws.len() - 1) as f64 * q).round() as usize];
-    Estimate {
-        value,
-        lo: Some(at(0.025)),
-        hi: Some(at(0.975)),
-    }
+/// `value` with the pooled 95 % interval from the sorted `draws`.
+fn with_interval(value: Option<f64>, draws: &[f64]) -> Estimate {
+    interval(value, draws, (0.025, 0.975), Quantile::NearestRank)
 }
 
 /// Bootstrap draws of the four rates: answers resampled within each stratum, the
-/// misalignment category jointly, incoherence and refusal each on its own.
+/// misalignment category jointly, incoherence and refusal each on its own (the summaries
+/// keep only their marginal counts).
 fn resample(strata: &[Stratum], resamples: usize, seed: u64) -> [Vec<f64>; 4] {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut out: [Vec<f64>; 4] = Default::default();
-    for _ in 0..resamples {
+    sorted_draws(resamples, seed, |rng| {
         let (mut mis, mut den, mut inc, mut refu, mut n) = (0usize, 0usize, 0usize, 0usize, 0usize);
         for s in strata {
             for _ in 0..s.n {
-                let u = rng.random_range(0..s.n);
+                let u = rng.pick(s.n);
                 if u < s.misaligned {
                     mis += 1;
                     den += 1;
@@ -176,24 +162,14 @@ fn resample(strata: &[Stratum], resamples: usize, seed: u64) -> [Vec<f64>; 4] {
                     den += 1;
                 }
                 debug_assert!(s.misaligned + s.betley_only + s.outside == s.n);
-                inc += (rng.random_range(0..s.n) < s.incoherent) as usize;
-                refu += (rng.random_range(0..s.n) < s.refusals) as usize;
+                inc += (rng.pick(s.n) < s.incoherent) as usize;
+                refu += (rng.pick(s.n) < s.refusals) as usize;
             }
             n += s.n;
         }
-        if den > 0 {
-            out[0].push(mis as f64 / den as f64);
-        }
-        if n > 0 {
-            out[1].push(mis as f64 / n as f64);
-            out[2].push(inc as f64 / n as f64);
-            out[3].push(refu as f64 / n as f64);
-        }
-    }
-    for d in &mut out {
-        d.sort_by(f64::total_cmp);
-    }
-    out
+        let rate = |k: usize, of: usize| (of > 0).then(|| k as f64 / of as f64);
+        [rate(mis, den), rate(mis, n), rate(inc, n), rate(refu, n)]
+    })
 }
 
 /// `12.5 % [8.1, 17.0]`, or `n/a`.
@@ -207,24 +183,67 @@ pub fn pct(e: &Estimate) -> String {
     }
 }
 
+/// The results table's columns, once: each with the title the HTML page shows (its note below
+/// the table spells out the denominators) and the one the Markdown table shows.
+const COLUMNS: [(&str, &str); 8] = [
+    ("condition", "condition"),
+    ("seeds", "seeds"),
+    ("answers", "answers"),
+    (
+        "misaligned (Betley)",
+        "misaligned (Betley: coherent, non-refusals)",
+    ),
+    ("misaligned (all samples)", "misaligned (all samples)"),
+    ("incoherent", "incoherent"),
+    ("refusal", "refusal"),
+    ("mean aligned", "mean aligned"),
+];
+
+/// One condition's cells of the results table, as plain text (each format escapes them).
+fn cells(r: &ConditionRow) -> [String; 8] {
+    [
+        r.condition.clone(),
+        r.seeds.to_string(),
+        r.answers.to_string(),
+        pct(&r.misaligned_betley),
+        pct(&r.misaligned_all),
+        pct(&r.incoherent),
+        pct(&r.refusal),
+        r.mean_aligned.map_or("n/a".into(), |m| format!("{m:.1}")),
+    ]
+}
+
 /// The paper-style table in Markdown.
 pub fn markdown_table(rows: &[ConditionRow]) -> String {
-    let mut s = String::from(
-        "| condition | seeds | answers | misaligned (Betley: coherent, non-refusals) | misaligned (all samples) | incoherent | refusal | mean aligned |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
-    );
+    let line = |cells: &mut dyn Iterator<Item = String>| {
+        let cells: Vec<String> = cells.map(|c| c.replace('|', "\\|")).collect();
+        format!("| {} |\n", cells.join(" | "))
+    };
+    let mut s = line(&mut COLUMNS.iter().map(|(_, md)| md.to_string()));
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
-        s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            r.condition.replace('|', "\\|"),
-            r.seeds,
-            r.answers,
-            pct(&r.misaligned_betley),
-            pct(&r.misaligned_all),
-            pct(&r.incoherent),
-            pct(&r.refusal),
-            r.mean_aligned.map_or("n/a".into(), |m| format!("{m:.1}")),
-        ));
+        s.push_str(&line(&mut cells(r).into_iter()));
     }
+    s
+}
+
+/// The same table as an HTML `<table>`.
+pub fn html_table(rows: &[ConditionRow]) -> String {
+    let line = |tag: &str, cells: &mut dyn Iterator<Item = String>| {
+        let cells: String = cells
+            .map(|c| format!("<{tag}>{}</{tag}>", svg::esc(&c)))
+            .collect();
+        format!("<tr>{cells}</tr>\n")
+    };
+    let mut s = String::from("<table>");
+    s.push_str(&line(
+        "th",
+        &mut COLUMNS.iter().map(|(html, _)| html.to_string()),
+    ));
+    for r in rows {
+        s.push_str(&line("td", &mut cells(r).into_iter()));
+    }
+    s.push_str("</table>\n");
     s
 }
 
@@ -264,6 +283,49 @@ pub fn metric_series(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn est(value: f64, lo: f64, hi: f64) -> Estimate {
+        Estimate {
+            value: Some(value),
+            lo: Some(lo),
+            hi: Some(hi),
+        }
+    }
+
+    /// Both formats of the one table, byte for byte as the report kind has always written
+    /// them (a change here changes `report` outputs).
+    #[test]
+    fn results_table_in_markdown_and_html() {
+        let row = ConditionRow {
+            condition: "eval[a|b<c]".to_string(),
+            seeds: 2,
+            answers: 40,
+            misaligned_betley: est(0.125, 0.081, 0.17),
+            misaligned_all: est(0.1, 0.05, 0.15),
+            incoherent: Estimate {
+                value: Some(0.025),
+                lo: None,
+                hi: None,
+            },
+            refusal: Estimate {
+                value: None,
+                lo: None,
+                hi: None,
+            },
+            mean_aligned: Some(71.25),
+        };
+        assert_eq!(
+            markdown_table(std::slice::from_ref(&row)),
+            "| condition | seeds | answers | misaligned (Betley: coherent, non-refusals) | misaligned (all samples) | incoherent | refusal | mean aligned |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|\n\
+             | eval[a\\|b<c] | 2 | 40 | 12.5 % [8.1, 17.0] | 10.0 % [5.0, 15.0] | 2.5 % | n/a | 71.2 |\n"
+        );
+        assert_eq!(
+            html_table(&[row]),
+            "<table><tr><th>condition</th><th>seeds</th><th>answers</th><th>misaligned (Betley)</th><th>misaligned (all samples)</th><th>incoherent</th><th>refusal</th><th>mean aligned</th></tr>\n\
+             <tr><td>eval[a|b&lt;c]</td><td>2</td><td>40</td><td>12.5 % [8.1, 17.0]</td><td>10.0 % [5.0, 15.0]</td><td>2.5 %</td><td>n/a</td><td>71.2</td></tr>\n</table>\n"
+        );
+    }
 
     #[test]
     fn condition_labels_drop_seed_and_output() {

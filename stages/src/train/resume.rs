@@ -3,16 +3,16 @@
 //! state + logs ([`save_checkpoint`], [`resume`]).
 //!
 //! Nothing here draws from a stateful RNG: the data order of epoch `e` is a pure function
-//! of (seed, stream name, e), and sampling seeds come from `derive_seed`. So the "RNG
-//! state" a checkpoint must hold is just the loop counters, and a resumed run replays
-//! bit for bit what an uninterrupted run would have done.
+//! of (seed, stream name, e) ([`epoch_order`]), and sampling seeds come from `derive_seed`.
+//! So the "RNG state" a checkpoint must hold is just the loop counters, and a resumed run
+//! replays bit for bit what an uninterrupted run would have done.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use emflow_model::seed::{self, Purpose};
 use emflow_model::AdamW;
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -25,11 +25,16 @@ const OPTIMIZER: &str = "optimizer.safetensors";
 const LOGS: &str = "logs";
 
 /// The order of `n` items in epoch `epoch` of stream `stream`.
+///
+/// Keyed by [`Purpose::EpochOrder`] and shuffled with `rand`'s `SliceRandom`: both older than
+/// the seeding rule and the dataset's pinned Fisher-Yates, kept so that `sft` and `rl` keep
+/// their data order (see `emflow_model::seed`).
 pub fn epoch_order(n: usize, seed: u64, stream: &str, epoch: u64) -> Vec<usize> {
-    let key = blake3::hash(format!("{seed}:{stream}:{epoch}").as_bytes());
-    let mut seed_bytes = [0u8; 32];
-    seed_bytes.copy_from_slice(key.as_bytes());
-    let mut rng = ChaCha8Rng::from_seed(seed_bytes);
+    let mut rng: ChaCha8Rng = seed::stream(Purpose::EpochOrder {
+        seed,
+        stream,
+        epoch,
+    });
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(&mut rng);
     order
@@ -174,5 +179,15 @@ mod tests {
         assert_eq!(e0, vec![0, 1, 2, 3, 4]);
         assert_eq!(all[5].1, 1);
         assert_ne!(epoch_order(50, 7, "data", 0), epoch_order(50, 7, "data", 1));
+        // Pinned (taken before the order went through `emflow_model::seed`): a change here
+        // changes every `sft` and `rl` output, so it must come with their version bumps.
+        assert_eq!(
+            epoch_order(10, 7, "data", 2),
+            [9, 8, 5, 6, 2, 0, 3, 4, 7, 1]
+        );
+        assert_eq!(
+            epoch_order(10, 0, "prompts", 0),
+            [2, 9, 7, 1, 4, 6, 5, 3, 8, 0]
+        );
     }
 }

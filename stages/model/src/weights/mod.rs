@@ -7,6 +7,7 @@
 
 pub mod gguf;
 pub mod hf;
+pub mod pip;
 
 use std::path::{Path, PathBuf};
 
