@@ -15,11 +15,11 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use crate::config::ModelConfig;
 use crate::generate::{RowSampler, SamplingParams};
-use crate::lora::LoraConfig;
 use crate::optim::{AdamW, AdamWConfig};
-use crate::transformer::{KvCache, Mode, Transformer};
+use crate::transformer::LoraConfig;
+use crate::transformer::ModelConfig;
+use crate::transformer::{Mode, Transformer};
 
 const USAGE: &str = "usage: emflow bench model [--model PATH.gguf|HF_DIR | --random smollm2-135m|qwen2.5-0.5b] [--cuda ORDINAL] [--steps N] [--only prefill|decode|lora|full|kernels]";
 
@@ -124,7 +124,7 @@ fn time_decode(
     let b = prompts.len();
     let len = prompts[0].len();
     let start = Instant::now();
-    let mut cache = KvCache::new(model, b, len + steps + 1)?;
+    let mut cache = model.kv_cache(None, b, len + steps + 1)?;
     let ids = Tensor::from_vec(prompts.concat(), (b, len), model.device())?;
     let mut valid = vec![vec![true; len]; b];
     let h = model.hidden_eval(&ids, &valid, Some(&mut cache))?;
@@ -181,9 +181,9 @@ fn describe_decode_weights(model: &Transformer) -> Result<String> {
 /// GFLOPS of the decode-step products at 1, 4 and 16 rows on SmolLM2's shapes, by kernel:
 /// the panel kernel decode uses and the `gemm` crate the other passes use.
 fn bench_kernels() {
-    use crate::coded_panels::CodedPanels;
-    use crate::cpu_gemm::{gemm_new, MatRef};
-    use crate::panel_matmul::PanelMatrix;
+    use crate::ops::cpu::CodedPanels;
+    use crate::ops::cpu::PanelMatrix;
+    use crate::ops::cpu::{gemm_new, MatRef};
     let time = |f: &mut dyn FnMut(), flops: f64| {
         f();
         let reps = ((2e9 / flops) as usize).clamp(3, 2000);

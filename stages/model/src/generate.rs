@@ -17,7 +17,7 @@ use rand_chacha::ChaCha20Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::tokenizer::Tokenizer;
+use crate::text::Tokenizer;
 use crate::transformer::{KvCache, Mode, Transformer};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -253,7 +253,7 @@ impl Transformer {
         if reqs.len() < 2 || shared < MIN_SHARED_PREFIX || params.max_new_tokens == 0 {
             return self.generate_after(tok, reqs, params, batch_size, None, progress);
         }
-        let mut prefix = KvCache::new(self, 1, shared)?;
+        let mut prefix = self.kv_cache(None, 1, shared)?;
         let ids = Tensor::from_vec(
             reqs[0].prompt_ids[..shared].to_vec(),
             (1, shared),
@@ -354,8 +354,7 @@ impl Transformer {
                 slot as u32
             })
             .collect();
-        let mut cache = KvCache::starting_with(
-            self,
+        let mut cache = self.kv_cache(
             prefix,
             unique.len(),
             shared + prompt_len + params.max_new_tokens,

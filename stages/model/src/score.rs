@@ -9,7 +9,7 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 
-use crate::transformer::{KvCache, Mode, Transformer};
+use crate::transformer::{Mode, Transformer};
 
 mod candidate_tree;
 use candidate_tree::CandidateTree;
@@ -108,7 +108,7 @@ impl Transformer {
             }
         }
         let tree = CandidateTree::build(candidates);
-        let mut cache = KvCache::new(self, 1, prompt.len() + tree.len())?;
+        let mut cache = self.kv_cache(None, 1, prompt.len() + tree.len())?;
         let ids = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), &self.device)?;
         let h = self.hidden_eval(&ids, &[vec![true; prompt.len()]], Some(&mut cache))?;
         // Row c of `contexts` is the hidden state predicting the token after context c.

@@ -15,8 +15,8 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-use crate::config::{Arch, ModelConfig};
 use crate::device::DeviceSetup;
+use crate::transformer::{Arch, ModelConfig};
 
 pub struct GgufWeights {
     pub config: ModelConfig,

@@ -15,10 +15,10 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use crate::cpu_gemm::{gemm_into, gemm_new, matrix, with_matrix, MatRef};
-use crate::frozen_matmul::{input_gradient, with_last_dim};
-use crate::host_slice::{f32_slice, with_f32s};
-use crate::panel_matmul::{matmul_few_cols, matmul_few_rows, FEW_COLS};
+use super::frozen_matmul::{input_gradient, with_last_dim};
+use crate::ops::cpu::{f32_slice, with_f32s};
+use crate::ops::cpu::{gemm_into, gemm_new, matrix, with_matrix, MatRef};
+use crate::ops::cpu::{matmul_few_cols, matmul_few_rows, FEW_COLS};
 
 /// The op: `w` is the frozen (in, out) weight, captured as a constant.
 pub(crate) struct LoraLinear {

@@ -9,8 +9,9 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, InplaceOp2, Layout};
 
-use crate::host_slice::f32_slice;
 use rayon::prelude::*;
+
+use crate::ops::cpu::f32_slice;
 
 /// The constants of one update of one parameter, and its moments (updated in place).
 pub(crate) struct HostAdamW<'a> {

@@ -11,8 +11,8 @@ use anyhow::{bail, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 
-use crate::cpu_gemm::{gemm_new, matrix, with_matrix, MatRef};
-use crate::host_slice::{f32_slice, with_f32};
+use crate::ops::cpu::{f32_slice, with_f32};
+use crate::ops::cpu::{gemm_new, matrix, with_matrix, MatRef};
 
 /// `dims` with its last entry replaced by `n`: the shape of a product over the last dim.
 pub(crate) fn with_last_dim(dims: &[usize], n: usize) -> Vec<usize> {

@@ -26,7 +26,7 @@ use candle_core::quantized::gguf_file::Value as GgufValue;
 use minijinja::{Environment, Error as JinjaError, ErrorKind};
 use serde::{Deserialize, Serialize};
 
-use crate::tokenizer::{special_token_content, value_as_i64, Tokenizer};
+use super::tokenizer::{special_token_content, value_as_i64, Tokenizer};
 
 /// One turn of a conversation.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

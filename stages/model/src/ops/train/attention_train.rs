@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_gemm::{gemm_into, MatRef};
-use crate::host_slice::{f32_slice, with_f32s};
-use crate::softmax_rows::{exp_nonpositive, lane_sum};
+use crate::ops::cpu::{exp_nonpositive, lane_sum};
+use crate::ops::cpu::{f32_slice, with_f32s};
+use crate::ops::cpu::{gemm_into, MatRef};
 
 /// Head counts and sizes of one attention layer.
 #[derive(Clone, Copy, Debug)]
@@ -347,8 +347,8 @@ pub(crate) fn attention_train(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::train::rope_differentiable;
     use crate::testing::max_abs_diff;
-    use crate::transformer::rope_differentiable;
     use candle_core::{Device, Var, D};
 
     /// The candle spelling the transformer used before this op: heads, RoPE, grouped scores,

@@ -19,7 +19,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu_gemm::MatRef;
+use crate::ops::cpu::MatRef;
 
 /// Output columns per panel: three AVX-512 vectors (six AVX2 vectors).
 pub(crate) const PANEL: usize = 48;

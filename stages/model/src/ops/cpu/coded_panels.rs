@@ -6,7 +6,7 @@
 //! GGUF Q4_1 tensor carries 4.5 bits of information per element in those 32, so here each
 //! panel of [`PANEL`] columns is stored as codes plus per-block scales (0.75 bytes per element
 //! for 4-bit codes) and decoded into the running thread's scratch just before the panel kernel
-//! reads it. The products keep [`PanelMatrix`](crate::panel_matmul::PanelMatrix)'s bits:
+//! reads it. The products keep [`PanelMatrix`](crate::ops::cpu::PanelMatrix)'s bits:
 //! a decoded panel is that panel, exactly.
 //!
 //! The codes are found from the f32 values rather than carried from the file. For each block
@@ -22,7 +22,7 @@
 use half::f16;
 use rayon::prelude::*;
 
-use crate::panel_matmul::{matmul_decoded_panels, PANEL};
+use super::panel_matmul::{matmul_decoded_panels, PANEL};
 
 /// Consecutive `k` that share a scale and an offset (GGUF's block length).
 pub(crate) const GROUP: usize = 32;
@@ -297,7 +297,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::panel_matmul::PanelMatrix;
+    use crate::ops::cpu::PanelMatrix;
 
     /// A hash-spread value in [0, 1).
     fn unit(i: usize, salt: u32) -> f32 {

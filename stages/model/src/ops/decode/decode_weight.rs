@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use crate::coded_panels::CodedPanels;
-use crate::derived_copy::DerivedCopy;
-use crate::host_slice::with_f32;
-use crate::panel_matmul::PanelMatrix;
+use crate::ops::cpu::with_f32;
+use crate::ops::cpu::CodedPanels;
+use crate::ops::cpu::PanelMatrix;
+use crate::ops::derived_copy::DerivedCopy;
 
 /// A weight ready for products with the few rows of a decode step.
 pub(crate) enum DecodeWeight {

@@ -12,7 +12,7 @@
 use candle_core::{Tensor, D};
 use rayon::prelude::*;
 
-use crate::host_slice::with_f32;
+use crate::ops::cpu::with_f32;
 
 /// Lanes of the partial sums in a query-key dot product: independent accumulators, so the
 /// compiler can keep them in vector registers instead of one serial chain of adds.

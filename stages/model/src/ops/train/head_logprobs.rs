@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_gemm::{gemm_into, matrix, MatRef};
-use crate::host_slice::{f32_slice, with_f32};
-use crate::softmax_rows::{row_sums, RowSums};
+use crate::ops::cpu::{f32_slice, with_f32};
+use crate::ops::cpu::{gemm_into, matrix, MatRef};
+use crate::ops::cpu::{row_sums, RowSums};
 
 /// Rows projected to the vocabulary at a time (SmolLM2: 25 MB of logits).
 const BLOCK_ROWS: usize = 128;

@@ -4,11 +4,9 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use crate::chat::ChatTemplate;
-use crate::config::ModelConfig;
 use crate::device::DeviceSetup;
-use crate::tokenizer::Tokenizer;
-use crate::transformer::Transformer;
+use crate::text::{ChatTemplate, Tokenizer};
+use crate::transformer::{ModelConfig, Transformer};
 use crate::weights::{self, weights_digest};
 
 pub struct LoadedModel {

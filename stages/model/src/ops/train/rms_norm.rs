@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::host_slice::f32_slice;
+use crate::ops::cpu::f32_slice;
 
 /// Rows per block of the weight-gradient sum (fixed, for thread-count-free results).
 const ROWS_PER_BLOCK: usize = 32;

@@ -6,10 +6,10 @@
 //! backward. A rotation's gradient is the inverse rotation, so this op reads its input once
 //! forward and the upstream gradient once backward.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::host_slice::{f32_slice, with_f32};
+use crate::ops::cpu::{f32_slice, with_f32};
 
 /// Rotate (b, heads, t, d) by per-row tables `cos`/`sin` (b, t, d/2): halves (`x[..d/2]`
 /// with `x[d/2..]`, Llama and Qwen2 in HF layout) or adjacent pairs when `interleaved`.
@@ -97,6 +97,35 @@ pub(crate) fn rope_train(
     })
 }
 
+/// RoPE built from differentiable ops, with per-row tables `cos`/`sin` of shape (b, t, d/2).
+pub(crate) fn rope_differentiable(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    interleaved: bool,
+) -> anyhow::Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    let half = d / 2;
+    if interleaved {
+        let cos = cos.reshape((b, 1, t, half, 1))?;
+        let sin = sin.reshape((b, 1, t, half, 1))?;
+        let x = x.reshape((b, h, t, half, 2))?;
+        let x0 = x.narrow(D::Minus1, 0, 1)?;
+        let x1 = x.narrow(D::Minus1, 1, 1)?;
+        let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+        let y1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+        Ok(Tensor::cat(&[y0, y1], D::Minus1)?.reshape((b, h, t, d))?)
+    } else {
+        let cos = cos.reshape((b, 1, t, half))?;
+        let sin = sin.reshape((b, 1, t, half))?;
+        let x0 = x.narrow(D::Minus1, 0, half)?;
+        let x1 = x.narrow(D::Minus1, half, half)?;
+        let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+        let y1 = (x1.broadcast_mul(&cos)? + x0.broadcast_mul(&sin)?)?;
+        Ok(Tensor::cat(&[y0, y1], D::Minus1)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,8 +142,7 @@ mod tests {
         let upstream = Tensor::randn(0f32, 1.0, (b, heads, t, d), &dev)?;
         for interleaved in [false, true] {
             let ours = rope_train(x.as_tensor(), &cos, &sin, interleaved)?;
-            let plain =
-                crate::transformer::rope_differentiable(x.as_tensor(), &cos, &sin, interleaved)?;
+            let plain = rope_differentiable(x.as_tensor(), &cos, &sin, interleaved)?;
             let diff = max_abs_diff(&ours, &plain)?;
             assert!(
                 diff < 1e-6,

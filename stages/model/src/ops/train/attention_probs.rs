@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::host_slice::{f32_slice, with_f32};
+use crate::ops::cpu::{f32_slice, with_f32};
 
 /// The op, for scores laid out (b, heads, t, kv) and an additive mask (b, t, kv) shared by
 /// every head.

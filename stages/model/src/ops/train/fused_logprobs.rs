@@ -10,8 +10,8 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::host_slice::f32_slice;
-use crate::softmax_rows::row_sums_of;
+use crate::ops::cpu::f32_slice;
+use crate::ops::cpu::row_sums_of;
 
 pub(crate) struct TargetLogprobs {
     /// One target id per row.

@@ -9,6 +9,8 @@
 //! transformers' `get_*_schedule_with_warmup` formulas, so hyper-parameters from papers using
 //! TRL mean the same thing here.
 
+mod adamw_host;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
@@ -18,7 +20,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::adamw_host::HostAdamW;
+use adamw_host::HostAdamW;
 
 /// AdamW hyper-parameters (torch's defaults: betas 0.9/0.999, eps 1e-8, weight decay 0.01).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

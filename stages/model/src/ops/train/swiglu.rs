@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::host_slice::{f32_slice, with_f32};
+use crate::ops::cpu::{f32_slice, with_f32};
 
 /// Elements per parallel chunk.
 const CHUNK: usize = 16 * 1024;

@@ -11,9 +11,9 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
-use crate::cpu_gemm::{gemm_new, matrix, with_matrix, MatRef};
-use crate::frozen_matmul::with_last_dim;
-use crate::host_slice::{f32_slice, with_f32};
+use super::frozen_matmul::with_last_dim;
+use crate::ops::cpu::{f32_slice, with_f32};
+use crate::ops::cpu::{gemm_new, matrix, with_matrix, MatRef};
 
 struct TrainableMatmul;
 
