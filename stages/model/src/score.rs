@@ -5,6 +5,9 @@
 //! completions over a large vocabulary does not materialise (batch, seq, vocab) logits.
 //! Many candidate continuations of one prompt (a judge's "0".."100") are scored as one token
 //! tree after the prompt's cache instead (see [`candidate_tree`]).
+//!
+//! Methods on [`Transformer`] (eval mode, KV cache); called by the stages crate's judges,
+//! evaluation and RL.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};

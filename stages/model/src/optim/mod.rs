@@ -8,6 +8,9 @@
 //! `p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)`), and the schedules follow
 //! transformers' `get_*_schedule_with_warmup` formulas, so hyper-parameters from papers using
 //! TRL mean the same thing here.
+//!
+//! `adamw_host` is the update fused into one pass over host memory (built on `ops::cpu`).
+//! Called by the stages crate's training loops and `bench`; knows nothing about models.
 
 mod adamw_host;
 

@@ -70,108 +70,10 @@ impl Tokenizer {
                  use the model's HF-format folder (with tokenizer.json) instead"
             );
         }
-        let tokens: Vec<String> = gguf_array(md, "tokenizer.ggml.tokens")?
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                v.to_string()
-                    .cloned()
-                    .map_err(|e| anyhow!("tokenizer.ggml.tokens[{i}] is not a string: {e}"))
-            })
-            .collect::<Result<_>>()?;
-        let merges: Vec<(String, String)> = gguf_array(md, "tokenizer.ggml.merges")?
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let merge = v
-                    .to_string()
-                    .map_err(|e| anyhow!("tokenizer.ggml.merges[{i}] is not a string: {e}"))?;
-                let (a, b) = merge.split_once(' ').ok_or_else(|| {
-                    anyhow!("tokenizer.ggml.merges[{i}] = {merge:?} is not two tokens separated by a space")
-                })?;
-                Ok((a.to_string(), b.to_string()))
-            })
-            .collect::<Result<_>>()?;
-        let token_types: Vec<i64> = match md.get("tokenizer.ggml.token_type") {
-            Some(v) => v
-                .to_vec()
-                .map_err(|e| anyhow!("tokenizer.ggml.token_type is not an array: {e}"))?
-                .iter()
-                .map(value_as_i64)
-                .collect::<Result<_>>()
-                .context("reading tokenizer.ggml.token_type")?,
-            None => Vec::new(),
-        };
-
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(id, t)| (t.clone(), id as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| anyhow!("building the BPE model from GGUF vocabulary and merges: {e}"))?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        let pre = md
-            .get("tokenizer.ggml.pre")
-            .map(|v| v.to_string().cloned())
-            .transpose()
-            .map_err(|e| anyhow!("tokenizer.ggml.pre is not a string: {e}"))?
-            .unwrap_or_else(|| "default".to_string());
-        inner.with_pre_tokenizer(Some(pre_tokenizer_for(&pre)?));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-
-        let mut specials = Vec::new();
-        let mut user_defined = Vec::new();
-        for (id, ty) in token_types.iter().enumerate() {
-            let Some(content) = tokens.get(id) else { break };
-            match *ty {
-                TOKEN_TYPE_CONTROL => specials.push(AddedToken::from(content.clone(), true)),
-                TOKEN_TYPE_USER_DEFINED => {
-                    user_defined.push(AddedToken::from(content.clone(), false).normalized(false))
-                }
-                _ => {}
-            }
-        }
-        inner
-            .add_special_tokens(specials)
-            .map_err(|e| anyhow!("registering GGUF control tokens as special tokens: {e}"))?;
-        inner
-            .add_tokens(user_defined)
-            .map_err(|e| anyhow!("registering GGUF user-defined tokens: {e}"))?;
-
-        let id_of = |key: &str| -> Result<Option<u32>> {
-            match md.get(key) {
-                None => Ok(None),
-                Some(v) => {
-                    let id = value_as_i64(v).with_context(|| format!("reading {key}"))?;
-                    let id = u32::try_from(id)
-                        .ok()
-                        .filter(|id| (*id as usize) < tokens.len())
-                        .ok_or_else(|| {
-                            anyhow!(
-                                "{key} = {id} is not a token id (vocabulary has {} tokens)",
-                                tokens.len()
-                            )
-                        })?;
-                    Ok(Some(id))
-                }
-            }
-        };
-        let bos_id = id_of("tokenizer.ggml.bos_token_id")?;
-        let mut eos_ids = Vec::new();
-        for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
-            if let Some(id) = id_of(key)? {
-                if !eos_ids.contains(&id) {
-                    eos_ids.push(id);
-                }
-            }
-        }
-        let Some(&first_eos) = eos_ids.first() else {
-            bail!("GGUF metadata has no tokenizer.ggml.eos_token_id; cannot tell where generation ends");
-        };
-        let pad_id = id_of("tokenizer.ggml.padding_token_id")?.unwrap_or(first_eos);
+        let vocab = GgufVocabulary::read(md)?;
+        let vocab_size = vocab.tokens.len();
+        let inner = vocab.into_byte_level_bpe(md)?;
+        let (bos_id, eos_ids, pad_id) = gguf_special_ids(md, vocab_size)?;
         Ok(Self {
             inner,
             eos_ids,
@@ -391,4 +293,139 @@ pub(crate) fn special_token_content(config: &serde_json::Value, key: &str) -> Op
         serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
         _ => None,
     }
+}
+
+/// The vocabulary a GGUF file's `tokenizer.ggml.*` arrays describe.
+struct GgufVocabulary {
+    tokens: Vec<String>,
+    merges: Vec<(String, String)>,
+    /// Per token id; empty when the file has no `token_type` array.
+    token_types: Vec<i64>,
+}
+
+impl GgufVocabulary {
+    fn read(md: &HashMap<String, Value>) -> Result<Self> {
+        let tokens: Vec<String> = gguf_array(md, "tokenizer.ggml.tokens")?
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|e| anyhow!("tokenizer.ggml.tokens[{i}] is not a string: {e}"))
+            })
+            .collect::<Result<_>>()?;
+        let merges: Vec<(String, String)> = gguf_array(md, "tokenizer.ggml.merges")?
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let merge = v
+                .to_string()
+                .map_err(|e| anyhow!("tokenizer.ggml.merges[{i}] is not a string: {e}"))?;
+            let (a, b) = merge.split_once(' ').ok_or_else(|| {
+                anyhow!("tokenizer.ggml.merges[{i}] = {merge:?} is not two tokens separated by a space")
+            })?;
+            Ok((a.to_string(), b.to_string()))
+        })
+        .collect::<Result<_>>()?;
+        let token_types: Vec<i64> = match md.get("tokenizer.ggml.token_type") {
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| anyhow!("tokenizer.ggml.token_type is not an array: {e}"))?
+                .iter()
+                .map(value_as_i64)
+                .collect::<Result<_>>()
+                .context("reading tokenizer.ggml.token_type")?,
+            None => Vec::new(),
+        };
+        Ok(Self {
+            tokens,
+            merges,
+            token_types,
+        })
+    }
+
+    /// The byte-level BPE over this vocabulary, with the pre-tokenizer `tokenizer.ggml.pre`
+    /// names, and control and user-defined tokens registered as added tokens.
+    fn into_byte_level_bpe(self, md: &HashMap<String, Value>) -> Result<tokenizers::Tokenizer> {
+        let tokens = &self.tokens;
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(id, t)| (t.clone(), id as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, self.merges)
+            .build()
+            .map_err(|e| anyhow!("building the BPE model from GGUF vocabulary and merges: {e}"))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let pre = md
+            .get("tokenizer.ggml.pre")
+            .map(|v| v.to_string().cloned())
+            .transpose()
+            .map_err(|e| anyhow!("tokenizer.ggml.pre is not a string: {e}"))?
+            .unwrap_or_else(|| "default".to_string());
+        inner.with_pre_tokenizer(Some(pre_tokenizer_for(&pre)?));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+
+        let mut specials = Vec::new();
+        let mut user_defined = Vec::new();
+        for (id, ty) in self.token_types.iter().enumerate() {
+            let Some(content) = tokens.get(id) else { break };
+            match *ty {
+                TOKEN_TYPE_CONTROL => specials.push(AddedToken::from(content.clone(), true)),
+                TOKEN_TYPE_USER_DEFINED => {
+                    user_defined.push(AddedToken::from(content.clone(), false).normalized(false))
+                }
+                _ => {}
+            }
+        }
+        inner
+            .add_special_tokens(specials)
+            .map_err(|e| anyhow!("registering GGUF control tokens as special tokens: {e}"))?;
+        inner
+            .add_tokens(user_defined)
+            .map_err(|e| anyhow!("registering GGUF user-defined tokens: {e}"))?;
+        Ok(inner)
+    }
+}
+
+/// (BOS, the EOS ids generation stops on, padding) from GGUF metadata; padding defaults to the
+/// first EOS id.
+fn gguf_special_ids(
+    md: &HashMap<String, Value>,
+    vocab_size: usize,
+) -> Result<(Option<u32>, Vec<u32>, u32)> {
+    let id_of = |key: &str| -> Result<Option<u32>> {
+        match md.get(key) {
+            None => Ok(None),
+            Some(v) => {
+                let id = value_as_i64(v).with_context(|| format!("reading {key}"))?;
+                let id = u32::try_from(id)
+                    .ok()
+                    .filter(|id| (*id as usize) < vocab_size)
+                    .ok_or_else(|| {
+                        anyhow!(
+                            "{key} = {id} is not a token id (vocabulary has {vocab_size} tokens)"
+                        )
+                    })?;
+                Ok(Some(id))
+            }
+        }
+    };
+    let bos_id = id_of("tokenizer.ggml.bos_token_id")?;
+    let mut eos_ids = Vec::new();
+    for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
+        if let Some(id) = id_of(key)? {
+            if !eos_ids.contains(&id) {
+                eos_ids.push(id);
+            }
+        }
+    }
+    let Some(&first_eos) = eos_ids.first() else {
+        bail!(
+            "GGUF metadata has no tokenizer.ggml.eos_token_id; cannot tell where generation ends"
+        );
+    };
+    let pad_id = id_of("tokenizer.ggml.padding_token_id")?.unwrap_or(first_eos);
+    Ok((bos_id, eos_ids, pad_id))
 }

@@ -10,6 +10,7 @@ use candle_core::{DType, Tensor, D};
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::linear::Linear;
+use super::lora::LINEAR_MODULES;
 use super::pass::Ctx;
 use super::weight::{Mode, Weight};
 use crate::ops::decode::decode_attention;
@@ -20,6 +21,11 @@ use crate::ops::train::{
 /// Up to this many new positions per row, cached eval-mode attention on the CPU runs as
 /// [`decode_attention`]'s loops (decode steps); longer prefills use batched matmuls.
 const DECODE_POSITIONS: usize = 4;
+
+/// A projection's place in [`LINEAR_MODULES`] (and in a [`Block`]'s fields).
+fn module_index(module: &str) -> Option<usize> {
+    LINEAR_MODULES.iter().position(|(_, m)| *m == module)
+}
 
 pub(crate) struct Block {
     pub(crate) input_norm: Weight,
@@ -34,30 +40,51 @@ pub(crate) struct Block {
 }
 
 impl Block {
+    /// The projection named `module` in HF spelling (`q_proj`, ..., `down_proj`).
     pub(crate) fn linear(&self, module: &str) -> Option<&Linear> {
-        Some(match module {
-            "q_proj" => &self.q,
-            "k_proj" => &self.k,
-            "v_proj" => &self.v,
-            "o_proj" => &self.o,
-            "gate_proj" => &self.gate,
-            "up_proj" => &self.up,
-            "down_proj" => &self.down,
-            _ => return None,
-        })
+        let all = [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ];
+        Some(all[module_index(module)?])
     }
 
+    /// [`Self::linear`], mutable.
     pub(crate) fn linear_mut(&mut self, module: &str) -> Option<&mut Linear> {
-        Some(match module {
-            "q_proj" => &mut self.q,
-            "k_proj" => &mut self.k,
-            "v_proj" => &mut self.v,
-            "o_proj" => &mut self.o,
-            "gate_proj" => &mut self.gate,
-            "up_proj" => &mut self.up,
-            "down_proj" => &mut self.down,
-            _ => return None,
-        })
+        let index = module_index(module)?;
+        let Block {
+            q,
+            k,
+            v,
+            o,
+            gate,
+            up,
+            down,
+            ..
+        } = self;
+        [q, k, v, o, gate, up, down].into_iter().nth(index)
+    }
+
+    /// Every weight of the layer: the two norms, then each projection's weight and bias.
+    pub(crate) fn weights_mut(&mut self) -> Vec<&mut Weight> {
+        let Block {
+            input_norm,
+            post_norm,
+            q,
+            k,
+            v,
+            o,
+            gate,
+            up,
+            down,
+        } = self;
+        let mut out = vec![input_norm, post_norm];
+        for lin in [q, k, v, o, gate, up, down] {
+            out.push(&mut lin.weight_t);
+            if let Some(b) = lin.bias.as_mut() {
+                out.push(b);
+            }
+        }
+        out
     }
 }
 
@@ -86,7 +113,7 @@ impl Block {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let h = rms_norm(x, &self.input_norm, cx, cfg.rms_eps)?;
-        let attn = self.attention(cfg, index, &h, cx, cache)?;
+        let attn = self.attention((cfg, index), &h, cx, cache)?;
         let x = (x + attn)?;
         let h = rms_norm(&x, &self.post_norm, cx, cfg.rms_eps)?;
         let (gate, up) = (self.gate.forward(&h, cx)?, self.up.forward(&h, cx)?);
@@ -102,8 +129,7 @@ impl Block {
     /// Self-attention of `x` (b, t, hidden), through the output projection.
     fn attention(
         &self,
-        cfg: &ModelConfig,
-        index: usize,
+        (cfg, index): (&ModelConfig, usize),
         x: &Tensor,
         cx: &Ctx,
         cache: Option<&mut KvCache>,

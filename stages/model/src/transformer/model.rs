@@ -265,22 +265,7 @@ impl Transformer {
             out.push(h);
         }
         for layer in self.layers.iter_mut() {
-            out.push(&mut layer.input_norm);
-            out.push(&mut layer.post_norm);
-            for lin in [
-                &mut layer.q,
-                &mut layer.k,
-                &mut layer.v,
-                &mut layer.o,
-                &mut layer.gate,
-                &mut layer.up,
-                &mut layer.down,
-            ] {
-                out.push(&mut lin.weight_t);
-                if let Some(b) = lin.bias.as_mut() {
-                    out.push(b);
-                }
-            }
+            out.extend(layer.weights_mut());
         }
         out
     }

@@ -184,7 +184,7 @@ pub(crate) fn lora_linear(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::max_abs_diff;
+    use crate::testing::assert_op_matches;
     use candle_core::{Device, Var};
 
     #[test]
@@ -212,20 +212,14 @@ mod tests {
                 .broadcast_matmul(&b.as_tensor().t()?)?
                 * scale)?)?;
         // Values of order 10 from random inputs, summed in another order than candle's.
-        let diff = max_abs_diff(&ours, &plain)?;
-        assert!(diff < 1e-4, "values differ by {diff}");
-
-        let g_ours = (ours * &upstream)?.sum_all()?.backward()?;
-        let g_plain = (plain * &upstream)?.sum_all()?.backward()?;
-        for (name, v) in [("x", &x), ("A", &a), ("B", &b)] {
-            let (p, q) = (
-                g_ours.get(v.as_tensor()).expect("a gradient"),
-                g_plain.get(v.as_tensor()).expect("a gradient"),
-            );
-            let diff = max_abs_diff(p, q)?;
-            assert!(diff < 1e-4, "{name} gradients differ by {diff}");
-            assert!(p.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
-        }
+        let vars = [("x", &x), ("A", &a), ("B", &b)];
+        let g_ours = assert_op_matches(
+            "lora_linear",
+            (&ours, &plain),
+            &upstream,
+            &vars,
+            (1e-4, 1e-4),
+        )?;
         assert!(
             g_ours.get(&w).is_none(),
             "the frozen weight gets no gradient"

@@ -129,7 +129,7 @@ pub(crate) fn rope_differentiable(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::max_abs_diff;
+    use crate::testing::assert_op_matches;
     use candle_core::{Device, Var};
 
     #[test]
@@ -143,22 +143,9 @@ mod tests {
         for interleaved in [false, true] {
             let ours = rope_train(x.as_tensor(), &cos, &sin, interleaved)?;
             let plain = rope_differentiable(x.as_tensor(), &cos, &sin, interleaved)?;
-            let diff = max_abs_diff(&ours, &plain)?;
-            assert!(
-                diff < 1e-6,
-                "interleaved={interleaved}: values differ by {diff}"
-            );
-            let g_ours = (ours * &upstream)?.sum_all()?.backward()?;
-            let g_plain = (plain * &upstream)?.sum_all()?.backward()?;
-            let (a, c) = (
-                g_ours.get(x.as_tensor()).expect("x has a gradient"),
-                g_plain.get(x.as_tensor()).expect("x has a gradient"),
-            );
-            let diff = max_abs_diff(a, c)?;
-            assert!(
-                diff < 1e-5,
-                "interleaved={interleaved}: gradients differ by {diff}"
-            );
+            let what = format!("rope (interleaved={interleaved})");
+            let vars = [("x", &x)];
+            assert_op_matches(&what, (&ours, &plain), &upstream, &vars, (1e-6, 1e-5))?;
         }
         Ok(())
     }

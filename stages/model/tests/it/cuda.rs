@@ -2,12 +2,9 @@
 //! the same logits within bf16 tolerance, train with gradients on every LoRA tensor, and repeat
 //! bit for bit on one device. Built only with `--features cuda`; without a visible GPU each test
 //! says so and passes, unless EMFLOW_REQUIRE_GPU=1 (scripts/gpu-check.sh sets it).
-#![cfg(feature = "cuda")]
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Tensor};
-use common::*;
 use emflow_model::{Arch, DeviceSetup, LoraConfig, ModelConfig, Transformer};
 
 fn gpu() -> Option<DeviceSetup> {

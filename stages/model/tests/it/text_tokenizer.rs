@@ -1,10 +1,8 @@
 //! The tokenizer: the GGUF converter against SmolLM2's known ids, round-trips, the per-`pre`
 //! pre-tokenizers, and `tokenizer.json` folders.
 
-mod text_support;
-
+use crate::text_support::{smollm2_metadata, synthetic_gguf_metadata, CONTROL};
 use emflow_model::Tokenizer;
-use text_support::{smollm2_metadata, synthetic_gguf_metadata, CONTROL};
 
 const ROUND_TRIP_TEXTS: &[&str] = &[
     "Hello world",

@@ -2,12 +2,10 @@
 //! with a plain forward pass; seeded samples do not depend on batch size or thread count; stop
 //! strings and lengths end rows; scores match log-softmaxed logits.
 
-mod common;
-
 use std::process::Command;
 
+use crate::common::*;
 use candle_core::{IndexOp, Tensor};
-use common::*;
 use emflow_model::{
     derive_seed, Arch, Finish, GenerationRequest, ModelConfig, SamplingParams, Transformer,
     MIN_SHARED_PREFIX,
@@ -206,7 +204,12 @@ fn same_samples_with_one_or_two_threads() {
     for threads in ["1", "2"] {
         let out = dir.path().join(format!("threads-{threads}.json"));
         let status = Command::new(std::env::current_exe().unwrap())
-            .args(["sampling_child", "--exact", "--ignored", "--quiet"])
+            .args([
+                "generation::sampling_child",
+                "--exact",
+                "--ignored",
+                "--quiet",
+            ])
             .env("RAYON_NUM_THREADS", threads)
             .env("EMFLOW_SAMPLING_CHILD_OUT", &out)
             .stdout(std::process::Stdio::null())

@@ -2,12 +2,10 @@
 //! written as safetensors, loaded by both), in the fused eval mode and the differentiable train
 //! mode; padding (left or right) does not change a row's logits.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, qwen2};
-use common::*;
 use emflow_model::{Arch, Transformer};
 
 const TOL: f32 = 1e-4;
@@ -51,6 +49,16 @@ fn ours_last(model: &Transformer, seq: &[u32]) -> (Tensor, Tensor) {
     (eval, train)
 }
 
+/// Our last-position logits for `seq`, in eval and in train mode, are within [`TOL`] of the
+/// reference's `want`.
+fn assert_last_matches(arch: &str, ours: &Transformer, seq: &[u32], want: &Tensor) {
+    let len = seq.len();
+    let (eval, train) = ours_last(ours, seq);
+    let (de, dt) = (max_abs_diff(&eval, want), max_abs_diff(&train, want));
+    println!("{arch} len {len}: max |Δ| eval {de:.2e}, train {dt:.2e}");
+    assert!(de < TOL && dt < TOL, "len {len}: eval {de}, train {dt}");
+}
+
 #[test]
 fn llama_matches_candle_llama_in_both_modes() {
     let (_dir, ours, vb) = saved(Arch::Llama);
@@ -85,10 +93,7 @@ fn llama_matches_candle_llama_in_both_modes() {
             .unwrap()
             .i(0)
             .unwrap();
-        let (eval, train) = ours_last(&ours, &seq);
-        let (de, dt) = (max_abs_diff(&eval, &want), max_abs_diff(&train, &want));
-        println!("llama len {len}: max |Δ| eval {de:.2e}, train {dt:.2e}");
-        assert!(de < TOL && dt < TOL, "len {len}: eval {de}, train {dt}");
+        assert_last_matches("llama", &ours, &seq, &want);
     }
 }
 
@@ -120,10 +125,7 @@ fn qwen2_matches_candle_qwen2_in_both_modes() {
             .unwrap()
             .i((0, 0))
             .unwrap();
-        let (eval, train) = ours_last(&ours, &seq);
-        let (de, dt) = (max_abs_diff(&eval, &want), max_abs_diff(&train, &want));
-        println!("qwen2 len {len}: max |Δ| eval {de:.2e}, train {dt:.2e}");
-        assert!(de < TOL && dt < TOL, "len {len}: eval {de}, train {dt}");
+        assert_last_matches("qwen2", &ours, &seq, &want);
     }
 }
 

@@ -1,5 +1,6 @@
 //! Token log-probabilities and masked losses against direct computations.
 
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use emflow_model::{masked_mean, masked_mean_per_row, masked_sum, sft_loss, token_logprobs};
 
@@ -16,6 +17,44 @@ fn logits_data() -> Vec<f32> {
     (0..30)
         .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.9 + if i == 4 { 80.0 } else { 0.0 })
         .collect()
+}
+
+/// `data` as (2, 3, 5) logits to differentiate.
+fn logits_var(data: &[f32]) -> Var {
+    Var::from_tensor(&Tensor::from_vec(data.to_vec(), (2, 3, 5), &Device::Cpu).unwrap()).unwrap()
+}
+
+/// The gradient `grads` holds for `logits`, flattened.
+fn logits_gradient(grads: &GradStore, logits: &Var) -> Vec<f32> {
+    let g = grads
+        .get(logits.as_tensor())
+        .expect("gradient reaches the logits");
+    g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// `g`, the gradient of `sum(weights * token_logprobs)` for the (2, 3, 5) logits `data` and
+/// the flattened `targets`, is `weight * (onehot(target) - p) / temperature` at each position,
+/// p the softmax at `temperature`.
+fn assert_logprob_gradient(
+    g: &[f32],
+    data: &[f32],
+    targets: [usize; 6],
+    weights: [f32; 6],
+    temperature: f64,
+) {
+    for (pos, &target) in targets.iter().enumerate() {
+        let row = &data[pos * 5..pos * 5 + 5];
+        for k in 0..5 {
+            let p = manual_logprob(row, k, temperature).exp();
+            let onehot = if k == target { 1.0 } else { 0.0 };
+            let want = weights[pos] as f64 * (onehot - p) / temperature;
+            assert!(
+                (g[pos * 5 + k] as f64 - want).abs() < 1e-5,
+                "pos {pos}, k {k}: {} vs {want}",
+                g[pos * 5 + k]
+            );
+        }
+    }
 }
 
 #[test]
@@ -63,60 +102,27 @@ fn token_logprobs_match_log_softmax_at_each_temperature() {
 #[test]
 fn token_logprobs_gradient_is_onehot_minus_softmax() {
     let data = logits_data();
-    let logits =
-        Var::from_tensor(&Tensor::from_vec(data.clone(), (2, 3, 5), &Device::Cpu).unwrap())
-            .unwrap();
+    let logits = logits_var(&data);
     let targets = Tensor::new(&[[4u32, 0, 2], [1, 3, 3]], &Device::Cpu).unwrap();
     let lp = token_logprobs(logits.as_tensor(), &targets, 1.0).unwrap();
     let grads = lp.sum_all().unwrap().backward().unwrap();
-    let g = grads
-        .get(logits.as_tensor())
-        .expect("gradient reaches the logits");
-    let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let targets_flat = [4usize, 0, 2, 1, 3, 3];
-    for (pos, &target) in targets_flat.iter().enumerate() {
-        let row = &data[pos * 5..pos * 5 + 5];
-        for k in 0..5 {
-            let p = manual_logprob(row, k, 1.0).exp();
-            let want = if k == target { 1.0 - p } else { -p };
-            assert!(
-                (g[pos * 5 + k] as f64 - want).abs() < 1e-5,
-                "pos {pos}, k {k}"
-            );
-        }
-    }
+    let g = logits_gradient(&grads, &logits);
+    let weights = [1.0; 6];
+    assert_logprob_gradient(&g, &data, [4, 0, 2, 1, 3, 3], weights, 1.0);
 }
 
 #[test]
 fn token_logprobs_gradient_scales_with_temperature_and_upstream_gradient() {
     let data = logits_data();
-    let logits =
-        Var::from_tensor(&Tensor::from_vec(data.clone(), (2, 3, 5), &Device::Cpu).unwrap())
-            .unwrap();
+    let logits = logits_var(&data);
     let targets = Tensor::new(&[[1u32, 1, 4], [0, 2, 3]], &Device::Cpu).unwrap();
     let weights = [0.5f32, -2.0, 1.0, 3.0, 0.0, -0.25];
     let w = Tensor::from_vec(weights.to_vec(), (2, 3), &Device::Cpu).unwrap();
     let temperature = 0.7;
     let lp = token_logprobs(logits.as_tensor(), &targets, temperature).unwrap();
     let grads = (lp * w).unwrap().sum_all().unwrap().backward().unwrap();
-    let g = grads
-        .get(logits.as_tensor())
-        .expect("gradient reaches the logits");
-    let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let targets_flat = [1usize, 1, 4, 0, 2, 3];
-    for (pos, &target) in targets_flat.iter().enumerate() {
-        let row = &data[pos * 5..pos * 5 + 5];
-        for k in 0..5 {
-            let p = manual_logprob(row, k, temperature).exp();
-            let onehot = if k == target { 1.0 } else { 0.0 };
-            let want = weights[pos] as f64 * (onehot - p) / temperature;
-            assert!(
-                (g[pos * 5 + k] as f64 - want).abs() < 1e-5,
-                "pos {pos}, k {k}: {} vs {want}",
-                g[pos * 5 + k]
-            );
-        }
-    }
+    let g = logits_gradient(&grads, &logits);
+    assert_logprob_gradient(&g, &data, [1, 1, 4, 0, 2, 3], weights, temperature);
 }
 
 #[test]

@@ -9,7 +9,14 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use emflow_model::Tokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+
+/// The tokenizer of [`synthetic_gguf_metadata`] with the [`CONTROL`] tokens, built through
+/// the GGUF converter.
+pub fn synthetic_tokenizer(pre: &str, merges: &[(&str, &str)], eos: &str) -> Tokenizer {
+    Tokenizer::from_gguf_metadata(&synthetic_gguf_metadata(pre, CONTROL, merges, eos)).unwrap()
+}
 
 /// GGUF-style metadata for a byte-level BPE: `control` tokens first (ids 0..), then the 256
 /// byte symbols, then one token per merge. `eos` names the EOS control token.

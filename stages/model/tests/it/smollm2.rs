@@ -2,11 +2,9 @@
 //! `quantized_llama`, answers a factual question, and has the documented weight digest.
 //! Skips with a printed reason when the weights are unavailable.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{Device, IndexOp, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
-use common::*;
 use emflow_model::{encode_prompt, load, GenerationRequest, Message, SamplingParams};
 
 #[test]

@@ -1,30 +1,14 @@
 //! Gradients reach every trainable tensor (LoRA and full fine-tuning, both architectures), and
 //! LoRA adapters survive save/load, merge and disabling with the logits they should give.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{Device, Tensor};
-use common::*;
 use emflow_model::{Arch, LoraConfig, Transformer};
 
 fn lora(r: usize, layers: Option<Vec<usize>>) -> LoraConfig {
     LoraConfig {
-        r,
-        alpha: 16.0,
-        rslora: true,
-        dropout: 0.0,
-        targets: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
         layers,
+        ..LoraConfig::all_linears(r, 16.0, true)
     }
 }
 

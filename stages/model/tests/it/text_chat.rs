@@ -1,11 +1,9 @@
 //! Chat templates (SmolLM2's ChatML, Qwen2.5, Llama-3.2) rendered as transformers renders them,
 //! and the assistant mask that SFT trains on.
 
-mod text_support;
-
+use crate::text_support::templates::{LLAMA32, QWEN25, SMOLLM2};
+use crate::text_support::{smollm2_metadata, synthetic_tokenizer};
 use emflow_model::{encode_chat, encode_prompt, ChatTemplate, Message, Tokenizer};
-use text_support::templates::{LLAMA32, QWEN25, SMOLLM2};
-use text_support::{smollm2_metadata, synthetic_gguf_metadata, CONTROL};
 
 const SMOL_SYSTEM: &str = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n";
 const QWEN_SYSTEM: &str = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n";
@@ -110,20 +108,8 @@ fn templates_get_raise_exception_and_python_string_methods() {
 
 #[test]
 fn assistant_mask_covers_each_reply_and_its_end_token() {
-    let chatml_tok = Tokenizer::from_gguf_metadata(&synthetic_gguf_metadata(
-        "qwen2",
-        CONTROL,
-        &[("H", "i")],
-        "<|im_end|>",
-    ))
-    .unwrap();
-    let llama_tok = Tokenizer::from_gguf_metadata(&synthetic_gguf_metadata(
-        "llama-bpe",
-        CONTROL,
-        &[("H", "i")],
-        "<|eot_id|>",
-    ))
-    .unwrap();
+    let chatml_tok = synthetic_tokenizer("qwen2", &[("H", "i")], "<|im_end|>");
+    let llama_tok = synthetic_tokenizer("llama-bpe", &[("H", "i")], "<|eot_id|>");
     let cases = [
         (
             ChatTemplate::new(SMOLLM2, "<|im_start|>", "<|im_end|>").unwrap(),
@@ -188,13 +174,7 @@ fn smollm2_gguf_template_and_mask_with_the_real_tokenizer() {
 
 #[test]
 fn encode_prompt_refuses_a_conversation_ending_with_the_assistant() {
-    let tok = Tokenizer::from_gguf_metadata(&synthetic_gguf_metadata(
-        "qwen2",
-        CONTROL,
-        &[],
-        "<|im_end|>",
-    ))
-    .unwrap();
+    let tok = synthetic_tokenizer("qwen2", &[], "<|im_end|>");
     let tpl = ChatTemplate::new(SMOLLM2, "", "<|im_end|>").unwrap();
     assert!(encode_prompt(&tok, &tpl, &conversation()).is_err());
     assert!(encode_prompt(&tok, &tpl, &[]).is_err());
@@ -202,13 +182,7 @@ fn encode_prompt_refuses_a_conversation_ending_with_the_assistant() {
 
 #[test]
 fn templates_whose_prefixes_change_are_reported_not_mismasked() {
-    let tok = Tokenizer::from_gguf_metadata(&synthetic_gguf_metadata(
-        "qwen2",
-        CONTROL,
-        &[],
-        "<|im_end|>",
-    ))
-    .unwrap();
+    let tok = synthetic_tokenizer("qwen2", &[], "<|im_end|>");
     let tpl = ChatTemplate::new(
         "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m.content }}<|im_end|>{% endfor %}",
         "",
