@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks that the `cuda` feature compiles, with a CUDA 13.0 toolkit assembled from PyPI wheels
-# (no GPU needed): the workspace, and the GPU tests (stages/model/tests/cuda.rs, which run on a
+# (no GPU needed): the workspace, and the GPU tests (stages/model/tests/it/cuda.rs, which run on a
 # GPU through scripts/gpu-check.sh).
 #
 #   scripts/ci-cuda.sh

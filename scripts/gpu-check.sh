@@ -8,7 +8,7 @@
 #   eval "$(scripts/cuda-env.sh)"
 #   CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda
 #   CARGO_TARGET_DIR=target/cuda cargo test --release -p emflow-model --features cuda \
-#       --test cuda --no-run      # prints the test binary's path
+#       --test it --no-run        # prints the test binary's path
 #
 # It runs the GPU tests (CPU parity within bf16 tolerance, LoRA gradients, determinism on one
 # device) with EMFLOW_REQUIRE_GPU=1 so a missing GPU fails instead of skipping, then
@@ -50,7 +50,8 @@ with_peak_memory() {
 
 if [ -n "$tests" ]; then
   echo "== GPU tests"
-  EMFLOW_REQUIRE_GPU=1 "$tests" --test-threads=1 || status=1
+  # The one test binary holds every model test; the GPU ones are its `cuda::` module.
+  EMFLOW_REQUIRE_GPU=1 "$tests" cuda:: --test-threads=1 || status=1
 else
   echo "== GPU tests: skipped (no test binary given)"
 fi

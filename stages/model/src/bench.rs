@@ -15,11 +15,11 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use crate::config::ModelConfig;
 use crate::generate::{RowSampler, SamplingParams};
-use crate::lora::LoraConfig;
 use crate::optim::{AdamW, AdamWConfig};
-use crate::transformer::{KvCache, Mode, Transformer};
+use crate::transformer::LoraConfig;
+use crate::transformer::ModelConfig;
+use crate::transformer::{Mode, Transformer};
 
 const USAGE: &str = "usage: emflow bench model [--model PATH.gguf|HF_DIR | --random smollm2-135m|qwen2.5-0.5b] [--cuda ORDINAL] [--steps N] [--only prefill|decode|lora|full|kernels]";
 
@@ -124,7 +124,7 @@ fn time_decode(
     let b = prompts.len();
     let len = prompts[0].len();
     let start = Instant::now();
-    let mut cache = KvCache::new(model, b, len + steps + 1)?;
+    let mut cache = model.kv_cache(None, b, len + steps + 1)?;
     let ids = Tensor::from_vec(prompts.concat(), (b, len), model.device())?;
     let mut valid = vec![vec![true; len]; b];
     let h = model.hidden_eval(&ids, &valid, Some(&mut cache))?;
@@ -181,9 +181,9 @@ fn describe_decode_weights(model: &Transformer) -> Result<String> {
 /// GFLOPS of the decode-step products at 1, 4 and 16 rows on SmolLM2's shapes, by kernel:
 /// the panel kernel decode uses and the `gemm` crate the other passes use.
 fn bench_kernels() {
-    use crate::coded_panels::CodedPanels;
-    use crate::cpu_gemm::{gemm_new, MatRef};
-    use crate::panel_matmul::PanelMatrix;
+    use crate::ops::cpu::CodedPanels;
+    use crate::ops::cpu::PanelMatrix;
+    use crate::ops::cpu::{gemm_new, MatRef};
     let time = |f: &mut dyn FnMut(), flops: f64| {
         f();
         let reps = ((2e9 / flops) as usize).clamp(3, 2000);
@@ -339,14 +339,26 @@ pub fn bench_model(args: &[String]) -> Result<()> {
     let start = Instant::now();
     let model = load()?;
     println!("load: {:.2} s", start.elapsed().as_secs_f64());
+    bench_generation(&model, &args)?;
+    drop(model);
+    bench_training(&args, &load)?;
+    match peak_rss_mib() {
+        Some(m) => println!("peak RSS: {m:.0} MiB"),
+        None => println!("peak RSS: unavailable (no /proc/self/status)"),
+    }
+    Ok(())
+}
+
+/// Prefill and decode throughput (after warm-up passes).
+fn bench_generation(model: &Transformer, args: &Args) -> Result<()> {
     let vocab = model.config().vocab_size;
     let greedy = SamplingParams::greedy(args.decode_steps);
 
     if args.runs("prefill") {
         // Prefill: one 256-token sequence (after a warm-up pass).
         let prompt = vec![token_ids(256, vocab, 0)];
-        time_decode(&model, &prompt, 0, &greedy)?;
-        let (prefill, _) = time_decode(&model, &prompt, 0, &greedy)?;
+        time_decode(model, &prompt, 0, &greedy)?;
+        let (prefill, _) = time_decode(model, &prompt, 0, &greedy)?;
         println!(
             "prefill: {:.0} tok/s (1 x 256 tokens in {:.3} s)",
             256.0 / prefill,
@@ -355,8 +367,8 @@ pub fn bench_model(args: &[String]) -> Result<()> {
     }
     if args.runs("decode") {
         // Warm-up: the first decode step makes the weight copies decode multiplies by.
-        time_decode(&model, &[token_ids(8, vocab, 9)], 2, &greedy)?;
-        println!("decode weights: {}", describe_decode_weights(&model)?);
+        time_decode(model, &[token_ids(8, vocab, 9)], 2, &greedy)?;
+        println!("decode weights: {}", describe_decode_weights(model)?);
         let steps = args.decode_steps;
         for (batch, params, label) in [
             (1, greedy.clone(), "greedy"),
@@ -372,7 +384,7 @@ pub fn bench_model(args: &[String]) -> Result<()> {
             ),
         ] {
             let prompts: Vec<Vec<u32>> = (0..batch).map(|b| token_ids(32, vocab, b)).collect();
-            let (_, decode) = time_decode(&model, &prompts, steps, &params)?;
+            let (_, decode) = time_decode(model, &prompts, steps, &params)?;
             println!(
                 "decode batch {batch:>2} ({label}): {:.1} tok/s ({steps} steps after a 32-token prompt, {:.1} ms/step)",
                 (batch * steps) as f64 / decode,
@@ -380,33 +392,32 @@ pub fn bench_model(args: &[String]) -> Result<()> {
             );
         }
     }
-    drop(model);
+    Ok(())
+}
+
+/// Training-step throughput with a LoRA adapter and with full fine-tuning, each on a freshly
+/// loaded model.
+fn bench_training(args: &Args, load: &dyn Fn() -> Result<Transformer>) -> Result<()> {
     let (batch, len, train_steps) = (4, 128, 3);
-    if args.runs("lora") {
-        let mut lora_model = load()?;
-        lora_model.add_lora(&LoraConfig::all_linears(8, 16.0, false), 0)?;
-        let t = time_train(&lora_model, batch, len, train_steps)?;
+    let train = |what: &str, model: &Transformer| -> Result<()> {
+        let t = time_train(model, batch, len, train_steps)?;
         println!(
-            "train LoRA r=8 (all linears): {:.0} tok/s ({batch} x {len} tokens, {:.2} s/step: {})",
+            "train {what}: {:.0} tok/s ({batch} x {len} tokens, {:.2} s/step: {})",
             (batch * len) as f64 / t.total(),
             t.total(),
             t.split()
         );
+        Ok(())
+    };
+    if args.runs("lora") {
+        let mut lora_model = load()?;
+        lora_model.add_lora(&LoraConfig::all_linears(8, 16.0, false), 0)?;
+        train("LoRA r=8 (all linears)", &lora_model)?;
     }
     if args.runs("full") {
         let mut full = load()?;
         full.enable_full_finetune()?;
-        let t = time_train(&full, batch, len, train_steps)?;
-        println!(
-            "train full fine-tune: {:.0} tok/s ({batch} x {len} tokens, {:.2} s/step: {})",
-            (batch * len) as f64 / t.total(),
-            t.total(),
-            t.split()
-        );
-    }
-    match peak_rss_mib() {
-        Some(m) => println!("peak RSS: {m:.0} MiB"),
-        None => println!("peak RSS: unavailable (no /proc/self/status)"),
+        train("full fine-tune", &full)?;
     }
     Ok(())
 }

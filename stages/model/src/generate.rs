@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::seed::{self, Purpose};
-use crate::tokenizer::Tokenizer;
+use crate::text::Tokenizer;
 use crate::transformer::{KvCache, Mode, Transformer};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -246,7 +246,7 @@ impl Transformer {
         if reqs.len() < 2 || shared < MIN_SHARED_PREFIX || params.max_new_tokens == 0 {
             return self.generate_after(tok, reqs, params, batch_size, None, progress);
         }
-        let mut prefix = KvCache::new(self, 1, shared)?;
+        let mut prefix = self.kv_cache(None, 1, shared)?;
         let ids = Tensor::from_vec(
             reqs[0].prompt_ids[..shared].to_vec(),
             (1, shared),
@@ -287,6 +287,8 @@ impl Transformer {
             .collect()
     }
 
+    /// One batch of requests (indices `chunk` into `reqs`): prefill, then decode steps until
+    /// every row has finished.
     fn generate_batch(
         &self,
         tok: &Tokenizer,
@@ -295,45 +297,65 @@ impl Transformer {
         params: &SamplingParams,
         prefix: Option<&KvCache>,
     ) -> Result<Vec<(usize, Generation)>> {
-        // A shared prefix sits in the cache already; the rest of each prompt is left-padded
-        // after it (positions count valid slots only, so the padding in the middle is unseen).
-        let shared = prefix.map_or(0, |p| p.len);
-        let prompt_len = chunk
-            .iter()
-            .map(|&i| reqs[i].prompt_ids.len() - shared)
-            .max()
-            .unwrap_or(0);
-        let pad = tok.pad_id();
-        let mut ids = Vec::with_capacity(chunk.len() * prompt_len);
-        let mut rows = Vec::with_capacity(chunk.len());
-        for &i in chunk {
-            let prompt = &reqs[i].prompt_ids[shared..];
-            let padding = prompt_len - prompt.len();
-            ids.extend(std::iter::repeat_n(pad, padding));
-            ids.extend_from_slice(prompt);
-            let mut key_valid = vec![true; shared];
-            key_valid.resize(shared + padding, false);
-            key_valid.resize(shared + prompt_len, true);
-            rows.push(Row {
-                request: i,
-                sampler: RowSampler::new(reqs[i].seed),
-                tokens: Vec::new(),
-                key_valid,
-                finish: None,
-            });
-        }
-        let mut finished = Vec::with_capacity(chunk.len());
+        let prompts = lay_out_prompts(tok, reqs, chunk, prefix.map_or(0, |p| p.len));
+        let mut rows = prompts.rows;
         if params.max_new_tokens == 0 {
-            for r in rows {
-                finished.push((
-                    r.request,
-                    finish_row(tok, r.tokens, Finish::Length, params)?,
-                ));
-            }
-            return Ok(finished);
+            return rows
+                .into_iter()
+                .map(|r| {
+                    Ok((
+                        r.request,
+                        finish_row(tok, r.tokens, Finish::Length, params)?,
+                    ))
+                })
+                .collect();
         }
-        // Rows with the same prompt (an RL group's generations) share one prefill: only the
-        // first row of each prompt runs, and the cache and logits rows are copied out after.
+        let (mut cache, mut logits) = self.prefill(
+            reqs,
+            chunk,
+            &rows,
+            (&prompts.ids, prompts.len),
+            prefix,
+            params.max_new_tokens,
+        )?;
+        let mut finished = Vec::with_capacity(chunk.len());
+        let stop_window = params.stop.iter().map(|s| s.len()).max().unwrap_or(0) + 8;
+        loop {
+            let next = draw_next(&logits, &mut rows, params)?;
+            mark_finishes(tok, &mut rows, next, params, stop_window)?;
+            if rows.iter().any(|r| r.finish.is_some()) {
+                let keep = retire_finished(tok, &mut rows, &mut finished, params)?;
+                if rows.is_empty() {
+                    break;
+                }
+                cache.select_rows(&keep)?;
+            }
+            let last: Vec<u32> = rows
+                .iter()
+                .map(|r| *r.tokens.last().unwrap_or(&tok.pad_id()))
+                .collect();
+            let ids = Tensor::from_vec(last, (rows.len(), 1), &self.device)?;
+            let key_valid: Vec<Vec<bool>> = rows.iter().map(|r| r.key_valid.clone()).collect();
+            let h = self.hidden_eval(&ids, &key_valid, Some(&mut cache))?;
+            logits = self.logits(&h, Mode::Eval)?.squeeze(1)?;
+        }
+        Ok(finished)
+    }
+
+    /// Runs the prompts laid out in `ids` (rows of `prompt_len`) into a fresh cache after
+    /// `prefix`, sized for `max_new_tokens` more; returns it with each row's next-token
+    /// logits. Rows with the same prompt (an RL group's generations) share one prefill: only
+    /// the first row of each prompt runs, and the cache and logits rows are copied out after.
+    fn prefill(
+        &self,
+        reqs: &[GenerationRequest],
+        chunk: &[usize],
+        rows: &[Row],
+        (ids, prompt_len): (&[u32], usize),
+        prefix: Option<&KvCache>,
+        max_new_tokens: usize,
+    ) -> Result<(KvCache, Tensor)> {
+        let shared = prefix.map_or(0, |p| p.len);
         let mut unique: Vec<usize> = Vec::new();
         let copy_from: Vec<u32> = chunk
             .iter()
@@ -347,12 +369,8 @@ impl Transformer {
                 slot as u32
             })
             .collect();
-        let mut cache = KvCache::starting_with(
-            self,
-            prefix,
-            unique.len(),
-            shared + prompt_len + params.max_new_tokens,
-        )?;
+        let mut cache =
+            self.kv_cache(prefix, unique.len(), shared + prompt_len + max_new_tokens)?;
         let unique_ids: Vec<u32> = unique
             .iter()
             .flat_map(|&r| &ids[r * prompt_len..(r + 1) * prompt_len])
@@ -368,67 +386,121 @@ impl Transformer {
             cache.select_rows(&copy_from)?;
             logits = logits.index_select(&Tensor::new(copy_from.as_slice(), &self.device)?, 0)?;
         }
-        let eos = tok.eos_ids();
-        let stop_window = params.stop.iter().map(|s| s.len()).max().unwrap_or(0) + 8;
-        loop {
-            let next: Vec<u32> = if params.temperature == 0.0 {
-                logits.argmax(D::Minus1)?.to_vec1::<u32>()?
-            } else {
-                // Each row draws from its own generator, so rows can be drawn in parallel
-                // without changing any draw.
-                let host = logits.to_vec2::<f32>()?;
-                rows.par_iter_mut()
-                    .zip(host.par_iter())
-                    .map(|(r, l)| r.sampler.sample(l, params))
-                    .collect()
-            };
-            for (r, t) in rows.iter_mut().zip(next) {
-                r.tokens.push(t);
-                r.key_valid.push(true);
-                if eos.contains(&t) {
-                    r.finish = Some(Finish::Eos);
-                } else if !params.stop.is_empty()
-                    && hits_stop(tok, &r.tokens, &params.stop, stop_window)?
-                {
-                    r.finish = Some(Finish::Stop);
-                } else if r.tokens.len() >= params.max_new_tokens {
-                    r.finish = Some(Finish::Length);
-                }
-            }
-            if rows.iter().any(|r| r.finish.is_some()) {
-                let keep: Vec<u32> = rows
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, r)| r.finish.is_none())
-                    .map(|(i, _)| i as u32)
-                    .collect();
-                let mut still = Vec::with_capacity(keep.len());
-                for r in rows.drain(..) {
-                    match r.finish {
-                        Some(f) => {
-                            let request = r.request;
-                            finished.push((request, finish_row(tok, r.tokens, f, params)?));
-                        }
-                        None => still.push(r),
-                    }
-                }
-                rows = still;
-                if rows.is_empty() {
-                    break;
-                }
-                cache.select_rows(&keep)?;
-            }
-            let last: Vec<u32> = rows
-                .iter()
-                .map(|r| *r.tokens.last().unwrap_or(&pad))
-                .collect();
-            let ids = Tensor::from_vec(last, (rows.len(), 1), &self.device)?;
-            let key_valid: Vec<Vec<bool>> = rows.iter().map(|r| r.key_valid.clone()).collect();
-            let h = self.hidden_eval(&ids, &key_valid, Some(&mut cache))?;
-            logits = self.logits(&h, Mode::Eval)?.squeeze(1)?;
-        }
-        Ok(finished)
+        Ok((cache, logits))
     }
+}
+
+/// A batch's prompts, left-padded to one length, and a fresh row per request.
+struct LaidOut {
+    /// (rows, len) token ids, row-major.
+    ids: Vec<u32>,
+    len: usize,
+    rows: Vec<Row>,
+}
+
+/// Left-pads the prompts of `chunk` after the `shared` tokens a prefix cache already holds
+/// (positions count valid slots only, so the padding in the middle is unseen).
+fn lay_out_prompts(
+    tok: &Tokenizer,
+    reqs: &[GenerationRequest],
+    chunk: &[usize],
+    shared: usize,
+) -> LaidOut {
+    let prompt_len = chunk
+        .iter()
+        .map(|&i| reqs[i].prompt_ids.len() - shared)
+        .max()
+        .unwrap_or(0);
+    let pad = tok.pad_id();
+    let mut ids = Vec::with_capacity(chunk.len() * prompt_len);
+    let mut rows = Vec::with_capacity(chunk.len());
+    for &i in chunk {
+        let prompt = &reqs[i].prompt_ids[shared..];
+        let padding = prompt_len - prompt.len();
+        ids.extend(std::iter::repeat_n(pad, padding));
+        ids.extend_from_slice(prompt);
+        let mut key_valid = vec![true; shared];
+        key_valid.resize(shared + padding, false);
+        key_valid.resize(shared + prompt_len, true);
+        rows.push(Row {
+            request: i,
+            sampler: RowSampler::new(reqs[i].seed),
+            tokens: Vec::new(),
+            key_valid,
+            finish: None,
+        });
+    }
+    LaidOut {
+        ids,
+        len: prompt_len,
+        rows,
+    }
+}
+
+/// Each row's next token from its logits row: the argmax at temperature 0, else a draw from
+/// the row's own generator (so rows can be drawn in parallel without changing any draw).
+fn draw_next(logits: &Tensor, rows: &mut [Row], params: &SamplingParams) -> Result<Vec<u32>> {
+    Ok(if params.temperature == 0.0 {
+        logits.argmax(D::Minus1)?.to_vec1::<u32>()?
+    } else {
+        let host = logits.to_vec2::<f32>()?;
+        rows.par_iter_mut()
+            .zip(host.par_iter())
+            .map(|(r, l)| r.sampler.sample(l, params))
+            .collect()
+    })
+}
+
+/// Appends each row's new token and marks the rows it finishes: EOS, a stop string, or the
+/// length limit.
+fn mark_finishes(
+    tok: &Tokenizer,
+    rows: &mut [Row],
+    next: Vec<u32>,
+    params: &SamplingParams,
+    stop_window: usize,
+) -> Result<()> {
+    let eos = tok.eos_ids();
+    for (r, t) in rows.iter_mut().zip(next) {
+        r.tokens.push(t);
+        r.key_valid.push(true);
+        if eos.contains(&t) {
+            r.finish = Some(Finish::Eos);
+        } else if !params.stop.is_empty() && hits_stop(tok, &r.tokens, &params.stop, stop_window)? {
+            r.finish = Some(Finish::Stop);
+        } else if r.tokens.len() >= params.max_new_tokens {
+            r.finish = Some(Finish::Length);
+        }
+    }
+    Ok(())
+}
+
+/// Moves the finished rows' generations to `finished`; returns the indices (in the old order)
+/// of the rows still running, for the cache to keep.
+fn retire_finished(
+    tok: &Tokenizer,
+    rows: &mut Vec<Row>,
+    finished: &mut Vec<(usize, Generation)>,
+    params: &SamplingParams,
+) -> Result<Vec<u32>> {
+    let keep: Vec<u32> = rows
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.finish.is_none())
+        .map(|(i, _)| i as u32)
+        .collect();
+    let mut still = Vec::with_capacity(keep.len());
+    for r in rows.drain(..) {
+        match r.finish {
+            Some(f) => {
+                let request = r.request;
+                finished.push((request, finish_row(tok, r.tokens, f, params)?));
+            }
+            None => still.push(r),
+        }
+    }
+    *rows = still;
+    Ok(keep)
 }
 
 fn check_call(

@@ -9,7 +9,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 
-use crate::fused_logprobs::TargetLogprobs;
+use crate::ops::train::TargetLogprobs;
 
 /// Log-probabilities of `targets` (b, t; u32) under `logits` (b, t, vocab) divided by
 /// `temperature`; returns (b, t) in the logits' dtype. Differentiable with respect to `logits`.
@@ -91,7 +91,7 @@ pub fn masked_mean_per_row(values: &Tensor, mask: &Tensor) -> Result<Tensor> {
 }
 
 /// Supervised fine-tuning loss: mean next-token cross-entropy over the tokens `mask` marks
-/// (b, t; e.g. the assistant mask of [`crate::chat::EncodedChat`]). The logits at position i
+/// (b, t; e.g. the assistant mask of [`crate::text::EncodedChat`]). The logits at position i
 /// predict token i+1, so the mask is read at the predicted positions.
 pub fn sft_loss(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (b, t, _) = logits

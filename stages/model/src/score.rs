@@ -5,11 +5,14 @@
 //! completions over a large vocabulary does not materialise (batch, seq, vocab) logits.
 //! Many candidate continuations of one prompt (a judge's "0".."100") are scored as one token
 //! tree after the prompt's cache instead (see [`candidate_tree`]).
+//!
+//! Methods on [`Transformer`] (eval mode, KV cache); called by the stages crate's judges,
+//! evaluation and RL.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 
-use crate::transformer::{KvCache, Mode, Transformer};
+use crate::transformer::{Mode, Transformer};
 
 mod candidate_tree;
 use candidate_tree::CandidateTree;
@@ -108,7 +111,7 @@ impl Transformer {
             }
         }
         let tree = CandidateTree::build(candidates);
-        let mut cache = KvCache::new(self, 1, prompt.len() + tree.len())?;
+        let mut cache = self.kv_cache(None, 1, prompt.len() + tree.len())?;
         let ids = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), &self.device)?;
         let h = self.hidden_eval(&ids, &[vec![true; prompt.len()]], Some(&mut cache))?;
         // Row c of `contexts` is the hidden state predicting the token after context c.

@@ -115,3 +115,39 @@ fn lock_exclusive(file: &std::fs::File) {
 pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> anyhow::Result<f32> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
+
+/// Checks a hand-written op against the candle spelling of the same maths it replaces: `ours`
+/// and `plain` agree within `values` (the largest absolute difference), and the gradients of
+/// `sum(y * upstream)` with respect to each of `vars` agree within `gradients`, have the same
+/// shape and are not all zero. `what` starts each failure message. Returns our gradients, for
+/// tests that check more of them.
+pub fn assert_op_matches(
+    what: &str,
+    (ours, plain): (&candle_core::Tensor, &candle_core::Tensor),
+    upstream: &candle_core::Tensor,
+    vars: &[(&str, &candle_core::Var)],
+    (values, gradients): (f32, f32),
+) -> anyhow::Result<candle_core::backprop::GradStore> {
+    assert_eq!(ours.dims(), plain.dims(), "{what}: output shapes differ");
+    let diff = max_abs_diff(ours, plain)?;
+    assert!(diff < values, "{what}: values differ by {diff}");
+    let g_ours = (ours * upstream)?.sum_all()?.backward()?;
+    let g_plain = (plain * upstream)?.sum_all()?.backward()?;
+    for (name, v) in vars {
+        let (a, b) = (
+            g_ours.get(v.as_tensor()).expect("our op gives a gradient"),
+            g_plain
+                .get(v.as_tensor())
+                .expect("the plain spelling gives a gradient"),
+        );
+        assert_eq!(a.dims(), b.dims(), "{what}: {name} gradient shapes differ");
+        let diff = max_abs_diff(a, b)?;
+        assert!(
+            diff < gradients,
+            "{what}: {name} gradients differ by {diff}"
+        );
+        let size = a.abs()?.sum_all()?.to_scalar::<f32>()?;
+        assert!(size > 0.0, "{what}: the {name} gradient is zero");
+    }
+    Ok(g_ours)
+}

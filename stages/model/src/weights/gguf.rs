@@ -15,8 +15,8 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-use crate::config::{Arch, ModelConfig};
 use crate::device::DeviceSetup;
+use crate::transformer::{Arch, ModelConfig};
 
 pub struct GgufWeights {
     pub config: ModelConfig,
@@ -128,23 +128,24 @@ mod tests {
 
     #[test]
     fn gguf_names_map_to_hf_names() {
-        assert_eq!(
-            hf_name("blk.12.attn_q.weight").as_deref(),
-            Some("model.layers.12.self_attn.q_proj.weight")
-        );
-        assert_eq!(
-            hf_name("blk.0.attn_k.bias").as_deref(),
-            Some("model.layers.0.self_attn.k_proj.bias")
-        );
-        assert_eq!(
-            hf_name("blk.3.ffn_norm.weight").as_deref(),
-            Some("model.layers.3.post_attention_layernorm.weight")
-        );
-        assert_eq!(
-            hf_name("token_embd.weight").as_deref(),
-            Some("model.embed_tokens.weight")
-        );
-        assert_eq!(hf_name("rope_freqs.weight"), None);
+        for (gguf, hf) in [
+            (
+                "blk.12.attn_q.weight",
+                Some("model.layers.12.self_attn.q_proj.weight"),
+            ),
+            (
+                "blk.0.attn_k.bias",
+                Some("model.layers.0.self_attn.k_proj.bias"),
+            ),
+            (
+                "blk.3.ffn_norm.weight",
+                Some("model.layers.3.post_attention_layernorm.weight"),
+            ),
+            ("token_embd.weight", Some("model.embed_tokens.weight")),
+            ("rope_freqs.weight", None),
+        ] {
+            assert_eq!(hf_name(gguf).as_deref(), hf, "{gguf}");
+        }
     }
 
     #[test]

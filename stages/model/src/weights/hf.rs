@@ -1,13 +1,14 @@
-//! HF-format model folders: `config.json` plus one or more `*.safetensors` shards, memory-mapped.
+//! HF-format model folders: `config.json` plus one or more `*.safetensors` shards, memory-mapped;
+//! and a fully fine-tuned model written as one such folder and read back.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 
-use crate::config::ModelConfig;
 use crate::device::DeviceSetup;
+use crate::transformer::{ModelConfig, Transformer};
 
 pub struct HfWeights {
     pub config: ModelConfig,
@@ -81,4 +82,69 @@ pub fn read(dir: &Path, setup: &DeviceSetup) -> Result<HfWeights> {
         tensors,
         files,
     })
+}
+
+pub const FULL_WEIGHTS: &str = "model.safetensors";
+
+impl Transformer {
+    /// Write every weight (f32, HF names) as `model.safetensors` plus an HF `config.json`.
+    pub fn save_full(&self, dir: &Path) -> Result<()> {
+        if self.lora.is_some() {
+            bail!("this model has a LoRA adapter: save it with save_adapter, or merge_lora first");
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tensors: HashMap<String, Tensor> = self
+            .named_weights()?
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+            .collect::<Result<_>>()?;
+        let path = dir.join(FULL_WEIGHTS);
+        candle_core::safetensors::save(&tensors, &path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        let path = dir.join("config.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&self.cfg.to_hf_json())?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Overwrite every weight from a folder written by [`Self::save_full`] (same architecture).
+    pub fn load_full(&mut self, dir: &Path) -> Result<()> {
+        let files = safetensors_files(dir)?;
+        let tensors = read_tensors(
+            &files,
+            &DeviceSetup {
+                device: self.device.clone(),
+                compute_dtype: DType::F32,
+            },
+        )?;
+        let mut missing: BTreeSet<String> = self
+            .named_weight_refs()
+            .into_iter()
+            .map(|(n, _, _)| n)
+            .collect();
+        for (name, t) in tensors {
+            if self.cfg.tie_embeddings && name == "lm_head.weight" {
+                continue;
+            }
+            let (w, transposed) = self.weight_mut(&name).with_context(|| {
+                format!(
+                    "{} holds {name}, which this model does not have",
+                    dir.display()
+                )
+            })?;
+            let t = if transposed { t.t()?.contiguous()? } else { t };
+            w.set(&t)
+                .with_context(|| format!("loading {name} from {}", dir.display()))?;
+            missing.remove(&name);
+        }
+        self.refresh_embed_t()?;
+        if let Some(name) = missing.iter().next() {
+            bail!(
+                "{} lacks {} weight(s), e.g. {name}",
+                dir.display(),
+                missing.len()
+            );
+        }
+        Ok(())
+    }
 }

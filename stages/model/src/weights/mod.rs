@@ -4,10 +4,18 @@
 //! map from HF parameter names (`model.layers.3.self_attn.q_proj.weight`) to tensors in HF layout.
 //! The transformer, LoRA adapters and saved checkpoints then speak only HF names, so an adapter
 //! trained on the GGUF copy of a model loads in PEFT on the HF copy.
+//!
+//! Here too: `load` (a path to a runnable model with its tokenizer and chat template), and
+//! what training writes, `adapter` (PEFT adapter folders) and `hf`'s full-weight folders.
+//! Builds on `transformer` and `text`; called by the stages crate and `bench`.
 
+pub mod adapter;
 pub mod gguf;
 pub mod hf;
+mod load;
 pub mod pip;
+
+pub use load::{load, LoadedModel};
 
 use std::path::{Path, PathBuf};
 
