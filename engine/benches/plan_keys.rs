@@ -31,6 +31,7 @@ impl StageKind for Step {
                 ParamSpec::required("seed", ParamType::Int, ""),
             ],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![PortSpec::many_input("in", ArtifactType::File, "")],
             outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
         }

@@ -33,6 +33,7 @@ impl StageKind for Touch {
             summary: "writes one small file",
             params: vec![ParamSpec::required("cell", ParamType::String, "")],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![PortSpec::many_input("in", ArtifactType::File, "")],
             outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
         }

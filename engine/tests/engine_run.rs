@@ -39,6 +39,7 @@ impl StageKind for Emit {
                 ParamSpec::optional("sleep_ms", ParamType::Int, json!(0), ""),
             ],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![],
             outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
         }
@@ -66,6 +67,7 @@ impl StageKind for Upper {
                 ParamSpec::optional("fail", ParamType::Bool, json!(false), ""),
             ],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![PortSpec::input("in", ArtifactType::File, "")],
             outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
         }
@@ -123,6 +125,7 @@ impl StageKind for Resumable {
             summary: "checkpoints and stops",
             params: vec![ParamSpec::required("log", ParamType::String, "")],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![],
             outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
         }
@@ -189,8 +192,8 @@ impl Fixture {
         params.insert("log".into(), json!(self.log()));
         let spec = registry().kind(kind).unwrap().spec();
         for p in &spec.params {
-            if let (false, Some(d)) = (params.contains_key(p.name), &p.default) {
-                params.insert(p.name.into(), d.clone());
+            if let (false, Some(d)) = (params.contains_key(&p.name), &p.default) {
+                params.insert(p.name.clone(), d.clone());
             }
         }
         let mut ins: BTreeMap<String, Vec<InputRef>> = BTreeMap::new();

@@ -32,6 +32,7 @@ impl StageKind for Copy {
             summary: "copies a file",
             params: vec![ParamSpec::required("log", ParamType::String, "")],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![PortSpec::input("in", ArtifactType::File, "")],
             outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
         }
@@ -63,6 +64,7 @@ impl StageKind for Emit {
                 ParamSpec::required("log", ParamType::String, ""),
             ],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![],
             outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
         }
@@ -91,6 +93,7 @@ impl StageKind for Judged {
                 ParamSpec::optional("local", ParamType::Bool, json!(false), ""),
             ],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![PortSpec::input("items", ArtifactType::File, "")],
             outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
         }

@@ -271,7 +271,10 @@ $EMFLOW_JUDGE_PRICES; none are built in (\"price not set\"); a local judge is no
         command: CacheCommand,
     },
     /// List the stage kinds this binary has, with their params and ports.
-    Kinds,
+    Kinds {
+        /// Only this kind, with each param's whole doc.
+        name: Option<String>,
+    },
     /// Run one job file (used by executors; not for people).
     #[command(hide = true)]
     ExecStage {
@@ -697,8 +700,8 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
             name.as_deref(),
             cuda,
         ),
-        Command::Kinds => {
-            print!("{}", commands::kinds_text(&registry));
+        Command::Kinds { name } => {
+            print!("{}", crate::kind::kinds_text(&registry, name.as_deref())?);
             Ok(0)
         }
         Command::ExecStage { .. } => Ok(0),

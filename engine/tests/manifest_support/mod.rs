@@ -24,7 +24,7 @@ impl StageKind for Gen {
                 ParamSpec::optional("lr", ParamType::Float, json!(0.5), "a float"),
                 ParamSpec::optional(
                     "mode",
-                    ParamType::Enum(&["fast", "slow"]),
+                    ParamType::Enum(vec!["fast".into(), "slow".into()]),
                     json!("fast"),
                     "speed",
                 ),
@@ -34,6 +34,7 @@ impl StageKind for Gen {
                 ParamSpec::optional("extra", ParamType::Any, json!(null), "anything"),
             ],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![PortSpec::optional_input(
                 "source",
                 ArtifactType::File,
@@ -84,6 +85,7 @@ impl StageKind for Train {
                 ParamSpec::optional("domain", ParamType::String, json!(""), "domain"),
             ],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![
                 PortSpec::input("data", ArtifactType::Messages, "training data"),
                 PortSpec::optional_input("model", ArtifactType::Model, "base model"),
@@ -114,6 +116,7 @@ impl StageKind for Eval {
                 "seed",
             )],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![PortSpec::input(
                 "adapter",
                 ArtifactType::Adapter,
@@ -137,6 +140,7 @@ impl StageKind for Report {
             summary: "test report",
             params: vec![],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![PortSpec::many_input(
                 "summaries",
                 ArtifactType::Summary,
@@ -167,6 +171,7 @@ impl StageKind for Cmd {
                 ParamSpec::optional("outputs", ParamType::List, json!([]), "output names"),
             ],
             open_params: true,
+            precision: Default::default(),
             inputs: vec![PortSpec::many_input("files", ArtifactType::File, "inputs")],
             outputs: vec![],
         }

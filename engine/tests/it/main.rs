@@ -1,0 +1,1 @@
+mod kind_params;
