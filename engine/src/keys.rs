@@ -362,8 +362,14 @@ mod tests {
 
     #[test]
     fn the_standard_precision_is_f32_on_cpu_and_bf16_on_cuda() {
-        assert_eq!((env(0).device.as_str(), env(0).dtype.as_str()), ("cpu", "f32"));
-        assert_eq!((env(1).device.as_str(), env(1).dtype.as_str()), ("cuda", "bf16"));
+        assert_eq!(
+            (env(0).device.as_str(), env(0).dtype.as_str()),
+            ("cpu", "f32")
+        );
+        assert_eq!(
+            (env(1).device.as_str(), env(1).dtype.as_str()),
+            ("cuda", "bf16")
+        );
     }
 
     #[test]
@@ -376,7 +382,10 @@ mod tests {
         assert_eq!(other.env.dtype, "f16");
         assert_ne!(standard.key(), other.key());
         let cpu = KeyParts::new(&f16, &p, BTreeMap::new(), EnvParts::for_stage(&f16, 0));
-        assert_eq!(cpu.key(), KeyParts::new(&spec(), &p, BTreeMap::new(), env(0)).key());
+        assert_eq!(
+            cpu.key(),
+            KeyParts::new(&spec(), &p, BTreeMap::new(), env(0)).key()
+        );
     }
 
     #[test]
@@ -478,12 +487,7 @@ mod tests {
 
     #[test]
     fn explain_old_schema_says_so() {
-        let new = KeyParts::new(
-            &spec(),
-            &params(json!({})),
-            BTreeMap::new(),
-            env(0),
-        );
+        let new = KeyParts::new(&spec(), &params(json!({})), BTreeMap::new(), env(0));
         let changes = explain_change(&json!({"something": "else"}), &new);
         assert_eq!(changes[0].part, "schema");
     }

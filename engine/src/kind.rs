@@ -168,8 +168,12 @@ pub struct Range {
 impl Range {
     /// Whether `v` lies in the range.
     pub fn contains(&self, v: f64) -> bool {
-        let above = self.min.is_none_or(|b| v > b.value || (!b.exclusive && v == b.value));
-        let below = self.max.is_none_or(|b| v < b.value || (!b.exclusive && v == b.value));
+        let above = self
+            .min
+            .is_none_or(|b| v > b.value || (!b.exclusive && v == b.value));
+        let below = self
+            .max
+            .is_none_or(|b| v < b.value || (!b.exclusive && v == b.value));
         above && below
     }
 
@@ -194,8 +198,18 @@ impl std::fmt::Display for Range {
         let num = |v: f64| format!("{v}");
         match (self.min, self.max) {
             (None, None) => Ok(()),
-            (Some(lo), None) => write!(f, "{} {}", if lo.exclusive { ">" } else { ">=" }, num(lo.value)),
-            (None, Some(hi)) => write!(f, "{} {}", if hi.exclusive { "<" } else { "<=" }, num(hi.value)),
+            (Some(lo), None) => write!(
+                f,
+                "{} {}",
+                if lo.exclusive { ">" } else { ">=" },
+                num(lo.value)
+            ),
+            (None, Some(hi)) => write!(
+                f,
+                "{} {}",
+                if hi.exclusive { "<" } else { "<=" },
+                num(hi.value)
+            ),
             (Some(lo), Some(hi)) => write!(
                 f,
                 "{}{}, {}{}",

@@ -12,9 +12,9 @@
 
 use crate::diagnostics::{did_you_mean, list_names, Problem};
 use crate::kind::{KindSpec, ParamError, ParamSpec, ParamType, Params, StageKind};
-use serde_json::Value as J;
 use crate::manifest::yaml::{Map, Node, Value};
 use crate::pipeline::SourceSpan;
+use serde_json::Value as J;
 
 /// Where a stage's params are, for messages.
 pub struct ParamsSite<'a> {
@@ -198,7 +198,12 @@ fn typed_value(
 
 /// What the spec says about `p`, for hints: "`lr` of kind `sft` is a number >= 0: peak ...".
 fn spec_hint(spec: &KindSpec, p: &ParamSpec) -> String {
-    let mut text = format!("`{}` of kind `{}` is {}", p.name, spec.name, p.ty.describe());
+    let mut text = format!(
+        "`{}` of kind `{}` is {}",
+        p.name,
+        spec.name,
+        p.ty.describe()
+    );
     if !p.range.is_unbounded() {
         text = format!("{text} {}", p.range.phrase());
     }
@@ -231,8 +236,8 @@ fn not_an_option(
     options: &[String],
 ) -> Problem {
     let names = || options.iter().map(String::as_str);
-    let help = did_you_mean(s, names())
-        .unwrap_or_else(|| format!("use one of {}", list_names(names())));
+    let help =
+        did_you_mean(s, names()).unwrap_or_else(|| format!("use one of {}", list_names(names())));
     Problem::new(format!(
         "stage `{}`: param `{}` must be one of {}",
         site.stage,

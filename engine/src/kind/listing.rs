@@ -35,7 +35,13 @@ pub fn kinds_text(registry: &Registry, only: Option<&str>) -> anyhow::Result<Str
 fn write_kind(out: &mut String, spec: &KindSpec, full: bool) {
     let _ = writeln!(out, "{} (v{}): {}", spec.name, spec.version, spec.summary);
     let inputs: Vec<Vec<String>> = spec.inputs.iter().map(input_row).collect();
-    table(out, "inputs", &["name", "type", "wiring", "doc"], &inputs, &[]);
+    table(
+        out,
+        "inputs",
+        &["name", "type", "wiring", "doc"],
+        &inputs,
+        &[],
+    );
     let outputs: Vec<Vec<String>> = spec.outputs.iter().map(output_row).collect();
     table(out, "outputs", &["name", "type", "doc"], &outputs, &[]);
     let params: Vec<Vec<String>> = spec.params.iter().map(param_row).collect();
@@ -152,7 +158,7 @@ fn table(out: &mut String, title: &str, columns: &[&str], rows: &[Vec<String>], 
 mod tests {
     use super::*;
     use crate::context::StageContext;
-    use crate::kind::{ArtifactType, KindInfo, Precision};
+    use crate::kind::{ArtifactType, KindInfo};
     use schemars::JsonSchema;
     use serde::Deserialize;
 
@@ -179,14 +185,13 @@ mod tests {
     impl crate::kind::Kind for Toy {
         type Params = ToyParams;
         fn describe(&self) -> KindInfo {
-            KindInfo {
-                name: "toy",
-                version: 2,
-                summary: "a toy",
-                inputs: vec![PortSpec::input("data", ArtifactType::Messages, "rows")],
-                outputs: vec![PortSpec::output("out", ArtifactType::File, "a file")],
-                precision: Precision::STANDARD,
-            }
+            KindInfo::new("toy", 2, "a toy")
+                .inputs(vec![PortSpec::input(
+                    "data",
+                    ArtifactType::Messages,
+                    "rows",
+                )])
+                .outputs(vec![PortSpec::output("out", ArtifactType::File, "a file")])
         }
         fn run(&self, _: &mut StageContext, _: &ToyParams) -> anyhow::Result<()> {
             Ok(())

@@ -319,7 +319,17 @@ mod tests {
         let names: Vec<&str> = d.params.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(
             names,
-            ["lr", "max_steps", "schedule", "then", "nested", "maybe_nested", "tags", "anything", "label"]
+            [
+                "lr",
+                "max_steps",
+                "schedule",
+                "then",
+                "nested",
+                "maybe_nested",
+                "tags",
+                "anything",
+                "label"
+            ]
         );
         assert!(!d.open);
     }
@@ -378,7 +388,10 @@ mod tests {
             plain: Plain,
         }
         let d = derive_params(&schema_of::<WithPlain>()).unwrap();
-        assert_eq!(d.params[0].ty, ParamType::Enum(vec!["zeta".into(), "alpha".into()]));
+        assert_eq!(
+            d.params[0].ty,
+            ParamType::Enum(vec!["zeta".into(), "alpha".into()])
+        );
     }
 
     #[test]

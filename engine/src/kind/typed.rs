@@ -20,20 +20,44 @@ use super::{
 use crate::context::StageContext;
 
 /// What a kind says about itself besides its params: everything in [`KindSpec`] that a
-/// struct cannot say.
+/// struct cannot say. The fields mean what [`KindSpec`]'s fields of the same names mean
+/// (bump `version` when a change can alter output bytes for the same params and inputs).
 #[derive(Clone, Debug)]
 pub struct KindInfo {
-    /// The `kind:` value in a manifest.
     pub name: &'static str,
-    /// Implementation version, folded into every stage key of this kind: bump it when a
-    /// change can alter output bytes for the same params and inputs.
     pub version: u32,
-    /// One line for `emflow kinds`.
     pub summary: &'static str,
     pub inputs: Vec<PortSpec>,
     pub outputs: Vec<PortSpec>,
-    /// The number format per device class; part of every key.
     pub precision: Precision,
+}
+
+impl KindInfo {
+    /// A kind without ports yet, computing in [`Precision::STANDARD`]; add ports with
+    /// [`KindInfo::inputs`] and [`KindInfo::outputs`].
+    pub fn new(name: &'static str, version: u32, summary: &'static str) -> Self {
+        KindInfo {
+            name,
+            version,
+            summary,
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            precision: Precision::STANDARD,
+        }
+    }
+
+    pub fn inputs(self, inputs: Vec<PortSpec>) -> Self {
+        KindInfo { inputs, ..self }
+    }
+
+    pub fn outputs(self, outputs: Vec<PortSpec>) -> Self {
+        KindInfo { outputs, ..self }
+    }
+
+    /// For a kind that computes in another format than the standard one.
+    pub fn precision(self, precision: Precision) -> Self {
+        KindInfo { precision, ..self }
+    }
 }
 
 /// A stage kind with typed params. `Params` is the single declaration of the kind's params:

@@ -7,7 +7,7 @@ use std::path::Path;
 use emflow_engine::context::StageContext;
 use emflow_engine::diagnostics::{ManifestErrors, Problem};
 use emflow_engine::expand::{load_manifest_str, LoadOptions};
-use emflow_engine::{ArtifactType, Kind, KindInfo, PortSpec, Precision, Registry};
+use emflow_engine::{ArtifactType, Kind, KindInfo, PortSpec, Registry};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
@@ -39,14 +39,11 @@ impl Kind for Train {
     type Params = TrainParams;
 
     fn describe(&self) -> KindInfo {
-        KindInfo {
-            name: "train",
-            version: 1,
-            summary: "a toy trainer",
-            inputs: vec![],
-            outputs: vec![PortSpec::output("out", ArtifactType::File, "a file")],
-            precision: Precision::STANDARD,
-        }
+        KindInfo::new("train", 1, "a toy trainer").outputs(vec![PortSpec::output(
+            "out",
+            ArtifactType::File,
+            "a file",
+        )])
     }
 
     fn run(&self, _: &mut StageContext, _: &TrainParams) -> anyhow::Result<()> {
@@ -57,7 +54,12 @@ impl Kind for Train {
 fn load(params: &str) -> Result<emflow_engine::expand::LoadedManifest, ManifestErrors> {
     let src = format!("emflow: 1\nstages:\n  t:\n    kind: train\n    params:\n{params}");
     let registry = Registry::new().with_kind(Train);
-    load_manifest_str(&src, Path::new("m.yaml"), &LoadOptions::default(), &registry)
+    load_manifest_str(
+        &src,
+        Path::new("m.yaml"),
+        &LoadOptions::default(),
+        &registry,
+    )
 }
 
 /// The one problem of a manifest that must fail, with its `file:line:col`.
@@ -69,7 +71,10 @@ fn the_problem(params: &str) -> (String, Problem) {
     let [problem] = errors.problems() else {
         panic!("expected one problem, got:\n{}", errors.render_plain());
     };
-    (errors.location(problem).unwrap_or_default(), problem.clone())
+    (
+        errors.location(problem).unwrap_or_default(),
+        problem.clone(),
+    )
 }
 
 #[test]
@@ -108,7 +113,10 @@ fn a_value_out_of_the_declared_range_is_located_with_the_range() {
     );
     let (at, p) = the_problem("      max_steps: 0\n");
     assert_eq!(at, "m.yaml:6:18");
-    assert_eq!(p.message, "stage `t`: param `max_steps` must be >= 1, not 0");
+    assert_eq!(
+        p.message,
+        "stage `t`: param `max_steps` must be >= 1, not 0"
+    );
 }
 
 #[test]

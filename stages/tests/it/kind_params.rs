@@ -20,11 +20,14 @@ fn current() -> Value {
                     "name": p.name,
                     "default": p.default,
                     "required": p.default.is_none(),
-                    "float_key": p.ty == emflow_engine::ParamType::Float,
+                    "float_key": p.keys_as_float(),
                 })
             })
             .collect();
-        kinds.insert(name.to_string(), json!({"open": spec.open_params, "params": params}));
+        kinds.insert(
+            name.to_string(),
+            json!({"open": spec.open_params, "params": params}),
+        );
     }
     Value::Object(kinds)
 }
