@@ -533,7 +533,7 @@ pub trait StageKind: Send + Sync + 'static {
         self.spec().outputs
     }
 
-    /// Semantic checks beyond the declared param types (ranges, combinations). Called at
+    /// Checks beyond the declared param types and ranges (combinations, formats). Called at
     /// validation time with defaults filled in; an `Err` stops the run before anything
     /// executes and each error is shown at its param's location.
     fn check(&self, params: &Params) -> Result<(), Vec<ParamError>> {

@@ -157,11 +157,15 @@ pub fn derived_params<P: JsonSchema + 'static>() -> Arc<DerivedParams> {
 /// The engine's param map as the kind's struct. The engine has checked names, types and
 /// ranges against the derived spec, so a failure here is in a nested value (a LoRA or judge
 /// setting): the error names the kind and quotes serde's message, which names the field.
-fn typed<P: DeserializeOwned>(kind: &str, params: &Params) -> Result<P, ParamError> {
-    serde_json::from_value(Value::Object(params.clone())).map_err(|e| ParamError {
-        param: String::new(),
-        message: format!("params do not fit kind `{kind}`: {e}"),
-        hint: Some(format!("`emflow kinds {kind}` lists its params")),
+fn typed<K: Kind>(kind: &K, params: &Params) -> Result<K::Params, ParamError> {
+    serde_json::from_value(Value::Object(params.clone())).map_err(|e| {
+        // Only now: `describe` builds the port lists, too dear for every successful call.
+        let name = kind.describe().name;
+        ParamError {
+            param: String::new(),
+            message: format!("params do not fit kind `{name}`: {e}"),
+            hint: Some(format!("`emflow kinds {name}` lists its params")),
+        }
     })
 }
 
@@ -182,7 +186,7 @@ impl<K: Kind> StageKind for K {
     }
 
     fn outputs(&self, params: &Params) -> Vec<PortSpec> {
-        match typed(self.describe().name, params) {
+        match typed(self, params) {
             Ok(p) => Kind::outputs(self, &p),
             // Reported by `check`; until then the described outputs stand.
             Err(_) => self.describe().outputs,
@@ -190,7 +194,7 @@ impl<K: Kind> StageKind for K {
     }
 
     fn check(&self, params: &Params) -> Result<(), Vec<ParamError>> {
-        let p = typed(self.describe().name, params).map_err(|e| vec![e])?;
+        let p = typed(self, params).map_err(|e| vec![e])?;
         Kind::check(self, &p)
     }
 
@@ -199,7 +203,7 @@ impl<K: Kind> StageKind for K {
     }
 
     fn check_files(&self, params: &Params, files: &InputFiles) -> Result<(), Vec<ParamError>> {
-        let p = typed(self.describe().name, params).map_err(|e| vec![e])?;
+        let p = typed(self, params).map_err(|e| vec![e])?;
         Kind::check_files(self, &p, files)
     }
 
@@ -208,12 +212,12 @@ impl<K: Kind> StageKind for K {
         params: &Params,
         inputs: &PlanInputs,
     ) -> anyhow::Result<Option<JudgeEstimate>> {
-        let p = typed(self.describe().name, params).map_err(|e| anyhow::anyhow!(e.message))?;
+        let p = typed(self, params).map_err(|e| anyhow::anyhow!(e.message))?;
         Kind::judge_estimate(self, &p, inputs)
     }
 
     fn preview(&self, params: &Params, inputs: &PlanInputs, dir: &Path) -> anyhow::Result<bool> {
-        let p = typed(self.describe().name, params).map_err(|e| anyhow::anyhow!(e.message))?;
+        let p = typed(self, params).map_err(|e| anyhow::anyhow!(e.message))?;
         Kind::preview(self, &p, inputs, dir)
     }
 
