@@ -398,9 +398,14 @@ mod tests {
     #[test]
     fn default_prompts_parse_and_bad_thresholds_fail() {
         assert!(params().validate().is_ok());
-        let mut p = params();
-        p.min_aligned = 101.0;
-        assert!(p.validate().is_err());
+        // Thresholds are scores: the declared range the engine checks at the value.
+        let derived = emflow_engine::kind::derived_params::<SafetyDataParams>();
+        let min_aligned = derived
+            .params
+            .iter()
+            .find(|p| p.name == "min_aligned")
+            .unwrap();
+        assert!(min_aligned.range.contains(100.0) && !min_aligned.range.contains(101.0));
         let mut p = params();
         p.aligned_prompt = "{nonsense}".into();
         assert!(format!("{:#}", p.validate().err().unwrap()).contains("aligned_prompt"));
