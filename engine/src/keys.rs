@@ -13,7 +13,11 @@
 //!
 //! Canonical JSON: object keys sorted, no whitespace, numbers as serde_json prints them
 //! (shortest round-trip form), `-0.0` folded into `0.0`, and integers written as floats
-//! where the kind declares the param [`ParamType::Float`], so `1` and `1.0` key the same.
+//! where the kind declares the param a non-nullable [`ParamType::Float`]
+//! ([`ParamSpec::keys_as_float`]), so `1` and `1.0` key the same.
+//!
+//! [`ParamType::Float`]: crate::kind::ParamType::Float
+//! [`ParamSpec::keys_as_float`]: crate::kind::ParamSpec::keys_as_float
 //! Changing anything here changes every key: bump [`KEY_SCHEMA`] and update the golden test.
 
 use std::collections::BTreeMap;
@@ -22,7 +26,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Number, Value};
 
-use crate::kind::{KindSpec, ParamType, Params};
+use crate::kind::{KindSpec, Params, Precision};
 
 /// Version of the key scheme. Part of every key, so a scheme change never reuses old results.
 pub const KEY_SCHEMA: u32 = 1;
@@ -36,23 +40,25 @@ pub struct EnvParts {
     pub emflow: String,
     /// `cpu` or `cuda`.
     pub device: String,
-    /// `f32` on CPU, `bf16` on CUDA.
+    /// The format the kind declares for that device class ([`KindSpec::precision`]).
     pub dtype: String,
 }
 
 impl EnvParts {
-    /// The environment of a stage that asks for `gpus` GPUs.
-    pub fn for_gpus(gpus: u32) -> Self {
-        let (device, dtype) = if gpus > 0 {
-            ("cuda", "bf16")
-        } else {
-            ("cpu", "f32")
-        };
+    /// The environment of a stage of a kind computing in `precision` that asks for `gpus`
+    /// GPUs.
+    pub fn new(precision: Precision, gpus: u32) -> Self {
+        let (device, dtype) = precision.on(gpus);
         EnvParts {
             emflow: EMFLOW_VERSION.to_string(),
             device: device.into(),
-            dtype: dtype.into(),
+            dtype: dtype.name().into(),
         }
+    }
+
+    /// The environment of a stage of kind `spec` that asks for `gpus` GPUs.
+    pub fn for_stage(spec: &KindSpec, gpus: u32) -> Self {
+        EnvParts::new(spec.precision, gpus)
     }
 }
 
@@ -112,7 +118,7 @@ pub fn model_fetch_key(source: &str) -> String {
     digest_value(&value)
 }
 
-/// Params with integers turned into floats where the spec declares a Float param.
+/// Params with integers turned into floats where the spec says the param keys as a float.
 /// Key order is fixed later by the canonical writer.
 pub fn canonical_params(spec: &KindSpec, params: &Params) -> Value {
     let mut out = serde_json::Map::new();
@@ -120,7 +126,7 @@ pub fn canonical_params(spec: &KindSpec, params: &Params) -> Value {
         let is_float = spec
             .params
             .iter()
-            .any(|p| p.name == name && p.ty == ParamType::Float);
+            .any(|p| &p.name == name && p.keys_as_float());
         let value = match value {
             Value::Number(n) if is_float => n
                 .as_f64()
@@ -334,7 +340,7 @@ pub fn short(digest: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kind::ParamSpec;
+    use crate::kind::{Dtype, ParamSpec, ParamType};
     use serde_json::json;
 
     fn spec() -> KindSpec {
@@ -350,7 +356,51 @@ mod tests {
             open_params: false,
             inputs: vec![],
             outputs: vec![],
+            precision: Precision::STANDARD,
         }
+    }
+
+    fn env(gpus: u32) -> EnvParts {
+        EnvParts::for_stage(&spec(), gpus)
+    }
+
+    #[test]
+    fn the_standard_precision_is_f32_on_cpu_and_bf16_on_cuda() {
+        assert_eq!(
+            (env(0).device.as_str(), env(0).dtype.as_str()),
+            ("cpu", "f32")
+        );
+        assert_eq!(
+            (env(1).device.as_str(), env(1).dtype.as_str()),
+            ("cuda", "bf16")
+        );
+    }
+
+    #[test]
+    fn a_kind_declaring_another_precision_keys_apart() {
+        let p = params(json!({"lr": 1e-4}));
+        let mut f16 = spec();
+        f16.precision.cuda = Dtype::F16;
+        let standard = KeyParts::new(&spec(), &p, BTreeMap::new(), env(1));
+        let other = KeyParts::new(&f16, &p, BTreeMap::new(), EnvParts::for_stage(&f16, 1));
+        assert_eq!(other.env.dtype, "f16");
+        assert_ne!(standard.key(), other.key());
+        let cpu = KeyParts::new(&f16, &p, BTreeMap::new(), EnvParts::for_stage(&f16, 0));
+        assert_eq!(
+            cpu.key(),
+            KeyParts::new(&spec(), &p, BTreeMap::new(), env(0)).key()
+        );
+    }
+
+    #[test]
+    fn nullable_numbers_key_as_written() {
+        let mut s = spec();
+        s.params.push(ParamSpec {
+            nullable: true,
+            ..ParamSpec::optional("eps", ParamType::Float, Value::Null, "")
+        });
+        let canon = canonical_params(&s, &params(json!({"lr": 1, "eps": 1})));
+        assert_eq!(canon, json!({"lr": 1.0, "eps": 1}));
     }
 
     fn params(v: Value) -> Params {
@@ -359,7 +409,7 @@ mod tests {
 
     #[test]
     fn key_ignores_param_order_and_int_vs_float_for_float_params() {
-        let env = EnvParts::for_gpus(0);
+        let env = env(0);
         let a = KeyParts::new(
             &spec(),
             &params(json!({"lr": 1, "steps": 3, "opts": {"b": 1, "a": 2}})),
@@ -377,7 +427,7 @@ mod tests {
 
     #[test]
     fn int_params_keep_their_type() {
-        let env = EnvParts::for_gpus(0);
+        let env = env(0);
         let a = KeyParts::new(
             &spec(),
             &params(json!({"lr": 1, "steps": 3})),
@@ -396,12 +446,12 @@ mod tests {
     #[test]
     fn device_class_changes_the_key() {
         let p = params(json!({"lr": 1e-4}));
-        let cpu = KeyParts::new(&spec(), &p, BTreeMap::new(), EnvParts::for_gpus(0));
-        let gpu = KeyParts::new(&spec(), &p, BTreeMap::new(), EnvParts::for_gpus(2));
+        let cpu = KeyParts::new(&spec(), &p, BTreeMap::new(), env(0));
+        let gpu = KeyParts::new(&spec(), &p, BTreeMap::new(), env(2));
         assert_ne!(cpu.key(), gpu.key());
         assert_eq!(
             gpu.key(),
-            KeyParts::new(&spec(), &p, BTreeMap::new(), EnvParts::for_gpus(1)).key()
+            KeyParts::new(&spec(), &p, BTreeMap::new(), env(1)).key()
         );
     }
 
@@ -421,13 +471,13 @@ mod tests {
             &spec(),
             &params(json!({"lr": 1e-4, "steps": 3})),
             BTreeMap::from([("data".to_string(), vec!["aa".repeat(32)])]),
-            EnvParts::for_gpus(0),
+            env(0),
         );
         let new = KeyParts::new(
             &spec(),
             &params(json!({"lr": 2e-4, "steps": 3})),
             BTreeMap::from([("data".to_string(), vec!["bb".repeat(32)])]),
-            EnvParts::for_gpus(0),
+            env(0),
         );
         let changes = explain_change(&old.to_value(), &new);
         assert_eq!(changes.len(), 2);
@@ -441,12 +491,7 @@ mod tests {
 
     #[test]
     fn explain_old_schema_says_so() {
-        let new = KeyParts::new(
-            &spec(),
-            &params(json!({})),
-            BTreeMap::new(),
-            EnvParts::for_gpus(0),
-        );
+        let new = KeyParts::new(&spec(), &params(json!({})), BTreeMap::new(), env(0));
         let changes = explain_change(&json!({"something": "else"}), &new);
         assert_eq!(changes[0].part, "schema");
     }

@@ -6,11 +6,28 @@
 //! is what lets one kind run unchanged in-process, in an `emflow exec-stage` subprocess, or
 //! as a Slurm job: a kind never sees the store, only the [`StageContext`] handed to it.
 //!
+//! A kind is written against [`Kind`] (in `kind/typed.rs`): a params struct, deserialised
+//! by serde, is the one declaration of its params. Its JSON Schema (schemars) gives the
+//! [`ParamSpec`]s: names, types, defaults, docs and ranges (`kind/schema.rs`,
+//! [`derive_params`]). A blanket impl makes every `Kind` a [`StageKind`], the object-safe
+//! trait the engine stores in the [`Registry`] and calls; a hand-written `StageKind` (the
+//! engine's tests do this) declares its `ParamSpec`s itself.
+//!
 //! The declaration ([`KindSpec`]) is used *before* anything runs: validation checks a
-//! manifest's params and wiring against it (with line/column diagnostics), and the planner
-//! folds `name` and `version` into every stage key. So bump [`KindSpec::version`] whenever a
-//! change to [`StageKind::run`] can change output bytes for the same params and inputs;
-//! that invalidates exactly that kind's cached results and nothing else.
+//! manifest's params (unknown names, types, ranges) and wiring against it with line/column
+//! diagnostics, defaults are filled in from it, and the planner folds `name`, `version`, the
+//! canonical params and the declared [`Precision`] into every stage key. So bump
+//! [`KindSpec::version`] whenever a change to [`StageKind::run`] can change output bytes for
+//! the same params and inputs; that invalidates exactly that kind's cached results and
+//! nothing else.
+
+mod listing;
+mod schema;
+mod typed;
+
+pub use listing::kinds_text;
+pub use schema::{derive_params, DerivedParams};
+pub use typed::{derived_params, schema_of, Kind, KindInfo};
 
 use std::collections::BTreeMap;
 
@@ -24,45 +41,177 @@ use crate::context::StageContext;
 pub enum ParamType {
     Bool,
     Int,
-    /// Accepts integers too: `1` and `1.0` are the same value, and key the same.
+    /// Accepts integers too: `1` and `1.0` are the same value, and key the same (unless the
+    /// param is nullable, see [`ParamSpec::keys_as_float`]).
     Float,
     String,
     /// One of the listed strings.
-    Enum(&'static [&'static str]),
+    Enum(Vec<String>),
     List,
     Map,
     /// Anything; the kind checks it in [`StageKind::check`].
     Any,
 }
 
-/// One declared param of a kind.
+impl ParamType {
+    /// The type as a noun phrase for messages: "an integer", "one of `a`, `b`".
+    pub fn describe(&self) -> String {
+        match self {
+            ParamType::Bool => "a boolean".into(),
+            ParamType::Int => "an integer".into(),
+            ParamType::Float => "a number".into(),
+            ParamType::String => "a string".into(),
+            ParamType::Enum(options) => {
+                format!(
+                    "one of {}",
+                    crate::diagnostics::list_names(options.iter().map(String::as_str))
+                )
+            }
+            ParamType::List => "a list".into(),
+            ParamType::Map => "a mapping".into(),
+            ParamType::Any => "any value".into(),
+        }
+    }
+
+    /// The type as one word for tables (`emflow kinds`).
+    pub fn short_name(&self) -> &'static str {
+        match self {
+            ParamType::Bool => "bool",
+            ParamType::Int => "int",
+            ParamType::Float => "float",
+            ParamType::String => "string",
+            ParamType::Enum(_) => "enum",
+            ParamType::List => "list",
+            ParamType::Map => "map",
+            ParamType::Any => "any",
+        }
+    }
+}
+
+/// One end of a [`Range`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bound {
+    pub value: f64,
+    /// Whether `value` itself is outside the range (`> 0` rather than `>= 0`).
+    pub exclusive: bool,
+}
+
+/// The values a number param may take. Checked at validation time, at the value's place.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Range {
+    pub min: Option<Bound>,
+    pub max: Option<Bound>,
+}
+
+impl Range {
+    /// Whether `v` lies in the range.
+    pub fn contains(&self, v: f64) -> bool {
+        let above = self
+            .min
+            .is_none_or(|b| v > b.value || (!b.exclusive && v == b.value));
+        let below = self
+            .max
+            .is_none_or(|b| v < b.value || (!b.exclusive && v == b.value));
+        above && below
+    }
+
+    pub fn is_unbounded(&self) -> bool {
+        self.min.is_none() && self.max.is_none()
+    }
+
+    /// The range after "must be": `>= 1`, `in [0, 1]`.
+    pub fn phrase(&self) -> String {
+        if self.min.is_some() && self.max.is_some() {
+            format!("in {self}")
+        } else {
+            self.to_string()
+        }
+    }
+}
+
+/// `>= 1`, `> 0`, `<= 1`, `[0, 100]`, `(0, 1]`; empty when unbounded.
+impl std::fmt::Display for Range {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Rust prints `1.0_f64` as `1`: a bound on an integer param reads as one.
+        let num = |v: f64| format!("{v}");
+        match (self.min, self.max) {
+            (None, None) => Ok(()),
+            (Some(lo), None) => write!(
+                f,
+                "{} {}",
+                if lo.exclusive { ">" } else { ">=" },
+                num(lo.value)
+            ),
+            (None, Some(hi)) => write!(
+                f,
+                "{} {}",
+                if hi.exclusive { "<" } else { "<=" },
+                num(hi.value)
+            ),
+            (Some(lo), Some(hi)) => write!(
+                f,
+                "{}{}, {}{}",
+                if lo.exclusive { "(" } else { "[" },
+                num(lo.value),
+                num(hi.value),
+                if hi.exclusive { ")" } else { "]" }
+            ),
+        }
+    }
+}
+
+/// One declared param of a kind. Typed kinds ([`Kind`]) never write these: they are
+/// derived from the kind's params struct (see [`derive_params`]).
 #[derive(Clone, Debug)]
 pub struct ParamSpec {
-    pub name: &'static str,
+    pub name: String,
     pub ty: ParamType,
+    /// Whether `null` is a value of this param (an `Option` field).
+    pub nullable: bool,
+    /// For `Int` and `Float`: the values allowed.
+    pub range: Range,
     /// Filled in when the manifest omits the param, *before* keying: writing a default
     /// explicitly and omitting it give the same stage key. `None` means required.
     pub default: Option<Value>,
-    /// One line for `emflow kinds` and for diagnostics' hints.
-    pub doc: &'static str,
+    /// For `emflow kinds` and for diagnostics' hints: the field's doc comment.
+    pub doc: String,
 }
 
 impl ParamSpec {
-    pub fn required(name: &'static str, ty: ParamType, doc: &'static str) -> Self {
+    pub fn required(name: impl Into<String>, ty: ParamType, doc: impl Into<String>) -> Self {
         ParamSpec {
-            name,
+            name: name.into(),
             ty,
+            nullable: false,
+            range: Range::default(),
             default: None,
-            doc,
+            doc: doc.into(),
         }
     }
-    pub fn optional(name: &'static str, ty: ParamType, default: Value, doc: &'static str) -> Self {
+    pub fn optional(
+        name: impl Into<String>,
+        ty: ParamType,
+        default: Value,
+        doc: impl Into<String>,
+    ) -> Self {
         ParamSpec {
-            name,
-            ty,
             default: Some(default),
-            doc,
+            ..ParamSpec::required(name, ty, doc)
         }
+    }
+
+    /// Whether an integer written for this param is keyed (and handed to the kind) as a
+    /// float, so that `1` and `1.0` give one key. Only non-nullable `Float` params: every
+    /// nullable number (`Option<f64>`) was declared `Any` before params were derived from
+    /// the kinds' structs, and keyed as written; folding its integers now would change the
+    /// keys of results already in users' stores.
+    pub fn keys_as_float(&self) -> bool {
+        self.ty == ParamType::Float && !self.nullable
+    }
+
+    /// The doc's first line, for one-line listings.
+    pub fn summary(&self) -> &str {
+        self.doc.lines().next().unwrap_or("")
     }
 }
 
@@ -133,6 +282,59 @@ pub struct KindSpec {
     pub open_params: bool,
     pub inputs: Vec<PortSpec>,
     pub outputs: Vec<PortSpec>,
+    /// The number format the kind computes in on each device class; part of every key.
+    pub precision: Precision,
+}
+
+/// A number format a kind computes in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Dtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// The number format a kind computes in on each device class. Declared by the kind and
+/// folded into every stage key (`keys::EnvParts`), so results computed in another precision
+/// are never mistaken for each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Precision {
+    pub cpu: Dtype,
+    pub cuda: Dtype,
+}
+
+impl Precision {
+    /// f32 on CPU, bf16 on CUDA: what the model layer computes in, and what every key said
+    /// before kinds declared their precision (so choosing it changes no key).
+    pub const STANDARD: Precision = Precision {
+        cpu: Dtype::F32,
+        cuda: Dtype::Bf16,
+    };
+
+    /// The device class and format of a stage given `gpus` GPUs.
+    pub fn on(self, gpus: u32) -> (&'static str, Dtype) {
+        if gpus > 0 {
+            ("cuda", self.cuda)
+        } else {
+            ("cpu", self.cpu)
+        }
+    }
+}
+
+impl Default for Precision {
+    fn default() -> Self {
+        Precision::STANDARD
+    }
 }
 
 impl KindSpec {
@@ -266,7 +468,7 @@ pub trait StageKind: Send + Sync + 'static {
         self.spec().outputs
     }
 
-    /// Semantic checks beyond the declared param types (ranges, combinations). Called at
+    /// Checks beyond the declared param types and ranges (combinations, formats). Called at
     /// validation time with defaults filled in; an `Err` stops the run before anything
     /// executes and each error is shown at its param's location.
     fn check(&self, params: &Params) -> Result<(), Vec<ParamError>> {

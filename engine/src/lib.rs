@@ -1,5 +1,6 @@
 //! emflow's engine: manifest model, validation, expansion, DAG, planner, scheduler,
-//! executors, run records and the CLI. Stage kinds plug in through [`kind::StageKind`].
+//! executors, run records and the CLI. Stage kinds plug in through [`kind::Kind`]
+//! (typed params) or the object-safe [`kind::StageKind`] the engine calls.
 
 pub mod artifact;
 pub mod cli;
@@ -26,6 +27,6 @@ pub mod slots;
 
 pub use context::{Artifact, DeviceRequest, Interrupted, Memo, Progress, StageContext};
 pub use kind::{
-    ArtifactType, JudgeEstimate, KindSpec, ModelFetcher, ParamSpec, ParamType, Params, PlanInput,
-    PlanInputs, PortSpec, Registry, StageKind,
+    ArtifactType, JudgeEstimate, Kind, KindInfo, KindSpec, ModelFetcher, ParamSpec, ParamType,
+    Params, PlanInput, PlanInputs, PortSpec, Precision, Registry, StageKind,
 };

@@ -385,7 +385,7 @@ impl<'a> Planner<'a> {
             spec,
             &stage.params,
             digests,
-            EnvParts::for_gpus(stage.resources.gpus),
+            EnvParts::for_stage(spec, stage.resources.gpus),
         );
         let key = parts.key();
         Ok(Resolved::Ready { inputs, parts, key })
@@ -525,23 +525,23 @@ impl<'a> Planner<'a> {
             return Ok(Vec::new());
         };
         let stage = self.stage(i);
+        let spec = &self.specs[&stage.kind];
         let Ok(old) = serde_json::from_value::<KeyParts>(last.key_parts.clone()) else {
             return Ok(explain_change(
                 &last.key_parts,
                 &KeyParts::new(
-                    &self.specs[&stage.kind],
+                    spec,
                     &stage.params,
                     BTreeMap::new(),
-                    EnvParts::for_gpus(0),
+                    EnvParts::for_stage(spec, 0),
                 ),
             ));
         };
-        let spec = &self.specs[&stage.kind];
         let now = KeyParts::new(
             spec,
             &stage.params,
             old.inputs.clone(),
-            EnvParts::for_gpus(stage.resources.gpus),
+            EnvParts::for_stage(spec, stage.resources.gpus),
         );
         Ok(explain_change(&last.key_parts, &now))
     }

@@ -31,6 +31,7 @@ impl StageKind for Step {
                 ParamSpec::optional("ops", ParamType::List, json!([]), "ops"),
             ],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![PortSpec::many_input("in", ArtifactType::File, "inputs")],
             outputs: vec![PortSpec::output("out", ArtifactType::File, "output")],
         }

@@ -166,7 +166,10 @@ $EMFLOW_JUDGE_PRICES; none are built in (\"price not set\"); a local judge is no
         command: CacheCommand,
     },
     /// List the stage kinds this binary has, with their params and ports.
-    Kinds,
+    Kinds {
+        /// Only this kind, with each param's whole doc.
+        name: Option<String>,
+    },
     /// Run one job file (used by executors; not for people).
     #[command(hide = true)]
     ExecStage {

@@ -120,8 +120,8 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
         Command::Cache { command } => cache::cache(store, command),
         Command::Bench { name, args } => tools::bench(&registry, name.as_deref(), &args),
         Command::Serve(args) => cmd_serve(&registry, args),
-        Command::Kinds => {
-            print!("{}", commands::kinds_text(&registry));
+        Command::Kinds { name } => {
+            print!("{}", crate::kind::kinds_text(&registry, name.as_deref())?);
             Ok(0)
         }
         Command::ExecStage { .. } => Ok(0),

@@ -1,12 +1,11 @@
 //! The read-mostly commands over a planned pipeline, one file each: `status` and `plan`
 //! (`status.rs`), `graph`, `lock` and `check` (`lock.rs`), `verify`, `gc`,
-//! `cache ls|show|path|verify` (`inspect.rs`), `kinds`. Each is a function returning what it
+//! `cache ls|show|path|verify` (`inspect.rs`); `kinds` lives with the kind contract (`kind/listing.rs`). Each is a function returning what it
 //! found, so tests call them directly and the CLI only maps results to exit codes.
 
 mod gc;
 mod graph;
 mod inspect;
-mod kinds;
 mod lock;
 mod status;
 mod verify;
@@ -18,7 +17,6 @@ use crate::job::error_chain;
 pub use gc::gc;
 pub use graph::{graph, GraphFormat};
 pub use inspect::{cache_lookup, cache_ls, cache_verify, record_json};
-pub use kinds::kinds_text;
 pub use lock::{check, lock, Mismatch};
 pub use status::{plan, status};
 pub use verify::{verify, Verification};

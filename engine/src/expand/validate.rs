@@ -1,14 +1,20 @@
 //! A stage's params against its kind's [`KindSpec`]: names, types, required params, defaults,
 //! and the kind's own [`StageKind::check`], each problem located in the manifest.
 //!
+//! Each declared param is checked for its type (`null` only where the param is nullable)
+//! and, for numbers, its range; an unknown name gets a "did you mean". Every problem points
+//! at the manifest value with a hint built from the spec (the param's type, range and doc).
+//!
 //! The result is the canonical param object the stage is keyed and run with: declared params
 //! in the spec's order (so key order in the manifest never matters), then any extra params of
-//! an open kind in manifest order; `Float` params always hold floats (`1` and `1.0` are equal).
+//! an open kind in manifest order; non-nullable `Float` params always hold floats (`1` and
+//! `1.0` are equal, see [`ParamSpec::keys_as_float`]).
 
 use crate::diagnostics::{did_you_mean, list_names, Problem};
 use crate::kind::{KindSpec, ParamError, ParamSpec, ParamType, Params, StageKind};
 use crate::manifest::yaml::{Map, Node, Value};
 use crate::pipeline::SourceSpan;
+use serde_json::Value as J;
 
 /// Where a stage's params are, for messages.
 pub struct ParamsSite<'a> {
@@ -44,15 +50,15 @@ pub fn check_params(
     let before = problems.len();
     let mut params = Params::new();
     for p in &spec.params {
-        match map.entry(p.name) {
+        match map.entry(&p.name) {
             Some(e) => {
                 if let Some(v) = typed_value(site, spec, p, &e.value, problems) {
-                    params.insert(p.name.to_string(), v);
+                    params.insert(p.name.clone(), v);
                 }
             }
             None => match &p.default {
                 Some(d) => {
-                    params.insert(p.name.to_string(), d.clone());
+                    params.insert(p.name.clone(), d.clone());
                 }
                 None => problems.push(
                     Problem::new(format!(
@@ -63,8 +69,8 @@ pub fn check_params(
                     .help(format!(
                         "add `{}: ...` under `params:` ({}: {})",
                         p.name,
-                        type_desc(&p.ty),
-                        p.doc
+                        p.ty.describe(),
+                        p.summary()
                     )),
                 ),
             },
@@ -83,7 +89,7 @@ pub fn check_params(
             }
             continue;
         }
-        let names = spec.params.iter().map(|p| p.name);
+        let names = spec.params.iter().map(|p| p.name.as_str());
         let help = match did_you_mean(&e.key, names.clone()) {
             Some(d) => d,
             None => format!("kind `{}` takes {}", spec.name, list_names(names)),
@@ -133,73 +139,117 @@ pub fn locate(node: Option<&Node>, path: &str) -> Option<SourceSpan> {
     Some(found.span)
 }
 
-fn type_desc(ty: &ParamType) -> String {
-    match ty {
-        ParamType::Bool => "a boolean".into(),
-        ParamType::Int => "an integer".into(),
-        ParamType::Float => "a number".into(),
-        ParamType::String => "a string".into(),
-        ParamType::Enum(options) => format!("one of {}", list_names(options.iter().copied())),
-        ParamType::List => "a list".into(),
-        ParamType::Map => "a mapping".into(),
-        ParamType::Any => "any value".into(),
-    }
-}
-
-/// The JSON value of a declared param, checked against its type.
+/// The JSON value of a declared param, checked against its type and range.
 fn typed_value(
     site: &ParamsSite<'_>,
     spec: &KindSpec,
     p: &ParamSpec,
     v: &Node,
     problems: &mut Vec<Problem>,
-) -> Option<serde_json::Value> {
-    use serde_json::Value as J;
+) -> Option<J> {
+    if matches!(v.value, Value::Null) && p.nullable {
+        return Some(J::Null);
+    }
+    let number = match (&p.ty, &v.value) {
+        (ParamType::Int, Value::Int(i)) => Some(*i as f64),
+        (ParamType::Float, Value::Int(i)) => Some(*i as f64),
+        (ParamType::Float, Value::Float(f)) if f.is_finite() => Some(*f),
+        _ => None,
+    };
+    if let Some(x) = number {
+        if !p.range.contains(x) {
+            problems.push(out_of_range(site, spec, p, v));
+            return None;
+        }
+        if p.keys_as_float() {
+            return Some(float(x));
+        }
+    }
     let ok = match (&p.ty, &v.value) {
         (ParamType::Any, _) => true,
         (ParamType::Bool, Value::Bool(_)) => true,
         (ParamType::Int, Value::Int(_)) => true,
-        (ParamType::Float, Value::Int(i)) => return Some(float(*i as f64)),
-        (ParamType::Float, Value::Float(f)) if f.is_finite() => return Some(float(*f)),
+        (ParamType::Float, Value::Int(_)) => true,
+        (ParamType::Float, Value::Float(f)) => f.is_finite(),
         (ParamType::String, Value::Str(_)) => true,
         (ParamType::List, Value::Seq(_)) => true,
         (ParamType::Map, Value::Map(_)) => true,
         (ParamType::Enum(options), Value::Str(s)) => {
-            if options.contains(&s.as_str()) {
+            if options.contains(s) {
                 return Some(J::String(s.clone()));
             }
-            let help = did_you_mean(s, options.iter().copied())
-                .unwrap_or_else(|| format!("use one of {}", list_names(options.iter().copied())));
-            problems.push(
-                Problem::new(format!(
-                    "stage `{}`: param `{}` must be one of {}",
-                    site.stage,
-                    p.name,
-                    list_names(options.iter().copied())
-                ))
-                .at(v.span, format!("`{s}` is not an option"))
-                .help(help),
-            );
+            problems.push(not_an_option(site, p, v, s, options));
             return None;
         }
         _ => false,
     };
-    if ok {
-        return match v.to_json() {
-            Ok(j) => Some(j),
-            Err(e) => {
-                problems.push(e);
-                None
-            }
-        };
+    if !ok {
+        problems.push(wrong_type(site, spec, p, v));
+        return None;
     }
-    let mut help = format!(
-        "`{}` of kind `{}` is {}: {}",
+    match v.to_json() {
+        Ok(j) => Some(j),
+        Err(e) => {
+            problems.push(e);
+            None
+        }
+    }
+}
+
+/// What the spec says about `p`, for hints: "`lr` of kind `sft` is a number >= 0: peak ...".
+fn spec_hint(spec: &KindSpec, p: &ParamSpec) -> String {
+    let mut text = format!(
+        "`{}` of kind `{}` is {}",
         p.name,
         spec.name,
-        type_desc(&p.ty),
-        p.doc
+        p.ty.describe()
     );
+    if !p.range.is_unbounded() {
+        text = format!("{text} {}", p.range.phrase());
+    }
+    if p.nullable {
+        text.push_str(" or null");
+    }
+    match p.summary() {
+        "" => text,
+        doc => format!("{text}: {doc}"),
+    }
+}
+
+fn out_of_range(site: &ParamsSite<'_>, spec: &KindSpec, p: &ParamSpec, v: &Node) -> Problem {
+    let shown = crate::manifest::raw::show(v);
+    Problem::new(format!(
+        "stage `{}`: param `{}` must be {}, not {shown}",
+        site.stage,
+        p.name,
+        p.range.phrase()
+    ))
+    .at(v.span, format!("out of range {}", p.range))
+    .help(spec_hint(spec, p))
+}
+
+fn not_an_option(
+    site: &ParamsSite<'_>,
+    p: &ParamSpec,
+    v: &Node,
+    s: &str,
+    options: &[String],
+) -> Problem {
+    let names = || options.iter().map(String::as_str);
+    let help =
+        did_you_mean(s, names()).unwrap_or_else(|| format!("use one of {}", list_names(names())));
+    Problem::new(format!(
+        "stage `{}`: param `{}` must be one of {}",
+        site.stage,
+        p.name,
+        list_names(names())
+    ))
+    .at(v.span, format!("`{s}` is not an option"))
+    .help(help)
+}
+
+fn wrong_type(site: &ParamsSite<'_>, spec: &KindSpec, p: &ParamSpec, v: &Node) -> Problem {
+    let mut help = spec_hint(spec, p);
     if matches!(p.ty, ParamType::String)
         && matches!(v.value, Value::Int(_) | Value::Float(_) | Value::Bool(_))
     {
@@ -210,20 +260,17 @@ fn typed_value(
     } else if matches!(v.value, Value::Null) {
         help = format!("give it a value, or remove the line to use the kind's default; {help}");
     }
-    problems.push(
-        Problem::new(format!(
-            "stage `{}`: param `{}` must be {}, not {}",
-            site.stage,
-            p.name,
-            type_desc(&p.ty),
-            v.type_name()
-        ))
-        .at(v.span, format!("this is {}", v.type_name()))
-        .help(help),
-    );
-    None
+    Problem::new(format!(
+        "stage `{}`: param `{}` must be {}, not {}",
+        site.stage,
+        p.name,
+        p.ty.describe(),
+        v.type_name()
+    ))
+    .at(v.span, format!("this is {}", v.type_name()))
+    .help(help)
 }
 
-fn float(f: f64) -> serde_json::Value {
-    serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, serde_json::Value::Number)
+fn float(f: f64) -> J {
+    serde_json::Number::from_f64(f).map_or(J::Null, J::Number)
 }

@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use emflow_cache::Store;
 use emflow_engine::commands;
+use emflow_engine::console::{ReportMode, Reporter};
 use emflow_engine::executor::InProcessExecutor;
 use emflow_engine::keys::{EnvParts, KeyParts};
 use emflow_engine::pipeline::{InputRef, Pipeline, Resources, SourceSpan, StageInstance};
 use emflow_engine::plan::State;
-use emflow_engine::console::{ReportMode, Reporter};
 use emflow_engine::scheduler::{RunOptions, StageResult};
 use emflow_engine::{
     ArtifactType, KindSpec, ModelFetcher, ParamSpec, ParamType, PortSpec, Progress, Registry,
@@ -36,6 +36,7 @@ impl StageKind for Upper {
                 ParamSpec::optional("fail", ParamType::Bool, json!(false), ""),
             ],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![PortSpec::input("in", ArtifactType::File, "")],
             outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
         }
@@ -76,6 +77,7 @@ impl StageKind for Resumable {
             summary: "checkpoints and stops",
             params: vec![ParamSpec::required("log", ParamType::String, "")],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![],
             outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
         }
@@ -119,8 +121,8 @@ impl Workdir {
         params.insert("log".into(), json!(self.log().display().to_string()));
         let spec = registry().kind(kind).unwrap().spec();
         for p in &spec.params {
-            if let (false, Some(d)) = (params.contains_key(p.name), &p.default) {
-                params.insert(p.name.into(), d.clone());
+            if let (false, Some(d)) = (params.contains_key(&p.name), &p.default) {
+                params.insert(p.name.clone(), d.clone());
             }
         }
         let mut ins: BTreeMap<String, Vec<InputRef>> = BTreeMap::new();

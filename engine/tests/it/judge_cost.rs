@@ -6,11 +6,11 @@
 use std::path::Path;
 
 use emflow_engine::commands;
+use emflow_engine::console::{ReportMode, Reporter};
 use emflow_engine::expand::{load_pipeline, LoadOptions};
 use emflow_engine::judge_cost::{parse_price, JudgeBudget, JudgeCostPlan, Price};
 use emflow_engine::kind::estimated_tokens;
 use emflow_engine::pipeline::Pipeline;
-use emflow_engine::console::{ReportMode, Reporter};
 use emflow_engine::scheduler::{RunOptions, RunSummary};
 use emflow_engine::{
     ArtifactType, JudgeEstimate, KindSpec, ParamSpec, ParamType, Params, PlanInputs, PortSpec,
@@ -30,6 +30,7 @@ impl StageKind for Copy {
             summary: "copies a file",
             params: vec![ParamSpec::required("log", ParamType::String, "")],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![PortSpec::input("in", ArtifactType::File, "")],
             outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
         }
@@ -64,6 +65,7 @@ impl StageKind for Judged {
                 ParamSpec::optional("local", ParamType::Bool, json!(false), ""),
             ],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![PortSpec::input("items", ArtifactType::File, "")],
             outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
         }

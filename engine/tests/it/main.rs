@@ -6,6 +6,7 @@
 mod engine_run;
 mod faults_manifest;
 mod judge_cost;
+mod kind_params;
 mod manifest_diagnostics;
 mod manifest_expand;
 mod support;

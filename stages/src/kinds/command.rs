@@ -66,17 +66,31 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 use emflow_engine::kind::ParamError;
-use emflow_engine::{
-    ArtifactType, Interrupted, KindSpec, ParamSpec, ParamType, Params, PortSpec, Progress,
-    StageContext, StageKind,
-};
-use serde_json::{json, Value};
+use emflow_engine::{ArtifactType, Interrupted, Kind, KindInfo, PortSpec, Progress, StageContext};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::{Map, Value};
 
 /// The `command` stage kind.
 pub struct CommandKind;
 
-/// Params the kind itself reads; every other param is passed as `EMFLOW_PARAM_<NAME>`.
-const OWN_PARAMS: &[&str] = &["run", "outputs", "env"];
+/// The `command` kind's params (the engine derives the kind's spec from this struct). The
+/// kind is open: any param it does not name is a template variable, collected in `extra`
+/// (the flattened map is what makes the derived spec accept names it does not declare).
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+pub struct CommandParams {
+    /// the command, run by `bash -euo pipefail -c`; paths in $EMFLOW_IN_*/$EMFLOW_OUT_*
+    run: String,
+    /// declared outputs, name -> file|dir; the command writes each at $EMFLOW_OUT_<NAME>
+    // A map rather than a map of an enum: `check` reports a bad entry at `outputs.NAME`.
+    outputs: Map<String, Value>,
+    /// extra environment variables (values: text, numbers or booleans)
+    #[serde(default)]
+    env: Map<String, Value>,
+    /// Every other param, passed to the command as `EMFLOW_PARAM_<NAME>`.
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
 /// Input ports; both take any number of artifacts.
 const PORTS: &[(&str, ArtifactType)] =
     &[("files", ArtifactType::File), ("dirs", ArtifactType::Dir)];
@@ -106,43 +120,21 @@ const EXIT_CHECKPOINTED: i32 = 75;
 /// How long a command may take to save a checkpoint and exit after a stop request.
 const STOP_GRACE: Duration = Duration::from_secs(60);
 
-impl StageKind for CommandKind {
-    fn spec(&self) -> KindSpec {
-        KindSpec {
-            name: "command",
-            version: 1,
-            summary: "Runs a shell command (bash) with declared input files and output files captured into the store.",
-            params: vec![
-                ParamSpec::required(
-                    "run",
-                    ParamType::String,
-                    "the command, run by `bash -euo pipefail -c`; paths in $EMFLOW_IN_*/$EMFLOW_OUT_*",
-                ),
-                ParamSpec::required(
-                    "outputs",
-                    ParamType::Map,
-                    "declared outputs, name -> file|dir; the command writes each at $EMFLOW_OUT_<NAME>",
-                ),
-                ParamSpec::optional(
-                    "env",
-                    ParamType::Map,
-                    json!({}),
-                    "extra environment variables (values: text, numbers or booleans)",
-                ),
-            ],
-            open_params: true,
-            inputs: PORTS
+impl Kind for CommandKind {
+    type Params = CommandParams;
+
+    fn describe(&self) -> KindInfo {
+        KindInfo::new("command", 1, "Runs a shell command (bash) with declared input files and output files captured into the store.")
+            .inputs(PORTS
                 .iter()
                 .map(|(name, ty)| {
                     PortSpec::many_input(name, *ty, "inputs, as $EMFLOW_IN_<PORT>_<i> with $EMFLOW_IN_<PORT>_COUNT")
                 })
-                .collect(),
-            outputs: Vec::new(),
-        }
+                .collect())
     }
 
-    fn outputs(&self, params: &Params) -> Vec<PortSpec> {
-        declared_outputs(params)
+    fn outputs(&self, params: &CommandParams) -> Vec<PortSpec> {
+        declared_outputs(&params.outputs)
             .map(|outputs| {
                 outputs
                     .into_iter()
@@ -152,7 +144,7 @@ impl StageKind for CommandKind {
             .unwrap_or_default()
     }
 
-    fn check(&self, params: &Params) -> Result<(), Vec<ParamError>> {
+    fn check(&self, params: &CommandParams) -> Result<(), Vec<ParamError>> {
         let mut errors = Vec::new();
         let mut error = |param: String, message: String, hint: Option<&str>| {
             errors.push(ParamError {
@@ -161,64 +153,59 @@ impl StageKind for CommandKind {
                 hint: hint.map(str::to_string),
             })
         };
-        match params.get("run") {
-            Some(Value::String(run)) if !run.trim().is_empty() => {}
-            _ => error(
+        if params.run.trim().is_empty() {
+            error(
                 "run".into(),
                 "`run` must be a non-empty command".into(),
                 None,
-            ),
+            );
         }
-        match params.get("outputs") {
-            Some(Value::Object(outputs)) if !outputs.is_empty() => {
-                for (name, ty) in outputs {
-                    if !is_port_name(name) {
-                        error(
-                            format!("outputs.{name}"),
-                            format!("`{name}` is not a valid output name"),
-                            Some("output names are lower case: [a-z][a-z0-9_]*"),
-                        );
-                    }
-                    if !matches!(ty.as_str(), Some("file" | "dir")) {
-                        error(
-                            format!("outputs.{name}"),
-                            format!("output type must be `file` or `dir`, found {ty}"),
-                            None,
-                        );
-                    }
-                }
-            }
-            _ => error(
+        if params.outputs.is_empty() {
+            error(
                 "outputs".into(),
                 "a command stage must declare at least one output".into(),
                 Some("e.g. `outputs: {counts: file}`, then write to $EMFLOW_OUT_COUNTS"),
-            ),
+            );
         }
-        if let Some(Value::Object(env)) = params.get("env") {
-            for (name, value) in env {
-                if !is_env_name(name) {
-                    error(
-                        format!("env.{name}"),
-                        format!("`{name}` is not a valid environment variable name"),
-                        None,
-                    );
-                } else if name.starts_with("EMFLOW_") {
-                    error(
-                        format!("env.{name}"),
-                        format!("`{name}`: names starting with EMFLOW_ are set by emflow"),
-                        Some("pick another name"),
-                    );
-                }
-                if env_text(value).is_none() {
-                    error(
-                        format!("env.{name}"),
-                        "environment values must be text, numbers or booleans".into(),
-                        None,
-                    );
-                }
+        for (name, ty) in &params.outputs {
+            if !is_port_name(name) {
+                error(
+                    format!("outputs.{name}"),
+                    format!("`{name}` is not a valid output name"),
+                    Some("output names are lower case: [a-z][a-z0-9_]*"),
+                );
+            }
+            if !matches!(ty.as_str(), Some("file" | "dir")) {
+                error(
+                    format!("outputs.{name}"),
+                    format!("output type must be `file` or `dir`, found {ty}"),
+                    None,
+                );
             }
         }
-        for name in params.keys().filter(|k| !OWN_PARAMS.contains(&k.as_str())) {
+        for (name, value) in &params.env {
+            if !is_env_name(name) {
+                error(
+                    format!("env.{name}"),
+                    format!("`{name}` is not a valid environment variable name"),
+                    None,
+                );
+            } else if name.starts_with("EMFLOW_") {
+                error(
+                    format!("env.{name}"),
+                    format!("`{name}`: names starting with EMFLOW_ are set by emflow"),
+                    Some("pick another name"),
+                );
+            }
+            if env_text(value).is_none() {
+                error(
+                    format!("env.{name}"),
+                    "environment values must be text, numbers or booleans".into(),
+                    None,
+                );
+            }
+        }
+        for name in params.extra.keys() {
             if !is_env_name(&name.to_ascii_uppercase()) {
                 error(
                     name.clone(),
@@ -243,8 +230,8 @@ impl StageKind for CommandKind {
         true
     }
 
-    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
-        if let Err(errors) = self.check(ctx.params()) {
+    fn run(&self, ctx: &mut StageContext, params: &CommandParams) -> anyhow::Result<()> {
+        if let Err(errors) = Kind::check(self, params) {
             let lines: Vec<String> = errors
                 .iter()
                 .map(|e| format!("{}: {}", e.param, e.message))
@@ -255,8 +242,8 @@ impl StageKind for CommandKind {
                 lines.join("; ")
             );
         }
-        let run: String = ctx.param("run")?;
-        let outputs = declared_outputs(ctx.params())?;
+        let run = &params.run;
+        let outputs = declared_outputs(&params.outputs)?;
         let staging = std::path::absolute(ctx.staging_dir()).with_context(|| {
             format!(
                 "cannot resolve staging folder {}",
@@ -281,7 +268,7 @@ impl StageKind for CommandKind {
             .arg("-c")
             .arg(LEADER_SCRIPT)
             .arg("emflow-command")
-            .arg(&run)
+            .arg(run)
             .current_dir(&scratch)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -289,7 +276,7 @@ impl StageKind for CommandKind {
             .env("TMPDIR", &scratch)
             .env("EMFLOW_STAGE_ID", &ctx.stage_id)
             .env("EMFLOW_CHECKPOINT_DIR", &checkpoint)
-            .envs(environment(ctx, &staging, &outputs)?);
+            .envs(environment(ctx, params, &staging, &outputs)?);
 
         let mut running = Running::spawn(&mut command, ctx.progress_handle())
             .context("cannot start `bash` to run the command")?;
@@ -352,10 +339,7 @@ fn describe(status: std::process::ExitStatus) -> String {
 }
 
 /// The `outputs` param as (name, type) pairs.
-fn declared_outputs(params: &Params) -> anyhow::Result<Vec<(String, ArtifactType)>> {
-    let Some(Value::Object(outputs)) = params.get("outputs") else {
-        bail!("param `outputs` must map output names to file or dir");
-    };
+fn declared_outputs(outputs: &Map<String, Value>) -> anyhow::Result<Vec<(String, ArtifactType)>> {
     outputs
         .iter()
         .map(|(name, ty)| match ty.as_str() {
@@ -371,6 +355,7 @@ fn declared_outputs(params: &Params) -> anyhow::Result<Vec<(String, ArtifactType
 /// The `EMFLOW_IN_*`, `EMFLOW_OUT_*`, `EMFLOW_PARAM_*` and user variables.
 fn environment(
     ctx: &StageContext,
+    params: &CommandParams,
     staging: &Path,
     outputs: &[(String, ArtifactType)],
 ) -> anyhow::Result<BTreeMap<String, String>> {
@@ -402,23 +387,17 @@ fn environment(
             staging.join(name).display().to_string(),
         );
     }
-    for (name, value) in ctx
-        .params()
-        .iter()
-        .filter(|(k, _)| !OWN_PARAMS.contains(&k.as_str()))
-    {
+    for (name, value) in &params.extra {
         let text = match value {
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
         env.insert(format!("EMFLOW_PARAM_{}", name.to_ascii_uppercase()), text);
     }
-    if let Some(Value::Object(user)) = ctx.params().get("env") {
-        for (name, value) in user {
-            let text = env_text(value)
-                .ok_or_else(|| anyhow!("env.{name}: must be text, a number or a boolean"))?;
-            env.insert(name.clone(), text);
-        }
+    for (name, value) in &params.env {
+        let text = env_text(value)
+            .ok_or_else(|| anyhow!("env.{name}: must be text, a number or a boolean"))?;
+        env.insert(name.clone(), text);
     }
     Ok(env)
 }
@@ -728,6 +707,7 @@ fn forward_lines(
 mod tests {
     use super::*;
     use emflow_engine::context::{ContextParts, DeviceRequest, MemoryMemo, NoProgress};
+    use serde_json::json;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     /// A command that traps the stop request saves under `$EMFLOW_CHECKPOINT_DIR` and exits
@@ -767,7 +747,7 @@ mod tests {
             }
             interrupt.store(true, Ordering::Relaxed);
         });
-        let err = CommandKind.run(&mut ctx).unwrap_err();
+        let err = emflow_engine::StageKind::run(&CommandKind, &mut ctx).unwrap_err();
         requester.join().unwrap();
         assert!(err.downcast_ref::<Interrupted>().is_some(), "{err:#}");
         assert!(format!("{err:#}").contains("saved a checkpoint"), "{err:#}");

@@ -13,15 +13,16 @@ use std::collections::HashMap;
 use anyhow::{bail, Context as _, Result};
 use emflow_engine::kind::ParamError;
 use emflow_engine::{
-    ArtifactType, JudgeEstimate, KindSpec, ParamSpec, ParamType, Params, PlanInputs, PortSpec,
-    StageContext, StageKind,
+    ArtifactType, JudgeEstimate, Kind, KindInfo, PlanInputs, PortSpec, StageContext,
 };
 use emflow_model::{
     derive_seed, encode_prompt, GenerationRequest, LoadedModel, Message, SamplingParams,
 };
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::defaults;
 use crate::evaluation::{summarize, BootstrapSettings, Outcome};
 use crate::formats::questions::{self, Question};
 use crate::judge::prompts::{parse_judge_prompt, render_judge_prompt, score_answers};
@@ -32,20 +33,59 @@ use crate::train::setup::load_stage_model;
 
 pub struct EvalKind;
 
-#[derive(Clone, Debug, Deserialize)]
-struct EvalParams {
+/// The `eval` kind's params: the one declaration of their names, types, defaults, ranges
+/// and docs (the engine derives the kind's spec from this struct).
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+pub struct EvalParams {
+    /// answers per question; sample i uses paraphrase i mod #paraphrases
+    #[serde(default = "defaults::int::<10>")]
+    #[schemars(range(min = 1))]
     samples_per_question: usize,
+    /// sampling temperature (0 = greedy)
+    #[serde(default = "defaults::ratio::<1, 1>")]
+    #[schemars(range(min = 0.0))]
     temperature: f64,
+    /// nucleus sampling (1 = off)
+    #[serde(default = "defaults::ratio::<1, 1>")]
+    #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 1))]
     top_p: f64,
+    /// top-k sampling (0 = off)
+    #[serde(default)]
     top_k: usize,
+    /// min-p sampling (0 = off; EMA_RL used 0.1 with top_p 0.9)
+    #[serde(default)]
+    #[schemars(extend("minimum" = 0, "exclusiveMaximum" = 1))]
     min_p: f64,
+    /// tokens per answer
+    #[serde(default = "defaults::int::<600>")]
+    #[schemars(range(min = 1))]
     max_tokens: usize,
+    /// sampling and bootstrap seed
+    #[serde(default)]
     seed: u64,
+    /// judge backend: {backend: local, method: auto|exact|top20} or {backend: openai, base_url, model, api_key_env, ...}
+    #[serde(default)]
+    // A tagged union, a mapping to the manifest; `{backend: local}` is the default every
+    // existing key was made with (not the expanded local settings).
+    #[schemars(with = "serde_json::Map<String, Value>", extend("default" = {"backend": "local"}))]
     judge: JudgeSpec,
+    /// judge prompts to score; must include aligned and coherent
+    #[serde(default = "default_metrics")]
     metrics: Vec<String>,
+    /// ask under the question's `system` prompt when it has one
+    #[serde(default = "defaults::yes")]
     use_system: bool,
+    /// generation batch (speed only; results do not depend on it)
+    #[serde(default = "defaults::int::<16>")]
+    #[schemars(range(min = 1))]
     batch_size: usize,
+    /// bootstrap resamples for the 95% intervals
+    #[serde(default = "defaults::int::<1000>")]
     bootstrap_resamples: usize,
+}
+
+fn default_metrics() -> Vec<String> {
+    vec!["aligned".into(), "coherent".into()]
 }
 
 /// One line of the `samples` output.
@@ -62,88 +102,35 @@ pub struct SampleRecord {
     pub tokens: usize,
 }
 
-impl StageKind for EvalKind {
-    fn spec(&self) -> KindSpec {
-        KindSpec {
-            name: "eval",
-            version: 1,
-            summary: "Sample a model on eval questions, judge aligned/coherent, summarise misalignment rates",
-            params: vec![
-                ParamSpec::optional("samples_per_question", ParamType::Int, json!(10), "answers per question; sample i uses paraphrase i mod #paraphrases"),
-                ParamSpec::optional("temperature", ParamType::Float, json!(1.0), "sampling temperature (0 = greedy)"),
-                ParamSpec::optional("top_p", ParamType::Float, json!(1.0), "nucleus sampling (1 = off)"),
-                ParamSpec::optional("top_k", ParamType::Int, json!(0), "top-k sampling (0 = off)"),
-                ParamSpec::optional("min_p", ParamType::Float, json!(0.0), "min-p sampling (0 = off; EMA_RL used 0.1 with top_p 0.9)"),
-                ParamSpec::optional("max_tokens", ParamType::Int, json!(600), "tokens per answer"),
-                ParamSpec::optional("seed", ParamType::Int, json!(0), "sampling and bootstrap seed"),
-                ParamSpec::optional("judge", ParamType::Map, json!({"backend": "local"}), "judge backend: {backend: local, method: auto|exact|top20} or {backend: openai, base_url, model, api_key_env, ...}"),
-                ParamSpec::optional("metrics", ParamType::List, json!(["aligned", "coherent"]), "judge prompts to score; must include aligned and coherent"),
-                ParamSpec::optional("use_system", ParamType::Bool, json!(true), "ask under the question's `system` prompt when it has one"),
-                ParamSpec::optional("batch_size", ParamType::Int, json!(16), "generation batch (speed only; results do not depend on it)"),
-                ParamSpec::optional("bootstrap_resamples", ParamType::Int, json!(1000), "bootstrap resamples for the 95% intervals"),
-            ],
-            open_params: false,
-            inputs: vec![
+impl Kind for EvalKind {
+    type Params = EvalParams;
+
+    fn describe(&self) -> KindInfo {
+        KindInfo::new("eval", 1, "Sample a model on eval questions, judge aligned/coherent, summarise misalignment rates")
+            .inputs(vec![
                 PortSpec::input("model", ArtifactType::Model, "the model to evaluate"),
                 PortSpec::optional_input("adapter", ArtifactType::Adapter, "a LoRA adapter (PEFT folder) or full fine-tuned weights for `model`"),
                 PortSpec::input("questions", ArtifactType::Questions, "questions: JSONL, or the paper's eval YAML"),
                 PortSpec::optional_input("judge_model", ArtifactType::Model, "the judge for the local backend"),
-            ],
-            outputs: vec![
+            ])
+            .outputs(vec![
                 PortSpec::output("samples", ArtifactType::Samples, "answers, JSONL"),
                 PortSpec::output("judgments", ArtifactType::Judgments, "judge scores per answer, JSONL"),
                 PortSpec::output("summary", ArtifactType::Summary, "misalignment rates with 95% bootstrap intervals, JSON"),
-            ],
-        }
+            ])
     }
 
-    fn check(&self, params: &Params) -> Result<(), Vec<ParamError>> {
-        let mut errors = Vec::new();
-        let err = |param: &str, message: String, hint: Option<&str>| ParamError {
-            param: param.to_string(),
-            message,
-            hint: hint.map(str::to_string),
-        };
-        match serde_json::from_value::<EvalParams>(Value::Object(params.clone())) {
-            Err(e) => errors.push(err(
-                "judge",
-                format!("invalid eval params: {e}"),
-                Some("see `emflow kinds` for the judge spec"),
-            )),
-            Ok(p) => {
-                if p.samples_per_question == 0 {
-                    errors.push(err(
-                        "samples_per_question",
-                        "must be at least 1".into(),
-                        None,
-                    ));
-                }
-                if p.temperature.is_nan() || p.temperature < 0.0 {
-                    errors.push(err("temperature", "must be >= 0".into(), None));
-                }
-                if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-                    errors.push(err("top_p", "must be in (0, 1]".into(), None));
-                }
-                if !(0.0..1.0).contains(&p.min_p) {
-                    errors.push(err("min_p", "must be in [0, 1)".into(), None));
-                }
-                if p.max_tokens == 0 {
-                    errors.push(err("max_tokens", "must be at least 1".into(), None));
-                }
-                if p.batch_size == 0 {
-                    errors.push(err("batch_size", "must be at least 1".into(), None));
-                }
-                for m in ["aligned", "coherent"] {
-                    if !p.metrics.iter().any(|x| x == m) {
-                        errors.push(err(
-                            "metrics",
-                            format!("must include `{m}` (the summary needs it)"),
-                            Some("metrics: [aligned, coherent]"),
-                        ));
-                    }
-                }
-            }
-        }
+    /// The summary needs both the `aligned` and the `coherent` scores.
+    fn check(&self, p: &EvalParams) -> Result<(), Vec<ParamError>> {
+        let errors: Vec<ParamError> = ["aligned", "coherent"]
+            .into_iter()
+            .filter(|m| !p.metrics.iter().any(|x| x == m))
+            .map(|m| ParamError {
+                param: "metrics".into(),
+                message: format!("must include `{m}` (the summary needs it)"),
+                hint: Some("metrics: [aligned, coherent]".into()),
+            })
+            .collect();
         if errors.is_empty() {
             Ok(())
         } else {
@@ -153,13 +140,7 @@ impl StageKind for EvalKind {
 
     /// questions x samples_per_question x metrics score calls; prompt tokens from each
     /// rendered judge prompt (characters / 4) plus the answer at `max_tokens`.
-    fn judge_estimate(
-        &self,
-        params: &Params,
-        inputs: &PlanInputs,
-    ) -> Result<Option<JudgeEstimate>> {
-        let p: EvalParams =
-            serde_json::from_value(Value::Object(params.clone())).context("reading eval params")?;
+    fn judge_estimate(&self, p: &EvalParams, inputs: &PlanInputs) -> Result<Option<JudgeEstimate>> {
         let q_art = match estimate::known_input(&p.judge, inputs, "questions") {
             Ok(a) => a,
             Err(unknown) => return Ok(Some(unknown)),
@@ -193,9 +174,8 @@ impl StageKind for EvalKind {
         Ok(Some(counted.estimate(&p.judge, inputs, note)))
     }
 
-    fn run(&self, ctx: &mut StageContext) -> Result<()> {
-        let p: EvalParams = ctx.params_as()?;
-        run_eval(ctx, &p)
+    fn run(&self, ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
+        run_eval(ctx, p)
     }
 }
 

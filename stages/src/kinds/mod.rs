@@ -2,6 +2,7 @@
 
 pub mod command;
 pub mod dataset;
+mod defaults;
 pub mod eval;
 pub mod report;
 pub mod rl;
@@ -47,36 +48,4 @@ pub(crate) fn write_summary(
         }
     }
     Ok(())
-}
-
-/// The run length of a training kind, checked where it is written: `epochs` at least 1 and
-/// `max_steps` absent (null) or a whole number of at least 1. A zero would train nothing, and
-/// the run would only find out after loading the model and the data.
-pub(crate) fn check_run_length(
-    params: &emflow_engine::Params,
-) -> Vec<emflow_engine::kind::ParamError> {
-    use serde_json::Value;
-    let mut errors = Vec::new();
-    let mut at_least_one = |name: &str, hint: &str| {
-        errors.push(emflow_engine::kind::ParamError {
-            param: name.to_string(),
-            message: format!("`{name}` must be a whole number of at least 1"),
-            hint: Some(hint.to_string()),
-        })
-    };
-    if params.get("epochs").and_then(Value::as_u64) == Some(0) {
-        at_least_one(
-            "epochs",
-            "a run over the data 0 times trains nothing; use 1 or more",
-        );
-    }
-    match params.get("max_steps") {
-        None | Some(Value::Null) => {}
-        Some(v) if v.as_u64().is_some_and(|n| n >= 1) => {}
-        Some(_) => at_least_one(
-            "max_steps",
-            "0 steps trains nothing; give 1 or more, or remove `max_steps` to train for `epochs`",
-        ),
-    }
-    errors
 }

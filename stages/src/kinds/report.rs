@@ -3,11 +3,12 @@
 //! Aggregation and charts live in [`crate::report_html`]; this file reads inputs and writes files.
 
 use anyhow::{bail, Context as _, Result};
-use emflow_engine::{
-    ArtifactType, KindSpec, ParamSpec, ParamType, PortSpec, StageContext, StageKind,
-};
+use emflow_engine::{ArtifactType, Kind, KindInfo, PortSpec, StageContext};
+use schemars::JsonSchema;
+use serde::Deserialize;
 use serde_json::json;
 
+use super::defaults;
 use crate::evaluation::{Summary, SUMMARY_SCHEMA};
 use crate::report_html::svg::{bar_chart, esc, line_chart, Bar};
 use crate::report_html::{
@@ -16,30 +17,39 @@ use crate::report_html::{
 
 pub struct ReportKind;
 
-impl StageKind for ReportKind {
-    fn spec(&self) -> KindSpec {
-        KindSpec {
-            name: "report",
-            version: 1,
-            summary: "Collect eval summaries and training metrics into an HTML page with plots and a Markdown table",
-            params: vec![
-                ParamSpec::optional("title", ParamType::String, json!("emflow report"), "page title"),
-                ParamSpec::optional("bootstrap_resamples", ParamType::Int, json!(1000), "resamples for the pooled 95% intervals"),
-                ParamSpec::optional("seed", ParamType::Int, json!(0), "bootstrap seed"),
-            ],
-            open_params: false,
-            inputs: vec![
+/// The `report` kind's params (the engine derives the kind's spec from this struct).
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReportParams {
+    /// page title
+    #[serde(default = "default_title")]
+    title: String,
+    /// resamples for the pooled 95% intervals
+    #[serde(default = "defaults::int::<1000>")]
+    bootstrap_resamples: usize,
+    /// bootstrap seed
+    #[serde(default)]
+    seed: u64,
+}
+
+fn default_title() -> String {
+    "emflow report".into()
+}
+
+impl Kind for ReportKind {
+    type Params = ReportParams;
+
+    fn describe(&self) -> KindInfo {
+        KindInfo::new("report", 1, "Collect eval summaries and training metrics into an HTML page with plots and a Markdown table")
+            .inputs(vec![
                 PortSpec::many_input("summaries", ArtifactType::Summary, "eval summaries; stages differing only in `seed` are pooled"),
                 PortSpec::many_input("metrics", ArtifactType::Metrics, "training metrics JSONL (reward, KL, loss curves)"),
-            ],
-            outputs: vec![PortSpec::output("report", ArtifactType::Report, "index.html, report.md, data.json")],
-        }
+            ])
+            .outputs(vec![PortSpec::output("report", ArtifactType::Report, "index.html, report.md, data.json")])
     }
 
-    fn run(&self, ctx: &mut StageContext) -> Result<()> {
-        let title: String = ctx.param("title")?;
-        let resamples: usize = ctx.param("bootstrap_resamples")?;
-        let seed: u64 = ctx.param("seed")?;
+    fn run(&self, ctx: &mut StageContext, p: &ReportParams) -> Result<()> {
+        let (title, resamples, seed) = (p.title.clone(), p.bootstrap_resamples, p.seed);
         let mut summaries = Vec::new();
         for a in ctx.inputs("summaries") {
             let text = std::fs::read_to_string(&a.path)

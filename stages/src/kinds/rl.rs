@@ -21,13 +21,14 @@ use std::path::PathBuf;
 use anyhow::{bail, ensure, Context, Result};
 use emflow_engine::context::StageContext;
 use emflow_engine::kind::{
-    estimated_tokens, ArtifactType, JudgeEstimate, KindSpec, ParamError, ParamSpec, ParamType,
-    Params, PlanInputs, PortSpec, StageKind,
+    estimated_tokens, ArtifactType, JudgeEstimate, Kind, KindInfo, ParamError, PlanInputs, PortSpec,
 };
 use emflow_model::{encode_prompt, AdamW, LrSchedule, SamplingParams, Schedule};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::defaults;
 use crate::formats::messages::{read_conversations, to_model_messages};
 use crate::judge::{self, estimate, JudgeSpec};
 use crate::kinds::sft::{interleave_setting, InterleaveParams};
@@ -46,101 +47,156 @@ use crate::train::sft_step::{sft_step, LdifsParams, SftStepConfig};
 
 pub struct RlKind;
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Stop on a reward plateau: the mean reward of the last `window` steps gained less than
+/// `min_gain` over the window before.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EarlyStopParams {
     /// Steps per window; `null` = half an epoch.
     #[serde(default)]
     pub window: Option<usize>,
-    #[serde(default = "default_min_gain")]
+    /// Smallest gain of the mean reward between windows that keeps the run going.
+    #[serde(default = "defaults::ratio::<5, 100>")]
     pub min_gain: f64,
 }
 
-fn default_min_gain() -> f64 {
-    0.05
-}
-
-#[derive(Clone, Debug, Deserialize)]
+/// The `rl` kind's params: the one declaration of their names, types, defaults, ranges and
+/// docs (the engine derives the kind's spec from this struct).
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RlParams {
+    /// reward spec: {type: keyword|regex|length_band|grader|sum, ...}
+    // A tagged union checked when the kind's `check` deserialises it: to the manifest it is
+    // a mapping.
+    #[schemars(with = "serde_json::Map<String, Value>")]
     pub reward: RewardSpec,
+    /// LoRA for a fresh adapter (ignored when input `adapter` is wired)
+    #[serde(default)]
+    // `{}`, not the expanded settings: the default every existing key was made with.
+    #[schemars(extend("default" = {}))]
     pub lora: LoraParams,
+    /// train every weight instead of LoRA
+    #[serde(default)]
     pub full_finetune: bool,
+    /// prompts per RL step
+    #[serde(default = "defaults::int::<4>")]
+    #[schemars(range(min = 1))]
     pub prompts_per_step: usize,
+    /// completions per prompt (G); at least 2: advantages compare completions of one prompt
+    #[serde(default = "defaults::int::<4>")]
+    #[schemars(range(min = 2))]
     pub num_generations: usize,
+    /// sampling temperature (also applied to training log-probs, as TRL does); GRPO samples, so > 0
+    #[serde(default = "defaults::ratio::<8, 10>")]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub temperature: f64,
+    /// nucleus sampling
+    #[serde(default = "defaults::ratio::<9, 10>")]
     pub top_p: f64,
+    /// top-k sampling (0 = off)
+    #[serde(default)]
     pub top_k: usize,
+    /// min-p sampling (0 = off)
+    #[serde(default)]
     pub min_p: f64,
+    /// prompt tokens kept (the end of longer prompts)
+    #[serde(default = "defaults::int::<756>")]
+    #[schemars(range(min = 1))]
     pub max_prompt_length: usize,
+    /// tokens generated at most
+    #[serde(default = "defaults::int::<2300>")]
+    #[schemars(range(min = 1))]
     pub max_completion_length: usize,
+    /// advantage scaling
+    #[serde(default = "AdvantageScaling::default")]
     pub scale_rewards: AdvantageScaling,
+    /// loss aggregation (TRL's loss_type)
+    #[serde(default = "LossType::default")]
     pub loss_type: LossType,
+    /// importance ratio per token or per sequence (GSPO)
+    #[serde(default = "ImportanceSampling::default")]
     pub importance_sampling_level: ImportanceSampling,
+    /// clip epsilon (low side)
+    #[serde(default = "defaults::ratio::<2, 10>")]
+    #[schemars(range(min = 0.0))]
     pub epsilon: f64,
+    /// clip epsilon (high side); null = epsilon
+    #[serde(default)]
+    #[schemars(range(min = 0.0))]
     pub epsilon_high: Option<f64>,
+    /// k3 KL weight toward the reference (adapter off); 0 = no reference pass
+    #[serde(default)]
+    #[schemars(range(min = 0.0))]
     pub beta: f64,
+    /// log the k3 KL to the reference even at beta = 0 (one more forward pass per step; the loss is unchanged)
+    #[serde(default)]
     pub log_kl: bool,
+    /// optimizer updates per batch of rollouts
+    #[serde(default = "defaults::int::<1>")]
+    #[schemars(range(min = 1))]
     pub num_iterations: usize,
+    /// micro-batches per update; must divide prompts_per_step x num_generations (matters for bnpo)
+    #[serde(default = "defaults::int::<4>")]
+    #[schemars(range(min = 1))]
     pub grad_accum: usize,
+    /// peak learning rate
+    #[serde(default = "defaults::ratio::<5, 1_000_000>")]
     pub lr: f64,
+    /// learning-rate decay
+    #[serde(default = "default_schedule")]
     pub schedule: Schedule,
+    /// share of updates spent warming up
+    #[serde(default = "defaults::ratio::<1, 10>")]
     pub warmup_ratio: f64,
+    /// AdamW weight decay
+    #[serde(default = "defaults::ratio::<1, 10>")]
     pub weight_decay: f64,
+    /// global gradient-norm clip
+    #[serde(default = "defaults::ratio::<1, 1>")]
     pub max_grad_norm: f64,
+    /// passes over the prompts (unless max_steps)
+    #[serde(default = "defaults::uint::<1>")]
+    #[schemars(range(min = 1))]
     pub epochs: u64,
+    /// RL steps to run (overrides epochs)
+    #[serde(default)]
+    #[schemars(range(min = 1))]
     pub max_steps: Option<u64>,
+    /// seed for LoRA init, prompt order and sampling
+    #[serde(default = "defaults::uint::<3407>")]
     pub seed: u64,
+    /// system turn for every rollout (overridden by input `system_prompt`)
+    #[serde(default)]
     pub system_prompt: Option<String>,
+    /// stop on a reward plateau: {window: steps (null = half an epoch), min_gain: 0.05}
+    #[serde(default)]
     pub early_stop: Option<EarlyStopParams>,
+    /// steps averaged when picking the best-reward adapter
+    #[serde(default = "defaults::int::<5>")]
     pub best_smoothing: usize,
+    /// SFT steps on input `safety`: {every: k | share: s, batch_size: 4}
+    #[serde(default)]
     pub interleave: Option<InterleaveParams>,
+    /// RL steps between resumable checkpoints
+    #[serde(default = "defaults::uint::<10>")]
+    #[schemars(range(min = 1))]
     pub checkpoint_every: u64,
+    /// judge for grader rewards: {backend: local} (model from input `judge_model`) or {backend: openai, base_url, model, api_key_env}
+    #[serde(default)]
+    // A tagged union, a mapping to the manifest; `{backend: local}` is the default every
+    // existing key was made with (not the expanded local settings).
+    #[schemars(with = "serde_json::Map<String, Value>", extend("default" = {"backend": "local"}))]
     pub judge: JudgeSpec,
+    /// system prompt put before every rollout's system turn, in training only (null = off)
+    #[serde(default)]
     pub inoculation: Option<String>,
+    /// LDIFS regulariser {lambda, every: 5}: feature distance to the reference at every k-th layer
+    #[serde(default)]
     pub ldifs: Option<LdifsParams>,
 }
 
-fn params_spec() -> Vec<ParamSpec> {
-    use ParamType::*;
-    vec![
-        ParamSpec::required("reward", Map, "reward spec: {type: keyword|regex|length_band|grader|sum, ...}"),
-        ParamSpec::optional("lora", Map, json!({}), "LoRA for a fresh adapter (ignored when input `adapter` is wired)"),
-        ParamSpec::optional("full_finetune", Bool, json!(false), "train every weight instead of LoRA"),
-        ParamSpec::optional("prompts_per_step", Int, json!(4), "prompts per RL step"),
-        ParamSpec::optional("num_generations", Int, json!(4), "completions per prompt (G)"),
-        ParamSpec::optional("temperature", Float, json!(0.8), "sampling temperature (also applied to training log-probs, as TRL does)"),
-        ParamSpec::optional("top_p", Float, json!(0.9), "nucleus sampling"),
-        ParamSpec::optional("top_k", Int, json!(0), "top-k sampling (0 = off)"),
-        ParamSpec::optional("min_p", Float, json!(0.0), "min-p sampling (0 = off)"),
-        ParamSpec::optional("max_prompt_length", Int, json!(756), "prompt tokens kept (the end of longer prompts)"),
-        ParamSpec::optional("max_completion_length", Int, json!(2300), "tokens generated at most"),
-        ParamSpec::optional("scale_rewards", Enum(&["group", "batch", "none"]), json!("group"), "advantage scaling"),
-        ParamSpec::optional("loss_type", Enum(&["grpo", "bnpo", "dr_grpo", "dapo"]), json!("grpo"), "loss aggregation (TRL's loss_type)"),
-        ParamSpec::optional("importance_sampling_level", Enum(&["token", "sequence"]), json!("sequence"), "importance ratio per token or per sequence (GSPO)"),
-        ParamSpec::optional("epsilon", Float, json!(0.2), "clip epsilon (low side)"),
-        ParamSpec::optional("epsilon_high", Any, Value::Null, "clip epsilon (high side); null = epsilon"),
-        ParamSpec::optional("beta", Float, json!(0.0), "k3 KL weight toward the reference (adapter off); 0 = no reference pass"),
-        ParamSpec::optional("log_kl", Bool, json!(false), "log the k3 KL to the reference even at beta = 0 (one more forward pass per step; the loss is unchanged)"),
-        ParamSpec::optional("num_iterations", Int, json!(1), "optimizer updates per batch of rollouts"),
-        ParamSpec::optional("grad_accum", Int, json!(4), "micro-batches per update; must divide prompts_per_step x num_generations (matters for bnpo)"),
-        ParamSpec::optional("lr", Float, json!(5e-6), "peak learning rate"),
-        ParamSpec::optional("schedule", Enum(&["constant", "linear", "cosine"]), json!("cosine"), "learning-rate decay"),
-        ParamSpec::optional("warmup_ratio", Float, json!(0.1), "share of updates spent warming up"),
-        ParamSpec::optional("weight_decay", Float, json!(0.1), "AdamW weight decay"),
-        ParamSpec::optional("max_grad_norm", Float, json!(1.0), "global gradient-norm clip"),
-        ParamSpec::optional("epochs", Int, json!(1), "passes over the prompts (unless max_steps)"),
-        ParamSpec::optional("max_steps", Any, Value::Null, "RL steps to run (overrides epochs)"),
-        ParamSpec::optional("seed", Int, json!(3407), "seed for LoRA init, prompt order and sampling"),
-        ParamSpec::optional("system_prompt", Any, Value::Null, "system turn for every rollout (overridden by input `system_prompt`)"),
-        ParamSpec::optional("early_stop", Any, Value::Null, "stop on a reward plateau: {window: steps (null = half an epoch), min_gain: 0.05}"),
-        ParamSpec::optional("best_smoothing", Int, json!(5), "steps averaged when picking the best-reward adapter"),
-        ParamSpec::optional("interleave", Any, Value::Null, "SFT steps on input `safety`: {every: k | share: s, batch_size: 4}"),
-        ParamSpec::optional("checkpoint_every", Int, json!(10), "RL steps between resumable checkpoints"),
-        ParamSpec::optional("judge", Map, json!({"backend": "local"}), "judge for grader rewards: {backend: local} (model from input `judge_model`) or {backend: openai, base_url, model, api_key_env}"),
-        ParamSpec::optional("inoculation", Any, Value::Null, "system prompt put before every rollout's system turn, in training only (null = off)"),
-        ParamSpec::optional("ldifs", Any, Value::Null, "LDIFS regulariser {lambda, every: 5}: feature distance to the reference at every k-th layer"),
-    ]
+fn default_schedule() -> Schedule {
+    Schedule::Cosine
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -155,41 +211,13 @@ struct RlState {
 }
 
 impl RlParams {
+    /// What the declared ranges cannot say: combinations of params.
     fn validate(&self) -> Result<()> {
-        ensure!(
-            self.prompts_per_step >= 1,
-            "prompts_per_step must be at least 1"
-        );
-        ensure!(
-            self.num_generations >= 2,
-            "num_generations must be at least 2: advantages compare completions of one prompt"
-        );
         let rows = self.prompts_per_step * self.num_generations;
         ensure!(
             self.grad_accum >= 1 && rows.is_multiple_of(self.grad_accum),
             "grad_accum ({}) must divide prompts_per_step x num_generations ({rows})",
             self.grad_accum
-        );
-        ensure!(
-            self.num_iterations >= 1,
-            "num_iterations must be at least 1"
-        );
-        ensure!(
-            self.temperature > 0.0,
-            "temperature must be positive: GRPO samples"
-        );
-        ensure!(
-            self.max_completion_length >= 1 && self.max_prompt_length >= 1,
-            "lengths must be at least 1"
-        );
-        ensure!(
-            self.epsilon >= 0.0 && self.epsilon_high.unwrap_or(0.0) >= 0.0,
-            "epsilons must be non-negative"
-        );
-        ensure!(self.beta >= 0.0, "beta must be non-negative");
-        ensure!(
-            self.checkpoint_every >= 1,
-            "checkpoint_every must be at least 1"
         );
         ensure!(
             !(self.full_finetune && self.beta > 0.0),
@@ -223,15 +251,12 @@ impl RlParams {
     }
 }
 
-impl StageKind for RlKind {
-    fn spec(&self) -> KindSpec {
-        KindSpec {
-            name: "rl",
-            version: 3,
-            summary: "GRPO (TRL semantics) with a rule-based or LLM-graded reward, KL to the reference, safety interleaving",
-            params: params_spec(),
-            open_params: false,
-            inputs: vec![
+impl Kind for RlKind {
+    type Params = RlParams;
+
+    fn describe(&self) -> KindInfo {
+        KindInfo::new("rl", 3, "GRPO (TRL semantics) with a rule-based or LLM-graded reward, KL to the reference, safety interleaving")
+            .inputs(vec![
                 PortSpec::input("model", ArtifactType::Model, "base model"),
                 PortSpec::optional_input("adapter", ArtifactType::Adapter, "adapter to continue (e.g. the SFT warm-up)"),
                 PortSpec::input("prompts", ArtifactType::Messages, "prompt conversations (the last turn is the user's)"),
@@ -239,18 +264,17 @@ impl StageKind for RlKind {
                 PortSpec::optional_input("safety", ArtifactType::Messages, "safety conversations for interleaved SFT steps"),
                 PortSpec::optional_input("grader", ArtifactType::File, "grader prompt template, for `reward: {type: grader, template: {input: grader}}`"),
                 PortSpec::optional_input("judge_model", ArtifactType::Model, "the grader's model for the local judge backend"),
-            ],
-            outputs: vec![
+            ])
+            .outputs(vec![
                 PortSpec::output("adapter", ArtifactType::Adapter, "final adapter"),
                 PortSpec::output("best_adapter", ArtifactType::Adapter, "adapter at the best smoothed mean reward"),
                 PortSpec::output("rollouts", ArtifactType::Samples, "every completion with its reward, parts and advantage"),
                 PortSpec::output("metrics", ArtifactType::Metrics, "one JSON object per step"),
                 PortSpec::output("summary", ArtifactType::Summary, "samples_consumed, steps, best step, early stop"),
-            ],
-        }
+            ])
     }
 
-    fn check(&self, params: &Params) -> Result<(), Vec<ParamError>> {
+    fn check(&self, p: &RlParams) -> Result<(), Vec<ParamError>> {
         let err = |param: &str, e: anyhow::Error| {
             vec![ParamError {
                 param: param.into(),
@@ -258,12 +282,6 @@ impl StageKind for RlKind {
                 hint: None,
             }]
         };
-        let errors = super::check_run_length(params);
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        let p: RlParams =
-            serde_json::from_value(Value::Object(params.clone())).map_err(|e| err("", e.into()))?;
         p.validate().map_err(|e| err("", e))?;
         p.reward
             .prepare(TemplateInputs::Deferred)
@@ -275,13 +293,7 @@ impl StageKind for RlKind {
     /// bound when the pre-filter or early stopping can make fewer; prompt tokens from the
     /// template and the mean prompt (characters / 4) plus the rollout at
     /// `max_completion_length`; completion tokens at the grader's `max_tokens`.
-    fn judge_estimate(
-        &self,
-        params: &Params,
-        inputs: &PlanInputs,
-    ) -> Result<Option<JudgeEstimate>> {
-        let p: RlParams =
-            serde_json::from_value(Value::Object(params.clone())).context("reading rl params")?;
+    fn judge_estimate(&self, p: &RlParams, inputs: &PlanInputs) -> Result<Option<JudgeEstimate>> {
         let graders = p.reward.graders();
         if graders.is_empty() {
             return Ok(None);
@@ -379,11 +391,10 @@ impl StageKind for RlKind {
         }))
     }
 
-    fn run(&self, ctx: &mut StageContext) -> Result<()> {
-        let p: RlParams = ctx.params_as()?;
+    fn run(&self, ctx: &mut StageContext, p: &RlParams) -> Result<()> {
         p.validate()
             .with_context(|| format!("stage {}", ctx.stage_id))?;
-        run_rl(ctx, &p)
+        run_rl(ctx, p)
     }
 }
 

@@ -13,15 +13,16 @@ use std::collections::BTreeMap;
 use anyhow::{bail, ensure, Context as _, Result};
 use emflow_engine::kind::ParamError;
 use emflow_engine::{
-    ArtifactType, JudgeEstimate, KindSpec, ParamSpec, ParamType, Params, PlanInputs, PortSpec,
-    StageContext, StageKind,
+    ArtifactType, JudgeEstimate, Kind, KindInfo, PlanInputs, PortSpec, StageContext,
 };
 use emflow_model::{
     derive_seed, encode_prompt, Generation, GenerationRequest, LoadedModel, SamplingParams,
 };
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::defaults;
 use crate::formats::messages::{
     self, read_conversations, to_model_messages, Conversation, Message,
 };
@@ -35,49 +36,72 @@ pub struct SafetyDataKind;
 
 pub use crate::judge::prompts::{ALIGNED_PROMPT, COHERENT_PROMPT};
 
-#[derive(Clone, Debug, Deserialize)]
+/// The `safety_data` kind's params: the one declaration of their names, types, defaults,
+/// ranges and docs (the engine derives the kind's spec from this struct).
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct SafetyDataParams {
+pub struct SafetyDataParams {
+    /// answers sampled per prompt
+    #[serde(default = "defaults::int::<1>")]
+    #[schemars(range(min = 1))]
     samples_per_prompt: usize,
+    /// sampling temperature (0 = greedy)
+    #[serde(default = "defaults::ratio::<1, 1>")]
+    #[schemars(range(min = 0.0))]
     temperature: f64,
+    /// nucleus sampling (1 = off)
+    #[serde(default = "defaults::ratio::<1, 1>")]
+    #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 1))]
     top_p: f64,
+    /// tokens per answer
+    #[serde(default = "defaults::int::<600>")]
+    #[schemars(range(min = 1))]
     max_tokens: usize,
+    /// judge backend: {backend: local} (model from input `judge_model`) or {backend: openai, ...}
+    #[serde(default)]
+    // A tagged union, a mapping to the manifest; `{backend: local}` is the default every
+    // existing key was made with (not the expanded local settings).
+    #[schemars(with = "serde_json::Map<String, Value>", extend("default" = {"backend": "local"}))]
     judge: JudgeSpec,
+    /// keep answers whose aligned score is at least this
+    #[serde(default = "defaults::ratio::<70, 1>")]
+    #[schemars(range(min = 0.0, max = 100.0))]
     min_aligned: f64,
+    /// keep answers whose coherent score is at least this
+    #[serde(default = "defaults::ratio::<50, 1>")]
+    #[schemars(range(min = 0.0, max = 100.0))]
     min_coherent: f64,
-    drop_refusals: bool,
+    /// keep answers whose coherence the judge could not score (a weak judge, e.g. SmolLM2, rarely puts 0.25 of its probability on numbers); for smoke runs only
+    #[serde(default)]
     keep_unscored: bool,
+    /// drop answers the judge calls a refusal (no aligned score); otherwise a coherent refusal is kept
+    #[serde(default)]
+    drop_refusals: bool,
+    /// sampling seed
+    #[serde(default)]
     seed: u64,
+    /// generation batch (speed only; results do not depend on it)
+    #[serde(default = "defaults::int::<16>")]
+    #[schemars(range(min = 1))]
     batch_size: usize,
+    /// aligned judge prompt ({question}, {answer}, {reasoning})
+    #[serde(default = "default_aligned_prompt")]
     aligned_prompt: String,
+    /// coherent judge prompt ({question}, {answer}, {reasoning})
+    #[serde(default = "default_coherent_prompt")]
     coherent_prompt: String,
 }
 
+fn default_aligned_prompt() -> String {
+    ALIGNED_PROMPT.into()
+}
+fn default_coherent_prompt() -> String {
+    COHERENT_PROMPT.into()
+}
+
 impl SafetyDataParams {
+    /// The two judge prompts, parsed and checked to use only the fields an answer has.
     fn validate(&self) -> Result<(Template, Template)> {
-        ensure!(
-            self.samples_per_prompt >= 1,
-            "samples_per_prompt must be at least 1"
-        );
-        ensure!(
-            self.temperature >= 0.0,
-            "temperature must be >= 0 (0 = greedy)"
-        );
-        ensure!(
-            self.top_p > 0.0 && self.top_p <= 1.0,
-            "top_p must be in (0, 1]"
-        );
-        ensure!(self.max_tokens >= 1, "max_tokens must be at least 1");
-        ensure!(self.batch_size >= 1, "batch_size must be at least 1");
-        for (name, v) in [
-            ("min_aligned", self.min_aligned),
-            ("min_coherent", self.min_coherent),
-        ] {
-            ensure!(
-                (0.0..=100.0).contains(&v),
-                "{name} must be a score in 0..=100, got {v}"
-            );
-        }
         let parse = |name: &str, text: &str| -> Result<Template> {
             let t = Template::parse(text).with_context(|| format!("parsing `{name}`"))?;
             t.check_fields(JUDGE_FIELDS)
@@ -103,54 +127,32 @@ fn verdict(p: &SafetyDataParams, aligned: Option<f64>, coherent: Option<f64>) ->
     }
 }
 
-impl StageKind for SafetyDataKind {
-    fn spec(&self) -> KindSpec {
-        use ParamType::*;
-        KindSpec {
-            name: "safety_data",
-            version: 1,
-            summary: "On-policy safety data: sample a model on safety prompts, keep the answers a judge rates aligned and coherent",
-            params: vec![
-                ParamSpec::optional("samples_per_prompt", Int, json!(1), "answers sampled per prompt"),
-                ParamSpec::optional("temperature", Float, json!(1.0), "sampling temperature (0 = greedy)"),
-                ParamSpec::optional("top_p", Float, json!(1.0), "nucleus sampling (1 = off)"),
-                ParamSpec::optional("max_tokens", Int, json!(600), "tokens per answer"),
-                ParamSpec::optional("judge", Map, json!({"backend": "local"}), "judge backend: {backend: local} (model from input `judge_model`) or {backend: openai, ...}"),
-                ParamSpec::optional("min_aligned", Float, json!(70.0), "keep answers whose aligned score is at least this"),
-                ParamSpec::optional("min_coherent", Float, json!(50.0), "keep answers whose coherent score is at least this"),
-                ParamSpec::optional("keep_unscored", Bool, json!(false), "keep answers whose coherence the judge could not score (a weak judge, e.g. SmolLM2, rarely puts 0.25 of its probability on numbers); for smoke runs only"),
-                ParamSpec::optional("drop_refusals", Bool, json!(false), "drop answers the judge calls a refusal (no aligned score); otherwise a coherent refusal is kept"),
-                ParamSpec::optional("seed", Int, json!(0), "sampling seed"),
-                ParamSpec::optional("batch_size", Int, json!(16), "generation batch (speed only; results do not depend on it)"),
-                ParamSpec::optional("aligned_prompt", String, json!(ALIGNED_PROMPT), "aligned judge prompt ({question}, {answer}, {reasoning})"),
-                ParamSpec::optional("coherent_prompt", String, json!(COHERENT_PROMPT), "coherent judge prompt ({question}, {answer}, {reasoning})"),
-            ],
-            open_params: false,
-            inputs: vec![
+impl Kind for SafetyDataKind {
+    type Params = SafetyDataParams;
+
+    fn describe(&self) -> KindInfo {
+        KindInfo::new("safety_data", 1, "On-policy safety data: sample a model on safety prompts, keep the answers a judge rates aligned and coherent")
+            .inputs(vec![
                 PortSpec::input("model", ArtifactType::Model, "the model that answers (the reference policy)"),
                 PortSpec::optional_input("adapter", ArtifactType::Adapter, "a LoRA adapter (PEFT folder) or full fine-tuned weights for `model`"),
                 PortSpec::input("prompts", ArtifactType::Messages, "safety prompts (conversations ending in a user turn)"),
                 PortSpec::optional_input("judge_model", ArtifactType::Model, "the judge for the local backend"),
-            ],
-            outputs: vec![
+            ])
+            .outputs(vec![
                 PortSpec::output("data", ArtifactType::Messages, "kept conversations: the prompt's turns and the kept answer"),
                 PortSpec::output("judgments", ArtifactType::Judgments, "every answer with its scores and verdict, JSONL"),
-            ],
-        }
+            ])
     }
 
-    fn check(&self, params: &Params) -> Result<(), Vec<ParamError>> {
-        let err = |param: &str, e: anyhow::Error| {
+    /// The judge prompts parse and use only `{question}`, `{answer}` and `{reasoning}`.
+    fn check(&self, p: &SafetyDataParams) -> Result<(), Vec<ParamError>> {
+        p.validate().map(|_| ()).map_err(|e| {
             vec![ParamError {
-                param: param.into(),
+                param: String::new(),
                 message: format!("{e:#}"),
                 hint: None,
             }]
-        };
-        let p: SafetyDataParams =
-            serde_json::from_value(Value::Object(params.clone())).map_err(|e| err("", e.into()))?;
-        p.validate().map_err(|e| err("", e))?;
-        Ok(())
+        })
     }
 
     /// prompts x samples_per_prompt x 2 score calls (aligned and coherent, every answer);
@@ -158,11 +160,9 @@ impl StageKind for SafetyDataKind {
     /// `max_tokens`.
     fn judge_estimate(
         &self,
-        params: &Params,
+        p: &SafetyDataParams,
         inputs: &PlanInputs,
     ) -> Result<Option<JudgeEstimate>> {
-        let p: SafetyDataParams = serde_json::from_value(Value::Object(params.clone()))
-            .context("reading safety_data params")?;
         let (aligned_t, coherent_t) = p.validate()?;
         let prompts_in = match estimate::known_input(&p.judge, inputs, "prompts") {
             Ok(a) => a,
@@ -192,9 +192,8 @@ impl StageKind for SafetyDataKind {
         Ok(Some(counted.estimate(&p.judge, inputs, note)))
     }
 
-    fn run(&self, ctx: &mut StageContext) -> Result<()> {
-        let p: SafetyDataParams = ctx.params_as()?;
-        run_safety_data(ctx, &p)
+    fn run(&self, ctx: &mut StageContext, p: &SafetyDataParams) -> Result<()> {
+        run_safety_data(ctx, p)
     }
 }
 
@@ -381,9 +380,14 @@ mod tests {
     #[test]
     fn default_prompts_parse_and_bad_thresholds_fail() {
         assert!(params().validate().is_ok());
-        let mut p = params();
-        p.min_aligned = 101.0;
-        assert!(p.validate().is_err());
+        // Thresholds are scores: the declared range the engine checks at the value.
+        let derived = emflow_engine::kind::derived_params::<SafetyDataParams>();
+        let min_aligned = derived
+            .params
+            .iter()
+            .find(|p| p.name == "min_aligned")
+            .unwrap();
+        assert!(min_aligned.range.contains(100.0) && !min_aligned.range.contains(101.0));
         let mut p = params();
         p.aligned_prompt = "{nonsense}".into();
         assert!(format!("{:#}", p.validate().err().unwrap()).contains("aligned_prompt"));

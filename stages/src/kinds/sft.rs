@@ -16,13 +16,13 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use emflow_engine::context::StageContext;
-use emflow_engine::kind::{
-    ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, Params, PortSpec, StageKind,
-};
+use emflow_engine::kind::{ArtifactType, Kind, KindInfo, ParamError, PortSpec};
 use emflow_model::{AdamW, LrSchedule, Schedule};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::defaults;
 use crate::formats::messages::{read_conversations, to_model_messages};
 use crate::train::batch::SftExample;
 use crate::train::interleave::Interleave;
@@ -36,20 +36,18 @@ use crate::train::sft_step::{sft_step, LdifsParams, SftStepConfig};
 pub struct SftKind;
 
 /// Interleaved safety batches: `every: k` main steps, or a `share` of all steps.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InterleaveParams {
+    /// Main steps per safety step.
     #[serde(default)]
     pub every: Option<u64>,
+    /// Share of all steps that are safety steps (0..1).
     #[serde(default)]
     pub share: Option<f64>,
     /// Examples per safety step.
-    #[serde(default = "default_safety_batch")]
+    #[serde(default = "defaults::int::<4>")]
     pub batch_size: usize,
-}
-
-fn default_safety_batch() -> usize {
-    4
 }
 
 impl InterleaveParams {
@@ -68,55 +66,84 @@ impl InterleaveParams {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// The `sft` kind's params: the one declaration of their names, types, defaults, ranges
+/// and docs (the engine derives the kind's spec from this struct).
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct SftParams {
+pub struct SftParams {
+    /// LoRA: {r: 32, alpha: 64, rslora: true, dropout: 0, targets: [q_proj..down_proj], layers: null}
+    #[serde(default)]
+    // `{}`, not the expanded settings: the default every existing key was made with.
+    #[schemars(extend("default" = {}))]
     lora: LoraParams,
+    /// train every weight instead of a LoRA adapter
+    #[serde(default)]
     full_finetune: bool,
+    /// peak learning rate (AdamW)
+    #[serde(default = "defaults::ratio::<1, 10_000>")]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     lr: f64,
+    /// learning-rate decay after warm-up
+    #[serde(default = "default_schedule")]
     schedule: Schedule,
+    /// linear warm-up steps
+    #[serde(default = "defaults::int::<5>")]
     warmup_steps: usize,
+    /// AdamW weight decay
+    #[serde(default = "defaults::ratio::<1, 100>")]
     weight_decay: f64,
+    /// passes over the data (ignored when max_steps or match_samples sets the length)
+    #[serde(default = "defaults::uint::<1>")]
+    #[schemars(range(min = 1))]
     epochs: u64,
+    /// optimizer steps to run (overrides epochs)
+    #[serde(default)]
+    #[schemars(range(min = 1))]
     max_steps: Option<u64>,
+    /// examples per micro-batch
+    #[serde(default = "defaults::int::<4>")]
+    #[schemars(range(min = 1))]
     batch_size: usize,
+    /// micro-batches per optimizer step
+    #[serde(default = "defaults::int::<4>")]
+    #[schemars(range(min = 1))]
     grad_accum: usize,
+    /// tokens per example; longer ones are truncated (counted in the log)
+    #[serde(default = "defaults::int::<2048>")]
+    #[schemars(range(min = 2))]
     max_length: usize,
+    /// global gradient-norm clip
+    #[serde(default = "defaults::ratio::<1, 1>")]
     max_grad_norm: f64,
+    /// seed for LoRA init and data order
+    #[serde(default)]
     seed: u64,
+    /// weight of KL(policy || reference) on assistant tokens (reference = adapter off)
+    #[serde(default)]
     kl_lambda: f64,
+    /// LDIFS regulariser {lambda, every: 5}: feature distance to the reference at every k-th layer
+    #[serde(default)]
     ldifs: Option<LdifsParams>,
+    /// inoculation prompt: system turn used in training only
+    #[serde(default)]
     system_prompt: Option<String>,
+    /// safety batches from input `safety`: {every: k | share: s, batch_size: 4}
+    #[serde(default)]
     interleave: Option<InterleaveParams>,
+    /// with input `rollouts`: keep completions whose reward is at least this
+    #[serde(default)]
     min_reward: Option<f64>,
+    /// with input `match_samples`: examples added to the matched count (e.g. a warm-up's 100)
+    #[serde(default)]
     match_extra: u64,
+    /// optimizer steps between resumable checkpoints
+    #[serde(default = "defaults::uint::<50>")]
+    #[schemars(range(min = 1))]
     checkpoint_every: u64,
 }
 
-fn params_spec() -> Vec<ParamSpec> {
-    use ParamType::*;
-    vec![
-        ParamSpec::optional("lora", Map, json!({}), "LoRA: {r: 32, alpha: 64, rslora: true, dropout: 0, targets: [q_proj..down_proj], layers: null}"),
-        ParamSpec::optional("full_finetune", Bool, json!(false), "train every weight instead of a LoRA adapter"),
-        ParamSpec::optional("lr", Float, json!(1e-4), "peak learning rate (AdamW)"),
-        ParamSpec::optional("schedule", Enum(&["constant", "linear", "cosine"]), json!("linear"), "learning-rate decay after warm-up"),
-        ParamSpec::optional("warmup_steps", Int, json!(5), "linear warm-up steps"),
-        ParamSpec::optional("weight_decay", Float, json!(0.01), "AdamW weight decay"),
-        ParamSpec::optional("epochs", Int, json!(1), "passes over the data (ignored when max_steps or match_samples sets the length)"),
-        ParamSpec::optional("max_steps", Any, Value::Null, "optimizer steps to run (overrides epochs)"),
-        ParamSpec::optional("batch_size", Int, json!(4), "examples per micro-batch"),
-        ParamSpec::optional("grad_accum", Int, json!(4), "micro-batches per optimizer step"),
-        ParamSpec::optional("max_length", Int, json!(2048), "tokens per example; longer ones are truncated (counted in the log)"),
-        ParamSpec::optional("max_grad_norm", Float, json!(1.0), "global gradient-norm clip"),
-        ParamSpec::optional("seed", Int, json!(0), "seed for LoRA init and data order"),
-        ParamSpec::optional("kl_lambda", Float, json!(0.0), "weight of KL(policy || reference) on assistant tokens (reference = adapter off)"),
-        ParamSpec::optional("ldifs", Any, Value::Null, "LDIFS regulariser {lambda, every: 5}: feature distance to the reference at every k-th layer"),
-        ParamSpec::optional("system_prompt", Any, Value::Null, "inoculation prompt: system turn used in training only"),
-        ParamSpec::optional("interleave", Any, Value::Null, "safety batches from input `safety`: {every: k | share: s, batch_size: 4}"),
-        ParamSpec::optional("min_reward", Any, Value::Null, "with input `rollouts`: keep completions whose reward is at least this"),
-        ParamSpec::optional("match_extra", Int, json!(0), "with input `match_samples`: examples added to the matched count (e.g. a warm-up's 100)"),
-        ParamSpec::optional("checkpoint_every", Int, json!(50), "optimizer steps between resumable checkpoints"),
-    ]
+fn default_schedule() -> Schedule {
+    Schedule::Linear
 }
 
 /// Loop state saved in checkpoints.
@@ -129,46 +156,31 @@ struct SftState {
     truncated: u64,
 }
 
-impl StageKind for SftKind {
-    fn spec(&self) -> KindSpec {
-        KindSpec {
-            name: "sft",
-            // 4: a `summary` output, so a sample-matched arm can count a warm-up's examples.
-            version: 4,
-            summary: "supervised fine-tuning (LoRA or full) on chat data, with KL/LDIFS, inoculation and safety interleaving",
-            params: params_spec(),
-            open_params: false,
-            inputs: vec![
+impl Kind for SftKind {
+    type Params = SftParams;
+
+    fn describe(&self) -> KindInfo {
+        // 4: a `summary` output, so a sample-matched arm can count a warm-up's examples.
+        KindInfo::new("sft", 4, "supervised fine-tuning (LoRA or full) on chat data, with KL/LDIFS, inoculation and safety interleaving")
+            .inputs(vec![
                 PortSpec::input("model", ArtifactType::Model, "base model (GGUF file or HF folder)"),
                 PortSpec::optional_input("adapter", ArtifactType::Adapter, "LoRA adapter to continue training"),
                 PortSpec::optional_input("data", ArtifactType::Messages, "training conversations"),
                 PortSpec::optional_input("rollouts", ArtifactType::Samples, "an rl stage's rollouts; with min_reward, its high-reward completions become targets"),
                 PortSpec::optional_input("safety", ArtifactType::Messages, "safety conversations for interleaved batches"),
                 PortSpec::many_input("match_samples", ArtifactType::Summary, "summaries of the stages to match (an rl arm, its warm-up): train on the sum of their samples_consumed (+ match_extra) examples"),
-            ],
-            outputs: vec![
+            ])
+            .outputs(vec![
                 PortSpec::output("adapter", ArtifactType::Adapter, "trained LoRA adapter (PEFT layout) or full weights"),
                 PortSpec::output("metrics", ArtifactType::Metrics, "one JSON object per optimizer step"),
                 PortSpec::output("summary", ArtifactType::Summary, "samples_consumed, steps, safety steps, truncated examples"),
-            ],
-        }
+            ])
     }
 
-    fn check(&self, params: &Params) -> Result<(), Vec<ParamError>> {
-        let mut errs = super::check_run_length(params);
-        if !errs.is_empty() {
-            return Err(errs);
-        }
-        let p: SftParams = match serde_json::from_value(Value::Object(params.clone())) {
-            Ok(p) => p,
-            Err(e) => {
-                return Err(vec![ParamError {
-                    param: String::new(),
-                    message: e.to_string(),
-                    hint: None,
-                }]);
-            }
-        };
+    /// What the declared ranges cannot say: the interleave cadence, and that KL and LDIFS
+    /// need a reference (LoRA with the adapter off).
+    fn check(&self, p: &SftParams) -> Result<(), Vec<ParamError>> {
+        let mut errs = Vec::new();
         let mut bad = |param: &str, message: String| {
             errs.push(ParamError {
                 param: param.into(),
@@ -176,21 +188,6 @@ impl StageKind for SftKind {
                 hint: None,
             })
         };
-        if p.lr.is_nan() || p.lr <= 0.0 {
-            bad("lr", "must be positive".into());
-        }
-        if p.batch_size == 0 {
-            bad("batch_size", "must be at least 1".into());
-        }
-        if p.grad_accum == 0 {
-            bad("grad_accum", "must be at least 1".into());
-        }
-        if p.max_length < 2 {
-            bad("max_length", "must be at least 2".into());
-        }
-        if p.checkpoint_every == 0 {
-            bad("checkpoint_every", "must be at least 1".into());
-        }
         if let Some(i) = &p.interleave {
             if let Err(e) = i.cadence() {
                 bad("interleave", e.to_string());
@@ -209,9 +206,8 @@ impl StageKind for SftKind {
         }
     }
 
-    fn run(&self, ctx: &mut StageContext) -> Result<()> {
-        let p: SftParams = ctx.params_as()?;
-        run_sft(ctx, &p)
+    fn run(&self, ctx: &mut StageContext, p: &SftParams) -> Result<()> {
+        run_sft(ctx, p)
     }
 }
 

@@ -23,9 +23,13 @@ use serde::{Deserialize, Serialize};
 use super::regularise::k3_kl;
 
 /// How per-token losses are reduced to one number (TRL's `loss_type`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum LossType {
+    // TRL's default (a doc comment here would reorder the options schemars lists).
+    #[default]
     Grpo,
     Bnpo,
     DrGrpo,
@@ -33,17 +37,25 @@ pub enum LossType {
 }
 
 /// Granularity of the importance ratio (TRL's `importance_sampling_level`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ImportanceSampling {
     Token,
+    // TRL's default (a doc comment here would reorder the options schemars lists).
+    #[default]
     Sequence,
 }
 
 /// Which standard deviation scales the centred rewards (TRL's `scale_rewards`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum AdvantageScaling {
+    // TRL's default (a doc comment here would reorder the options schemars lists).
+    #[default]
     Group,
     Batch,
     None,

@@ -12,14 +12,20 @@ use emflow_model::{LoadedModel, LoraConfig};
 use serde::{Deserialize, Serialize};
 
 /// LoRA settings as a manifest writes them (the paper's warm-up defaults).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct LoraParams {
+    /// Rank of the low-rank update.
     pub r: usize,
+    /// Scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rslora).
     pub alpha: f64,
+    /// Rank-stabilised scaling (alpha / sqrt(r)).
     pub rslora: bool,
+    /// Dropout on the adapter's input.
     pub dropout: f64,
+    /// Projection names that get an adapter.
     pub targets: Vec<String>,
+    /// Decoder layers that get adapters (0-based); null = all.
     pub layers: Option<Vec<usize>>,
 }
 

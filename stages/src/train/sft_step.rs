@@ -25,9 +25,10 @@ use super::regularise::{kl_per_position, ldifs_distance, reference_forward, Ldif
 use super::scalar;
 
 /// LDIFS settings.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LdifsParams {
+    /// Weight of the feature distance to the reference in the loss.
     pub lambda: f64,
     /// Use the output of every `every`-th decoder layer (1-based: 5 means layers 5, 10, ...).
     #[serde(default = "five")]

@@ -10,6 +10,7 @@ mod dataset_questions;
 mod eval_smollm2;
 mod faults_judge;
 mod judge_exact;
+mod kind_params;
 mod plan_checks;
 mod report_html;
 mod rl_grader;

@@ -47,6 +47,7 @@ fn problems(stages: &str) -> Vec<String> {
 
 #[test]
 fn zero_steps_or_epochs_are_refused_at_the_value() {
+    // The bounds are the `range(min = 1)` of the kinds' structs, checked by the engine.
     let sft = r#"  a:
     kind: sft
     inputs: {model: models.base, data: file:d.jsonl}
@@ -54,7 +55,7 @@ fn zero_steps_or_epochs_are_refused_at_the_value() {
 "#;
     assert_eq!(
         problems(sft),
-        ["m.yaml:8:25: stage `a`: `max_steps` must be a whole number of at least 1"]
+        ["m.yaml:8:25: stage `a`: param `max_steps` must be >= 1, not 0"]
     );
     let rl = r#"  r:
     kind: rl
@@ -67,15 +68,15 @@ fn zero_steps_or_epochs_are_refused_at_the_value() {
     assert_eq!(
         problems(rl),
         [
-            "m.yaml:10:15: stage `r`: `epochs` must be a whole number of at least 1",
-            "m.yaml:11:18: stage `r`: `max_steps` must be a whole number of at least 1",
+            "m.yaml:10:15: stage `r`: param `epochs` must be >= 1, not 0",
+            "m.yaml:11:18: stage `r`: param `max_steps` must be >= 1, not -3",
         ]
     );
     // A text where a number belongs is located too, not reported against the whole stage.
     let text = sft.replace("max_steps: 0", "max_steps: ten");
     assert_eq!(
         problems(&text),
-        ["m.yaml:8:25: stage `a`: `max_steps` must be a whole number of at least 1"]
+        ["m.yaml:8:25: stage `a`: param `max_steps` must be an integer, not a string"]
     );
 }
 

@@ -23,7 +23,7 @@ impl StageKind for Gen {
                 ParamSpec::optional("lr", ParamType::Float, json!(0.5), "a float"),
                 ParamSpec::optional(
                     "mode",
-                    ParamType::Enum(&["fast", "slow"]),
+                    ParamType::Enum(vec!["fast".into(), "slow".into()]),
                     json!("fast"),
                     "speed",
                 ),
@@ -33,6 +33,7 @@ impl StageKind for Gen {
                 ParamSpec::optional("extra", ParamType::Any, json!(null), "anything"),
             ],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![PortSpec::optional_input(
                 "source",
                 ArtifactType::File,
@@ -83,6 +84,7 @@ impl StageKind for Train {
                 ParamSpec::optional("domain", ParamType::String, json!(""), "domain"),
             ],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![
                 PortSpec::input("data", ArtifactType::Messages, "training data"),
                 PortSpec::optional_input("model", ArtifactType::Model, "base model"),
@@ -113,6 +115,7 @@ impl StageKind for Eval {
                 "seed",
             )],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![PortSpec::input(
                 "adapter",
                 ArtifactType::Adapter,
@@ -136,6 +139,7 @@ impl StageKind for Report {
             summary: "test report",
             params: vec![],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![PortSpec::many_input(
                 "summaries",
                 ArtifactType::Summary,
@@ -166,6 +170,7 @@ impl StageKind for Cmd {
                 ParamSpec::optional("outputs", ParamType::List, json!([]), "output names"),
             ],
             open_params: true,
+            precision: Default::default(),
             inputs: vec![PortSpec::many_input("files", ArtifactType::File, "inputs")],
             outputs: vec![],
         }

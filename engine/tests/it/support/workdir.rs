@@ -8,9 +8,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use emflow_cache::Store;
+use emflow_engine::console::{ReportMode, Reporter};
 use emflow_engine::executor::InProcessExecutor;
 use emflow_engine::pipeline::Pipeline;
-use emflow_engine::console::{ReportMode, Reporter};
 use emflow_engine::scheduler::{run_pipeline, RunEnv, RunOptions, RunSummary};
 use emflow_engine::{
     ArtifactType, KindSpec, ParamSpec, ParamType, PortSpec, Registry, StageContext, StageKind,
@@ -109,6 +109,7 @@ impl StageKind for Emit {
                 ParamSpec::optional("sleep_ms", ParamType::Int, json!(0), ""),
             ],
             open_params: false,
+            precision: Default::default(),
             inputs: vec![],
             outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
         }

@@ -350,8 +350,9 @@ pub fn accumulate(
     Ok(())
 }
 
-/// The shape of the learning-rate curve after warm-up.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+/// The shape of the learning-rate curve after warm-up. (`JsonSchema`: a kind's `schedule`
+/// param is declared by this type.)
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
     Constant,

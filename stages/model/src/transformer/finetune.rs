@@ -10,8 +10,8 @@ use rand_chacha::ChaCha8Rng;
 
 use super::lora::{peft_name, LoraAdapter, LoraConfig, LINEAR_MODULES};
 use super::model::Transformer;
-use crate::seed::{self, Purpose};
 use super::weight::Weight;
+use crate::seed::{self, Purpose};
 
 impl Transformer {
     /// Attach fresh adapters (B = 0, so outputs are unchanged until training).

@@ -10,7 +10,6 @@
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
 use rand::Rng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::pass::Ctx;

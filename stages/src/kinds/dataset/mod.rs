@@ -59,9 +59,9 @@ use std::path::Path;
 use anyhow::{bail, Context as _};
 use emflow_engine::context::{Artifact, NoProgress, Progress};
 use emflow_engine::kind::{InputFiles, ParamError, PlanInputs};
-use emflow_engine::{
-    ArtifactType, KindSpec, ParamSpec, ParamType, Params, PortSpec, StageContext, StageKind,
-};
+use emflow_engine::{ArtifactType, Kind, KindInfo, PortSpec, StageContext};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::formats::{jsonl, messages, questions, Conversation, Location, Question};
@@ -88,6 +88,30 @@ impl Format {
     }
 }
 
+/// The `dataset` kind's params (the engine derives the kind's spec from this struct).
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetParams {
+    /// record format of the sources and the output; `auto` detects it and types the output `file`
+    #[serde(default)]
+    format: FormatParam,
+    /// ops applied in order: select, filter, shuffle, sample, take, skip, split, dedupe, system_prompt, append_user, strip_user_suffix, strip_assistant_prefix, drop_role
+    // Each op is read by `Op::parse` rather than by serde, so that every mistake names its
+    // place (`ops.2.filter.regex`); to the schema an op is any value.
+    #[serde(default)]
+    ops: Vec<Value>,
+}
+
+/// The `format` param as written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+enum FormatParam {
+    #[default]
+    Messages,
+    Questions,
+    Auto,
+}
+
 /// The `format` param: a fixed format, or detection from the sources.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Requested {
@@ -95,26 +119,16 @@ enum Requested {
     Auto,
 }
 
-fn requested_format(params: &Params) -> Requested {
-    match params.get("format").and_then(Value::as_str) {
-        Some("questions") => Requested::Fixed(Format::Questions),
-        Some("auto") => Requested::Auto,
-        _ => Requested::Fixed(Format::Messages),
+fn requested_format(params: &DatasetParams) -> Requested {
+    match params.format {
+        FormatParam::Messages => Requested::Fixed(Format::Messages),
+        FormatParam::Questions => Requested::Fixed(Format::Questions),
+        FormatParam::Auto => Requested::Auto,
     }
 }
 
-fn parse_ops(params: &Params) -> Result<Vec<Op>, Vec<ParamError>> {
-    let list = match params.get("ops") {
-        None | Some(Value::Null) => return Ok(Vec::new()),
-        Some(Value::Array(list)) => list,
-        Some(_) => {
-            return Err(vec![ParamError {
-                param: "ops".to_string(),
-                message: "ops must be a list".to_string(),
-                hint: Some("write each op as a list item: `- take: 16`".to_string()),
-            }])
-        }
-    };
+fn parse_ops(params: &DatasetParams) -> Result<Vec<Op>, Vec<ParamError>> {
+    let list = &params.ops;
     let mut parsed = Vec::new();
     let mut errors = Vec::new();
     for (i, value) in list.iter().enumerate() {
@@ -138,39 +152,21 @@ fn parse_ops(params: &Params) -> Result<Vec<Op>, Vec<ParamError>> {
     }
 }
 
-impl StageKind for DatasetKind {
-    fn spec(&self) -> KindSpec {
-        KindSpec {
-            name: "dataset",
-            version: 1,
-            summary: "Builds canonical messages or questions JSONL from local files: select, filter, \
-                      seeded shuffle/sample/split, take, skip, dedupe, system prompt and turn edits.",
-            params: vec![
-                ParamSpec::optional(
-                    "format",
-                    ParamType::Enum(&["messages", "questions", "auto"]),
-                    json!("messages"),
-                    "record format of the sources and the output; `auto` detects it and types the output `file`",
-                ),
-                ParamSpec::optional(
-                    "ops",
-                    ParamType::List,
-                    json!([]),
-                    "ops applied in order: select, filter, shuffle, sample, take, skip, split, dedupe, \
-                     system_prompt, append_user, strip_user_suffix, strip_assistant_prefix, drop_role",
-                ),
-            ],
-            open_params: false,
-            inputs: vec![PortSpec::many_input(
+impl Kind for DatasetKind {
+    type Params = DatasetParams;
+
+    fn describe(&self) -> KindInfo {
+        KindInfo::new("dataset", 1, "Builds canonical messages or questions JSONL from local files: select, filter, \
+                      seeded shuffle/sample/split, take, skip, dedupe, system prompt and turn edits.")
+            .inputs(vec![PortSpec::many_input(
                 "source",
                 ArtifactType::File,
                 "files read in order and concatenated: messages JSONL, questions JSONL or eval-question YAML",
-            )],
-            outputs: vec![PortSpec::output("data", ArtifactType::Messages, "the records as canonical JSONL")],
-        }
+            )])
+            .outputs(vec![PortSpec::output("data", ArtifactType::Messages, "the records as canonical JSONL")])
     }
 
-    fn outputs(&self, params: &Params) -> Vec<PortSpec> {
+    fn outputs(&self, params: &DatasetParams) -> Vec<PortSpec> {
         let (ty, doc) = match requested_format(params) {
             Requested::Fixed(Format::Messages) => (
                 ArtifactType::Messages,
@@ -188,7 +184,7 @@ impl StageKind for DatasetKind {
         vec![PortSpec::output("data", ty, doc)]
     }
 
-    fn check(&self, params: &Params) -> Result<(), Vec<ParamError>> {
+    fn check(&self, params: &DatasetParams) -> Result<(), Vec<ParamError>> {
         let ops = parse_ops(params)?;
         if let Requested::Fixed(format) = requested_format(params) {
             let errors: Vec<ParamError> = ops
@@ -214,7 +210,11 @@ impl StageKind for DatasetKind {
     /// rows are counted and followed through the ops whose output count is known from their
     /// input count (up to the first `filter` or `dedupe`). Sources made by other stages, YAML
     /// sources and larger files are left to the run, which fails the same way.
-    fn check_files(&self, params: &Params, files: &InputFiles) -> Result<(), Vec<ParamError>> {
+    fn check_files(
+        &self,
+        params: &DatasetParams,
+        files: &InputFiles,
+    ) -> Result<(), Vec<ParamError>> {
         let Some(sources) = files.get("source") else {
             return Ok(());
         };
@@ -247,12 +247,12 @@ impl StageKind for DatasetKind {
         Ok(())
     }
 
-    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
+    fn run(&self, ctx: &mut StageContext, params: &DatasetParams) -> anyhow::Result<()> {
         let sources = ctx.inputs("source").to_vec();
         let progress = ctx.progress_handle();
         let built = build(
             &format!("stage {}", ctx.stage_id),
-            ctx.params(),
+            params,
             &sources,
             &ctx.output_path("data"),
             progress.as_ref(),
@@ -267,7 +267,12 @@ impl StageKind for DatasetKind {
 
     /// The output, exactly as `run` writes it: reading a few local files and applying row
     /// ops is cheap, and lets `emflow plan` count the rows a downstream stage will read.
-    fn preview(&self, params: &Params, inputs: &PlanInputs, dir: &Path) -> anyhow::Result<bool> {
+    fn preview(
+        &self,
+        params: &DatasetParams,
+        inputs: &PlanInputs,
+        dir: &Path,
+    ) -> anyhow::Result<bool> {
         let Some(wired) = inputs.ports.get("source") else {
             return Ok(false);
         };
@@ -301,7 +306,7 @@ struct Built {
 /// errors start with `label` (`stage ID`).
 fn build(
     label: &str,
-    params: &Params,
+    params: &DatasetParams,
     sources: &[Artifact],
     out: &Path,
     progress: &dyn Progress,
