@@ -81,21 +81,27 @@ fn openai_backend_via_serve_matches_local_backend() {
     );
 }
 
-#[test]
-fn serve_lists_the_model_and_rejects_bad_requests() {
-    let Some(gguf) = testing::smollm2_gguf() else {
-        return;
-    };
-    let server = Server::start(
-        emflow_model::load(&gguf, &DeviceSetup::cpu()).unwrap(),
-        "judge",
-        "127.0.0.1:0",
-    )
-    .unwrap();
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+/// `emflow serve` of SmolLM2 under model id `name` on a free loopback port.
+fn serve_smollm2(name: &str) -> Option<Server> {
+    let gguf = testing::smollm2_gguf()?;
+    let lm = emflow_model::load(&gguf, &DeviceSetup::cpu()).unwrap();
+    Some(Server::start(lm, name, "127.0.0.1:0").unwrap())
+}
+
+/// An HTTP client that hands back 4xx/5xx responses instead of failing on them.
+fn http_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
-        .into();
+        .into()
+}
+
+#[test]
+fn serve_lists_the_model_and_rejects_bad_requests() {
+    let Some(server) = serve_smollm2("judge") else {
+        return;
+    };
+    let agent = http_agent();
     let mut r = agent
         .get(&format!("{}/models", server.base_url()))
         .call()
@@ -135,5 +141,135 @@ fn serve_lists_the_model_and_rejects_bad_requests() {
     assert_eq!(
         v["choices"][0]["message"]["content"],
         v2["choices"][0]["message"]["content"]
+    );
+}
+
+/// The official `openai` Python client (pinned), installed once per checkout under
+/// target/test-assets with pip; `None` (skipped, or a failure in CI) when that fails.
+fn openai_client_path() -> Option<std::path::PathBuf> {
+    const CLIENT: &str = "openai==3.57.0";
+    let dir = testing::workspace_root().join("target/test-assets/py-openai-3.57.0");
+    if dir.join("openai/__init__.py").is_file() {
+        return Some(dir);
+    }
+    let part = dir.with_extension(format!("partial-{}", std::process::id()));
+    let out = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-warn-conflicts",
+            "--target",
+        ])
+        .arg(&part)
+        .arg(CLIENT)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            // Another test binary may have won the race; either copy will do.
+            if std::fs::rename(&part, &dir).is_err() {
+                let _ = std::fs::remove_dir_all(&part);
+            }
+            Some(dir)
+        }
+        Ok(o) => testing::skip(
+            "the openai Python client",
+            &String::from_utf8_lossy(&o.stderr),
+        ),
+        Err(e) => testing::skip(
+            "the openai Python client",
+            &format!("cannot run python3: {e}"),
+        ),
+    }
+}
+
+/// What a researcher's script sees: the official client's chat, completions, logprobs,
+/// streaming, `n`, seeds and errors against `emflow serve` (tests/serve_openai_client.py).
+#[test]
+fn the_official_openai_client_works_against_serve() {
+    let (Some(client), Some(server)) = (openai_client_path(), serve_smollm2("smollm2")) else {
+        return;
+    };
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve_openai_client.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .args([server.base_url().as_str(), "smollm2"])
+        .env("PYTHONPATH", &client)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the openai client's checks failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+}
+
+/// A prompt far over the context is refused before the model sees it (the server stays up
+/// and answers the next request), concurrent requests share batches, and `/health` answers.
+#[test]
+fn serve_refuses_overlong_prompts_and_batches_concurrent_requests() {
+    let Some(server) = serve_smollm2("m") else {
+        return;
+    };
+    let agent = http_agent();
+    let base = server.base_url();
+    let mut r = agent
+        .get(&format!("http://{}/health", server.addr()))
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.body_mut().read_json::<serde_json::Value>().unwrap()["status"],
+        "ok"
+    );
+    let url = format!("{base}/chat/completions");
+    let huge = "token ".repeat(100_000);
+    let mut r = agent
+        .post(&url)
+        .send_json(json!({ "model": "m", "messages": [{"role": "user", "content": huge}] }))
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let v: serde_json::Value = r.body_mut().read_json().unwrap();
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+    assert_eq!(
+        server.batches_generated(),
+        0,
+        "the model must not have run for it"
+    );
+
+    let before = server.batches_generated();
+    let threads: Vec<_> = (0..6)
+        .map(|i| {
+            let (agent, url) = (agent.clone(), url.clone());
+            std::thread::spawn(move || {
+                let body = json!({ "model": "m", "messages": [{"role": "user", "content": format!("Count to {i}")}],
+                                   "max_tokens": 24, "temperature": 0 });
+                let mut r = agent.post(&url).send_json(&body).unwrap();
+                assert_eq!(r.status().as_u16(), 200);
+                let v: serde_json::Value = r.body_mut().read_json().unwrap();
+                v["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+            })
+        })
+        .collect();
+    let answers: Vec<String> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let batches = server.batches_generated() - before;
+    assert!(
+        batches < 6,
+        "6 concurrent requests ran in {batches} batches: none were batched"
+    );
+    // Batched or alone, a greedy answer is the same.
+    let mut r = agent
+        .post(&url)
+        .send_json(json!({ "model": "m", "messages": [{"role": "user", "content": "Count to 3"}], "max_tokens": 24, "temperature": 0 }))
+        .unwrap();
+    let v: serde_json::Value = r.body_mut().read_json().unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"].as_str().unwrap(),
+        answers[3]
     );
 }
