@@ -69,6 +69,20 @@ impl ArtifactType {
             Dir => "dir",
         }
     }
+
+    /// Every artifact type, in declaration order.
+    pub const ALL: [ArtifactType; 11] = {
+        use ArtifactType::*;
+        [
+            Messages, Questions, Model, Adapter, Samples, Judgments, Summary, Metrics, Report,
+            File, Dir,
+        ]
+    };
+
+    /// The type [`ArtifactType::name`] calls `name`.
+    pub fn from_name(name: &str) -> Option<ArtifactType> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
 }
 
 /// Params after profile overlay, `--set`, reference substitution and defaults: a JSON object.

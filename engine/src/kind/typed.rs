@@ -17,6 +17,7 @@ use super::{
     derive_params, DerivedParams, InputFiles, JudgeEstimate, KindSpec, ParamError, Params,
     PlanInputs, PortSpec, Precision, StageKind,
 };
+use crate::artifact::ArtifactType;
 use crate::context::StageContext;
 
 /// What a kind says about itself besides its params: everything in [`KindSpec`] that a
@@ -54,10 +55,70 @@ impl KindInfo {
         KindInfo { outputs, ..self }
     }
 
+    /// Adds ports from a table, one port a line: direction, name, artifact type
+    /// ([`ArtifactType::name`]), then the doc to the end of the line. The directions are `in`
+    /// (required input), `in?` (optional), `in*` (a list: fan-in, optional) and `out`.
+    ///
+    /// ```text
+    /// in   model      model     the model to evaluate
+    /// in?  adapter    adapter   a LoRA adapter for `model`
+    /// out  summary    summary   rates with 95% intervals, JSON
+    /// ```
+    ///
+    /// A kind's ports are a table to read at a glance; as constructor calls they were ten
+    /// lines of the same shape in every kind file. The table is the kind's own constant, so
+    /// a malformed line is a bug in that kind: it panics, naming the line, the first time
+    /// the kind is described (every registered kind is described by the tests).
+    pub fn ports(mut self, table: &'static str) -> Self {
+        for line in table.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let mut fields = line.split_whitespace();
+            let (Some(dir), Some(name), Some(ty)) = (fields.next(), fields.next(), fields.next())
+            else {
+                panic!(
+                    "kind `{}`: port line `{line}` needs a direction, a name and a type",
+                    self.name
+                );
+            };
+            let doc = port_doc(line);
+            let ty = ArtifactType::from_name(ty).unwrap_or_else(|| {
+                panic!(
+                    "kind `{}`: port `{name}` has no artifact type `{ty}`",
+                    self.name
+                )
+            });
+            let port = match dir {
+                "in" => PortSpec::input(name, ty, doc),
+                "in?" => PortSpec::optional_input(name, ty, doc),
+                "in*" => PortSpec::many_input(name, ty, doc),
+                "out" => PortSpec::output(name, ty, doc),
+                other => panic!(
+                    "kind `{}`: port `{name}` has direction `{other}`; use in, in?, in* or out",
+                    self.name
+                ),
+            };
+            if dir == "out" {
+                self.outputs.push(port);
+            } else {
+                self.inputs.push(port);
+            }
+        }
+        self
+    }
+
     /// For a kind that computes in another format than the standard one.
     pub fn precision(self, precision: Precision) -> Self {
         KindInfo { precision, ..self }
     }
+}
+
+/// What follows the third word of a port line: its doc.
+fn port_doc(line: &'static str) -> &'static str {
+    let mut rest = line;
+    for _ in 0..3 {
+        rest = rest.trim_start();
+        rest = rest.find(char::is_whitespace).map_or("", |i| &rest[i..]);
+    }
+    rest.trim()
 }
 
 /// A stage kind with typed params. `Params` is the single declaration of the kind's params:

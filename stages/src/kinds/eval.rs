@@ -12,9 +12,7 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Context as _, Result};
 use emflow_engine::kind::ParamError;
-use emflow_engine::{
-    ArtifactType, JudgeEstimate, Kind, KindInfo, PlanInputs, PortSpec, StageContext,
-};
+use emflow_engine::{JudgeEstimate, Kind, KindInfo, PlanInputs, StageContext};
 use emflow_model::{
     derive_seed, encode_prompt, GenerationRequest, LoadedModel, Message, SamplingParams,
 };
@@ -107,17 +105,15 @@ impl Kind for EvalKind {
 
     fn describe(&self) -> KindInfo {
         KindInfo::new("eval", 1, "Sample a model on eval questions, judge aligned/coherent, summarise misalignment rates")
-            .inputs(vec![
-                PortSpec::input("model", ArtifactType::Model, "the model to evaluate"),
-                PortSpec::optional_input("adapter", ArtifactType::Adapter, "a LoRA adapter (PEFT folder) or full fine-tuned weights for `model`"),
-                PortSpec::input("questions", ArtifactType::Questions, "questions: JSONL, or the paper's eval YAML"),
-                PortSpec::optional_input("judge_model", ArtifactType::Model, "the judge for the local backend"),
-            ])
-            .outputs(vec![
-                PortSpec::output("samples", ArtifactType::Samples, "answers, JSONL"),
-                PortSpec::output("judgments", ArtifactType::Judgments, "judge scores per answer, JSONL"),
-                PortSpec::output("summary", ArtifactType::Summary, "misalignment rates with 95% bootstrap intervals, JSON"),
-            ])
+            .ports(
+                "in   model        model      the model to evaluate
+                 in?  adapter      adapter    a LoRA adapter (PEFT folder) or full fine-tuned weights for `model`
+                 in   questions    questions  questions: JSONL, or the paper's eval YAML
+                 in?  judge_model  model      the judge for the local backend
+                 out  samples      samples    answers, JSONL
+                 out  judgments    judgments  judge scores per answer, JSONL
+                 out  summary      summary    misalignment rates with 95% bootstrap intervals, JSON",
+            )
     }
 
     /// The summary needs both the `aligned` and the `coherent` scores.

@@ -2,7 +2,7 @@
 
 pub mod command;
 pub mod dataset;
-mod defaults;
+pub(crate) mod defaults;
 pub mod eval;
 pub mod report;
 pub mod rl;

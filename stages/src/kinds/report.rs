@@ -3,7 +3,7 @@
 //! Aggregation and charts live in [`crate::report_html`]; this file reads inputs and writes files.
 
 use anyhow::{bail, Context as _, Result};
-use emflow_engine::{ArtifactType, Kind, KindInfo, PortSpec, StageContext};
+use emflow_engine::{Kind, KindInfo, StageContext};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
@@ -41,11 +41,11 @@ impl Kind for ReportKind {
 
     fn describe(&self) -> KindInfo {
         KindInfo::new("report", 1, "Collect eval summaries and training metrics into an HTML page with plots and a Markdown table")
-            .inputs(vec![
-                PortSpec::many_input("summaries", ArtifactType::Summary, "eval summaries; stages differing only in `seed` are pooled"),
-                PortSpec::many_input("metrics", ArtifactType::Metrics, "training metrics JSONL (reward, KL, loss curves)"),
-            ])
-            .outputs(vec![PortSpec::output("report", ArtifactType::Report, "index.html, report.md, data.json")])
+            .ports(
+                "in*  summaries  summary  eval summaries; stages differing only in `seed` are pooled
+                 in*  metrics    metrics  training metrics JSONL (reward, KL, loss curves)
+                 out  report     report   index.html, report.md, data.json",
+            )
     }
 
     fn run(&self, ctx: &mut StageContext, p: &ReportParams) -> Result<()> {

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use anyhow::{bail, ensure, Context, Result};
 use emflow_engine::context::StageContext;
 use emflow_engine::kind::{
-    estimated_tokens, ArtifactType, JudgeEstimate, Kind, KindInfo, ParamError, PlanInputs, PortSpec,
+    estimated_tokens, JudgeEstimate, Kind, KindInfo, ParamError, PlanInputs,
 };
 use emflow_model::{encode_prompt, AdamW, LrSchedule, SamplingParams, Schedule};
 use schemars::JsonSchema;
@@ -31,13 +31,13 @@ use serde_json::{json, Value};
 use super::defaults;
 use crate::formats::messages::{read_conversations, to_model_messages};
 use crate::judge::{self, estimate, JudgeSpec};
-use crate::kinds::sft::{interleave_setting, InterleaveParams};
 use crate::reward::{Reward, RewardSpec, TemplateInputs};
 use crate::train::checkpoint::replace_dir_atomically;
 use crate::train::early_stop::RewardTracker;
 use crate::train::grpo_loss::{AdvantageScaling, GrpoLossConfig, ImportanceSampling, LossType};
 use crate::train::grpo_step::{grpo_step, EncodedPrompts, GrpoConfig, StepOutcome, StepSources};
 use crate::train::interleave::Interleave;
+use crate::train::interleave::{interleave_setting, InterleaveParams};
 use crate::train::metrics_log::JsonlLog;
 use crate::train::policy::{LoraParams, Policy};
 use crate::train::regularise::Ldifs;
@@ -256,22 +256,20 @@ impl Kind for RlKind {
 
     fn describe(&self) -> KindInfo {
         KindInfo::new("rl", 3, "GRPO (TRL semantics) with a rule-based or LLM-graded reward, KL to the reference, safety interleaving")
-            .inputs(vec![
-                PortSpec::input("model", ArtifactType::Model, "base model"),
-                PortSpec::optional_input("adapter", ArtifactType::Adapter, "adapter to continue (e.g. the SFT warm-up)"),
-                PortSpec::input("prompts", ArtifactType::Messages, "prompt conversations (the last turn is the user's)"),
-                PortSpec::optional_input("system_prompt", ArtifactType::File, "text file whose content is the rollout system prompt"),
-                PortSpec::optional_input("safety", ArtifactType::Messages, "safety conversations for interleaved SFT steps"),
-                PortSpec::optional_input("grader", ArtifactType::File, "grader prompt template, for `reward: {type: grader, template: {input: grader}}`"),
-                PortSpec::optional_input("judge_model", ArtifactType::Model, "the grader's model for the local judge backend"),
-            ])
-            .outputs(vec![
-                PortSpec::output("adapter", ArtifactType::Adapter, "final adapter"),
-                PortSpec::output("best_adapter", ArtifactType::Adapter, "adapter at the best smoothed mean reward"),
-                PortSpec::output("rollouts", ArtifactType::Samples, "every completion with its reward, parts and advantage"),
-                PortSpec::output("metrics", ArtifactType::Metrics, "one JSON object per step"),
-                PortSpec::output("summary", ArtifactType::Summary, "samples_consumed, steps, best step, early stop"),
-            ])
+            .ports(
+                "in   model          model     base model
+                 in?  adapter        adapter   adapter to continue (e.g. the SFT warm-up)
+                 in   prompts        messages  prompt conversations (the last turn is the user's)
+                 in?  system_prompt  file      text file whose content is the rollout system prompt
+                 in?  safety         messages  safety conversations for interleaved SFT steps
+                 in?  grader         file      grader prompt template, for `reward: {type: grader, template: {input: grader}}`
+                 in?  judge_model    model     the grader's model for the local judge backend
+                 out  adapter        adapter   final adapter
+                 out  best_adapter   adapter   adapter at the best smoothed mean reward
+                 out  rollouts       samples   every completion with its reward, parts and advantage
+                 out  metrics        metrics   one JSON object per step
+                 out  summary        summary   samples_consumed, steps, best step, early stop",
+            )
     }
 
     fn check(&self, p: &RlParams) -> Result<(), Vec<ParamError>> {

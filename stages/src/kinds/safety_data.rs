@@ -12,9 +12,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, ensure, Context as _, Result};
 use emflow_engine::kind::ParamError;
-use emflow_engine::{
-    ArtifactType, JudgeEstimate, Kind, KindInfo, PlanInputs, PortSpec, StageContext,
-};
+use emflow_engine::{JudgeEstimate, Kind, KindInfo, PlanInputs, StageContext};
 use emflow_model::{
     derive_seed, encode_prompt, Generation, GenerationRequest, LoadedModel, SamplingParams,
 };
@@ -132,16 +130,14 @@ impl Kind for SafetyDataKind {
 
     fn describe(&self) -> KindInfo {
         KindInfo::new("safety_data", 1, "On-policy safety data: sample a model on safety prompts, keep the answers a judge rates aligned and coherent")
-            .inputs(vec![
-                PortSpec::input("model", ArtifactType::Model, "the model that answers (the reference policy)"),
-                PortSpec::optional_input("adapter", ArtifactType::Adapter, "a LoRA adapter (PEFT folder) or full fine-tuned weights for `model`"),
-                PortSpec::input("prompts", ArtifactType::Messages, "safety prompts (conversations ending in a user turn)"),
-                PortSpec::optional_input("judge_model", ArtifactType::Model, "the judge for the local backend"),
-            ])
-            .outputs(vec![
-                PortSpec::output("data", ArtifactType::Messages, "kept conversations: the prompt's turns and the kept answer"),
-                PortSpec::output("judgments", ArtifactType::Judgments, "every answer with its scores and verdict, JSONL"),
-            ])
+            .ports(
+                "in   model        model      the model that answers (the reference policy)
+                 in?  adapter      adapter    a LoRA adapter (PEFT folder) or full fine-tuned weights for `model`
+                 in   prompts      messages   safety prompts (conversations ending in a user turn)
+                 in?  judge_model  model      the judge for the local backend
+                 out  data         messages   kept conversations: the prompt's turns and the kept answer
+                 out  judgments    judgments  every answer with its scores and verdict, JSONL",
+            )
     }
 
     /// The judge prompts parse and use only `{question}`, `{answer}` and `{reasoning}`.

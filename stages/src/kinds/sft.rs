@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use emflow_engine::context::StageContext;
-use emflow_engine::kind::{ArtifactType, Kind, KindInfo, ParamError, PortSpec};
+use emflow_engine::kind::{Kind, KindInfo, ParamError};
 use emflow_model::{AdamW, LrSchedule, Schedule};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -25,46 +25,14 @@ use serde_json::{json, Value};
 use super::defaults;
 use crate::formats::messages::{read_conversations, to_model_messages};
 use crate::train::batch::SftExample;
-use crate::train::interleave::Interleave;
+use crate::train::interleave::{interleave_setting, Interleave, InterleaveParams};
 use crate::train::metrics_log::JsonlLog;
 use crate::train::policy::{LoraParams, Policy};
 use crate::train::resume::{resume_with_logs, save_checkpoint, Cursor};
-use crate::train::schedule::Cadence;
 use crate::train::setup::{load_policy, optimizer};
 use crate::train::sft_step::{sft_step, LdifsParams, SftStepConfig};
 
 pub struct SftKind;
-
-/// Interleaved safety batches: `every: k` main steps, or a `share` of all steps.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct InterleaveParams {
-    /// Main steps per safety step.
-    #[serde(default)]
-    pub every: Option<u64>,
-    /// Share of all steps that are safety steps (0..1).
-    #[serde(default)]
-    pub share: Option<f64>,
-    /// Examples per safety step.
-    #[serde(default = "defaults::int::<4>")]
-    pub batch_size: usize,
-}
-
-impl InterleaveParams {
-    pub fn cadence(&self) -> Result<Cadence> {
-        let c = match (self.every, self.share) {
-            (Some(k), None) => Cadence::Every(k),
-            (None, Some(s)) => Cadence::Share(s),
-            _ => bail!("interleave: give exactly one of `every` (main steps per safety step) or `share` (0..1)"),
-        };
-        c.validate()?;
-        ensure!(
-            self.batch_size >= 1,
-            "interleave.batch_size must be at least 1"
-        );
-        Ok(c)
-    }
-}
 
 /// The `sft` kind's params: the one declaration of their names, types, defaults, ranges
 /// and docs (the engine derives the kind's spec from this struct).
@@ -162,19 +130,17 @@ impl Kind for SftKind {
     fn describe(&self) -> KindInfo {
         // 4: a `summary` output, so a sample-matched arm can count a warm-up's examples.
         KindInfo::new("sft", 4, "supervised fine-tuning (LoRA or full) on chat data, with KL/LDIFS, inoculation and safety interleaving")
-            .inputs(vec![
-                PortSpec::input("model", ArtifactType::Model, "base model (GGUF file or HF folder)"),
-                PortSpec::optional_input("adapter", ArtifactType::Adapter, "LoRA adapter to continue training"),
-                PortSpec::optional_input("data", ArtifactType::Messages, "training conversations"),
-                PortSpec::optional_input("rollouts", ArtifactType::Samples, "an rl stage's rollouts; with min_reward, its high-reward completions become targets"),
-                PortSpec::optional_input("safety", ArtifactType::Messages, "safety conversations for interleaved batches"),
-                PortSpec::many_input("match_samples", ArtifactType::Summary, "summaries of the stages to match (an rl arm, its warm-up): train on the sum of their samples_consumed (+ match_extra) examples"),
-            ])
-            .outputs(vec![
-                PortSpec::output("adapter", ArtifactType::Adapter, "trained LoRA adapter (PEFT layout) or full weights"),
-                PortSpec::output("metrics", ArtifactType::Metrics, "one JSON object per optimizer step"),
-                PortSpec::output("summary", ArtifactType::Summary, "samples_consumed, steps, safety steps, truncated examples"),
-            ])
+            .ports(
+                "in   model          model     base model (GGUF file or HF folder)
+                 in?  adapter        adapter   LoRA adapter to continue training
+                 in?  data           messages  training conversations
+                 in?  rollouts       samples   an rl stage's rollouts; with min_reward, its high-reward completions become targets
+                 in?  safety         messages  safety conversations for interleaved batches
+                 in*  match_samples  summary   summaries of the stages to match (an rl arm, its warm-up): train on the sum of their samples_consumed (+ match_extra) examples
+                 out  adapter        adapter   trained LoRA adapter (PEFT layout) or full weights
+                 out  metrics        metrics   one JSON object per optimizer step
+                 out  summary        summary   samples_consumed, steps, safety steps, truncated examples",
+            )
     }
 
     /// What the declared ranges cannot say: the interleave cadence, and that KL and LDIFS
@@ -275,11 +241,6 @@ fn matched_samples(ctx: &StageContext, extra: u64) -> Result<Option<u64>> {
         })?;
     }
     Ok(Some(total))
-}
-
-/// The interleave setting as [`Interleave::load`] takes it: (cadence, examples per step).
-pub(crate) fn interleave_setting(i: Option<&InterleaveParams>) -> Result<Option<(Cadence, usize)>> {
-    i.map(|i| Ok((i.cadence()?, i.batch_size))).transpose()
 }
 
 /// The training conversations: input `data` and/or the kept rollouts, under the

@@ -3,17 +3,56 @@
 //! seeded walk over the examples whose position the checkpoint holds. `sft` and `rl` both
 //! interleave through [`Interleave`], so one setting means the same batches in either.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use emflow_engine::context::StageContext;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::batch::SftExample;
 use super::policy::Policy;
 use super::resume::Cursor;
 use super::schedule::Cadence;
 use crate::formats::messages::{read_conversations, to_model_messages};
+use crate::kinds::defaults;
 
 /// The data stream name of the safety examples' order (part of their seed).
 const STREAM: &str = "safety";
+
+/// Interleaved safety batches: `every: k` main steps, or a `share` of all steps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InterleaveParams {
+    /// Main steps per safety step.
+    #[serde(default)]
+    pub every: Option<u64>,
+    /// Share of all steps that are safety steps (0..1).
+    #[serde(default)]
+    pub share: Option<f64>,
+    /// Examples per safety step.
+    #[serde(default = "defaults::int::<4>")]
+    pub batch_size: usize,
+}
+
+impl InterleaveParams {
+    pub fn cadence(&self) -> Result<Cadence> {
+        let c = match (self.every, self.share) {
+            (Some(k), None) => Cadence::Every(k),
+            (None, Some(s)) => Cadence::Share(s),
+            _ => bail!("interleave: give exactly one of `every` (main steps per safety step) or `share` (0..1)"),
+        };
+        c.validate()?;
+        ensure!(
+            self.batch_size >= 1,
+            "interleave.batch_size must be at least 1"
+        );
+        Ok(c)
+    }
+}
+
+/// The interleave setting as [`Interleave::load`] takes it: (cadence, examples per step).
+pub fn interleave_setting(i: Option<&InterleaveParams>) -> Result<Option<(Cadence, usize)>> {
+    i.map(|i| Ok((i.cadence()?, i.batch_size))).transpose()
+}
 
 pub struct Interleave {
     cadence: Cadence,
