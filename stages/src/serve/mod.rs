@@ -8,7 +8,8 @@
 //! - `POST /v1/chat/completions` (messages -> the model's chat template) and
 //!   `POST /v1/completions` (a raw prompt): `max_tokens`, `temperature`, `top_p`, `n`,
 //!   `seed` (absent: a fresh one per request), `stop`, `stream` (server-sent events in
-//!   OpenAI's chunk format, `stream_options.include_usage`), and log-probabilities read from
+//!   OpenAI's chunk format, `stream_options.include_usage`; written once the request's batch is
+//!   generated, since generation has no per-token hook yet), and log-probabilities read from
 //!   the model at temperature 1 (chat: `logprobs`/`top_logprobs`; completions: `logprobs: k`);
 //! - `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`;
 //! - errors in OpenAI's shape: a prompt that does not fit the context is a 400
