@@ -26,7 +26,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Number, Value};
 
-use crate::kind::{KindSpec, Params, Precision};
+use crate::kind::{KindSpec, ParamSpec, Params, Precision};
 
 /// Version of the key scheme. Part of every key, so a scheme change never reuses old results.
 pub const KEY_SCHEMA: u32 = 1;
@@ -118,22 +118,29 @@ pub fn model_fetch_key(source: &str) -> String {
     digest_value(&value)
 }
 
-/// Params with integers turned into floats where the spec says the param keys as a float.
+/// Params with integers turned into floats where the spec says the param keys as a float,
+/// and without the connection settings a param's type declares ([`ParamSpec::key_omits`]).
 /// Key order is fixed later by the canonical writer.
 pub fn canonical_params(spec: &KindSpec, params: &Params) -> Value {
     let mut out = serde_json::Map::new();
     for (name, value) in params {
-        let is_float = spec
-            .params
-            .iter()
-            .any(|p| &p.name == name && p.keys_as_float());
+        let declared = spec.params.iter().find(|p| &p.name == name);
+        let is_float = declared.is_some_and(ParamSpec::keys_as_float);
+        let value = match (value, declared) {
+            (Value::Object(fields), Some(p)) if !p.key_omits.is_empty() => {
+                let mut kept = fields.clone();
+                kept.retain(|field, _| !p.key_omits.contains(field));
+                Value::Object(kept)
+            }
+            _ => value.clone(),
+        };
         let value = match value {
             Value::Number(n) if is_float => n
                 .as_f64()
                 .and_then(Number::from_f64)
                 .map(Value::Number)
-                .unwrap_or(value.clone()),
-            _ => value.clone(),
+                .unwrap_or(Value::Number(n)),
+            other => other,
         };
         out.insert(name.clone(), value);
     }
@@ -401,6 +408,23 @@ mod tests {
         });
         let canon = canonical_params(&s, &params(json!({"lr": 1, "eps": 1})));
         assert_eq!(canon, json!({"lr": 1.0, "eps": 1}));
+    }
+
+    #[test]
+    fn connection_settings_a_param_declares_stay_out_of_the_key() {
+        let mut s = spec();
+        s.params.push(ParamSpec {
+            key_omits: vec!["base_url".into(), "timeout_s".into()],
+            ..ParamSpec::optional("judge", ParamType::Map, json!({}), "")
+        });
+        let judge = |url: &str, model: &str| {
+            let p = params(
+                json!({"lr": 1e-4, "judge": {"base_url": url, "timeout_s": 5, "model": model}}),
+            );
+            KeyParts::new(&s, &p, BTreeMap::new(), env(0)).key()
+        };
+        assert_eq!(judge("http://a:1/v1", "m"), judge("http://b:2/v1", "m"));
+        assert_ne!(judge("http://a:1/v1", "m"), judge("http://a:1/v1", "other"));
     }
 
     fn params(v: Value) -> Params {

@@ -26,7 +26,7 @@ mod schema;
 mod typed;
 
 pub use listing::kinds_text;
-pub use schema::{derive_params, DerivedParams};
+pub use schema::{derive_params, DerivedParams, KEY_OMITS};
 pub use typed::{derived_params, schema_of, Kind, KindInfo};
 
 use std::collections::BTreeMap;
@@ -175,6 +175,10 @@ pub struct ParamSpec {
     pub default: Option<Value>,
     /// For `emflow kinds` and for diagnostics' hints: the field's doc comment.
     pub doc: String,
+    /// Fields of this (map) param that are connection settings, not results: left out of
+    /// the stage key, so that moving a judge server to another port or raising its timeout
+    /// leaves every stage cached. Declared by the param's type with [`KEY_OMITS`].
+    pub key_omits: Vec<String>,
 }
 
 impl ParamSpec {
@@ -186,6 +190,7 @@ impl ParamSpec {
             range: Range::default(),
             default: None,
             doc: doc.into(),
+            key_omits: Vec::new(),
         }
     }
     pub fn optional(

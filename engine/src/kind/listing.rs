@@ -98,14 +98,23 @@ fn param_row(p: &ParamSpec) -> Vec<String> {
     ]
 }
 
-/// The doc after its first line, indented under the row.
+/// The doc after its first line, indented under the row, and the fields left out of the key.
 fn rest_of_doc(p: &ParamSpec) -> String {
-    p.doc
+    let mut rest: String = p
+        .doc
         .lines()
         .skip(1)
         .skip_while(|l| l.trim().is_empty())
         .map(|l| format!("      {l}\n"))
-        .collect()
+        .collect();
+    if !p.key_omits.is_empty() {
+        let _ = writeln!(
+            rest,
+            "      not in the stage key (connection settings): {}",
+            p.key_omits.join(", ")
+        );
+    }
+    rest
 }
 
 fn cut(text: &str) -> String {

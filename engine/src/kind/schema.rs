@@ -21,11 +21,19 @@
 //! - `minimum`/`maximum`/`exclusiveMinimum`/`exclusiveMaximum` -> the [`Range`];
 //! - `title` and `description` (the doc comment) -> the doc;
 //! - `additionalProperties` other than `false` on the struct (a `#[serde(flatten)]` map) ->
-//!   open params: names the struct does not declare are accepted as they are.
+//!   open params: names the struct does not declare are accepted as they are;
+//! - [`KEY_OMITS`] (an array of field names) on a param's type -> [`ParamSpec::key_omits`].
 
 use serde_json::{Map, Value};
 
 use super::{Bound, ParamSpec, ParamType, Range};
+
+/// The schema keyword by which a param's type names its fields that are connection settings
+/// (an address, a timeout, a concurrency) rather than anything results depend on: an array
+/// of field names, written by the type's `JsonSchema` impl or with
+/// `#[schemars(extend("x-emflow-key-omits" = ["base_url"]))]`. The stage key leaves them
+/// out ([`ParamSpec::key_omits`]).
+pub const KEY_OMITS: &str = "x-emflow-key-omits";
 
 /// A params struct as the engine sees it.
 #[derive(Clone, Debug)]
@@ -89,7 +97,19 @@ fn param_of(root: &Value, name: &str, schema: &Value, required: bool) -> Result<
         range: shape.range,
         default,
         doc,
+        key_omits: key_omits_of(root, schema),
     })
+}
+
+/// The field names a param's (sub)schema lists under [`KEY_OMITS`].
+fn key_omits_of(root: &Value, schema: &Value) -> Vec<String> {
+    let listed = |s: &Value| s.get(KEY_OMITS).and_then(Value::as_array).cloned();
+    listed(schema)
+        .or_else(|| listed(resolve(root, schema)))
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|name| name.as_str().map(String::from))
+        .collect()
 }
 
 /// A schema's title and description, as one text.
@@ -410,6 +430,27 @@ mod tests {
         let any = param("anything");
         assert_eq!(any.ty, ParamType::Any);
         assert!(any.default.is_none());
+    }
+
+    #[test]
+    fn a_param_type_names_the_fields_its_key_omits() {
+        #[derive(Deserialize, JsonSchema)]
+        #[schemars(extend("x-emflow-key-omits" = ["base_url", "timeout_s"]))]
+        #[allow(dead_code)]
+        struct Remote {
+            model: String,
+            base_url: String,
+            timeout_s: f64,
+        }
+        #[derive(Deserialize, JsonSchema)]
+        #[allow(dead_code)]
+        struct WithRemote {
+            judge: Remote,
+            lr: f64,
+        }
+        let d = derive_params(&schema_of::<WithRemote>()).unwrap();
+        assert_eq!(d.params[0].key_omits, ["base_url", "timeout_s"]);
+        assert!(d.params[1].key_omits.is_empty());
     }
 
     #[test]

@@ -89,6 +89,30 @@ pub enum JudgeSpec {
     Openai(openai::OpenAiConfig),
 }
 
+/// The schema of a `judge:` param as kinds declare it
+/// (`#[schemars(with = "judge::JudgeParam")]`): a mapping, whose connection settings
+/// ([`openai::CONNECTION_SETTINGS`]) the engine leaves out of stage keys, so moving a judge
+/// server or raising its timeout keeps every stage cached; the model's identity stays in.
+pub struct JudgeParam;
+
+impl schemars::JsonSchema for JudgeParam {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "JudgeParam".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "object",
+            "additionalProperties": true,
+            emflow_engine::kind::KEY_OMITS: openai::CONNECTION_SETTINGS,
+        })
+    }
+}
+
 fn default_local_batch() -> usize {
     8
 }

@@ -86,6 +86,18 @@ pub struct OpenAiConfig {
     pub score_mode: ScoreMode,
 }
 
+/// The settings of [`OpenAiConfig`] that say how to reach the server, not what it computes:
+/// left out of stage keys ([`super::JudgeParam`]) and of the memo's judge identity.
+pub const CONNECTION_SETTINGS: [&str; 7] = [
+    "base_url",
+    "api_key_env",
+    "timeout_s",
+    "max_retries",
+    "backoff_s",
+    "max_wait_s",
+    "concurrency",
+];
+
 fn default_timeout_s() -> f64 {
     120.0
 }
@@ -196,11 +208,8 @@ impl OpenAiJudge {
             })?),
         };
         let url = format!("{}/chat/completions", cfg.base_url.trim_end_matches('/'));
-        let mut identity = format!(
-            "openai|{}|{}",
-            cfg.base_url.trim_end_matches('/'),
-            cfg.model
-        );
+        // Not the base_url: a connection setting, like the stage key (CONNECTION_SETTINGS).
+        let mut identity = format!("openai|{}", cfg.model);
         if cfg.score_mode == ScoreMode::Text {
             identity.push_str("|text");
         }
@@ -583,11 +592,11 @@ mod tests {
     #[test]
     fn score_mode_text_is_opt_in_and_changes_the_identity() {
         let plain = OpenAiJudge::new(cfg("http://h/v1")).unwrap();
-        assert_eq!(plain.identity(), "openai|http://h/v1|m");
+        assert_eq!(plain.identity(), "openai|m");
         let mut c = cfg("http://h/v1");
         c.score_mode = ScoreMode::Text;
         let text = OpenAiJudge::new(c).unwrap();
-        assert_eq!(text.identity(), "openai|http://h/v1|m|text");
+        assert_eq!(text.identity(), "openai|m|text");
         // The default mode is not written out when a config is serialised.
         assert!(!serde_json::to_string(&cfg("http://h/v1"))
             .unwrap()

@@ -65,7 +65,7 @@ pub struct EvalParams {
     #[serde(default)]
     // A tagged union, a mapping to the manifest; `{backend: local}` is the default every
     // existing key was made with (not the expanded local settings).
-    #[schemars(with = "serde_json::Map<String, Value>", extend("default" = {"backend": "local"}))]
+    #[schemars(with = "judge::JudgeParam", extend("default" = {"backend": "local"}))]
     judge: JudgeSpec,
     /// judge prompts to score; must include aligned and coherent
     #[serde(default = "default_metrics")]

@@ -185,7 +185,7 @@ pub struct RlParams {
     #[serde(default)]
     // A tagged union, a mapping to the manifest; `{backend: local}` is the default every
     // existing key was made with (not the expanded local settings).
-    #[schemars(with = "serde_json::Map<String, Value>", extend("default" = {"backend": "local"}))]
+    #[schemars(with = "judge::JudgeParam", extend("default" = {"backend": "local"}))]
     pub judge: JudgeSpec,
     /// system prompt put before every rollout's system turn, in training only (null = off)
     #[serde(default)]

@@ -59,7 +59,7 @@ pub struct SafetyDataParams {
     #[serde(default)]
     // A tagged union, a mapping to the manifest; `{backend: local}` is the default every
     // existing key was made with (not the expanded local settings).
-    #[schemars(with = "serde_json::Map<String, Value>", extend("default" = {"backend": "local"}))]
+    #[schemars(with = "judge::JudgeParam", extend("default" = {"backend": "local"}))]
     judge: JudgeSpec,
     /// keep answers whose aligned score is at least this
     #[serde(default = "defaults::ratio::<70, 1>")]

@@ -46,3 +46,47 @@ fn every_kind_declares_the_params_and_defaults_it_always_had() {
     }
     assert_eq!(now, golden);
 }
+
+/// A judge's connection settings (where the server is, how long to wait, how many requests
+/// at once) are not part of any stage key: moving a judge server to another port keeps every
+/// stage cached. Its model and scoring mode are.
+#[test]
+fn a_judges_connection_settings_stay_out_of_every_stage_key() {
+    use emflow_engine::keys::{EnvParts, KeyParts};
+    use std::collections::BTreeMap;
+    let registry = emflow_stages::registry();
+    let key = |kind: &str, judge: Value| {
+        let spec = registry.kind(kind).expect("a kind with a judge").spec();
+        let params = json!({ "judge": judge }).as_object().cloned().unwrap();
+        KeyParts::new(
+            &spec,
+            &params,
+            BTreeMap::new(),
+            EnvParts::for_stage(&spec, 0),
+        )
+        .key()
+    };
+    let here =
+        json!({"backend": "openai", "base_url": "http://127.0.0.1:8000/v1", "model": "judge-1"});
+    let moved = json!({
+        "backend": "openai", "base_url": "http://10.0.0.7:9001/v1", "model": "judge-1",
+        "api_key_env": "JUDGE_KEY", "timeout_s": 30, "max_retries": 2, "backoff_s": 1,
+        "max_wait_s": 10, "concurrency": 64,
+    });
+    let other_model =
+        json!({"backend": "openai", "base_url": "http://127.0.0.1:8000/v1", "model": "judge-2"});
+    let text_mode = json!({"backend": "openai", "base_url": "http://127.0.0.1:8000/v1", "model": "judge-1", "score_mode": "text"});
+    for kind in ["eval", "rl", "safety_data"] {
+        assert_eq!(key(kind, here.clone()), key(kind, moved.clone()), "{kind}");
+        assert_ne!(
+            key(kind, here.clone()),
+            key(kind, other_model.clone()),
+            "{kind}"
+        );
+        assert_ne!(
+            key(kind, here.clone()),
+            key(kind, text_mode.clone()),
+            "{kind}"
+        );
+    }
+}
