@@ -84,3 +84,39 @@ fn kill_dash_nine_mid_stage_then_rerun_completes() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Ctrl-C (SIGINT to `emflow run`) mid-stage: the footer says the run was interrupted and in
+/// which stage, and the exit status is 130, as a shell reports an interrupted command.
+#[test]
+fn ctrl_c_mid_stage_names_the_stage_and_exits_130() {
+    let dir = scratch("crash-ctrl-c");
+    let marker = dir.join("started.txt");
+    let manifest = MANIFEST
+        .replace("MARKER_PATH", &marker.display().to_string())
+        .replace("sleep 2", "sleep 60");
+    write_manifest(&dir, &manifest);
+    let child = emflow_in(&dir)
+        .args(["run", "m.yaml"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the slow stage to start", Duration::from_secs(60), || {
+        marker.exists()
+    });
+    let pid = child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(130), "{text}");
+    assert!(text.contains("STOPPED  slow"), "{text}");
+    assert!(
+        text.contains("the run was interrupted during slow; exit status 130"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -185,7 +185,29 @@ pub(super) fn footer(r: &Reporter, s: &RunSummary) {
         let first = err.lines().next().unwrap_or("");
         r.line(&format!("{:>8}  {id}: {first}", "FAILED"));
     }
+    if s.interrupted {
+        r.line(&interrupted_line(s));
+    }
     if r.is_json() {
         r.event("summary", s.to_json());
     }
+}
+
+/// What the footer says of a run Ctrl-C (or SIGTERM) stopped: which stages it stopped in,
+/// and that the exit status says so too (130, as shells report an interrupted command).
+fn interrupted_line(s: &RunSummary) -> String {
+    let stopped: Vec<&str> = s
+        .stages
+        .iter()
+        .filter(|(_, r)| *r == StageResult::Interrupted)
+        .map(|(id, _)| id.as_str())
+        .collect();
+    let during = match stopped.as_slice() {
+        [] => "between stages".to_string(),
+        ids => format!("during {}", ids.join(", ")),
+    };
+    format!(
+        "{:>8}  the run was interrupted {during}; exit status 130. `emflow run` again resumes it",
+        "STOPPED"
+    )
 }
