@@ -4,7 +4,7 @@
 //! `exec-stage` child-process executor).
 
 use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
 use crate::support::{emflow_in, output, scratch, wait_for, write_manifest};
@@ -32,6 +32,20 @@ stages:
       outputs: {loud: file}
 "#;
 
+/// `emflow run m.yaml` in `dir`, returned once the slow stage has written `marker`.
+fn run_until_slow_starts(dir: &Path, marker: &Path, stdio: fn() -> Stdio) -> Child {
+    let child = emflow_in(dir)
+        .args(["run", "m.yaml"])
+        .stdout(stdio())
+        .stderr(stdio())
+        .spawn()
+        .unwrap();
+    wait_for("the slow stage to start", Duration::from_secs(60), || {
+        marker.exists()
+    });
+    child
+}
+
 #[test]
 fn kill_dash_nine_mid_stage_then_rerun_completes() {
     let dir = scratch("crash-kill");
@@ -40,15 +54,7 @@ fn kill_dash_nine_mid_stage_then_rerun_completes() {
         &dir,
         &MANIFEST.replace("MARKER_PATH", &marker.display().to_string()),
     );
-    let mut child = emflow_in(&dir)
-        .args(["run", "m.yaml"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("the slow stage to start", Duration::from_secs(60), || {
-        marker.exists()
-    });
+    let mut child = run_until_slow_starts(&dir, &marker, Stdio::null);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 
@@ -95,15 +101,7 @@ fn ctrl_c_mid_stage_names_the_stage_and_exits_130() {
         .replace("MARKER_PATH", &marker.display().to_string())
         .replace("sleep 2", "sleep 60");
     write_manifest(&dir, &manifest);
-    let child = emflow_in(&dir)
-        .args(["run", "m.yaml"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for("the slow stage to start", Duration::from_secs(60), || {
-        marker.exists()
-    });
+    let child = run_until_slow_starts(&dir, &marker, Stdio::piped);
     let pid = child.id().to_string();
     let sent = std::process::Command::new("kill")
         .args(["-INT", &pid])
