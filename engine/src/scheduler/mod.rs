@@ -18,6 +18,7 @@ mod fetch;
 mod lines;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -335,23 +336,41 @@ fn summarise(
 }
 
 /// Points at what a person opens next: every output declared [`ArtifactType::Report`] that
-/// this run produced or reused (its `index.html` when it has one).
+/// this run produced or reused, refreshed in the manifest's results folder
+/// ([`crate::commands::results_dir`]), a path to bookmark (its `index.html` when it has one).
+/// Where that folder cannot be written, the store's copy is shown instead.
 fn point_at_reports(
     pipeline: &Pipeline,
     env: &RunEnv,
     order: &[usize],
     records: &[Option<StageRecord>],
 ) {
+    let results = crate::commands::results_dir(pipeline);
+    let is_report = |ty: ArtifactType| ty == ArtifactType::Report;
     for &i in order {
         let Some(record) = records[i].as_ref() else {
             continue;
         };
         let stage = &pipeline.stages[i];
-        for (name, entry) in &record.outputs {
-            if stage.outputs.get(name) != Some(&ArtifactType::Report) {
-                continue;
+        let shown: Vec<PathBuf> = match crate::commands::export_record(
+            pipeline, &env.store, i, record, &results, is_report,
+        ) {
+            Ok(exported) => exported.into_iter().map(|e| e.path).collect(),
+            Err(e) => {
+                env.reporter.line(&format!(
+                    "    note  could not refresh {}: {}",
+                    results.display(),
+                    crate::job::error_chain(&e)
+                ));
+                record
+                    .outputs
+                    .iter()
+                    .filter(|(name, _)| stage.outputs.get(*name).copied().is_some_and(is_report))
+                    .map(|(_, entry)| env.store.artifact_path(entry))
+                    .collect()
             }
-            let path = env.store.artifact_path(entry);
+        };
+        for path in shown {
             let page = path.join("index.html");
             let shown = if page.is_file() { page } else { path };
             env.reporter.line(&format!(
