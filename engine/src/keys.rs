@@ -118,15 +118,18 @@ pub fn model_fetch_key(source: &str) -> String {
     digest_value(&value)
 }
 
-/// Params with integers turned into floats where the spec says the param keys as a float.
+/// Params with integers turned into floats where the spec says the param keys as a float, and
+/// params that key only away from their default left out while at it
+/// ([`crate::kind::ParamSpec::key_omits_default`]).
 /// Key order is fixed later by the canonical writer.
 pub fn canonical_params(spec: &KindSpec, params: &Params) -> Value {
     let mut out = serde_json::Map::new();
     for (name, value) in params {
-        let is_float = spec
-            .params
-            .iter()
-            .any(|p| &p.name == name && p.keys_as_float());
+        let declared = spec.params.iter().find(|p| &p.name == name);
+        if declared.is_some_and(|p| p.unkeyed(value)) {
+            continue;
+        }
+        let is_float = declared.is_some_and(|p| p.keys_as_float());
         let value = match value {
             Value::Number(n) if is_float => n
                 .as_f64()
@@ -390,6 +393,19 @@ mod tests {
             cpu.key(),
             KeyParts::new(&spec(), &p, BTreeMap::new(), env(0)).key()
         );
+    }
+
+    #[test]
+    fn a_param_added_with_key_omits_default_keys_only_away_from_it() {
+        let mut s = spec();
+        s.params.push(ParamSpec {
+            key_omits_default: true,
+            ..ParamSpec::optional("recompute", ParamType::Bool, json!(false), "")
+        });
+        let at_default = canonical_params(&s, &params(json!({"lr": 1, "recompute": false})));
+        assert_eq!(at_default, json!({"lr": 1.0}));
+        let set = canonical_params(&s, &params(json!({"lr": 1, "recompute": true})));
+        assert_eq!(set, json!({"lr": 1.0, "recompute": true}));
     }
 
     #[test]

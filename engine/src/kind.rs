@@ -175,6 +175,11 @@ pub struct ParamSpec {
     pub default: Option<Value>,
     /// For `emflow kinds` and for diagnostics' hints: the field's doc comment.
     pub doc: String,
+    /// The param enters the stage key only when it differs from its default. For params
+    /// added to a kind after its results were cached, whose default reproduces the old
+    /// behaviour exactly: existing keys stay valid. Declared on a field with
+    /// `#[schemars(extend("x-emflow-key-omits-default" = true))]`.
+    pub key_omits_default: bool,
 }
 
 impl ParamSpec {
@@ -186,6 +191,7 @@ impl ParamSpec {
             range: Range::default(),
             default: None,
             doc: doc.into(),
+            key_omits_default: false,
         }
     }
     pub fn optional(
@@ -207,6 +213,11 @@ impl ParamSpec {
     /// keys of results already in users' stores.
     pub fn keys_as_float(&self) -> bool {
         self.ty == ParamType::Float && !self.nullable
+    }
+
+    /// Whether `value` is left out of the stage key (see [`ParamSpec::key_omits_default`]).
+    pub fn unkeyed(&self, value: &Value) -> bool {
+        self.key_omits_default && self.default.as_ref() == Some(value)
     }
 
     /// The doc's first line, for one-line listings.
@@ -295,6 +306,14 @@ pub enum Dtype {
 }
 
 impl Dtype {
+    /// Bytes a number takes in this format.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::Bf16 => 2,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Dtype::F32 => "f32",
@@ -512,6 +531,15 @@ pub trait StageKind: Send + Sync + 'static {
     ) -> anyhow::Result<Option<JudgeEstimate>> {
         let _ = (params, inputs);
         Ok(None)
+    }
+
+    /// What a stage with these params holds on a GPU (trained weights, micro-batch, sampled
+    /// sequences), for the plan's memory estimate and its refusal of plans that cannot fit
+    /// (`crate::memory`). `None` (the default): the kind puts no model on a GPU. Called at plan
+    /// time from params alone; the engine supplies the model's shape.
+    fn memory_demand(&self, params: &Params) -> Option<crate::memory::MemoryDemand> {
+        let _ = params;
+        None
     }
 
     /// Writes the outputs this stage would produce, as `dir/<output name>`, when they are a

@@ -63,6 +63,10 @@ pub fn derive_params(root: &Value) -> Result<DerivedParams, String> {
     Ok(DerivedParams { params, open })
 }
 
+/// The schema extension that marks a param keyed only away from its default
+/// ([`ParamSpec::key_omits_default`]).
+pub const KEY_OMITS_DEFAULT: &str = "x-emflow-key-omits-default";
+
 /// One property of the struct.
 fn param_of(root: &Value, name: &str, schema: &Value, required: bool) -> Result<ParamSpec, String> {
     let shape = shape_of(root, schema);
@@ -82,7 +86,16 @@ fn param_of(root: &Value, name: &str, schema: &Value, required: bool) -> Result<
     let doc = doc_of(schema)
         .or_else(|| doc_of(resolve(root, schema)))
         .unwrap_or_default();
+    let key_omits_default = schema
+        .get(KEY_OMITS_DEFAULT)
+        .is_some_and(|v| v == &Value::Bool(true));
+    if key_omits_default && default.is_none() {
+        return Err(format!(
+            "field `{name}` says {KEY_OMITS_DEFAULT} but has no default"
+        ));
+    }
     Ok(ParamSpec {
+        key_omits_default,
         name: name.to_string(),
         ty: shape.ty.unwrap_or(ParamType::Any),
         nullable: shape.nullable,

@@ -184,6 +184,12 @@ impl ChatTemplate {
     /// renderer sets itself (`messages`, `add_generation_prompt`, `bos_token`, `eos_token`)
     /// are refused: a kwarg would silently replace them.
     pub fn with_kwargs(mut self, kwargs: TemplateKwargs) -> Result<Self> {
+        self.set_kwargs(kwargs)?;
+        Ok(self)
+    }
+
+    /// [`ChatTemplate::with_kwargs`] in place, for a template already inside a loaded model.
+    pub fn set_kwargs(&mut self, kwargs: TemplateKwargs) -> Result<()> {
         if let Some(name) = kwargs
             .keys()
             .find(|k| RESERVED_KWARGS.contains(&k.as_str()))
@@ -195,7 +201,7 @@ impl ChatTemplate {
             );
         }
         self.kwargs = kwargs;
-        Ok(self)
+        Ok(())
     }
 
     /// The extra context names set by [`ChatTemplate::with_kwargs`].
