@@ -103,6 +103,22 @@ pub fn visible_gpus() -> Vec<String> {
     }
 }
 
+/// Memory of the smallest GPU the driver reports (`nvidia-smi`), in bytes; `None` without
+/// an NVIDIA driver. What the plan's memory check uses when a stage declares no
+/// `gpu_memory`.
+pub fn gpu_memory() -> Option<u64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse::<u64>().ok())
+        .min()
+        .map(|mib| mib << 20)
+}
+
 /// Human size: `1.5 GiB`.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

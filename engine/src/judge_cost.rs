@@ -688,7 +688,7 @@ fn stage_input(
 }
 
 /// Model `name`: a local file or folder, or what the store fetched for it.
-fn model_input(planner: &Planner, name: &str) -> PlanInput {
+pub(crate) fn model_input(planner: &Planner, name: &str) -> PlanInput {
     let origin = format!("models.{name}");
     let decl = planner.pipeline.models.get(name);
     let path = match decl.map(|d| model_source(d, &planner.pipeline.manifest_dir)) {

@@ -119,17 +119,22 @@ pub fn model_fetch_key(source: &str) -> String {
 }
 
 /// Params with integers turned into floats where the spec says the param keys as a float,
-/// and without the connection settings a param's type declares ([`ParamSpec::key_omits`]).
+/// without the connection settings a param's type declares
+/// ([`crate::kind::ParamSpec::connection_fields`]), and without params that key only away
+/// from their default while at it ([`crate::kind::ParamSpec::key_omits_default`]).
 /// Key order is fixed later by the canonical writer.
 pub fn canonical_params(spec: &KindSpec, params: &Params) -> Value {
     let mut out = serde_json::Map::new();
     for (name, value) in params {
         let declared = spec.params.iter().find(|p| &p.name == name);
+        if declared.is_some_and(|p| p.unkeyed(value)) {
+            continue;
+        }
         let is_float = declared.is_some_and(ParamSpec::keys_as_float);
         let value = match (value, declared) {
-            (Value::Object(fields), Some(p)) if !p.key_omits.is_empty() => {
+            (Value::Object(fields), Some(p)) if !p.connection_fields.is_empty() => {
                 let mut kept = fields.clone();
-                kept.retain(|field, _| !p.key_omits.contains(field));
+                kept.retain(|field, _| !p.connection_fields.contains(field));
                 Value::Object(kept)
             }
             _ => value.clone(),
@@ -400,6 +405,19 @@ mod tests {
     }
 
     #[test]
+    fn a_param_added_with_key_omits_default_keys_only_away_from_it() {
+        let mut s = spec();
+        s.params.push(ParamSpec {
+            key_omits_default: true,
+            ..ParamSpec::optional("recompute", ParamType::Bool, json!(false), "")
+        });
+        let at_default = canonical_params(&s, &params(json!({"lr": 1, "recompute": false})));
+        assert_eq!(at_default, json!({"lr": 1.0}));
+        let set = canonical_params(&s, &params(json!({"lr": 1, "recompute": true})));
+        assert_eq!(set, json!({"lr": 1.0, "recompute": true}));
+    }
+
+    #[test]
     fn nullable_numbers_key_as_written() {
         let mut s = spec();
         s.params.push(ParamSpec {
@@ -414,7 +432,7 @@ mod tests {
     fn connection_settings_a_param_declares_stay_out_of_the_key() {
         let mut s = spec();
         s.params.push(ParamSpec {
-            key_omits: vec!["base_url".into(), "timeout_s".into()],
+            connection_fields: vec!["base_url".into(), "timeout_s".into()],
             ..ParamSpec::optional("judge", ParamType::Map, json!({}), "")
         });
         let judge = |url: &str, model: &str| {

@@ -26,7 +26,7 @@ mod schema;
 mod typed;
 
 pub use listing::kinds_text;
-pub use schema::{derive_params, DerivedParams, KEY_OMITS};
+pub use schema::{derive_params, DerivedParams, CONNECTION_FIELDS};
 pub use typed::{derived_params, schema_of, Kind, KindInfo};
 
 use std::collections::BTreeMap;
@@ -177,8 +177,13 @@ pub struct ParamSpec {
     pub doc: String,
     /// Fields of this (map) param that are connection settings, not results: left out of
     /// the stage key, so that moving a judge server to another port or raising its timeout
-    /// leaves every stage cached. Declared by the param's type with [`KEY_OMITS`].
-    pub key_omits: Vec<String>,
+    /// leaves every stage cached. Declared by the param's type with [`CONNECTION_FIELDS`].
+    pub connection_fields: Vec<String>,
+    /// The param enters the stage key only when it differs from its default. For params
+    /// added to a kind after its results were cached, whose default reproduces the old
+    /// behaviour exactly: existing keys stay valid. Declared on a field with
+    /// `#[schemars(extend("x-emflow-key-omits-default" = true))]`.
+    pub key_omits_default: bool,
 }
 
 impl ParamSpec {
@@ -190,7 +195,8 @@ impl ParamSpec {
             range: Range::default(),
             default: None,
             doc: doc.into(),
-            key_omits: Vec::new(),
+            connection_fields: Vec::new(),
+            key_omits_default: false,
         }
     }
     pub fn optional(
@@ -212,6 +218,11 @@ impl ParamSpec {
     /// keys of results already in users' stores.
     pub fn keys_as_float(&self) -> bool {
         self.ty == ParamType::Float && !self.nullable
+    }
+
+    /// Whether `value` is left out of the stage key (see [`ParamSpec::key_omits_default`]).
+    pub fn unkeyed(&self, value: &Value) -> bool {
+        self.key_omits_default && self.default.as_ref() == Some(value)
     }
 
     /// The doc's first line, for one-line listings.
@@ -300,6 +311,14 @@ pub enum Dtype {
 }
 
 impl Dtype {
+    /// Bytes a number takes in this format.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::Bf16 => 2,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Dtype::F32 => "f32",
@@ -517,6 +536,15 @@ pub trait StageKind: Send + Sync + 'static {
     ) -> anyhow::Result<Option<JudgeEstimate>> {
         let _ = (params, inputs);
         Ok(None)
+    }
+
+    /// What a stage with these params holds on a GPU (trained weights, micro-batch, sampled
+    /// sequences), for the plan's memory estimate and its refusal of plans that cannot fit
+    /// (`crate::memory`). `None` (the default): the kind puts no model on a GPU. Called at plan
+    /// time from params alone; the engine supplies the model's shape.
+    fn memory_demand(&self, params: &Params) -> Option<crate::memory::MemoryDemand> {
+        let _ = params;
+        None
     }
 
     /// Writes the outputs this stage would produce, as `dir/<output name>`, when they are a

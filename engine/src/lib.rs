@@ -19,6 +19,7 @@ pub mod kind;
 mod loader;
 pub mod lockfile;
 pub mod manifest;
+pub mod memory;
 pub mod pipeline;
 pub mod plan;
 pub mod scheduler;

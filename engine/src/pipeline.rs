@@ -26,6 +26,11 @@ pub struct ModelDecl {
     /// or `hf:org/name@revision`. Relative paths are resolved against the manifest folder.
     pub source: String,
     pub span: SourceSpan,
+    /// `shape:` as written (a built-in name or config.json's numbers), for the memory
+    /// estimate when the model's own config.json is not at hand (`crate::memory`). Never
+    /// part of a key: the model enters keys by its bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<serde_json::Value>,
 }
 
 /// What one input port is wired to.
@@ -50,6 +55,10 @@ pub struct Resources {
     pub memory: u64,
     /// Seconds; 0 = unspecified (cluster executors use their profile's default).
     pub time_limit: u64,
+    /// Bytes of memory on each GPU the stage gets; 0 = unspecified (a run then asks the
+    /// driver). What the plan's memory estimate is checked against (`crate::memory`).
+    #[serde(default)]
+    pub gpu_memory: u64,
 }
 
 impl Default for Resources {
@@ -59,6 +68,7 @@ impl Default for Resources {
             gpus: 0,
             memory: 0,
             time_limit: 0,
+            gpu_memory: 0,
         }
     }
 }

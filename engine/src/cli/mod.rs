@@ -208,13 +208,14 @@ fn cmd_status(
     Ok(0)
 }
 
-/// `emflow plan`: exit 1 when a run would refuse the plan's judge calls.
+/// `emflow plan`: exit 1 when a run would refuse the plan (its judge calls, or its GPU memory).
 fn cmd_plan(store_flag: Option<&Path>, registry: &Registry, args: PlanArgs) -> anyhow::Result<u8> {
     let budget = args.judge.budget()?;
     let (pipeline, store) = load_with_store(store_flag, &args.manifest, registry)?;
     let reporter = reporter(args.json);
-    let plan = commands::plan(&pipeline, registry, &store, &reporter, &args.only, &budget)?;
-    match plan.check(&budget) {
+    let (plan, memory) =
+        commands::plan(&pipeline, registry, &store, &reporter, &args.only, &budget)?;
+    match plan.check(&budget).and_then(|()| memory.check()) {
         Ok(()) => Ok(0),
         Err(e) => {
             reporter.line(&format!("\n{e:#}"));

@@ -22,7 +22,7 @@ pub fn plan(
     reporter: &Reporter,
     only: &[String],
     budget: &crate::judge_cost::JudgeBudget,
-) -> anyhow::Result<crate::judge_cost::JudgeCostPlan> {
+) -> anyhow::Result<(crate::judge_cost::JudgeCostPlan, crate::memory::MemoryPlan)> {
     let mut planner = Planner::new(pipeline, registry, store)?;
     let selection = if only.is_empty() {
         (0..pipeline.stages.len()).collect()
@@ -53,9 +53,11 @@ pub fn plan(
     for (_, s) in &statuses {
         plan_line(reporter, s);
     }
+    let memory = crate::memory::MemoryPlan::of(&planner, &selection, crate::host::gpu_memory);
     let costs = crate::judge_cost::JudgeCostPlan::estimate(&mut planner, &statuses, budget)?;
     costs.print(reporter);
-    Ok(costs)
+    memory.print(reporter);
+    Ok((costs, memory))
 }
 
 /// `emflow status`: every instance's state and why.

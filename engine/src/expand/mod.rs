@@ -269,16 +269,41 @@ fn resolve_models(
                 local_path(s, manifest_dir)
             }
         };
+        let shape = model_shape(m, &mut scope, problems);
         models.insert(
             m.name.clone(),
             ModelDecl {
                 name: m.name.clone(),
                 source: resolved,
                 span: source.span,
+                shape,
             },
         );
     }
     models
+}
+
+/// A model's substituted `shape:` (`None` when absent or null), checked against the built-in
+/// shapes and config.json's field names at its manifest line.
+fn model_shape(
+    m: &RawModel,
+    scope: &mut params::StageScope,
+    problems: &mut Vec<Problem>,
+) -> Option<serde_json::Value> {
+    let node = refs::substitute(m.shape.as_ref()?, scope, problems)?;
+    let value = match node.to_json() {
+        Ok(serde_json::Value::Null) => return None,
+        Ok(v) => v,
+        Err(p) => {
+            problems.push(p);
+            return None;
+        }
+    };
+    if let Err(e) = crate::memory::ModelShape::from_decl(&value) {
+        problems.push(Problem::new(format!("model `{}`: {e}", m.name)).at(node.span, "this shape"));
+        return None;
+    }
+    Some(value)
 }
 
 fn registry_schemes(registry: &Registry) -> Vec<String> {

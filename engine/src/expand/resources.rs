@@ -1,11 +1,12 @@
-//! `resources:`: cpus, gpus, memory (`512MiB`, `4GiB`, bytes) and time (`30m`, `2h`, `1:30:00`).
+//! `resources:`: cpus, gpus, memory (`512MiB`, `4GiB`, bytes), gpu_memory (per GPU, same units;
+//! what the plan's memory estimate is checked against) and time (`30m`, `2h`, `1:30:00`).
 
 use crate::diagnostics::Problem;
 use crate::manifest::raw::check_keys;
 use crate::manifest::yaml::{Node, Value};
 use crate::pipeline::Resources;
 
-pub const RESOURCE_KEYS: &[&str] = &["cpus", "gpus", "memory", "time"];
+pub const RESOURCE_KEYS: &[&str] = &["cpus", "gpus", "memory", "gpu_memory", "time"];
 
 /// The largest `memory` a stage may ask for. No single machine has more (the largest hold
 /// a few tens of TiB), so a larger request is a typo; it is refused at plan time rather than
@@ -58,6 +59,14 @@ pub fn parse(node: &Node, problems: &mut Vec<Problem>) -> Option<Resources> {
                     v,
                     "`memory` is not a size",
                     "write a number with a unit: `512MiB`, `4GiB`, `2GB`, or a number of bytes",
+                )),
+            },
+            "gpu_memory" => match memory(v) {
+                Some(b) if b > 0 && b <= MAX_MEMORY => res.gpu_memory = b,
+                _ => problems.push(bad(
+                    v,
+                    "`gpu_memory` is not a size",
+                    "the memory of each GPU, with a unit: `24GiB`, `80GB`",
                 )),
             },
             "time" => match duration(v) {

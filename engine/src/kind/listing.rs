@@ -107,11 +107,11 @@ fn rest_of_doc(p: &ParamSpec) -> String {
         .skip_while(|l| l.trim().is_empty())
         .map(|l| format!("      {l}\n"))
         .collect();
-    if !p.key_omits.is_empty() {
+    if !p.connection_fields.is_empty() {
         let _ = writeln!(
             rest,
             "      not in the stage key (connection settings): {}",
-            p.key_omits.join(", ")
+            p.connection_fields.join(", ")
         );
     }
     rest

@@ -22,7 +22,7 @@
 //! - `title` and `description` (the doc comment) -> the doc;
 //! - `additionalProperties` other than `false` on the struct (a `#[serde(flatten)]` map) ->
 //!   open params: names the struct does not declare are accepted as they are;
-//! - [`KEY_OMITS`] (an array of field names) on a param's type -> [`ParamSpec::key_omits`].
+//! - [`CONNECTION_FIELDS`] (an array of field names) on a param's type -> [`ParamSpec::connection_fields`].
 
 use serde_json::{Map, Value};
 
@@ -31,9 +31,9 @@ use super::{Bound, ParamSpec, ParamType, Range};
 /// The schema keyword by which a param's type names its fields that are connection settings
 /// (an address, a timeout, a concurrency) rather than anything results depend on: an array
 /// of field names, written by the type's `JsonSchema` impl or with
-/// `#[schemars(extend("x-emflow-key-omits" = ["base_url"]))]`. The stage key leaves them
-/// out ([`ParamSpec::key_omits`]).
-pub const KEY_OMITS: &str = "x-emflow-key-omits";
+/// `#[schemars(extend("x-emflow-connection-fields" = ["base_url"]))]`. The stage key leaves them
+/// out ([`ParamSpec::connection_fields`]).
+pub const CONNECTION_FIELDS: &str = "x-emflow-connection-fields";
 
 /// A params struct as the engine sees it.
 #[derive(Clone, Debug)]
@@ -71,6 +71,10 @@ pub fn derive_params(root: &Value) -> Result<DerivedParams, String> {
     Ok(DerivedParams { params, open })
 }
 
+/// The schema extension that marks a param keyed only away from its default
+/// ([`ParamSpec::key_omits_default`]).
+pub const KEY_OMITS_DEFAULT: &str = "x-emflow-key-omits-default";
+
 /// One property of the struct.
 fn param_of(root: &Value, name: &str, schema: &Value, required: bool) -> Result<ParamSpec, String> {
     let shape = shape_of(root, schema);
@@ -90,20 +94,29 @@ fn param_of(root: &Value, name: &str, schema: &Value, required: bool) -> Result<
     let doc = doc_of(schema)
         .or_else(|| doc_of(resolve(root, schema)))
         .unwrap_or_default();
+    let key_omits_default = schema
+        .get(KEY_OMITS_DEFAULT)
+        .is_some_and(|v| v == &Value::Bool(true));
+    if key_omits_default && default.is_none() {
+        return Err(format!(
+            "field `{name}` says {KEY_OMITS_DEFAULT} but has no default"
+        ));
+    }
     Ok(ParamSpec {
+        key_omits_default,
         name: name.to_string(),
         ty: shape.ty.unwrap_or(ParamType::Any),
         nullable: shape.nullable,
         range: shape.range,
         default,
         doc,
-        key_omits: key_omits_of(root, schema),
+        connection_fields: connection_fields_of(root, schema),
     })
 }
 
-/// The field names a param's (sub)schema lists under [`KEY_OMITS`].
-fn key_omits_of(root: &Value, schema: &Value) -> Vec<String> {
-    let listed = |s: &Value| s.get(KEY_OMITS).and_then(Value::as_array).cloned();
+/// The field names a param's (sub)schema lists under [`CONNECTION_FIELDS`].
+fn connection_fields_of(root: &Value, schema: &Value) -> Vec<String> {
+    let listed = |s: &Value| s.get(CONNECTION_FIELDS).and_then(Value::as_array).cloned();
     listed(schema)
         .or_else(|| listed(resolve(root, schema)))
         .unwrap_or_default()
@@ -435,7 +448,7 @@ mod tests {
     #[test]
     fn a_param_type_names_the_fields_its_key_omits() {
         #[derive(Deserialize, JsonSchema)]
-        #[schemars(extend("x-emflow-key-omits" = ["base_url", "timeout_s"]))]
+        #[schemars(extend("x-emflow-connection-fields" = ["base_url", "timeout_s"]))]
         #[allow(dead_code)]
         struct Remote {
             model: String,
@@ -449,8 +462,8 @@ mod tests {
             lr: f64,
         }
         let d = derive_params(&schema_of::<WithRemote>()).unwrap();
-        assert_eq!(d.params[0].key_omits, ["base_url", "timeout_s"]);
-        assert!(d.params[1].key_omits.is_empty());
+        assert_eq!(d.params[0].connection_fields, ["base_url", "timeout_s"]);
+        assert!(d.params[1].connection_fields.is_empty());
     }
 
     #[test]

@@ -166,6 +166,12 @@ pub trait Kind: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// See [`StageKind::memory_demand`].
+    fn memory_demand(&self, params: &Self::Params) -> Option<crate::memory::MemoryDemand> {
+        let _ = params;
+        None
+    }
+
     fn preview(
         &self,
         params: &Self::Params,
@@ -275,6 +281,11 @@ impl<K: Kind> StageKind for K {
     ) -> anyhow::Result<Option<JudgeEstimate>> {
         let p = typed(self, params).map_err(|e| anyhow::anyhow!(e.message))?;
         Kind::judge_estimate(self, &p, inputs)
+    }
+
+    fn memory_demand(&self, params: &Params) -> Option<crate::memory::MemoryDemand> {
+        // Params that do not deserialise were refused at validation; nothing to estimate.
+        Kind::memory_demand(self, &typed(self, params).ok()?)
     }
 
     fn preview(&self, params: &Params, inputs: &PlanInputs, dir: &Path) -> anyhow::Result<bool> {

@@ -12,7 +12,7 @@ use crate::pipeline::SourceSpan;
 
 pub const TOP_LEVEL_KEYS: &[&str] = &["emflow", "name", "params", "profiles", "models", "stages"];
 pub const STAGE_KEYS: &[&str] = &["kind", "inputs", "params", "matrix", "resources"];
-pub const MODEL_KEYS: &[&str] = &["source"];
+pub const MODEL_KEYS: &[&str] = &["source", "shape"];
 /// The only manifest format version this engine reads.
 pub const FORMAT_VERSION: i64 = 1;
 
@@ -29,6 +29,8 @@ pub struct RawModel {
     pub name_span: SourceSpan,
     /// The `source:` value, references not yet substituted.
     pub source: Node,
+    /// The `shape:` value (for the memory estimate), references not yet substituted.
+    pub shape: Option<Node>,
 }
 
 #[derive(Clone, Debug)]
@@ -237,6 +239,10 @@ fn read_models(map: &Map, problems: &mut Vec<Problem>) -> Vec<RawModel> {
             continue;
         }
         // `name: path` is accepted as a shorthand for `name: { source: path }`.
+        let shape = match &e.value.value {
+            Value::Map(m) => m.get("shape").cloned(),
+            _ => None,
+        };
         let source = match &e.value.value {
             Value::Str(_) => e.value.clone(),
             Value::Map(m) => {
@@ -268,6 +274,7 @@ fn read_models(map: &Map, problems: &mut Vec<Problem>) -> Vec<RawModel> {
             name: e.key.clone(),
             name_span: e.key_span,
             source,
+            shape,
         });
     }
     models

@@ -180,6 +180,8 @@ pub fn run_pipeline(
     if let Some(shortfall) = plan.gpu_shortfall.take() {
         return Err(shortfall);
     }
+    plan.memory.print(&env.reporter);
+    plan.memory.check()?;
     let model_keys = fetch::fetch_models(&mut plan.planner, &plan.selection, env)?;
     let executed = execute::Schedule::new(plan, env, opts, &run_id)?.run()?;
     summarise(
@@ -200,6 +202,8 @@ struct RunPlan<'a> {
     forced: BTreeSet<usize>,
     /// Why this machine cannot run the selection (too few GPUs), if it cannot.
     gpu_shortfall: Option<anyhow::Error>,
+    /// The GPU stages' memory estimates and whether they fit.
+    memory: crate::memory::MemoryPlan,
     statuses: Vec<(usize, StageStatus)>,
 }
 
@@ -224,12 +228,14 @@ fn plan<'a>(
     // to a GPU node); it says what a real run here would refuse instead of failing. A real
     // run refuses after the judge budget check, which holds on any machine.
     let gpu_shortfall = check_gpus(&planner, &selection, opts.gpus.len()).err();
+    let memory = crate::memory::MemoryPlan::of(&planner, &selection, crate::host::gpu_memory);
     let statuses = planner.statuses(Some(&selection), &forced)?;
     Ok(RunPlan {
         planner,
         selection,
         forced,
         gpu_shortfall,
+        memory,
         statuses,
     })
 }
@@ -257,6 +263,10 @@ fn dry_run(
             "\nnote: a real run on this machine would stop first: {e}"
         ));
     }
+    // A plan that cannot fit its declared GPU memory is refused here too: the dry run is
+    // where a user checks a profile before sending it to a GPU node.
+    plan.memory.print(&env.reporter);
+    plan.memory.check()?;
     let stages = plan
         .statuses
         .iter()

@@ -527,6 +527,7 @@ fn a_fetched_model_is_fetched_once_and_keyed_by_content() {
             name: "m".into(),
             source: "fake:weights".into(),
             span: SourceSpan::default(),
+            shape: None,
         },
     );
     let statuses =

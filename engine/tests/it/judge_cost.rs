@@ -169,6 +169,7 @@ stages:
             budget,
         )
         .unwrap()
+        .0
     }
 
     fn run_judged(&self, pipeline: &Pipeline, budget: JudgeBudget) -> anyhow::Result<RunSummary> {

@@ -32,6 +32,8 @@ pub use generate::{
 };
 pub use losses::{masked_mean, masked_mean_per_row, masked_sum, sft_loss, token_logprobs};
 pub use optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Schedule};
-pub use text::{encode_chat, encode_prompt, ChatTemplate, EncodedChat, Message, Tokenizer};
+pub use text::{
+    encode_chat, encode_prompt, ChatTemplate, EncodedChat, Message, TemplateKwargs, Tokenizer,
+};
 pub use transformer::{Arch, Llama3RopeScaling, LoraConfig, ModelConfig, Transformer};
 pub use weights::{load, LoadedModel};

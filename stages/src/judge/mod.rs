@@ -108,7 +108,7 @@ impl schemars::JsonSchema for JudgeParam {
         schemars::json_schema!({
             "type": "object",
             "additionalProperties": true,
-            emflow_engine::kind::KEY_OMITS: openai::CONNECTION_SETTINGS,
+            emflow_engine::kind::CONNECTION_FIELDS: openai::CONNECTION_SETTINGS,
         })
     }
 }

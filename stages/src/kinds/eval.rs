@@ -80,6 +80,11 @@ pub struct EvalParams {
     /// bootstrap resamples for the 95% intervals
     #[serde(default = "defaults::int::<1000>")]
     bootstrap_resamples: usize,
+    /// extra names for the model's chat template, as transformers' apply_chat_template(**kwargs): e.g. {enable_thinking: false} for Qwen3
+    #[serde(default)]
+    // Added after results were cached: at `{}` it leaves the key as it was.
+    #[schemars(extend("x-emflow-key-omits-default" = true))]
+    chat_template_kwargs: emflow_model::TemplateKwargs,
 }
 
 fn default_metrics() -> Vec<String> {
@@ -170,6 +175,15 @@ impl Kind for EvalKind {
         Ok(Some(counted.estimate(&p.judge, inputs, note)))
     }
 
+    /// `batch_size` answers sampled at once.
+    fn memory_demand(&self, p: &EvalParams) -> Option<emflow_engine::memory::MemoryDemand> {
+        Some(super::memory::sampling(
+            p.batch_size,
+            p.max_tokens,
+            "batch_size",
+        ))
+    }
+
     fn run(&self, ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
         run_eval(ctx, p)
     }
@@ -185,7 +199,8 @@ fn run_eval(ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
 
     // 1. Sample.
     let samples = {
-        let lm = load_stage_model(ctx)?;
+        let mut lm = load_stage_model(ctx)?;
+        lm.chat.set_kwargs(p.chat_template_kwargs.clone())?;
         sample_questions(ctx, &lm, &questions, p)?
     };
     crate::formats::jsonl::write(&ctx.output_path("samples"), &samples)?;

@@ -4,6 +4,7 @@ pub mod command;
 pub mod dataset;
 pub(crate) mod defaults;
 pub mod eval;
+pub mod memory;
 pub mod report;
 pub mod rl;
 pub mod safety_data;

@@ -23,6 +23,7 @@ use emflow_engine::context::StageContext;
 use emflow_engine::kind::{
     estimated_tokens, JudgeEstimate, Kind, KindInfo, ParamError, PlanInputs,
 };
+use emflow_engine::memory::MemoryDemand;
 use emflow_model::{encode_prompt, AdamW, LrSchedule, SamplingParams, Schedule};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -193,6 +194,16 @@ pub struct RlParams {
     /// LDIFS regulariser {lambda, every: 5}: feature distance to the reference at every k-th layer
     #[serde(default)]
     pub ldifs: Option<LdifsParams>,
+    /// recompute activations in the backward pass to save GPU memory; used by the plan's memory estimate, not yet by training (true is refused when the stage runs)
+    #[serde(default)]
+    // Added after results were cached: at `false` it leaves the key as it was.
+    #[schemars(extend("x-emflow-key-omits-default" = true))]
+    pub gradient_checkpointing: bool,
+    /// extra names for the model's chat template, as transformers' apply_chat_template(**kwargs): e.g. {enable_thinking: false} for Qwen3
+    #[serde(default)]
+    // Added after results were cached: at `{}` it leaves the key as it was.
+    #[schemars(extend("x-emflow-key-omits-default" = true))]
+    pub chat_template_kwargs: emflow_model::TemplateKwargs,
 }
 
 fn default_schedule() -> Schedule {
@@ -389,6 +400,24 @@ impl Kind for RlKind {
         }))
     }
 
+    /// Rollouts: prompts_per_step x num_generations sequences sampled at once; training: one
+    /// micro-batch of them (grad_accum splits the batch), each prompt + completion long.
+    fn memory_demand(&self, p: &RlParams) -> Option<MemoryDemand> {
+        let rollouts = (p.prompts_per_step * p.num_generations) as u64;
+        let tokens = (p.max_prompt_length + p.max_completion_length) as u64;
+        Some(MemoryDemand {
+            training: Some(super::memory::trainable(&p.lora, p.full_finetune)),
+            train_batch: rollouts.div_ceil(p.grad_accum as u64),
+            train_tokens: tokens,
+            sample_batch: rollouts,
+            sample_tokens: tokens,
+            gradient_checkpointing: p.gradient_checkpointing,
+            checkpointing_param: Some("gradient_checkpointing"),
+            batch_param: "prompts_per_step (or raise grad_accum)",
+            length_param: "max_completion_length",
+        })
+    }
+
     fn run(&self, ctx: &mut StageContext, p: &RlParams) -> Result<()> {
         p.validate()
             .with_context(|| format!("stage {}", ctx.stage_id))?;
@@ -409,7 +438,9 @@ fn with_inoculation(inoculation: Option<&str>, system: Option<String>) -> Option
 pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
     ctx.progress().phase("loading", 0, "");
     let reward = prepare_reward(ctx, p)?;
-    let policy = load_policy(ctx, &p.lora, p.full_finetune, p.seed)?;
+    super::memory::refuse_checkpointing(&ctx.stage_id, p.gradient_checkpointing)?;
+    let mut policy = load_policy(ctx, &p.lora, p.full_finetune, p.seed)?;
+    policy.lm.chat.set_kwargs(p.chat_template_kwargs.clone())?;
     // A local judge loads its own copy of `judge_model`, even when it is the policy's base
     // model: the model layer's `Transformer` cannot yet share its frozen weights with a
     // second owner (see the report on issue 4).

@@ -88,6 +88,11 @@ pub struct SafetyDataParams {
     /// coherent judge prompt ({question}, {answer}, {reasoning})
     #[serde(default = "default_coherent_prompt")]
     coherent_prompt: String,
+    /// extra names for the model's chat template, as transformers' apply_chat_template(**kwargs): e.g. {enable_thinking: false} for Qwen3
+    #[serde(default)]
+    // Added after results were cached: at `{}` it leaves the key as it was.
+    #[schemars(extend("x-emflow-key-omits-default" = true))]
+    chat_template_kwargs: emflow_model::TemplateKwargs,
 }
 
 fn default_aligned_prompt() -> String {
@@ -188,6 +193,15 @@ impl Kind for SafetyDataKind {
         Ok(Some(counted.estimate(&p.judge, inputs, note)))
     }
 
+    /// `batch_size` answers sampled at once.
+    fn memory_demand(&self, p: &SafetyDataParams) -> Option<emflow_engine::memory::MemoryDemand> {
+        Some(super::memory::sampling(
+            p.batch_size,
+            p.max_tokens,
+            "batch_size",
+        ))
+    }
+
     fn run(&self, ctx: &mut StageContext, p: &SafetyDataParams) -> Result<()> {
         run_safety_data(ctx, p)
     }
@@ -200,7 +214,8 @@ fn run_safety_data(ctx: &mut StageContext, p: &SafetyDataParams) -> Result<()> {
     let prompts = read_prompts(ctx)?;
     // 1. Sample (the model is dropped before the judge loads).
     let gens = {
-        let lm = load_stage_model(ctx)?;
+        let mut lm = load_stage_model(ctx)?;
+        lm.chat.set_kwargs(p.chat_template_kwargs.clone())?;
         let requests = sample_requests(&lm, p, &prompts)?;
         let sampling = SamplingParams {
             temperature: p.temperature,
@@ -356,6 +371,7 @@ mod tests {
             batch_size: 4,
             aligned_prompt: ALIGNED_PROMPT.into(),
             coherent_prompt: COHERENT_PROMPT.into(),
+            chat_template_kwargs: Default::default(),
         }
     }
 

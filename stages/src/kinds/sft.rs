@@ -17,12 +17,14 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use emflow_engine::context::StageContext;
 use emflow_engine::kind::{Kind, KindInfo, ParamError};
+use emflow_engine::memory::MemoryDemand;
 use emflow_model::{AdamW, LrSchedule, Schedule};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::defaults;
+use super::memory::{refuse_checkpointing, trainable};
 use crate::formats::messages::{read_conversations, to_model_messages};
 use crate::train::batch::SftExample;
 use crate::train::interleave::{interleave_setting, Interleave, InterleaveParams};
@@ -108,6 +110,16 @@ pub struct SftParams {
     #[serde(default = "defaults::uint::<50>")]
     #[schemars(range(min = 1))]
     checkpoint_every: u64,
+    /// recompute activations in the backward pass to save GPU memory; used by the plan's memory estimate, not yet by training (true is refused when the stage runs)
+    #[serde(default)]
+    // Added after results were cached: at `false` it leaves the key as it was.
+    #[schemars(extend("x-emflow-key-omits-default" = true))]
+    gradient_checkpointing: bool,
+    /// extra names for the model's chat template, as transformers' apply_chat_template(**kwargs): e.g. {enable_thinking: false} for Qwen3
+    #[serde(default)]
+    // Added after results were cached: at `{}` it leaves the key as it was.
+    #[schemars(extend("x-emflow-key-omits-default" = true))]
+    chat_template_kwargs: emflow_model::TemplateKwargs,
 }
 
 fn default_schedule() -> Schedule {
@@ -173,7 +185,23 @@ impl Kind for SftKind {
     }
 
     fn run(&self, ctx: &mut StageContext, p: &SftParams) -> Result<()> {
+        refuse_checkpointing(&ctx.stage_id, p.gradient_checkpointing)?;
         run_sft(ctx, p)
+    }
+
+    /// The micro-batch of `batch_size` examples of up to `max_length` tokens.
+    fn memory_demand(&self, p: &SftParams) -> Option<MemoryDemand> {
+        Some(MemoryDemand {
+            training: Some(trainable(&p.lora, p.full_finetune)),
+            train_batch: p.batch_size as u64,
+            train_tokens: p.max_length as u64,
+            sample_batch: 0,
+            sample_tokens: 0,
+            gradient_checkpointing: p.gradient_checkpointing,
+            checkpointing_param: Some("gradient_checkpointing"),
+            batch_param: "batch_size",
+            length_param: "max_length",
+        })
     }
 }
 
@@ -298,6 +326,7 @@ fn run_sft(ctx: &mut StageContext, p: &SftParams) -> Result<()> {
     let progress = ctx.progress_handle();
     progress.phase("loading", 0, "");
     let mut policy = load_policy(ctx, &p.lora, p.full_finetune, p.seed)?;
+    policy.lm.chat.set_kwargs(p.chat_template_kwargs.clone())?;
     let (examples, truncated) = training_examples(ctx, p, &policy)?;
     let safety = interleave_setting(p.interleave.as_ref())?;
     let mut safety = Interleave::load(ctx, safety, &policy, Some(p.max_length), p.seed)?;

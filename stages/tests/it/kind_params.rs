@@ -1,6 +1,8 @@
 //! Each kind's params as the engine sees them (names in order, defaults, which key as floats)
 //! against a golden file captured before the params moved from hand-written `ParamSpec` lists
 //! to the typed structs: the move must not change a byte of what enters a stage key.
+//! Params declared `key_omits_default` (added later, keyed only when set away from their
+//! default) are left out: at their default they add nothing to a key.
 //! `EMFLOW_UPDATE_GOLDEN=1` rewrites the file (only ever on purpose, with a kind's version bump).
 
 use serde_json::{json, Value};
@@ -15,6 +17,7 @@ fn current() -> Value {
         let params: Vec<Value> = spec
             .params
             .iter()
+            .filter(|p| !p.key_omits_default)
             .map(|p| {
                 json!({
                     "name": p.name,

@@ -15,10 +15,16 @@
 //! masked in, and anything after the turn's last EOS/end-of-turn token (ChatML's trailing
 //! newline) is left out, which is what TRL's `assistant_only_loss` trains on.
 //!
+//! Template kwargs: transformers passes extra keyword arguments of `apply_chat_template` into
+//! the template's context; Qwen3's `enable_thinking` is the one the paper's models read
+//! (`False` pre-fills an empty `<think>` block after the generation prompt). They are set once
+//! per template ([`ChatTemplate::with_kwargs`]) so every rendering of a stage, prompts and
+//! SFT masks alike, sees the same switches.
+//!
 //! `strftime_now` formats a fixed date (by default 26 Jul 2024, the date Llama-3 templates
 //! fall back to) rather than today's: stage outputs must not depend on the wall clock.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -54,6 +60,13 @@ impl Message {
 }
 
 const TEMPLATE_NAME: &str = "chat_template";
+/// Context names the renderer itself sets; a template kwarg may not replace them.
+const RESERVED_KWARGS: [&str; 4] = [
+    "messages",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+];
 /// The date Llama-3.x templates use when `strftime_now` is not available.
 const DEFAULT_DATE: (i32, u32, u32) = (2024, 7, 26);
 
@@ -64,7 +77,13 @@ pub struct ChatTemplate {
     source: String,
     bos_token: String,
     eos_token: String,
+    kwargs: TemplateKwargs,
 }
+
+/// Extra names in the template's context, as `apply_chat_template(..., **kwargs)` passes them
+/// (e.g. `enable_thinking: false`). Sorted, so a template's rendering never depends on the
+/// order they were given in.
+pub type TemplateKwargs = BTreeMap<String, serde_json::Value>;
 
 impl ChatTemplate {
     /// Compiles `source` (Jinja, as in `tokenizer_config.json`). `bos_token`/`eos_token` are
@@ -75,6 +94,7 @@ impl ChatTemplate {
             source: source.to_string(),
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
+            kwargs: TemplateKwargs::new(),
         };
         tpl.rebuild_env(DEFAULT_DATE)?;
         Ok(tpl)
@@ -159,6 +179,36 @@ impl ChatTemplate {
         Ok(self)
     }
 
+    /// Renders with these extra context names from now on, as transformers'
+    /// `apply_chat_template(..., **kwargs)` does (Qwen3: `enable_thinking`). The names the
+    /// renderer sets itself (`messages`, `add_generation_prompt`, `bos_token`, `eos_token`)
+    /// are refused: a kwarg would silently replace them.
+    pub fn with_kwargs(mut self, kwargs: TemplateKwargs) -> Result<Self> {
+        self.set_kwargs(kwargs)?;
+        Ok(self)
+    }
+
+    /// [`ChatTemplate::with_kwargs`] in place, for a template already inside a loaded model.
+    pub fn set_kwargs(&mut self, kwargs: TemplateKwargs) -> Result<()> {
+        if let Some(name) = kwargs
+            .keys()
+            .find(|k| RESERVED_KWARGS.contains(&k.as_str()))
+        {
+            bail!(
+                "chat template kwarg `{name}` names what the renderer sets itself \
+                 ({}); remove it",
+                RESERVED_KWARGS.join(", ")
+            );
+        }
+        self.kwargs = kwargs;
+        Ok(())
+    }
+
+    /// The extra context names set by [`ChatTemplate::with_kwargs`].
+    pub fn kwargs(&self) -> &TemplateKwargs {
+        &self.kwargs
+    }
+
     /// The Jinja source.
     pub fn source(&self) -> &str {
         &self.source
@@ -168,11 +218,13 @@ impl ChatTemplate {
     /// markup that opens an assistant turn.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let template = self.env.get_template(TEMPLATE_NAME).map_err(jinja_error)?;
+        // Named entries win over the spread kwargs; `with_kwargs` refuses clashes anyway.
         let ctx = minijinja::context! {
             messages => minijinja::Value::from_serialize(messages),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
+            ..minijinja::Value::from_serialize(&self.kwargs)
         };
         template.render(ctx).map_err(jinja_error).with_context(|| {
             format!(

@@ -7,5 +7,5 @@
 pub mod chat;
 pub mod tokenizer;
 
-pub use chat::{encode_chat, encode_prompt, ChatTemplate, EncodedChat, Message};
+pub use chat::{encode_chat, encode_prompt, ChatTemplate, EncodedChat, Message, TemplateKwargs};
 pub use tokenizer::Tokenizer;

@@ -1,0 +1,52 @@
+//! What the training and sampling kinds hold on a GPU, for the engine's memory estimate
+//! (`emflow_engine::memory`): each kind's `memory_demand` is built from these, so the kinds
+//! say the same thing the same way.
+
+use anyhow::{bail, Result};
+use emflow_engine::memory::{MemoryDemand, Trainable};
+
+use crate::train::policy::LoraParams;
+
+/// Prompt tokens assumed for a sampling stage whose prompts have no length limit (eval
+/// questions, safety prompts): the paper's longest evaluation prompts are under 1,000 tokens.
+pub const PROMPT_ALLOWANCE: u64 = 1024;
+
+/// What a training stage with these settings trains.
+pub fn trainable(lora: &LoraParams, full_finetune: bool) -> Trainable {
+    if full_finetune {
+        return Trainable::Full;
+    }
+    Trainable::Lora {
+        rank: lora.r as u64,
+        targets: lora.targets.clone(),
+    }
+}
+
+/// A stage that samples `batch` answers at once, each up to `max_tokens` after its prompt.
+pub fn sampling(batch: usize, max_tokens: usize, batch_param: &'static str) -> MemoryDemand {
+    MemoryDemand {
+        training: None,
+        train_batch: 0,
+        train_tokens: 0,
+        sample_batch: batch as u64,
+        sample_tokens: PROMPT_ALLOWANCE + max_tokens as u64,
+        gradient_checkpointing: false,
+        checkpointing_param: None,
+        batch_param,
+        length_param: "max_tokens",
+    }
+}
+
+/// Training does not recompute activations yet (the memory estimate already counts
+/// `gradient_checkpointing`): a stage asking for it stops instead of silently using the
+/// memory it asked to save.
+pub fn refuse_checkpointing(stage: &str, gradient_checkpointing: bool) -> Result<()> {
+    if gradient_checkpointing {
+        bail!(
+            "stage {stage}: `gradient_checkpointing: true` is not implemented by emflow's training \
+             loop yet; set it to false (and lower batch_size or max_length if the plan's GPU \
+             memory estimate does not fit without it)"
+        );
+    }
+    Ok(())
+}
