@@ -446,7 +446,7 @@ mod tests {
     }
 
     #[test]
-    fn a_param_type_names_the_fields_its_key_omits() {
+    fn a_param_type_names_its_connection_fields() {
         #[derive(Deserialize, JsonSchema)]
         #[schemars(extend("x-emflow-connection-fields" = ["base_url", "timeout_s"]))]
         #[allow(dead_code)]
