@@ -185,13 +185,7 @@ impl Reporter {
             id: id.to_string(),
             reporter: self.clone(),
             bar,
-            state: Mutex::new(PhaseState {
-                name: String::new(),
-                unit: String::new(),
-                pos: 0,
-                total: 0,
-                last_event: None,
-            }),
+            state: Mutex::new(PhaseState::new("", "", 0)),
         })
     }
 }
@@ -207,23 +201,98 @@ fn spinner_style(color: bool) -> ProgressStyle {
 
 fn bar_style(color: bool, unit: &str) -> ProgressStyle {
     let template = if color {
-        format!("{{prefix:>8.cyan.bold}}  {{msg}} [{{bar:25.cyan/blue}}] {{pos}}/{{len}} {unit} {{elapsed:.dim}} (eta {{eta}})")
+        format!("{{prefix:>8.cyan.bold}}  {{msg}} [{{bar:25.cyan/blue}}] {{pos}}/{{len}} {unit} {{elapsed:.dim}} (eta {{remaining}})")
     } else {
         format!(
-            "{{prefix:>8}}  {{msg}} [{{bar:25}}] {{pos}}/{{len}} {unit} {{elapsed}} (eta {{eta}})"
+            "{{prefix:>8}}  {{msg}} [{{bar:25}}] {{pos}}/{{len}} {unit} {{elapsed}} (eta {{remaining}})"
         )
     };
     ProgressStyle::with_template(&template)
         .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .with_key(
+            "remaining",
+            |state: &indicatif::ProgressState, out: &mut dyn std::fmt::Write| {
+                let left = remaining(state.elapsed(), state.pos(), state.len().unwrap_or(0));
+                let _ = out.write_str(&left);
+            },
+        )
         .progress_chars("=> ")
 }
+
+/// The time left in a phase, from the average pace so far: `?` before the first unit is done
+/// (indicatif's own estimate says `0s` then), rounded up to whole seconds, so it never reads
+/// `0s` while work remains.
+pub fn remaining(elapsed: Duration, pos: u64, total: u64) -> String {
+    if pos >= total {
+        return "0s".to_string();
+    }
+    if pos == 0 {
+        return "?".to_string();
+    }
+    let left = elapsed.as_secs_f64() * (total - pos) as f64 / pos as f64;
+    duration(left.ceil().max(1.0))
+}
+
+/// Progress lines when stderr is not a terminal (piped, a CI log, a Slurm job's output): one
+/// at each further tenth of a phase, at least [`PIPED_QUIET`] apart, and one at least every
+/// [`PIPED_LINE_EVERY`]; a phase over within [`PIPED_QUIET`] prints none.
+const PIPED_LINE_EVERY: Duration = Duration::from_secs(60);
+const PIPED_QUIET: Duration = Duration::from_secs(5);
 
 struct PhaseState {
     name: String,
     unit: String,
     pos: u64,
     total: u64,
+    started: Instant,
     last_event: Option<Instant>,
+    /// When the last piped progress line was printed, and at which tenth of the phase.
+    last_line: Option<(Instant, u64)>,
+}
+
+impl PhaseState {
+    fn new(name: &str, unit: &str, total: u64) -> Self {
+        PhaseState {
+            name: name.into(),
+            unit: unit.into(),
+            pos: 0,
+            total,
+            started: Instant::now(),
+            last_event: None,
+            last_line: None,
+        }
+    }
+
+    /// The piped progress line due at `now`, if one is (see [`PIPED_LINE_EVERY`]).
+    fn piped_line(&mut self, id: &str, now: Instant) -> Option<String> {
+        if self.total == 0 {
+            return None;
+        }
+        let tenth = self.pos * 10 / self.total;
+        let done = self.pos >= self.total;
+        let (since, last_tenth) = match self.last_line {
+            Some((at, t)) => (now.duration_since(at), Some(t)),
+            None => (now.duration_since(self.started), None),
+        };
+        let due = since >= PIPED_LINE_EVERY
+            || (since >= PIPED_QUIET && last_tenth.is_none_or(|t| tenth > t))
+            || (done && last_tenth.is_some());
+        if !due {
+            return None;
+        }
+        self.last_line = Some((now, tenth));
+        let elapsed = now.duration_since(self.started);
+        Some(format!(
+            "{:>8}  {id} {} {}/{} {}  {} elapsed, eta {}",
+            "Progress",
+            self.name,
+            self.pos,
+            self.total,
+            self.unit,
+            duration(elapsed.as_secs_f64()),
+            remaining(elapsed, self.pos, self.total)
+        ))
+    }
 }
 
 /// A running stage's progress, shown as a bar, as plain log lines, or as JSON events.
@@ -246,16 +315,10 @@ impl StageProgress {
 impl Progress for StageProgress {
     fn phase(&self, name: &str, total: u64, unit: &str) {
         if let Ok(mut s) = self.state.lock() {
-            *s = PhaseState {
-                name: name.into(),
-                unit: unit.into(),
-                pos: 0,
-                total,
-                last_event: None,
-            };
+            *s = PhaseState::new(name, unit, total);
         }
         if let Some(bar) = &self.bar {
-            bar.set_position(0);
+            bar.reset();
             if total > 0 {
                 bar.set_length(total);
                 bar.set_style(bar_style(self.reporter.color, unit));
@@ -291,6 +354,15 @@ impl Progress for StageProgress {
             }
         } else if let Ok(mut s) = self.state.lock() {
             s.pos += n;
+            let line = if self.bar.is_none() {
+                s.piped_line(&self.id, Instant::now())
+            } else {
+                None
+            };
+            drop(s);
+            if let Some(line) = line {
+                self.reporter.line(&line);
+            }
         }
     }
 
@@ -327,5 +399,52 @@ pub fn duration(secs: f64) -> String {
             (secs / 3600.0) as u64,
             ((secs % 3600.0) / 60.0) as u64
         )
+    }
+}
+
+#[cfg(test)]
+mod remaining_tests {
+    use super::*;
+
+    #[test]
+    fn the_eta_is_unknown_before_the_first_unit_and_never_zero_while_work_remains() {
+        let s = Duration::from_secs;
+        assert_eq!(remaining(s(5), 0, 10), "?");
+        assert_eq!(remaining(s(10), 5, 10), "10.0s");
+        // 1 ms per unit, one unit left: 1 ms rounds up to a whole second, not down to 0.
+        assert_eq!(remaining(Duration::from_millis(999), 999, 1000), "1.0s");
+        assert_eq!(remaining(s(600), 1, 3), "20m00s");
+        assert_eq!(remaining(s(7), 10, 10), "0s");
+    }
+
+    #[test]
+    fn piped_lines_come_each_tenth_but_not_for_a_short_phase() {
+        let start = Instant::now();
+        // 100 steps of 2 s: the first line after the quiet time, then one per tenth, the last.
+        let mut phase = PhaseState::new("train", "steps", 100);
+        phase.started = start;
+        let mut printed = Vec::new();
+        for step in 1..=100u64 {
+            phase.pos = step;
+            let now = start + Duration::from_secs(2 * step);
+            printed.extend(phase.piped_line("sft", now));
+        }
+        assert_eq!(printed.len(), 11, "{printed:#?}");
+        assert!(
+            printed[0].contains("sft train 3/100 steps  6.0s elapsed, eta 3m14s"),
+            "{}",
+            printed[0]
+        );
+        assert!(printed[10].contains("100/100 steps") && printed[10].ends_with("eta 0s"));
+        // A phase over in a second says nothing.
+        let mut quick = PhaseState::new("extract", "bytes", 1000);
+        quick.started = start;
+        let lines: Vec<String> = (1..=10u64)
+            .filter_map(|i| {
+                quick.pos = i * 100;
+                quick.piped_line("m", start + Duration::from_millis(100 * i))
+            })
+            .collect();
+        assert!(lines.is_empty(), "{lines:#?}");
     }
 }
