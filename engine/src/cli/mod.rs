@@ -60,15 +60,31 @@ fn load(args: &ManifestArgs, registry: &Registry) -> anyhow::Result<Pipeline> {
     )
 }
 
-/// The pipeline of a manifest and the store its commands use.
-fn load_with_store(
-    store_flag: Option<&Path>,
-    manifest: &ManifestArgs,
-    registry: &Registry,
-) -> anyhow::Result<(Pipeline, Arc<Store>)> {
-    let pipeline = load(manifest, registry)?;
-    let store = open_store(store_flag, Some(&manifest.manifest))?;
-    Ok((pipeline, store))
+/// What a command on one manifest works with: its pipeline, the store its commands use, and
+/// the kinds. Loaded once in one place, so each command function starts from it.
+struct Loaded<'a> {
+    registry: &'a Registry,
+    /// The manifest's path and its `--profile`/`--set` flags.
+    args: &'a ManifestArgs,
+    pipeline: Pipeline,
+    store: Arc<Store>,
+}
+
+impl<'a> Loaded<'a> {
+    fn new(
+        store_flag: Option<&Path>,
+        args: &'a ManifestArgs,
+        registry: &'a Registry,
+    ) -> anyhow::Result<Self> {
+        let pipeline = load(args, registry)?;
+        let store = open_store(store_flag, Some(&args.manifest))?;
+        Ok(Loaded {
+            registry,
+            args,
+            pipeline,
+            store,
+        })
+    }
 }
 
 /// The reporter of a command with a `--json` flag.
@@ -110,11 +126,15 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
     let store = cli.store.as_deref();
     match cli.command {
         Command::Run(args) => cmd_run(store, &registry, args),
-        Command::Status { manifest, json } => cmd_status(store, &registry, &manifest, json),
+        Command::Status { manifest, json } => {
+            cmd_status(&Loaded::new(store, &manifest, &registry)?, json)
+        }
         Command::Plan(args) => cmd_plan(store, &registry, args),
-        Command::Graph { manifest, format } => cmd_graph(store, &registry, &manifest, format),
-        Command::Lock { manifest } => cmd_lock(store, &registry, &manifest),
-        Command::Check { manifest } => cmd_check(store, &registry, &manifest),
+        Command::Graph { manifest, format } => {
+            cmd_graph(&Loaded::new(store, &manifest, &registry)?, format)
+        }
+        Command::Lock { manifest } => cmd_lock(&Loaded::new(store, &manifest, &registry)?),
+        Command::Check { manifest } => cmd_check(&Loaded::new(store, &manifest, &registry)?),
         Command::Verify(args) => cmd_verify(store, &registry, args),
         Command::Gc(args) => cmd_gc(store, args),
         Command::Cache { command } => cache::cache(store, command),
@@ -131,7 +151,9 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
 /// `emflow run`.
 fn cmd_run(store_flag: Option<&Path>, registry: &Registry, args: RunArgs) -> anyhow::Result<u8> {
     let budget = args.judge.budget()?;
-    let (pipeline, store) = load_with_store(store_flag, &args.manifest, registry)?;
+    let Loaded {
+        pipeline, store, ..
+    } = Loaded::new(store_flag, &args.manifest, registry)?;
     let _pin = store.pin()?;
     let slurm_profile = match (&args.cluster_config, args.executor.as_str()) {
         (Some(path), "slurm") => Some(ClusterProfile::load(path)?),
@@ -190,23 +212,24 @@ fn cmd_run(store_flag: Option<&Path>, registry: &Registry, args: RunArgs) -> any
 }
 
 /// `emflow status`.
-fn cmd_status(
-    store_flag: Option<&Path>,
-    registry: &Registry,
-    manifest: &ManifestArgs,
-    json: bool,
-) -> anyhow::Result<u8> {
-    let (pipeline, store) = load_with_store(store_flag, manifest, registry)?;
-    commands::status(&pipeline, registry, &store, &reporter(json))?;
+fn cmd_status(m: &Loaded, json: bool) -> anyhow::Result<u8> {
+    commands::status(&m.pipeline, m.registry, &m.store, &reporter(json))?;
     Ok(0)
 }
 
 /// `emflow plan`: exit 1 when a run would refuse the plan's judge calls.
 fn cmd_plan(store_flag: Option<&Path>, registry: &Registry, args: PlanArgs) -> anyhow::Result<u8> {
     let budget = args.judge.budget()?;
-    let (pipeline, store) = load_with_store(store_flag, &args.manifest, registry)?;
+    let m = Loaded::new(store_flag, &args.manifest, registry)?;
     let reporter = reporter(args.json);
-    let plan = commands::plan(&pipeline, registry, &store, &reporter, &args.only, &budget)?;
+    let plan = commands::plan(
+        &m.pipeline,
+        registry,
+        &m.store,
+        &reporter,
+        &args.only,
+        &budget,
+    )?;
     match plan.check(&budget) {
         Ok(()) => Ok(0),
         Err(e) => {
@@ -218,48 +241,35 @@ fn cmd_plan(store_flag: Option<&Path>, registry: &Registry, args: PlanArgs) -> a
 }
 
 /// `emflow graph`.
-fn cmd_graph(
-    store_flag: Option<&Path>,
-    registry: &Registry,
-    manifest: &ManifestArgs,
-    format: GraphFormat,
-) -> anyhow::Result<u8> {
-    let (pipeline, store) = load_with_store(store_flag, manifest, registry)?;
-    print!("{}", commands::graph(&pipeline, registry, &store, format)?);
+fn cmd_graph(m: &Loaded, format: GraphFormat) -> anyhow::Result<u8> {
+    print!(
+        "{}",
+        commands::graph(&m.pipeline, m.registry, &m.store, format)?
+    );
     Ok(0)
 }
 
 /// `emflow lock`.
-fn cmd_lock(
-    store_flag: Option<&Path>,
-    registry: &Registry,
-    manifest: &ManifestArgs,
-) -> anyhow::Result<u8> {
-    let (pipeline, store) = load_with_store(store_flag, manifest, registry)?;
-    let (path, section) = commands::lock(&pipeline, registry, &store)?;
+fn cmd_lock(m: &Loaded) -> anyhow::Result<u8> {
+    let (path, section) = commands::lock(&m.pipeline, m.registry, &m.store)?;
     println!(
         "locked {} stages and {} models of {} in {}",
         section.stages.len(),
         section.models.len(),
-        manifest.manifest.display(),
+        m.args.manifest.display(),
         path.display()
     );
     Ok(0)
 }
 
 /// `emflow check`: exit 1 when a key no longer matches the lock.
-fn cmd_check(
-    store_flag: Option<&Path>,
-    registry: &Registry,
-    manifest: &ManifestArgs,
-) -> anyhow::Result<u8> {
-    let (pipeline, store) = load_with_store(store_flag, manifest, registry)?;
-    let mismatches = commands::check(&pipeline, registry, &store)?;
+fn cmd_check(m: &Loaded) -> anyhow::Result<u8> {
+    let mismatches = commands::check(&m.pipeline, m.registry, &m.store)?;
     if mismatches.is_empty() {
         println!(
             "ok: all {} stages of {} match emflow.lock",
-            pipeline.stages.len(),
-            manifest.manifest.display()
+            m.pipeline.stages.len(),
+            m.args.manifest.display()
         );
         return Ok(0);
     }
@@ -282,7 +292,9 @@ fn cmd_verify(
     registry: &Registry,
     args: VerifyArgs,
 ) -> anyhow::Result<u8> {
-    let (pipeline, store) = load_with_store(store_flag, &args.manifest, registry)?;
+    let Loaded {
+        pipeline, store, ..
+    } = Loaded::new(store_flag, &args.manifest, registry)?;
     let _pin = store.pin()?;
     let reporter = Reporter::new(ReportMode::Human);
     let exec = executor(&args.executor, registry, &store, &crate::host::new_run_id())?;
