@@ -279,22 +279,15 @@ mod tests {
 
     #[test]
     fn states_split_into_active_and_ended() {
-        assert_eq!(
-            JobState::parse("RUNNING"),
-            JobState::Active("RUNNING".into())
-        );
-        assert_eq!(
-            JobState::parse("PENDING"),
-            JobState::Active("PENDING".into())
-        );
-        assert_eq!(
-            JobState::parse("CANCELLED by 0"),
-            JobState::Ended("CANCELLED".into())
-        );
-        assert_eq!(
-            JobState::parse("TIMEOUT"),
-            JobState::Ended("TIMEOUT".into())
-        );
+        let cases = [
+            ("RUNNING", JobState::Active("RUNNING".into())),
+            ("PENDING", JobState::Active("PENDING".into())),
+            ("CANCELLED by 0", JobState::Ended("CANCELLED".into())),
+            ("TIMEOUT", JobState::Ended("TIMEOUT".into())),
+        ];
+        for (text, state) in cases {
+            assert_eq!(JobState::parse(text), state, "{text}");
+        }
     }
 
     #[test]
