@@ -4,10 +4,9 @@
 //! `exec-stage` child-process executor).
 
 use std::path::Path;
-use std::process::{Output, Stdio};
-use std::time::Duration;
+use std::process::Output;
 
-use crate::support::{emflow_in, output, scratch, wait_for, write_manifest};
+use crate::support::{emflow_in, kill_when_started, output, scratch, write_manifest};
 
 fn emflow(dir: &Path, args: &[&str]) -> Output {
     output(emflow_in(dir).args(args))
@@ -40,17 +39,9 @@ fn kill_dash_nine_mid_stage_then_rerun_completes() {
         &dir,
         &MANIFEST.replace("MARKER_PATH", &marker.display().to_string()),
     );
-    let mut child = emflow_in(&dir)
-        .args(["run", "m.yaml"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("the slow stage to start", Duration::from_secs(60), || {
+    kill_when_started(emflow_in(&dir).args(["run", "m.yaml"]), "slow", || {
         marker.exists()
     });
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
 
     let out = emflow(&dir, &["run", "m.yaml"]);
     let text = String::from_utf8_lossy(&out.stdout);
