@@ -53,6 +53,18 @@ impl Problem {
         self
     }
 
+    /// The help for `word`, a name that is none of `known` (a typo'd port, stage, axis or
+    /// param): "did you mean `x`?" for a close one, else `otherwise` (usually a list of
+    /// `known`, see [`list_names`]). Every "no such name" problem says it this one way.
+    pub fn suggest<'a>(
+        self,
+        word: &str,
+        known: impl IntoIterator<Item = &'a str>,
+        otherwise: impl FnOnce() -> String,
+    ) -> Self {
+        self.help(did_you_mean(word, known).unwrap_or_else(otherwise))
+    }
+
     /// Sets the help only when there is one to give.
     pub fn maybe_help(mut self, help: Option<String>) -> Self {
         if help.is_some() {

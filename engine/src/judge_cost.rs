@@ -509,36 +509,41 @@ impl JudgeCostPlan {
     }
 }
 
-/// `emflow run --dry-run`: the table, and what a real run would refuse.
-pub fn dry_run_report(
-    planner: &mut Planner,
-    statuses: &[(usize, StageStatus)],
-    budget: &JudgeBudget,
-    r: &Reporter,
-) -> anyhow::Result<()> {
-    let plan = JudgeCostPlan::estimate(planner, statuses, budget)?;
-    plan.print(r);
-    if let Err(e) = plan.check(budget) {
-        r.line(&format!("\nnote: a real run would not start: {e:#}"));
-    }
-    Ok(())
+/// What `emflow run` does with the plan's judge calls before anything runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BeforeRun {
+    /// `--dry-run`: print the table, and note what a real run would refuse.
+    Report,
+    /// A real run: an error naming the plan's total and the limit when the plan exceeds it
+    /// (and a `judge_cost` event for `--json`). Nothing without a limit.
+    Guard,
 }
 
-/// `emflow run` with a judge limit: an error naming the plan's total and the limit when the
-/// plan exceeds it, before anything runs (and a `judge_cost` event for `--json`). Does
-/// nothing without a limit.
-pub fn guard(
+/// The judge calls of the stages in `statuses`, estimated and handled as `mode` says.
+pub fn before_run(
+    mode: BeforeRun,
     planner: &mut Planner,
     statuses: &[(usize, StageStatus)],
     budget: &JudgeBudget,
     r: &Reporter,
 ) -> anyhow::Result<()> {
-    if !budget.has_limits() {
+    if mode == BeforeRun::Guard && !budget.has_limits() {
         return Ok(());
     }
     let plan = JudgeCostPlan::estimate(planner, statuses, budget)?;
-    r.event("judge_cost", json!(plan));
-    plan.check(budget)
+    match mode {
+        BeforeRun::Guard => {
+            r.event("judge_cost", json!(plan));
+            plan.check(budget)
+        }
+        BeforeRun::Report => {
+            plan.print(r);
+            if let Err(e) = plan.check(budget) {
+                r.line(&format!("\nnote: a real run would not start: {e:#}"));
+            }
+            Ok(())
+        }
+    }
 }
 
 fn totals(stages: &[StageJudgeCost]) -> JudgeTotals {

@@ -352,24 +352,16 @@ pub fn short(digest: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kind::{Dtype, ParamSpec, ParamType};
+    use crate::kind::{Dtype, KindInfo, ParamSpec, ParamType};
     use serde_json::json;
 
     fn spec() -> KindSpec {
-        KindSpec {
-            name: "toy",
-            version: 3,
-            summary: "",
-            params: vec![
-                ParamSpec::required("lr", ParamType::Float, ""),
-                ParamSpec::required("steps", ParamType::Int, ""),
-                ParamSpec::required("opts", ParamType::Any, ""),
-            ],
-            open_params: false,
-            inputs: vec![],
-            outputs: vec![],
-            precision: Precision::STANDARD,
-        }
+        let params = vec![
+            ParamSpec::required("lr", ParamType::Float, ""),
+            ParamSpec::required("steps", ParamType::Int, ""),
+            ParamSpec::required("opts", ParamType::Any, ""),
+        ];
+        KindInfo::new("toy", 3, "").into_spec(params, false)
     }
 
     fn env(gpus: u32) -> EnvParts {

@@ -244,6 +244,7 @@ pub struct PortSpec {
 }
 
 impl PortSpec {
+    /// A port that must be wired and takes one artifact; see [`PortSpec::output`].
     pub fn input(name: &str, ty: ArtifactType, doc: &'static str) -> Self {
         PortSpec {
             name: name.to_string(),
@@ -255,30 +256,21 @@ impl PortSpec {
     }
     pub fn optional_input(name: &str, ty: ArtifactType, doc: &'static str) -> Self {
         PortSpec {
-            name: name.to_string(),
-            ty,
             required: false,
-            many: false,
-            doc,
+            ..PortSpec::input(name, ty, doc)
         }
     }
     pub fn many_input(name: &str, ty: ArtifactType, doc: &'static str) -> Self {
         PortSpec {
-            name: name.to_string(),
-            ty,
             required: false,
             many: true,
-            doc,
+            ..PortSpec::input(name, ty, doc)
         }
     }
+    /// An output: one artifact, always produced (`required` and `many` mean nothing for an
+    /// output; it carries the values of a plain input).
     pub fn output(name: &str, ty: ArtifactType, doc: &'static str) -> Self {
-        PortSpec {
-            name: name.to_string(),
-            ty,
-            required: true,
-            many: false,
-            doc,
-        }
+        PortSpec::input(name, ty, doc)
     }
 }
 

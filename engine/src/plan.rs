@@ -222,6 +222,21 @@ impl<'a> Planner<'a> {
         Ok(digest)
     }
 
+    /// [`Planner::file_digest`] of a file the manifest names (a local model, a `file:`
+    /// input): when it does not exist, the error is `missing` (what it is and how to fix the
+    /// manifest); when it cannot be hashed, `hashing` is the context.
+    fn named_file_digest(
+        &mut self,
+        path: &Path,
+        missing: impl FnOnce() -> String,
+        hashing: impl FnOnce() -> String,
+    ) -> anyhow::Result<String> {
+        if !path.exists() {
+            return Err(anyhow!(missing()));
+        }
+        self.file_digest(path).with_context(hashing)
+    }
+
     /// Models that are available now: local ones (hashed in place; an error if missing)
     /// and fetched ones whose fetch record is in the store.
     pub fn available_models(
@@ -235,15 +250,11 @@ impl<'a> Planner<'a> {
             })?;
             match model_source(decl, &self.pipeline.manifest_dir) {
                 ModelSource::Local(path) => {
-                    if !path.exists() {
-                        return Err(anyhow!(
-                            "model `{name}`: {} does not exist; fix `models.{name}.source` or pass `--set models.{name}.source=PATH`",
-                            path.display()
-                        ));
-                    }
-                    let digest = self
-                        .file_digest(&path)
-                        .with_context(|| format!("hashing model `{name}` at {}", path.display()))?;
+                    let digest = self.named_file_digest(
+                        &path,
+                        || format!("model `{name}`: {} does not exist; fix `models.{name}.source` or pass `--set models.{name}.source=PATH`", path.display()),
+                        || format!("hashing model `{name}` at {}", path.display()),
+                    )?;
                     out.insert(
                         name.clone(),
                         JobArtifact {
@@ -362,15 +373,11 @@ impl<'a> Planner<'a> {
         }
         let stage_id = stage.id.clone();
         for (port, idx, path, _) in to_hash {
-            if !path.exists() {
-                return Err(anyhow!(
-                    "stage {stage_id}: input `{port}` is file:{}, which does not exist; fix the path in the manifest (relative paths are resolved against the manifest's folder)",
-                    path.display()
-                ));
-            }
-            let digest = self
-                .file_digest(&path)
-                .with_context(|| format!("stage {stage_id}: hashing input `{port}`"))?;
+            let digest = self.named_file_digest(
+                &path,
+                || format!("stage {stage_id}: input `{port}` is file:{}, which does not exist; fix the path in the manifest (relative paths are resolved against the manifest's folder)", path.display()),
+                || format!("stage {stage_id}: hashing input `{port}`"),
+            )?;
             if let Some(slot) = inputs.get_mut(&port).and_then(|v| v.get_mut(idx)) {
                 slot.digest = digest;
             }

@@ -4,10 +4,11 @@
 //! `exec-stage` child-process executor).
 
 use std::path::Path;
-use std::process::{Child, Output, Stdio};
-use std::time::Duration;
+use std::process::Output;
 
-use crate::support::{emflow_in, output, scratch, wait_for, write_manifest};
+use crate::support::{
+    emflow_in, kill_when_started, output, scratch, start_and_wait_for, write_manifest,
+};
 
 fn emflow(dir: &Path, args: &[&str]) -> Output {
     output(emflow_in(dir).args(args))
@@ -32,20 +33,6 @@ stages:
       outputs: {loud: file}
 "#;
 
-/// `emflow run m.yaml` in `dir`, returned once the slow stage has written `marker`.
-fn run_until_slow_starts(dir: &Path, marker: &Path, stdio: fn() -> Stdio) -> Child {
-    let child = emflow_in(dir)
-        .args(["run", "m.yaml"])
-        .stdout(stdio())
-        .stderr(stdio())
-        .spawn()
-        .unwrap();
-    wait_for("the slow stage to start", Duration::from_secs(60), || {
-        marker.exists()
-    });
-    child
-}
-
 #[test]
 fn kill_dash_nine_mid_stage_then_rerun_completes() {
     let dir = scratch("crash-kill");
@@ -54,9 +41,9 @@ fn kill_dash_nine_mid_stage_then_rerun_completes() {
         &dir,
         &MANIFEST.replace("MARKER_PATH", &marker.display().to_string()),
     );
-    let mut child = run_until_slow_starts(&dir, &marker, Stdio::null);
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_when_started(emflow_in(&dir).args(["run", "m.yaml"]), "slow", || {
+        marker.exists()
+    });
 
     let out = emflow(&dir, &["run", "m.yaml"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -101,7 +88,12 @@ fn ctrl_c_mid_stage_names_the_stage_and_exits_130() {
         .replace("MARKER_PATH", &marker.display().to_string())
         .replace("sleep 2", "sleep 60");
     write_manifest(&dir, &manifest);
-    let child = run_until_slow_starts(&dir, &marker, Stdio::piped);
+    let child = start_and_wait_for(
+        emflow_in(&dir).args(["run", "m.yaml"]),
+        "slow",
+        true,
+        || marker.exists(),
+    );
     let pid = child.id().to_string();
     let sent = std::process::Command::new("kill")
         .args(["-INT", &pid])

@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::support::{emflow_in, output, scratch, succeed, text, write_manifest};
+use crate::support::{emflow_in, output, scratch_with_manifest, succeed, text};
 
 fn emflow_cmd(dir: &Path, args: &[&str]) -> Command {
     let mut cmd = emflow_in(dir);
@@ -59,8 +59,7 @@ stages:
 "#;
 
 fn setup(name: &str) -> PathBuf {
-    let dir = scratch(&format!("faults-store-{name}"));
-    write_manifest(&dir, MANIFEST);
+    let dir = scratch_with_manifest(&format!("faults-store-{name}"), MANIFEST);
     let first = run_ok(&dir, &["run", "m.yaml"]);
     for stage in ["alpha", "beta", "gamma", "delta"] {
         assert!(first.contains(&format!("PASS  {stage}")), "{first}");

@@ -2,7 +2,7 @@
 //! `CUDA_VISIBLE_DEVICES`, taken from the driver's inherited `CUDA_VISIBLE_DEVICES`.
 //! Needs no GPU: the command kind only reports what it was given.
 
-use crate::support::{emflow_in, output, scratch, succeed, write_manifest};
+use crate::support::{emflow_in, output, scratch_with_manifest, succeed};
 
 const MANIFEST: &str = r#"
 emflow: 1
@@ -33,8 +33,7 @@ stages:
 
 #[test]
 fn gpu_stages_get_distinct_inherited_devices() {
-    let dir = scratch("gpu-slots");
-    write_manifest(&dir, MANIFEST);
+    let dir = scratch_with_manifest("gpu-slots", MANIFEST);
     succeed(
         emflow_in(&dir)
             .env_remove("EMFLOW_GPUS")

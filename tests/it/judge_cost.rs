@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-use crate::support::{emflow_in_repo, output, paper_data_root, text};
+use crate::support::{emflow_in_repo, output, text, PaperProfile};
 
 /// `emflow` at the repository root, with no judge prices from the environment.
 fn emflow_cmd(store: &Path) -> Command {
@@ -118,11 +118,10 @@ fn smoke_plan_counts_local_judge_calls_and_a_run_over_the_limit_refuses() {
 
 #[test]
 fn paper_plan_prints_judge_calls_tokens_and_cost_per_stage_and_in_total() {
-    let Some((data, set)) = paper_data_root() else {
+    let Some(paper) = PaperProfile::new() else {
         return;
     };
-    let store = tempfile::tempdir().unwrap();
-    let args = ["manifests/paper.yaml", "--profile", "paper", "--set", &set];
+    let (store, data, args) = (&paper.store, &paper.data, paper.args());
     let out = emflow(store.path(), &[&["plan"][..], &args].concat());
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{}", text(&out));

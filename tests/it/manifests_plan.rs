@@ -1,7 +1,7 @@
 //! Every shipped manifest plans under every one of its profiles: a typo in a profile that
 //! only CI or a GPU user would select fails here, on any machine, in milliseconds.
 
-use crate::support::{emflow_in_repo, paper_data_root, succeed};
+use crate::support::{emflow_in_repo, paper_data_root, stdout_of, succeed, PaperProfile};
 use std::path::Path;
 
 fn plans(manifest: &str, profile: Option<&str>, sets: &[String]) {
@@ -45,21 +45,14 @@ fn paper_manifest_plans_under_every_profile() {
 
 #[test]
 fn a_dry_run_of_the_paper_profile_plans_on_a_machine_without_its_gpus() {
-    let Some((_, set)) = paper_data_root() else {
+    let Some(paper) = PaperProfile::new() else {
         return;
     };
-    let store = tempfile::tempdir().unwrap();
-    let args = ["manifests/paper.yaml", "--profile", "paper", "--set", &set];
-    let out = emflow_in_repo(store.path())
-        .args(["run", "--dry-run"])
-        .args(args)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the dry run failed:\n{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (store, args) = (&paper.store, paper.args());
+    let stdout = stdout_of(
+        emflow_in_repo(store.path())
+            .args(["run", "--dry-run"])
+            .args(args),
     );
     assert!(stdout.contains("grpo[domain=medical,seed=0]"), "{stdout}");
     assert!(stdout.contains("report"), "{stdout}");

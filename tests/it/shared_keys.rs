@@ -1,7 +1,7 @@
 //! Two stages whose inputs and params are the same share one stage key: the second to run finds
 //! the first one's record and says so by name, rather than blaming another emflow process.
 
-use crate::support::{emflow_in, scratch, succeed, write_manifest};
+use crate::support::{emflow_in, scratch_with_manifest, succeed};
 
 const MANIFEST: &str = r#"
 emflow: 1
@@ -21,8 +21,7 @@ stages:
 
 #[test]
 fn a_stage_sharing_a_key_with_an_earlier_one_names_it() {
-    let dir = scratch("shared-keys");
-    write_manifest(&dir, MANIFEST);
+    let dir = scratch_with_manifest("shared-keys", MANIFEST);
     let both = succeed(emflow_in(&dir).args(["run", "m.yaml", "--jobs", "1"]));
     let line = both
         .lines()

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::{emflow_in, scratch, succeed, text, wait_for, write_manifest};
+use crate::support::{
+    emflow_in, kill_when_started, scratch, succeed, text, wait_for, write_manifest,
+};
 
 struct Cluster {
     state: PathBuf,
@@ -18,9 +20,10 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// Starts a cluster and makes an empty test folder, or returns `None` (after saying why)
-    /// when a cluster is impossible here.
-    fn start(name: &str, slot: u16) -> Option<(Cluster, PathBuf)> {
+    /// Starts a cluster and makes a test folder holding only `cluster.yaml`: the tests'
+    /// [`PROFILE`] and then `profile_extra`. Returns `None` (after saying why) when a cluster
+    /// is impossible here.
+    fn start(name: &str, slot: u16, profile_extra: &str) -> Option<(Cluster, PathBuf)> {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let state =
             std::env::temp_dir().join(format!("emflow-slurm-test-{name}-{}", std::process::id()));
@@ -49,7 +52,13 @@ impl Cluster {
             return None;
         };
         let cluster = Cluster { state, conf, port };
-        Some((cluster, scratch(&format!("slurm-{name}"))))
+        let dir = scratch(&format!("slurm-{name}"));
+        std::fs::write(
+            dir.join("cluster.yaml"),
+            format!("{PROFILE}{profile_extra}"),
+        )
+        .unwrap();
+        Some((cluster, dir))
     }
 
     fn cmd(&self, program: &str) -> Command {
@@ -62,6 +71,27 @@ impl Cluster {
         let mut c = emflow_in(dir);
         c.env("SLURM_CONF", &self.conf);
         c
+    }
+
+    /// The sbatch lines `--dry-run` prints for the test folder's manifest; checks that it
+    /// submitted nothing.
+    fn dry_run(&self, dir: &Path) -> String {
+        let jobs = self.jobs().len();
+        let dry = succeed(self.emflow(dir).args(RUN_ON_SLURM).arg("--dry-run"));
+        assert_eq!(self.jobs().len(), jobs, "a dry run submitted jobs");
+        dry
+    }
+
+    /// Runs the test folder's manifest again after it completed: every one of its `stages`
+    /// is cached and no job is submitted.
+    fn assert_rerun_is_cached(&self, dir: &Path, stages: usize) {
+        let jobs = self.jobs().len();
+        let text_out = succeed(self.emflow(dir).args(RUN_ON_SLURM));
+        assert!(
+            text_out.contains(&format!("all {stages} stages cached")),
+            "{text_out}"
+        );
+        assert_eq!(self.jobs().len(), jobs, "a cached rerun submitted jobs");
     }
 
     /// `(job id, comment = stage key, state)` of every job the cluster remembers.
@@ -135,31 +165,18 @@ stages:
 
 #[test]
 fn exit_code_time_limit_and_cancel_are_reported_then_reruns_complete() {
-    let Some((cluster, dir)) = Cluster::start("fail", 0) else {
+    let Some((cluster, dir)) = Cluster::start("fail", 0, "") else {
         return;
     };
-    let fix = dir.join("fixed");
-    let jobfile = dir.join("victim-job");
-    std::fs::write(
-        dir.join("m.yaml"),
-        FAILING
-            .replace("@FIX@", &fix.display().to_string())
-            .replace("@JOBFILE@", &jobfile.display().to_string()),
-    )
-    .unwrap();
-    std::fs::write(dir.join("cluster.yaml"), PROFILE).unwrap();
-    let args = [
-        "run",
-        "m.yaml",
-        "--executor",
-        "slurm",
-        "--cluster-config",
-        "cluster.yaml",
-        "--keep-going",
-    ];
+    let (fix, jobfile) = (dir.join("fixed"), dir.join("victim-job"));
+    let manifest = FAILING
+        .replace("@FIX@", &fix.display().to_string())
+        .replace("@JOBFILE@", &jobfile.display().to_string());
+    write_manifest(&dir, &manifest);
+    let args = [&RUN_ON_SLURM[..], &["--keep-going"]].concat();
     let driver = cluster
         .emflow(&dir)
-        .args(args)
+        .args(&args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -185,7 +202,7 @@ fn exit_code_time_limit_and_cancel_are_reported_then_reruns_complete() {
     assert!(line("victim").contains("cancelled"), "{log}");
 
     std::fs::write(&fix, "").unwrap();
-    let log = succeed(cluster.emflow(&dir).args(args));
+    let log = succeed(cluster.emflow(&dir).args(&args));
     assert!(log.contains("3 ran, 0 cached, 0 failed"), "{log}");
 }
 
@@ -215,15 +232,14 @@ stages:
 
 #[test]
 fn killed_driver_reattaches_runs_nothing_twice_and_cached_rerun_submits_nothing() {
-    let Some((cluster, dir)) = Cluster::start("attach", 1) else {
+    let Some((cluster, dir)) = Cluster::start("attach", 1, "") else {
         return;
     };
     let log = dir.join("ran.log");
     write_manifest(&dir, &CHAIN.replace("@LOG@", &log.display().to_string()));
-    std::fs::write(dir.join("cluster.yaml"), PROFILE).unwrap();
     let args = RUN_ON_SLURM;
 
-    let dry = succeed(cluster.emflow(&dir).args(args).arg("--dry-run"));
+    let dry = cluster.dry_run(&dir);
     let first_line = dry
         .lines()
         .find(|l| l.trim_start().starts_with("first: sbatch --parsable"))
@@ -239,20 +255,8 @@ fn killed_driver_reattaches_runs_nothing_twice_and_cached_rerun_submits_nothing(
             "{option} missing: {first_line}"
         );
     }
-    assert!(cluster.jobs().is_empty(), "a dry run submitted jobs");
 
-    let mut driver = cluster
-        .emflow(&dir)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("the first stage to start", Duration::from_secs(60), || {
-        log.exists()
-    });
-    driver.kill().unwrap();
-    driver.wait().unwrap();
+    kill_when_started(cluster.emflow(&dir).args(args), "first", || log.exists());
 
     let text_out = succeed(cluster.emflow(&dir).args(args));
     assert_eq!(
@@ -266,10 +270,7 @@ fn killed_driver_reattaches_runs_nothing_twice_and_cached_rerun_submits_nothing(
         jobs[0].1, jobs[1].1,
         "one stage key submitted twice: {jobs:?}"
     );
-
-    let text_out = succeed(cluster.emflow(&dir).args(args));
-    assert!(text_out.contains("all 2 stages cached"), "{text_out}");
-    assert_eq!(cluster.jobs().len(), 2, "a cached rerun submitted jobs");
+    cluster.assert_rerun_is_cached(&dir, 2);
 }
 
 /// A long stage under a one-minute limit, warned by `--signal=B:USR2@30`: it saves its
@@ -317,22 +318,17 @@ fn only_output(dir: &Path) -> String {
 
 #[test]
 fn checkpointing_stage_warned_before_its_time_limit_is_requeued_and_resumes() {
-    let Some((cluster, dir)) = Cluster::start("requeue", 2) else {
+    let requeue = "signal_before_s: 30\nmax_requeue: 10\n";
+    let Some((cluster, dir)) = Cluster::start("requeue", 2, requeue) else {
         return;
     };
     let log = dir.join("attempts.log");
     write_manifest(&dir, &LONG.replace("@LOG@", &log.display().to_string()));
-    std::fs::write(
-        dir.join("cluster.yaml"),
-        format!("{PROFILE}signal_before_s: 30\nmax_requeue: 10\n"),
-    )
-    .unwrap();
-    let args = RUN_ON_SLURM;
 
-    let dry = succeed(cluster.emflow(&dir).args(args).arg("--dry-run"));
+    let dry = cluster.dry_run(&dir);
     assert!(dry.contains("--signal=B:USR2@30"), "{dry}");
 
-    let run_log = succeed(cluster.emflow(&dir).args(args));
+    let run_log = succeed(cluster.emflow(&dir).args(RUN_ON_SLURM));
     assert!(run_log.contains("1 ran, 0 cached, 0 failed"), "{run_log}");
     assert_eq!(only_output(&dir), format!("{}\n", 160 * 161 / 2));
 
@@ -399,12 +395,5 @@ fn checkpointing_stage_warned_before_its_time_limit_is_requeued_and_resumes() {
         earlier.iter().all(|(_, _, state)| state != "TIMEOUT"),
         "an attempt hit the time limit instead of checkpointing: {jobs:?}"
     );
-
-    let text_out = succeed(cluster.emflow(&dir).args(args));
-    assert!(text_out.contains("all 1 stages cached"), "{text_out}");
-    assert_eq!(
-        cluster.jobs().len(),
-        jobs.len(),
-        "a cached rerun submitted jobs"
-    );
+    cluster.assert_rerun_is_cached(&dir, 1);
 }

@@ -1,9 +1,7 @@
 //! What the engine's benchmarks share: one small stage kind, and the quiet in-process run the
 //! integration tests use (their `support/workdir.rs`, compiled in here too).
 
-use emflow_engine::{
-    ArtifactType, KindSpec, ParamSpec, ParamType, PortSpec, StageContext, StageKind,
-};
+use emflow_engine::{KindInfo, KindSpec, ParamSpec, ParamType, StageContext, StageKind};
 use serde_json::json;
 
 // The tests' run fixture; the benches use its quiet run only (`plan` not even that).
@@ -19,22 +17,19 @@ pub use workdir::run_quiet;
 pub struct Step;
 impl StageKind for Step {
     fn spec(&self) -> KindSpec {
-        KindSpec {
-            name: "step",
-            version: 1,
-            summary: "bench kind",
-            params: vec![
-                ParamSpec::optional("lr", ParamType::Float, json!(0.001), "learning rate"),
-                ParamSpec::optional("seed", ParamType::Int, json!(0), "seed"),
-                ParamSpec::optional("cell", ParamType::String, json!(""), "what to write"),
-                ParamSpec::optional("label", ParamType::String, json!(""), "label"),
-                ParamSpec::optional("ops", ParamType::List, json!([]), "ops"),
-            ],
-            open_params: false,
-            precision: Default::default(),
-            inputs: vec![PortSpec::many_input("in", ArtifactType::File, "inputs")],
-            outputs: vec![PortSpec::output("out", ArtifactType::File, "output")],
-        }
+        let params = vec![
+            ParamSpec::optional("lr", ParamType::Float, json!(0.001), "learning rate"),
+            ParamSpec::optional("seed", ParamType::Int, json!(0), "seed"),
+            ParamSpec::optional("cell", ParamType::String, json!(""), "what to write"),
+            ParamSpec::optional("label", ParamType::String, json!(""), "label"),
+            ParamSpec::optional("ops", ParamType::List, json!([]), "ops"),
+        ];
+        KindInfo::new("step", 1, "bench kind")
+            .ports(
+                "in*  in   file  inputs
+                 out  out  file  output",
+            )
+            .into_spec(params, false)
     }
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
         // Read from the map: stages built by hand carry only some params.

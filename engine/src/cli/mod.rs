@@ -16,9 +16,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use emflow_cache::Store;
 
-use args::{
-    Cli, Command, GcArgs, ManifestArgs, ManifestStages, PlanArgs, RunArgs, ServeArgs, VerifyArgs,
-};
+use args::{Cli, Command, GcArgs, ManifestArgs, PlanArgs, RunArgs, ServeArgs, VerifyArgs};
 
 use crate::commands::{self, GraphFormat};
 use crate::console::{ReportMode, Reporter};
@@ -62,15 +60,31 @@ fn load(args: &ManifestArgs, registry: &Registry) -> anyhow::Result<Pipeline> {
     )
 }
 
-/// The pipeline of a manifest and the store its commands use.
-fn load_with_store(
-    store_flag: Option<&Path>,
-    manifest: &ManifestArgs,
-    registry: &Registry,
-) -> anyhow::Result<(Pipeline, Arc<Store>)> {
-    let pipeline = load(manifest, registry)?;
-    let store = open_store(store_flag, Some(&manifest.manifest))?;
-    Ok((pipeline, store))
+/// What a command on one manifest works with: its pipeline, the store its commands use, and
+/// the kinds. Loaded once in one place, so each command function starts from it.
+struct Loaded<'a> {
+    registry: &'a Registry,
+    /// The manifest's path and its `--profile`/`--set` flags.
+    args: &'a ManifestArgs,
+    pipeline: Pipeline,
+    store: Arc<Store>,
+}
+
+impl<'a> Loaded<'a> {
+    fn new(
+        store_flag: Option<&Path>,
+        args: &'a ManifestArgs,
+        registry: &'a Registry,
+    ) -> anyhow::Result<Self> {
+        let pipeline = load(args, registry)?;
+        let store = open_store(store_flag, Some(&args.manifest))?;
+        Ok(Loaded {
+            registry,
+            args,
+            pipeline,
+            store,
+        })
+    }
 }
 
 /// The reporter of a command with a `--json` flag.
@@ -112,17 +126,21 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
     let store = cli.store.as_deref();
     match cli.command {
         Command::Run(args) => cmd_run(store, &registry, args),
-        Command::Status { manifest, json } => cmd_status(store, &registry, &manifest, json),
-        Command::Plan(args) => cmd_plan(store, &registry, args),
-        Command::Graph { manifest, format } => cmd_graph(store, &registry, &manifest, format),
-        Command::Lock { manifest } => cmd_lock(store, &registry, &manifest),
-        Command::Check { manifest } => cmd_check(store, &registry, &manifest),
-        Command::Verify(args) => cmd_verify(store, &registry, args),
-        Command::Export { selection, to } => {
-            let (pipeline, store) = load_with_store(store, &selection.manifest, &registry)?;
-            let to = to.unwrap_or_else(|| commands::results_dir(&pipeline));
-            cmd_export(&pipeline, &store, &registry, &selection, &to)
+        Command::Status { manifest, json } => {
+            cmd_status(&Loaded::new(store, &manifest, &registry)?, json)
         }
+        Command::Plan(args) => cmd_plan(store, &registry, args),
+        Command::Graph { manifest, format } => {
+            cmd_graph(&Loaded::new(store, &manifest, &registry)?, format)
+        }
+        Command::Lock { manifest } => cmd_lock(&Loaded::new(store, &manifest, &registry)?),
+        Command::Check { manifest } => cmd_check(&Loaded::new(store, &manifest, &registry)?),
+        Command::Verify(args) => cmd_verify(store, &registry, args),
+        Command::Export { selection, to } => cmd_export(
+            &Loaded::new(store, &selection.manifest, &registry)?,
+            &selection.stages,
+            to,
+        ),
         Command::Gc(args) => cmd_gc(store, args),
         Command::Cache { command } => cache::cache(store, command),
         Command::Bench { name, args } => tools::bench(&registry, name.as_deref(), &args),
@@ -138,7 +156,9 @@ fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<u8> {
 /// `emflow run`.
 fn cmd_run(store_flag: Option<&Path>, registry: &Registry, args: RunArgs) -> anyhow::Result<u8> {
     let budget = args.judge.budget()?;
-    let (pipeline, store) = load_with_store(store_flag, &args.manifest, registry)?;
+    let Loaded {
+        pipeline, store, ..
+    } = Loaded::new(store_flag, &args.manifest, registry)?;
     let _pin = store.pin()?;
     let slurm_profile = match (&args.cluster_config, args.executor.as_str()) {
         (Some(path), "slurm") => Some(ClusterProfile::load(path)?),
@@ -197,24 +217,24 @@ fn cmd_run(store_flag: Option<&Path>, registry: &Registry, args: RunArgs) -> any
 }
 
 /// `emflow status`.
-fn cmd_status(
-    store_flag: Option<&Path>,
-    registry: &Registry,
-    manifest: &ManifestArgs,
-    json: bool,
-) -> anyhow::Result<u8> {
-    let (pipeline, store) = load_with_store(store_flag, manifest, registry)?;
-    commands::status(&pipeline, registry, &store, &reporter(json))?;
+fn cmd_status(m: &Loaded, json: bool) -> anyhow::Result<u8> {
+    commands::status(&m.pipeline, m.registry, &m.store, &reporter(json))?;
     Ok(0)
 }
 
 /// `emflow plan`: exit 1 when a run would refuse the plan (its judge calls, or its GPU memory).
 fn cmd_plan(store_flag: Option<&Path>, registry: &Registry, args: PlanArgs) -> anyhow::Result<u8> {
     let budget = args.judge.budget()?;
-    let (pipeline, store) = load_with_store(store_flag, &args.manifest, registry)?;
+    let m = Loaded::new(store_flag, &args.manifest, registry)?;
     let reporter = reporter(args.json);
-    let (plan, memory) =
-        commands::plan(&pipeline, registry, &store, &reporter, &args.only, &budget)?;
+    let (plan, memory) = commands::plan(
+        &m.pipeline,
+        registry,
+        &m.store,
+        &reporter,
+        &args.only,
+        &budget,
+    )?;
     match plan.check(&budget).and_then(|()| memory.check()) {
         Ok(()) => Ok(0),
         Err(e) => {
@@ -226,48 +246,35 @@ fn cmd_plan(store_flag: Option<&Path>, registry: &Registry, args: PlanArgs) -> a
 }
 
 /// `emflow graph`.
-fn cmd_graph(
-    store_flag: Option<&Path>,
-    registry: &Registry,
-    manifest: &ManifestArgs,
-    format: GraphFormat,
-) -> anyhow::Result<u8> {
-    let (pipeline, store) = load_with_store(store_flag, manifest, registry)?;
-    print!("{}", commands::graph(&pipeline, registry, &store, format)?);
+fn cmd_graph(m: &Loaded, format: GraphFormat) -> anyhow::Result<u8> {
+    print!(
+        "{}",
+        commands::graph(&m.pipeline, m.registry, &m.store, format)?
+    );
     Ok(0)
 }
 
 /// `emflow lock`.
-fn cmd_lock(
-    store_flag: Option<&Path>,
-    registry: &Registry,
-    manifest: &ManifestArgs,
-) -> anyhow::Result<u8> {
-    let (pipeline, store) = load_with_store(store_flag, manifest, registry)?;
-    let (path, section) = commands::lock(&pipeline, registry, &store)?;
+fn cmd_lock(m: &Loaded) -> anyhow::Result<u8> {
+    let (path, section) = commands::lock(&m.pipeline, m.registry, &m.store)?;
     println!(
         "locked {} stages and {} models of {} in {}",
         section.stages.len(),
         section.models.len(),
-        manifest.manifest.display(),
+        m.args.manifest.display(),
         path.display()
     );
     Ok(0)
 }
 
 /// `emflow check`: exit 1 when a key no longer matches the lock.
-fn cmd_check(
-    store_flag: Option<&Path>,
-    registry: &Registry,
-    manifest: &ManifestArgs,
-) -> anyhow::Result<u8> {
-    let (pipeline, store) = load_with_store(store_flag, manifest, registry)?;
-    let mismatches = commands::check(&pipeline, registry, &store)?;
+fn cmd_check(m: &Loaded) -> anyhow::Result<u8> {
+    let mismatches = commands::check(&m.pipeline, m.registry, &m.store)?;
     if mismatches.is_empty() {
         println!(
             "ok: all {} stages of {} match emflow.lock",
-            pipeline.stages.len(),
-            manifest.manifest.display()
+            m.pipeline.stages.len(),
+            m.args.manifest.display()
         );
         return Ok(0);
     }
@@ -290,7 +297,9 @@ fn cmd_verify(
     registry: &Registry,
     args: VerifyArgs,
 ) -> anyhow::Result<u8> {
-    let (pipeline, store) = load_with_store(store_flag, &args.selection.manifest, registry)?;
+    let Loaded {
+        pipeline, store, ..
+    } = Loaded::new(store_flag, &args.selection.manifest, registry)?;
     let _pin = store.pin()?;
     let reporter = Reporter::new(ReportMode::Human);
     let exec = executor(&args.executor, registry, &store, &crate::host::new_run_id())?;
@@ -325,15 +334,9 @@ fn cmd_verify(
 }
 
 /// `emflow export`: exit 1 when a selected stage is not cached (the others are exported).
-fn cmd_export(
-    pipeline: &Pipeline,
-    store: &Store,
-    registry: &Registry,
-    selection: &ManifestStages,
-    to: &Path,
-) -> anyhow::Result<u8> {
-    let stages = &selection.stages;
-    let (written, missing) = commands::export(pipeline, registry, store, stages, to)?;
+fn cmd_export(m: &Loaded, stages: &[String], to: Option<PathBuf>) -> anyhow::Result<u8> {
+    let to = to.unwrap_or_else(|| commands::results_dir(&m.pipeline));
+    let (written, missing) = commands::export(&m.pipeline, m.registry, &m.store, stages, &to)?;
     for e in &written {
         let (stage, output, path) = (&e.stage, &e.output, e.path.display());
         println!("{:>8}  {stage}.{output} -> {path}", "Exported");
@@ -348,7 +351,7 @@ fn cmd_export(
         "not cached, not exported ({}): {}\n  run them first: emflow run {}",
         missing.len(),
         missing.join(", "),
-        selection.manifest.manifest.display()
+        m.args.manifest.display()
     );
     Ok(EXIT_FAILED)
 }

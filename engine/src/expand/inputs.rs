@@ -4,7 +4,7 @@
 //! Parsing is separate from resolution (see [`super::wiring`]) because the stage-level
 //! dependency order must be known before any stage's upstream cells can be matched.
 
-use crate::diagnostics::{did_you_mean, list_names, Problem};
+use crate::diagnostics::{list_names, Problem};
 use crate::kind::KindSpec;
 use crate::manifest::raw::is_valid_name;
 use crate::manifest::yaml::{resolve_plain, Node, Value};
@@ -91,6 +91,25 @@ pub fn parse_ref(s: &str, span: SourceSpan) -> Result<InputSpec, String> {
     })
 }
 
+/// `key`, written under a stage's `inputs:`, is not an input port of its kind.
+fn unknown_port(stage: &str, spec: &KindSpec, key: &str, at: SourceSpan) -> Problem {
+    let ports = || spec.inputs.iter().map(|p| p.name.as_str());
+    let listed = || {
+        format!(
+            "kind `{}` has input ports {}",
+            spec.name,
+            list_names(ports())
+        )
+    };
+    let message = format!(
+        "stage `{stage}`: kind `{}` has no input port `{key}`",
+        spec.name
+    );
+    Problem::new(message)
+        .at(at, "unknown input port")
+        .suggest(key, ports(), listed)
+}
+
 /// Reads a substituted `inputs:` node against the kind's declared input ports.
 pub fn read_inputs(
     stage: &str,
@@ -107,10 +126,11 @@ pub fn read_inputs(
         Some(_) => {
             let n = node?;
             problems.push(
-                Problem::new(format!(
-                    "stage `{stage}`: `inputs` must be a mapping of port -> reference"
-                ))
-                .at(n.span, format!("this is {}", n.type_name()))
+                Problem::must_be(
+                    format!("stage `{stage}`: `inputs`"),
+                    "a mapping of port -> reference",
+                    n,
+                )
                 .help("e.g. `inputs: { data: prep.data, model: models.base }`"),
             );
             return None;
@@ -118,18 +138,7 @@ pub fn read_inputs(
     };
     for e in entries {
         let Some(port) = spec.inputs.iter().find(|p| p.name == e.key) else {
-            let names = spec.inputs.iter().map(|p| p.name.as_str());
-            let help = did_you_mean(&e.key, names.clone()).unwrap_or_else(|| {
-                format!("kind `{}` has input ports {}", spec.name, list_names(names))
-            });
-            problems.push(
-                Problem::new(format!(
-                    "stage `{stage}`: kind `{}` has no input port `{}`",
-                    spec.name, e.key
-                ))
-                .at(e.key_span, "unknown input port")
-                .help(help),
-            );
+            problems.push(unknown_port(stage, spec, &e.key, e.key_span));
             continue;
         };
         let items: Vec<&Node> = match &e.value.value {
@@ -152,11 +161,11 @@ pub fn read_inputs(
         for item in items {
             let Value::Str(s) = &item.value else {
                 problems.push(
-                    Problem::new(format!(
-                        "stage `{stage}`: input `{}` must be a reference string",
-                        port.name
-                    ))
-                    .at(item.span, format!("this is {}", item.type_name()))
+                    Problem::must_be(
+                        format!("stage `{stage}`: input `{}`", port.name),
+                        "a reference string",
+                        item,
+                    )
                     .help("write `<stage>.<output>`, `models.<name>` or `file:<path>`"),
                 );
                 continue;

@@ -144,10 +144,11 @@ type Axis = (String, SourceSpan, Vec<Node>);
 pub fn expand(stage: &str, node: &Node, problems: &mut Vec<Problem>) -> Option<Matrix> {
     let Value::Map(map) = &node.value else {
         problems.push(
-            Problem::new(format!(
-                "stage `{stage}`: `matrix` must be a mapping of axis -> list of values"
-            ))
-            .at(node.span, format!("this is {}", node.type_name()))
+            Problem::must_be(
+                format!("stage `{stage}`: `matrix`"),
+                "a mapping of axis -> list of values",
+                node,
+            )
             .help("e.g. `matrix: { seed: [0, 1], domain: [medical, legal] }`"),
         );
         return None;
@@ -213,12 +214,15 @@ fn axes_of(map: &Map, problems: &mut Vec<Problem>) -> Vec<Axis> {
         }
         let Value::Seq(values) = &e.value.value else {
             problems.push(
-                Problem::new(format!("matrix axis `{}` must be a list of values", e.key))
-                    .at(e.value.span, format!("this is {}", e.value.type_name()))
-                    .help(format!(
-                        "write `{}: [a, b]`, or `{}: [value]` for one value",
-                        e.key, e.key
-                    )),
+                Problem::must_be(
+                    format!("matrix axis `{}`", e.key),
+                    "a list of values",
+                    &e.value,
+                )
+                .help(format!(
+                    "write `{}: [a, b]`, or `{}: [value]` for one value",
+                    e.key, e.key
+                )),
             );
             continue;
         };
@@ -371,7 +375,7 @@ fn check_scalar(axis: &str, v: &Node, problems: &mut Vec<Problem>) {
     ) {
         problems.push(
             Problem::new(format!("matrix axis `{axis}`: values must be strings, numbers or booleans"))
-                .at(v.span, format!("this is {}", v.type_name()))
+                .at_type_of(v)
                 .help("to sweep over combinations of settings, use one axis per setting, or `include:` cells"),
         );
     }
@@ -383,10 +387,11 @@ fn entries_of(map: &Map, key: &str, stage: &str, problems: &mut Vec<Problem>) ->
     };
     let Value::Seq(items) = &node.value else {
         problems.push(
-            Problem::new(format!(
-                "stage `{stage}`: matrix `{key}` must be a list of cells"
-            ))
-            .at(node.span, format!("this is {}", node.type_name()))
+            Problem::must_be(
+                format!("stage `{stage}`: matrix `{key}`"),
+                "a list of cells",
+                node,
+            )
             .help(format!("e.g. `{key}: [{{seed: 0, domain: legal}}]`")),
         );
         return Vec::new();
@@ -395,12 +400,11 @@ fn entries_of(map: &Map, key: &str, stage: &str, problems: &mut Vec<Problem>) ->
     for item in items {
         match &item.value {
             Value::Map(m) => out.push(m.clone()),
-            _ => problems.push(
-                Problem::new(format!(
-                    "stage `{stage}`: each matrix `{key}` entry must be a mapping of axis -> value"
-                ))
-                .at(item.span, format!("this is {}", item.type_name())),
-            ),
+            _ => problems.push(Problem::must_be(
+                format!("stage `{stage}`: each matrix `{key}` entry"),
+                "a mapping of axis -> value",
+                item,
+            )),
         }
     }
     out
@@ -413,16 +417,12 @@ fn unknown_axis(
     span: SourceSpan,
     axes: &[String],
 ) -> Problem {
-    let help = crate::diagnostics::did_you_mean(axis, axes.iter().map(String::as_str))
-        .unwrap_or_else(|| {
-            format!(
-                "the axes are {}",
-                list_names(axes.iter().map(String::as_str))
-            )
-        });
+    let axes = || axes.iter().map(String::as_str);
     Problem::new(format!(
         "stage `{stage}`: matrix `{section}` names unknown axis `{axis}`"
     ))
     .at(span, "not an axis")
-    .help(help)
+    .suggest(axis, axes(), || {
+        format!("the axes are {}", list_names(axes()))
+    })
 }

@@ -222,10 +222,11 @@ fn resolve_models(
             continue;
         };
         let Value::Str(s) = &source.value else {
-            problems.push(
-                Problem::new(format!("model `{}`: `source` must be a string", m.name))
-                    .at(source.span, format!("this is {}", source.type_name())),
-            );
+            problems.push(Problem::must_be(
+                format!("model `{}`: `source`", m.name),
+                "a string",
+                &source,
+            ));
             continue;
         };
         let resolved = match scheme_of(s) {

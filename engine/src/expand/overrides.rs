@@ -23,10 +23,11 @@ pub fn apply_profile(root: &mut Node, profile: Option<&str>, problems: &mut Vec<
         Value::Map(m) => Some(m.clone()),
         Value::Null => Some(Map::default()),
         _ => {
-            problems.push(
-                Problem::new("`profiles` must be a mapping of profile name -> param overrides")
-                    .at(p.span, format!("this is {}", p.type_name())),
-            );
+            problems.push(Problem::must_be(
+                "`profiles`",
+                "a mapping of profile name -> param overrides",
+                p,
+            ));
             None
         }
     });
@@ -41,29 +42,25 @@ pub fn apply_profile(root: &mut Node, profile: Option<&str>, problems: &mut Vec<
             Value::Map(overlay) => {
                 for o in &overlay.entries {
                     if !declared.contains(o.key.as_str()) {
-                        let hint = did_you_mean(&o.key, params_keys.iter().copied()).unwrap_or_else(|| {
-                            "a profile overrides params declared under the top-level `params:`; declare it there first"
-                                .to_string()
-                        });
+                        let message =
+                            format!("profile `{}` sets `{}`, which is not a param", e.key, o.key);
                         problems.push(
-                            Problem::new(format!(
-                                "profile `{}` sets `{}`, which is not a param",
-                                e.key, o.key
-                            ))
-                            .at(o.key_span, "not declared under `params:`")
-                            .help(hint),
+                            Problem::new(message)
+                                .at(o.key_span, "not declared under `params:`")
+                                .suggest(&o.key, params_keys.iter().copied(), || {
+                                    "a profile overrides params declared under the top-level `params:`; declare it there first"
+                                        .to_string()
+                                }),
                         );
                     }
                 }
             }
             Value::Null => {}
-            _ => problems.push(
-                Problem::new(format!(
-                    "profile `{}` must be a mapping of param overrides",
-                    e.key
-                ))
-                .at(e.value.span, format!("this is {}", e.value.type_name())),
-            ),
+            _ => problems.push(Problem::must_be(
+                format!("profile `{}`", e.key),
+                "a mapping of param overrides",
+                &e.value,
+            )),
         }
     }
     let Some(name) = profile else { return };
@@ -223,13 +220,11 @@ fn apply_one(root: &mut Node, set: SetArg, problems: &mut Vec<Problem>) {
                     map.set(seg, *seg_span, empty);
                 }
                 if map.entry(seg).is_none() {
-                    let hint = did_you_mean(seg, map.keys()).unwrap_or_else(|| {
-                        format!("{here} has: {}", list_names(map.keys().take(20)))
-                    });
+                    let listed = || format!("{here} has: {}", list_names(map.keys().take(20)));
                     problems.push(
                         Problem::new(format!("--set: {here} has no `{seg}`"))
                             .at(*seg_span, "does not exist")
-                            .help(hint),
+                            .suggest(seg, map.keys(), listed),
                     );
                     return;
                 }
@@ -290,26 +285,45 @@ fn may_create(segments: &[(String, SourceSpan)], depth: usize) -> bool {
 mod tests {
     use super::*;
 
-    fn root(text: &str) -> Node {
-        yaml::parse(text, 0).unwrap()
+    /// A manifest's tree and its sources, which `--set` values are added to.
+    struct Overlaid {
+        root: Node,
+        sources: SourceMap,
+    }
+
+    impl Overlaid {
+        fn new(text: &str) -> Self {
+            Overlaid {
+                root: yaml::parse(text, 0).unwrap(),
+                sources: SourceMap::new("m.yaml", text),
+            }
+        }
+
+        /// Applies `profile` (when given), then `sets`: the problems found.
+        fn apply(&mut self, profile: Option<&str>, sets: &[&str]) -> Vec<Problem> {
+            let mut problems = Vec::new();
+            if profile.is_some() {
+                apply_profile(&mut self.root, profile, &mut problems);
+            }
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            apply_sets(
+                &mut self.root,
+                &sets,
+                &mut self.sources,
+                false,
+                &mut problems,
+            );
+            problems
+        }
     }
 
     #[test]
     fn profile_deep_merges_and_set_overrides_it() {
         let text = "params:\n  opt: {lr: 1, beta: 2}\n  seed: 0\nprofiles:\n  ci: {opt: {lr: 5}}\nstages: {}\n";
-        let mut r = root(text);
-        let mut sources = SourceMap::new("m.yaml", text);
-        let mut problems = Vec::new();
-        apply_profile(&mut r, Some("ci"), &mut problems);
-        apply_sets(
-            &mut r,
-            &["seed=3".into()],
-            &mut sources,
-            false,
-            &mut problems,
-        );
+        let mut m = Overlaid::new(text);
+        let problems = m.apply(Some("ci"), &["seed=3"]);
         assert!(problems.is_empty(), "{problems:?}");
-        let params = r.as_map().unwrap().get("params").unwrap();
+        let params = m.root.as_map().unwrap().get("params").unwrap();
         assert_eq!(params.walk("opt.lr").0.value, Value::Int(5));
         assert_eq!(params.walk("opt.beta").0.value, Value::Int(2));
         assert_eq!(params.walk("seed").0.value, Value::Int(3));
@@ -320,29 +334,14 @@ mod tests {
     #[test]
     fn set_on_a_missing_path_names_the_missing_part() {
         let text = "params: {seed: 0}\nstages:\n  sft: {kind: k}\n";
-        let mut r = root(text);
-        let mut sources = SourceMap::new("m.yaml", text);
-        let mut problems = Vec::new();
-        apply_sets(
-            &mut r,
-            &["stages.sfft.params.lr=1".into(), "sede=1".into()],
-            &mut sources,
-            false,
-            &mut problems,
-        );
+        let mut m = Overlaid::new(text);
+        let problems = m.apply(None, &["stages.sfft.params.lr=1", "sede=1"]);
         assert_eq!(problems.len(), 2);
         assert_eq!(problems[0].message, "--set: `stages` has no `sfft`");
         assert_eq!(problems[0].help.as_deref(), Some("did you mean `sft`?"));
         assert_eq!(problems[1].message, "--set: `params` has no `sede`");
         // A param left to its default may be set.
-        let mut problems = Vec::new();
-        apply_sets(
-            &mut r,
-            &["stages.sft.params.lr=2e-4".into()],
-            &mut sources,
-            false,
-            &mut problems,
-        );
+        let problems = m.apply(None, &["stages.sft.params.lr=2e-4"]);
         assert!(problems.is_empty());
     }
 }

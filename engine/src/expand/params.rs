@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 
-use crate::diagnostics::{did_you_mean, Problem};
-use crate::expand::refs::{substitute, CopyBudget, RefSource};
+use crate::diagnostics::{list_names, Problem};
+use crate::expand::refs::{substitute, CopyBudget, RefRoot, RefSource};
 use crate::manifest::yaml::{Entry, Map, Node};
 use crate::pipeline::SourceSpan;
 
@@ -92,13 +92,8 @@ impl<'m> ParamResolver<'m> {
 }
 
 impl RefSource for ParamResolver<'_> {
-    fn lookup(
-        &mut self,
-        root: &str,
-        _rest: &str,
-        at: SourceSpan,
-        problems: &mut Vec<Problem>,
-    ) -> Option<Node> {
+    fn lookup(&mut self, r: RefRoot, problems: &mut Vec<Problem>) -> Option<Node> {
+        let RefRoot { root, at, .. } = r;
         if root == "matrix" {
             problems.push(
                 Problem::new("`${matrix.…}` can only be used inside a matrix stage")
@@ -154,13 +149,11 @@ pub fn unknown_param<'a>(
     at: SourceSpan,
     known: impl Iterator<Item = &'a str>,
 ) -> Problem {
-    let known: Vec<&str> = known.collect();
-    let help = did_you_mean(name, known.iter().copied()).unwrap_or_else(|| {
-        "references name a param declared under the top-level `params:`".to_string()
-    });
     Problem::new(format!("reference to unknown param `{name}`"))
         .at(at, "no such param")
-        .help(help)
+        .suggest(name, known, || {
+            "references name a param declared under the top-level `params:`".to_string()
+        })
 }
 
 /// What a stage's params, inputs and resources can reference: resolved top-level params, and
@@ -173,13 +166,8 @@ pub struct StageScope<'a> {
 }
 
 impl RefSource for StageScope<'_> {
-    fn lookup(
-        &mut self,
-        root: &str,
-        rest: &str,
-        at: SourceSpan,
-        problems: &mut Vec<Problem>,
-    ) -> Option<Node> {
+    fn lookup(&mut self, r: RefRoot, problems: &mut Vec<Problem>) -> Option<Node> {
+        let RefRoot { root, rest, at } = r;
         if root == "matrix" {
             let Some(cell) = self.matrix else {
                 problems.push(
@@ -195,21 +183,14 @@ impl RefSource for StageScope<'_> {
             return match cell.get(rest) {
                 Some(v) => Some(v.clone()),
                 None => {
-                    let help =
-                        did_you_mean(rest, cell.keys().map(String::as_str)).unwrap_or_else(|| {
-                            format!(
-                                "this stage's axes are {}",
-                                crate::diagnostics::list_names(cell.keys().map(String::as_str))
-                            )
-                        });
-                    problems.push(
-                        Problem::new(format!(
-                            "stage `{}` has no matrix axis `{rest}`",
-                            self.stage
-                        ))
-                        .at(at, "unknown axis")
-                        .help(help),
-                    );
+                    let axes = || cell.keys().map(String::as_str);
+                    let listed = || format!("this stage's axes are {}", list_names(axes()));
+                    let message = format!("stage `{}` has no matrix axis `{rest}`", self.stage);
+                    problems.push(Problem::new(message).at(at, "unknown axis").suggest(
+                        rest,
+                        axes(),
+                        listed,
+                    ));
                     None
                 }
             };

@@ -186,18 +186,20 @@ pub fn weight(node: &Node) -> (usize, usize) {
     (nodes, bytes)
 }
 
-/// Resolves the root name of a reference (`seed` in `${seed.x}`, or `matrix` for
-/// `${matrix.axis}`: then `rest` is the axis).
+/// A reference being resolved: its root name (`seed` in `${seed.x}`, or `matrix` for
+/// `${matrix.axis}`), the rest of its dotted path (`x`, or the axis; may be empty), and where
+/// it is written.
+#[derive(Clone, Copy, Debug)]
+pub struct RefRoot<'a> {
+    pub root: &'a str,
+    pub rest: &'a str,
+    pub at: SourceSpan,
+}
+
+/// Resolves the root name of a reference.
 pub trait RefSource {
-    /// The value `root` stands for, or `None` after reporting why there is none. `at` is
-    /// where the reference is written; `rest` the remaining dotted path (may be empty).
-    fn lookup(
-        &mut self,
-        root: &str,
-        rest: &str,
-        at: SourceSpan,
-        problems: &mut Vec<Problem>,
-    ) -> Option<Node>;
+    /// The value `r.root` stands for, or `None` after reporting why there is none.
+    fn lookup(&mut self, r: RefRoot, problems: &mut Vec<Problem>) -> Option<Node>;
 
     /// The load's budget for what references copy.
     fn budget(&self) -> &CopyBudget;
@@ -355,7 +357,7 @@ fn lookup_path(
         path
     };
     let (root, rest) = path.split_once('.').unwrap_or((path, ""));
-    let value = src.lookup(root, rest, at, problems)?;
+    let value = src.lookup(RefRoot { root, rest, at }, problems)?;
     if root == "matrix" || rest.is_empty() {
         return Some(value);
     }

@@ -23,8 +23,7 @@ pub fn parse(node: &Node, problems: &mut Vec<Problem>) -> Option<Resources> {
             return Some(res);
         }
         problems.push(
-            Problem::new("`resources` must be a mapping")
-                .at(node.span, format!("this is {}", node.type_name()))
+            Problem::must_be("`resources`", "a mapping", node)
                 .help("e.g. `resources: { cpus: 2, gpus: 1, memory: 8GiB, time: 2h }`"),
         );
         return None;

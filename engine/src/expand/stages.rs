@@ -259,32 +259,33 @@ impl CellSite<'_, '_> {
                 InputSpec::Stage { stage, .. } => {
                     if !ctx.stage_set.contains(stage.as_str()) {
                         let names = ctx.stage_names.iter().copied();
-                        let help = did_you_mean(stage, names.clone()).unwrap_or_else(|| {
-                            format!("stages in this manifest: {}", list_names(names.take(30)))
-                        });
-                        problems.push(
-                            Problem::new(format!(
-                                "stage `{stage_name}`: reference to unknown stage `{stage}`"
-                            ))
-                            .at(*span, "no such stage")
-                            .help(help),
-                        );
+                        let listed = || {
+                            format!(
+                                "stages in this manifest: {}",
+                                list_names(names.clone().take(30))
+                            )
+                        };
+                        let message =
+                            format!("stage `{stage_name}`: reference to unknown stage `{stage}`");
+                        problems.push(Problem::new(message).at(*span, "no such stage").suggest(
+                            stage,
+                            names.clone(),
+                            listed,
+                        ));
                     } else if deps.seen.insert(stage.clone()) {
                         deps.list.push((stage.clone(), *span));
                     }
                 }
                 InputSpec::Model { name } if !ctx.models.contains_key(name) => {
                     let models = || ctx.models.keys().map(String::as_str);
-                    let help = did_you_mean(name, models()).unwrap_or_else(|| {
-                        format!("models in this manifest: {}", list_names(models()))
-                    });
-                    problems.push(
-                        Problem::new(format!(
-                            "stage `{stage_name}`: reference to unknown model `{name}`"
-                        ))
-                        .at(*span, "no such model")
-                        .help(help),
-                    );
+                    let listed = || format!("models in this manifest: {}", list_names(models()));
+                    let message =
+                        format!("stage `{stage_name}`: reference to unknown model `{name}`");
+                    problems.push(Problem::new(message).at(*span, "no such model").suggest(
+                        name,
+                        models(),
+                        listed,
+                    ));
                 }
                 _ => {}
             }
@@ -474,21 +475,18 @@ impl Link<'_> {
             match inst.outputs.get(output) {
                 None => {
                     let names = inst.outputs.keys().map(String::as_str);
-                    let help = did_you_mean(output, names.clone()).unwrap_or_else(|| {
-                        format!(
-                            "`{}` (kind `{}`) has outputs {}",
-                            up.name,
-                            up.kind,
-                            list_names(names)
-                        )
-                    });
+                    let listed = || {
+                        let outputs = list_names(names.clone());
+                        format!("`{}` (kind `{}`) has outputs {outputs}", up.name, up.kind)
+                    };
+                    let message = format!(
+                        "stage `{}`: stage `{}` has no output `{output}`",
+                        plan.name, up.name
+                    );
                     problems.push(
-                        Problem::new(format!(
-                            "stage `{}`: stage `{}` has no output `{output}`",
-                            plan.name, up.name
-                        ))
-                        .at(self.span, "no such output")
-                        .help(help),
+                        Problem::new(message)
+                            .at(self.span, "no such output")
+                            .suggest(output, names.clone(), listed),
                     );
                     break;
                 }
@@ -672,22 +670,17 @@ fn match_cells(
     }
     for (axis, _) in select {
         if !up.axes.contains(axis) {
-            let help =
-                did_you_mean(axis, up.axes.iter().map(String::as_str)).unwrap_or_else(|| {
-                    format!(
-                        "`{}` has axes {}",
-                        up.name,
-                        list_names(up.axes.iter().map(String::as_str))
-                    )
-                });
-            problems.push(
-                Problem::new(format!(
-                    "stage `{}`: `{}` has no matrix axis `{axis}`",
-                    plan.name, up.name
-                ))
-                .at(span, "unknown axis")
-                .help(help),
+            let axes = || up.axes.iter().map(String::as_str);
+            let listed = || format!("`{}` has axes {}", up.name, list_names(axes()));
+            let message = format!(
+                "stage `{}`: `{}` has no matrix axis `{axis}`",
+                plan.name, up.name
             );
+            problems.push(Problem::new(message).at(span, "unknown axis").suggest(
+                axis,
+                axes(),
+                listed,
+            ));
             return Vec::new();
         }
     }

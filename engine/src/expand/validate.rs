@@ -10,7 +10,7 @@
 //! an open kind in manifest order; non-nullable `Float` params always hold floats (`1` and
 //! `1.0` are equal, see [`ParamSpec::keys_as_float`]).
 
-use crate::diagnostics::{did_you_mean, list_names, Problem};
+use crate::diagnostics::{list_names, Problem};
 use crate::kind::{KindSpec, ParamError, ParamSpec, ParamType, Params, StageKind};
 use crate::manifest::yaml::{Map, Node, Value};
 use crate::pipeline::SourceSpan;
@@ -37,13 +37,11 @@ pub fn check_params(
         None | Some((Value::Null, _)) => &empty,
         Some((Value::Map(m), _)) => m,
         Some((_, n)) => {
-            problems.push(
-                Problem::new(format!(
-                    "stage `{}`: `params` must be a mapping",
-                    site.stage
-                ))
-                .at(n.span, format!("this is {}", n.type_name())),
-            );
+            problems.push(Problem::must_be(
+                format!("stage `{}`: `params`", site.stage),
+                "a mapping",
+                n,
+            ));
             return None;
         }
     };
@@ -90,17 +88,15 @@ pub fn check_params(
             continue;
         }
         let names = spec.params.iter().map(|p| p.name.as_str());
-        let help = match did_you_mean(&e.key, names.clone()) {
-            Some(d) => d,
-            None => format!("kind `{}` takes {}", spec.name, list_names(names)),
-        };
+        let listed = || format!("kind `{}` takes {}", spec.name, list_names(names.clone()));
+        let message = format!(
+            "stage `{}`: unknown param `{}` for kind `{}`",
+            site.stage, e.key, spec.name
+        );
         problems.push(
-            Problem::new(format!(
-                "stage `{}`: unknown param `{}` for kind `{}`",
-                site.stage, e.key, spec.name
-            ))
-            .at(e.key_span, "unknown param")
-            .help(help),
+            Problem::new(message)
+                .at(e.key_span, "unknown param")
+                .suggest(&e.key, names.clone(), listed),
         );
     }
     if problems.len() > before {
@@ -236,8 +232,6 @@ fn not_an_option(
     options: &[String],
 ) -> Problem {
     let names = || options.iter().map(String::as_str);
-    let help =
-        did_you_mean(s, names()).unwrap_or_else(|| format!("use one of {}", list_names(names())));
     Problem::new(format!(
         "stage `{}`: param `{}` must be one of {}",
         site.stage,
@@ -245,7 +239,7 @@ fn not_an_option(
         list_names(names())
     ))
     .at(v.span, format!("`{s}` is not an option"))
-    .help(help)
+    .suggest(s, names(), || format!("use one of {}", list_names(names())))
 }
 
 fn wrong_type(site: &ParamsSite<'_>, spec: &KindSpec, p: &ParamSpec, v: &Node) -> Problem {
@@ -267,7 +261,7 @@ fn wrong_type(site: &ParamsSite<'_>, spec: &KindSpec, p: &ParamSpec, v: &Node) -
         p.ty.describe(),
         v.type_name()
     ))
-    .at(v.span, format!("this is {}", v.type_name()))
+    .at_type_of(v)
     .help(help)
 }
 

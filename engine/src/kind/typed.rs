@@ -14,8 +14,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::{
-    derive_params, DerivedParams, InputFiles, JudgeEstimate, KindSpec, ParamError, Params,
-    PlanInputs, PortSpec, Precision, StageKind,
+    derive_params, DerivedParams, InputFiles, JudgeEstimate, KindSpec, ParamError, ParamSpec,
+    Params, PlanInputs, PortSpec, Precision, StageKind,
 };
 use crate::artifact::ArtifactType;
 use crate::context::StageContext;
@@ -108,6 +108,23 @@ impl KindInfo {
     /// For a kind that computes in another format than the standard one.
     pub fn precision(self, precision: Precision) -> Self {
         KindInfo { precision, ..self }
+    }
+
+    /// The whole [`KindSpec`]: this info with the kind's params, open or not. The blanket
+    /// [`StageKind`] impl of a [`Kind`] passes the params derived from its struct; a kind
+    /// written against [`StageKind`] directly (the engine's test and bench kinds) lists its
+    /// own, so every spec is built here.
+    pub fn into_spec(self, params: Vec<ParamSpec>, open_params: bool) -> KindSpec {
+        KindSpec {
+            name: self.name,
+            version: self.version,
+            summary: self.summary,
+            params,
+            open_params,
+            inputs: self.inputs,
+            outputs: self.outputs,
+            precision: self.precision,
+        }
     }
 }
 
@@ -238,18 +255,9 @@ fn typed<K: Kind>(kind: &K, params: &Params) -> Result<K::Params, ParamError> {
 
 impl<K: Kind> StageKind for K {
     fn spec(&self) -> KindSpec {
-        let info = self.describe();
         let derived = derived_params::<K::Params>();
-        KindSpec {
-            name: info.name,
-            version: info.version,
-            summary: info.summary,
-            params: derived.params.clone(),
-            open_params: derived.open,
-            inputs: info.inputs,
-            outputs: info.outputs,
-            precision: info.precision,
-        }
+        self.describe()
+            .into_spec(derived.params.clone(), derived.open)
     }
 
     fn outputs(&self, params: &Params) -> Vec<PortSpec> {

@@ -5,7 +5,7 @@
 //! with a "did you mean", and a malformed section is reported and skipped so that the rest
 //! of the manifest is still checked.
 
-use crate::diagnostics::{did_you_mean, list_names, Problem};
+use crate::diagnostics::{list_names, Problem};
 use crate::manifest::source::span_between;
 use crate::manifest::yaml::{Map, Node, Value};
 use crate::pipeline::SourceSpan;
@@ -101,13 +101,11 @@ pub fn suggest_name(name: &str) -> String {
 pub fn check_keys(map: &Map, allowed: &[&str], what: &str, problems: &mut Vec<Problem>) {
     for e in &map.entries {
         if !allowed.contains(&e.key.as_str()) {
-            let hint = did_you_mean(&e.key, allowed.iter().copied()).unwrap_or_else(|| {
-                format!("{what} keys are {}", list_names(allowed.iter().copied()))
-            });
+            let listed = || format!("{what} keys are {}", list_names(allowed.iter().copied()));
             problems.push(
                 Problem::new(format!("unknown {what} key `{}`", e.key))
                     .at(e.key_span, "unknown key")
-                    .help(hint),
+                    .suggest(&e.key, allowed.iter().copied(), listed),
             );
         }
     }
@@ -120,8 +118,7 @@ pub fn expect_map<'n>(node: &'n Node, what: &str, problems: &mut Vec<Problem>) -
         Value::Null => None,
         _ => {
             problems.push(
-                Problem::new(format!("{what} must be a mapping"))
-                    .at(node.span, format!("this is {}", node.type_name()))
+                Problem::must_be(what, "a mapping", node)
                     .help("write it as `key: value` lines indented below, or `{ key: value }`"),
             );
             None
@@ -145,8 +142,11 @@ pub fn read(mut root: Node, problems: &mut Vec<Problem>) -> RawManifest {
             Value::Null => Problem::new("the manifest is empty")
                 .at(root.span, "nothing here")
                 .help("a manifest needs at least `stages:`; see the README for an example"),
-            _ => Problem::new("a manifest must be a YAML mapping with `stages:` and optional `params:`, `models:`, ...")
-                .at(root.span, format!("this is {}", root.type_name())),
+            _ => Problem::must_be(
+                "a manifest",
+                "a YAML mapping with `stages:` and optional `params:`, `models:`, ...",
+                &root,
+            ),
         };
         problems.push(p);
         return raw;
@@ -183,10 +183,7 @@ pub fn read(mut root: Node, problems: &mut Vec<Problem>) -> RawManifest {
                     span: v.span,
                 })
             }
-            _ => problems.push(
-                Problem::new("`name` must be a string")
-                    .at(v.span, format!("this is {}", v.type_name())),
-            ),
+            _ => problems.push(Problem::must_be("`name`", "a string", v)),
         }
     }
     if let Some(v) = top.get("params") {
@@ -260,13 +257,11 @@ fn read_models(map: &Map, problems: &mut Vec<Problem>) -> Vec<RawModel> {
                 }
             }
             _ => {
-                problems.push(
-                    Problem::new(format!(
-                        "model `{}` must be a mapping with a `source`",
-                        e.key
-                    ))
-                    .at(e.value.span, format!("this is {}", e.value.type_name())),
-                );
+                problems.push(Problem::must_be(
+                    format!("model `{}`", e.key),
+                    "a mapping with a `source`",
+                    &e.value,
+                ));
                 continue;
             }
         };
@@ -310,12 +305,11 @@ fn read_stage(
         return None;
     }
     let Value::Map(m) = &node.value else {
-        problems.push(
-            Problem::new(format!(
-                "stage `{name}` must be a mapping with at least `kind:`"
-            ))
-            .at(node.span, format!("this is {}", node.type_name())),
-        );
+        problems.push(Problem::must_be(
+            format!("stage `{name}`"),
+            "a mapping with at least `kind:`",
+            &node,
+        ));
         return None;
     };
     check_keys(m, STAGE_KEYS, "stage", problems);
@@ -326,10 +320,11 @@ fn read_stage(
                 span: k.span,
             }),
             _ => {
-                problems.push(
-                    Problem::new(format!("stage `{name}`: `kind` must be a string"))
-                        .at(k.span, format!("this is {}", k.type_name())),
-                );
+                problems.push(Problem::must_be(
+                    format!("stage `{name}`: `kind`"),
+                    "a string",
+                    k,
+                ));
                 return None;
             }
         },

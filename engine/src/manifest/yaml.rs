@@ -186,6 +186,21 @@ impl Node {
     }
 }
 
+impl Problem {
+    /// Labels `node` with what it is ("this is a list"): how every problem with a value of the
+    /// wrong type or shape points at that value. Here, next to [`Node::type_name`], because
+    /// `diagnostics` knows nothing of the YAML tree.
+    pub fn at_type_of(self, node: &Node) -> Self {
+        self.at(node.span, format!("this is {}", node.type_name()))
+    }
+
+    /// "`what` must be `shape`" (e.g. "stage `a`: `inputs`", "a mapping of port -> reference"),
+    /// at `node`, labelled with what it is instead.
+    pub fn must_be(what: impl std::fmt::Display, shape: &str, node: &Node) -> Self {
+        Problem::new(format!("{what} must be {shape}")).at_type_of(node)
+    }
+}
+
 /// Maps saphyr's character indices to global byte offsets.
 struct Offsets {
     base: usize,
@@ -746,7 +761,7 @@ impl<'t> Builder<'t> {
                 _ => {
                     self.problems.push(
                         Problem::new("a merge key `<<` takes a mapping or a list of mappings")
-                            .at(merge.span, format!("this is {}", merge.type_name()))
+                            .at_type_of(&merge)
                             .help("write `<<: *anchor` where `anchor` names a mapping"),
                     );
                     continue;
@@ -763,7 +778,7 @@ impl<'t> Builder<'t> {
                     }
                     _ => self.problems.push(
                         Problem::new("a merge key `<<` takes a mapping or a list of mappings")
-                            .at(source.span, format!("this is {}", source.type_name())),
+                            .at_type_of(&source),
                     ),
                 }
             }

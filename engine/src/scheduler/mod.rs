@@ -32,6 +32,7 @@ use crate::artifact::ArtifactType;
 use crate::console::Reporter;
 use crate::executor::Executor;
 use crate::job::{Job, JobArtifact, JobMode};
+use crate::judge_cost::BeforeRun;
 use crate::kind::Registry;
 use crate::pipeline::Pipeline;
 use crate::plan::{Planner, StageStatus, State};
@@ -171,7 +172,8 @@ pub fn run_pipeline(
     if opts.dry_run {
         return dry_run(plan, env, opts, run_id, clock);
     }
-    crate::judge_cost::guard(
+    crate::judge_cost::before_run(
+        BeforeRun::Guard,
         &mut plan.planner,
         &plan.statuses,
         &opts.judge,
@@ -252,7 +254,8 @@ fn dry_run(
     for (_, s) in &plan.statuses {
         plan_line(&env.reporter, s);
     }
-    crate::judge_cost::dry_run_report(
+    crate::judge_cost::before_run(
+        BeforeRun::Report,
         &mut plan.planner,
         &plan.statuses,
         &opts.judge,

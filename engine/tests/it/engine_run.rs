@@ -16,8 +16,8 @@ use emflow_engine::pipeline::{InputRef, Pipeline, Resources, SourceSpan, StageIn
 use emflow_engine::plan::State;
 use emflow_engine::scheduler::{RunOptions, StageResult};
 use emflow_engine::{
-    ArtifactType, KindSpec, ModelFetcher, ParamSpec, ParamType, PortSpec, Progress, Registry,
-    StageContext, StageKind,
+    KindInfo, KindSpec, ModelFetcher, ParamSpec, ParamType, Progress, Registry, StageContext,
+    StageKind,
 };
 use serde_json::{json, Value};
 
@@ -27,19 +27,13 @@ use crate::support::workdir::{append_line, log_run, run_quiet, Emit, Workdir};
 struct Upper;
 impl StageKind for Upper {
     fn spec(&self) -> KindSpec {
-        KindSpec {
-            name: "upper",
-            version: 1,
-            summary: "upper-cases a file",
-            params: vec![
-                ParamSpec::required("log", ParamType::String, ""),
-                ParamSpec::optional("fail", ParamType::Bool, json!(false), ""),
-            ],
-            open_params: false,
-            precision: Default::default(),
-            inputs: vec![PortSpec::input("in", ArtifactType::File, "")],
-            outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
-        }
+        let params = vec![
+            ParamSpec::required("log", ParamType::String, ""),
+            ParamSpec::optional("fail", ParamType::Bool, json!(false), ""),
+        ];
+        KindInfo::new("upper", 1, "upper-cases a file")
+            .ports("in in file \n out out file")
+            .into_spec(params, false)
     }
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
         log_run(ctx)?;
@@ -71,16 +65,10 @@ impl ModelFetcher for FakeFetcher {
 struct Resumable;
 impl StageKind for Resumable {
     fn spec(&self) -> KindSpec {
-        KindSpec {
-            name: "resumable",
-            version: 1,
-            summary: "checkpoints and stops",
-            params: vec![ParamSpec::required("log", ParamType::String, "")],
-            open_params: false,
-            precision: Default::default(),
-            inputs: vec![],
-            outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
-        }
+        let log = ParamSpec::required("log", ParamType::String, "");
+        KindInfo::new("resumable", 1, "checkpoints and stops")
+            .ports("out out file")
+            .into_spec(vec![log], false)
     }
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
         log_run(ctx)?;
@@ -203,6 +191,26 @@ impl Workdir {
         self.run_with(registry(), pipeline, opts)
     }
 
+    /// Runs `pipeline` with [`opts`]: the stages that executed (see [`Workdir::executed`]).
+    fn executed_by(&self, pipeline: &Pipeline) -> Vec<String> {
+        self.run(pipeline, opts());
+        self.executed()
+    }
+
+    /// The chain with its usual values (text `x`, no note, lr 0.1), run once and the run log
+    /// cleared: the start of the tests that edit it or look at its results.
+    fn ran_chain(&self) -> Pipeline {
+        let p = self.chain("x", "", json!(0.1));
+        self.executed_by(&p);
+        p
+    }
+
+    /// Runs `first`, then `second` on the same store: the stages the second run executed.
+    fn executed_by_rerun(&self, first: &Pipeline, second: &Pipeline) -> Vec<String> {
+        self.executed_by(first);
+        self.executed_by(second)
+    }
+
     fn run_with(
         &self,
         registry: Registry,
@@ -255,8 +263,7 @@ fn second_run_does_no_work_and_says_so_for_every_stage() {
 #[test]
 fn a_param_change_reruns_exactly_the_affected_stages_and_status_names_it() {
     let fx = Fixture::new();
-    fx.run(&fx.chain("x", "", json!(0.1)), opts());
-    fx.executed();
+    fx.ran_chain();
     let edited = fx.chain("x", "", json!(0.2));
     let statuses = commands::status(
         &edited,
@@ -290,36 +297,35 @@ fn a_param_change_reruns_exactly_the_affected_stages_and_status_names_it() {
 #[test]
 fn an_upstream_rerun_with_identical_bytes_leaves_downstream_cached() {
     let fx = Fixture::new();
-    fx.run(&fx.chain("x", "first", json!(0.1)), opts());
-    fx.executed();
-    fx.run(&fx.chain("x", "second", json!(0.1)), opts());
+    let first = fx.chain("x", "first", json!(0.1));
+    let renoted = fx.chain("x", "second", json!(0.1));
     assert_eq!(
-        fx.executed(),
+        fx.executed_by_rerun(&first, &renoted),
         ["a"],
         "only a's key changed; b sees the same bytes"
     );
-    fx.run(&fx.chain("y", "second", json!(0.1)), opts());
-    assert_eq!(fx.executed(), ["a", "b"], "different bytes do invalidate b");
+    let retexted = fx.chain("y", "second", json!(0.1));
+    assert_eq!(
+        fx.executed_by(&retexted),
+        ["a", "b"],
+        "different bytes do invalidate b"
+    );
 }
 
 #[test]
 fn one_and_one_point_zero_key_the_same_for_float_params() {
     let fx = Fixture::new();
-    fx.run(&fx.chain("x", "", json!(1)), opts());
-    fx.executed();
-    fx.run(&fx.chain("x", "", json!(1.0)), opts());
-    assert!(fx.executed().is_empty());
+    let int = fx.chain("x", "", json!(1));
+    let float = fx.chain("x", "", json!(1.0));
+    assert!(fx.executed_by_rerun(&int, &float).is_empty());
 }
 
 #[test]
 fn an_input_file_edit_reruns_its_reader() {
     let fx = Fixture::new();
-    let p = fx.chain("x", "", json!(0.1));
-    fx.run(&p, opts());
-    fx.executed();
+    let p = fx.ran_chain();
     std::fs::write(fx.dir.path().join("data.txt"), "changed").unwrap();
-    fx.run(&p, opts());
-    assert_eq!(fx.executed(), ["e"]);
+    assert_eq!(fx.executed_by(&p), ["e"]);
 }
 
 #[test]
@@ -416,8 +422,7 @@ fn only_runs_the_stage_and_its_missing_upstream_and_force_reruns() {
 fn check_fails_after_a_key_changing_edit_and_passes_after_lock() {
     let fx = Fixture::new();
     let reg = registry();
-    let p = fx.chain("x", "", json!(0.1));
-    fx.run(&p, opts());
+    let p = fx.ran_chain();
     commands::lock(&p, &reg, &fx.store).unwrap();
     let lock_text = std::fs::read_to_string(fx.dir.path().join("emflow.lock")).unwrap();
     commands::lock(&p, &reg, &fx.store).unwrap();
@@ -448,8 +453,7 @@ fn check_fails_after_a_key_changing_edit_and_passes_after_lock() {
 fn verify_reports_reproducible_stages() {
     let fx = Fixture::new();
     let reg = registry();
-    let p = fx.chain("x", "", json!(0.1));
-    fx.run(&p, opts());
+    let p = fx.ran_chain();
     let executor = InProcessExecutor::new(reg.clone(), fx.store.clone());
     let results = commands::verify(
         &p,

@@ -13,8 +13,8 @@ use emflow_engine::kind::estimated_tokens;
 use emflow_engine::pipeline::Pipeline;
 use emflow_engine::scheduler::{RunOptions, RunSummary};
 use emflow_engine::{
-    ArtifactType, JudgeEstimate, KindSpec, ParamSpec, ParamType, Params, PlanInputs, PortSpec,
-    Registry, StageContext, StageKind,
+    JudgeEstimate, KindInfo, KindSpec, ParamSpec, ParamType, Params, PlanInputs, Registry,
+    StageContext, StageKind,
 };
 use serde_json::json;
 
@@ -24,16 +24,10 @@ use crate::support::workdir::{log_run, Emit, Workdir};
 struct Copy;
 impl StageKind for Copy {
     fn spec(&self) -> KindSpec {
-        KindSpec {
-            name: "copy",
-            version: 1,
-            summary: "copies a file",
-            params: vec![ParamSpec::required("log", ParamType::String, "")],
-            open_params: false,
-            precision: Default::default(),
-            inputs: vec![PortSpec::input("in", ArtifactType::File, "")],
-            outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
-        }
+        let log = ParamSpec::required("log", ParamType::String, "");
+        KindInfo::new("copy", 1, "copies a file")
+            .ports("in in file \n out out file")
+            .into_spec(vec![log], false)
     }
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
         log_run(ctx)?;
@@ -54,21 +48,15 @@ impl StageKind for Copy {
 struct Judged;
 impl StageKind for Judged {
     fn spec(&self) -> KindSpec {
-        KindSpec {
-            name: "judged",
-            version: 1,
-            summary: "calls a judge per line",
-            params: vec![
-                ParamSpec::required("log", ParamType::String, ""),
-                ParamSpec::optional("samples", ParamType::Int, json!(1), ""),
-                ParamSpec::optional("judge", ParamType::String, json!("api-model"), ""),
-                ParamSpec::optional("local", ParamType::Bool, json!(false), ""),
-            ],
-            open_params: false,
-            precision: Default::default(),
-            inputs: vec![PortSpec::input("items", ArtifactType::File, "")],
-            outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
-        }
+        let params = vec![
+            ParamSpec::required("log", ParamType::String, ""),
+            ParamSpec::optional("samples", ParamType::Int, json!(1), ""),
+            ParamSpec::optional("judge", ParamType::String, json!("api-model"), ""),
+            ParamSpec::optional("local", ParamType::Bool, json!(false), ""),
+        ];
+        KindInfo::new("judged", 1, "calls a judge per line")
+            .ports("in items file \n out out file")
+            .into_spec(params, false)
     }
     fn judge_estimate(
         &self,

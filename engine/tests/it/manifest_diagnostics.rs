@@ -1,7 +1,8 @@
 //! Every class of manifest mistake is reported at the right line and column, with a hint.
 
-use crate::support::manifest::{errors, errors_with, expect_problem, load};
-use emflow_engine::expand::LoadOptions;
+use crate::support::manifest::{
+    errors, errors_with, expect_problem, expect_problems, load, options,
+};
 
 #[test]
 fn yaml_syntax_error_is_located() {
@@ -24,18 +25,20 @@ fn tab_indentation_gets_its_own_hint() {
 #[test]
 fn unknown_top_level_and_stage_keys_suggest_the_right_one() {
     let src = "emflow: 1\nparms:\n  x: 1\nstages:\n  a:\n    kind: gen\n    parmas: {n: 1}\n";
-    let errs = errors(src);
-    expect_problem(
-        &errs,
-        "unknown top-level key `parms`",
-        "m.yaml:2:1",
-        "did you mean `params`?",
-    );
-    expect_problem(
-        &errs,
-        "unknown stage key `parmas`",
-        "m.yaml:7:5",
-        "did you mean `params`?",
+    expect_problems(
+        &errors(src),
+        &[
+            (
+                "unknown top-level key `parms`",
+                "m.yaml:2:1",
+                "did you mean `params`?",
+            ),
+            (
+                "unknown stage key `parmas`",
+                "m.yaml:7:5",
+                "did you mean `params`?",
+            ),
+        ],
     );
 }
 
@@ -91,61 +94,67 @@ stages:
       ops: {take: 1}
 ";
     let errs = errors(src);
-    expect_problem(
+    expect_problems(
         &errs,
-        "param `n` must be an integer, not a float",
-        "m.yaml:6:10",
-        "rows to make",
-    );
-    expect_problem(
-        &errs,
-        "param `lr` must be a number, not a string",
-        "m.yaml:7:11",
-        "a float",
-    );
-    expect_problem(
-        &errs,
-        "param `mode` must be one of `fast`, `slow`",
-        "m.yaml:8:13",
-        "use one of `fast`, `slow`",
-    );
-    expect_problem(
-        &errs,
-        "param `label` must be a string, not an integer",
-        "m.yaml:9:14",
-        "quote it",
-    );
-    expect_problem(
-        &errs,
-        "param `flag` must be a boolean, not a string",
-        "m.yaml:10:13",
-        "a flag",
-    );
-    expect_problem(
-        &errs,
-        "param `ops` must be a list, not a mapping",
-        "m.yaml:11:12",
-        "operations",
+        &[
+            (
+                "param `n` must be an integer, not a float",
+                "m.yaml:6:10",
+                "rows to make",
+            ),
+            (
+                "param `lr` must be a number, not a string",
+                "m.yaml:7:11",
+                "a float",
+            ),
+            (
+                "param `mode` must be one of `fast`, `slow`",
+                "m.yaml:8:13",
+                "use one of `fast`, `slow`",
+            ),
+            (
+                "param `label` must be a string, not an integer",
+                "m.yaml:9:14",
+                "quote it",
+            ),
+            (
+                "param `flag` must be a boolean, not a string",
+                "m.yaml:10:13",
+                "a flag",
+            ),
+            (
+                "param `ops` must be a list, not a mapping",
+                "m.yaml:11:12",
+                "operations",
+            ),
+        ],
     );
     assert_eq!(errs.problems().len(), 6, "{}", errs.render_plain());
 }
 
 #[test]
 fn missing_required_param_points_at_params() {
-    let errs = errors("emflow: 1\nstages:\n  a:\n    kind: gen\n    params:\n      lr: 1\n");
-    expect_problem(
-        &errs,
-        "missing required param `n` of kind `gen`",
-        "m.yaml:5:5",
-        "add `n: ...`",
-    );
-    let errs = errors("emflow: 1\nstages:\n  a:\n    kind: gen\n");
-    expect_problem(
-        &errs,
-        "missing required param `n`",
-        "m.yaml:3:3",
-        "an integer: rows to make",
-    );
+    let cases = [
+        (
+            "emflow: 1\nstages:\n  a:\n    kind: gen\n    params:\n      lr: 1\n",
+            (
+                "missing required param `n` of kind `gen`",
+                "m.yaml:5:5",
+                "add `n: ...`",
+            ),
+        ),
+        (
+            "emflow: 1\nstages:\n  a:\n    kind: gen\n",
+            (
+                "missing required param `n`",
+                "m.yaml:3:3",
+                "an integer: rows to make",
+            ),
+        ),
+    ];
+    for (src, expected) in cases {
+        expect_problems(&errors(src), &[expected]);
+    }
 }
 
 #[test]
@@ -164,39 +173,40 @@ stages:
     kind: train
     inputs: {data: dta.data, model: models.bsae}
 ";
-    let errs = errors(src);
-    // `${sede}` inside quotes: the label points at the reference itself.
-    expect_problem(
-        &errs,
-        "reference to unknown param `sede`",
-        "m.yaml:9:18",
-        "did you mean `seed`?",
-    );
-    expect_problem(
-        &errs,
-        "reference to unknown param `nope`",
-        "m.yaml:9:48",
-        "top-level `params:`",
-    );
-    expect_problem(
-        &errs,
-        "reference to unknown stage `dta`",
-        "m.yaml:12:20",
-        "did you mean `data`?",
-    );
-    expect_problem(
-        &errs,
-        "reference to unknown model `bsae`",
-        "m.yaml:12:37",
-        "did you mean `base`?",
+    expect_problems(
+        &errors(src),
+        &[
+            // `${sede}` inside quotes: the label points at the reference itself.
+            (
+                "reference to unknown param `sede`",
+                "m.yaml:9:18",
+                "did you mean `seed`?",
+            ),
+            (
+                "reference to unknown param `nope`",
+                "m.yaml:9:48",
+                "top-level `params:`",
+            ),
+            (
+                "reference to unknown stage `dta`",
+                "m.yaml:12:20",
+                "did you mean `data`?",
+            ),
+            (
+                "reference to unknown model `bsae`",
+                "m.yaml:12:37",
+                "did you mean `base`?",
+            ),
+        ],
     );
     let src = "emflow: 1\nstages:\n  data: {kind: gen, params: {n: 1}}\n  t: {kind: train, inputs: {data: data.dat}}\n";
-    let errs = errors(src);
-    expect_problem(
-        &errs,
-        "stage `data` has no output `dat`",
-        "m.yaml:4:35",
-        "did you mean `data`?",
+    expect_problems(
+        &errors(src),
+        &[(
+            "stage `data` has no output `dat`",
+            "m.yaml:4:35",
+            "did you mean `data`?",
+        )],
     );
 }
 
@@ -224,18 +234,20 @@ stages:
     inputs:
       dta: data.data
 ";
-    let errs = errors(src);
-    expect_problem(
-        &errs,
-        "kind `train` has no input port `dta`",
-        "m.yaml:7:7",
-        "did you mean `data`?",
-    );
-    expect_problem(
-        &errs,
-        "required input port `data` of kind `train` is not wired",
-        "m.yaml:6:5",
-        "messages expected",
+    expect_problems(
+        &errors(src),
+        &[
+            (
+                "kind `train` has no input port `dta`",
+                "m.yaml:7:7",
+                "did you mean `data`?",
+            ),
+            (
+                "required input port `data` of kind `train` is not wired",
+                "m.yaml:6:5",
+                "messages expected",
+            ),
+        ],
     );
 }
 
@@ -275,18 +287,20 @@ stages:
     params: {seed: '${matrix.seed}'}
   e: {kind: eval, inputs: {adapter: sweep.adapter}}
 ";
-    let errs = errors(src);
-    expect_problem(
-        &errs,
-        "input port `data` takes one artifact, but is fed 2",
-        "m.yaml:7:20",
-        "only many-ports",
-    );
-    expect_problem(
-        &errs,
-        "input port `adapter` takes one artifact, but its reference matches 2 matrix cells",
-        "m.yaml:13:37",
-        "select one cell",
+    expect_problems(
+        &errors(src),
+        &[
+            (
+                "input port `data` takes one artifact, but is fed 2",
+                "m.yaml:7:20",
+                "only many-ports",
+            ),
+            (
+                "input port `adapter` takes one artifact, but its reference matches 2 matrix cells",
+                "m.yaml:13:37",
+                "select one cell",
+            ),
+        ],
     );
 }
 
@@ -325,39 +339,34 @@ stages:
 #[test]
 fn set_on_a_missing_path_says_which_part() {
     let src = "emflow: 1\nparams: {seed: 0}\nstages:\n  data: {kind: gen, params: {n: 1}}\n";
-    let opts = LoadOptions {
-        profile: None,
-        sets: vec!["stages.dat.params.n=3".into()],
-    };
-    let errs = errors_with(src, &opts);
-    expect_problem(
-        &errs,
-        "--set: `stages` has no `dat`",
-        "--set #1:1:8",
-        "did you mean `data`?",
-    );
-    // A value of the wrong type given with --set is shown in the argument.
-    let opts = LoadOptions {
-        profile: None,
-        sets: vec!["stages.data.params.n=many".into()],
-    };
-    let errs = errors_with(src, &opts);
-    expect_problem(
-        &errs,
-        "param `n` must be an integer, not a string",
-        "--set #1:1:22",
-        "rows to make",
-    );
+    let cases = [
+        (
+            "stages.dat.params.n=3",
+            (
+                "--set: `stages` has no `dat`",
+                "--set #1:1:8",
+                "did you mean `data`?",
+            ),
+        ),
+        // A value of the wrong type given with --set is shown in the argument.
+        (
+            "stages.data.params.n=many",
+            (
+                "param `n` must be an integer, not a string",
+                "--set #1:1:22",
+                "rows to make",
+            ),
+        ),
+    ];
+    for (set, expected) in cases {
+        expect_problems(&errors_with(src, &options(None, &[set])), &[expected]);
+    }
 }
 
 #[test]
 fn unknown_profile_lists_the_profiles() {
     let src = "emflow: 1\nparams: {n: 1}\nprofiles:\n  ci: {n: 2}\n  smoke: {n: 3}\nstages:\n  data: {kind: gen, params: {n: '${n}'}}\n";
-    let opts = LoadOptions {
-        profile: Some("cj".into()),
-        sets: vec![],
-    };
-    let errs = errors_with(src, &opts);
+    let errs = errors_with(src, &options(Some("cj"), &[]));
     let p = expect_problem(
         &errs,
         "unknown profile `cj`",
@@ -393,30 +402,22 @@ stages:
     params: {n: 1}
     resources: {cpus: 0, memory: 4 gigs, time: 2 hours, gpu: 1}
 ";
-    let errs = errors(src);
-    expect_problem(
-        &errs,
-        "`cpus` must be a whole number of at least 1",
-        "m.yaml:6:23",
-        "cpus: 4",
-    );
-    expect_problem(
-        &errs,
-        "`memory` is not a size",
-        "m.yaml:6:34",
-        "`512MiB`, `4GiB`",
-    );
-    expect_problem(
-        &errs,
-        "`time` is not a duration",
-        "m.yaml:6:48",
-        "`1:30:00`",
-    );
-    expect_problem(
-        &errs,
-        "unknown resources key `gpu`",
-        "m.yaml:6:57",
-        "did you mean `gpus`?",
+    expect_problems(
+        &errors(src),
+        &[
+            (
+                "`cpus` must be a whole number of at least 1",
+                "m.yaml:6:23",
+                "cpus: 4",
+            ),
+            ("`memory` is not a size", "m.yaml:6:34", "`512MiB`, `4GiB`"),
+            ("`time` is not a duration", "m.yaml:6:48", "`1:30:00`"),
+            (
+                "unknown resources key `gpu`",
+                "m.yaml:6:57",
+                "did you mean `gpus`?",
+            ),
+        ],
     );
 }
 
@@ -495,20 +496,17 @@ stages:
 
 #[test]
 fn invalid_names_and_duplicate_keys() {
-    let errs = errors("emflow: 1\nstages:\n  Data-Prep: {kind: gen, params: {n: 1}}\n");
-    expect_problem(
-        &errs,
-        "invalid stage name `Data-Prep`",
-        "m.yaml:3:3",
-        "`data_prep`",
-    );
-    let errs = errors(
-        "emflow: 1\nstages:\n  a: {kind: gen, params: {n: 1}}\n  a: {kind: gen, params: {n: 2}}\n",
-    );
-    expect_problem(
-        &errs,
-        "key `a` appears twice",
-        "m.yaml:4:3",
-        "remove one of them",
-    );
+    let cases = [
+        (
+            "emflow: 1\nstages:\n  Data-Prep: {kind: gen, params: {n: 1}}\n",
+            ("invalid stage name `Data-Prep`", "m.yaml:3:3", "`data_prep`"),
+        ),
+        (
+            "emflow: 1\nstages:\n  a: {kind: gen, params: {n: 1}}\n  a: {kind: gen, params: {n: 2}}\n",
+            ("key `a` appears twice", "m.yaml:4:3", "remove one of them"),
+        ),
+    ];
+    for (src, expected) in cases {
+        expect_problems(&errors(src), &[expected]);
+    }
 }

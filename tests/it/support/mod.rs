@@ -35,6 +35,37 @@ pub fn paper_data_root() -> Option<(PathBuf, String)> {
     Some((data, set))
 }
 
+/// What a test of `manifests/paper.yaml`'s `paper` profile on the paper's data starts from:
+/// a fresh store, the data, and the arguments that name both.
+pub struct PaperProfile {
+    pub store: tempfile::TempDir,
+    /// The paper's data (absolute).
+    pub data: PathBuf,
+    /// `data_root=DATA`, for `--set`.
+    set: String,
+}
+
+impl PaperProfile {
+    /// `None` when the paper's data is missing (the test skips; see [`paper_data_root`]).
+    pub fn new() -> Option<PaperProfile> {
+        let (data, set) = paper_data_root()?;
+        let store = tempfile::tempdir().unwrap();
+        Some(PaperProfile { store, data, set })
+    }
+
+    /// The arguments after the command: `manifests/paper.yaml --profile paper --set
+    /// data_root=DATA`.
+    pub fn args(&self) -> [&str; 5] {
+        [
+            "manifests/paper.yaml",
+            "--profile",
+            "paper",
+            "--set",
+            &self.set,
+        ]
+    }
+}
+
 /// Runs `cmd` to its end.
 pub fn output(cmd: &mut Command) -> Output {
     cmd.output()
@@ -47,6 +78,14 @@ pub fn succeed(cmd: &mut Command) -> String {
     let out = output(cmd);
     assert!(out.status.success(), "{cmd:?} failed:\n{}", text(&out));
     text(&out)
+}
+
+/// Runs `cmd`, fails the test (showing stdout and stderr) unless it succeeds, and returns its
+/// stdout as text.
+pub fn stdout_of(cmd: &mut Command) -> String {
+    let out = output(cmd);
+    assert!(out.status.success(), "{cmd:?} failed:\n{}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// stdout, then stderr, as text.
@@ -71,6 +110,49 @@ pub fn scratch(name: &str) -> PathBuf {
 /// Writes `text` as `m.yaml` in `dir`, the manifest the tests' commands name.
 pub fn write_manifest(dir: &Path, text: &str) {
     std::fs::write(dir.join("m.yaml"), text).unwrap();
+}
+
+/// A [`scratch`] folder holding `manifest` as `m.yaml`.
+pub fn scratch_with_manifest(name: &str, manifest: &str) -> PathBuf {
+    let dir = scratch(name);
+    write_manifest(&dir, manifest);
+    dir
+}
+
+/// Starts `cmd`, its output piped when `capture` (else discarded), and waits (up to a
+/// minute) until `started` holds: a driver in the middle of a stage, named `stage` in the
+/// timeout message.
+pub fn start_and_wait_for(
+    cmd: &mut Command,
+    stage: &str,
+    capture: bool,
+    started: impl FnMut() -> bool,
+) -> std::process::Child {
+    let stdio = || {
+        if capture {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        }
+    };
+    let child = cmd
+        .stdout(stdio())
+        .stderr(stdio())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    wait_for(
+        &format!("the {stage} stage to start"),
+        Duration::from_secs(60),
+        started,
+    );
+    child
+}
+
+/// [`start_and_wait_for`], then SIGKILL and reap it: a driver killed in the middle of a stage.
+pub fn kill_when_started(cmd: &mut Command, stage: &str, started: impl FnMut() -> bool) {
+    let mut child = start_and_wait_for(cmd, stage, false, started);
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
 }
 
 /// Polls `ready` (after 20 ms, then less often, up to every 200 ms: some checks start

@@ -196,56 +196,56 @@ pub fn squeue(ids: &[String]) -> anyhow::Result<HashMap<String, JobState>> {
         }
         return Err(anyhow!("squeue failed: {}", err.trim()));
     }
-    Ok(text
-        .lines()
+    Ok(job_states(&text))
+}
+
+/// `id|state` lines (what `squeue` and `sacct` are asked to print): id -> state.
+fn job_states(text: &str) -> HashMap<String, JobState> {
+    text.lines()
         .filter_map(|l| {
             let (id, state) = l.trim().split_once('|')?;
             Some((id.to_string(), JobState::parse(state)))
         })
-        .collect())
+        .collect()
+}
+
+/// The standard output of a Slurm query that succeeded. `running` is the context when the
+/// command cannot start; a failure quotes its standard error.
+fn query(cmd: &mut Command, running: &'static str) -> anyhow::Result<String> {
+    let out = cmd.output().context(running)?;
+    if !out.status.success() {
+        return Err(anyhow!(
+            "{} failed: {}",
+            cmd.get_program().to_string_lossy(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// One `sacct -c` (job completion records) for `ids`: id -> state of the ended ones.
 fn sacct(ids: &[String]) -> anyhow::Result<HashMap<String, JobState>> {
-    let out = Command::new("sacct")
-        .args(["-c", "--noheader", "--parsable2", "--format=JobID,State"])
-        .arg(format!("--jobs={}", ids.join(",")))
-        .output()
-        .context("running sacct")?;
-    if !out.status.success() {
-        return Err(anyhow!(
-            "sacct failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let (id, state) = l.trim().split_once('|')?;
-            Some((id.to_string(), JobState::parse(state)))
-        })
-        .collect())
+    let mut cmd = Command::new("sacct");
+    cmd.args(["-c", "--noheader", "--parsable2", "--format=JobID,State"])
+        .arg(format!("--jobs={}", ids.join(",")));
+    Ok(job_states(&query(&mut cmd, "running sacct")?))
 }
 
 /// Active jobs whose name starts with `emflow-`: stage key (the comment) -> (job id,
 /// working folder). Lets a restarted driver find jobs its journal may not name.
 pub fn active_emflow_jobs() -> anyhow::Result<HashMap<String, (String, String)>> {
-    let out = Command::new("squeue")
-        .args([
-            "--noheader",
-            "--states=PENDING,CONFIGURING,RUNNING,COMPLETING,SUSPENDED,REQUEUED,RESIZING",
-            "--format=%i|%j|%k|%Z",
-        ])
-        .output()
-        .context("running squeue (is slurm-client installed and SLURM_CONF set?)")?;
-    if !out.status.success() {
-        return Err(anyhow!(
-            "squeue failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
+    let mut cmd = Command::new("squeue");
+    cmd.args([
+        "--noheader",
+        "--states=PENDING,CONFIGURING,RUNNING,COMPLETING,SUSPENDED,REQUEUED,RESIZING",
+        "--format=%i|%j|%k|%Z",
+    ]);
+    let listing = query(
+        &mut cmd,
+        "running squeue (is slurm-client installed and SLURM_CONF set?)",
+    )?;
     let mut jobs = HashMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in listing.lines() {
         let parts: Vec<&str> = line.trim().splitn(4, '|').collect();
         if let [id, name, comment, dir] = parts[..] {
             if name.starts_with("emflow-") && !comment.is_empty() {
@@ -279,22 +279,15 @@ mod tests {
 
     #[test]
     fn states_split_into_active_and_ended() {
-        assert_eq!(
-            JobState::parse("RUNNING"),
-            JobState::Active("RUNNING".into())
-        );
-        assert_eq!(
-            JobState::parse("PENDING"),
-            JobState::Active("PENDING".into())
-        );
-        assert_eq!(
-            JobState::parse("CANCELLED by 0"),
-            JobState::Ended("CANCELLED".into())
-        );
-        assert_eq!(
-            JobState::parse("TIMEOUT"),
-            JobState::Ended("TIMEOUT".into())
-        );
+        let cases = [
+            ("RUNNING", JobState::Active("RUNNING".into())),
+            ("PENDING", JobState::Active("PENDING".into())),
+            ("CANCELLED by 0", JobState::Ended("CANCELLED".into())),
+            ("TIMEOUT", JobState::Ended("TIMEOUT".into())),
+        ];
+        for (text, state) in cases {
+            assert_eq!(JobState::parse(text), state, "{text}");
+        }
     }
 
     #[test]

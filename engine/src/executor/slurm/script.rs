@@ -74,24 +74,33 @@ exit "$code"
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::path::PathBuf;
     use std::process::Command;
+
+    /// A fresh attempt folder `emflow-slurm-<name>-<pid>` in the temporary folder, holding a
+    /// stand-in for the `emflow` binary (a bash script with `body`) and the job script that
+    /// runs it: returns the folder and the job script.
+    fn attempt_with_stand_in(name: &str, body: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("emflow-slurm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let stand_in = dir.join("emflow-stand-in");
+        std::fs::write(&stand_in, format!("#!/usr/bin/env bash\n{body}")).unwrap();
+        std::fs::set_permissions(&stand_in, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let script = dir.join(SCRIPT_FILE);
+        std::fs::write(&script, job_script(&stand_in, &dir)).unwrap();
+        (dir, script)
+    }
 
     /// The script leaves an exit record with the stage's code, and with the signal when
     /// one arrived; a fake `emflow` stands in for the real binary.
     #[test]
     fn exit_record_is_written_on_exit_and_on_signal() {
-        let dir = std::env::temp_dir().join(format!("emflow-slurm-script-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let fake = dir.join("fake-emflow");
-        std::fs::write(
-            &fake,
-            "#!/usr/bin/env bash\ntrap 'exit 75' USR2\nif [ -e \"$(dirname \"$2\")/slow\" ]; then sleep 30 & wait; fi\nexit 3\n",
-        )
-        .unwrap();
-        Command::new("chmod").arg("+x").arg(&fake).status().unwrap();
-        let script = dir.join(SCRIPT_FILE);
-        std::fs::write(&script, job_script(&fake, &dir)).unwrap();
+        let (dir, script) = attempt_with_stand_in(
+            "script",
+            "trap 'exit 75' USR2\nif [ -e \"$(dirname \"$2\")/slow\" ]; then sleep 30 & wait; fi\nexit 3\n",
+        );
 
         let status = Command::new("bash").arg(&script).status().unwrap();
         assert_eq!(status.code(), Some(3));
@@ -117,22 +126,10 @@ mod tests {
     /// submitting shell had set.
     #[test]
     fn threads_follow_the_cpus_granted() {
-        let dir = std::env::temp_dir().join(format!("emflow-slurm-threads-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let stand_in = dir.join("emflow-stand-in");
-        std::fs::write(
-            &stand_in,
-            "#!/usr/bin/env bash\necho \"$RAYON_NUM_THREADS\" > \"$(dirname \"$2\")/threads\"\n",
-        )
-        .unwrap();
-        Command::new("chmod")
-            .arg("+x")
-            .arg(&stand_in)
-            .status()
-            .unwrap();
-        let script = dir.join(SCRIPT_FILE);
-        std::fs::write(&script, job_script(&stand_in, &dir)).unwrap();
+        let (dir, script) = attempt_with_stand_in(
+            "threads",
+            "echo \"$RAYON_NUM_THREADS\" > \"$(dirname \"$2\")/threads\"\n",
+        );
         let threads = |cpus: Option<&str>| {
             let mut cmd = Command::new("bash");
             cmd.arg(&script).env("RAYON_NUM_THREADS", "16");

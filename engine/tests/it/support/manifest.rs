@@ -5,7 +5,8 @@ use std::path::Path;
 use emflow_engine::diagnostics::{ManifestErrors, Problem};
 use emflow_engine::expand::{load_manifest_str, LoadOptions, LoadedManifest};
 use emflow_engine::kind::{
-    ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, Params, PortSpec, Registry, StageKind,
+    ArtifactType, KindInfo, KindSpec, ParamError, ParamSpec, ParamType, Params, PortSpec, Registry,
+    StageKind,
 };
 use emflow_engine::{ModelFetcher, StageContext};
 use serde_json::json;
@@ -14,33 +15,22 @@ use serde_json::json;
 pub struct Gen;
 impl StageKind for Gen {
     fn spec(&self) -> KindSpec {
-        KindSpec {
-            name: "gen",
-            version: 1,
-            summary: "test data",
-            params: vec![
-                ParamSpec::required("n", ParamType::Int, "rows to make"),
-                ParamSpec::optional("lr", ParamType::Float, json!(0.5), "a float"),
-                ParamSpec::optional(
-                    "mode",
-                    ParamType::Enum(vec!["fast".into(), "slow".into()]),
-                    json!("fast"),
-                    "speed",
-                ),
-                ParamSpec::optional("ops", ParamType::List, json!([]), "operations"),
-                ParamSpec::optional("label", ParamType::String, json!(""), "a label"),
-                ParamSpec::optional("flag", ParamType::Bool, json!(false), "a flag"),
-                ParamSpec::optional("extra", ParamType::Any, json!(null), "anything"),
-            ],
-            open_params: false,
-            precision: Default::default(),
-            inputs: vec![PortSpec::optional_input(
-                "source",
-                ArtifactType::File,
-                "a source file",
-            )],
-            outputs: vec![PortSpec::output("data", ArtifactType::Messages, "rows")],
-        }
+        let speeds = ParamType::Enum(vec!["fast".into(), "slow".into()]);
+        let params = vec![
+            ParamSpec::required("n", ParamType::Int, "rows to make"),
+            ParamSpec::optional("lr", ParamType::Float, json!(0.5), "a float"),
+            ParamSpec::optional("mode", speeds, json!("fast"), "speed"),
+            ParamSpec::optional("ops", ParamType::List, json!([]), "operations"),
+            ParamSpec::optional("label", ParamType::String, json!(""), "a label"),
+            ParamSpec::optional("flag", ParamType::Bool, json!(false), "a flag"),
+            ParamSpec::optional("extra", ParamType::Any, json!(null), "anything"),
+        ];
+        KindInfo::new("gen", 1, "test data")
+            .ports(
+                "in?  source  file      a source file
+                 out  data    messages  rows",
+            )
+            .into_spec(params, false)
     }
     fn check(&self, params: &Params) -> Result<(), Vec<ParamError>> {
         let mut errors = Vec::new();
@@ -70,110 +60,63 @@ impl StageKind for Gen {
     }
 }
 
-/// Trains on messages from a model: outputs an adapter and metrics.
-pub struct Train;
-impl StageKind for Train {
+/// A kind that is all declaration: the front-end tests plan it, and never run it.
+pub struct Declared(KindSpec);
+impl StageKind for Declared {
     fn spec(&self) -> KindSpec {
-        KindSpec {
-            name: "train",
-            version: 1,
-            summary: "test training",
-            params: vec![
-                ParamSpec::optional("seed", ParamType::Int, json!(0), "seed"),
-                ParamSpec::optional("lr", ParamType::Float, json!(0.0001), "learning rate"),
-                ParamSpec::optional("domain", ParamType::String, json!(""), "domain"),
-            ],
-            open_params: false,
-            precision: Default::default(),
-            inputs: vec![
-                PortSpec::input("data", ArtifactType::Messages, "training data"),
-                PortSpec::optional_input("model", ArtifactType::Model, "base model"),
-            ],
-            outputs: vec![
-                PortSpec::output("adapter", ArtifactType::Adapter, "weights"),
-                PortSpec::output("metrics", ArtifactType::Metrics, "curves"),
-            ],
-        }
+        self.0.clone()
     }
     fn run(&self, _: &mut StageContext) -> anyhow::Result<()> {
         Ok(())
     }
+}
+
+/// Trains on messages from a model: outputs an adapter and metrics.
+fn train() -> Declared {
+    let params = vec![
+        ParamSpec::optional("seed", ParamType::Int, json!(0), "seed"),
+        ParamSpec::optional("lr", ParamType::Float, json!(0.0001), "learning rate"),
+        ParamSpec::optional("domain", ParamType::String, json!(""), "domain"),
+    ];
+    let info = KindInfo::new("train", 1, "test training").ports(
+        "in   data     messages  training data
+         in?  model    model     base model
+         out  adapter  adapter   weights
+         out  metrics  metrics   curves",
+    );
+    Declared(info.into_spec(params, false))
 }
 
 /// Evaluates an adapter.
-pub struct Eval;
-impl StageKind for Eval {
-    fn spec(&self) -> KindSpec {
-        KindSpec {
-            name: "eval",
-            version: 1,
-            summary: "test eval",
-            params: vec![ParamSpec::optional(
-                "seed",
-                ParamType::Int,
-                json!(0),
-                "seed",
-            )],
-            open_params: false,
-            precision: Default::default(),
-            inputs: vec![PortSpec::input(
-                "adapter",
-                ArtifactType::Adapter,
-                "what to evaluate",
-            )],
-            outputs: vec![PortSpec::output("summary", ArtifactType::Summary, "scores")],
-        }
-    }
-    fn run(&self, _: &mut StageContext) -> anyhow::Result<()> {
-        Ok(())
-    }
+fn eval() -> Declared {
+    let seed = ParamSpec::optional("seed", ParamType::Int, json!(0), "seed");
+    let info = KindInfo::new("eval", 1, "test eval").ports(
+        "in   adapter  adapter  what to evaluate
+         out  summary  summary  scores",
+    );
+    Declared(info.into_spec(vec![seed], false))
 }
 
 /// Collects summaries (a many-port).
-pub struct Report;
-impl StageKind for Report {
-    fn spec(&self) -> KindSpec {
-        KindSpec {
-            name: "report",
-            version: 1,
-            summary: "test report",
-            params: vec![],
-            open_params: false,
-            precision: Default::default(),
-            inputs: vec![PortSpec::many_input(
-                "summaries",
-                ArtifactType::Summary,
-                "all summaries",
-            )],
-            outputs: vec![PortSpec::output(
-                "report",
-                ArtifactType::Report,
-                "the report",
-            )],
-        }
-    }
-    fn run(&self, _: &mut StageContext) -> anyhow::Result<()> {
-        Ok(())
-    }
+fn report() -> Declared {
+    let info = KindInfo::new("report", 1, "test report").ports(
+        "in*  summaries  summary  all summaries
+         out  report     report   the report",
+    );
+    Declared(info.into_spec(vec![], false))
 }
 
 /// Open params; outputs named by the `outputs` param.
 pub struct Cmd;
 impl StageKind for Cmd {
     fn spec(&self) -> KindSpec {
-        KindSpec {
-            name: "cmd",
-            version: 1,
-            summary: "test command",
-            params: vec![
-                ParamSpec::required("run", ParamType::String, "shell"),
-                ParamSpec::optional("outputs", ParamType::List, json!([]), "output names"),
-            ],
-            open_params: true,
-            precision: Default::default(),
-            inputs: vec![PortSpec::many_input("files", ArtifactType::File, "inputs")],
-            outputs: vec![],
-        }
+        let params = vec![
+            ParamSpec::required("run", ParamType::String, "shell"),
+            ParamSpec::optional("outputs", ParamType::List, json!([]), "output names"),
+        ];
+        KindInfo::new("cmd", 1, "test command")
+            .ports("in* files file inputs")
+            .into_spec(params, true)
     }
     fn outputs(&self, params: &Params) -> Vec<PortSpec> {
         params["outputs"]
@@ -202,9 +145,9 @@ impl ModelFetcher for PipFetcher {
 pub fn registry() -> Registry {
     Registry::new()
         .with_kind(Gen)
-        .with_kind(Train)
-        .with_kind(Eval)
-        .with_kind(Report)
+        .with_kind(train())
+        .with_kind(eval())
+        .with_kind(report())
         .with_kind(Cmd)
         .with_fetcher(PipFetcher)
 }
@@ -231,6 +174,24 @@ pub fn errors_with(src: &str, opts: &LoadOptions) -> ManifestErrors {
 
 pub fn errors(src: &str) -> ManifestErrors {
     errors_with(src, &LoadOptions::default())
+}
+
+/// Load options with a profile and `--set` arguments, as the CLI would pass them.
+pub fn options(profile: Option<&str>, sets: &[&str]) -> LoadOptions {
+    LoadOptions {
+        profile: profile.map(String::from),
+        sets: sets.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// One expected problem: its message (a part of it), `file:line:col`, and a part of its help.
+pub type Expected<'a> = (&'a str, &'a str, &'a str);
+
+/// [`expect_problem`] for each row of a table.
+pub fn expect_problems(errs: &ManifestErrors, expected: &[Expected]) {
+    for (message, at, help) in expected {
+        expect_problem(errs, message, at, help);
+    }
 }
 
 /// Finds the problem whose message contains `message`, checks its `file:line:col` (also in

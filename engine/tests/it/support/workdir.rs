@@ -12,9 +12,7 @@ use emflow_engine::console::{ReportMode, Reporter};
 use emflow_engine::executor::InProcessExecutor;
 use emflow_engine::pipeline::Pipeline;
 use emflow_engine::scheduler::{run_pipeline, RunEnv, RunOptions, RunSummary};
-use emflow_engine::{
-    ArtifactType, KindSpec, ParamSpec, ParamType, PortSpec, Registry, StageContext, StageKind,
-};
+use emflow_engine::{KindInfo, KindSpec, ParamSpec, ParamType, Registry, StageContext, StageKind};
 use serde_json::json;
 
 pub struct Workdir {
@@ -97,22 +95,16 @@ pub fn run_quiet(
 pub struct Emit;
 impl StageKind for Emit {
     fn spec(&self) -> KindSpec {
-        KindSpec {
-            name: "emit",
-            version: 1,
-            summary: "writes a text",
-            params: vec![
-                ParamSpec::required("text", ParamType::String, ""),
-                ParamSpec::optional("note", ParamType::String, json!(""), ""),
-                ParamSpec::optional("lr", ParamType::Float, json!(0.1), ""),
-                ParamSpec::required("log", ParamType::String, ""),
-                ParamSpec::optional("sleep_ms", ParamType::Int, json!(0), ""),
-            ],
-            open_params: false,
-            precision: Default::default(),
-            inputs: vec![],
-            outputs: vec![PortSpec::output("out", ArtifactType::File, "")],
-        }
+        let params = vec![
+            ParamSpec::required("text", ParamType::String, ""),
+            ParamSpec::optional("note", ParamType::String, json!(""), ""),
+            ParamSpec::optional("lr", ParamType::Float, json!(0.1), ""),
+            ParamSpec::required("log", ParamType::String, ""),
+            ParamSpec::optional("sleep_ms", ParamType::Int, json!(0), ""),
+        ];
+        KindInfo::new("emit", 1, "writes a text")
+            .ports("out out file")
+            .into_spec(params, false)
     }
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
         log_run(ctx)?;
