@@ -4,9 +4,10 @@
 //! with the logits, LoRA logits, loss and LoRA gradients transformers and PEFT computed.
 //!
 //! Tolerances: f32 logits and LoRA logits within 1e-4 absolute (the bar); bf16 logits
-//! within 5e-2 (the bf16 checkpoint computed in f32 here against transformers computing in
-//! bf16: its activations round to 8 bits of mantissa per op; measured about 2e-2); the LoRA loss
-//! within 1e-5; each LoRA gradient within 1e-4 of the largest gradient of its tensor.
+//! within 1e-2 (the bf16 checkpoint computed in f32 here, as emflow does on the CPU, against
+//! transformers computing in bf16, whose activations round to 8 bits of mantissa per op;
+//! measured 3e-3 to 5e-3); the LoRA loss within 1e-5; each LoRA gradient within 1e-4 of the
+//! largest gradient of its tensor (measured 3e-6 to 1.5e-5).
 //!
 //! Phi-3 also checks that an adapter emflow trains saves under PEFT's fused names and shapes.
 //! With `EMFLOW_PEFT_ROUNDTRIP_OUT=DIR`, that test also writes the adapter, the input ids and
@@ -95,7 +96,7 @@ fn bf16_checkpoints_load_and_match_transformers_in_bf16() {
             &r["logits_bf16"],
         );
         println!("{arch} bf16: {diff:.2e}");
-        assert!(diff < 5e-2, "{arch}: {diff}");
+        assert!(diff < 1e-2, "{arch}: {diff}");
     }
 }
 
@@ -207,19 +208,9 @@ fn train_phi3_adapter() -> (Transformer, Tensor, Tensor) {
     let r = reference("phi3");
     let (ids, mask) = batch(&r);
     let mut model = load("phi3", "f32");
-    let targets = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
-    let cfg = LoraConfig {
-        targets: targets.map(String::from).to_vec(),
-        ..LoraConfig::all_linears(4, 8.0, true)
-    };
+    // q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj: as a manifest names them.
+    let cfg = LoraConfig::all_linears(4, 8.0, true);
+    assert_eq!(cfg.targets.len(), 7);
     model.add_lora(&cfg, 11).unwrap();
     let mut opt = AdamW::new(model.trainable_vars(), AdamWConfig::default()).unwrap();
     for _ in 0..2 {
