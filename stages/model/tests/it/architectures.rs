@@ -148,6 +148,9 @@ fn transformers5_rope_parameters_give_the_right_theta() {
     assert_eq!(theta("phi3").arch, Arch::Phi3);
 }
 
+/// A change to a parsed config.json.
+type ConfigEdit = dyn Fn(&mut serde_json::Value);
+
 /// A copy of `fixtures/<arch>/f32/config.json` with `edit` applied, in a temp folder.
 fn edited_config(arch: &str, edit: impl Fn(&mut serde_json::Value)) -> tempfile::TempDir {
     let text = std::fs::read_to_string(fixture(arch).join("f32/config.json")).unwrap();
@@ -160,7 +163,7 @@ fn edited_config(arch: &str, edit: impl Fn(&mut serde_json::Value)) -> tempfile:
 
 #[test]
 fn unsupported_config_fields_are_errors_naming_field_and_file() {
-    let cases: [(&str, &str, Box<dyn Fn(&mut serde_json::Value)>); 5] = [
+    let cases: [(&str, &str, Box<ConfigEdit>); 5] = [
         (
             "llama3",
             "rope_parameters.rope_type",
