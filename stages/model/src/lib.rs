@@ -1,5 +1,6 @@
-//! emflow's model layer on candle: our own Llama/Qwen2 (train and generate modes), LoRA, GGUF
-//! and HF loading, tokenizer and chat templates, seeded batched sampling, scoring, AdamW.
+//! emflow's model layer on candle: our own decoder for Llama, Qwen2, Qwen3 and Phi-3 (train and
+//! generate modes), LoRA, GGUF and sharded HF loading, tokenizer and chat templates, seeded
+//! batched sampling, scoring, AdamW.
 //!
 //! A folder per concern, from the bottom up:
 //!

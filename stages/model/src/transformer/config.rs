@@ -1,20 +1,48 @@
-//! The shape of a Llama/Qwen2-family model, read from an HF `config.json` or GGUF metadata.
+//! The shape of a model of the Llama family (Llama, Qwen2, Qwen3, Phi-3), read from an HF
+//! `config.json` (`config_hf`) or GGUF metadata (here).
 //!
-//! One struct covers both architectures: they differ only in switches (Qwen2's q/k/v bias, the
-//! Llama-3 RoPE frequency scaling, tied embeddings), so the transformer is one file with these
-//! switches rather than two near-copies.
+//! One struct covers every architecture: they differ only in switches (Qwen2's q/k/v bias,
+//! Qwen3's per-head q/k norms, Phi-3's fused projections, the Llama-3 RoPE frequency scaling,
+//! tied embeddings), so the transformer is one set of files with these switches rather than a
+//! near-copy per model.
 
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use serde::{Deserialize, Serialize};
-use serde_json::Value as Json;
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Arch {
     Llama,
     Qwen2,
+    /// Qwen2 without the q/k/v bias, with an RMSNorm over each query and key head before RoPE.
+    Qwen3,
+    /// `Phi3ForCausalLM` (Phi-3, Phi-4): Llama with q/k/v fused into `qkv_proj` and gate/up
+    /// into `gate_up_proj`.
+    Phi3,
+}
+
+impl Arch {
+    /// Qwen3's `q_norm`/`k_norm`: an RMSNorm over each head of the queries and keys.
+    pub fn has_qk_norm(self) -> bool {
+        self == Arch::Qwen3
+    }
+
+    /// Phi-3's fused `qkv_proj` and `gate_up_proj` in place of q/k/v and gate/up.
+    pub fn fused_projections(self) -> bool {
+        self == Arch::Phi3
+    }
+
+    /// transformers' `model_type` and architecture class.
+    pub fn hf_names(self) -> (&'static str, &'static str) {
+        match self {
+            Arch::Llama => ("llama", "LlamaForCausalLM"),
+            Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+            Arch::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
+            Arch::Phi3 => ("phi3", "Phi3ForCausalLM"),
+        }
+    }
 }
 
 /// Llama 3.1+ "llama3" RoPE scaling: low frequencies are divided by `factor`, high ones kept,
@@ -54,8 +82,9 @@ pub struct ModelConfig {
 pub const MAX_ROPE_TABLE: usize = 32768;
 
 impl ModelConfig {
-    /// A small random-weight model with the real architecture (GQA, tied embeddings for Llama,
-    /// q/k/v bias for Qwen2, Llama-3 rope scaling for Llama), for fast tests.
+    /// A small random-weight model with the real architecture (GQA, tied embeddings for Llama
+    /// and Qwen3, q/k/v bias for Qwen2, Llama-3 rope scaling for Llama, Qwen3's head_dim unlike
+    /// hidden / heads, Phi-3's fused projections), for fast tests.
     pub fn tiny(arch: Arch) -> Self {
         ModelConfig {
             arch,
@@ -65,7 +94,7 @@ impl ModelConfig {
             num_layers: 2,
             num_heads: 4,
             num_kv_heads: 2,
-            head_dim: 16,
+            head_dim: if arch == Arch::Qwen3 { 24 } else { 16 },
             rms_eps: 1e-5,
             rope_theta: 10_000.0,
             rope_scaling: match arch {
@@ -75,9 +104,9 @@ impl ModelConfig {
                     high_freq_factor: 4.0,
                     original_max_position: 64,
                 }),
-                Arch::Qwen2 => None,
+                Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => None,
             },
-            tie_embeddings: arch == Arch::Llama,
+            tie_embeddings: matches!(arch, Arch::Llama | Arch::Qwen3),
             qkv_bias: arch == Arch::Qwen2,
             max_position: 512,
             rope_interleaved: false,
@@ -127,100 +156,6 @@ impl ModelConfig {
     /// Names accepted by [`Self::named_shape`].
     pub const NAMED_SHAPES: [&'static str; 2] = ["smollm2-135m", "qwen2.5-0.5b"];
 
-    /// Parse an HF `config.json` (model_type `llama` or `qwen2`).
-    pub fn from_hf_json(json: &Json) -> Result<Self> {
-        let model_type = json
-            .get("model_type")
-            .and_then(Json::as_str)
-            .context("config.json has no \"model_type\"")?;
-        let arch = match model_type {
-            "llama" => Arch::Llama,
-            "qwen2" => Arch::Qwen2,
-            other => bail!(
-                "config.json model_type {other:?} is not supported: emflow runs the llama and qwen2 families"
-            ),
-        };
-        let usize_field = |name: &str| -> Result<usize> {
-            json.get(name)
-                .and_then(Json::as_u64)
-                .map(|v| v as usize)
-                .with_context(|| format!("config.json lacks the integer field {name:?}"))
-        };
-        let hidden_size = usize_field("hidden_size")?;
-        let num_heads = usize_field("num_attention_heads")?;
-        let num_kv_heads = usize_field("num_key_value_heads").unwrap_or(num_heads);
-        let head_dim = match json.get("head_dim").and_then(Json::as_u64) {
-            Some(d) => d as usize,
-            None => hidden_size / num_heads,
-        };
-        let rope_scaling = match json.get("rope_scaling") {
-            None | Some(Json::Null) => None,
-            Some(s) => {
-                let kind = s
-                    .get("rope_type")
-                    .or_else(|| s.get("type"))
-                    .and_then(Json::as_str)
-                    .unwrap_or("default");
-                match kind {
-                    "default" => None,
-                    "llama3" => {
-                        let f = |name: &str| -> Result<f64> {
-                            s.get(name)
-                                .and_then(Json::as_f64)
-                                .with_context(|| format!("config.json rope_scaling lacks {name:?}"))
-                        };
-                        Some(Llama3RopeScaling {
-                            factor: f("factor")?,
-                            low_freq_factor: f("low_freq_factor")?,
-                            high_freq_factor: f("high_freq_factor")?,
-                            original_max_position: f("original_max_position_embeddings")? as usize,
-                        })
-                    }
-                    other => bail!(
-                        "config.json rope_scaling type {other:?} is not supported (only \"llama3\")"
-                    ),
-                }
-            }
-        };
-        if let Some(act) = json.get("hidden_act").and_then(Json::as_str) {
-            if act != "silu" {
-                bail!("config.json hidden_act {act:?} is not supported (only silu)");
-            }
-        }
-        Ok(ModelConfig {
-            arch,
-            vocab_size: usize_field("vocab_size")?,
-            hidden_size,
-            intermediate_size: usize_field("intermediate_size")?,
-            num_layers: usize_field("num_hidden_layers")?,
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            rms_eps: json
-                .get("rms_norm_eps")
-                .and_then(Json::as_f64)
-                .context("config.json lacks \"rms_norm_eps\"")?,
-            rope_theta: json
-                .get("rope_theta")
-                .and_then(Json::as_f64)
-                .unwrap_or(10_000.0),
-            rope_scaling,
-            tie_embeddings: json
-                .get("tie_word_embeddings")
-                .and_then(Json::as_bool)
-                .unwrap_or(false),
-            qkv_bias: match arch {
-                Arch::Qwen2 => true,
-                Arch::Llama => json
-                    .get("attention_bias")
-                    .and_then(Json::as_bool)
-                    .unwrap_or(false),
-            },
-            max_position: usize_field("max_position_embeddings").unwrap_or(4096),
-            rope_interleaved: false,
-        })
-    }
-
     /// Read the shape from GGUF metadata; `has_output` says whether the file carries its own
     /// `output.weight` (otherwise the embedding is tied).
     pub fn from_gguf_metadata(
@@ -237,7 +172,8 @@ impl ModelConfig {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
             other => bail!(
-                "GGUF architecture {other:?} is not supported: emflow runs llama and qwen2 GGUF files"
+                "GGUF architecture {other:?} is not supported: emflow runs llama and qwen2 GGUF files \
+                 (load other models from their HF-format folder)"
             ),
         };
         let get =
@@ -348,45 +284,5 @@ impl ModelConfig {
     /// Number of positions with precomputed rotary tables.
     pub fn rope_table_len(&self) -> usize {
         self.max_position.clamp(1, MAX_ROPE_TABLE)
-    }
-}
-
-impl ModelConfig {
-    /// An HF `config.json` describing this model, so a folder written by `save_full` loads in
-    /// transformers and in emflow's HF loader.
-    pub fn to_hf_json(&self) -> Json {
-        let (model_type, architecture) = match self.arch {
-            Arch::Llama => ("llama", "LlamaForCausalLM"),
-            Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
-        };
-        let rope_scaling = match &self.rope_scaling {
-            None => Json::Null,
-            Some(s) => serde_json::json!({
-                "rope_type": "llama3",
-                "factor": s.factor,
-                "low_freq_factor": s.low_freq_factor,
-                "high_freq_factor": s.high_freq_factor,
-                "original_max_position_embeddings": s.original_max_position,
-            }),
-        };
-        serde_json::json!({
-            "architectures": [architecture],
-            "model_type": model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "rms_norm_eps": self.rms_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": rope_scaling,
-            "tie_word_embeddings": self.tie_embeddings,
-            "attention_bias": self.qkv_bias,
-            "max_position_embeddings": self.max_position,
-            "hidden_act": "silu",
-            "torch_dtype": "float32",
-        })
     }
 }

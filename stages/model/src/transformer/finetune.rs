@@ -2,21 +2,24 @@
 //! weights, or every base weight made trainable (full fine-tuning), and the trainable `Var`s
 //! an optimiser steps.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 
 use rand_chacha::ChaCha8Rng;
 
-use super::lora::{peft_name, LoraAdapter, LoraConfig, LINEAR_MODULES};
+use super::lora::{peft_name, resolve_targets, LoraAdapter, LoraConfig};
 use super::model::Transformer;
 use super::weight::Weight;
 use crate::seed::{self, Purpose};
 
 impl Transformer {
-    /// Attach fresh adapters (B = 0, so outputs are unchanged until training).
+    /// Attach fresh adapters (B = 0, so outputs are unchanged until training). The targets
+    /// are resolved onto this architecture's projections (see `lora`'s module doc); the
+    /// attached config, and a saved adapter's, names those.
     pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
         cfg.validate(self.layers.len())?;
+        let targets = resolve_targets(self.cfg.arch, &cfg.targets)?;
         if self.lora.is_some() {
             bail!("this model already has a LoRA adapter; merge it first to stack another");
         }
@@ -28,16 +31,14 @@ impl Transformer {
             if !cfg.applies_to_layer(i) {
                 continue;
             }
-            for (parent, module) in LINEAR_MODULES {
-                if !cfg.targets.iter().any(|t| t == module) {
+            for proj in layer.projections.iter_mut() {
+                if !targets.iter().any(|t| t == proj.module) {
                     continue;
                 }
-                let lin = layer
-                    .linear_mut(module)
-                    .context("internal: LINEAR_MODULES out of sync with Block")?;
+                let lin = &mut proj.linear;
                 let (inp, out) = lin.weight_t.detached().dims2()?;
                 let bound = 1.0 / (inp as f64).sqrt();
-                let param = peft_name(i, parent, module, "A");
+                let param = peft_name(i, proj.parent, proj.module, "A");
                 let mut rng: ChaCha8Rng = seed::stream(Purpose::LoraInit {
                     seed,
                     param: &param,
@@ -54,7 +55,10 @@ impl Transformer {
                 });
             }
         }
-        self.lora = Some(cfg.clone());
+        self.lora = Some(LoraConfig {
+            targets,
+            ..cfg.clone()
+        });
         self.lora_enabled = true;
         *self
             .dropout_rng
@@ -95,10 +99,10 @@ impl Transformer {
     pub(crate) fn lora_vars(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            for (parent, module) in LINEAR_MODULES {
-                if let Some(lora) = layer.linear(module).and_then(|l| l.lora.as_ref()) {
-                    out.push((peft_name(i, parent, module, "A"), lora.a.clone()));
-                    out.push((peft_name(i, parent, module, "B"), lora.b.clone()));
+            for p in &layer.projections {
+                if let Some(lora) = &p.linear.lora {
+                    out.push((peft_name(i, p.parent, p.module, "A"), lora.a.clone()));
+                    out.push((peft_name(i, p.parent, p.module, "B"), lora.b.clone()));
                 }
             }
         }
@@ -124,10 +128,7 @@ impl Transformer {
             bail!("this model has no LoRA adapter to merge");
         }
         for layer in self.layers.iter_mut() {
-            for (_, module) in LINEAR_MODULES {
-                let lin = layer
-                    .linear_mut(module)
-                    .context("internal: LINEAR_MODULES out of sync with Block")?;
+            for lin in layer.projections.iter_mut().map(|p| &mut p.linear) {
                 if let Some(lora) = lin.lora.take() {
                     // Held transposed: Wᵀ += scale (B A)ᵀ = scale Aᵀ Bᵀ.
                     let a_t = lora.a.as_detached_tensor().t()?;

@@ -74,8 +74,8 @@ impl Transformer {
         Ok(Some(self.head_panels.packed(head, stored)?))
     }
 
-    /// How decode steps hold each projection, in layer order (q, k, v, o, gate, up, down),
-    /// then the output head: `Some(bits)` when multiplied from 4- or 8-bit codes that give
+    /// How decode steps hold each projection, in layer order (q, k, v, o, gate, up, down; or
+    /// Phi-3's qkv, o, gate_up, down), then the output head: `Some(bits)` when multiplied from 4- or 8-bit codes that give
     /// its f32 values exactly (weights read from a block-quantised file), `Some(32)` for f32
     /// panels, None where decode does not pack the weight (trainable, not f32, not on the CPU).
     /// Makes the decode copies that the first decode step would make, if none exist yet.
@@ -83,8 +83,8 @@ impl Transformer {
         let bits = |w: Option<Arc<DecodeWeight>>| w.map(|w| w.bits());
         let mut all = Vec::new();
         for b in &self.layers {
-            for l in [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down] {
-                all.push(bits(l.decode_weight()?));
+            for p in &b.projections {
+                all.push(bits(p.linear.decode_weight()?));
             }
         }
         all.push(bits(self.decode_head()?));

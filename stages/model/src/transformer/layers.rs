@@ -1,16 +1,16 @@
 //! One decoder layer: the pre-norm attention block (grouped-query attention with RoPE, over a
-//! KV cache when decoding) and the SwiGLU MLP block, each on a residual stream.
+//! KV cache when decoding) and the SwiGLU MLP block, each on a residual stream; with Qwen3's
+//! per-head q/k norms and Phi-3's fused projections where the architecture has them.
 //!
 //! Grouped-query attention folds the query heads of one key/value head into the matmul's rows,
 //! so keys and values are never repeated in memory.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Tensor, D};
 
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::linear::Linear;
-use super::lora::LINEAR_MODULES;
 use super::pass::Ctx;
 use super::weight::{Mode, Weight};
 use crate::ops::decode::decode_attention;
@@ -22,69 +22,115 @@ use crate::ops::train::{
 /// [`decode_attention`]'s loops (decode steps); longer prefills use batched matmuls.
 const DECODE_POSITIONS: usize = 4;
 
-/// A projection's place in [`LINEAR_MODULES`] (and in a [`Block`]'s fields).
-fn module_index(module: &str) -> Option<usize> {
-    LINEAR_MODULES.iter().position(|(_, m)| *m == module)
+/// One projection of a layer with its HF name (`self_attn`, `q_proj`).
+pub(crate) struct Projection {
+    pub(crate) parent: &'static str,
+    pub(crate) module: &'static str,
+    pub(crate) linear: Linear,
 }
 
 pub(crate) struct Block {
     pub(crate) input_norm: Weight,
     pub(crate) post_norm: Weight,
-    pub(crate) q: Linear,
-    pub(crate) k: Linear,
-    pub(crate) v: Linear,
-    pub(crate) o: Linear,
-    pub(crate) gate: Linear,
-    pub(crate) up: Linear,
-    pub(crate) down: Linear,
+    /// Qwen3's `q_norm` and `k_norm`: RMSNorm weights (head_dim) over each query and key head,
+    /// applied before RoPE.
+    pub(crate) qk_norm: Option<(Weight, Weight)>,
+    /// The projections in the order of `lora::linear_modules(arch)`: q, k, v, o, gate, up,
+    /// down; or Phi-3's qkv, o, gate_up, down.
+    pub(crate) projections: Vec<Projection>,
 }
 
 impl Block {
-    /// The projection named `module` in HF spelling (`q_proj`, ..., `down_proj`).
+    /// The projection named `module` in HF spelling (`q_proj`, `qkv_proj`, ..., `down_proj`).
     pub(crate) fn linear(&self, module: &str) -> Option<&Linear> {
-        let all = [
-            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
-        ];
-        Some(all[module_index(module)?])
+        self.projections
+            .iter()
+            .find(|p| p.module == module)
+            .map(|p| &p.linear)
     }
 
     /// [`Self::linear`], mutable.
     pub(crate) fn linear_mut(&mut self, module: &str) -> Option<&mut Linear> {
-        let index = module_index(module)?;
-        let Block {
-            q,
-            k,
-            v,
-            o,
-            gate,
-            up,
-            down,
-            ..
-        } = self;
-        [q, k, v, o, gate, up, down].into_iter().nth(index)
+        self.projections
+            .iter_mut()
+            .find(|p| p.module == module)
+            .map(|p| &mut p.linear)
     }
 
-    /// Every weight of the layer: the two norms, then each projection's weight and bias.
+    /// [`Self::linear`] for a projection this layer's architecture must have.
+    fn expect(&self, module: &str) -> Result<&Linear> {
+        self.linear(module)
+            .with_context(|| format!("internal: a layer without {module}"))
+    }
+
+    /// Every weight of the layer: the norms, then each projection's weight and bias.
     pub(crate) fn weights_mut(&mut self) -> Vec<&mut Weight> {
-        let Block {
-            input_norm,
-            post_norm,
-            q,
-            k,
-            v,
-            o,
-            gate,
-            up,
-            down,
-        } = self;
-        let mut out = vec![input_norm, post_norm];
-        for lin in [q, k, v, o, gate, up, down] {
-            out.push(&mut lin.weight_t);
-            if let Some(b) = lin.bias.as_mut() {
+        let mut out = vec![&mut self.input_norm, &mut self.post_norm];
+        if let Some((q, k)) = self.qk_norm.as_mut() {
+            out.extend([q, k]);
+        }
+        for p in self.projections.iter_mut() {
+            out.push(&mut p.linear.weight_t);
+            if let Some(b) = p.linear.bias.as_mut() {
                 out.push(b);
             }
         }
         out
+    }
+
+    /// The queries, keys and values of `x` (b, t, hidden), each (b, t, heads * head_dim), with
+    /// Qwen3's per-head norms applied: from q/k/v_proj, or cut from Phi-3's `qkv_proj` output
+    /// (queries, then keys, then values, as transformers splits it).
+    fn qkv(&self, cfg: &ModelConfig, x: &Tensor, cx: &Ctx) -> Result<(Tensor, Tensor, Tensor)> {
+        let (q, k, v) = match self.linear("qkv_proj") {
+            Some(qkv) => {
+                let y = qkv.forward(x, cx)?;
+                let (q_out, kv_out) = (
+                    cfg.num_heads * cfg.head_dim,
+                    cfg.num_kv_heads * cfg.head_dim,
+                );
+                let last = y.rank() - 1;
+                (
+                    y.narrow(last, 0, q_out)?.contiguous()?,
+                    y.narrow(last, q_out, kv_out)?.contiguous()?,
+                    y.narrow(last, q_out + kv_out, kv_out)?.contiguous()?,
+                )
+            }
+            None => (
+                self.expect("q_proj")?.forward(x, cx)?,
+                self.expect("k_proj")?.forward(x, cx)?,
+                self.expect("v_proj")?.forward(x, cx)?,
+            ),
+        };
+        let Some((q_norm, k_norm)) = &self.qk_norm else {
+            return Ok((q, k, v));
+        };
+        let per_head = |y: &Tensor, w: &Weight| -> Result<Tensor> {
+            let dims = y.dims().to_vec();
+            let (width, lead) = dims.split_last().context("projection output has no dims")?;
+            let mut heads = lead.to_vec();
+            heads.extend([width / cfg.head_dim, cfg.head_dim]);
+            Ok(rms_norm(&y.reshape(heads)?, w, cx, cfg.rms_eps)?.reshape(dims)?)
+        };
+        Ok((per_head(&q, q_norm)?, per_head(&k, k_norm)?, v))
+    }
+
+    /// The MLP's gate and up projections of `h`: from gate/up_proj, or the two halves of
+    /// Phi-3's `gate_up_proj` output (gate first, as transformers' `chunk(2)`).
+    fn gate_up(&self, h: &Tensor, cx: &Ctx) -> Result<(Tensor, Tensor)> {
+        let Some(fused) = self.linear("gate_up_proj") else {
+            return Ok((
+                self.expect("gate_proj")?.forward(h, cx)?,
+                self.expect("up_proj")?.forward(h, cx)?,
+            ));
+        };
+        let y = fused.forward(h, cx)?;
+        let last = y.rank() - 1;
+        let half = y.dim(last)? / 2;
+        Ok((
+            y.narrow(last, 0, half)?.contiguous()?,
+            y.narrow(last, half, half)?.contiguous()?,
+        ))
     }
 }
 
@@ -116,13 +162,13 @@ impl Block {
         let attn = self.attention((cfg, index), &h, cx, cache)?;
         let x = (x + attn)?;
         let h = rms_norm(&x, &self.post_norm, cx, cfg.rms_eps)?;
-        let (gate, up) = (self.gate.forward(&h, cx)?, self.up.forward(&h, cx)?);
+        let (gate, up) = self.gate_up(&h, cx)?;
         let product = if cx.fused_cpu_ops(&gate) {
             swiglu(&gate, &up)?
         } else {
             (candle_nn::ops::silu(&gate)? * up)?
         };
-        let mlp = self.down.forward(&product, cx)?;
+        let mlp = self.expect("down_proj")?.forward(&product, cx)?;
         Ok((x + mlp)?)
     }
 
@@ -140,11 +186,8 @@ impl Block {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
         let scale = 1.0 / (hd as f64).sqrt();
-        let (q, k, v) = (
-            self.q.forward(x, cx)?,
-            self.k.forward(x, cx)?,
-            self.v.forward(x, cx)?,
-        );
+        let (q, k, v) = self.qkv(cfg, x, cx)?;
+        let o = self.expect("o_proj")?;
         if cx.mode == Mode::Train && cache.is_none() && cx.fused_cpu_ops(&q) {
             let shape = Heads {
                 query: nh,
@@ -158,7 +201,7 @@ impl Block {
                 scale,
                 cfg.rope_interleaved,
             )?;
-            return self.o.forward(&out, cx);
+            return o.forward(&out, cx);
         }
         let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
         let (q, k) = rotate(&q, &k, cx, cfg.rope_interleaved)?;
@@ -168,14 +211,14 @@ impl Block {
                 if cx.mode == Mode::Eval && t <= DECODE_POSITIONS && cx.fused_cpu_ops(&q) {
                     let (k_all, v_all) = (&c.k[index], &c.v[index]);
                     let out = decode_attention(&q, k_all, v_all, c.len + t, &cx.mask, scale)?;
-                    return self.o.forward(&out, cx);
+                    return o.forward(&out, cx);
                 }
                 (k_seen, v_seen)
             }
             None => (k, v),
         };
         let out = attend((&q, &k, &v), cfg, cx, scale)?;
-        self.o.forward(&out, cx)
+        o.forward(&out, cx)
     }
 }
 

@@ -1,5 +1,11 @@
 //! LoRA (PEFT-compatible): which modules an adapter targets and how an adapted linear computes.
 //!
+//! Targets are written with the unfused names (`q_proj` ... `down_proj`) for every
+//! architecture. On Phi-3's fused projections they map onto the fused module: any of
+//! q/k/v_proj puts one adapter on `qkv_proj`, any of gate/up_proj one on `gate_up_proj`, as
+//! PEFT does when it is given the fused names (one A shared by the fused outputs, one B with a
+//! row per output), so the adapter saves under PEFT's names and loads in PEFT.
+//!
 //! An adapted linear computes `W x + scale * B (A dropout(x))` exactly as PEFT does (the base
 //! output is not scaled, unlike candle-lora). B starts at zero so a fresh adapter leaves the model
 //! unchanged; A is PEFT's kaiming-uniform (bound 1/sqrt(in)) drawn from a ChaCha stream keyed by
@@ -12,6 +18,7 @@ use candle_core::{Tensor, Var};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use super::config::Arch;
 use super::pass::Ctx;
 use super::weight::Mode;
 
@@ -26,6 +33,54 @@ pub const LINEAR_MODULES: [(&str, &str); 7] = [
     ("mlp", "down_proj"),
 ];
 
+/// Phi-3's projections (see [`crate::transformer::Arch::fused_projections`]), in HF order.
+pub const FUSED_LINEAR_MODULES: [(&str, &str); 4] = [
+    ("self_attn", "qkv_proj"),
+    ("self_attn", "o_proj"),
+    ("mlp", "gate_up_proj"),
+    ("mlp", "down_proj"),
+];
+
+/// The projections of one decoder layer of `arch`, `(parent, module)` in HF order.
+pub fn linear_modules(arch: Arch) -> &'static [(&'static str, &'static str)] {
+    if arch.fused_projections() {
+        &FUSED_LINEAR_MODULES
+    } else {
+        &LINEAR_MODULES
+    }
+}
+
+/// The module names of `arch` that LoRA `targets` select, in the order first named. Unfused
+/// architectures keep the list as written (so saved adapter configs keep their bytes); on
+/// fused ones each target names the fused module holding it (see the module doc).
+pub(crate) fn resolve_targets(arch: Arch, targets: &[String]) -> Result<Vec<String>> {
+    let modules = linear_modules(arch);
+    let mut out: Vec<String> = Vec::new();
+    for t in targets {
+        let module = match (arch.fused_projections(), t.as_str()) {
+            (true, "q_proj" | "k_proj" | "v_proj") => "qkv_proj",
+            (true, "gate_proj" | "up_proj") => "gate_up_proj",
+            (_, other) => other,
+        };
+        if !modules.iter().any(|(_, m)| *m == module) {
+            let known: Vec<&str> = modules.iter().map(|(_, m)| *m).collect();
+            let mapped = if arch.fused_projections() {
+                " (q/k/v_proj and gate/up_proj map onto the fused ones)"
+            } else {
+                ""
+            };
+            bail!(
+                "unknown LoRA target module {t:?} for a {arch:?} model; known: {}{mapped}",
+                known.join(", ")
+            );
+        }
+        if !arch.fused_projections() || !out.iter().any(|m| m == module) {
+            out.push(module.to_string());
+        }
+    }
+    Ok(out)
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LoraConfig {
     pub r: usize,
@@ -33,7 +88,8 @@ pub struct LoraConfig {
     /// rsLoRA: scale alpha/sqrt(r) instead of alpha/r.
     pub rslora: bool,
     pub dropout: f64,
-    /// Module names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.
+    /// Module names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj (on Phi-3 also
+    /// qkv_proj and gate_up_proj; see the module doc).
     pub targets: Vec<String>,
     /// Layer indices to adapt; None = all.
     pub layers: Option<Vec<usize>>,
@@ -77,15 +133,6 @@ impl LoraConfig {
         }
         if self.targets.is_empty() {
             bail!("LoRA needs at least one target module");
-        }
-        for t in &self.targets {
-            if !LINEAR_MODULES.iter().any(|(_, m)| m == t) {
-                let known: Vec<&str> = LINEAR_MODULES.iter().map(|(_, m)| *m).collect();
-                bail!(
-                    "unknown LoRA target module {t:?}; known: {}",
-                    known.join(", ")
-                );
-            }
         }
         if let Some(layers) = &self.layers {
             if let Some(bad) = layers.iter().find(|l| **l >= num_layers) {

@@ -4,8 +4,9 @@
 //!
 //! candle-transformers' models cannot be trained as shipped: their fused rms_norm, rope and
 //! softmax kernels record no backward op, so gradients stop silently; they also return only the
-//! last position's logits and know no padding. This is one compact decoder for both families
-//! (Qwen2 differs by q/k/v bias; Llama-3 by RoPE frequency scaling).
+//! last position's logits and know no padding. This is one compact decoder for the whole
+//! family (Qwen2 differs by q/k/v bias, Qwen3 by per-head q/k norms, Phi-3 by fused
+//! projections, Llama-3 by RoPE frequency scaling).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -19,9 +20,9 @@ use rand_chacha::ChaCha8Rng;
 
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
-use super::layers::Block;
+use super::layers::{Block, Projection};
 use super::linear::Linear;
-use super::lora::{LoraConfig, LINEAR_MODULES};
+use super::lora::{linear_modules, LoraConfig};
 use super::weight::Weight;
 use crate::device::DeviceSetup;
 use crate::ops::decode::PanelCache;
@@ -53,7 +54,9 @@ pub struct Transformer {
 }
 
 impl Transformer {
-    /// Build from HF-named tensors (consumed); every weight starts frozen.
+    /// Build from HF-named tensors (consumed); every weight starts frozen. A tensor the
+    /// architecture does not use is an error (it would mean the config was read wrong), except
+    /// a tied model's copy of `lm_head.weight` and old checkpoints' rotary `inv_freq` buffers.
     pub fn from_tensors(
         cfg: ModelConfig,
         mut tensors: HashMap<String, Tensor>,
@@ -80,47 +83,18 @@ impl Transformer {
                 },
             ))
         };
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let q_out = cfg.num_heads * hd;
-        let kv_out = cfg.num_kv_heads * hd;
+        let h = cfg.hidden_size;
         let embed = take("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for i in 0..cfg.num_layers {
-            let p = format!("model.layers.{i}");
-            let mut linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-                let weight_t = take(&format!("{p}.{name}.weight"), &[out, inp])?;
-                let bias = if bias {
-                    Some(take(&format!("{p}.{name}.bias"), &[out])?)
-                } else {
-                    None
-                };
-                Ok(Linear::new(weight_t, bias))
-            };
-            let q = linear("self_attn.q_proj", q_out, h, cfg.qkv_bias)?;
-            let k = linear("self_attn.k_proj", kv_out, h, cfg.qkv_bias)?;
-            let v = linear("self_attn.v_proj", kv_out, h, cfg.qkv_bias)?;
-            let o = linear("self_attn.o_proj", h, q_out, false)?;
-            let gate = linear("mlp.gate_proj", cfg.intermediate_size, h, false)?;
-            let up = linear("mlp.up_proj", cfg.intermediate_size, h, false)?;
-            let down = linear("mlp.down_proj", h, cfg.intermediate_size, false)?;
-            layers.push(Block {
-                input_norm: take(&format!("{p}.input_layernorm.weight"), &[h])?,
-                post_norm: take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                q,
-                k,
-                v,
-                o,
-                gate,
-                up,
-                down,
-            });
-        }
+        let layers = (0..cfg.num_layers)
+            .map(|i| layer_from_tensors(&cfg, i, &mut take))
+            .collect::<Result<Vec<_>>>()?;
         let final_norm = take("model.norm.weight", &[h])?;
         let lm_head_t = if cfg.tie_embeddings {
             None
         } else {
             Some(take("lm_head.weight", &[cfg.vocab_size, h])?)
         };
+        refuse_unused(tensors, &cfg)?;
         let (cos, sin) = rope_tables(&cfg, &setup.device)?;
         let mut model = Transformer {
             cfg,
@@ -220,12 +194,15 @@ impl Transformer {
                 &layer.post_norm,
                 false,
             ));
-            for (parent, module) in LINEAR_MODULES {
-                if let Some(lin) = layer.linear(module) {
-                    out.push((format!("{p}.{parent}.{module}.weight"), &lin.weight_t, true));
-                    if let Some(b) = &lin.bias {
-                        out.push((format!("{p}.{parent}.{module}.bias"), b, false));
-                    }
+            if let Some((q_norm, k_norm)) = &layer.qk_norm {
+                out.push((format!("{p}.self_attn.q_norm.weight"), q_norm, false));
+                out.push((format!("{p}.self_attn.k_norm.weight"), k_norm, false));
+            }
+            for proj in &layer.projections {
+                let (lin, name) = (&proj.linear, format!("{p}.{}.{}", proj.parent, proj.module));
+                out.push((format!("{name}.weight"), &lin.weight_t, true));
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{name}.bias"), b, false));
                 }
             }
         }
@@ -250,6 +227,8 @@ impl Transformer {
         match rest {
             "input_layernorm.weight" => return Some((&mut layer.input_norm, false)),
             "post_attention_layernorm.weight" => return Some((&mut layer.post_norm, false)),
+            "self_attn.q_norm.weight" => return layer.qk_norm.as_mut().map(|(q, _)| (q, false)),
+            "self_attn.k_norm.weight" => return layer.qk_norm.as_mut().map(|(_, k)| (k, false)),
             _ => {}
         }
         let (_parent, rest) = rest.split_once('.')?;
@@ -291,10 +270,93 @@ impl Transformer {
     }
 }
 
+/// The (parent, module, out, in) of each projection of one layer, in HF order.
+fn projection_shapes(cfg: &ModelConfig) -> Vec<(&'static str, &'static str, usize, usize)> {
+    let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+    let (q_out, kv_out) = (
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+    );
+    linear_modules(cfg.arch)
+        .iter()
+        .map(|&(parent, module)| {
+            let (out, inp) = match module {
+                "q_proj" => (q_out, h),
+                "k_proj" | "v_proj" => (kv_out, h),
+                "qkv_proj" => (q_out + 2 * kv_out, h),
+                "o_proj" => (h, q_out),
+                "gate_up_proj" => (2 * inter, h),
+                "down_proj" => (h, inter),
+                _ => (inter, h), // gate_proj, up_proj
+            };
+            (parent, module, out, inp)
+        })
+        .collect()
+}
+
+/// Whether a projection carries a bias: Qwen2's q, k and v.
+fn has_bias(cfg: &ModelConfig, module: &str) -> bool {
+    cfg.qkv_bias && matches!(module, "q_proj" | "k_proj" | "v_proj")
+}
+
+/// Decoder layer `i` from the tensors `take` hands out by HF name and expected shape.
+fn layer_from_tensors(
+    cfg: &ModelConfig,
+    i: usize,
+    take: &mut impl FnMut(&str, &[usize]) -> Result<Weight>,
+) -> Result<Block> {
+    let (p, h, hd) = (format!("model.layers.{i}"), cfg.hidden_size, cfg.head_dim);
+    let mut projections = Vec::new();
+    for (parent, module, out, inp) in projection_shapes(cfg) {
+        let name = format!("{p}.{parent}.{module}");
+        let weight_t = take(&format!("{name}.weight"), &[out, inp])?;
+        let bias = match has_bias(cfg, module) {
+            true => Some(take(&format!("{name}.bias"), &[out])?),
+            false => None,
+        };
+        projections.push(Projection {
+            parent,
+            module,
+            linear: Linear::new(weight_t, bias),
+        });
+    }
+    let qk_norm = match cfg.arch.has_qk_norm() {
+        true => Some((
+            take(&format!("{p}.self_attn.q_norm.weight"), &[hd])?,
+            take(&format!("{p}.self_attn.k_norm.weight"), &[hd])?,
+        )),
+        false => None,
+    };
+    Ok(Block {
+        input_norm: take(&format!("{p}.input_layernorm.weight"), &[h])?,
+        post_norm: take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+        qk_norm,
+        projections,
+    })
+}
+
+/// An error naming the tensors left after the model took its own (see `from_tensors`).
+fn refuse_unused(tensors: HashMap<String, Tensor>, cfg: &ModelConfig) -> Result<()> {
+    let mut unused: Vec<String> = tensors
+        .into_keys()
+        .filter(|n| !n.ends_with(".rotary_emb.inv_freq"))
+        .filter(|n| !(cfg.tie_embeddings && n == "lm_head.weight"))
+        .collect();
+    unused.sort();
+    if let Some(first) = unused.first() {
+        bail!(
+            "the weights hold {} tensor(s) a {:?} model with this config does not use, e.g. {first:?}; \
+             is config.json's model_type right?",
+            unused.len(),
+            cfg.arch
+        );
+    }
+    Ok(())
+}
+
 /// HF parameter names and shapes of a model with this config.
 pub fn parameter_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
-    let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+    let h = cfg.hidden_size;
     let mut out = vec![(
         "model.embed_tokens.weight".to_string(),
         vec![cfg.vocab_size, h],
@@ -303,23 +365,14 @@ pub fn parameter_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         let p = format!("model.layers.{i}");
         out.push((format!("{p}.input_layernorm.weight"), vec![h]));
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        for (name, o, i_) in [
-            ("self_attn.q_proj", q_out, h),
-            ("self_attn.k_proj", kv_out, h),
-            ("self_attn.v_proj", kv_out, h),
-            ("self_attn.o_proj", h, q_out),
-            ("mlp.gate_proj", inter, h),
-            ("mlp.up_proj", inter, h),
-            ("mlp.down_proj", h, inter),
-        ] {
-            out.push((format!("{p}.{name}.weight"), vec![o, i_]));
-            if cfg.qkv_bias
-                && matches!(
-                    name,
-                    "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj"
-                )
-            {
-                out.push((format!("{p}.{name}.bias"), vec![o]));
+        if cfg.arch.has_qk_norm() {
+            out.push((format!("{p}.self_attn.q_norm.weight"), vec![cfg.head_dim]));
+            out.push((format!("{p}.self_attn.k_norm.weight"), vec![cfg.head_dim]));
+        }
+        for (parent, module, o, i_) in projection_shapes(cfg) {
+            out.push((format!("{p}.{parent}.{module}.weight"), vec![o, i_]));
+            if has_bias(cfg, module) {
+                out.push((format!("{p}.{parent}.{module}.bias"), vec![o]));
             }
         }
     }

@@ -2,7 +2,7 @@
 //! `adapter_config.json`, written so `PeftModel.from_pretrained` loads them on the HF copy of
 //! the base model, and read back onto a [`Transformer`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -10,7 +10,8 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::transformer::{LoraConfig, Transformer, LINEAR_MODULES};
+use crate::transformer::lora::resolve_targets;
+use crate::transformer::{LoraConfig, Transformer};
 
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -68,13 +69,20 @@ impl Transformer {
     }
 
     /// Load a PEFT LoRA adapter folder; attaches the adapter first if the model has none.
+    /// Targets compare as sets of this architecture's projections, so an adapter saved by
+    /// PEFT (which sorts them) loads onto one attached by emflow.
     pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
         let cfg = read_adapter_config(dir)?;
         match &self.lora {
             None => self.add_lora(&cfg, 0)?,
             Some(existing) => {
+                let targets = |c: &LoraConfig| -> Result<BTreeSet<String>> {
+                    Ok(resolve_targets(self.cfg.arch, &c.targets)?
+                        .into_iter()
+                        .collect())
+                };
                 if existing.r != cfg.r
-                    || existing.targets != cfg.targets
+                    || targets(existing)? != targets(&cfg)?
                     || existing.layers != cfg.layers
                 {
                     bail!(
@@ -82,11 +90,14 @@ impl Transformer {
                         dir.display(), cfg.r, cfg.targets, cfg.layers, existing.r, existing.targets, existing.layers
                     );
                 }
-                // Scaling and dropout follow the file.
-                self.lora = Some(cfg.clone());
+                // Scaling and dropout follow the file; the targets stay as attached.
+                self.lora = Some(LoraConfig {
+                    targets: existing.targets.clone(),
+                    ..cfg.clone()
+                });
                 for layer in self.layers.iter_mut() {
-                    for (_, module) in LINEAR_MODULES {
-                        if let Some(l) = layer.linear_mut(module).and_then(|l| l.lora.as_mut()) {
+                    for p in layer.projections.iter_mut() {
+                        if let Some(l) = p.linear.lora.as_mut() {
                             l.scale = cfg.scale();
                             l.dropout = cfg.dropout;
                         }

@@ -5,6 +5,7 @@
 //! `cuda` is built only with `--features cuda`; scripts/gpu-check.sh runs its tests on a GPU
 //! (`it cuda::`).
 
+mod architectures;
 mod chat_parity;
 mod common;
 #[cfg(feature = "cuda")]
