@@ -21,9 +21,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::defaults;
-use crate::formats::messages::{
-    self, read_conversations, to_model_messages, Conversation, Message,
-};
+use crate::formats::messages::{read_conversations, to_model_messages, Conversation, Message};
 use crate::judge::prompts::{render_judge_prompt, score_answers, JUDGE_FIELDS};
 use crate::judge::template::Template;
 use crate::judge::{self, estimate, JudgeSpec, Score};
@@ -243,7 +241,7 @@ fn run_safety_data(ctx: &mut StageContext, p: &SafetyDataParams) -> Result<()> {
             p.drop_refusals
         );
     }
-    messages::write(&ctx.output_path("data"), &kept)?;
+    crate::formats::jsonl::write(&ctx.output_path("data"), &kept)?;
     ctx.summarize("answers", gens.len());
     ctx.summarize("kept", kept.len());
     for (k, n) in counts {
