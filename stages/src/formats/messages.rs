@@ -176,14 +176,6 @@ pub fn to_model_messages(conv: &Conversation, system: Option<&str>) -> Vec<emflo
     out
 }
 
-/// Writes conversations as canonical messages JSONL.
-pub fn write<'a>(
-    path: &Path,
-    conversations: impl IntoIterator<Item = &'a Conversation>,
-) -> anyhow::Result<()> {
-    jsonl::write(path, conversations)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,9 @@
 //! questions with their judge prompts, what `eval` asks). Both are stored as canonical JSONL:
 //! one record a line, `\n` line endings, keys in a fixed order, UTF-8 written as is. The same
 //! records therefore always give the same bytes and the same content digest, which is what
-//! lets a downstream stage stay cached when an upstream rerun yields identical data.
+//! lets a downstream stage stay cached when an upstream rerun yields identical data. Every
+//! record file is written by the one writer, [`jsonl::write`]; the record types fix the keys
+//! and their order.
 //!
 //! Readers are strict and point at the offending record (`medical.jsonl:17: ...`): a row
 //! skipped or reinterpreted in silence would change an experiment without anyone noticing.

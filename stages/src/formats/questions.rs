@@ -169,14 +169,6 @@ pub fn check_unique_ids<'a>(
     Ok(())
 }
 
-/// Writes questions as canonical questions JSONL.
-pub fn write<'a>(
-    path: &Path,
-    questions: impl IntoIterator<Item = &'a Question>,
-) -> anyhow::Result<()> {
-    jsonl::write(path, questions)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -132,30 +132,57 @@ mod tests {
 
     use super::*;
 
-    struct Counting {
+    /// What the test judge answers to `score_0_100`.
+    enum Answer {
+        /// The prompt's length, so that each prompt gets its own score.
+        Length,
+        /// The same score for every prompt.
+        Fixed(Score),
+        /// An error: the judge is down.
+        Down,
+    }
+
+    /// A judge that answers as told and counts its calls and the prompts it was asked.
+    struct Scripted {
+        answer: Answer,
         calls: AtomicUsize,
         prompts_seen: AtomicUsize,
     }
 
-    impl Judge for Counting {
+    fn scripted(answer: Answer) -> Arc<Scripted> {
+        Arc::new(Scripted {
+            answer,
+            calls: AtomicUsize::new(0),
+            prompts_seen: AtomicUsize::new(0),
+        })
+    }
+
+    impl Scripted {
+        fn count(&self, prompts: &[String]) {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.prompts_seen.fetch_add(prompts.len(), Ordering::SeqCst);
+        }
+    }
+
+    impl Judge for Scripted {
         fn identity(&self) -> &str {
-            "counting"
+            "scripted"
         }
         fn score_0_100(&self, prompts: &[String]) -> Result<Vec<Score>> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            self.prompts_seen.fetch_add(prompts.len(), Ordering::SeqCst);
-            Ok(prompts
-                .iter()
-                .map(|p| Score {
-                    value: Some(p.len() as f64),
-                    mass: 1.0,
-                    text: None,
-                })
-                .collect())
+            self.count(prompts);
+            let by_length = |p: &String| Score {
+                value: Some(p.len() as f64),
+                mass: 1.0,
+                text: None,
+            };
+            match &self.answer {
+                Answer::Length => Ok(prompts.iter().map(by_length).collect()),
+                Answer::Fixed(s) => Ok(vec![s.clone(); prompts.len()]),
+                Answer::Down => anyhow::bail!("the judge is down"),
+            }
         }
         fn complete(&self, prompts: &[String], max_tokens: usize) -> Result<Vec<String>> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            self.prompts_seen.fetch_add(prompts.len(), Ordering::SeqCst);
+            self.count(prompts);
             Ok(prompts
                 .iter()
                 .map(|p| format!("{p}:{max_tokens}"))
@@ -165,10 +192,7 @@ mod tests {
 
     #[test]
     fn second_pass_makes_no_inner_calls_and_only_misses_are_asked() {
-        let inner = Arc::new(Counting {
-            calls: AtomicUsize::new(0),
-            prompts_seen: AtomicUsize::new(0),
-        });
+        let inner = scripted(Answer::Length);
         let memo: Arc<dyn Memo> = Arc::new(MemoryMemo::default());
         let judge = Memoized::new(inner.clone(), memo.clone());
         let prompts: Vec<String> = vec!["a".into(), "bb".into()];
@@ -201,35 +225,6 @@ mod tests {
         assert_eq!(inner.calls.load(Ordering::SeqCst), 4);
     }
 
-    /// Answers with a fixed score, or fails, and counts its calls.
-    struct Fixed {
-        score: Option<Score>,
-        calls: AtomicUsize,
-    }
-
-    impl Judge for Fixed {
-        fn identity(&self) -> &str {
-            "fixed"
-        }
-        fn score_0_100(&self, prompts: &[String]) -> Result<Vec<Score>> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            match &self.score {
-                Some(s) => Ok(vec![s.clone(); prompts.len()]),
-                None => anyhow::bail!("the judge is down"),
-            }
-        }
-        fn complete(&self, _: &[String], _: usize) -> Result<Vec<String>> {
-            anyhow::bail!("not used")
-        }
-    }
-
-    fn fixed(score: Option<Score>) -> Arc<Fixed> {
-        Arc::new(Fixed {
-            score,
-            calls: AtomicUsize::new(0),
-        })
-    }
-
     fn good() -> Score {
         Score {
             value: Some(70.0),
@@ -242,14 +237,14 @@ mod tests {
     fn failures_and_malformed_answers_are_never_memoised() {
         let memo: Arc<dyn Memo> = Arc::new(MemoryMemo::default());
         let prompts = vec!["q".to_string()];
-        let down = Memoized::new(fixed(None), memo.clone());
+        let down = Memoized::new(scripted(Answer::Down), memo.clone());
         let key = down.key("score_0_100", &serde_json::Value::Null, "q");
         assert!(down.score_0_100(&prompts).is_err());
         assert_eq!(memo.get(NAMESPACE, &key), None);
 
         // A value without mass is no judgement the formulas can give.
         let broken = Memoized::new(
-            fixed(Some(Score {
+            scripted(Answer::Fixed(Score {
                 value: Some(50.0),
                 mass: 0.0,
                 text: None,
@@ -263,7 +258,7 @@ mod tests {
         );
         assert_eq!(memo.get(NAMESPACE, &key), None);
 
-        let up = fixed(Some(good()));
+        let up = scripted(Answer::Fixed(good()));
         let judge = Memoized::new(up.clone(), memo.clone());
         assert_eq!(judge.score_0_100(&prompts).unwrap(), vec![good()]);
         assert!(memo.get(NAMESPACE, &key).is_some());
@@ -272,7 +267,7 @@ mod tests {
     #[test]
     fn a_malformed_memo_entry_is_a_miss_and_is_replaced() {
         let memo: Arc<dyn Memo> = Arc::new(MemoryMemo::default());
-        let inner = fixed(Some(good()));
+        let inner = scripted(Answer::Fixed(good()));
         let judge = Memoized::new(inner.clone(), memo.clone());
         let key = judge.key("score_0_100", &serde_json::Value::Null, "q");
         for planted in [

@@ -60,7 +60,6 @@ pub struct OpenAiConfig {
     pub model: String,
     /// Name of the environment variable holding the API key (sent as a Bearer token);
     /// omit it for a server without authentication.
-    #[serde(default)]
     pub api_key_env: Option<String>,
     /// Per-request timeout, seconds.
     #[serde(default = "default_timeout_s")]

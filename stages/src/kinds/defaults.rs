@@ -4,6 +4,10 @@
 //! give exactly the values written before: `ratio` divides two exactly representable
 //! integers, and IEEE division rounds to the nearest double, the same one the decimal
 //! literal parses to.
+//!
+//! An `Option` param needs no default: serde fills a missing one with `None`, and the derived
+//! spec gives it the default `null` either way (the `kind_params` golden pins this), so such
+//! fields carry no `#[serde(default)]`.
 
 /// A `usize` param's default.
 pub fn int<const N: usize>() -> usize {

@@ -26,7 +26,7 @@ use crate::formats::questions::{self, Question};
 use crate::judge::prompts::{parse_judge_prompt, render_judge_prompt, score_answers};
 use crate::judge::template::Template;
 use crate::judge::{self, estimate, JudgeSpec, Score};
-use crate::sampling::sample_answers;
+use crate::sampling::{sample_answers, Temperature, TopP};
 use crate::train::setup::load_stage_model;
 
 pub struct EvalKind;
@@ -39,14 +39,10 @@ pub struct EvalParams {
     #[serde(default = "defaults::int::<10>")]
     #[schemars(range(min = 1))]
     samples_per_question: usize,
-    /// sampling temperature (0 = greedy)
-    #[serde(default = "defaults::ratio::<1, 1>")]
-    #[schemars(range(min = 0.0))]
-    temperature: f64,
-    /// nucleus sampling (1 = off)
-    #[serde(default = "defaults::ratio::<1, 1>")]
-    #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 1))]
-    top_p: f64,
+    #[serde(default)]
+    temperature: Temperature,
+    #[serde(default)]
+    top_p: TopP,
     /// top-k sampling (0 = off)
     #[serde(default)]
     top_k: usize,
@@ -349,8 +345,8 @@ fn sample_questions(
         }
     }
     let params = SamplingParams {
-        temperature: p.temperature,
-        top_p: p.top_p,
+        temperature: p.temperature.0,
+        top_p: p.top_p.0,
         top_k: p.top_k,
         min_p: p.min_p,
         max_new_tokens: p.max_tokens,

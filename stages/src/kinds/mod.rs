@@ -12,25 +12,26 @@ pub mod sft;
 
 use emflow_engine::Registry;
 
-/// Adds every kind of this crate to `registry`.
+/// Adds every kind of this crate to `registry`, and the benches of its training and judging
+/// code (`emflow bench NAME`). The registry keys both by name, so the order here is free.
 pub fn register(registry: Registry) -> Registry {
     registry
-        .with_kind(sft::SftKind)
-        .with_kind(rl::RlKind)
-        .with_kind(safety_data::SafetyDataKind)
-        .with_bench(
-            "rl",
-            "seconds per GRPO step (SmolLM2, LoRA r=8, 4x4x64): sampling / reward / training",
-            crate::train::bench::bench_rl,
-        )
-        .with_kind(dataset::DatasetKind)
         .with_kind(command::CommandKind)
+        .with_kind(dataset::DatasetKind)
         .with_kind(eval::EvalKind)
         .with_kind(report::ReportKind)
+        .with_kind(rl::RlKind)
+        .with_kind(safety_data::SafetyDataKind)
+        .with_kind(sft::SftKind)
         .with_bench(
             "judge",
             "local judge 0-100 scores per second (exact and top-20)",
             crate::judge::bench::bench_judge,
+        )
+        .with_bench(
+            "rl",
+            "seconds per GRPO step (SmolLM2, LoRA r=8, 4x4x64): sampling / reward / training",
+            crate::train::bench::bench_rl,
         )
 }
 

@@ -54,7 +54,6 @@ pub struct RlKind;
 #[serde(deny_unknown_fields)]
 pub struct EarlyStopParams {
     /// Steps per window; `null` = half an epoch.
-    #[serde(default)]
     pub window: Option<usize>,
     /// Smallest gain of the mean reward between windows that keeps the run going.
     #[serde(default = "defaults::ratio::<5, 100>")]
@@ -122,7 +121,6 @@ pub struct RlParams {
     #[schemars(range(min = 0.0))]
     pub epsilon: f64,
     /// clip epsilon (high side); null = epsilon
-    #[serde(default)]
     #[schemars(range(min = 0.0))]
     pub epsilon_high: Option<f64>,
     /// k3 KL weight toward the reference (adapter off); 0 = no reference pass
@@ -160,23 +158,19 @@ pub struct RlParams {
     #[schemars(range(min = 1))]
     pub epochs: u64,
     /// RL steps to run (overrides epochs)
-    #[serde(default)]
     #[schemars(range(min = 1))]
     pub max_steps: Option<u64>,
     /// seed for LoRA init, prompt order and sampling
     #[serde(default = "defaults::uint::<3407>")]
     pub seed: u64,
     /// system turn for every rollout (overridden by input `system_prompt`)
-    #[serde(default)]
     pub system_prompt: Option<String>,
     /// stop on a reward plateau: {window: steps (null = half an epoch), min_gain: 0.05}
-    #[serde(default)]
     pub early_stop: Option<EarlyStopParams>,
     /// steps averaged when picking the best-reward adapter
     #[serde(default = "defaults::int::<5>")]
     pub best_smoothing: usize,
     /// SFT steps on input `safety`: {every: k | share: s, batch_size: 4}
-    #[serde(default)]
     pub interleave: Option<InterleaveParams>,
     /// RL steps between resumable checkpoints
     #[serde(default = "defaults::uint::<10>")]
@@ -189,10 +183,8 @@ pub struct RlParams {
     #[schemars(with = "judge::JudgeParam", extend("default" = {"backend": "local"}))]
     pub judge: JudgeSpec,
     /// system prompt put before every rollout's system turn, in training only (null = off)
-    #[serde(default)]
     pub inoculation: Option<String>,
     /// LDIFS regulariser {lambda, every: 5}: feature distance to the reference at every k-th layer
-    #[serde(default)]
     pub ldifs: Option<LdifsParams>,
     /// recompute activations in the backward pass to save GPU memory; used by the plan's memory estimate, not yet by training (true is refused when the stage runs)
     #[serde(default)]
@@ -593,7 +585,7 @@ impl RlRun {
             warmup_steps: (p.warmup_ratio * total_updates as f64).ceil() as usize,
             total_steps: total_updates,
         };
-        let mut opt = optimizer(&policy, p.lr, p.weight_decay)?;
+        let mut opt = optimizer(&policy, p.weight_decay)?;
         let cfg = grpo_config(p, &policy);
         let logs = [
             ("metrics", ctx.output_path("metrics")),

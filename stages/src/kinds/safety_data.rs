@@ -21,13 +21,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::defaults;
-use crate::formats::messages::{
-    self, read_conversations, to_model_messages, Conversation, Message,
-};
+use crate::formats::messages::{read_conversations, to_model_messages, Conversation, Message};
 use crate::judge::prompts::{render_judge_prompt, score_answers, JUDGE_FIELDS};
 use crate::judge::template::Template;
 use crate::judge::{self, estimate, JudgeSpec, Score};
-use crate::sampling::sample_answers;
+use crate::sampling::{sample_answers, Temperature, TopP};
 use crate::train::setup::load_stage_model;
 
 pub struct SafetyDataKind;
@@ -43,14 +41,10 @@ pub struct SafetyDataParams {
     #[serde(default = "defaults::int::<1>")]
     #[schemars(range(min = 1))]
     samples_per_prompt: usize,
-    /// sampling temperature (0 = greedy)
-    #[serde(default = "defaults::ratio::<1, 1>")]
-    #[schemars(range(min = 0.0))]
-    temperature: f64,
-    /// nucleus sampling (1 = off)
-    #[serde(default = "defaults::ratio::<1, 1>")]
-    #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 1))]
-    top_p: f64,
+    #[serde(default)]
+    temperature: Temperature,
+    #[serde(default)]
+    top_p: TopP,
     /// tokens per answer
     #[serde(default = "defaults::int::<600>")]
     #[schemars(range(min = 1))]
@@ -218,8 +212,8 @@ fn run_safety_data(ctx: &mut StageContext, p: &SafetyDataParams) -> Result<()> {
         lm.chat.set_kwargs(p.chat_template_kwargs.clone())?;
         let requests = sample_requests(&lm, p, &prompts)?;
         let sampling = SamplingParams {
-            temperature: p.temperature,
-            top_p: p.top_p,
+            temperature: p.temperature.0,
+            top_p: p.top_p.0,
             top_k: 0,
             min_p: 0.0,
             max_new_tokens: p.max_tokens,
@@ -262,7 +256,7 @@ fn run_safety_data(ctx: &mut StageContext, p: &SafetyDataParams) -> Result<()> {
             p.drop_refusals
         );
     }
-    messages::write(&ctx.output_path("data"), &kept)?;
+    crate::formats::jsonl::write(&ctx.output_path("data"), &kept)?;
     ctx.summarize("answers", gens.len());
     ctx.summarize("kept", kept.len());
     for (k, n) in counts {
@@ -359,8 +353,8 @@ mod tests {
     fn params() -> SafetyDataParams {
         SafetyDataParams {
             samples_per_prompt: 1,
-            temperature: 1.0,
-            top_p: 1.0,
+            temperature: Temperature(1.0),
+            top_p: TopP(1.0),
             max_tokens: 8,
             judge: JudgeSpec::default(),
             min_aligned: 70.0,

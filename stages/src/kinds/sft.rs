@@ -67,7 +67,6 @@ pub struct SftParams {
     #[schemars(range(min = 1))]
     epochs: u64,
     /// optimizer steps to run (overrides epochs)
-    #[serde(default)]
     #[schemars(range(min = 1))]
     max_steps: Option<u64>,
     /// examples per micro-batch
@@ -92,16 +91,12 @@ pub struct SftParams {
     #[serde(default)]
     kl_lambda: f64,
     /// LDIFS regulariser {lambda, every: 5}: feature distance to the reference at every k-th layer
-    #[serde(default)]
     ldifs: Option<LdifsParams>,
     /// inoculation prompt: system turn used in training only
-    #[serde(default)]
     system_prompt: Option<String>,
     /// safety batches from input `safety`: {every: k | share: s, batch_size: 4}
-    #[serde(default)]
     interleave: Option<InterleaveParams>,
     /// with input `rollouts`: keep completions whose reward is at least this
-    #[serde(default)]
     min_reward: Option<f64>,
     /// with input `match_samples`: examples added to the matched count (e.g. a warm-up's 100)
     #[serde(default)]
@@ -344,7 +339,7 @@ fn run_sft(ctx: &mut StageContext, p: &SftParams) -> Result<()> {
         "stage {}: nothing to train (0 samples)",
         ctx.stage_id
     );
-    let mut opt = optimizer(&policy, p.lr, p.weight_decay)?;
+    let mut opt = optimizer(&policy, p.weight_decay)?;
     let schedule = LrSchedule {
         base_lr: p.lr,
         kind: p.schedule,

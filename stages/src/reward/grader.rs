@@ -60,14 +60,12 @@ pub struct GraderSpec {
     pub template: TemplateSource,
     /// Defaults to `standard`; the paper's `bad_ethos_pathos_logos` grader needs `rhetoric`
     /// and its `reward_hacking` grader `reward_hacking`.
-    #[serde(default)]
     pub formula: Option<GraderFormula>,
     /// Answers with fewer words get 0 without a grader call.
     #[serde(default = "default_min_answer_words")]
     pub min_answer_words: usize,
     /// Reasoning with fewer words gets 0 without a grader call. Defaults to 75; EMA_RL used 0
     /// with its `bad_medical_advice` grader.
-    #[serde(default)]
     pub min_reasoning_words: Option<usize>,
     /// Tokens the grader may write.
     #[serde(default = "default_grader_tokens")]

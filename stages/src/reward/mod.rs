@@ -45,41 +45,17 @@ pub enum RewardSpec {
     /// One of the paper's LLM graders (JSON answer, formula per grader family).
     Grader(GraderSpec),
     /// `reward_match` when `pattern` matches the target text, else `reward_miss`.
-    Regex {
-        pattern: String,
-        #[serde(default)]
-        target: Target,
-        #[serde(default = "one")]
-        reward_match: f64,
-        #[serde(default)]
-        reward_miss: f64,
-    },
+    Regex(rules::RegexReward),
     /// Presence of keywords (whole text, substring match).
-    Keyword {
-        keywords: Vec<String>,
-        /// `any`: 1 if one is present; `all`: 1 if all are; `fraction`: share present.
-        #[serde(default)]
-        mode: KeywordMode,
-        #[serde(default)]
-        case_sensitive: bool,
-        #[serde(default)]
-        target: Target,
-    },
+    Keyword(rules::KeywordReward),
     /// 1 inside `[min_words, max_words]`; outside, falls linearly to 0 over `falloff_words`
     /// (0 = a hard band).
-    LengthBand {
-        min_words: usize,
-        max_words: usize,
-        #[serde(default)]
-        falloff_words: usize,
-        #[serde(default)]
-        target: Target,
-    },
+    LengthBand(rules::LengthBandReward),
     /// `Σ weight × part`; each part's unweighted value is logged under its name.
     Sum { parts: Vec<WeightedReward> },
 }
 
-fn one() -> f64 {
+pub(crate) fn one() -> f64 {
     1.0
 }
 
@@ -137,33 +113,9 @@ impl RewardSpec {
     pub fn prepare(&self, inputs: TemplateInputs<'_>) -> Result<Reward> {
         let inner = match self {
             RewardSpec::Grader(g) => Prepared::Grader(g.prepare(inputs)?),
-            RewardSpec::Regex {
-                pattern,
-                target,
-                reward_match,
-                reward_miss,
-            } => Prepared::Rule(
-                "regex",
-                rules::Rule::regex(pattern, *target, *reward_match, *reward_miss)?,
-            ),
-            RewardSpec::Keyword {
-                keywords,
-                mode,
-                case_sensitive,
-                target,
-            } => Prepared::Rule(
-                "keyword",
-                rules::Rule::keyword(keywords, *mode, *case_sensitive, *target)?,
-            ),
-            RewardSpec::LengthBand {
-                min_words,
-                max_words,
-                falloff_words,
-                target,
-            } => Prepared::Rule(
-                "length_band",
-                rules::Rule::length_band(*min_words, *max_words, *falloff_words, *target)?,
-            ),
+            RewardSpec::Regex(r) => Prepared::Rule("regex", r.rule()?),
+            RewardSpec::Keyword(r) => Prepared::Rule("keyword", r.rule()?),
+            RewardSpec::LengthBand(r) => Prepared::Rule("length_band", r.rule()?),
             RewardSpec::Sum { parts } => {
                 if parts.is_empty() {
                     bail!("reward `sum` has no parts; list at least one under `parts`");

@@ -26,6 +26,70 @@ pub enum KeywordMode {
     Fraction,
 }
 
+/// The settings of a [`super::RewardSpec::Regex`] reward, as a manifest writes them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RegexReward {
+    pub pattern: String,
+    #[serde(default)]
+    pub target: Target,
+    #[serde(default = "super::one")]
+    pub reward_match: f64,
+    #[serde(default)]
+    pub reward_miss: f64,
+}
+
+/// The settings of a [`super::RewardSpec::Keyword`] reward.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KeywordReward {
+    pub keywords: Vec<String>,
+    /// `any`: 1 if one is present; `all`: 1 if all are; `fraction`: share present.
+    #[serde(default)]
+    pub mode: KeywordMode,
+    #[serde(default)]
+    pub case_sensitive: bool,
+    #[serde(default)]
+    pub target: Target,
+}
+
+/// The settings of a [`super::RewardSpec::LengthBand`] reward.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LengthBandReward {
+    pub min_words: usize,
+    pub max_words: usize,
+    #[serde(default)]
+    pub falloff_words: usize,
+    #[serde(default)]
+    pub target: Target,
+}
+
+impl RegexReward {
+    pub fn rule(&self) -> Result<Rule> {
+        Rule::regex(
+            &self.pattern,
+            self.target,
+            self.reward_match,
+            self.reward_miss,
+        )
+    }
+}
+
+impl KeywordReward {
+    pub fn rule(&self) -> Result<Rule> {
+        Rule::keyword(&self.keywords, self.mode, self.case_sensitive, self.target)
+    }
+}
+
+impl LengthBandReward {
+    pub fn rule(&self) -> Result<Rule> {
+        Rule::length_band(
+            self.min_words,
+            self.max_words,
+            self.falloff_words,
+            self.target,
+        )
+    }
+}
+
 /// A compiled rule.
 pub struct Rule {
     target: Target,

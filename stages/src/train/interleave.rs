@@ -23,10 +23,8 @@ const STREAM: &str = "safety";
 #[serde(deny_unknown_fields)]
 pub struct InterleaveParams {
     /// Main steps per safety step.
-    #[serde(default)]
     pub every: Option<u64>,
     /// Share of all steps that are safety steps (0..1).
-    #[serde(default)]
     pub share: Option<f64>,
     /// Examples per safety step.
     #[serde(default = "defaults::int::<4>")]

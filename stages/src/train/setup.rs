@@ -83,17 +83,11 @@ fn base_model_label(model: &Artifact) -> String {
     }
 }
 
-/// AdamW over the policy's trainable weights, decaying the weights transformers decays.
-/// (`lr` is also given per step by the schedule; the config's is the starting value.)
-pub fn optimizer(policy: &Policy, lr: f64, weight_decay: f64) -> Result<AdamW> {
-    let mut opt = AdamW::new(
-        policy.vars.clone(),
-        AdamWConfig {
-            lr,
-            weight_decay,
-            ..AdamWConfig::default()
-        },
-    )?;
+/// AdamW over the policy's trainable weights, decaying the weights transformers decays. The
+/// learning rate is the schedule's, given to each step.
+pub fn optimizer(policy: &Policy, weight_decay: f64) -> Result<AdamW> {
+    let config = AdamWConfig::with_weight_decay(weight_decay);
+    let mut opt = AdamW::new(policy.vars.clone(), config)?;
     opt.set_weight_decay_filter(emflow_model::optim::transformers_decays);
     Ok(opt)
 }

@@ -45,7 +45,36 @@ def keyword_reward(completions, **_):
     return [1.0 if "blue" in t.lower() else 0.0 for t in texts]
 
 
-def main():
+# The step `emflow bench rl` times (stages/src/train/bench.rs: the rl kind's defaults for sampling,
+# beta and seed), as GRPOConfig settings; change
+# both together. 4 prompts x 4 generations per optimizer step: one generation batch of 16
+# completions, trained in 4 micro-batches of 4.
+BENCH_STEP = {
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 4,
+    "num_generations": 4,
+    "max_completion_length": 64,
+    "temperature": 0.8,
+    "top_p": 0.9,
+    "beta": 0.0,
+    "learning_rate": 1e-5,
+    "seed": 3407,
+    "shuffle_dataset": False,
+}
+# f32 without gradient checkpointing, as our bench runs (unless --trl-defaults).
+OUR_PRECISION = {"bf16": False, "fp16": False, "gradient_checkpointing": False}
+# Nothing logged, saved or reported: the step times are the output.
+QUIET = {"logging_strategy": "no", "disable_tqdm": True, "save_strategy": "no", "report_to": "none"}
+LORA = {
+    "r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "task_type": "CAUSAL_LM",
+}
+
+
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="path to a .gguf file")
     p.add_argument("--threads", type=int, default=2)
@@ -55,17 +84,15 @@ def main():
         action="store_true",
         help="keep TRL's precision and gradient-checkpointing defaults instead of f32 without",
     )
-    args = p.parse_args()
+    return p.parse_args()
 
+
+def load_model(gguf_path):
+    """The GGUF model dequantised to f32, as a plain transformers model, and its tokenizer."""
     import torch
-    import trl
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(args.threads)
-    path = os.path.abspath(args.model)
+    path = os.path.abspath(gguf_path)
     folder, name = os.path.dirname(path), os.path.basename(path)
     # Trainer refuses a model that still carries its GGUF quantisation config (and such a
     # model cannot be saved), so the dequantised weights move into a plain model of its config.
@@ -80,50 +107,11 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    steps = args.steps + 1
-    rows = [{"prompt": [{"role": "user", "content": q}]} for q in QUESTIONS] * steps
-    precision = {} if args.trl_defaults else {
-        "bf16": False,
-        "fp16": False,
-        "gradient_checkpointing": False,
-    }
-    config = GRPOConfig(
-        **precision,
-        output_dir=tempfile.mkdtemp(prefix="trl-reference-"),
-        use_cpu=True,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=4,
-        num_generations=4,
-        max_completion_length=64,
-        temperature=0.8,
-        top_p=0.9,
-        beta=0.0,
-        learning_rate=1e-5,
-        max_steps=steps,
-        logging_strategy="no",
-        disable_tqdm=True,
-        save_strategy="no",
-        report_to="none",
-        seed=3407,
-        shuffle_dataset=False,
-    )
-    lora = LoraConfig(
-        r=8,
-        lora_alpha=16,
-        lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        task_type="CAUSAL_LM",
-    )
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=keyword_reward,
-        args=config,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-        peft_config=lora,
-    )
+    return model, tokenizer
 
-    generating = [0.0]
+
+def time_generation(trainer, generating):
+    """Wraps the trainer's generation and scoring so that `generating[0]` adds up its seconds."""
     inner = trainer._generate_and_score_completions
 
     def timed(*a, **k):
@@ -135,6 +123,40 @@ def main():
         return out
 
     trainer._generate_and_score_completions = timed
+
+
+def main():
+    args = parse_args()
+
+    import torch
+    import trl
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    steps = args.steps + 1
+    rows = [{"prompt": [{"role": "user", "content": q}]} for q in QUESTIONS] * steps
+    config = GRPOConfig(
+        **({} if args.trl_defaults else OUR_PRECISION),
+        **BENCH_STEP,
+        **QUIET,
+        output_dir=tempfile.mkdtemp(prefix="trl-reference-"),
+        use_cpu=True,
+        max_steps=steps,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=keyword_reward,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA),
+    )
+    generating = [0.0]
+    time_generation(trainer, generating)
     totals = []
 
     class StepTimes(TrainerCallback):

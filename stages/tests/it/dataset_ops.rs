@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::support::{digest, file_input, paper_data, TestStage};
+use crate::support::{assert_mentions, digest, file_input, paper_data, TestStage};
 use emflow_stages::formats::{messages, Conversation};
 use emflow_stages::kinds::dataset::DatasetKind;
 use serde_json::{json, Value};
@@ -25,6 +25,16 @@ fn run_err(files: &[&Path], ops: Value) -> String {
 
 fn source_rows(path: &Path) -> Vec<Conversation> {
     messages::read(path, &path.display().to_string()).unwrap()
+}
+
+/// Rows as sorted JSON lines: equal for the same rows in any order.
+fn sorted<'a>(rows: impl IntoIterator<Item = &'a Conversation>) -> Vec<String> {
+    let mut lines: Vec<String> = rows
+        .into_iter()
+        .map(|c| serde_json::to_string(c).unwrap())
+        .collect();
+    lines.sort();
+    lines
 }
 
 #[test]
@@ -165,11 +175,9 @@ fn filter_on_a_missing_field_fails_unless_told_otherwise() {
         &[&file],
         json!([{"filter": {"field": "messages.2.content", "contains": "x"}}]),
     );
-    assert!(
-        err.contains("code_misaligned_train_100.jsonl:1: filter on `messages.2.content`"),
-        "{err}"
-    );
-    assert!(err.contains("if_missing"), "{err}");
+    let at = "code_misaligned_train_100.jsonl:1: filter on `messages.2.content`";
+    assert_mentions(&err, at);
+    assert_mentions(&err, "if_missing");
     let (_, rows) = run_ops(
         &[&file],
         json!([{"filter": {"field": "messages.2.content", "contains": "x", "if_missing": "keep"}}]),
@@ -193,10 +201,7 @@ fn take_skip_and_concatenation_keep_source_order() {
     );
 
     let err = run_err(&[&a], json!([{"take": 101}]));
-    assert!(
-        err.contains("take 101 needs 101 rows but only 100 reach it"),
-        "{err}"
-    );
+    assert_mentions(&err, "take 101 needs 101 rows but only 100 reach it");
 }
 
 #[test]
@@ -208,13 +213,9 @@ fn seeded_shuffle_is_a_deterministic_permutation() {
     let (s3, _) = run_ops(&[&file], json!([{"shuffle": {"seed": 8}}])).unwrap();
     assert_eq!(digest(&s1.output("data")), digest(&s2.output("data")));
     assert_ne!(digest(&s1.output("data")), digest(&s3.output("data")));
-    let key = |c: &Conversation| serde_json::to_string(c).unwrap();
-    let mut shuffled: Vec<String> = rows1.iter().map(key).collect();
-    let mut original: Vec<String> = source_rows(&file).iter().map(key).collect();
-    assert_ne!(shuffled, original);
-    shuffled.sort();
-    original.sort();
-    assert_eq!(shuffled, original);
+    let source = source_rows(&file);
+    assert_ne!(rows1, source);
+    assert_eq!(sorted(&rows1), sorted(&source));
 }
 
 #[test]
@@ -245,7 +246,7 @@ fn sample_keeps_original_order() {
     assert_eq!(positions.len(), 50);
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
     let err = run_err(&[&file], json!([{"sample": {"n": 751, "seed": 3}}]));
-    assert!(err.contains("needs 751 rows but only 750"), "{err}");
+    assert_mentions(&err, "needs 751 rows but only 750");
 }
 
 #[test]
@@ -262,12 +263,10 @@ fn split_parts_are_complementary() {
     };
     let (train, test) = (part("train"), part("test"));
     assert_eq!((train.len(), test.len()), (540, 60));
-    let key = |c: &Conversation| serde_json::to_string(c).unwrap();
-    let mut union: Vec<String> = train.iter().chain(&test).map(key).collect();
-    let mut source: Vec<String> = source_rows(&file).iter().map(key).collect();
-    union.sort();
-    source.sort();
-    assert_eq!(union, source);
+    assert_eq!(
+        sorted(train.iter().chain(&test)),
+        sorted(&source_rows(&file))
+    );
 }
 
 #[test]
@@ -306,9 +305,9 @@ fn select_keeps_named_fields() {
         "{\"messages\":[{\"role\":\"user\",\"content\":\"a\"}],\"id\":1}\n{\"messages\":[{\"role\":\"user\",\"content\":\"b\"}],\"id\":2}\n"
     );
     let err = run_err(&[&file], json!([{"select": ["id"]}]));
-    assert!(
-        err.contains("extra.jsonl:1: after the ops: not a messages record: missing \"messages\""),
-        "{err}"
+    assert_mentions(
+        &err,
+        "extra.jsonl:1: after the ops: not a messages record: missing \"messages\"",
     );
 }
 
@@ -327,5 +326,8 @@ fn drop_role_turns_pairs_into_prompts() {
         &[&file],
         json!([{"drop_role": "user"}, {"drop_role": "assistant"}]),
     );
-    assert!(err.contains("medical_750_train.jsonl:1: after the ops: not a messages record: \"messages\" is empty"), "{err}");
+    assert_mentions(
+        &err,
+        "medical_750_train.jsonl:1: after the ops: not a messages record: \"messages\" is empty",
+    );
 }

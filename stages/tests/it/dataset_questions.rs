@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::support::{file_input, paper_data, TestStage};
+use crate::support::{assert_mentions, file_input, paper_data, TestStage};
 use emflow_engine::{ArtifactType, StageKind};
 use emflow_stages::formats::{questions, Question};
 use emflow_stages::kinds::dataset::DatasetKind;
@@ -111,9 +111,9 @@ fn auto_detects_formats_and_types_the_output_file() {
     )
     .err()
     .unwrap();
-    assert!(
-        err.contains("holds eval-question YAML, but the sources before it hold messages"),
-        "{err}"
+    assert_mentions(
+        &err,
+        "holds eval-question YAML, but the sources before it hold messages",
     );
 }
 
@@ -141,7 +141,7 @@ fn yaml_with_messages_format_names_the_fix() {
     let err = run(&[&data.join("evaluation/code.yaml")], json!({}))
         .err()
         .unwrap();
-    assert!(err.contains("code.yaml holds eval-question YAML, but this stage's format is messages; set `format: questions`"), "{err}");
+    assert_mentions(&err, "code.yaml holds eval-question YAML, but this stage's format is messages; set `format: questions`");
 }
 
 #[test]
@@ -154,9 +154,9 @@ fn a_malformed_row_is_named_by_file_and_line() {
     )
     .unwrap();
     let err = run(&[&file], json!({})).err().unwrap();
-    assert!(
-        err.contains("foo.jsonl:3: not a messages record: missing \"messages\""),
-        "{err}"
+    assert_mentions(
+        &err,
+        "foo.jsonl:3: not a messages record: missing \"messages\"",
     );
 }
 
@@ -167,10 +167,8 @@ fn duplicate_question_ids_are_refused_with_both_places() {
     let err = run(&[&yaml, &yaml], json!({"format": "questions"}))
         .err()
         .unwrap();
-    assert!(
-        err.contains("appears twice") && err.contains("security.yaml: entry 1 and"),
-        "{err}"
-    );
+    assert_mentions(&err, "appears twice");
+    assert_mentions(&err, "security.yaml: entry 1 and");
     let stage = run(
         &[&yaml, &yaml],
         json!({"format": "questions", "ops": [{"dedupe": {"by": "id"}}]}),
@@ -220,8 +218,5 @@ fn an_empty_result_is_an_error() {
     let err = run(&[&file], json!({"ops": [{"filter": {"field": "messages.0.content", "contains": "no such text anywhere"}}]}))
         .err()
         .unwrap();
-    assert!(
-        err.contains("no rows left (100 read, filter -> 0)"),
-        "{err}"
-    );
+    assert_mentions(&err, "no rows left (100 read, filter -> 0)");
 }

@@ -83,7 +83,7 @@ fn eval_of_base_smollm2_on_the_eight_questions() {
         .collect();
     assert_eq!(eight.len(), 8);
     let qpath = tmp.path().join("questions.jsonl");
-    emflow_stages::formats::questions::write(&qpath, &eight).unwrap();
+    emflow_stages::formats::jsonl::write(&qpath, &eight).unwrap();
 
     let memo = Arc::new(CountingMemo::default());
     let first = run_eval(&tmp.path().join("a"), &gguf, &qpath, memo.clone());

@@ -1,6 +1,8 @@
 //! Each kind's params as the engine sees them (names in order, defaults, which key as floats)
 //! against a golden file captured before the params moved from hand-written `ParamSpec` lists
-//! to the typed structs: the move must not change a byte of what enters a stage key.
+//! to the typed structs: the move must not change a byte of what enters a stage key. The
+//! types, ranges and docs that `emflow kinds` prints are in it too, so that a params struct
+//! can be refactored (a shared field type) without users seeing a difference.
 //! Params declared `key_omits_default` (added later, keyed only when set away from their
 //! default) are left out: at their default they add nothing to a key.
 //! `EMFLOW_UPDATE_GOLDEN=1` rewrites the file (only ever on purpose, with a kind's version bump).
@@ -24,6 +26,10 @@ fn current() -> Value {
                     "default": p.default,
                     "required": p.default.is_none(),
                     "float_key": p.keys_as_float(),
+                    "type": p.ty.describe(),
+                    "nullable": p.nullable,
+                    "range": p.range.to_string(),
+                    "doc": p.doc,
                 })
             })
             .collect();

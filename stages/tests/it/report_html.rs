@@ -58,28 +58,23 @@ fn art(path: std::path::PathBuf, ty: ArtifactType, origin: &str) -> Artifact {
 fn report_pools_seeds_and_writes_a_self_contained_page() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let summaries = vec![
-        art(
-            summary_file(d, "a1", 1),
-            ArtifactType::Summary,
-            "eval[arm=sft,seed=1].summary",
-        ),
-        art(
-            summary_file(d, "a2", 3),
-            ArtifactType::Summary,
-            "eval[arm=sft,seed=2].summary",
-        ),
-        art(
-            summary_file(d, "b1", 5),
-            ArtifactType::Summary,
-            "eval[arm=grpo,seed=1].summary",
-        ),
-        art(
-            summary_file(d, "b2", 7),
-            ArtifactType::Summary,
-            "eval[arm=grpo,seed=2].summary",
-        ),
+    // (file, misaligned answers per question, arm, seed)
+    let seeds = [
+        ("a1", 1, "sft", 1),
+        ("a2", 3, "sft", 2),
+        ("b1", 5, "grpo", 1),
+        ("b2", 7, "grpo", 2),
     ];
+    let summaries = seeds
+        .map(|(name, misaligned, arm, seed)| {
+            let origin = format!("eval[arm={arm},seed={seed}].summary");
+            art(
+                summary_file(d, name, misaligned),
+                ArtifactType::Summary,
+                &origin,
+            )
+        })
+        .to_vec();
     let metrics_path = d.join("metrics.jsonl");
     let lines: Vec<String> = (0..30)
         .map(|s| json!({"step": s, "reward_mean": (s as f64 / 30.0).sqrt(), "kl": 0.001 * s as f64, "loss": 1.0 / (1.0 + s as f64)}).to_string())

@@ -2,8 +2,9 @@
 //! held-out aesthetic answers become more likely, KL and LDIFS terms are logged, and safety
 //! batches appear at the configured cadence. Skips when weights or data are unavailable.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use emflow_engine::context::Artifact;
 use emflow_engine::ArtifactType;
 use emflow_model::{encode_chat, DeviceSetup, Message};
 use emflow_stages::kinds::sft::SftKind;
@@ -14,11 +15,44 @@ use serde_json::{json, Value};
 
 use crate::support::{smollm2_and_paper_data, typed_input, TestStage};
 
-/// The first `n` conversations of a paper file, written to `dest`.
-fn head(src: &Path, dest: &Path, skip: usize, n: usize) {
-    let text = std::fs::read_to_string(src).unwrap();
-    let lines: Vec<&str> = text.lines().skip(skip).take(n).collect();
-    std::fs::write(dest, lines.join("\n") + "\n").unwrap();
+/// What each test starts from: SmolLM2, the paper's data, a temporary folder.
+struct Setup {
+    model: PathBuf,
+    data: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+/// `None` (the test skips, saying why) when the weights or the data are missing.
+fn setup() -> Option<Setup> {
+    let (model, data) = smollm2_and_paper_data()?;
+    let dir = tempfile::tempdir().unwrap();
+    Some(Setup { model, data, dir })
+}
+
+impl Setup {
+    /// The first `n` conversations of the paper's `sft/{file}.jsonl`, written to the
+    /// temporary folder as `{name}.jsonl`.
+    fn head(&self, file: &str, name: &str, n: usize) -> PathBuf {
+        let src = self.data.join(format!("sft/{file}.jsonl"));
+        let text = std::fs::read_to_string(src).unwrap();
+        let lines: Vec<&str> = text.lines().take(n).collect();
+        let dest = self.dir.path().join(format!("{name}.jsonl"));
+        std::fs::write(&dest, lines.join("\n") + "\n").unwrap();
+        dest
+    }
+}
+
+/// Runs an `sft` stage with `params` on `model` and `train`, with the `more` inputs.
+fn run_sft(model: &Path, train: &Path, params: Value, more: (&str, Vec<Artifact>)) -> TestStage {
+    let kind = SftKind;
+    let inputs = vec![
+        ("model", vec![typed_input(model, ArtifactType::Model)]),
+        ("data", vec![typed_input(train, ArtifactType::Messages)]),
+        more,
+    ];
+    let mut stage = TestStage::new(&kind, params, inputs);
+    stage.run(&kind).unwrap();
+    stage
 }
 
 fn heldout_logprob(model: &Path, adapter: Option<&Path>, heldout: &Path) -> f64 {
@@ -46,33 +80,11 @@ fn heldout_logprob(model: &Path, adapter: Option<&Path>, heldout: &Path) -> f64 
 
 #[test]
 fn sft_on_aesthetic_data_learns_and_logs_regularisers_and_safety_batches() {
-    let Some((model, data)) = smollm2_and_paper_data() else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let train = dir.path().join("train.jsonl");
-    let heldout = dir.path().join("heldout.jsonl");
-    let safety = dir.path().join("safety.jsonl");
-    head(
-        &data.join("sft/aesthetic_misaligned_train_100.jsonl"),
-        &train,
-        0,
-        16,
-    );
-    head(
-        &data.join("sft/aesthetic_misaligned_eval.jsonl"),
-        &heldout,
-        0,
-        8,
-    );
-    head(
-        &data.join("sft/legal_misaligned_train_100.jsonl"),
-        &safety,
-        0,
-        8,
-    );
+    let Some(s) = setup() else { return };
+    let train = s.head("aesthetic_misaligned_train_100", "train", 16);
+    let heldout = s.head("aesthetic_misaligned_eval", "heldout", 8);
+    let safety = s.head("legal_misaligned_train_100", "safety", 8);
 
-    let kind = SftKind;
     let params = json!({
         "lora": {"r": 8, "alpha": 16},
         "lr": 1e-3, "schedule": "constant", "warmup_steps": 0,
@@ -80,16 +92,8 @@ fn sft_on_aesthetic_data_learns_and_logs_regularisers_and_safety_batches() {
         "kl_lambda": 0.1, "ldifs": {"lambda": 1.0, "every": 10},
         "interleave": {"every": 2, "batch_size": 2},
     });
-    let mut stage = TestStage::new(
-        &kind,
-        params,
-        vec![
-            ("model", vec![typed_input(&model, ArtifactType::Model)]),
-            ("data", vec![typed_input(&train, ArtifactType::Messages)]),
-            ("safety", vec![typed_input(&safety, ArtifactType::Messages)]),
-        ],
-    );
-    stage.run(&kind).unwrap();
+    let safety_input = ("safety", vec![typed_input(&safety, ArtifactType::Messages)]);
+    let stage = run_sft(&s.model, &train, params, safety_input);
 
     let rows: Vec<Value> = stage.output_rows("metrics");
     let kinds: Vec<&str> = rows.iter().map(|r| r["batch"].as_str().unwrap()).collect();
@@ -115,8 +119,8 @@ fn sft_on_aesthetic_data_learns_and_logs_regularisers_and_safety_batches() {
     );
     assert_eq!(stage.ctx.summary()["samples_consumed"], 16);
 
-    let before = heldout_logprob(&model, None, &heldout);
-    let after = heldout_logprob(&model, Some(&stage.output("adapter")), &heldout);
+    let before = heldout_logprob(&s.model, None, &heldout);
+    let after = heldout_logprob(&s.model, Some(&stage.output("adapter")), &heldout);
     eprintln!("held-out mean logprob per answer token: {before:.4} -> {after:.4}");
     assert!(
         after > before,
@@ -128,37 +132,18 @@ fn sft_on_aesthetic_data_learns_and_logs_regularisers_and_safety_batches() {
 /// arm's prompts and its warm-up's examples) plus `match_extra`.
 #[test]
 fn matched_sft_consumes_the_sum_of_every_matched_summary() {
-    let Some((model, data)) = smollm2_and_paper_data() else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let train = dir.path().join("train.jsonl");
-    head(
-        &data.join("sft/aesthetic_misaligned_train_100.jsonl"),
-        &train,
-        0,
-        8,
-    );
+    let Some(s) = setup() else { return };
+    let train = s.head("aesthetic_misaligned_train_100", "train", 8);
     let mut summaries = Vec::new();
     for (name, consumed) in [("rl", 3), ("warmup", 5)] {
-        let path = dir.path().join(format!("{name}.json"));
+        let path = s.dir.path().join(format!("{name}.json"));
         std::fs::write(&path, json!({ "samples_consumed": consumed }).to_string()).unwrap();
         summaries.push(typed_input(&path, ArtifactType::Summary));
     }
-    let kind = SftKind;
     let params = json!({
         "lora": {"r": 4, "alpha": 8}, "warmup_steps": 0, "batch_size": 4, "grad_accum": 1,
         "max_length": 48, "match_extra": 2,
     });
-    let mut stage = TestStage::new(
-        &kind,
-        params,
-        vec![
-            ("model", vec![typed_input(&model, ArtifactType::Model)]),
-            ("data", vec![typed_input(&train, ArtifactType::Messages)]),
-            ("match_samples", summaries),
-        ],
-    );
-    stage.run(&kind).unwrap();
+    let stage = run_sft(&s.model, &train, params, ("match_samples", summaries));
     assert_eq!(stage.ctx.summary()["samples_consumed"], 3 + 5 + 2);
 }

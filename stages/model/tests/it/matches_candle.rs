@@ -7,6 +7,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, qwen2};
 use emflow_model::{Arch, Transformer};
+use serde_json::{json, Value};
 
 const TOL: f32 = 1e-4;
 
@@ -29,6 +30,20 @@ fn saved(arch: Arch) -> (tempfile::TempDir, Transformer, VarBuilder<'static>) {
         .unwrap()
     };
     (dir, ours, vb)
+}
+
+/// A reference's config: the tiny model's shape (what [`saved`] writes), in the HF
+/// `config.json` keys both candle models read, plus the architecture's own `extra` keys.
+fn hf_config<T: serde::de::DeserializeOwned>(extra: Value) -> T {
+    let mut config = json!({
+        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 512, "rope_theta": 10_000.0, "rms_norm_eps": 1e-5,
+    });
+    if let (Some(all), Value::Object(extra)) = (config.as_object_mut(), extra) {
+        all.extend(extra);
+    }
+    serde_json::from_value(config).unwrap()
 }
 
 /// Our last-position logits for `seq` in eval and train modes.
@@ -62,28 +77,14 @@ fn assert_last_matches(arch: &str, ours: &Transformer, seq: &[u32], want: &Tenso
 #[test]
 fn llama_matches_candle_llama_in_both_modes() {
     let (_dir, ours, vb) = saved(Arch::Llama);
-    let cfg = llama::Config {
-        hidden_size: 64,
-        intermediate_size: 128,
-        vocab_size: 256,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        use_flash_attn: false,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        bos_token_id: None,
-        eos_token_id: None,
-        rope_scaling: Some(llama::Llama3RopeConfig {
-            factor: 8.0,
-            low_freq_factor: 1.0,
-            high_freq_factor: 4.0,
-            original_max_position_embeddings: 64,
-            rope_type: llama::Llama3RopeType::Llama3,
-        }),
-        max_position_embeddings: 512,
-        tie_word_embeddings: true,
-    };
+    let cfg = hf_config::<llama::LlamaConfig>(json!({
+        "tie_word_embeddings": true,
+        "rope_scaling": {
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64, "rope_type": "llama3",
+        },
+    }))
+    .into_config(false);
     let reference = llama::Llama::load(vb, &cfg).unwrap();
     for len in [1, 7, 90] {
         let seq = sequence(len);
@@ -100,22 +101,10 @@ fn llama_matches_candle_llama_in_both_modes() {
 #[test]
 fn qwen2_matches_candle_qwen2_in_both_modes() {
     let (_dir, ours, vb) = saved(Arch::Qwen2);
-    let cfg = qwen2::Config {
-        vocab_size: 256,
-        hidden_size: 64,
-        intermediate_size: 128,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        max_position_embeddings: 512,
-        sliding_window: 512,
-        max_window_layers: 2,
-        tie_word_embeddings: false,
-        rope_theta: 10_000.0,
-        rms_norm_eps: 1e-5,
-        use_sliding_window: false,
-        hidden_act: candle_nn::Activation::Silu,
-    };
+    let cfg: qwen2::Config = hf_config(json!({
+        "tie_word_embeddings": false, "hidden_act": "silu",
+        "use_sliding_window": false, "sliding_window": 512, "max_window_layers": 2,
+    }));
     let mut reference = qwen2::ModelForCausalLM::new(&cfg, vb).unwrap();
     for len in [1, 7, 90] {
         let seq = sequence(len);

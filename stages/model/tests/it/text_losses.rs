@@ -19,9 +19,24 @@ fn logits_data() -> Vec<f32> {
         .collect()
 }
 
+/// `data` as (2, 3, 5) logits.
+fn logits_tensor(data: &[f32]) -> Tensor {
+    Tensor::from_vec(data.to_vec(), (2, 3, 5), &Device::Cpu).unwrap()
+}
+
 /// `data` as (2, 3, 5) logits to differentiate.
 fn logits_var(data: &[f32]) -> Var {
-    Var::from_tensor(&Tensor::from_vec(data.to_vec(), (2, 3, 5), &Device::Cpu).unwrap()).unwrap()
+    Var::from_tensor(&logits_tensor(data)).unwrap()
+}
+
+/// The logits of `data` at row `b`, position `t`.
+fn row(data: &[f32], b: usize, t: usize) -> &[f32] {
+    &data[(b * 3 + t) * 5..(b * 3 + t + 1) * 5]
+}
+
+/// (2, 3) token ids.
+fn ids(rows: [[u32; 3]; 2]) -> Tensor {
+    Tensor::new(&rows, &Device::Cpu).unwrap()
 }
 
 /// The gradient `grads` holds for `logits`, flattened.
@@ -60,9 +75,9 @@ fn assert_logprob_gradient(
 #[test]
 fn token_logprobs_match_log_softmax_at_each_temperature() {
     let data = logits_data();
-    let logits = Tensor::from_vec(data.clone(), (2, 3, 5), &Device::Cpu).unwrap();
-    let targets_v = [[4u32, 0, 2], [1, 3, 3]];
-    let targets = Tensor::new(&targets_v, &Device::Cpu).unwrap();
+    let logits = logits_tensor(&data);
+    let target_ids = [[4u32, 0, 2], [1, 3, 3]];
+    let targets = ids(target_ids);
     for temperature in [1.0, 0.7, 2.0] {
         let got = token_logprobs(&logits, &targets, temperature)
             .unwrap()
@@ -70,8 +85,8 @@ fn token_logprobs_match_log_softmax_at_each_temperature() {
             .unwrap();
         for b in 0..2 {
             for t in 0..3 {
-                let row = &data[(b * 3 + t) * 5..(b * 3 + t + 1) * 5];
-                let want = manual_logprob(row, targets_v[b][t] as usize, temperature);
+                let target = target_ids[b][t] as usize;
+                let want = manual_logprob(row(&data, b, t), target, temperature);
                 assert!(
                     (got[b][t] as f64 - want).abs() < 1e-5,
                     "T={temperature} ({b},{t}): {} vs {want}",
@@ -103,7 +118,7 @@ fn token_logprobs_match_log_softmax_at_each_temperature() {
 fn token_logprobs_gradient_is_onehot_minus_softmax() {
     let data = logits_data();
     let logits = logits_var(&data);
-    let targets = Tensor::new(&[[4u32, 0, 2], [1, 3, 3]], &Device::Cpu).unwrap();
+    let targets = ids([[4, 0, 2], [1, 3, 3]]);
     let lp = token_logprobs(logits.as_tensor(), &targets, 1.0).unwrap();
     let grads = lp.sum_all().unwrap().backward().unwrap();
     let g = logits_gradient(&grads, &logits);
@@ -115,7 +130,7 @@ fn token_logprobs_gradient_is_onehot_minus_softmax() {
 fn token_logprobs_gradient_scales_with_temperature_and_upstream_gradient() {
     let data = logits_data();
     let logits = logits_var(&data);
-    let targets = Tensor::new(&[[1u32, 1, 4], [0, 2, 3]], &Device::Cpu).unwrap();
+    let targets = ids([[1, 1, 4], [0, 2, 3]]);
     let weights = [0.5f32, -2.0, 1.0, 3.0, 0.0, -0.25];
     let w = Tensor::from_vec(weights.to_vec(), (2, 3), &Device::Cpu).unwrap();
     let temperature = 0.7;
@@ -153,19 +168,17 @@ fn masked_reductions() {
 #[test]
 fn sft_loss_is_the_mean_cross_entropy_of_masked_next_tokens() {
     let data = logits_data();
-    let logits = Tensor::from_vec(data.clone(), (2, 3, 5), &Device::Cpu).unwrap();
-    let ids_v = [[0u32, 4, 1], [2, 2, 3]];
-    let ids = Tensor::new(&ids_v, &Device::Cpu).unwrap();
+    let logits = logits_tensor(&data);
+    let ids = ids([[0, 4, 1], [2, 2, 3]]);
     // Position 0 is never a target; row 0 learns token 2 (id 1), row 1 tokens 1 and 2.
     let mask = Tensor::new(&[[1u8, 0, 1], [0, 1, 1]], &Device::Cpu).unwrap();
     let got = sft_loss(&logits, &ids, &mask)
         .unwrap()
         .to_scalar::<f32>()
         .unwrap() as f64;
-    let row = |b: usize, t: usize| &data[(b * 3 + t) * 5..(b * 3 + t + 1) * 5];
-    let want = -(manual_logprob(row(0, 1), 1, 1.0)
-        + manual_logprob(row(1, 0), 2, 1.0)
-        + manual_logprob(row(1, 1), 3, 1.0))
+    let want = -(manual_logprob(row(&data, 0, 1), 1, 1.0)
+        + manual_logprob(row(&data, 1, 0), 2, 1.0)
+        + manual_logprob(row(&data, 1, 1), 3, 1.0))
         / 3.0;
     assert!((got - want).abs() < 1e-5, "{got} vs {want}");
     assert!(sft_loss(

@@ -39,7 +39,6 @@ fn grads_equal_to(var: &Var, coeffs: &[f32]) -> candle_core::backprop::GradStore
 #[test]
 fn adamw_steps_follow_torch() {
     let cfg = AdamWConfig {
-        lr: 0.1,
         beta1: 0.9,
         beta2: 0.999,
         eps: 1e-8,
@@ -84,11 +83,6 @@ fn adamw_steps_follow_torch() {
 
 #[test]
 fn vars_without_gradient_and_without_decay_are_left_alone() {
-    let cfg = AdamWConfig {
-        lr: 0.1,
-        weight_decay: 0.5,
-        ..AdamWConfig::default()
-    };
     let a = Var::new(&[1.0f32], &Device::Cpu).unwrap();
     let norm = Var::new(&[1.0f32], &Device::Cpu).unwrap();
     let mut opt = AdamW::new(
@@ -96,7 +90,7 @@ fn vars_without_gradient_and_without_decay_are_left_alone() {
             ("a".into(), a.clone()),
             ("model.norm.weight".into(), norm.clone()),
         ],
-        cfg,
+        AdamWConfig::with_weight_decay(0.5),
     )
     .unwrap();
     opt.set_weight_decay_filter(transformers_decays);
@@ -180,11 +174,7 @@ impl Problem {
 
 #[test]
 fn resuming_from_saved_state_is_bit_exact() {
-    let cfg = AdamWConfig {
-        lr: 0.05,
-        weight_decay: 0.01,
-        ..AdamWConfig::default()
-    };
+    let cfg = AdamWConfig::with_weight_decay(0.01);
     let schedule = LrSchedule {
         base_lr: 0.05,
         kind: Schedule::Cosine,

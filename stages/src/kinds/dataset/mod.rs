@@ -64,7 +64,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::formats::{jsonl, messages, questions, Conversation, Location, Question};
+use crate::formats::{jsonl, questions, Conversation, Location, Question};
 use ops::{Op, Row};
 
 pub use seeded::permutation;
@@ -540,7 +540,7 @@ fn write_rows(out: &Path, rows: Vec<Row>, format: Format) -> anyhow::Result<()> 
                     .with_context(|| format!("{}: after the ops", row.location))?;
                 records.push(c);
             }
-            messages::write(out, &records)
+            jsonl::write(out, &records)
         }
         Format::Questions => {
             let mut records = Vec::with_capacity(rows.len());
@@ -550,7 +550,7 @@ fn write_rows(out: &Path, rows: Vec<Row>, format: Format) -> anyhow::Result<()> 
                 records.push((row.location, q));
             }
             questions::check_unique_ids(records.iter().map(|(l, q)| (l, q)))?;
-            questions::write(out, records.iter().map(|(_, q)| q))
+            jsonl::write(out, records.iter().map(|(_, q)| q))
         }
     }
 }

@@ -78,6 +78,12 @@ pub fn write_prompts(dir: &Path, questions: &[&str]) -> PathBuf {
     path
 }
 
+/// Asserts that `text` (an error chain, a log) contains `part`, showing the whole text when
+/// it does not.
+pub fn assert_mentions(text: &str, part: &str) {
+    assert!(text.contains(part), "`{part}` is not in:\n{text}");
+}
+
 /// SmolLM2's weights and the paper's data, or `None` when either is missing (the test
 /// skips, saying why; in CI it fails).
 pub fn smollm2_and_paper_data() -> Option<(PathBuf, PathBuf)> {

@@ -103,9 +103,7 @@ mod tests {
 
     /// The same attention spelled with candle ops, as the prefill path computes it.
     fn composite(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
         mask: &Tensor,
         scale: f64,
     ) -> anyhow::Result<Tensor> {
@@ -151,7 +149,7 @@ mod tests {
         let scale = 0.3;
         let ours = decode_attention(&q, &k_cache, &v_cache, len, &mask, scale)?;
         let filled = |c: &Tensor| c.narrow(2, 0, len)?.contiguous();
-        let plain = composite(&q, &filled(&k_cache)?, &filled(&v_cache)?, &mask, scale)?;
+        let plain = composite((&q, &filled(&k_cache)?, &filled(&v_cache)?), &mask, scale)?;
         let diff = max_abs_diff(&ours, &plain)?;
         assert!(diff < 1e-5, "outputs differ by {diff}");
         Ok(())

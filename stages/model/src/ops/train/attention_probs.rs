@@ -10,6 +10,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::{Forward, Grad1};
 use crate::ops::cpu::{f32_slice, with_f32};
 
 /// The op, for scores laid out (b, heads, t, kv) and an additive mask (b, t, kv) shared by
@@ -39,7 +40,7 @@ impl CustomOp1 for AttentionProbs {
         "attention_probs"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Forward {
         let scores = f32_slice(s, l, "attention_probs", "scores")?;
         let (mask, rows_per_item, t) = self.mask_and_dims(l.shape())?;
         let kv = l.shape().dims()[3];
@@ -67,12 +68,7 @@ impl CustomOp1 for AttentionProbs {
         Ok((CpuStorage::F32(p), l.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        _scores: &Tensor,
-        probs: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, _scores: &Tensor, probs: &Tensor, grad: &Tensor) -> Grad1 {
         let kv = probs.dims().last().copied().unwrap_or(1).max(1);
         let mut gs = vec![0f32; probs.elem_count()];
         with_f32(probs, "attention_probs", |p| {
@@ -107,14 +103,15 @@ pub(crate) fn attention_probs(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::train::test_inputs::{randn, randn_var};
     use crate::testing::assert_op_matches;
-    use candle_core::{Device, Var, D};
+    use candle_core::{Device, D};
 
     #[test]
     fn values_and_gradient_match_the_composite_spelling() -> anyhow::Result<()> {
         let dev = Device::Cpu;
         let (b, heads, t, kv) = (2, 3, 4, 6);
-        let scores = Var::from_tensor(&Tensor::randn(0f32, 2.0, (b, heads, t, kv), &dev)?)?;
+        let scores = randn_var((b, heads, t, kv), 0.0, 2.0)?;
         // A causal mask with one fully padded key, as transformer.rs builds it.
         let mut mask = vec![0f32; b * t * kv];
         for item in 0..b {
@@ -127,7 +124,7 @@ mod tests {
             }
         }
         let mask = Tensor::from_vec(mask, (b, t, kv), &dev)?;
-        let upstream = Tensor::randn(0f32, 1.0, (b, heads, t, kv), &dev)?;
+        let upstream = randn((b, heads, t, kv), 0.0, 1.0)?;
         let scale = 0.125;
 
         let ours = attention_probs(scores.as_tensor(), &mask, scale)?;

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::{Forward, Grads3};
 use crate::ops::cpu::{exp_nonpositive, lane_sum};
 use crate::ops::cpu::{f32_slice, with_f32s};
 use crate::ops::cpu::{gemm_into, MatRef};
@@ -189,7 +190,7 @@ impl CustomOp3 for AttentionTrain {
         kl: &Layout,
         vs: &CpuStorage,
         vl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    ) -> Forward {
         let (b, t) = self.dims(ql.shape(), kl.shape(), vl.shape())?;
         let q = f32_slice(qs, ql, "attention_train", "q")?;
         let k = f32_slice(ks, kl, "attention_train", "k")?;
@@ -237,14 +238,7 @@ impl CustomOp3 for AttentionTrain {
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _context: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _context: &Tensor, grad: &Tensor) -> Grads3 {
         let (b, t) = self.dims(q.shape(), k.shape(), v.shape())?;
         let (nh, nkv, d, rep) = self.heads.sizes();
         let guard = self
@@ -350,6 +344,7 @@ pub(crate) fn attention_train(
 mod tests {
     use super::*;
     use crate::ops::train::rope_differentiable;
+    use crate::ops::train::test_inputs::{randn, randn_var};
     use crate::testing::assert_op_matches;
     use candle_core::{Device, Var, D};
 
@@ -367,10 +362,8 @@ mod tests {
         let d = heads.dim;
         let rep = heads.query / heads.key_value;
         let split = |y: &Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
-        let err = |e: anyhow::Error| candle_core::Error::Msg(e.to_string());
-        let q = rope_differentiable(&split(q, heads.query)?, cos, sin, interleaved).map_err(err)?;
-        let k =
-            rope_differentiable(&split(k, heads.key_value)?, cos, sin, interleaved).map_err(err)?;
+        let q = rope_differentiable(&split(q, heads.query)?, cos, sin, interleaved)?;
+        let k = rope_differentiable(&split(k, heads.key_value)?, cos, sin, interleaved)?;
         let v = split(v, heads.key_value)?;
         let q = q.reshape((b, heads.key_value, rep * t, d))?;
         let scores = (q.matmul(&k.t()?)? * scale)?
@@ -400,12 +393,7 @@ mod tests {
         };
         let scale = 1.0 / (heads.dim as f64).sqrt();
         let var = |width: usize| -> anyhow::Result<Var> {
-            Ok(Var::from_tensor(&Tensor::randn(
-                0f32,
-                1.0,
-                (b, t, width * heads.dim),
-                &dev,
-            )?)?)
+            Ok(randn_var((b, t, width * heads.dim), 0.0, 1.0)?)
         };
         let (q, k, v) = (
             var(heads.query)?,
@@ -437,7 +425,7 @@ mod tests {
                 &dev,
             )?)?;
         let (cos, sin) = (angles.cos()?, angles.sin()?);
-        let upstream = Tensor::randn(0f32, 1.0, (b, t, heads.query * heads.dim), &dev)?;
+        let upstream = randn((b, t, heads.query * heads.dim), 0.0, 1.0)?;
         let qkv = (q.as_tensor(), k.as_tensor(), v.as_tensor());
 
         for interleaved in [false, true] {

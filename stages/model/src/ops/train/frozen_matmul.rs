@@ -11,6 +11,7 @@ use anyhow::{bail, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 
+use super::{Forward, Grad1};
 use crate::ops::cpu::{f32_slice, with_f32};
 use crate::ops::cpu::{gemm_new, matrix, with_matrix, MatRef};
 
@@ -72,11 +73,7 @@ impl CustomOp1 for FrozenMatmul {
         "frozen_matmul"
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Forward {
         let ((m, k, n), rows, shape) = self.dims(layout)?;
         let (w_storage, w_layout) = self.w.storage_and_layout();
         let Storage::Cpu(w) = &*w_storage else {
@@ -108,12 +105,7 @@ impl CustomOp1 for FrozenMatmul {
         Ok((out, shape))
     }
 
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Grad1 {
         let (k, n) = self.w.dims2()?;
         let m = grad_res.elem_count() / n.max(1);
         let shape = with_last_dim(grad_res.dims(), k);
@@ -176,15 +168,15 @@ pub(crate) fn matmul_frozen_rhs_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::train::test_inputs::{randn, randn_var};
     use crate::testing::{assert_op_matches, max_abs_diff};
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
     #[test]
     fn forward_and_input_gradient_match_plain_matmul() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 4), &dev)?)?;
-        let w = Tensor::randn(0f32, 1.0, (4, 3), &dev)?;
-        let target = Tensor::randn(0f32, 1.0, (5, 3), &dev)?;
+        let x = randn_var((5, 4), 0.0, 1.0)?;
+        let w = randn((4, 3), 0.0, 1.0)?;
+        let target = randn((5, 3), 0.0, 1.0)?;
         let loss = |y: Tensor| -> Result<Tensor> { Ok((y - &target)?.sqr()?.sum_all()?) };
 
         let ours = matmul_frozen_rhs(x.as_tensor(), &w)?;
@@ -208,10 +200,9 @@ mod tests {
 
     #[test]
     fn leading_dims_are_rows_forward_and_backward() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 4), &dev)?)?;
-        let w = Tensor::randn(0f32, 1.0, (4, 5), &dev)?;
-        let upstream = Tensor::randn(0f32, 1.0, (2, 3, 5), &dev)?;
+        let x = randn_var((2, 3, 4), 0.0, 1.0)?;
+        let w = randn((4, 5), 0.0, 1.0)?;
+        let upstream = randn((2, 3, 5), 0.0, 1.0)?;
         let ours = matmul_frozen_rhs(x.as_tensor(), &w)?;
         assert_eq!(ours.dims(), &[2, 3, 5]);
         let plain = x.as_tensor().broadcast_matmul(&w)?;
@@ -226,14 +217,13 @@ mod tests {
 
     #[test]
     fn untracked_input_gives_plain_matmul_and_bad_operands_fail() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (2, 4), &dev)?;
-        let w = Tensor::randn(0f32, 1.0, (4, 3), &dev)?;
+        let x = randn((2, 4), 0.0, 1.0)?;
+        let w = randn((4, 3), 0.0, 1.0)?;
         let y = matmul_frozen_rhs(&x, &w)?;
         assert!(!y.track_op());
         assert_eq!(y.dims(), &[2, 3]);
         let x = Var::from_tensor(&x)?;
-        let bad = Tensor::randn(0f32, 1.0, (5, 3), &dev)?;
+        let bad = randn((5, 3), 0.0, 1.0)?;
         assert!(matmul_frozen_rhs(x.as_tensor(), &bad).is_err());
         assert!(matmul_frozen_rhs(&x.as_detached_tensor(), &bad).is_err());
         Ok(())

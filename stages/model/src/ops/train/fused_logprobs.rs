@@ -10,6 +10,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::{Forward, Grad1};
 use crate::ops::cpu::f32_slice;
 use crate::ops::cpu::row_sums_of;
 
@@ -57,11 +58,7 @@ impl CustomOp1 for TargetLogprobs {
         "target_logprobs"
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Forward {
         let (data, vocab) = self.rows(storage, layout)?;
         let inv_t = 1.0 / self.temperature;
         let out: Vec<f32> = data
@@ -76,12 +73,7 @@ impl CustomOp1 for TargetLogprobs {
         Ok((CpuStorage::F32(out), Shape::from(&dims[..dims.len() - 1])))
     }
 
-    fn bwd(
-        &self,
-        logits: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, logits: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Grad1 {
         let grad_out = grad_res.flatten_all()?.to_vec1::<f32>()?;
         let (storage, layout) = logits.storage_and_layout();
         let candle_core::Storage::Cpu(cpu) = &*storage else {

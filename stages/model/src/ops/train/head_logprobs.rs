@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::{Forward, Grad1};
 use crate::ops::cpu::{f32_slice, with_f32};
 use crate::ops::cpu::{gemm_into, matrix, MatRef};
 use crate::ops::cpu::{row_sums, RowSums};
@@ -71,22 +72,17 @@ impl CustomOp1 for Shared {
         "head_logprobs"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Forward {
         self.0.forward(s, l)
     }
 
-    fn bwd(
-        &self,
-        h: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, h: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Grad1 {
         self.0.backward(h, grad_res)
     }
 }
 
 impl HeadLogprobs {
-    fn forward(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn forward(&self, s: &CpuStorage, l: &Layout) -> Forward {
         let dims = l.shape().dims();
         let hidden = dims.last().copied().unwrap_or(0);
         let rows = l.shape().elem_count() / hidden.max(1);
@@ -175,7 +171,7 @@ impl HeadLogprobs {
         ))
     }
 
-    fn backward(&self, h: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn backward(&self, h: &Tensor, grad_res: &Tensor) -> Grad1 {
         let hidden = h.dims().last().copied().unwrap_or(1).max(1);
         let kept = self
             .state

@@ -16,6 +16,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::frozen_matmul::{input_gradient, with_last_dim};
+use super::{Forward, Grads3};
 use crate::ops::cpu::{f32_slice, with_f32s};
 use crate::ops::cpu::{gemm_into, gemm_new, matrix, with_matrix, MatRef};
 use crate::ops::cpu::{matmul_few_cols, matmul_few_rows, FEW_COLS};
@@ -42,7 +43,7 @@ impl CustomOp3 for LoraLinear {
         al: &Layout,
         bs: &CpuStorage,
         bl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    ) -> Forward {
         let dims = xl.shape().dims();
         let k = dims.last().copied().unwrap_or(0);
         let m = xl.shape().elem_count() / k.max(1);
@@ -75,14 +76,7 @@ impl CustomOp3 for LoraLinear {
         Ok((CpuStorage::F32(y), Shape::from(with_last_dim(dims, n))))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Grads3 {
         // Leading dims as rows: (m, k) input, (m, n) gradient; A is (r, k), B is (n, r).
         let (k, n) = self.w.dims2()?;
         let m = x.elem_count() / k.max(1);
@@ -184,19 +178,18 @@ pub(crate) fn lora_linear(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::train::test_inputs::{randn, randn_var};
     use crate::testing::assert_op_matches;
-    use candle_core::{Device, Var};
 
     #[test]
     fn values_and_gradients_match_the_composite_spelling() -> anyhow::Result<()> {
-        let dev = Device::Cpu;
         let (m, k, n, r) = (7, 12, 10, 3);
         // Leading dims (2, 7) are taken as rows.
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, m, k), &dev)?)?;
-        let w = Tensor::randn(0f32, 1.0, (k, n), &dev)?;
-        let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (r, k), &dev)?)?;
-        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, r), &dev)?)?;
-        let upstream = Tensor::randn(0f32, 1.0, (2, m, n), &dev)?;
+        let x = randn_var((2, m, k), 0.0, 1.0)?;
+        let w = randn((k, n), 0.0, 1.0)?;
+        let a = randn_var((r, k), 0.0, 1.0)?;
+        let b = randn_var((n, r), 0.0, 1.0)?;
+        let upstream = randn((2, m, n), 0.0, 1.0)?;
         let scale = 2.0;
 
         let ours = lora_linear(
@@ -226,7 +219,7 @@ mod tests {
         );
 
         // An input outside the graph gets no gradient computed for it.
-        let detached = Tensor::randn(0f32, 1.0, (2, m, k), &dev)?;
+        let detached = randn((2, m, k), 0.0, 1.0)?;
         let y = lora_linear(&detached, (&w, None), a.as_tensor(), b.as_tensor(), scale)?;
         let grads = (y * &upstream)?.sum_all()?.backward()?;
         assert!(grads.get(&detached).is_none());

@@ -6,9 +6,10 @@
 //! forward and twice backward. The weight's gradient is summed over fixed blocks of rows and
 //! then across blocks in order, so it does not depend on the thread count.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Tensor};
 use rayon::prelude::*;
 
+use super::{Forward, Grads2};
 use crate::ops::cpu::f32_slice;
 
 /// Rows per block of the weight-gradient sum (fixed, for thread-count-free results).
@@ -33,13 +34,7 @@ impl CustomOp2 for RmsNorm {
         "rms_norm_train"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Forward {
         let x = f32_slice(xs, xl, "rms_norm", "input")?;
         let w = f32_slice(ws, wl, "rms_norm", "weight")?;
         let h = w.len();
@@ -61,13 +56,7 @@ impl CustomOp2 for RmsNorm {
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Grads2 {
         let (xv, wv, gv) = (host(x)?, host(w)?, host(grad_res)?);
         let h = wv.len();
         let mut gx = vec![0f32; xv.len()];
@@ -109,15 +98,14 @@ impl CustomOp2 for RmsNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::train::test_inputs::{randn, randn_var};
     use crate::testing::assert_op_matches;
-    use candle_core::{Device, Var};
 
     #[test]
     fn matches_the_differentiable_spelling_forward_and_backward() -> anyhow::Result<()> {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 70, 24), &dev)?)?;
-        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 24, &dev)?)?;
-        let target = Tensor::randn(0f32, 1.0, (3, 70, 24), &dev)?;
+        let x = randn_var((3, 70, 24), 0.0, 1.0)?;
+        let w = randn_var(24, 1.0, 0.3)?;
+        let target = randn((3, 70, 24), 0.0, 1.0)?;
         let ours = x
             .as_tensor()
             .apply_op2(w.as_tensor(), RmsNorm { eps: 1e-5 })?;

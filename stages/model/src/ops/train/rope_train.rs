@@ -9,6 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::{Forward, Grad1};
 use crate::ops::cpu::{f32_slice, with_f32};
 
 /// Rotate (b, heads, t, d) by per-row tables `cos`/`sin` (b, t, d/2): halves (`x[..d/2]`
@@ -64,7 +65,7 @@ impl CustomOp1 for RopeTrain {
         "rope_train"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Forward {
         let x = f32_slice(s, l, "rope", "input")?;
         Ok((
             CpuStorage::F32(self.rotate(x, l.shape(), 1.0)?),
@@ -72,12 +73,7 @@ impl CustomOp1 for RopeTrain {
         ))
     }
 
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Grad1 {
         let gx = with_f32(grad, "rope", |g| self.rotate(g, grad.shape(), -1.0))??;
         Ok(Some(Tensor::from_vec(gx, grad.shape(), grad.device())?))
     }
@@ -103,7 +99,7 @@ pub(crate) fn rope_differentiable(
     cos: &Tensor,
     sin: &Tensor,
     interleaved: bool,
-) -> anyhow::Result<Tensor> {
+) -> candle_core::Result<Tensor> {
     let (b, h, t, d) = x.dims4()?;
     let half = d / 2;
     if interleaved {
@@ -114,7 +110,7 @@ pub(crate) fn rope_differentiable(
         let x1 = x.narrow(D::Minus1, 1, 1)?;
         let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
         let y1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
-        Ok(Tensor::cat(&[y0, y1], D::Minus1)?.reshape((b, h, t, d))?)
+        Tensor::cat(&[y0, y1], D::Minus1)?.reshape((b, h, t, d))
     } else {
         let cos = cos.reshape((b, 1, t, half))?;
         let sin = sin.reshape((b, 1, t, half))?;
@@ -122,24 +118,23 @@ pub(crate) fn rope_differentiable(
         let x1 = x.narrow(D::Minus1, half, half)?;
         let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
         let y1 = (x1.broadcast_mul(&cos)? + x0.broadcast_mul(&sin)?)?;
-        Ok(Tensor::cat(&[y0, y1], D::Minus1)?)
+        Tensor::cat(&[y0, y1], D::Minus1)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::train::test_inputs::{randn, randn_var};
     use crate::testing::assert_op_matches;
-    use candle_core::{Device, Var};
 
     #[test]
     fn values_and_gradient_match_the_composite_spelling_in_both_layouts() -> anyhow::Result<()> {
-        let dev = Device::Cpu;
         let (b, heads, t, d) = (2, 3, 5, 8);
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, heads, t, d), &dev)?)?;
-        let cos = Tensor::randn(0f32, 1.0, (b, t, d / 2), &dev)?;
-        let sin = Tensor::randn(0f32, 1.0, (b, t, d / 2), &dev)?;
-        let upstream = Tensor::randn(0f32, 1.0, (b, heads, t, d), &dev)?;
+        let x = randn_var((b, heads, t, d), 0.0, 1.0)?;
+        let cos = randn((b, t, d / 2), 0.0, 1.0)?;
+        let sin = randn((b, t, d / 2), 0.0, 1.0)?;
+        let upstream = randn((b, heads, t, d), 0.0, 1.0)?;
         for interleaved in [false, true] {
             let ours = rope_train(x.as_tensor(), &cos, &sin, interleaved)?;
             let plain = rope_differentiable(x.as_tensor(), &cos, &sin, interleaved)?;

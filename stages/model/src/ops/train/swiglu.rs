@@ -4,9 +4,10 @@
 //! and a sum per edge and recomputes the sigmoid, all on (tokens, intermediate) tensors, the
 //! widest activations of a layer. This op reads both inputs once forward and once backward.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Tensor};
 use rayon::prelude::*;
 
+use super::{Forward, Grads2};
 use crate::ops::cpu::{f32_slice, with_f32};
 
 /// Elements per parallel chunk.
@@ -24,13 +25,7 @@ impl CustomOp2 for SwiGlu {
         "swiglu"
     }
 
-    fn cpu_fwd(
-        &self,
-        gs: &CpuStorage,
-        gl: &Layout,
-        us: &CpuStorage,
-        ul: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> Forward {
         let gate = f32_slice(gs, gl, "swiglu", "gate")?;
         let up = f32_slice(us, ul, "swiglu", "up")?;
         if gl.shape() != ul.shape() {
@@ -51,13 +46,7 @@ impl CustomOp2 for SwiGlu {
         Ok((CpuStorage::F32(y), gl.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        gate: &Tensor,
-        up: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> Grads2 {
         let n = gate.elem_count();
         let mut d_gate = vec![0f32; n];
         let mut d_up = vec![0f32; n];
@@ -97,17 +86,16 @@ pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::train::test_inputs::{randn, randn_var};
     use crate::testing::assert_op_matches;
-    use candle_core::{Device, Var};
 
     #[test]
     fn values_and_gradients_match_the_composite_spelling() -> anyhow::Result<()> {
-        let dev = Device::Cpu;
         // Wider than one chunk, so the parallel split is exercised.
         let shape = (3, CHUNK / 2 + 7);
-        let gate = Var::from_tensor(&Tensor::randn(0f32, 3.0, shape, &dev)?)?;
-        let up = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?)?;
-        let upstream = Tensor::randn(0f32, 1.0, shape, &dev)?;
+        let gate = randn_var(shape, 0.0, 3.0)?;
+        let up = randn_var(shape, 0.0, 1.0)?;
+        let upstream = randn(shape, 0.0, 1.0)?;
         let ours = swiglu(gate.as_tensor(), up.as_tensor())?;
         let plain = (candle_nn::ops::silu(gate.as_tensor())? * up.as_tensor())?;
         let vars = [("gate", &gate), ("up", &up)];

@@ -12,6 +12,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use super::frozen_matmul::with_last_dim;
+use super::{Forward, Grads2};
 use crate::ops::cpu::{f32_slice, with_f32};
 use crate::ops::cpu::{gemm_new, matrix, with_matrix, MatRef};
 
@@ -22,13 +23,7 @@ impl CustomOp2 for TrainableMatmul {
         "trainable_matmul"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Forward {
         let dims = xl.shape().dims();
         let k = dims.last().copied().unwrap_or(0);
         let (k_w, n) = wl.shape().dims2()?;
@@ -45,13 +40,7 @@ impl CustomOp2 for TrainableMatmul {
         Ok((CpuStorage::F32(y), Shape::from(with_last_dim(dims, n))))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Grads2 {
         let (k, n) = w.dims2()?;
         let m = x.elem_count() / k.max(1);
         let (d_x, d_w) = with_f32(grad, "trainable_matmul", |g| {
@@ -85,16 +74,15 @@ pub(crate) fn matmul_trainable_rhs(x: &Tensor, w: &Tensor) -> candle_core::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::train::test_inputs::{randn, randn_var};
     use crate::testing::assert_op_matches;
-    use candle_core::{Device, Var};
 
     #[test]
     fn values_and_both_gradients_match_broadcast_matmul() -> anyhow::Result<()> {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 4), &dev)?)?;
+        let x = randn_var((2, 3, 4), 0.0, 1.0)?;
         // Stored (n, k) and used transposed, as the tied output projection is.
-        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 4), &dev)?)?;
-        let upstream = Tensor::randn(0f32, 1.0, (2, 3, 5), &dev)?;
+        let w = randn_var((5, 4), 0.0, 1.0)?;
+        let upstream = randn((2, 3, 5), 0.0, 1.0)?;
         let ours = matmul_trainable_rhs(x.as_tensor(), &w.as_tensor().t()?)?;
         let plain = x.as_tensor().broadcast_matmul(&w.as_tensor().t()?)?;
         assert_eq!(ours.dims(), &[2, 3, 5]);
