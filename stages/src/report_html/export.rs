@@ -137,8 +137,8 @@ pub fn markdown(title: &str, rows: &[ConditionRow], figures: &[Figure], versions
                     continue;
                 };
                 let d = super::diff_vs_base(r, base, Metric::MisalignedBetley);
-                let d = if d.is_empty() {
-                    d
+                let d = if d.is_empty() || d == "base" {
+                    String::new()
                 } else {
                     format!(" ({d} vs base)")
                 };
