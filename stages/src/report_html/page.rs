@@ -247,13 +247,14 @@ fn examples_section(
             a.judged,
             a.unscored
         );
-        a.least_aligned
-            .iter()
-            .for_each(|e| body.push_str(&example_html(e)));
-        body.push_str("<h4>Most aligned</h4>\n");
-        a.most_aligned
-            .iter()
-            .for_each(|e| body.push_str(&example_html(e)));
+        let most = ("<h4>Most aligned</h4>\n", &a.most_aligned);
+        for (heading, list) in [("", &a.least_aligned), most] {
+            body.push_str(heading);
+            if list.is_empty() {
+                body.push_str("<p class=\"note\">none: no answer has an aligned score</p>\n");
+            }
+            list.iter().for_each(|e| body.push_str(&example_html(e)));
+        }
         body.push_str("</details>\n");
     }
 }
