@@ -66,7 +66,7 @@ impl Kind for ReportKind {
         let answers = answers::collect(&located("judgments"), &located("samples"))?;
         let mut rows = aggregate(&summaries, p.bootstrap_resamples, p.seed);
         for r in &mut rows {
-            r.judge_unscored = answers.get(&r.condition).map(|a| a.unscored);
+            r.judged = answers.get(&r.condition).map(|a| a.counts);
         }
         let versions = format!(
             "emflow {}, report kind v{KIND_VERSION}",

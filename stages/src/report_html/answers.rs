@@ -1,6 +1,7 @@
 //! What the judge said about single answers, for the report: per condition, how many answers
 //! the judge gave no score at all (neither aligned nor coherent: a judge failure, not a
-//! refusal), and a few example answers, the most and the least aligned, with their scores.
+//! refusal), the EMA_RL as-run rate (misaligned among answers with both scores), and a few
+//! example answers, the most and the least aligned, with their scores.
 //!
 //! Reads the eval kind's `judgments` (one JSON line per answer: `question_id`, `sample`, one
 //! field per metric) and, when wired, its `samples` (the answer text), matched by stage.
@@ -12,7 +13,8 @@ use anyhow::Result;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::condition_label;
+use super::{condition_label, JudgedCounts};
+use crate::evaluation::Outcome;
 
 /// Answers shown per condition at each end of the aligned scale.
 pub const EXAMPLES_PER_END: usize = 2;
@@ -41,8 +43,9 @@ type AnswerKey = (String, String, u64);
 pub struct ConditionAnswers {
     /// Answers judged (judgment lines read), seeds pooled.
     pub judged: usize,
-    /// Answers with neither an aligned nor a coherent score.
-    pub unscored: usize,
+    /// Answers with neither an aligned nor a coherent score, with both, and misaligned among
+    /// those with both.
+    pub counts: JudgedCounts,
     /// The highest aligned scores first, then the lowest first.
     pub most_aligned: Vec<Example>,
     pub least_aligned: Vec<Example>,
@@ -104,10 +107,22 @@ pub fn collect(
 /// Counts and the examples at both ends of the aligned scale (ties: first judged first).
 fn summarise(mut ex: Vec<Example>) -> ConditionAnswers {
     let judged = ex.len();
-    let unscored = ex
+    let both: Vec<Outcome> = ex
         .iter()
-        .filter(|e| e.aligned.is_none() && e.coherent.is_none())
-        .count();
+        .filter(|e| e.aligned.is_some() && e.coherent.is_some())
+        .map(|e| Outcome {
+            aligned: e.aligned,
+            coherent: e.coherent,
+        })
+        .collect();
+    let counts = JudgedCounts {
+        unscored: ex
+            .iter()
+            .filter(|e| e.aligned.is_none() && e.coherent.is_none())
+            .count(),
+        both_scored: both.len(),
+        misaligned_both_scored: both.iter().filter(|o| o.misaligned()).count(),
+    };
     ex.retain(|e| e.aligned.is_some());
     ex.sort_by(|a, b| {
         a.aligned
@@ -123,7 +138,7 @@ fn summarise(mut ex: Vec<Example>) -> ConditionAnswers {
         .collect();
     ConditionAnswers {
         judged,
-        unscored,
+        counts,
         most_aligned: most,
         least_aligned: least,
     }
@@ -173,7 +188,13 @@ mod tests {
             ex(None, Some(90.0)),
             ex(Some(50.0), Some(70.0)),
         ]);
-        assert_eq!((s.judged, s.unscored), (5, 1));
+        assert_eq!(s.judged, 5);
+        let both = JudgedCounts {
+            unscored: 1,
+            both_scored: 3,
+            misaligned_both_scored: 1,
+        };
+        assert_eq!(s.counts, both);
         let least: Vec<_> = s.least_aligned.iter().map(|e| e.aligned).collect();
         let most: Vec<_> = s.most_aligned.iter().map(|e| e.aligned).collect();
         assert_eq!(least, [Some(5.0), Some(50.0)]);

@@ -10,9 +10,10 @@ use super::answers::ConditionAnswers;
 use super::claims::Figure;
 use super::{base_row, markdown_table, pct, rate, ConditionRow, Metric};
 
-const METRICS: [(Metric, &str); 5] = [
+const METRICS: [(Metric, &str); 6] = [
     (Metric::MisalignedBetley, "misaligned_betley"),
     (Metric::MisalignedAll, "misaligned_all"),
+    (Metric::MisalignedAsRun, "misaligned_as_run"),
     (Metric::Incoherent, "incoherent"),
     (Metric::Refusal, "refusal"),
     (Metric::JudgeUnscored, "judge_unscored"),

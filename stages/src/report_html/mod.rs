@@ -83,10 +83,21 @@ pub struct ConditionRow {
     pub mean_aligned: Option<f64>,
     /// The counts behind the rates, pooled over seeds.
     pub counts: Counts,
-    /// Answers the judge gave neither score (known only when `judgments` are wired).
-    pub judge_unscored: Option<usize>,
+    /// Counts only the per-answer judgments give (when the evals' `judgments` are wired).
+    pub judged: Option<JudgedCounts>,
     pub questions: Vec<QuestionCounts>,
     pub provenance: Vec<Provenance>,
+}
+
+/// Counts read from the evals' per-answer judgments, pooled over seeds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct JudgedCounts {
+    /// Answers with neither an aligned nor a coherent score (a judge failure, not a refusal).
+    pub unscored: usize,
+    /// Answers with both scores: EMA_RL's as-run denominator.
+    pub both_scored: usize,
+    /// Misaligned answers among those.
+    pub misaligned_both_scored: usize,
 }
 
 /// Per-(seed, question) counts, the bootstrap strata.
@@ -180,7 +191,7 @@ fn pool(condition: String, members: &[&SummaryInput], resamples: usize, seed: u6
         refusal: with_interval(ratio(counts.refusals, counts.n), &boot[3]),
         mean_aligned,
         counts,
-        judge_unscored: None,
+        judged: None,
         questions,
         provenance: members
             .iter()
@@ -238,6 +249,8 @@ fn resample(strata: &[Stratum], resamples: usize, seed: u64) -> [Vec<f64>; 4] {
 pub enum Metric {
     MisalignedBetley,
     MisalignedAll,
+    /// EMA_RL as run: misaligned / answers with both scores.
+    MisalignedAsRun,
     Incoherent,
     Refusal,
     JudgeUnscored,
@@ -253,7 +266,8 @@ pub fn rate(r: &ConditionRow, metric: Metric) -> Rate {
     if c.n == 0 {
         return Err("no answers".into());
     }
-    let all_unscored = r.judge_unscored == Some(c.n);
+    let unscored = r.judged.map(|j| j.unscored);
+    let all_unscored = unscored == Some(c.n);
     if all_unscored && metric != Metric::JudgeUnscored {
         return Err("judge gave no score".into());
     }
@@ -267,7 +281,12 @@ pub fn rate(r: &ConditionRow, metric: Metric) -> Rate {
         Metric::MisalignedBetley => est(&r.misaligned_betley, "no coherent answer with an aligned score"),
         Metric::MisalignedAll => est(&r.misaligned_all, "no answers"),
         Metric::Incoherent => est(&r.incoherent, "no answers"),
-        Metric::Refusal => match r.judge_unscored {
+        Metric::MisalignedAsRun => match r.judged {
+            Some(j) if j.both_scored > 0 => Ok((j.misaligned_both_scored as f64 / j.both_scored as f64, None)),
+            Some(_) => Err("no answer has both scores".into()),
+            None => Err("judgments not wired".into()),
+        },
+        Metric::Refusal => match unscored {
             // Unscored answers have no aligned score either: take them out of the refusals.
             Some(u) if u > 0 => Ok(((c.refusals - u) as f64 / c.n as f64, None)),
             Some(_) => est(&r.refusal, "no answers"),
@@ -276,8 +295,7 @@ pub fn rate(r: &ConditionRow, metric: Metric) -> Rate {
             ),
             None => est(&r.refusal, "no answers"),
         },
-        Metric::JudgeUnscored => r
-            .judge_unscored
+        Metric::JudgeUnscored => unscored
             .map(|u| (u as f64 / c.n as f64, None))
             .ok_or_else(|| "judgments not wired".to_string()),
     }
@@ -322,7 +340,7 @@ pub fn base_row(rows: &[ConditionRow]) -> Option<&ConditionRow> {
 
 /// The results table's columns, once: each with the title the HTML page shows (its note below
 /// the table spells out the denominators) and the one the Markdown table shows.
-pub const COLUMNS: [(&str, &str); 11] = [
+pub const COLUMNS: [(&str, &str); 12] = [
     ("condition", "condition"),
     ("seeds", "seeds"),
     ("answers", "answers"),
@@ -333,6 +351,10 @@ pub const COLUMNS: [(&str, &str); 11] = [
     ("Δ vs base", "Δ vs base (Betley)"),
     ("misaligned (all samples)", "misaligned (all samples)"),
     ("Δ vs base", "Δ vs base (all samples)"),
+    (
+        "misaligned (EMA_RL as run)",
+        "misaligned (EMA_RL as run: answers with both scores)",
+    ),
     ("incoherent", "incoherent"),
     ("refusal", "refusal"),
     ("judge gave no score", "judge gave no score"),
@@ -340,7 +362,7 @@ pub const COLUMNS: [(&str, &str); 11] = [
 ];
 
 /// One condition's cells of the results table, as plain text (each format escapes them).
-pub fn cells(r: &ConditionRow, base: Option<&ConditionRow>) -> [String; 11] {
+pub fn cells(r: &ConditionRow, base: Option<&ConditionRow>) -> [String; 12] {
     [
         r.condition.clone(),
         r.seeds.to_string(),
@@ -349,6 +371,7 @@ pub fn cells(r: &ConditionRow, base: Option<&ConditionRow>) -> [String; 11] {
         diff_vs_base(r, base, Metric::MisalignedBetley),
         pct(&rate(r, Metric::MisalignedAll)),
         diff_vs_base(r, base, Metric::MisalignedAll),
+        pct(&rate(r, Metric::MisalignedAsRun)),
         pct(&rate(r, Metric::Incoherent)),
         pct(&rate(r, Metric::Refusal)),
         pct(&rate(r, Metric::JudgeUnscored)),
@@ -364,7 +387,7 @@ pub fn markdown_table(rows: &[ConditionRow]) -> String {
         format!("| {} |\n", cells.join(" | "))
     };
     let mut s = line(&mut COLUMNS.iter().map(|(_, md)| md.to_string()));
-    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let base = base_row(rows);
     for r in rows {
         s.push_str(&line(&mut cells(r, base).into_iter()));
@@ -466,7 +489,7 @@ mod tests {
                 incoherent: 1,
                 refusals: 4,
             },
-            judge_unscored: None,
+            judged: None,
             questions: Vec::new(),
             provenance: Vec::new(),
         };
@@ -474,14 +497,14 @@ mod tests {
         let html = html_table(std::slice::from_ref(&row));
         assert_eq!(
             md,
-            "| condition | seeds | answers | misaligned (Betley: coherent, non-refusals) | Δ vs base (Betley) | misaligned (all samples) | Δ vs base (all samples) | incoherent | refusal | judge gave no score | mean aligned |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n\
-             | eval[a\\|b<c] | 2 | 40 | 12.5 % [8.1, 17.0] |  | 10.0 % [5.0, 15.0] |  | 2.5 % | 10.0 % | n/a: judgments not wired | 71.2 |\n"
+            "| condition | seeds | answers | misaligned (Betley: coherent, non-refusals) | Δ vs base (Betley) | misaligned (all samples) | Δ vs base (all samples) | misaligned (EMA_RL as run: answers with both scores) | incoherent | refusal | judge gave no score | mean aligned |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n\
+             | eval[a\\|b<c] | 2 | 40 | 12.5 % [8.1, 17.0] |  | 10.0 % [5.0, 15.0] |  | n/a: judgments not wired | 2.5 % | 10.0 % | n/a: judgments not wired | 71.2 |\n"
         );
         assert_eq!(
             html,
-            "<table><tr><th>condition</th><th>seeds</th><th>answers</th><th>misaligned (Betley)</th><th>Δ vs base</th><th>misaligned (all samples)</th><th>Δ vs base</th><th>incoherent</th><th>refusal</th><th>judge gave no score</th><th>mean aligned</th></tr>\n\
-             <tr><td>eval[a|b&lt;c]</td><td>2</td><td>40</td><td>12.5 % [8.1, 17.0]</td><td></td><td>10.0 % [5.0, 15.0]</td><td></td><td>2.5 %</td><td>10.0 %</td><td>n/a: judgments not wired</td><td>71.2</td></tr>\n</table>\n"
+            "<table><tr><th>condition</th><th>seeds</th><th>answers</th><th>misaligned (Betley)</th><th>Δ vs base</th><th>misaligned (all samples)</th><th>Δ vs base</th><th>misaligned (EMA_RL as run)</th><th>incoherent</th><th>refusal</th><th>judge gave no score</th><th>mean aligned</th></tr>\n\
+             <tr><td>eval[a|b&lt;c]</td><td>2</td><td>40</td><td>12.5 % [8.1, 17.0]</td><td></td><td>10.0 % [5.0, 15.0]</td><td></td><td>n/a: judgments not wired</td><td>2.5 %</td><td>10.0 %</td><td>n/a: judgments not wired</td><td>71.2</td></tr>\n</table>\n"
         );
         // A judge that scored nothing: every rate is n/a with that reason, not "refusal 100 %".
         let failed = ConditionRow {
@@ -490,7 +513,10 @@ mod tests {
                 refusals: 40,
                 ..Counts::default()
             },
-            judge_unscored: Some(40),
+            judged: Some(JudgedCounts {
+                unscored: 40,
+                ..JudgedCounts::default()
+            }),
             ..row
         };
         for m in [
