@@ -1,4 +1,4 @@
-//! The report in a real browser: a page built by the `report` kind from ~30 synthetic arms
+//! The report in a real browser: a page built by the `report` kind from 33 synthetic arms
 //! (the paper manifest's condition names, long labels, a judge that scored nothing) is loaded
 //! in headless Chromium, where an injected script measures every text box of every SVG. The
 //! page must have no overlapping text boxes within a figure, no label outside its SVG's
@@ -117,8 +117,8 @@ fn measure(browser: &Path, html: &str, dir: &Path) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// The paper manifest's conditions, more domains and defences to reach 30 arms (conditions),
-/// two seeds for some; `eval_grpo[domain=finance]` is an arm whose judge scored nothing.
+/// The paper manifest's conditions, more domains and defences, and three checkpoint evals:
+/// 33 arms (conditions), two seeds for some; `eval_grpo[domain=finance]` is an arm whose judge scored nothing.
 fn arm_origins() -> Vec<String> {
     let mut arms = vec!["eval_base.summary".to_string()];
     let domains = ["medical", "legal", "security", "aesthetic", "finance"];
@@ -145,6 +145,11 @@ fn arm_origins() -> Vec<String> {
     ];
     arms.extend(defences.map(|d| format!("eval_defences[defence={d},seed=0].summary")));
     arms.extend(domains.map(|d| format!("eval_in_domain[domain={d},seed=0].summary")));
+    for step in [25, 50, 75] {
+        arms.push(format!(
+            "eval_checkpoints[domain=medical,step={step},seed=0].summary"
+        ));
+    }
     arms
 }
 
@@ -216,7 +221,7 @@ fn inputs(d: &Path) -> BTreeMap<String, Vec<Artifact>> {
 }
 
 #[test]
-fn report_at_thirty_arms_has_no_clipped_or_overlapping_text_in_a_browser() {
+fn report_at_thirty_three_arms_has_no_clipped_or_overlapping_text_in_a_browser() {
     let Some(browser) = chromium() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let out = run_report(tmp.path(), inputs(tmp.path()));
@@ -224,7 +229,7 @@ fn report_at_thirty_arms_has_no_clipped_or_overlapping_text_in_a_browser() {
     assert!(!html.contains("<script") && !html.contains("src=") && !html.contains("href="));
     let found = measure(&browser, &html, tmp.path());
     eprintln!(
-        "browser findings at 30 arms: {} SVGs, {} text boxes",
+        "browser findings at 33 arms: {} SVGs, {} text boxes",
         found["svgs"], found["texts"]
     );
     for f in found["figures"].as_array().unwrap() {
@@ -246,7 +251,7 @@ fn report_at_thirty_arms_has_no_clipped_or_overlapping_text_in_a_browser() {
             conditions.push(c);
         }
     }
-    assert_eq!(conditions.len(), 30);
+    assert_eq!(conditions.len(), 33);
     let figures = found["figures"].as_array().unwrap();
     let drawn = |f: &Value| -> Vec<String> {
         f["arms"]
@@ -277,6 +282,9 @@ fn report_at_thirty_arms_has_no_clipped_or_overlapping_text_in_a_browser() {
         html.contains("n/a: judge gave no score"),
         "the failed judge is n/a, not 100 % refusal"
     );
+    assert!(figures
+        .iter()
+        .any(|f| f["title"] == "EM over training (checkpoint evals)"));
     if let Ok(keep) = std::env::var("EMFLOW_KEEP_REPORT") {
         std::fs::copy(out.join("index.html"), keep).unwrap();
     }
