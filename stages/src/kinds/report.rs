@@ -67,6 +67,14 @@ impl Kind for ReportKind {
         let mut rows = aggregate(&summaries, p.bootstrap_resamples, p.seed);
         for r in &mut rows {
             r.judged = answers.get(&r.condition).map(|a| a.counts);
+            for p in &mut r.provenance {
+                let stage = answers::stage_of(&p.origin);
+                p.judgments_digest = ctx
+                    .inputs("judgments")
+                    .iter()
+                    .find(|j| answers::stage_of(&j.origin) == stage)
+                    .map(|j| j.digest.clone());
+            }
         }
         let versions = format!(
             "emflow {}, report kind v{KIND_VERSION}",

@@ -52,7 +52,7 @@ pub struct ConditionAnswers {
 }
 
 /// The producing stage of an origin: `eval[arm=a,seed=1].judgments` -> `eval[arm=a,seed=1]`.
-fn stage_of(origin: &str) -> &str {
+pub fn stage_of(origin: &str) -> &str {
     match origin.rfind('.') {
         Some(dot) if !origin[dot..].contains(']') => &origin[..dot],
         _ => origin,

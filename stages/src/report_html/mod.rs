@@ -61,6 +61,8 @@ pub struct SummaryInput {
 pub struct Provenance {
     pub origin: String,
     pub summary_digest: String,
+    /// The same stage's `judgments` digest, when wired.
+    pub judgments_digest: Option<String>,
 }
 
 /// One question's answers pooled over a condition's seeds.
@@ -198,6 +200,7 @@ fn pool(condition: String, members: &[&SummaryInput], resamples: usize, seed: u6
             .map(|s| Provenance {
                 origin: s.origin.clone(),
                 summary_digest: s.digest.clone(),
+                judgments_digest: None,
             })
             .collect(),
     }

@@ -312,15 +312,16 @@ fn examples_section(
 }
 
 fn provenance_section(body: &mut String, rows: &[ConditionRow], versions: &str) {
-    let _ = write!(body, "<h2>Provenance</h2>\n<details><summary>Where every number comes from ({})</summary>\n<p class=\"note\">Each condition's numbers pool the eval summaries below (stage name with matrix values; blake3 digest of the summary file). The report's inputs do not carry the producing stages' keys, model and data digests or the judge's identity: find them with <code>emflow cache show STAGE</code>.</p>\n<table><tr><th>condition</th><th>stage</th><th>summary digest</th></tr>\n", esc(versions));
+    let _ = write!(body, "<h2>Provenance</h2>\n<details><summary>Where every number comes from ({})</summary>\n<p class=\"note\">Each condition's numbers pool the eval summaries below (stage name with matrix values; blake3 digests of the summary and judgments files). The report's inputs do not carry the producing stages' keys, model and data digests or the judge's identity: find them with <code>emflow cache show STAGE</code>.</p>\n<table><tr><th>condition</th><th>stage</th><th>summary digest</th><th>judgments digest</th></tr>\n", esc(versions));
     for r in rows {
         for p in &r.provenance {
             let _ = writeln!(
                 body,
-                "<tr><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
+                "<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td><code>{}</code></td></tr>",
                 esc(&r.condition),
                 esc(&p.origin),
-                esc(&p.summary_digest)
+                esc(&p.summary_digest),
+                esc(p.judgments_digest.as_deref().unwrap_or("not wired"))
             );
         }
     }

@@ -157,6 +157,9 @@ fn report_pools_seeds_and_writes_a_self_contained_page() {
         .as_f64()
         .unwrap();
     assert!(lo < 0.25 && 0.25 < hi, "{lo} {hi}");
+    let provenance = &data["conditions"][0]["provenance"];
+    assert_eq!(provenance[1]["origin"], "eval[arm=sft,seed=2].summary");
+    assert_eq!(provenance[1]["judgments_digest"], serde_json::Value::Null);
     if let Ok(keep) = std::env::var("EMFLOW_KEEP_REPORT") {
         std::fs::copy(out.join("index.html"), keep).unwrap();
     }
