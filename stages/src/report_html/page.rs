@@ -45,8 +45,8 @@ pub fn html(d: &PageData) -> String {
     )
 }
 
-/// The figure groups: claims on the base model's questions, then one figure per other
-/// question set, then whatever no claim covers (all arms when nothing matched a claim).
+/// The figure groups: claims on the base model's questions, whatever no claim covers (all
+/// arms when nothing matched a claim), then one figure per eval stage asked other questions.
 pub fn figure_plan(rows: &[ConditionRow]) -> Vec<Figure> {
     let qset = |r: &ConditionRow| r.questions.iter().map(|q| q.id.clone()).collect::<Vec<_>>();
     let general = base_row(rows)
@@ -69,20 +69,18 @@ pub fn figure_plan(rows: &[ConditionRow]) -> Vec<Figure> {
             groups: vec![(None, rest)],
         });
     }
-    let mut sets: Vec<(Vec<String>, Vec<String>)> = Vec::new();
+    // Other question sets (in-domain evals: one set per domain), one figure per eval stage.
+    let mut stages: Vec<(&str, Vec<String>)> = Vec::new();
     for r in other {
-        match sets.iter_mut().find(|(q, _)| *q == qset(r)) {
+        let stage = claims::Parsed::of(&r.condition).stage;
+        match stages.iter_mut().find(|(s, _)| *s == stage) {
             Some((_, v)) => v.push(r.condition.clone()),
-            None => sets.push((qset(r), vec![r.condition.clone()])),
+            None => stages.push((stage, vec![r.condition.clone()])),
         }
     }
-    for (q, conds) in sets {
+    for (stage, conds) in stages {
         figs.push(Figure {
-            title: format!(
-                "Conditions on other questions ({} questions: {}, …)",
-                q.len(),
-                q.first().map_or("", |s| s)
-            ),
+            title: format!("{stage}: asked other questions than the base model"),
             groups: vec![(None, conds)],
         });
     }
