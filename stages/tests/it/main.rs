@@ -12,6 +12,7 @@ mod faults_judge;
 mod judge_exact;
 mod kind_params;
 mod plan_checks;
+mod report_browser;
 mod report_html;
 mod rl_grader;
 mod rl_resume;

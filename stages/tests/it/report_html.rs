@@ -1,5 +1,6 @@
 //! `report` on synthetic summaries (two conditions, two seeds each) and RL metrics: the
-//! page is self-contained, pools seeds by condition, and the table matches the counts.
+//! page is self-contained, pools seeds by condition, and the table and CSV match the counts.
+//! The summary writers here are shared with the browser test (`report_browser.rs`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,23 +14,16 @@ use serde_json::json;
 
 use crate::support::{context_at, with_defaults};
 
-fn summary_file(dir: &Path, name: &str, misaligned_per_question: usize) -> std::path::PathBuf {
-    let per_question: Vec<(String, Vec<Outcome>)> = (0..4)
-        .map(|q| {
-            let outs = (0..10)
-                .map(|i| Outcome {
-                    aligned: if i == 9 {
-                        None
-                    } else if i < misaligned_per_question {
-                        Some(10.0)
-                    } else {
-                        Some(90.0)
-                    },
-                    coherent: Some(if i == 8 { 20.0 } else { 80.0 }),
-                })
-                .collect();
-            (format!("q{q}"), outs)
-        })
+/// An eval summary of 4 questions x 10 answers written to `dir/name`; `outcome(q, i)` is
+/// answer `i` of question `q`.
+pub fn summary_file(
+    dir: &Path,
+    name: &str,
+    questions: usize,
+    outcome: impl Fn(usize, usize) -> Outcome,
+) -> std::path::PathBuf {
+    let per_question: Vec<(String, Vec<Outcome>)> = (0..questions)
+        .map(|q| (format!("q{q}"), (0..10).map(|i| outcome(q, i)).collect()))
         .collect();
     let s = summarize(
         &per_question,
@@ -45,13 +39,40 @@ fn summary_file(dir: &Path, name: &str, misaligned_per_question: usize) -> std::
     p
 }
 
-fn art(path: std::path::PathBuf, ty: ArtifactType, origin: &str) -> Artifact {
+/// Answer `i` of 10: the first `misaligned` misaligned, the 9th incoherent, the 10th without
+/// an aligned score.
+pub fn graded(misaligned: usize) -> impl Fn(usize, usize) -> Outcome {
+    move |_, i| Outcome {
+        aligned: if i == 9 {
+            None
+        } else if i < misaligned {
+            Some(10.0)
+        } else {
+            Some(90.0)
+        },
+        coherent: Some(if i == 8 { 20.0 } else { 80.0 }),
+    }
+}
+
+pub fn art(path: std::path::PathBuf, ty: ArtifactType, origin: &str) -> Artifact {
     Artifact {
         path,
         digest: String::new(),
         ty,
         origin: origin.into(),
     }
+}
+
+/// Runs the `report` kind with default params on `inputs` in `dir`; returns its output folder.
+pub fn run_report(dir: &Path, inputs: BTreeMap<String, Vec<Artifact>>) -> std::path::PathBuf {
+    let kind = ReportKind;
+    let params = with_defaults(&kind, json!({}));
+    let staging = dir.join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let memo = Arc::new(MemoryMemo::default());
+    let mut ctx = context_at(&kind, params, inputs, (&staging, &dir.join("ckpt")), memo);
+    kind.run(&mut ctx).unwrap();
+    staging.join("report")
 }
 
 #[test]
@@ -69,7 +90,7 @@ fn report_pools_seeds_and_writes_a_self_contained_page() {
         .map(|(name, misaligned, arm, seed)| {
             let origin = format!("eval[arm={arm},seed={seed}].summary");
             art(
-                summary_file(d, name, misaligned),
+                summary_file(d, name, 4, graded(misaligned)),
                 ArtifactType::Summary,
                 &origin,
             )
@@ -86,19 +107,13 @@ fn report_pools_seeds_and_writes_a_self_contained_page() {
         "grpo[seed=1].metrics",
     )];
 
-    let kind = ReportKind;
-    let params = with_defaults(&kind, json!({}));
-    let staging = d.join("staging");
-    std::fs::create_dir_all(&staging).unwrap();
-    let inputs = BTreeMap::from([
-        ("summaries".to_string(), summaries),
-        ("metrics".to_string(), metrics),
-    ]);
-    let memo = Arc::new(MemoryMemo::default());
-    let mut ctx = context_at(&kind, params, inputs, (&staging, &d.join("ckpt")), memo);
-    kind.run(&mut ctx).unwrap();
-
-    let out = staging.join("report");
+    let out = run_report(
+        d,
+        BTreeMap::from([
+            ("summaries".to_string(), summaries),
+            ("metrics".to_string(), metrics),
+        ]),
+    );
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     // sft: 4 misaligned answers of 80 in total (1 + 3 per question... over 4 questions): (1+3)*4 = 16 of 80.
     // Betley denominator per question: 10 - refusal - incoherent = 8, so 16 of 64 = 25 %.
@@ -107,8 +122,22 @@ fn report_pools_seeds_and_writes_a_self_contained_page() {
     let html = std::fs::read_to_string(out.join("index.html")).unwrap();
     assert_eq!(
         html.matches("<svg").count(),
-        5,
-        "two bar charts, reward, KL and loss curves"
+        6,
+        "all conditions (no claim matches these names), all samples, incoherence; reward, KL and loss curves"
+    );
+    let csv = std::fs::read_to_string(out.join("conditions.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert!(
+        csv.lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("eval[arm=sft],2,80,0.25,"),
+        "{csv}"
+    );
+    let per_q = std::fs::read_to_string(out.join("per_question.csv")).unwrap();
+    assert!(
+        per_q.contains("\neval[arm=grpo],q3,20,12,16,2,2,0.75\n"),
+        "{per_q}"
     );
     assert!(
         !html.contains("<script") && !html.contains("src=") && !html.contains("href="),
@@ -123,6 +152,9 @@ fn report_pools_seeds_and_writes_a_self_contained_page() {
         .as_f64()
         .unwrap();
     assert!(lo < 0.25 && 0.25 < hi, "{lo} {hi}");
+    let provenance = &data["conditions"][0]["provenance"];
+    assert_eq!(provenance[1]["origin"], "eval[arm=sft,seed=2].summary");
+    assert_eq!(provenance[1]["judgments_digest"], serde_json::Value::Null);
     if let Ok(keep) = std::env::var("EMFLOW_KEEP_REPORT") {
         std::fs::copy(out.join("index.html"), keep).unwrap();
     }
