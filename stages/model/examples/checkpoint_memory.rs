@@ -17,7 +17,9 @@ use emflow_model::{Arch, LoraConfig, ModelConfig, Transformer};
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(i) = args.iter().position(|a| a == "--mode") {
-        let mode = args.get(i + 1).context("--mode needs plain or checkpointed")?;
+        let mode = args
+            .get(i + 1)
+            .context("--mode needs plain or checkpointed")?;
         let shape: Vec<String> = args[..i].to_vec();
         return child(mode == "checkpointed", &parse_shape(&shape)?);
     }
@@ -85,7 +87,9 @@ fn child(checkpointed: bool, shape: &[usize]) -> Result<()> {
     let setup = emflow_model::setup(None)?;
     let mut model = Transformer::random(&cfg, &setup, 1)?;
     model.add_lora(&LoraConfig::all_linears(16, 32.0, false), 2)?;
-    let ids: Vec<u32> = (0..batch * seq).map(|i| (i * 7919 % 4000 + 50) as u32).collect();
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|i| (i * 7919 % 4000 + 50) as u32)
+        .collect();
     let ids = Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?;
     let mask = Tensor::ones((batch, seq), candle_core::DType::F32, &Device::Cpu)?;
     let targets = ids.narrow(1, 1, seq - 1)?.contiguous()?;
