@@ -197,6 +197,10 @@ fn sft_with_gradient_checkpointing_trains_the_same_adapter() {
         );
         stage.run(&kind).unwrap();
         let adapter = stage.output("adapter").join("adapter_model.safetensors");
+        eprintln!(
+            "gradient_checkpointing {checkpointing}: adapter digest {}",
+            crate::support::digest(&adapter)
+        );
         let weights = candle_core::safetensors::load(adapter, &candle_core::Device::Cpu).unwrap();
         let losses: Vec<f64> = stage
             .output_rows("metrics")
