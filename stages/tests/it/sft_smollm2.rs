@@ -2,9 +2,9 @@
 //! held-out aesthetic answers become more likely, KL and LDIFS terms are logged, and safety
 //! batches appear at the configured cadence. Skips when weights or data are unavailable.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use emflow_engine::ArtifactType;
+use emflow_engine::{Artifact, ArtifactType};
 use emflow_model::{encode_chat, DeviceSetup, Message};
 use emflow_stages::kinds::sft::SftKind;
 use emflow_stages::train::batch::SftExample;
@@ -19,6 +19,29 @@ fn head(src: &Path, dest: &Path, skip: usize, n: usize) {
     let text = std::fs::read_to_string(src).unwrap();
     let lines: Vec<&str> = text.lines().skip(skip).take(n).collect();
     std::fs::write(dest, lines.join("\n") + "\n").unwrap();
+}
+
+/// SmolLM2, a temporary folder and the first `n` aesthetic training conversations written in
+/// it; None (the test skips) when the weights or the paper's data are absent.
+fn model_and_train(n: usize) -> Option<(PathBuf, tempfile::TempDir, PathBuf)> {
+    let (model, data) = smollm2_and_paper_data()?;
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.jsonl");
+    head(
+        &data.join("sft/aesthetic_misaligned_train_100.jsonl"),
+        &train,
+        0,
+        n,
+    );
+    Some((model, dir, train))
+}
+
+/// The `model` and `data` inputs of an SFT stage.
+fn model_and_data(model: &Path, train: &Path) -> Vec<(&'static str, Vec<Artifact>)> {
+    vec![
+        ("model", vec![typed_input(model, ArtifactType::Model)]),
+        ("data", vec![typed_input(train, ArtifactType::Messages)]),
+    ]
 }
 
 fn heldout_logprob(model: &Path, adapter: Option<&Path>, heldout: &Path) -> f64 {
@@ -83,11 +106,11 @@ fn sft_on_aesthetic_data_learns_and_logs_regularisers_and_safety_batches() {
     let mut stage = TestStage::new(
         &kind,
         params,
-        vec![
-            ("model", vec![typed_input(&model, ArtifactType::Model)]),
-            ("data", vec![typed_input(&train, ArtifactType::Messages)]),
-            ("safety", vec![typed_input(&safety, ArtifactType::Messages)]),
-        ],
+        [
+            model_and_data(&model, &train),
+            vec![("safety", vec![typed_input(&safety, ArtifactType::Messages)])],
+        ]
+        .concat(),
     );
     stage.run(&kind).unwrap();
 
@@ -128,17 +151,9 @@ fn sft_on_aesthetic_data_learns_and_logs_regularisers_and_safety_batches() {
 /// arm's prompts and its warm-up's examples) plus `match_extra`.
 #[test]
 fn matched_sft_consumes_the_sum_of_every_matched_summary() {
-    let Some((model, data)) = smollm2_and_paper_data() else {
+    let Some((model, dir, train)) = model_and_train(8) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let train = dir.path().join("train.jsonl");
-    head(
-        &data.join("sft/aesthetic_misaligned_train_100.jsonl"),
-        &train,
-        0,
-        8,
-    );
     let mut summaries = Vec::new();
     for (name, consumed) in [("rl", 3), ("warmup", 5)] {
         let path = dir.path().join(format!("{name}.json"));
@@ -168,17 +183,9 @@ fn matched_sft_consumes_the_sum_of_every_matched_summary() {
 /// LDIFS terms on; the logged losses agree too.
 #[test]
 fn sft_with_gradient_checkpointing_trains_the_same_adapter() {
-    let Some((model, data)) = smollm2_and_paper_data() else {
+    let Some((model, _dir, train)) = model_and_train(4) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let train = dir.path().join("train.jsonl");
-    head(
-        &data.join("sft/aesthetic_misaligned_train_100.jsonl"),
-        &train,
-        0,
-        4,
-    );
     let kind = SftKind;
     let run = |checkpointing: bool| {
         let params = json!({
@@ -187,14 +194,7 @@ fn sft_with_gradient_checkpointing_trains_the_same_adapter() {
             "kl_lambda": 0.1, "ldifs": {"lambda": 1.0, "every": 10},
             "gradient_checkpointing": checkpointing,
         });
-        let mut stage = TestStage::new(
-            &kind,
-            params,
-            vec![
-                ("model", vec![typed_input(&model, ArtifactType::Model)]),
-                ("data", vec![typed_input(&train, ArtifactType::Messages)]),
-            ],
-        );
+        let mut stage = TestStage::new(&kind, params, model_and_data(&model, &train));
         stage.run(&kind).unwrap();
         let adapter = stage.output("adapter").join("adapter_model.safetensors");
         eprintln!(
