@@ -2,7 +2,6 @@
 //! (`emflow_engine::memory`): each kind's `memory_demand` is built from these, so the kinds
 //! say the same thing the same way.
 
-use anyhow::{bail, Result};
 use emflow_engine::memory::{MemoryDemand, Trainable};
 
 use crate::train::policy::LoraParams;
@@ -35,18 +34,4 @@ pub fn sampling(batch: usize, max_tokens: usize, batch_param: &'static str) -> M
         batch_param,
         length_param: "max_tokens",
     }
-}
-
-/// Training does not recompute activations yet (the memory estimate already counts
-/// `gradient_checkpointing`): a stage asking for it stops instead of silently using the
-/// memory it asked to save.
-pub fn refuse_checkpointing(stage: &str, gradient_checkpointing: bool) -> Result<()> {
-    if gradient_checkpointing {
-        bail!(
-            "stage {stage}: `gradient_checkpointing: true` is not implemented by emflow's training \
-             loop yet; set it to false (and lower batch_size or max_length if the plan's GPU \
-             memory estimate does not fit without it)"
-        );
-    }
-    Ok(())
 }

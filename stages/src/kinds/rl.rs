@@ -186,7 +186,7 @@ pub struct RlParams {
     pub inoculation: Option<String>,
     /// LDIFS regulariser {lambda, every: 5}: feature distance to the reference at every k-th layer
     pub ldifs: Option<LdifsParams>,
-    /// recompute activations in the backward pass to save GPU memory; used by the plan's memory estimate, not yet by training (true is refused when the stage runs)
+    /// recompute activations layer by layer in the backward pass: less GPU memory (the plan's estimate counts it), the same gradients within f32 rounding, about one more forward pass of time
     #[serde(default)]
     // Added after results were cached: at `false` it leaves the key as it was.
     #[schemars(extend("x-emflow-key-omits-default" = true))]
@@ -430,7 +430,6 @@ fn with_inoculation(inoculation: Option<&str>, system: Option<String>) -> Option
 pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
     ctx.progress().phase("loading", 0, "");
     let reward = prepare_reward(ctx, p)?;
-    super::memory::refuse_checkpointing(&ctx.stage_id, p.gradient_checkpointing)?;
     let mut policy = load_policy(ctx, &p.lora, p.full_finetune, p.seed)?;
     policy.lm.chat.set_kwargs(p.chat_template_kwargs.clone())?;
     // A local judge loads its own copy of `judge_model`, even when it is the policy's base
@@ -536,6 +535,7 @@ fn grpo_config(p: &RlParams, policy: &Policy) -> GrpoConfig {
             stop: Vec::new(),
         },
         ldifs: Ldifs::new(p.ldifs.as_ref().map(|l| (l.lambda, l.layers(num_layers)))),
+        gradient_checkpointing: p.gradient_checkpointing,
     }
 }
 
@@ -708,6 +708,7 @@ impl RlRun {
             kl_lambda: 0.0,
             ldifs: None,
             max_grad_norm: self.cfg.max_grad_norm,
+            gradient_checkpointing: self.cfg.gradient_checkpointing,
         };
         for _ in 0..safety.steps_after(self.state.steps) {
             let batch = safety.next_batch();

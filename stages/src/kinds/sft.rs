@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::defaults;
-use super::memory::{refuse_checkpointing, trainable};
+use super::memory::trainable;
 use crate::formats::messages::{read_conversations, to_model_messages};
 use crate::train::batch::SftExample;
 use crate::train::interleave::{interleave_setting, Interleave, InterleaveParams};
@@ -105,7 +105,7 @@ pub struct SftParams {
     #[serde(default = "defaults::uint::<50>")]
     #[schemars(range(min = 1))]
     checkpoint_every: u64,
-    /// recompute activations in the backward pass to save GPU memory; used by the plan's memory estimate, not yet by training (true is refused when the stage runs)
+    /// recompute activations layer by layer in the backward pass: less GPU memory (the plan's estimate counts it), the same gradients within f32 rounding, about one more forward pass of time
     #[serde(default)]
     // Added after results were cached: at `false` it leaves the key as it was.
     #[schemars(extend("x-emflow-key-omits-default" = true))]
@@ -180,7 +180,6 @@ impl Kind for SftKind {
     }
 
     fn run(&self, ctx: &mut StageContext, p: &SftParams) -> Result<()> {
-        refuse_checkpointing(&ctx.stage_id, p.gradient_checkpointing)?;
         run_sft(ctx, p)
     }
 
@@ -373,6 +372,7 @@ fn run_sft(ctx: &mut StageContext, p: &SftParams) -> Result<()> {
             kl_lambda: p.kl_lambda,
             ldifs: p.ldifs.clone(),
             max_grad_norm: p.max_grad_norm,
+            gradient_checkpointing: p.gradient_checkpointing,
         },
         policy,
         opt,

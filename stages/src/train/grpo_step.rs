@@ -13,10 +13,11 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use emflow_model::{
     accumulate, clip_grad_norm, derive_seed, token_logprobs, AdamW, Finish, Generation,
-    GenerationRequest, LrSchedule, Message, SamplingParams,
+    GenerationRequest, LrSchedule, Message, SamplingParams, TrainPass,
 };
 use serde_json::{json, Value};
 
@@ -48,6 +49,9 @@ pub struct GrpoConfig {
     pub loss: GrpoLossConfig,
     pub sampling: SamplingParams,
     pub ldifs: Ldifs,
+    /// Recompute activations layer by layer in the backward pass (less memory, the same
+    /// gradients within f32 rounding).
+    pub gradient_checkpointing: bool,
 }
 
 /// The stage's prompts, encoded once: token ids (cut to the prompt length) and the
@@ -228,8 +232,7 @@ pub fn train(
         let mut grads = None;
         for (m, chunk) in rows.chunks(micro).enumerate() {
             let adv = &adv.values[m * micro..(m + 1) * micro];
-            let loss = micro_batch_loss(policy, chunk, m, adv, &fixed, cfg, &mut stats)?;
-            let g = loss.backward()?;
+            let g = micro_batch_backward(policy, chunk, m, adv, &fixed, cfg, &mut stats)?;
             accumulate(&mut grads, &policy.vars, g, 1.0)?;
         }
         let mut grads = grads.context("no gradients were produced")?;
@@ -249,9 +252,10 @@ struct FixedLogps {
     reference: Option<Vec<Tensor>>,
 }
 
-/// The loss of micro-batch `m`: the GRPO objective plus the LDIFS term; adds its figures to
-/// `stats`.
-fn micro_batch_loss(
+/// The gradients of micro-batch `m`'s loss, the GRPO objective plus the LDIFS term, with
+/// activations recomputed layer by layer under `cfg.gradient_checkpointing`
+/// (`Transformer::train_backward`); adds its figures to `stats`.
+fn micro_batch_backward(
     policy: &mut Policy,
     chunk: &[(&[u32], &[u32])],
     m: usize,
@@ -259,7 +263,7 @@ fn micro_batch_loss(
     fixed: &FixedLogps,
     cfg: &GrpoConfig,
     stats: &mut TrainStats,
-) -> Result<Tensor> {
+) -> Result<GradStore> {
     let device = policy.lm.model.device().clone();
     let b = collate_rollouts(chunk, policy.lm.tokenizer.pad_id(), &device)?;
     // LDIFS reference features: adapter off, frozen weights only, so no graph.
@@ -268,29 +272,63 @@ fn micro_batch_loss(
     } else {
         Vec::new()
     };
-    // Scored only where they predict completion tokens (the prompt's positions would be
-    // projected to the vocabulary and thrown away).
-    let scores = policy.lm.model.forward_train_scores(
-        &b.ids,
-        &b.attention,
-        &cfg.ldifs.layers,
-        (b.first_predicting_position(), b.completion_len),
-        &b.completion,
-        cfg.temperature,
-    )?;
     let adv_t = Tensor::from_vec(
         adv.iter().map(|a| *a as f32).collect::<Vec<_>>(),
         adv.len(),
         &device,
     )?;
+    let hidden_size = policy.lm.config.hidden_size;
+    let inputs = LossInputs {
+        batch: &b,
+        advantages: &adv_t,
+        old_logps: fixed.old.as_ref().map(|o| &o[m]),
+        ref_logps: fixed.reference.as_ref().map(|r| &r[m]),
+        ref_hidden: &ref_hidden,
+        hidden_size,
+    };
+    let (_, grads) = policy.lm.model.train_backward(
+        &b.ids,
+        &b.attention,
+        &cfg.ldifs.layers,
+        cfg.gradient_checkpointing,
+        |pass| micro_batch_loss(pass, &inputs, cfg, stats),
+    )?;
+    Ok(grads)
+}
+
+/// What [`micro_batch_loss`] reads besides the policy's pass.
+struct LossInputs<'a> {
+    batch: &'a RolloutBatch,
+    advantages: &'a Tensor,
+    old_logps: Option<&'a Tensor>,
+    ref_logps: Option<&'a Tensor>,
+    ref_hidden: &'a [Tensor],
+    hidden_size: usize,
+}
+
+/// The micro-batch's loss from the policy's pass; adds its figures to `stats`.
+fn micro_batch_loss(
+    pass: &TrainPass,
+    inputs: &LossInputs,
+    cfg: &GrpoConfig,
+    stats: &mut TrainStats,
+) -> Result<Tensor> {
+    let b = inputs.batch;
+    // Scored only where they predict completion tokens (the prompt's positions would be
+    // projected to the vocabulary and thrown away).
+    let scores = pass.scores(
+        (b.first_predicting_position(), b.completion_len),
+        &b.completion,
+        cfg.temperature,
+    )?;
     let out = grpo_loss(
         &cfg.loss,
         &MicroBatch {
             policy_logps: &scores.logprobs,
-            old_logps: fixed.old.as_ref().map(|o| &o[m]),
-            ref_logps: fixed.reference.as_ref().map(|r| &r[m]),
+            old_logps: inputs.old_logps,
+            ref_logps: inputs.ref_logps,
             mask: &b.completion_mask,
-            advantages: &adv_t,
+            advantages: inputs.advantages,
         },
         StepShape {
             grad_accum_steps: cfg.grad_accum,
@@ -298,8 +336,12 @@ fn micro_batch_loss(
         },
     )?;
     let mut loss = out.loss.clone();
-    let hidden_size = policy.lm.config.hidden_size;
-    if let Some(dist) = ldifs_distance(&scores.hidden, &ref_hidden, &b.attention, hidden_size)? {
+    if let Some(dist) = ldifs_distance(
+        pass.hidden(),
+        inputs.ref_hidden,
+        &b.attention,
+        inputs.hidden_size,
+    )? {
         // Each micro-batch is 1/grad_accum of the step, as in the policy loss.
         stats.ldifs += scalar(&dist)?;
         loss = (loss + (dist * (cfg.ldifs.lambda / cfg.grad_accum as f64))?)?;

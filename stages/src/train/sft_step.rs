@@ -15,8 +15,9 @@
 //!   independent of width and length so one lambda fits any model).
 
 use anyhow::{ensure, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
-use emflow_model::{accumulate, clip_grad_norm, token_logprobs, AdamW};
+use emflow_model::{accumulate, clip_grad_norm, token_logprobs, AdamW, TrainPass};
 use serde::{Deserialize, Serialize};
 
 use super::batch::{collate_sft, SftBatch, SftExample};
@@ -56,6 +57,9 @@ pub struct SftStepConfig {
     pub kl_lambda: f64,
     pub ldifs: Option<LdifsParams>,
     pub max_grad_norm: f64,
+    /// Recompute activations layer by layer in the backward pass (less memory, the same
+    /// gradients within f32 rounding).
+    pub gradient_checkpointing: bool,
 }
 
 /// What one step measured.
@@ -91,12 +95,11 @@ pub fn sft_step(
     for chunk in examples.chunks(cfg.micro_batch) {
         stats.tokens += chunk.iter().map(|e| e.ids.len()).sum::<usize>();
         let share = chunk.len() as f64 / examples.len() as f64;
-        let (loss, terms) = micro_batch_loss(policy, chunk, share, &shape, cfg)?;
+        let (loss, terms, g) = micro_batch_backward(policy, chunk, share, &shape, cfg)?;
         stats.nll += terms.nll;
         kl_sum += terms.kl;
         ldifs_sum += terms.ldifs;
-        stats.loss += scalar(&loss)?;
-        let g = loss.backward()?;
+        stats.loss += loss;
         accumulate(&mut grads, &policy.vars, g, 1.0)?;
     }
     let mut grads = grads.context("no gradients were produced")?;
@@ -153,16 +156,17 @@ struct Terms {
     ldifs: f64,
 }
 
-/// The loss of one micro-batch (`share` of the step's rows): NLL over its target tokens
-/// plus the KL and LDIFS terms toward the reference, each normalised by the whole step.
-fn micro_batch_loss(
+/// The loss of one micro-batch (`share` of the step's rows), its logged terms and its
+/// gradients: NLL over its target tokens plus the KL and LDIFS terms toward the reference,
+/// each normalised by the whole step; with `cfg.gradient_checkpointing`, activations are
+/// recomputed layer by layer in the backward pass (`Transformer::train_backward`).
+fn micro_batch_backward(
     policy: &mut Policy,
     chunk: &[SftExample],
     share: f64,
     shape: &StepShape,
     cfg: &SftStepConfig,
-) -> Result<(Tensor, Terms)> {
-    let denom = shape.target_tokens as f64;
+) -> Result<(f64, Terms, GradStore)> {
     let device = policy.lm.model.device().clone();
     let batch = collate_sft(chunk, policy.lm.tokenizer.pad_id(), &device)?;
     let t = batch.ids.dim(1)?;
@@ -179,61 +183,95 @@ fn micro_batch_loss(
     } else {
         (None, Vec::new())
     };
-    let (logps, hidden, logits) =
-        policy_pass(policy, &batch, &shape.ldifs.layers, ref_logits.is_some())?;
-    let nll_sum = (logps * &batch.loss_mask)?.sum_all()?.neg()?;
+    let reference = Reference {
+        logits: ref_logits,
+        hidden: ref_hidden,
+    };
     let mut terms = Terms {
-        nll: scalar(&nll_sum)? / denom,
+        nll: 0.0,
         kl: 0.0,
         ldifs: 0.0,
     };
+    let hidden_size = policy.lm.config.hidden_size;
+    let (loss, grads) = policy.lm.model.train_backward(
+        &batch.ids,
+        &batch.attention,
+        &shape.ldifs.layers,
+        cfg.gradient_checkpointing,
+        |pass| {
+            let parts = LossParts {
+                batch: &batch,
+                reference: &reference,
+                share,
+                hidden_size,
+            };
+            micro_batch_loss(pass, &parts, shape, cfg, &mut terms)
+        },
+    )?;
+    Ok((scalar(&loss)?, terms, grads))
+}
+
+/// The reference policy's outputs a micro-batch's regularisers compare against.
+struct Reference {
+    /// Logits at the target positions, when the KL term is on.
+    logits: Option<Tensor>,
+    /// The compared layers' outputs, when LDIFS is on.
+    hidden: Vec<Tensor>,
+}
+
+/// What [`micro_batch_loss`] reads besides the policy's pass.
+struct LossParts<'a> {
+    batch: &'a SftBatch,
+    reference: &'a Reference,
+    share: f64,
+    hidden_size: usize,
+}
+
+/// The micro-batch's loss from the policy's pass; fills `terms`.
+fn micro_batch_loss(
+    pass: &TrainPass,
+    parts: &LossParts,
+    shape: &StepShape,
+    cfg: &SftStepConfig,
+    terms: &mut Terms,
+) -> Result<Tensor> {
+    let (batch, denom) = (parts.batch, shape.target_tokens as f64);
+    let (logps, logits) = policy_scores(pass, batch, parts.reference.logits.is_some())?;
+    let nll_sum = (logps * &batch.loss_mask)?.sum_all()?.neg()?;
+    terms.nll = scalar(&nll_sum)? / denom;
     let mut loss = (nll_sum / denom)?;
-    if let (Some(ref_logits), Some(logits)) = (ref_logits, logits) {
-        let kl = (kl_per_position(&logits, &ref_logits)? * &batch.loss_mask)?.sum_all()?;
+    if let (Some(ref_logits), Some(logits)) = (&parts.reference.logits, logits) {
+        let kl = (kl_per_position(&logits, ref_logits)? * &batch.loss_mask)?.sum_all()?;
         terms.kl = scalar(&kl)? / denom;
         loss = (loss + (kl * (cfg.kl_lambda / denom))?)?;
     }
     if let Some(dist) = ldifs_distance(
-        &hidden,
-        &ref_hidden,
+        pass.hidden(),
+        &parts.reference.hidden,
         &batch.attention,
-        policy.lm.config.hidden_size,
+        parts.hidden_size,
     )? {
-        terms.ldifs = scalar(&dist)? * share;
-        loss = (loss + (dist * (shape.ldifs.lambda * share))?)?;
+        terms.ldifs = scalar(&dist)? * parts.share;
+        loss = (loss + (dist * (shape.ldifs.lambda * parts.share))?)?;
     }
-    Ok((loss, terms))
+    Ok(loss)
 }
 
-/// The policy's forward pass: target log-probs, the compared layers' outputs and, when the
-/// KL term needs whole distributions, the logits (otherwise the pass scores the targets
-/// without building them).
-fn policy_pass(
-    policy: &Policy,
+/// The policy's target log-probs and, when the KL term needs whole distributions, its
+/// logits at the target positions (otherwise the pass scores the targets without building
+/// them).
+fn policy_scores(
+    pass: &TrainPass,
     batch: &SftBatch,
-    layers: &[usize],
     with_logits: bool,
-) -> Result<(Tensor, Vec<Tensor>, Option<Tensor>)> {
-    let model = &policy.lm.model;
+) -> Result<(Tensor, Option<Tensor>)> {
     let t = batch.ids.dim(1)?;
     if with_logits {
-        let (logits, hidden) = model.forward_train_hidden(&batch.ids, &batch.attention, layers)?;
-        let logits = logits.narrow(1, 0, t - 1)?.contiguous()?;
-        Ok((
-            token_logprobs(&logits, &batch.targets, 1.0)?,
-            hidden,
-            Some(logits),
-        ))
+        let logits = pass.logits()?.narrow(1, 0, t - 1)?.contiguous()?;
+        Ok((token_logprobs(&logits, &batch.targets, 1.0)?, Some(logits)))
     } else {
-        let scores = model.forward_train_scores(
-            &batch.ids,
-            &batch.attention,
-            layers,
-            (0, t - 1),
-            &batch.targets,
-            1.0,
-        )?;
-        Ok((scores.logprobs, scores.hidden, None))
+        let scores = pass.scores((0, t - 1), &batch.targets, 1.0)?;
+        Ok((scores.logprobs, None))
     }
 }
 

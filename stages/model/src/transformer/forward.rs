@@ -37,61 +37,51 @@ pub struct PositionScores {
     pub hidden: Vec<Tensor>,
 }
 
-impl Transformer {
-    /// Differentiable full-sequence forward: `ids` (b, t) u32, `attention_mask` (b, t) with 1 on
-    /// real tokens (left or right padding). Returns f32 logits (b, t, vocab).
-    pub fn forward_train(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        Ok(self.forward_train_hidden(ids, attention_mask, &[])?.0)
+/// What a training loss is built from: one differentiable pass's final-norm hidden states and
+/// the outputs of the decoder layers it was asked for. Made by the `forward_train*` functions
+/// and handed to the loss of [`Transformer::train_backward`], with or without checkpointing.
+pub struct TrainPass<'a> {
+    pub(super) model: &'a Transformer,
+    /// (b, t, hidden), after the final norm.
+    pub(super) normed: Tensor,
+    /// The outputs of the requested decoder layers, in layer order, each (b, t, hidden).
+    pub(super) hidden: Vec<Tensor>,
+}
+
+impl TrainPass<'_> {
+    /// f32 logits (b, t, vocab) at every position.
+    pub fn logits(&self) -> Result<Tensor> {
+        self.model.logits(&self.normed, Mode::Train)
     }
 
-    /// [`Self::forward_train`], also returning the output of each listed decoder layer
-    /// (0-based; transformers' `hidden_states[i + 1]`), each (b, t, hidden).
-    pub fn forward_train_hidden(
-        &self,
-        ids: &Tensor,
-        attention_mask: &Tensor,
-        layers: &[usize],
-    ) -> Result<(Tensor, Vec<Tensor>)> {
-        let rows = mask_rows(attention_mask)?;
-        let (h, captured) = self.run(ids, &rows, Mode::Train, None, layers)?;
-        Ok((self.logits(&h, Mode::Train)?, captured))
-    }
-
-    /// [`Self::forward_train_hidden`] with logits only for positions `from..from + len`
-    /// (b, len, vocab): GRPO needs them only where they predict completion tokens, and the
-    /// output projection with its backward is a fifth of a SmolLM2 step per position. (Slicing
-    /// full logits instead would also cost a vocabulary-sized zero-filled gradient.)
-    pub fn forward_train_hidden_range(
-        &self,
-        ids: &Tensor,
-        attention_mask: &Tensor,
-        layers: &[usize],
-        from: usize,
-        len: usize,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
-        let rows = mask_rows(attention_mask)?;
-        let (h, captured) = self.run(ids, &rows, Mode::Train, None, layers)?;
-        let t = h.dim(1)?;
+    /// Logits only for positions `from..from + len` (b, len, vocab): GRPO needs them only
+    /// where they predict completion tokens, and the output projection with its backward is a
+    /// fifth of a SmolLM2 step per position. (Slicing full logits instead would also cost a
+    /// vocabulary-sized zero-filled gradient.)
+    pub fn logits_range(&self, from: usize, len: usize) -> Result<Tensor> {
+        let t = self.normed.dim(1)?;
         if len == 0 || from + len > t {
             bail!(
                 "logits requested for positions {from}..{}, but the sequences have {t}",
                 from + len
             );
         }
-        let h = h.narrow(1, from, len)?.contiguous()?;
-        Ok((self.logits(&h, Mode::Train)?, captured))
+        let h = self.normed.narrow(1, from, len)?.contiguous()?;
+        self.model.logits(&h, Mode::Train)
     }
 
-    /// A differentiable forward pass scored at positions `from..from + len` only: the
-    /// log-probability of `targets` (b, len) at each, at `temperature`, with each position's
-    /// entropy and the outputs of the listed decoder `layers`. This is what SFT and GRPO
-    /// train on; with a frozen output projection on the CPU in f32 no logits tensor is ever
-    /// built (see `head_logprobs`), elsewhere it is the logits and [`token_logprobs`].
-    pub fn forward_train_scores(
+    /// The outputs of the requested decoder layers (0-based; transformers'
+    /// `hidden_states[i + 1]`), in layer order.
+    pub fn hidden(&self) -> &[Tensor] {
+        &self.hidden
+    }
+
+    /// Scores at positions `from..from + len` only: the log-probability of `targets` (b, len)
+    /// at each, at `temperature`, with each position's entropy (and the pass's layer outputs).
+    /// With a frozen output projection on the CPU in f32 no logits tensor is ever built (see
+    /// `head_logprobs`), elsewhere it is the logits and [`token_logprobs`].
+    pub fn scores(
         &self,
-        ids: &Tensor,
-        attention_mask: &Tensor,
-        layers: &[usize],
         (from, len): (usize, usize),
         targets: &Tensor,
         temperature: f64,
@@ -99,9 +89,7 @@ impl Transformer {
         if !(temperature > 0.0 && temperature.is_finite()) {
             bail!("temperature must be a positive number, got {temperature}");
         }
-        let rows = mask_rows(attention_mask)?;
-        let (h, hidden) = self.run(ids, &rows, Mode::Train, None, layers)?;
-        let (b, t, _) = h.dims3()?;
+        let (b, t, _) = self.normed.dims3()?;
         if len == 0 || from + len > t {
             bail!(
                 "scores requested for positions {from}..{}, but the sequences have {t}",
@@ -115,10 +103,90 @@ impl Transformer {
             );
         }
         let h = if from == 0 && len == t {
-            h
+            self.normed.clone()
         } else {
-            h.narrow(1, from, len)?.contiguous()?
+            self.normed.narrow(1, from, len)?.contiguous()?
         };
+        let (logprobs, entropy) = self.model.head_scores(&h, targets, temperature)?;
+        Ok(PositionScores {
+            logprobs,
+            entropy,
+            hidden: self.hidden.clone(),
+        })
+    }
+}
+
+impl Transformer {
+    /// Differentiable full-sequence forward: `ids` (b, t) u32, `attention_mask` (b, t) with 1 on
+    /// real tokens (left or right padding). Returns f32 logits (b, t, vocab).
+    pub fn forward_train(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        self.train_pass(ids, attention_mask, &[])?.logits()
+    }
+
+    /// [`Self::forward_train`], also returning the output of each listed decoder layer
+    /// (0-based; transformers' `hidden_states[i + 1]`), each (b, t, hidden).
+    pub fn forward_train_hidden(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        layers: &[usize],
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let pass = self.train_pass(ids, attention_mask, layers)?;
+        Ok((pass.logits()?, pass.hidden))
+    }
+
+    /// [`TrainPass::logits_range`] of a differentiable pass, with the listed layers' outputs.
+    pub fn forward_train_hidden_range(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        layers: &[usize],
+        from: usize,
+        len: usize,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let pass = self.train_pass(ids, attention_mask, layers)?;
+        Ok((pass.logits_range(from, len)?, pass.hidden))
+    }
+
+    /// [`TrainPass::scores`] of a differentiable pass over the listed `layers`. This is what
+    /// SFT and GRPO train on.
+    pub fn forward_train_scores(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        layers: &[usize],
+        positions: (usize, usize),
+        targets: &Tensor,
+        temperature: f64,
+    ) -> Result<PositionScores> {
+        self.train_pass(ids, attention_mask, layers)?
+            .scores(positions, targets, temperature)
+    }
+
+    /// A differentiable pass through every layer with the whole graph kept (see
+    /// `checkpoint` for the pass that keeps only each layer's input).
+    pub(super) fn train_pass(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        layers: &[usize],
+    ) -> Result<TrainPass<'_>> {
+        let rows = mask_rows(attention_mask)?;
+        let (normed, hidden) = self.run(ids, &rows, Mode::Train, None, layers)?;
+        Ok(TrainPass {
+            model: self,
+            normed,
+            hidden,
+        })
+    }
+    /// Log-probabilities of `targets` under the logits of `h` at `temperature`, and each
+    /// position's entropy (detached).
+    fn head_scores(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        temperature: f64,
+    ) -> Result<(Tensor, Tensor)> {
         let fused = h.device().is_cpu() && self.dtype == DType::F32;
         if let (Some(w), true) = (self.frozen_head()?, fused) {
             let targets = targets.to_dtype(DType::U32)?;
@@ -127,23 +195,15 @@ impl Transformer {
                 (None, Weight::Frozen(e)) => Some(e),
                 _ => None,
             };
-            let s = head_logprobs(&h, (&w, w_rows), &targets, temperature)?;
-            return Ok(PositionScores {
-                logprobs: s.logprobs,
-                entropy: s.entropy,
-                hidden,
-            });
+            let s = head_logprobs(h, (&w, w_rows), &targets, temperature)?;
+            return Ok((s.logprobs, s.entropy));
         }
-        let logits = self.logits(&h, Mode::Train)?;
+        let logits = self.logits(h, Mode::Train)?;
         let logprobs = token_logprobs(&logits, targets, temperature)?;
         let z = (logits.detach() / temperature)?;
         let logp_all = candle_nn::ops::log_softmax(&z, D::Minus1)?;
         let entropy = (logp_all.exp()? * &logp_all)?.sum(D::Minus1)?.neg()?;
-        Ok(PositionScores {
-            logprobs,
-            entropy,
-            hidden,
-        })
+        Ok((logprobs, entropy))
     }
 
     /// The output projection as (hidden, vocab) when it is frozen (a frozen head, or the tied
@@ -181,10 +241,22 @@ impl Transformer {
         cache: Option<&mut KvCache>,
         capture: &[usize],
     ) -> Result<(Tensor, Vec<Tensor>)> {
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        let (positions, mask) = self.lay_out(ids, key_valid, past)?;
+        self.run_laid_out(ids, positions, mask, mode, cache, capture)
+    }
+
+    /// Positions and additive mask of `ids` (b, t) after `past` cached slots, whose rows of
+    /// `key_valid` must cover `past + t` slots.
+    fn lay_out(
+        &self,
+        ids: &Tensor,
+        key_valid: &[Vec<bool>],
+        past: usize,
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
         let (b, t) = ids
             .dims2()
             .context("token ids must be a (batch, seq) tensor")?;
-        let past = cache.as_ref().map_or(0, |c| c.len);
         if key_valid.len() != b || key_valid.iter().any(|r| r.len() != past + t) {
             bail!(
                 "attention mask shape does not match ids: {} rows for batch {b}, expected {} slots each",
@@ -192,8 +264,7 @@ impl Transformer {
                 past + t
             );
         }
-        let (positions, mask) = positions_and_mask(key_valid, past, t);
-        self.run_laid_out(ids, positions, mask, mode, cache, capture)
+        Ok(positions_and_mask(key_valid, past, t))
     }
 
     /// Final-norm hidden states (1, t, hidden) in eval mode for `ids` appended to a one-row
@@ -232,43 +303,10 @@ impl Transformer {
         mut cache: Option<&mut KvCache>,
         capture: &[usize],
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        let (b, t) = ids.dims2()?;
+        let t = ids.dim(1)?;
         let past = cache.as_ref().map_or(0, |c| c.len);
-        if let Some(max) = positions.iter().max() {
-            if *max as usize >= self.cos.dim(0)? {
-                bail!(
-                    "sequence position {max} exceeds the {} positions this model supports",
-                    self.cos.dim(0)?
-                );
-            }
-        }
-        let half = self.cfg.head_dim / 2;
-        let pos = Tensor::from_vec(positions, b * t, &self.device)?;
-        let cos = self
-            .cos
-            .index_select(&pos, 0)?
-            .reshape((b, t, half))?
-            .to_dtype(self.dtype)?;
-        let sin = self
-            .sin
-            .index_select(&pos, 0)?
-            .reshape((b, t, half))?
-            .to_dtype(self.dtype)?;
-        let mask = Tensor::from_vec(mask, (b, 1, 1, t, past + t), &self.device)?;
-        let cx = Ctx {
-            mode,
-            dtype: self.dtype,
-            lora_enabled: self.lora_enabled,
-            cos,
-            sin,
-            mask,
-            attention_tables: OnceLock::new(),
-            dropout: Some(&self.dropout_rng),
-        };
-        let embed = self.embed.get(mode, self.dtype)?;
-        let mut x = embed
-            .index_select(&ids.flatten_all()?.to_dtype(DType::U32)?, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
+        let cx = self.pass_context(ids, positions, mask, mode, past)?;
+        let mut x = self.embed_tokens(ids, mode)?;
         let mut captured = Vec::with_capacity(capture.len());
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&self.cfg, i, &x, &cx, cache.as_deref_mut())?;
@@ -279,14 +317,76 @@ impl Transformer {
         if let Some(c) = cache {
             c.len += t;
         }
-        if captured.len() != capture.len() {
+        self.check_captured(capture, captured.len())?;
+        let x = rms_norm(&x, &self.final_norm, &cx, self.cfg.rms_eps)?;
+        Ok((x, captured))
+    }
+
+    /// An error unless every layer in `capture` was captured (`count` were).
+    pub(super) fn check_captured(&self, capture: &[usize], count: usize) -> Result<()> {
+        if count != capture.len() {
             bail!(
                 "hidden states requested for layers {capture:?}, but the model has {} layers",
                 self.layers.len()
             );
         }
-        let x = rms_norm(&x, &self.final_norm, &cx, self.cfg.rms_eps)?;
-        Ok((x, captured))
+        Ok(())
+    }
+
+    /// The context every layer of one pass shares, for `ids` (b, t) at `positions` (b * t)
+    /// with the additive `mask` (b, t, past + t).
+    fn pass_context(
+        &self,
+        ids: &Tensor,
+        positions: Vec<u32>,
+        mask: Vec<f32>,
+        mode: Mode,
+        past: usize,
+    ) -> Result<Ctx<'_>> {
+        let (b, t) = ids.dims2()?;
+        if let Some(max) = positions.iter().max() {
+            if *max as usize >= self.cos.dim(0)? {
+                bail!(
+                    "sequence position {max} exceeds the {} positions this model supports",
+                    self.cos.dim(0)?
+                );
+            }
+        }
+        let half = self.cfg.head_dim / 2;
+        let pos = Tensor::from_vec(positions, b * t, &self.device)?;
+        let table = |full: &Tensor| -> Result<Tensor> {
+            Ok(full
+                .index_select(&pos, 0)?
+                .reshape((b, t, half))?
+                .to_dtype(self.dtype)?)
+        };
+        Ok(Ctx {
+            mode,
+            dtype: self.dtype,
+            lora_enabled: self.lora_enabled,
+            cos: table(&self.cos)?,
+            sin: table(&self.sin)?,
+            mask: Tensor::from_vec(mask, (b, 1, 1, t, past + t), &self.device)?,
+            attention_tables: OnceLock::new(),
+            dropout: Some(&self.dropout_rng),
+        })
+    }
+
+    /// The embeddings of `ids` (b, t): (b, t, hidden).
+    pub(super) fn embed_tokens(&self, ids: &Tensor, mode: Mode) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let embed = self.embed.get(mode, self.dtype)?;
+        Ok(embed
+            .index_select(&ids.flatten_all()?.to_dtype(DType::U32)?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// The context of a training pass over `ids` with the padding `attention_mask` (what
+    /// `run` lays out for [`Mode::Train`] without a cache).
+    pub(super) fn train_context(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<Ctx<'_>> {
+        let rows = mask_rows(attention_mask)?;
+        let (positions, mask) = self.lay_out(ids, &rows, 0)?;
+        self.pass_context(ids, positions, mask, Mode::Train, 0)
     }
 }
 

@@ -8,7 +8,8 @@
 //! (adapter config, which projections a target names, an adapted linear's maths), `linear` (a
 //! projection and the kernel each pass picks for it), `kv_cache`, `layers` (one decoder layer),
 //! `model` (the decoder's weights and construction), `forward` (the passes), `head` (the output
-//! projection), `finetune` (attach/merge LoRA, full fine-tuning).
+//! projection), `checkpoint` (one training pass and its backward, optionally recomputing
+//! activations layer by layer), `finetune` (attach/merge LoRA, full fine-tuning).
 //! Each file uses only those before it in that list, so there is no import circle.
 //!
 //! Who may call it: everything above the kernels (`generate`, `score`, `losses`' callers,
@@ -17,6 +18,7 @@
 //! differences in `layers` (and `model::layer_from_tensors` and `parameter_shapes` for new
 //! weights).
 
+mod checkpoint;
 pub mod config;
 mod config_hf;
 mod finetune;
@@ -31,7 +33,7 @@ mod pass;
 mod weight;
 
 pub use config::{Arch, Llama3RopeScaling, ModelConfig};
-pub use forward::PositionScores;
+pub use forward::{PositionScores, TrainPass};
 pub use lora::{linear_modules, LoraConfig, FUSED_LINEAR_MODULES, LINEAR_MODULES};
 pub use model::{parameter_shapes, Transformer};
 

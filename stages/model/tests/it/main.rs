@@ -7,6 +7,7 @@
 
 mod architectures;
 mod chat_parity;
+mod checkpointing;
 mod common;
 #[cfg(feature = "cuda")]
 mod cuda;
