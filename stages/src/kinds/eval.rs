@@ -173,11 +173,7 @@ impl Kind for EvalKind {
 
     /// `batch_size` answers sampled at once.
     fn memory_demand(&self, p: &EvalParams) -> Option<emflow_engine::memory::MemoryDemand> {
-        Some(super::memory::sampling(
-            p.batch_size,
-            p.max_tokens,
-            "batch_size",
-        ))
+        super::memory::sampling(p.batch_size, p.max_tokens)
     }
 
     fn run(&self, ctx: &mut StageContext, p: &EvalParams) -> Result<()> {

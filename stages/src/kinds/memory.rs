@@ -21,17 +21,18 @@ pub fn trainable(lora: &LoraParams, full_finetune: bool) -> Trainable {
     }
 }
 
-/// A stage that samples `batch` answers at once, each up to `max_tokens` after its prompt.
-pub fn sampling(batch: usize, max_tokens: usize, batch_param: &'static str) -> MemoryDemand {
-    MemoryDemand {
+/// A stage that samples `batch_size` answers at once, each up to `max_tokens` after its
+/// prompt (both the stage's params of those names: `eval`, `safety_data`).
+pub fn sampling(batch_size: usize, max_tokens: usize) -> Option<MemoryDemand> {
+    Some(MemoryDemand {
         training: None,
         train_batch: 0,
         train_tokens: 0,
-        sample_batch: batch as u64,
+        sample_batch: batch_size as u64,
         sample_tokens: PROMPT_ALLOWANCE + max_tokens as u64,
         gradient_checkpointing: false,
         checkpointing_param: None,
-        batch_param,
+        batch_param: "batch_size",
         length_param: "max_tokens",
-    }
+    })
 }

@@ -150,6 +150,11 @@ impl Kind for SafetyDataKind {
         })
     }
 
+    /// `batch_size` answers sampled at once.
+    fn memory_demand(&self, p: &SafetyDataParams) -> Option<emflow_engine::memory::MemoryDemand> {
+        super::memory::sampling(p.batch_size, p.max_tokens)
+    }
+
     /// prompts x samples_per_prompt x 2 score calls (aligned and coherent, every answer);
     /// prompt tokens from each rendered judge prompt (characters / 4) plus the answer at
     /// `max_tokens`.
@@ -185,15 +190,6 @@ impl Kind for SafetyDataKind {
             p.max_tokens
         );
         Ok(Some(counted.estimate(&p.judge, inputs, note)))
-    }
-
-    /// `batch_size` answers sampled at once.
-    fn memory_demand(&self, p: &SafetyDataParams) -> Option<emflow_engine::memory::MemoryDemand> {
-        Some(super::memory::sampling(
-            p.batch_size,
-            p.max_tokens,
-            "batch_size",
-        ))
     }
 
     fn run(&self, ctx: &mut StageContext, p: &SafetyDataParams) -> Result<()> {
