@@ -405,7 +405,7 @@ impl Kind for RlKind {
             sample_tokens: tokens,
             gradient_checkpointing: p.gradient_checkpointing,
             checkpointing_param: Some("gradient_checkpointing"),
-            batch_param: "prompts_per_step (or raise grad_accum)",
+            batch_param: "prompts_per_step",
             length_param: "max_completion_length",
         })
     }
