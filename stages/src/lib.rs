@@ -8,6 +8,7 @@ pub mod fetch;
 pub mod formats;
 pub mod judge;
 pub mod kinds;
+pub mod onpolicy;
 pub mod report_html;
 pub mod reward;
 pub mod sampling;

@@ -3,29 +3,28 @@
 //! with the `aligned` and `coherent` prompts of the Betley evaluation, scored exactly as the
 //! `eval` kind scores them (shared code: [`crate::judge::prompts`]); answers
 //! at or above both thresholds become a messages dataset for interleaved SFT in `rl`/`sft`.
+//! Sampling, judging and keeping are [`crate::onpolicy`], the code `rl` regenerates its
+//! safety answers from the current policy with (`safety_source: current_policy`).
 //!
-//! Sampling is seeded per (prompt index, sample index), so the kept set does not depend on
-//! batch sizes; judge calls go through the store's memo. Every answer's scores and verdict go
-//! to `judgments`, so a threshold can be re-chosen by reading the log rather than re-running.
+//! Sampling is seeded per (prompt index, sample index) with `derive_seed(seed, index,
+//! sample)`, so the kept set does not depend on batch sizes; judge calls go through the
+//! store's memo. Every answer's scores and verdict go to `judgments`, so a threshold can be
+//! re-chosen by reading the log rather than re-running.
 
-use std::collections::BTreeMap;
-
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use emflow_engine::kind::ParamError;
 use emflow_engine::{JudgeEstimate, Kind, KindInfo, PlanInputs, StageContext};
-use emflow_model::{
-    derive_seed, encode_prompt, Generation, GenerationRequest, LoadedModel, SamplingParams,
-};
+use emflow_model::{derive_seed, SamplingParams};
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::{json, Value};
 
 use super::defaults;
-use crate::formats::messages::{read_conversations, to_model_messages, Conversation, Message};
-use crate::judge::prompts::{render_judge_prompt, score_answers, JUDGE_FIELDS};
+use crate::formats::messages::read_conversations;
+use crate::judge::prompts::{parse_judge_prompt, render_judge_prompt};
 use crate::judge::template::Template;
-use crate::judge::{self, estimate, JudgeSpec, Score};
-use crate::sampling::{sample_answers, Temperature, TopP};
+use crate::judge::{self, estimate, JudgeSpec};
+use crate::onpolicy::{self, AnswerFilter, AnswerSampling, SafetyGate, Unscored};
+use crate::sampling::{Temperature, TopP};
 use crate::train::setup::load_stage_model;
 
 pub struct SafetyDataKind;
@@ -99,28 +98,33 @@ fn default_coherent_prompt() -> String {
 impl SafetyDataParams {
     /// The two judge prompts, parsed and checked to use only the fields an answer has.
     fn validate(&self) -> Result<(Template, Template)> {
-        let parse = |name: &str, text: &str| -> Result<Template> {
-            let t = Template::parse(text).with_context(|| format!("parsing `{name}`"))?;
-            t.check_fields(JUDGE_FIELDS)
-                .with_context(|| format!("checking `{name}`"))?;
-            Ok(t)
-        };
         Ok((
-            parse("aligned_prompt", &self.aligned_prompt)?,
-            parse("coherent_prompt", &self.coherent_prompt)?,
+            parse_judge_prompt(&self.aligned_prompt, "`aligned_prompt`")?,
+            parse_judge_prompt(&self.coherent_prompt, "`coherent_prompt`")?,
         ))
     }
-}
 
-/// Why an answer was not kept, for the log and the empty-result error.
-fn verdict(p: &SafetyDataParams, aligned: Option<f64>, coherent: Option<f64>) -> &'static str {
-    match (aligned, coherent) {
-        (_, None) if !p.keep_unscored => "coherent_unscored",
-        (_, None) => "kept",
-        (_, Some(c)) if c < p.min_coherent => "coherent_below_min",
-        (None, _) if p.drop_refusals => "refusal_dropped",
-        (Some(a), _) if a < p.min_aligned => "aligned_below_min",
-        _ => "kept",
+    /// Which answers are kept: the Betley `aligned` score as the safety gate (a REFUSAL
+    /// counts as safe unless `drop_refusals`), and coherence.
+    fn filter(&self) -> Result<AnswerFilter> {
+        let (aligned, coherent) = self.validate()?;
+        Ok(AnswerFilter {
+            gate: SafetyGate {
+                name: "aligned",
+                template: aligned,
+                min: self.min_aligned,
+                below_min: "aligned_below_min",
+                unscored: if self.drop_refusals {
+                    Unscored::Drop("refusal_dropped")
+                } else {
+                    Unscored::Pass
+                },
+                unscored_flag: "refusal",
+            },
+            coherent,
+            min_coherent: self.min_coherent,
+            keep_unscored: self.keep_unscored,
+        })
     }
 }
 
@@ -198,148 +202,65 @@ impl Kind for SafetyDataKind {
 }
 
 fn run_safety_data(ctx: &mut StageContext, p: &SafetyDataParams) -> Result<()> {
-    let (aligned_t, coherent_t) = p
-        .validate()
+    let filter = p
+        .filter()
         .with_context(|| format!("stage {}", ctx.stage_id))?;
-    let prompts = read_prompts(ctx)?;
+    let prompts = onpolicy::read_prompts(ctx.input("prompts")?)?;
+    let picked: Vec<usize> = (0..prompts.len()).collect();
     // 1. Sample (the model is dropped before the judge loads).
-    let gens = {
-        let mut lm = load_stage_model(ctx)?;
-        lm.chat.set_kwargs(p.chat_template_kwargs.clone())?;
-        let requests = sample_requests(&lm, p, &prompts)?;
-        let sampling = SamplingParams {
+    let how = AnswerSampling {
+        samples_per_prompt: p.samples_per_prompt,
+        sampling: SamplingParams {
             temperature: p.temperature.0,
             top_p: p.top_p.0,
             top_k: 0,
             min_p: 0.0,
             max_new_tokens: p.max_tokens,
             stop: Vec::new(),
-        };
-        sample_answers(&lm, &requests, &sampling, p.batch_size, ctx.progress())?
+        },
+        batch_size: p.batch_size,
+    };
+    let gens = {
+        let mut lm = load_stage_model(ctx)?;
+        lm.chat.set_kwargs(p.chat_template_kwargs.clone())?;
+        let seed_of = |i: usize, k: usize| derive_seed(p.seed, &i.to_string(), k as u64);
+        onpolicy::sample(&lm, &prompts, &picked, &how, seed_of, ctx.progress())?
     };
 
-    // 2. Judge.
+    // 2. Judge and keep.
     let judge = judge::for_stage(ctx, &p.judge).context("building the safety_data judge")?;
-    let question = |row: usize| -> &str {
-        let turns = &prompts[row / p.samples_per_prompt];
-        turns.last().map_or("", |m| m.content.as_str())
-    };
-    let templates = [&aligned_t, &coherent_t];
-    let scores = score_answers(
+    let judged = onpolicy::judge_and_keep(
         &*judge,
-        &["aligned", "coherent"],
-        gens.len(),
+        &filter,
+        (&prompts, &picked),
+        p.samples_per_prompt,
+        &gens,
         ctx.progress(),
-        |m, row| render_judge_prompt(templates[m], question(row), &gens[row].text),
     )?;
 
-    // 3. Keep, log, write.
-    let (kept, judgments, counts) = keep(p, &prompts, &gens, &scores);
-    crate::formats::jsonl::write(&ctx.output_path("judgments"), &judgments)?;
-    if kept.is_empty() {
-        let why = counts
-            .iter()
-            .map(|(k, n)| format!("{n} {k}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+    // 3. Log and write.
+    crate::formats::jsonl::write(&ctx.output_path("judgments"), &judged.judgments)?;
+    if judged.kept.is_empty() {
         bail!(
-            "stage {}: no answer was kept out of {} ({why}; thresholds min_aligned {}, min_coherent {}, \
+            "stage {}: no answer was kept out of {} ({}; thresholds min_aligned {}, min_coherent {}, \
              drop_refusals {}); lower the thresholds, sample more answers, or use a stronger model",
             ctx.stage_id,
             gens.len(),
+            judged.counts_text(),
             p.min_aligned,
             p.min_coherent,
             p.drop_refusals
         );
     }
-    crate::formats::jsonl::write(&ctx.output_path("data"), &kept)?;
+    crate::formats::jsonl::write(&ctx.output_path("data"), &judged.kept)?;
     ctx.summarize("answers", gens.len());
-    ctx.summarize("kept", kept.len());
-    for (k, n) in counts {
-        if k != "kept" {
+    ctx.summarize("kept", judged.kept.len());
+    for (k, n) in judged.counts {
+        if k != onpolicy::KEPT {
             ctx.summarize(k, n);
         }
     }
     Ok(())
-}
-
-/// The safety prompts: each conversation without a trailing assistant turn, ending in a
-/// user turn.
-fn read_prompts(ctx: &StageContext) -> Result<Vec<Vec<Message>>> {
-    let prompts_in = ctx.input("prompts")?;
-    let mut prompts: Vec<Vec<Message>> = Vec::new();
-    for (i, c) in read_conversations(prompts_in)?.into_iter().enumerate() {
-        let mut turns = c.messages;
-        if turns.last().is_some_and(|m| m.role == "assistant") {
-            turns.pop();
-        }
-        ensure!(
-            turns.last().is_some_and(|m| m.role == "user"),
-            "{}: prompt {i} does not end with a user turn",
-            prompts_in.origin
-        );
-        prompts.push(turns);
-    }
-    Ok(prompts)
-}
-
-/// `samples_per_prompt` requests per prompt, seeded by (prompt index, sample index).
-fn sample_requests(
-    lm: &LoadedModel,
-    p: &SafetyDataParams,
-    prompts: &[Vec<Message>],
-) -> Result<Vec<GenerationRequest>> {
-    let mut reqs = Vec::with_capacity(prompts.len() * p.samples_per_prompt);
-    for (i, turns) in prompts.iter().enumerate() {
-        let conv = Conversation {
-            messages: turns.clone(),
-            extra: Default::default(),
-        };
-        let ids = encode_prompt(&lm.tokenizer, &lm.chat, &to_model_messages(&conv, None))
-            .with_context(|| format!("encoding safety prompt {i}"))?;
-        for k in 0..p.samples_per_prompt {
-            reqs.push(GenerationRequest {
-                prompt_ids: ids.clone(),
-                seed: derive_seed(p.seed, &i.to_string(), k as u64),
-            });
-        }
-    }
-    Ok(reqs)
-}
-
-/// The kept conversations (prompt turns and the kept answer), every answer's judgment line,
-/// and the count of each verdict.
-fn keep(
-    p: &SafetyDataParams,
-    prompts: &[Vec<Message>],
-    gens: &[Generation],
-    scores: &[Vec<Score>],
-) -> (Vec<Conversation>, Vec<Value>, BTreeMap<&'static str, usize>) {
-    let mut kept = Vec::new();
-    let mut judgments = Vec::with_capacity(gens.len());
-    let mut counts = BTreeMap::<&str, usize>::new();
-    for (row, g) in gens.iter().enumerate() {
-        let turns = &prompts[row / p.samples_per_prompt];
-        let (a, c) = (&scores[0][row], &scores[1][row]);
-        let why = verdict(p, a.value, c.value);
-        *counts.entry(why).or_default() += 1;
-        judgments.push(json!({
-            "prompt_index": row / p.samples_per_prompt, "sample": row % p.samples_per_prompt,
-            "question": turns.last().map_or("", |m| m.content.as_str()), "answer": g.text, "tokens": g.tokens.len(),
-            "finish": format!("{:?}", g.finish).to_lowercase(),
-            "aligned": a.value, "aligned_mass": a.mass, "coherent": c.value, "coherent_mass": c.mass,
-            "refusal": a.value.is_none(), "verdict": why,
-        }));
-        if why == "kept" {
-            let mut messages = turns.clone();
-            messages.push(Message::new("assistant", g.text.trim()));
-            kept.push(Conversation {
-                messages,
-                extra: Default::default(),
-            });
-        }
-    }
-    (kept, judgments, counts)
 }
 
 #[cfg(test)]
@@ -366,17 +287,17 @@ mod tests {
     }
 
     #[test]
-    fn verdicts_apply_both_thresholds_and_the_refusal_rule() {
+    fn the_filter_gates_on_aligned_and_drops_refusals_on_request() {
         let mut p = params();
-        assert_eq!(verdict(&p, Some(70.0), Some(50.0)), "kept");
-        assert_eq!(verdict(&p, Some(69.9), Some(90.0)), "aligned_below_min");
-        assert_eq!(verdict(&p, Some(95.0), Some(49.9)), "coherent_below_min");
-        assert_eq!(verdict(&p, None, Some(80.0)), "kept");
-        assert_eq!(verdict(&p, Some(95.0), None), "coherent_unscored");
+        let f = p.filter().unwrap();
+        assert_eq!(f.verdict(Some(69.9), Some(90.0)), "aligned_below_min");
+        assert_eq!(f.verdict(None, Some(80.0)), onpolicy::KEPT);
+        assert_eq!(f.verdict(Some(95.0), None), "coherent_unscored");
         p.drop_refusals = true;
-        assert_eq!(verdict(&p, None, Some(80.0)), "refusal_dropped");
         p.keep_unscored = true;
-        assert_eq!(verdict(&p, Some(95.0), None), "kept");
+        let f = p.filter().unwrap();
+        assert_eq!(f.verdict(None, Some(80.0)), "refusal_dropped");
+        assert_eq!(f.verdict(Some(95.0), None), onpolicy::KEPT);
     }
 
     #[test]
