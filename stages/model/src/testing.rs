@@ -217,3 +217,31 @@ pub fn assert_op_matches(
     }
     Ok(g_ours)
 }
+
+/// Writes a tiny random-weight model (the Llama architecture of [`ModelConfig::tiny`], weights
+/// from `seed`) as an HF-format folder that [`crate::load`] reads like a real one: a
+/// word-level tokenizer over `t0`..`t255` (`t2` ends a turn, `t1` stands for any other word,
+/// so sampled text is such tokens, space-separated) and a one-line chat template. For tests
+/// that run a stage kind on a model in milliseconds.
+pub fn tiny_model_dir(dir: &Path, seed: u64) -> anyhow::Result<()> {
+    use crate::transformer::{Arch, ModelConfig, Transformer};
+    let cfg = ModelConfig::tiny(Arch::Llama);
+    let model = Transformer::random(&cfg, &crate::setup(None)?, seed)?;
+    model.save_full(dir)?;
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..cfg.vocab_size)
+        .map(|i| (format!("t{i}"), serde_json::Value::from(i)))
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t1"},
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string())?;
+    let config = serde_json::json!({
+        "eos_token": "t2", "pad_token": "t0",
+        "chat_template": "{% for m in messages %}{{ m.role }} {{ m.content }} t2 {% endfor %}{% if add_generation_prompt %}assistant {% endif %}",
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string())?;
+    Ok(())
+}

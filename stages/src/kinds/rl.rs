@@ -15,6 +15,11 @@
 //! `checkpoint_every` steps and whenever the engine asks the stage to stop; a rerun resumes
 //! there and ends with the same bytes as an uninterrupted run. `summary` carries
 //! `samples_consumed` (prompts used) for a sample-matched `sft` arm.
+//!
+//! Safety interleaving (`interleave`) takes SFT steps on safety conversations between the RL
+//! steps. `safety_source` says where they come from: `precomputed` (input `safety`, e.g. the
+//! reference model's judged answers from `safety_data`) or `current_policy` (regenerated
+//! from the policy being trained every `regenerate.every` steps, [`crate::train::regenerate`]).
 
 use std::path::PathBuf;
 
@@ -41,6 +46,7 @@ use crate::train::interleave::Interleave;
 use crate::train::interleave::{interleave_setting, InterleaveParams};
 use crate::train::metrics_log::JsonlLog;
 use crate::train::policy::{LoraParams, Policy};
+use crate::train::regenerate::{self, RegenState, RegenerateParams, Regenerator, SafetySource};
 use crate::train::regularise::Ldifs;
 use crate::train::resume::{resume_with_logs, save_checkpoint, Cursor};
 use crate::train::setup::{load_policy, optimizer};
@@ -170,8 +176,18 @@ pub struct RlParams {
     /// steps averaged when picking the best-reward adapter
     #[serde(default = "defaults::int::<5>")]
     pub best_smoothing: usize,
-    /// SFT steps on input `safety`: {every: k | share: s, batch_size: 4}
+    /// SFT steps on safety conversations between the RL steps: {every: k | share: s, batch_size: 4}
     pub interleave: Option<InterleaveParams>,
+    /// where the interleaved safety conversations come from: precomputed (input `safety`: the reference model's answers from `safety_data`, or a fixed set) or current_policy (regenerated from the policy being trained, see `regenerate`)
+    #[serde(default)]
+    // Added after results were cached: at `precomputed` it leaves the key as it was.
+    #[schemars(extend("x-emflow-key-omits-default" = true))]
+    pub safety_source: SafetySource,
+    /// for safety_source current_policy: {every: K RL steps, prompts: per regeneration (null = all), samples_per_prompt: 1, max_tokens: 600, temperature: 1, top_p: 1, min_safe: 70, min_coherent: 50, keep_unscored: false, batch_size: 16}; inputs `safety_prompts` and `safety_grader`
+    #[serde(default)]
+    // Added after results were cached: at `null` it leaves the key as it was.
+    #[schemars(extend("x-emflow-key-omits-default" = true))]
+    pub regenerate: Option<RegenerateParams>,
     /// RL steps between resumable checkpoints
     #[serde(default = "defaults::uint::<10>")]
     #[schemars(range(min = 1))]
@@ -211,6 +227,9 @@ struct RlState {
     safety_consumed: u64,
     tracker: RewardTracker,
     stopped_early: Option<String>,
+    /// `safety_source: current_policy`: the regenerated set and its history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    regeneration: Option<RegenState>,
 }
 
 impl RlParams {
@@ -250,6 +269,25 @@ impl RlParams {
         if let Some(i) = &self.interleave {
             i.cadence()?;
         }
+        self.validate_safety_source()
+    }
+
+    /// `safety_source: current_policy` comes with `interleave` and `regenerate`; `regenerate`
+    /// with nothing else.
+    fn validate_safety_source(&self) -> Result<()> {
+        let current = self.safety_source == SafetySource::CurrentPolicy;
+        ensure!(
+            !current || self.interleave.is_some(),
+            "safety_source current_policy interleaves its answers: set `interleave` (e.g. {{every: 4, batch_size: 4}})"
+        );
+        ensure!(
+            !current || self.regenerate.is_some(),
+            "safety_source current_policy needs `regenerate` (at least {{every: K}})"
+        );
+        ensure!(
+            current || self.regenerate.is_none(),
+            "`regenerate` is set but safety_source is precomputed; set safety_source: current_policy or remove `regenerate`"
+        );
         Ok(())
     }
 }
@@ -264,7 +302,9 @@ impl Kind for RlKind {
                  in?  adapter        adapter   adapter to continue (e.g. the SFT warm-up)
                  in   prompts        messages  prompt conversations (the last turn is the user's)
                  in?  system_prompt  file      text file whose content is the rollout system prompt
-                 in?  safety         messages  safety conversations for interleaved SFT steps
+                 in?  safety         messages  safety conversations for interleaved SFT steps (safety_source precomputed)
+                 in?  safety_prompts messages  safety prompts the current policy answers (safety_source current_policy)
+                 in?  safety_grader  file      safe/refusal grader, a 0-100 judge prompt over {question} and {answer} (safety_source current_policy)
                  in?  grader         file      grader prompt template, for `reward: {type: grader, template: {input: grader}}`
                  in?  judge_model    model     the grader's model for the local judge backend
                  out  adapter        adapter   final adapter
@@ -381,7 +421,7 @@ impl Kind for RlKind {
         if !fewer.is_empty() {
             notes.push(format!("upper bound: {}", fewer.join("; ")));
         }
-        Ok(Some(JudgeEstimate {
+        let estimate = JudgeEstimate {
             judge_model,
             local,
             calls: Some(rollouts * numbers.len() as u64),
@@ -389,7 +429,8 @@ impl Kind for RlKind {
             prompt_tokens,
             completion_tokens,
             notes,
-        }))
+        };
+        Ok(Some(with_regeneration_note(p, estimate)))
     }
 
     /// Rollouts: prompts_per_step x num_generations sequences sampled at once; training: one
@@ -417,6 +458,24 @@ impl Kind for RlKind {
     }
 }
 
+/// Says what a grader estimate leaves out under `safety_source: current_policy`: how many
+/// regenerations a run makes depends on what each keeps, so their judge calls are not counted.
+fn with_regeneration_note(p: &RlParams, mut estimate: JudgeEstimate) -> JudgeEstimate {
+    if let Some(r) = p
+        .regenerate
+        .as_ref()
+        .filter(|_| p.safety_source == SafetySource::CurrentPolicy)
+    {
+        estimate.notes.push(format!(
+            "not counted: the safety answers regenerated from the current policy (about steps / {} regenerations x {} prompts x {} samples x 2 scores)",
+            r.every,
+            r.prompts.map_or("all".to_string(), |n| n.to_string()),
+            r.samples_per_prompt
+        ));
+    }
+    estimate
+}
+
 /// The rollout system turn under an inoculation prompt: the prompt, then the stage's own
 /// system prompt (if any) after a blank line.
 fn with_inoculation(inoculation: Option<&str>, system: Option<String>) -> Option<String> {
@@ -435,7 +494,13 @@ pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
     // A local judge loads its own copy of `judge_model`, even when it is the policy's base
     // model: the model layer's `Transformer` cannot yet share its frozen weights with a
     // second owner (see the report on issue 4).
-    let judge = if reward.needs_judge() {
+    // The same judge grades the rewards and, under `safety_source: current_policy`, the
+    // regenerated safety answers.
+    let regen = match (&p.regenerate, p.safety_source) {
+        (Some(r), SafetySource::CurrentPolicy) => Some(Regenerator::load(ctx, r, p.seed)?),
+        _ => None,
+    };
+    let judge = if reward.needs_judge() || regen.is_some() {
         let judge = judge::for_stage(ctx, &p.judge)
             .with_context(|| format!("stage {}: building the grader's judge", ctx.stage_id))?;
         Some(judge)
@@ -443,9 +508,8 @@ pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
         None
     };
     let prompts = encode_prompts(ctx, p, &policy)?;
-    let safety = interleave_setting(p.interleave.as_ref())?;
-    let safety = Interleave::load(ctx, safety, &policy, None, p.seed)?;
-    let mut run = RlRun::start(ctx, p, policy, safety, prompts.ids.len())?;
+    let safety = load_safety(ctx, p, &policy)?;
+    let mut run = RlRun::start(ctx, p, policy, (safety, regen), prompts.ids.len())?;
     let src = StepSources {
         prompts: &prompts,
         reward: &reward,
@@ -453,6 +517,30 @@ pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
     };
     run.train(ctx, p, &src)?;
     run.finish(ctx)
+}
+
+/// The interleaved safety batches: input `safety`'s conversations (`precomputed`), or none
+/// yet (`current_policy`: the first regeneration fills them).
+fn load_safety(ctx: &StageContext, p: &RlParams, policy: &Policy) -> Result<Option<Interleave>> {
+    let setting = interleave_setting(p.interleave.as_ref())?;
+    match (p.safety_source, setting) {
+        (SafetySource::Precomputed, setting) => {
+            Interleave::load(ctx, setting, policy, None, p.seed)
+        }
+        (SafetySource::CurrentPolicy, Some(setting)) => {
+            if ctx.optional_input("safety")?.is_some() {
+                bail!(
+                    "stage {}: input `safety` is wired but safety_source is current_policy, which regenerates \
+                     its safety data from input `safety_prompts`; unwire `safety` or set safety_source: precomputed",
+                    ctx.stage_id
+                );
+            }
+            Ok(Some(Interleave::empty(setting, p.seed)))
+        }
+        (SafetySource::CurrentPolicy, None) => {
+            bail!("safety_source current_policy needs `interleave`")
+        }
+    }
 }
 
 /// The stage's reward, its grader templates read from the inputs they name.
@@ -550,6 +638,8 @@ struct RlRun {
     schedule: LrSchedule,
     cfg: GrpoConfig,
     safety: Option<Interleave>,
+    /// `safety_source: current_policy`: what regenerates `safety`'s examples.
+    regen: Option<Regenerator>,
     cursor: Cursor,
     state: RlState,
     metrics: JsonlLog,
@@ -566,7 +656,7 @@ impl RlRun {
         ctx: &StageContext,
         p: &RlParams,
         mut policy: Policy,
-        mut safety: Option<Interleave>,
+        (mut safety, regen): (Option<Interleave>, Option<Regenerator>),
         n_prompts: usize,
     ) -> Result<Self> {
         let total_steps = match p.max_steps {
@@ -597,7 +687,13 @@ impl RlRun {
             let resuming = format!("resuming from checkpoint after RL step {}", r.steps);
             ctx.progress().log(&resuming);
         }
-        let state = resumed.unwrap_or_default();
+        let mut state: RlState = resumed.unwrap_or_default();
+        if regen.is_some() {
+            let regenerated = state.regeneration.get_or_insert_with(RegenState::default);
+            if let Some(s) = safety.as_mut().filter(|_| !regenerated.set.is_empty()) {
+                s.replace_examples(regenerate::encode_set(&policy, &regenerated.set)?);
+            }
+        }
         if let Some(s) = safety.as_mut() {
             s.seek(state.safety_consumed);
         }
@@ -615,6 +711,7 @@ impl RlRun {
             schedule,
             cfg,
             safety,
+            regen,
             state,
             metrics,
             rollouts,
@@ -652,7 +749,7 @@ impl RlRun {
             {
                 save_best(ctx, &self.policy)?;
             }
-            self.safety_steps(step)?;
+            self.safety_steps(ctx, step, src.judge)?;
             self.check_plateau(ctx, step, p.early_stop.as_ref());
             let finished =
                 self.state.steps >= self.total_steps || self.state.stopped_early.is_some();
@@ -698,11 +795,41 @@ impl RlRun {
     }
 
     /// The interleaved safety SFT steps due after RL step `step`, at the last update's
-    /// learning rate.
-    fn safety_steps(&mut self, step: u64) -> Result<()> {
+    /// learning rate; under `safety_source: current_policy`, after regenerating the set
+    /// when it is due.
+    fn safety_steps(
+        &mut self,
+        ctx: &StageContext,
+        step: u64,
+        judge: Option<&dyn judge::Judge>,
+    ) -> Result<()> {
         let Some(safety) = self.safety.as_mut() else {
             return Ok(());
         };
+        let due = safety.steps_after(self.state.steps);
+        if let (Some(regen), Some(state), true) =
+            (&self.regen, self.state.regeneration.as_mut(), due > 0)
+        {
+            let line =
+                regenerate::refresh(regen, &self.policy, judge, self.state.steps, state, safety)
+                    .with_context(|| {
+                        format!(
+                            "stage {}: regenerating safety data after RL step {step}",
+                            ctx.stage_id
+                        )
+                    })?;
+            if let Some(line) = line {
+                ctx.progress_handle().log(&format!(
+                    "safety data regenerated after step {step}: {line}"
+                ));
+                self.metrics.append(&line)?;
+                self.state.safety_consumed = safety.consumed();
+            }
+            if safety.is_empty() {
+                state.skipped_safety_steps += due;
+                return Ok(());
+            }
+        }
         let cfg = SftStepConfig {
             micro_batch: safety.batch_size(),
             kl_lambda: 0.0,
@@ -710,7 +837,7 @@ impl RlRun {
             max_grad_norm: self.cfg.max_grad_norm,
             gradient_checkpointing: self.cfg.gradient_checkpointing,
         };
-        for _ in 0..safety.steps_after(self.state.steps) {
+        for _ in 0..due {
             let batch = safety.next_batch();
             let lr = self
                 .schedule
@@ -759,6 +886,11 @@ impl RlRun {
             "best_reward": best_reward,
             "stopped_early": state.stopped_early,
         });
+        let mut summary = summary;
+        // `precomputed` writes the summary it always wrote (its bytes are outputs).
+        if let (Some(fields), Some(r)) = (summary.as_object_mut(), &state.regeneration) {
+            fields.extend(regenerate::summary(r));
+        }
         super::write_summary(ctx, summary)
     }
 }

@@ -1,7 +1,9 @@
 //! Safety SFT steps interleaved with a training kind's main steps (param `interleave` with
 //! input `safety`): the safety examples, encoded once; when to step ([`Cadence`]); and a
 //! seeded walk over the examples whose position the checkpoint holds. `sft` and `rl` both
-//! interleave through [`Interleave`], so one setting means the same batches in either.
+//! interleave through [`Interleave`], so one setting means the same batches in either. With
+//! `rl`'s `safety_source: current_policy` the examples start empty and are replaced by each
+//! regeneration ([`Interleave::replace_examples`], [`super::regenerate`]).
 
 use anyhow::{bail, ensure, Result};
 use emflow_engine::context::StageContext;
@@ -97,6 +99,29 @@ impl Interleave {
         }))
     }
 
+    /// Safety batches with no examples yet, for examples regenerated during the run
+    /// ([`Self::replace_examples`]).
+    pub fn empty((cadence, batch_size): (Cadence, usize), seed: u64) -> Self {
+        Interleave {
+            cadence,
+            batch_size,
+            examples: Vec::new(),
+            seed,
+            cursor: Cursor::new(0, seed, STREAM, 0),
+        }
+    }
+
+    /// Replaces the examples by a new set and starts its walk at the beginning.
+    pub fn replace_examples(&mut self, examples: Vec<SftExample>) {
+        self.examples = examples;
+        self.seek(0);
+    }
+
+    /// Whether there is no example to take a batch from.
+    pub fn is_empty(&self) -> bool {
+        self.examples.is_empty()
+    }
+
     /// Puts the walk where a run that consumed `consumed` safety examples left it.
     pub fn seek(&mut self, consumed: u64) {
         self.cursor = Cursor::new(self.examples.len(), self.seed, STREAM, consumed);
@@ -112,7 +137,7 @@ impl Interleave {
         self.batch_size
     }
 
-    /// The next safety batch.
+    /// The next safety batch (there must be examples: [`Self::is_empty`]).
     pub fn next_batch(&mut self) -> Vec<SftExample> {
         self.cursor
             .take(self.batch_size)

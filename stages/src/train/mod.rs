@@ -4,7 +4,8 @@
 //! - [`sft_step`] and [`grpo_step`]: one optimizer step of each, in named phases, with the
 //!   GRPO objective in [`grpo_loss`] and the KL/LDIFS terms toward the reference in
 //!   [`regularise`];
-//! - [`interleave`] and [`schedule`]: safety steps between the main steps;
+//! - [`interleave`] and [`schedule`]: safety steps between the main steps; [`regenerate`]:
+//!   `rl`'s safety examples regenerated from the current policy every K steps;
 //! - [`resume`], [`checkpoint`], [`metrics_log`]: the data order and the checkpoints that
 //!   make an interrupted run end in the same bytes as an uninterrupted one;
 //! - [`batch`]: token sequences into padded tensors; [`early_stop`]: the best-reward tracker.
@@ -21,6 +22,7 @@ pub mod grpo_step;
 pub mod interleave;
 pub mod metrics_log;
 pub mod policy;
+pub mod regenerate;
 pub mod regularise;
 pub mod resume;
 pub mod schedule;
