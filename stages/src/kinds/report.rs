@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::defaults;
 use crate::evaluation::{Summary, SUMMARY_SCHEMA};
 use crate::report_html::page::{figure_plan, MetricsFile, PageData};
-use crate::report_html::{aggregate, answers, export, page, SummaryInput};
+use crate::report_html::{aggregate, answers, export, interleaving, page, SummaryInput};
 
 pub struct ReportKind;
 
@@ -86,10 +86,8 @@ impl Kind for ReportKind {
         let write = |name: &str, text: String| {
             std::fs::write(dir.join(name), text).with_context(|| format!("writing {name}"))
         };
-        write(
-            "report.md",
-            export::markdown(&p.title, &rows, &figures, &versions),
-        )?;
+        let md = export::markdown(&p.title, &rows, &figures, &versions);
+        write("report.md", md + &interleaving::markdown_section(&metrics))?;
         let data = export::data_json(&rows, &figures, &answers, &versions);
         write("data.json", serde_json::to_string_pretty(&data)? + "\n")?;
         write("conditions.csv", export::conditions_csv(&rows))?;

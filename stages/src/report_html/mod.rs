@@ -10,6 +10,7 @@
 pub mod answers;
 pub mod claims;
 pub mod export;
+pub mod interleaving;
 pub mod page;
 pub mod svg;
 

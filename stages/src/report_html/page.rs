@@ -37,6 +37,7 @@ pub fn html(d: &PageData) -> String {
         examples_section(&mut body, d.rows, d.answers);
         provenance_section(&mut body, d.rows, d.versions);
     }
+    body.push_str(&super::interleaving::html_section(d.metrics));
     curves_section(&mut body, d.metrics);
     format!(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>{STYLE}</style></head><body><h1>{t}</h1>\n<p class=\"note\">{v}</p>\n{body}</body></html>\n",
