@@ -176,7 +176,9 @@ pub struct RlParams {
     /// steps averaged when picking the best-reward adapter
     #[serde(default = "defaults::int::<5>")]
     pub best_smoothing: usize,
-    /// SFT steps on safety conversations between the RL steps: {every: k | share: s, batch_size: 4}
+    /// SFT steps on input `safety`: {every: k | share: s, batch_size: 4}
+    // (Or on the regenerated set under `safety_source: current_policy`; the doc is pinned by
+    // the `kind_params` golden, which changes only with a version bump.)
     pub interleave: Option<InterleaveParams>,
     /// where the interleaved safety conversations come from: precomputed (input `safety`: the reference model's answers from `safety_data`, or a fixed set) or current_policy (regenerated from the policy being trained, see `regenerate`)
     #[serde(default)]

@@ -15,6 +15,7 @@ mod plan_checks;
 mod report_browser;
 mod report_html;
 mod rl_grader;
+mod rl_onpolicy;
 mod rl_resume;
 mod safety_smollm2;
 mod serve_openai;
