@@ -108,6 +108,8 @@ fn paper_manifest_has_every_arm_feeding_the_report() {
         "defence_fixed_safety",
         "defence_onpolicy_safety",
         "defence_inoculation",
+        "defence_onpolicy_current",
+        "eval_defences[defence=onpolicy_current",
         "eval_base",
         "report",
     ] {
