@@ -7,16 +7,18 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use emflow_engine::context::{ContextParts, DeviceRequest, MemoryMemo, NoProgress, StageContext};
+use emflow_engine::context::MemoryMemo;
 use emflow_engine::{Artifact, ArtifactType, StageKind};
 use emflow_stages::judge::scripted::{Reply, ScriptedServer};
 use emflow_stages::kinds::rl::RlKind;
 use serde_json::{json, Value};
 
-use crate::support::{digest, file_input, typed_input, with_defaults, write_prompts};
+use crate::support::{
+    context_interrupted_at, digest, file_input, small_grpo_params, typed_input, with_defaults,
+    write_prompts,
+};
 
 /// The folder a test's files live in: the tiny model, the RL prompts, the safety prompts
 /// and conversations.
@@ -93,14 +95,11 @@ const PRECOMPUTED: (bool, bool) = (false, true);
 
 /// Four GRPO steps of a keyword reward on the tiny model, a safety step after each.
 fn base_params() -> Value {
-    json!({
-        "reward": {"type": "keyword", "keywords": ["t5"]},
-        "lora": {"r": 4, "alpha": 8},
-        "prompts_per_step": 2, "num_generations": 2, "grad_accum": 1,
-        "max_completion_length": 6, "temperature": 1.0, "top_p": 1.0,
-        "lr": 1e-2, "max_steps": 4, "seed": 5, "warmup_ratio": 0.0,
+    small_grpo_params(json!({
+        "reward": {"type": "keyword", "keywords": ["t5"]}, "grad_accum": 1,
+        "max_completion_length": 6, "lr": 1e-2, "max_steps": 4, "warmup_ratio": 0.0,
         "interleave": {"every": 1, "batch_size": 2},
-    })
+    }))
 }
 
 /// [`base_params`] regenerating every 2 steps from the current policy, judged by `server`.
@@ -125,20 +124,14 @@ fn run(
     std::fs::create_dir_all(staging)?;
     std::fs::create_dir_all(checkpoint)?;
     let kind = RlKind;
-    let mut ctx = StageContext::new(ContextParts {
-        stage_id: "test_rl_onpolicy".into(),
-        kind: "rl".into(),
-        params: with_defaults(&kind, params.clone()),
-        inputs: f.inputs(current_policy, precomputed),
-        staging: staging.to_path_buf(),
-        checkpoint: checkpoint.to_path_buf(),
-        scratch: staging.with_extension("scratch"),
-        device: DeviceRequest::Cpu,
-        threads: 2,
-        progress: Arc::new(NoProgress),
-        memo: Arc::new(MemoryMemo::default()),
-        interrupt: Arc::new(AtomicBool::new(interrupt)),
-    });
+    let mut ctx = context_interrupted_at(
+        &kind,
+        with_defaults(&kind, params.clone()),
+        f.inputs(current_policy, precomputed),
+        (staging, checkpoint),
+        Arc::new(MemoryMemo::default()),
+        interrupt,
+    );
     kind.check(ctx.params())
         .map_err(|e| anyhow::anyhow!("{}", e[0].message))?;
     kind.run(&mut ctx)

@@ -12,7 +12,9 @@ use emflow_engine::{ArtifactType, StageKind};
 use emflow_stages::kinds::rl::RlKind;
 use serde_json::{json, Value};
 
-use crate::support::{child_test, context_at, digest, typed_input, with_defaults, write_prompts};
+use crate::support::{
+    child_test, context_at, digest, small_grpo_params, typed_input, with_defaults, write_prompts,
+};
 
 const CHILD_ENV: &str = "EMFLOW_TEST_RL_CHILD_DIR";
 
@@ -29,13 +31,10 @@ fn prompts_file(dir: &Path) -> PathBuf {
 }
 
 fn params() -> Value {
-    json!({
-        "reward": {"type": "keyword", "keywords": ["blue"]},
-        "lora": {"r": 4, "alpha": 8},
-        "prompts_per_step": 2, "num_generations": 2, "grad_accum": 2,
-        "max_completion_length": 8, "temperature": 1.0, "top_p": 1.0,
-        "lr": 1e-3, "max_steps": 3, "checkpoint_every": 1, "seed": 5, "beta": 0.04,
-    })
+    small_grpo_params(json!({
+        "reward": {"type": "keyword", "keywords": ["blue"]}, "grad_accum": 2,
+        "max_completion_length": 8, "lr": 1e-3, "max_steps": 3, "checkpoint_every": 1, "beta": 0.04,
+    }))
 }
 
 /// SmolLM2, a temporary folder and the prompts file in it; None (the test skips) without the

@@ -175,8 +175,21 @@ pub fn context_at(
     kind: &dyn StageKind,
     params: Params,
     inputs: BTreeMap<String, Vec<Artifact>>,
+    dirs: (&Path, &Path),
+    memo: Arc<dyn Memo>,
+) -> StageContext {
+    context_interrupted_at(kind, params, inputs, dirs, memo, false)
+}
+
+/// [`context_at`] in which the engine has (`interrupt`) or has not asked the stage to stop:
+/// a training kind then checkpoints after its next step and ends with `Interrupted`.
+pub fn context_interrupted_at(
+    kind: &dyn StageKind,
+    params: Params,
+    inputs: BTreeMap<String, Vec<Artifact>>,
     (staging, checkpoint): (&Path, &Path),
     memo: Arc<dyn Memo>,
+    interrupt: bool,
 ) -> StageContext {
     StageContext::new(ContextParts {
         stage_id: format!("test_{}", kind.spec().name),
@@ -190,8 +203,21 @@ pub fn context_at(
         threads: 2,
         progress: Arc::new(NoProgress),
         memo,
-        interrupt: Arc::new(AtomicBool::new(false)),
+        interrupt: Arc::new(AtomicBool::new(interrupt)),
     })
+}
+
+/// A small GRPO run's params for tests (LoRA r 4, 2 prompts x 2 generations a step, plain
+/// sampling, seed 5) with `more` added or replacing.
+pub fn small_grpo_params(more: Value) -> Value {
+    let mut p = serde_json::json!({
+        "lora": {"r": 4, "alpha": 8},
+        "prompts_per_step": 2, "num_generations": 2, "temperature": 1.0, "top_p": 1.0, "seed": 5,
+    });
+    if let (Some(p), Value::Object(more)) = (p.as_object_mut(), more) {
+        p.extend(more);
+    }
+    p
 }
 
 /// `params` with the kind's declared defaults added for absent names.
