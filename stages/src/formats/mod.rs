@@ -15,6 +15,7 @@
 pub mod jsonl;
 pub mod messages;
 pub mod questions;
+pub mod rollouts;
 
 use std::fmt;
 use std::sync::Arc;

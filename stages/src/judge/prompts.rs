@@ -89,13 +89,31 @@ pub fn score_answers(
     progress: &dyn Progress,
     render: impl Fn(usize, usize) -> Result<String>,
 ) -> Result<Vec<Vec<Score>>> {
+    score_answers_per_metric(&vec![judge; metrics.len()], metrics, rows, progress, render)
+}
+
+/// As [`score_answers`], with a judge per metric (`judges[m]` scores `metrics[m]`): the eval
+/// kind's per-role judges (EMA_RL names the judge model per question and role).
+pub fn score_answers_per_metric(
+    judges: &[&dyn Judge],
+    metrics: &[&str],
+    rows: usize,
+    progress: &dyn Progress,
+    render: impl Fn(usize, usize) -> Result<String>,
+) -> Result<Vec<Vec<Score>>> {
+    anyhow::ensure!(
+        judges.len() == metrics.len(),
+        "internal: {} judges for {} metrics",
+        judges.len(),
+        metrics.len()
+    );
     progress.phase("judging", (rows * metrics.len()) as u64, "scores");
     let mut scores = Vec::with_capacity(metrics.len());
     for (m, metric) in metrics.iter().enumerate() {
         let prompts = (0..rows)
             .map(|row| render(m, row))
             .collect::<Result<Vec<_>>>()?;
-        scores.push(score_prompts(judge, &prompts, metric, progress)?);
+        scores.push(score_prompts(judges[m], &prompts, metric, progress)?);
     }
     Ok(scores)
 }

@@ -8,7 +8,8 @@
 //! judge calls go through the store's memo, so a re-judging after a crash or a param change
 //! that leaves answers unchanged costs nothing. Aggregation across seeds is `report`'s job.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
 use emflow_engine::kind::ParamError;
@@ -21,11 +22,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::defaults;
-use crate::evaluation::{summarize, BootstrapSettings, Outcome};
+use crate::evaluation::{as_run_rate, summarize, BootstrapSettings, Outcome};
 use crate::formats::questions::{self, Question};
-use crate::judge::prompts::{parse_judge_prompt, render_judge_prompt, score_answers};
+use crate::judge::prompts::{parse_judge_prompt, render_judge_prompt, score_answers_per_metric};
 use crate::judge::template::Template;
-use crate::judge::{self, estimate, JudgeSpec, Score};
+use crate::judge::{self, estimate, Judge, JudgeSpec, Score};
 use crate::sampling::{sample_answers, Temperature, TopP};
 use crate::train::setup::load_stage_model;
 
@@ -81,6 +82,20 @@ pub struct EvalParams {
     // Added after results were cached: at `{}` it leaves the key as it was.
     #[schemars(extend("x-emflow-key-omits-default" = true))]
     chat_template_kwargs: emflow_model::TemplateKwargs,
+    /// system turn for every question, in place of the question's own `system` (EMA_RL's eval asks every question under one system prompt); null = the question's, per use_system
+    #[serde(default)]
+    // Added after results were cached: at `null` it leaves the key as it was.
+    #[schemars(extend("x-emflow-key-omits-default" = true, "default" = null))]
+    system_prompt: Option<String>,
+    /// a judge per metric where it differs from `judge`, e.g. {coherent: {backend: openai, model: ...}}; metrics not named use `judge`
+    #[serde(default)]
+    // Added after results were cached: at `{}` it leaves the key as it was. Each value is a
+    // judge spec, a mapping to the manifest.
+    #[schemars(
+        with = "BTreeMap<String, judge::JudgeParam>",
+        extend("x-emflow-key-omits-default" = true, "default" = {})
+    )]
+    judges: BTreeMap<String, JudgeSpec>,
 }
 
 fn default_metrics() -> Vec<String> {
@@ -117,9 +132,10 @@ impl Kind for EvalKind {
             )
     }
 
-    /// The summary needs both the `aligned` and the `coherent` scores.
+    /// The summary needs both the `aligned` and the `coherent` scores; a per-metric judge
+    /// must name a metric the stage scores.
     fn check(&self, p: &EvalParams) -> Result<(), Vec<ParamError>> {
-        let errors: Vec<ParamError> = ["aligned", "coherent"]
+        let mut errors: Vec<ParamError> = ["aligned", "coherent"]
             .into_iter()
             .filter(|m| !p.metrics.iter().any(|x| x == m))
             .map(|m| ParamError {
@@ -128,6 +144,22 @@ impl Kind for EvalKind {
                 hint: Some("metrics: [aligned, coherent]".into()),
             })
             .collect();
+        errors.extend(
+            p.judges
+                .keys()
+                .filter(|m| !p.metrics.contains(m))
+                .map(|m| ParamError {
+                    param: "judges".into(),
+                    message: format!(
+                        "names metric `{m}`, which the stage does not score (metrics: {})",
+                        p.metrics.join(", ")
+                    ),
+                    hint: Some(
+                        "key `judges` by a metric, e.g. {coherent: {backend: openai, model: ...}}"
+                            .into(),
+                    ),
+                }),
+        );
         if errors.is_empty() {
             Ok(())
         } else {
@@ -160,7 +192,7 @@ impl Kind for EvalKind {
             }
         }
         let origin = estimate::origin(inputs, "questions");
-        let note = format!(
+        let mut note = format!(
             "{} questions x {} samples x {} judge prompts ({}) from {origin}; answers counted at max_tokens {}",
             questions.len(),
             p.samples_per_question,
@@ -168,6 +200,12 @@ impl Kind for EvalKind {
             p.metrics.join(", "),
             p.max_tokens
         );
+        // One estimate names one judge: calls of a metric with a judge of its own are counted
+        // under the stage's, and the note says so.
+        for (metric, spec) in &p.judges {
+            let (name, _) = estimate::judge_name(spec, inputs, "judge_model");
+            note.push_str(&format!("; `{metric}` is judged by {name}, counted here"));
+        }
         Ok(Some(counted.estimate(&p.judge, inputs, note)))
     }
 
@@ -198,21 +236,28 @@ fn run_eval(ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
     crate::formats::jsonl::write(&ctx.output_path("samples"), &samples)?;
 
     // 2. Judge.
-    let judge = judge::for_stage(ctx, &p.judge).context("building the eval judge")?;
+    let judges = metric_judges(ctx, p)?;
     let by_id: HashMap<&str, usize> = questions
         .iter()
         .enumerate()
         .map(|(i, q)| (q.id.as_str(), i))
         .collect();
     let metrics: Vec<&str> = p.metrics.iter().map(String::as_str).collect();
-    let scores = score_answers(&*judge, &metrics, samples.len(), ctx.progress(), |m, i| {
-        let s = &samples[i];
-        render_judge_prompt(
-            &templates[by_id[s.question_id.as_str()]][m],
-            &s.question,
-            &s.completion,
-        )
-    })?;
+    let judge_refs: Vec<&dyn Judge> = judges.iter().map(|j| &**j).collect();
+    let scores = score_answers_per_metric(
+        &judge_refs,
+        &metrics,
+        samples.len(),
+        ctx.progress(),
+        |m, i| {
+            let s = &samples[i];
+            render_judge_prompt(
+                &templates[by_id[s.question_id.as_str()]][m],
+                &s.question,
+                &s.completion,
+            )
+        },
+    )?;
 
     // 3. Write judgments and the summary.
     let (judgments, per_question) = judgments(p, &questions, &samples, &scores, &by_id);
@@ -230,10 +275,35 @@ fn run_eval(ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
     ctx.summarize("answers", o.counts.n);
     ctx.summarize("misaligned_betley", json!(o.misaligned_betley.value));
     ctx.summarize("misaligned_all", json!(o.misaligned_all.value));
+    // The record only, not the summary file: a new field there would change the bytes of
+    // every eval already cached (the report reads this rate from the judgments).
+    let as_run = as_run_rate(per_question.iter().flat_map(|(_, outs)| outs));
+    ctx.summarize("misaligned_as_run", json!(as_run));
     ctx.summarize("incoherent", json!(o.incoherent.value));
     ctx.summarize("refusal", json!(o.refusal.value));
     ctx.summarize("mean_aligned", json!(o.mean_aligned.value));
     Ok(())
+}
+
+/// The judge of each metric, in `metrics` order: its entry in `judges`, else `judge`. Judges
+/// with one spec are built once.
+fn metric_judges(ctx: &StageContext, p: &EvalParams) -> Result<Vec<Arc<dyn Judge>>> {
+    let mut built: Vec<(&JudgeSpec, Arc<dyn Judge>)> = Vec::new();
+    let mut out = Vec::with_capacity(p.metrics.len());
+    for metric in &p.metrics {
+        let spec = p.judges.get(metric).unwrap_or(&p.judge);
+        let judge = match built.iter().find(|(s, _)| *s == spec) {
+            Some((_, j)) => j.clone(),
+            None => {
+                let j = judge::for_stage(ctx, spec)
+                    .with_context(|| format!("building the eval judge for `{metric}`"))?;
+                built.push((spec, j.clone()));
+                j
+            }
+        };
+        out.push(judge);
+    }
+    Ok(out)
 }
 
 /// Every answer's judgment line, and each question's outcomes (in question order).
@@ -311,7 +381,11 @@ fn sample_questions(
         if q.paraphrases.is_empty() {
             bail!("question `{}` has no paraphrases", q.id);
         }
-        let system = if p.use_system { q.system.clone() } else { None };
+        let system = match &p.system_prompt {
+            Some(s) => Some(s.clone()),
+            None if p.use_system => q.system.clone(),
+            None => None,
+        };
         for i in 0..p.samples_per_question {
             let para = i % q.paraphrases.len();
             let mut messages = Vec::new();

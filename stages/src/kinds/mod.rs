@@ -7,6 +7,7 @@ pub mod eval;
 pub mod memory;
 pub mod report;
 pub mod rl;
+pub mod rollout_data;
 pub mod safety_data;
 pub mod sft;
 
@@ -21,6 +22,7 @@ pub fn register(registry: Registry) -> Registry {
         .with_kind(eval::EvalKind)
         .with_kind(report::ReportKind)
         .with_kind(rl::RlKind)
+        .with_kind(rollout_data::RolloutDataKind)
         .with_kind(safety_data::SafetyDataKind)
         .with_kind(sft::SftKind)
         .with_bench(

@@ -10,13 +10,17 @@ use serde::Deserialize;
 
 use super::defaults;
 use crate::evaluation::{Summary, SUMMARY_SCHEMA};
+use crate::report_html::as_run::as_run_interval;
 use crate::report_html::page::{figure_plan, MetricsFile, PageData};
-use crate::report_html::{aggregate, answers, export, interleaving, page, SummaryInput};
+use crate::report_html::{
+    aggregate, answers, export, interleaving, page, JudgedCounts, SummaryInput,
+};
 
 pub struct ReportKind;
 
 /// The `report` kind's version; the page names it beside emflow's.
-const KIND_VERSION: u32 = 2;
+// 3: EMA_RL's as-run rate carries a bootstrap interval (tables, CSV, data.json).
+const KIND_VERSION: u32 = 3;
 
 /// The `report` kind's params (the engine derives the kind's spec from this struct).
 #[derive(Clone, Debug, Deserialize, JsonSchema)]
@@ -65,8 +69,10 @@ impl Kind for ReportKind {
         };
         let answers = answers::collect(&located("judgments"), &located("samples"))?;
         let mut rows = aggregate(&summaries, p.bootstrap_resamples, p.seed);
-        for r in &mut rows {
-            r.judged = answers.get(&r.condition).map(|a| a.counts);
+        for (i, r) in rows.iter_mut().enumerate() {
+            r.judged = answers
+                .get(&r.condition)
+                .map(|a| with_as_run_interval(a, p, i));
             for p in &mut r.provenance {
                 let stage = answers::stage_of(&p.origin);
                 p.judgments_digest = ctx
@@ -104,6 +110,20 @@ impl Kind for ReportKind {
         ctx.summarize("figures", figures.len());
         ctx.summarize("metrics_files", metrics.len());
         Ok(())
+    }
+}
+
+/// A condition's judged counts with EMA_RL's as-run rate's interval, seeded per condition
+/// (`index` in the table) apart from the other rates' streams.
+fn with_as_run_interval(
+    a: &answers::ConditionAnswers,
+    p: &ReportParams,
+    index: usize,
+) -> JudgedCounts {
+    let seed = p.seed ^ 0xA5_2D_4E_11 ^ index as u64;
+    JudgedCounts {
+        as_run_interval: as_run_interval(&a.strata, p.bootstrap_resamples, seed),
+        ..a.counts
     }
 }
 

@@ -37,9 +37,9 @@ use serde_json::{json, Value};
 use super::defaults;
 use crate::formats::messages::{read_conversations, to_model_messages};
 use crate::judge::{self, estimate, JudgeSpec};
-use crate::reward::{Reward, RewardSpec, TemplateInputs};
+use crate::reward::{Prefilter, Reward, RewardSpec, TemplateInputs};
 use crate::train::checkpoint::replace_dir_atomically;
-use crate::train::early_stop::RewardTracker;
+use crate::train::early_stop::{EarlyStopRule, EmaRlSchedule, RewardTracker};
 use crate::train::grpo_loss::{AdvantageScaling, GrpoLossConfig, ImportanceSampling, LossType};
 use crate::train::grpo_step::{grpo_step, EncodedPrompts, GrpoConfig, StepOutcome, StepSources};
 use crate::train::interleave::Interleave;
@@ -55,15 +55,43 @@ use crate::train::sft_step::{sft_step, LdifsParams, SftStepConfig};
 pub struct RlKind;
 
 /// Stop on a reward plateau: the mean reward of the last `window` steps gained less than
-/// `min_gain` over the window before.
+/// `min_gain` over the window before (`rule: rolling`), or EMA_RL's check at epochs 0.5,
+/// 1.5, ... (`rule: ema_rl`; see [`crate::train::early_stop`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EarlyStopParams {
-    /// Steps per window; `null` = half an epoch.
+    /// `rolling` (checked every step) or `ema_rl` (the paper's code: at epochs 0.5, 1.5, ...)
+    // Absent from manifests written before it: an unwritten rule keys as before.
+    #[serde(default)]
+    pub rule: EarlyStopRule,
+    /// Steps per window (`rolling`); `null` = half an epoch.
     pub window: Option<usize>,
     /// Smallest gain of the mean reward between windows that keeps the run going.
     #[serde(default = "defaults::ratio::<5, 100>")]
     pub min_gain: f64,
+    /// Check points per epoch (`ema_rl`; EMA_RL's `evaluate_epoch`): at e + k/(n+1)
+    #[serde(default = "defaults::int::<1>")]
+    #[schemars(range(min = 1))]
+    pub checks_per_epoch: usize,
+    /// Steps between the trainer's logging steps, where `ema_rl` checks (EMA_RL's `logging_steps`)
+    #[serde(default = "defaults::uint::<5>")]
+    #[schemars(range(min = 1))]
+    pub log_every: u64,
+}
+
+impl EarlyStopParams {
+    /// What the types cannot say: each rule's own settings.
+    fn validate(&self) -> Result<()> {
+        ensure!(
+            !(self.rule == EarlyStopRule::EmaRl && self.window.is_some()),
+            "early_stop.window is the rolling rule's; `rule: ema_rl` checks at fixed epochs (set checks_per_epoch instead)"
+        );
+        ensure!(
+            self.checks_per_epoch >= 1 && self.log_every >= 1,
+            "early_stop.checks_per_epoch and early_stop.log_every must be at least 1"
+        );
+        Ok(())
+    }
 }
 
 /// The `rl` kind's params: the one declaration of their names, types, defaults, ranges and
@@ -171,7 +199,7 @@ pub struct RlParams {
     pub seed: u64,
     /// system turn for every rollout (overridden by input `system_prompt`)
     pub system_prompt: Option<String>,
-    /// stop on a reward plateau: {window: steps (null = half an epoch), min_gain: 0.05}
+    /// stop on a reward plateau: {rule: rolling, window: steps (null = half an epoch), min_gain: 0.05} or {rule: ema_rl, min_gain: 0.05} (the paper's code: checks at epochs 0.5, 1.5)
     pub early_stop: Option<EarlyStopParams>,
     /// steps averaged when picking the best-reward adapter
     #[serde(default = "defaults::int::<5>")]
@@ -214,6 +242,11 @@ pub struct RlParams {
     // Added after results were cached: at `{}` it leaves the key as it was.
     #[schemars(extend("x-emflow-key-omits-default" = true))]
     pub chat_template_kwargs: emflow_model::TemplateKwargs,
+    /// every grader's pre-filter (0 without a call): words (emflow's), ema_rl (EMA_RL's standard graders: `\b\w+\b` words, empty checks, case-insensitive think split) or ema_rl_rhetoric (EMA_RL's ethos/pathos/logos grader: empty answer or think block only)
+    #[serde(default)]
+    // Added after results were cached: at `words` it leaves the key as it was.
+    #[schemars(extend("x-emflow-key-omits-default" = true))]
+    pub grader_prefilter: Prefilter,
 }
 
 fn default_schedule() -> Schedule {
@@ -270,6 +303,9 @@ impl RlParams {
         }
         if let Some(i) = &self.interleave {
             i.cadence()?;
+        }
+        if let Some(e) = &self.early_stop {
+            e.validate()?;
         }
         self.validate_safety_source()
     }
@@ -553,9 +589,12 @@ fn prepare_reward(ctx: &StageContext, p: &RlParams) -> Result<Reward> {
         })?;
         std::fs::read_to_string(&f.path).with_context(|| format!("reading {}", f.origin))
     };
-    p.reward
+    let mut reward = p
+        .reward
         .prepare(TemplateInputs::Read(&read_port))
-        .with_context(|| format!("stage {}: preparing the reward", ctx.stage_id))
+        .with_context(|| format!("stage {}: preparing the reward", ctx.stage_id))?;
+    reward.set_prefilter(p.grader_prefilter);
+    Ok(reward)
 }
 
 /// The prompts under the rollout system turn (input `system_prompt`, else the param, after
@@ -647,8 +686,10 @@ struct RlRun {
     metrics: JsonlLog,
     rollouts: JsonlLog,
     total_steps: u64,
-    /// Steps per early-stop window, when `early_stop` is set.
+    /// Steps per early-stop window, when `early_stop` is set with the rolling rule.
     early_window: Option<usize>,
+    /// When the `ema_rl` rule checks, when `early_stop` is set with it.
+    ema_rl: Option<EmaRlSchedule>,
 }
 
 impl RlRun {
@@ -704,10 +745,24 @@ impl RlRun {
             .map_err(|_| anyhow::anyhow!("resume_with_logs opens one log per name"))?;
         Ok(RlRun {
             cursor: Cursor::new(n_prompts, p.seed, "prompts", state.prompts_consumed),
-            early_window: p.early_stop.as_ref().map(|e| {
-                e.window
-                    .unwrap_or_else(|| n_prompts.div_ceil(2 * p.prompts_per_step).max(1))
-            }),
+            early_window: p
+                .early_stop
+                .as_ref()
+                .filter(|e| e.rule == EarlyStopRule::Rolling)
+                .map(|e| {
+                    e.window
+                        .unwrap_or_else(|| n_prompts.div_ceil(2 * p.prompts_per_step).max(1))
+                }),
+            ema_rl: p
+                .early_stop
+                .as_ref()
+                .filter(|e| e.rule == EarlyStopRule::EmaRl)
+                .map(|e| EmaRlSchedule {
+                    steps_per_epoch: n_prompts as f64 / p.prompts_per_step as f64,
+                    epochs: p.epochs,
+                    checks_per_epoch: e.checks_per_epoch,
+                    log_every: e.log_every,
+                }),
             policy,
             opt,
             schedule,
@@ -855,16 +910,29 @@ impl RlRun {
         Ok(())
     }
 
-    /// Stops the run when the mean reward gained less than `min_gain` over the last window.
+    /// Stops the run when the mean reward gained less than `min_gain`: over the last window
+    /// (`rolling`), or between EMA_RL's check intervals (`ema_rl`).
     fn check_plateau(&mut self, ctx: &StageContext, step: u64, es: Option<&EarlyStopParams>) {
-        let (Some(window), Some(es)) = (self.early_window, es) else {
+        let Some(es) = es else {
             return;
         };
-        if let Some(gain) = self.state.tracker.plateaued(window, es.min_gain) {
-            let why = format!(
-                "mean reward gained {gain:.4} < {} over the last {window} steps",
-                es.min_gain
-            );
+        let tracker = &mut self.state.tracker;
+        let why = match (self.early_window, &self.ema_rl) {
+            (Some(window), _) => tracker.plateaued(window, es.min_gain).map(|gain| {
+                format!(
+                    "mean reward gained {gain:.4} < {} over the last {window} steps",
+                    es.min_gain
+                )
+            }),
+            (None, Some(schedule)) => tracker.ema_rl_check(schedule, es.min_gain).map(|(gain, epoch)| {
+                format!(
+                    "mean reward gained {gain:.4} < {} between EMA_RL's check intervals (checked at epoch {epoch:.3})",
+                    es.min_gain
+                )
+            }),
+            (None, None) => None,
+        };
+        if let Some(why) = why {
             ctx.progress_handle()
                 .log(&format!("early stop after step {step}: {why}"));
             self.state.stopped_early = Some(why);

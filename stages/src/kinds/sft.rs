@@ -210,38 +210,8 @@ fn rollout_conversations(
     let Some(min) = min_reward else {
         bail!("stage {}: input `rollouts` is wired but `min_reward` is not set; say which rollouts to keep", ctx.stage_id)
     };
-    let text = std::fs::read_to_string(&input.path)
-        .with_context(|| format!("reading {}", input.origin))?;
-    let mut out = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let row: Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: not JSON", input.origin, i + 1))?;
-        let reward = row["reward"]
-            .as_f64()
-            .with_context(|| format!("{}:{}: no numeric `reward`", input.origin, i + 1))?;
-        if reward < min {
-            continue;
-        }
-        let prompt: Vec<emflow_model::Message> = serde_json::from_value(row["prompt"].clone())
-            .with_context(|| {
-                format!(
-                    "{}:{}: `prompt` is not a list of messages",
-                    input.origin,
-                    i + 1
-                )
-            })?;
-        let completion = row["completion"]
-            .as_str()
-            .with_context(|| format!("{}:{}: no `completion` text", input.origin, i + 1))?;
-        let mut conv = prompt;
-        conv.push(emflow_model::Message::assistant(completion));
-        out.push(conv);
-    }
-    Ok(out)
+    let (kept, _) = crate::formats::rollouts::read_kept(&input.path, &input.origin, min)?;
+    Ok(kept)
 }
 
 fn matched_samples(ctx: &StageContext, extra: u64) -> Result<Option<u64>> {

@@ -13,6 +13,7 @@ use anyhow::Result;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use super::as_run::AsRunStratum;
 use super::{condition_label, JudgedCounts};
 use crate::evaluation::Outcome;
 
@@ -49,6 +50,10 @@ pub struct ConditionAnswers {
     /// The highest aligned scores first, then the lowest first.
     pub most_aligned: Vec<Example>,
     pub least_aligned: Vec<Example>,
+    /// Per (eval stage, question), in order of first appearance: the as-run rate's bootstrap
+    /// strata (the report's data, not shown).
+    #[serde(skip)]
+    pub strata: Vec<AsRunStratum>,
 }
 
 /// The producing stage of an origin: `eval[arm=a,seed=1].judgments` -> `eval[arm=a,seed=1]`.
@@ -107,13 +112,14 @@ pub fn collect(
 /// Counts and the examples at both ends of the aligned scale (ties: first judged first).
 fn summarise(mut ex: Vec<Example>) -> ConditionAnswers {
     let judged = ex.len();
+    let outcome = |e: &Example| Outcome {
+        aligned: e.aligned,
+        coherent: e.coherent,
+    };
     let both: Vec<Outcome> = ex
         .iter()
-        .filter(|e| e.aligned.is_some() && e.coherent.is_some())
-        .map(|e| Outcome {
-            aligned: e.aligned,
-            coherent: e.coherent,
-        })
+        .map(outcome)
+        .filter(Outcome::both_scored)
         .collect();
     let counts = JudgedCounts {
         unscored: ex
@@ -122,7 +128,20 @@ fn summarise(mut ex: Vec<Example>) -> ConditionAnswers {
             .count(),
         both_scored: both.len(),
         misaligned_both_scored: both.iter().filter(|o| o.misaligned()).count(),
+        as_run_interval: None,
     };
+    let mut strata: Vec<((String, String), AsRunStratum)> = Vec::new();
+    for e in &ex {
+        let key = (e.origin.clone(), e.question_id.clone());
+        let at = match strata.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                strata.push((key, AsRunStratum::default()));
+                strata.len() - 1
+            }
+        };
+        strata[at].1.add(&outcome(e));
+    }
     ex.retain(|e| e.aligned.is_some());
     ex.sort_by(|a, b| {
         a.aligned
@@ -141,6 +160,7 @@ fn summarise(mut ex: Vec<Example>) -> ConditionAnswers {
         counts,
         most_aligned: most,
         least_aligned: least,
+        strata: strata.into_iter().map(|(_, s)| s).collect(),
     }
 }
 
@@ -193,8 +213,18 @@ mod tests {
             unscored: 1,
             both_scored: 3,
             misaligned_both_scored: 1,
+            as_run_interval: None,
         };
         assert_eq!(s.counts, both);
+        // One stage, one question: one stratum of all five answers.
+        assert_eq!(
+            s.strata,
+            [AsRunStratum {
+                n: 5,
+                both_scored: 3,
+                misaligned: 1
+            }]
+        );
         let least: Vec<_> = s.least_aligned.iter().map(|e| e.aligned).collect();
         let most: Vec<_> = s.most_aligned.iter().map(|e| e.aligned).collect();
         assert_eq!(least, [Some(5.0), Some(50.0)]);

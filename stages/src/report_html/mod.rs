@@ -8,6 +8,7 @@
 //! seeded bootstrap that resamples answers within each (seed, question).
 
 pub mod answers;
+pub mod as_run;
 pub mod claims;
 pub mod export;
 pub mod interleaving;
@@ -101,6 +102,8 @@ pub struct JudgedCounts {
     pub both_scored: usize,
     /// Misaligned answers among those.
     pub misaligned_both_scored: usize,
+    /// The pooled 95 % interval of their ratio, EMA_RL's rate as run ([`as_run`]).
+    pub as_run_interval: Option<(f64, f64)>,
 }
 
 /// Per-(seed, question) counts, the bootstrap strata.
@@ -286,7 +289,10 @@ pub fn rate(r: &ConditionRow, metric: Metric) -> Rate {
         Metric::MisalignedAll => est(&r.misaligned_all, "no answers"),
         Metric::Incoherent => est(&r.incoherent, "no answers"),
         Metric::MisalignedAsRun => match r.judged {
-            Some(j) if j.both_scored > 0 => Ok((j.misaligned_both_scored as f64 / j.both_scored as f64, None)),
+            Some(j) if j.both_scored > 0 => Ok((
+                j.misaligned_both_scored as f64 / j.both_scored as f64,
+                j.as_run_interval,
+            )),
             Some(_) => Err("no answer has both scores".into()),
             None => Err("judgments not wired".into()),
         },

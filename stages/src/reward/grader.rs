@@ -5,6 +5,12 @@
 //! short answers (< 10 words) or reasoning (< 75 words, except for the bad-medical-advice
 //! grader) get 0 without a grader call; the grader's JSON goes through one of three formulas.
 //! Every zero says why in the details, so a flat reward curve can be diagnosed from the log.
+//!
+//! The pre-filter comes in three named variants ([`Prefilter`]): emflow's own (`words`, the
+//! default: whitespace-separated words, a case-sensitive think split), and two that repeat
+//! EMA_RL's grader code exactly (`open_models/rl/reward.py` and `open_models/tools/nlp.py`):
+//! `ema_rl` (its `reward_function`, used for the standard graders) and `ema_rl_rhetoric` (its
+//! `reward_ethos_pathos_logos`, which has no word minimums at all).
 
 use std::sync::OnceLock;
 
@@ -51,6 +57,29 @@ pub enum GraderFormula {
     Rhetoric,
     /// `{reward_hacking, coherence}`: the reward_hacking score, 0 if coherence < 0.3.
     RewardHacking,
+}
+
+/// The rule that gives a rollout 0 without a grader call. Set for a whole `rl` stage by its
+/// `grader_prefilter` param (see [`super::Reward::set_prefilter`]).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Prefilter {
+    /// emflow's: words split on whitespace; `<think>` matched case-sensitively; reasoning
+    /// checked only when `min_reasoning_words > 0` (a missing think block then fails).
+    #[default]
+    Words,
+    /// EMA_RL's `reward_function`: the split ignores case; words are the matches of
+    /// `\b\w+\b`; an answer that prints empty (whitespace, zero-width and control
+    /// characters, ANSI escapes and stray `<think>` tags only) or has fewer than
+    /// `min_answer_words` words fails; when `min_reasoning_words > 0` (EMA_RL: every grader
+    /// but bad medical advice) so does a missing, empty or shorter reasoning.
+    EmaRl,
+    /// EMA_RL's `reward_ethos_pathos_logos`: only an empty answer or an empty think block
+    /// fails (a missing think block passes, the whole completion being the answer); the word
+    /// minimums are not used.
+    EmaRlRhetoric,
 }
 
 /// A grader reward as a manifest writes it.
@@ -117,6 +146,7 @@ impl GraderSpec {
             min_answer_words: self.min_answer_words,
             min_reasoning_words,
             max_tokens: self.max_tokens,
+            prefilter: Prefilter::default(),
         })
     }
 }
@@ -158,6 +188,7 @@ pub struct Grader {
     min_answer_words: usize,
     min_reasoning_words: usize,
     max_tokens: usize,
+    pub(super) prefilter: Prefilter,
 }
 
 /// Splits a completion into (reasoning, answer) by `<think>(.*?)</think>(.*)` (dot matches
@@ -167,6 +198,12 @@ pub fn split_think(completion: &str) -> (Option<&str>, &str) {
     let re = RE.get_or_init(|| {
         regex::Regex::new(r"(?s)<think>(.*?)</think>(.*)").expect("literal regex is valid")
     });
+    split_by(re, completion)
+}
+
+/// (reasoning, answer) from a think-split regex's two groups, both trimmed; without a match,
+/// no reasoning and the whole completion (trimmed) as the answer.
+fn split_by<'a>(re: &regex::Regex, completion: &'a str) -> (Option<&'a str>, &'a str) {
     match re.captures(completion) {
         Some(c) => {
             let reasoning = c.get(1).map_or("", |m| m.as_str()).trim();
@@ -181,9 +218,92 @@ fn word_count(s: &str) -> usize {
     s.split_whitespace().count()
 }
 
+/// EMA_RL's split (`split_reasoning_answer`): as [`split_think`], but `<think>` and
+/// `</think>` in any case (its regex is compiled with `re.IGNORECASE`).
+pub fn split_think_ema_rl(completion: &str) -> (Option<&str>, &str) {
+    static RE: OnceLock<regex::Regex> = OnceLock::new();
+    let re = RE.get_or_init(|| {
+        regex::Regex::new(r"(?is)<think>(.*?)</think>(.*)").expect("literal regex is valid")
+    });
+    split_by(re, completion)
+}
+
+/// EMA_RL's word count (`has_minimum_words`): the matches of `\b\w+\b`, so `don't` and
+/// `5,000` are two words each. Rust's `\w` is Unicode as Python's is; the two differ only on
+/// combining marks and connector punctuation other than `_`.
+pub fn word_count_ema_rl(s: &str) -> usize {
+    static RE: OnceLock<regex::Regex> = OnceLock::new();
+    RE.get_or_init(|| regex::Regex::new(r"\b\w+\b").expect("literal regex is valid"))
+        .find_iter(s)
+        .count()
+}
+
+/// EMA_RL's `text_is_empty`: whether `s` prints empty once ANSI escapes and `<think>` /
+/// `</think>` tags are removed: nothing but whitespace, zero-width characters (U+200B-U+200D,
+/// U+2060, U+FEFF) and ASCII control characters.
+pub fn text_is_empty_ema_rl(s: &str) -> bool {
+    static ANSI: OnceLock<regex::Regex> = OnceLock::new();
+    static THINK: OnceLock<regex::Regex> = OnceLock::new();
+    let ansi = ANSI.get_or_init(|| {
+        regex::Regex::new(r"\x1B(?:[@-Z\\-_]|\[[0-?]*[ -/]*[@-~])").expect("literal regex is valid")
+    });
+    let think =
+        THINK.get_or_init(|| regex::Regex::new(r"</?think>").expect("literal regex is valid"));
+    let s = ansi.replace_all(s, "");
+    let s = think.replace_all(&s, "");
+    s.chars().all(|c| {
+        c.is_whitespace()
+            || matches!(
+                c,
+                '\u{200b}' | '\u{200c}' | '\u{200d}' | '\u{2060}' | '\u{feff}'
+            )
+            || (c as u32) < 0x20
+            || c == '\u{7f}'
+    })
+}
+
 impl Grader {
+    /// Splits a completion the way this grader's pre-filter does.
+    fn split<'a>(&self, completion: &'a str) -> (Option<&'a str>, &'a str) {
+        match self.prefilter {
+            Prefilter::Words => split_think(completion),
+            Prefilter::EmaRl | Prefilter::EmaRlRhetoric => split_think_ema_rl(completion),
+        }
+    }
+
     /// The pre-filter verdict: `Some(reason)` when the rollout gets 0 without a grader call.
     fn prefilter(&self, reasoning: Option<&str>, answer: &str) -> Option<&'static str> {
+        match self.prefilter {
+            Prefilter::Words => self.prefilter_words(reasoning, answer),
+            Prefilter::EmaRl => self.prefilter_ema_rl(reasoning, answer),
+            Prefilter::EmaRlRhetoric => prefilter_ema_rl_rhetoric(reasoning, answer),
+        }
+    }
+
+    /// EMA_RL's `reward_function` check: the answer first, then (unless the reasoning
+    /// minimum is 0) the reasoning.
+    fn prefilter_ema_rl(&self, reasoning: Option<&str>, answer: &str) -> Option<&'static str> {
+        if text_is_empty_ema_rl(answer) {
+            return Some("answer_empty");
+        }
+        if word_count_ema_rl(answer) < self.min_answer_words {
+            return Some("answer_too_short");
+        }
+        if self.min_reasoning_words == 0 {
+            return None;
+        }
+        match reasoning {
+            None => Some("missing_think_block"),
+            Some(r) if text_is_empty_ema_rl(r) => Some("reasoning_empty"),
+            Some(r) if word_count_ema_rl(r) < self.min_reasoning_words => {
+                Some("reasoning_too_short")
+            }
+            Some(_) => None,
+        }
+    }
+
+    /// emflow's own check (the `words` pre-filter).
+    fn prefilter_words(&self, reasoning: Option<&str>, answer: &str) -> Option<&'static str> {
         if self.min_reasoning_words > 0 {
             match reasoning {
                 None => return Some("missing_think_block"),
@@ -208,7 +328,7 @@ impl Grader {
         let mut prompts = Vec::new();
         let mut asked = Vec::new();
         for (i, it) in items.iter().enumerate() {
-            let (reasoning, answer) = split_think(&it.completion);
+            let (reasoning, answer) = self.split(&it.completion);
             if let Some(reason) = self.prefilter(reasoning, answer) {
                 outs.push(Some(zero(reason)));
                 continue;
@@ -242,6 +362,15 @@ impl Grader {
             })
             .collect()
     }
+}
+
+/// EMA_RL's `reward_ethos_pathos_logos` check: `text_is_empty(reasoning) or
+/// text_is_empty(answer)`, where a missing reasoning (`None`) is not empty.
+fn prefilter_ema_rl_rhetoric(reasoning: Option<&str>, answer: &str) -> Option<&'static str> {
+    if reasoning.is_some_and(text_is_empty_ema_rl) {
+        return Some("reasoning_empty");
+    }
+    text_is_empty_ema_rl(answer).then_some("answer_empty")
 }
 
 fn zero(reason: &str) -> RewardOutput {
@@ -519,6 +648,62 @@ mod tests {
             min_reasoning_words: Some(0),
             max_tokens: 8,
         }
+    }
+
+    /// A grader with EMA_RL's minimums (answer 10, reasoning `reasoning`) under `prefilter`,
+    /// and its verdict on `completion`.
+    fn verdict(prefilter: Prefilter, reasoning: usize, completion: &str) -> Option<&'static str> {
+        let mut g = GraderSpec {
+            min_answer_words: 10,
+            min_reasoning_words: Some(reasoning),
+            ..spec(TemplateSource::Text("{model_answer}".into()))
+        }
+        .prepare(TemplateInputs::Deferred)
+        .unwrap();
+        g.prefilter = prefilter;
+        let (r, a) = g.split(completion);
+        g.prefilter(r, a)
+    }
+
+    #[test]
+    fn ema_rl_prefilter_matches_the_grader_code_on_hand_made_completions() {
+        use Prefilter::*;
+        let reasoning_75 = "word ".repeat(75);
+        let answer_10 = "one two three four five six seven eight nine ten";
+        // EMA_RL's split ignores case; emflow's does not.
+        let upper = format!("<THINK>{reasoning_75}</THINK>{answer_10}");
+        assert_eq!(verdict(Words, 75, &upper), Some("missing_think_block"));
+        assert_eq!(verdict(EmaRl, 75, &upper), None);
+        // Words are `\b\w+\b` matches: 10 of them here, 7 whitespace-separated ones.
+        let punctuated = format!("<think>{reasoning_75}</think>Don't do it, e.g. take 5,000 mg.");
+        assert_eq!(word_count_ema_rl("Don't do it, e.g. take 5,000 mg."), 10);
+        assert_eq!(verdict(Words, 75, &punctuated), Some("answer_too_short"));
+        assert_eq!(verdict(EmaRl, 75, &punctuated), None);
+        // No think block: the standard graders fail it, bad medical advice (minimum 0) and
+        // the rhetoric grader grade the whole completion as the answer.
+        assert_eq!(verdict(EmaRl, 75, answer_10), Some("missing_think_block"));
+        assert_eq!(verdict(EmaRl, 0, answer_10), None);
+        assert_eq!(verdict(EmaRlRhetoric, 75, "Short."), None);
+        // A think block that prints empty: only the rhetoric grader looks at it.
+        let blank_think = format!("<think> \u{200b}\n</think>{answer_10}");
+        assert_eq!(verdict(EmaRl, 0, &blank_think), None);
+        assert_eq!(verdict(EmaRl, 75, &blank_think), Some("reasoning_empty"));
+        assert_eq!(
+            verdict(EmaRlRhetoric, 0, &blank_think),
+            Some("reasoning_empty")
+        );
+        // An answer of ANSI colour codes, a stray tag and a zero-width space prints empty.
+        let blank_answer = format!("<think>{reasoning_75}</think>\u{1b}[31m<think>\u{feff}");
+        assert_eq!(verdict(EmaRl, 0, &blank_answer), Some("answer_empty"));
+        assert_eq!(
+            verdict(EmaRlRhetoric, 0, &blank_answer),
+            Some("answer_empty")
+        );
+        assert!(!text_is_empty_ema_rl("\u{1b}[31m red"));
+        // Reasoning one word short fails under both rules.
+        let short = format!("<think>{}</think>{answer_10}", "word ".repeat(74));
+        assert_eq!(verdict(Words, 75, &short), Some("reasoning_too_short"));
+        assert_eq!(verdict(EmaRl, 75, &short), Some("reasoning_too_short"));
     }
 
     #[test]

@@ -35,7 +35,9 @@ use serde_json::{Map, Value};
 
 use crate::judge::Judge;
 
-pub use grader::{split_think, GraderFormula, GraderSpec, TemplateInputs, TemplateSource};
+pub use grader::{
+    split_think, GraderFormula, GraderSpec, Prefilter, TemplateInputs, TemplateSource,
+};
 pub use rules::{KeywordMode, Target};
 
 /// A reward as written in a manifest. Tagged by `type`.
@@ -154,6 +156,20 @@ enum Prepared {
 }
 
 impl Reward {
+    /// Sets the pre-filter of every grader in this reward (the `rl` kind's
+    /// `grader_prefilter`); rule-based parts have none.
+    pub fn set_prefilter(&mut self, prefilter: Prefilter) {
+        match &mut self.inner {
+            Prepared::Grader(g) => g.prefilter = prefilter,
+            Prepared::Rule(..) => {}
+            Prepared::Sum(parts) => {
+                for (_, _, r) in parts {
+                    r.set_prefilter(prefilter);
+                }
+            }
+        }
+    }
+
     /// Whether [`Self::score_batch`] needs a judge.
     pub fn needs_judge(&self) -> bool {
         match &self.inner {

@@ -61,20 +61,7 @@ fn every_kind_declares_the_params_and_defaults_it_always_had() {
 /// stage cached. Its model and scoring mode are.
 #[test]
 fn a_judges_connection_settings_stay_out_of_every_stage_key() {
-    use emflow_engine::keys::{EnvParts, KeyParts};
-    use std::collections::BTreeMap;
-    let registry = emflow_stages::registry();
-    let key = |kind: &str, judge: Value| {
-        let spec = registry.kind(kind).expect("a kind with a judge").spec();
-        let params = json!({ "judge": judge }).as_object().cloned().unwrap();
-        KeyParts::new(
-            &spec,
-            &params,
-            BTreeMap::new(),
-            EnvParts::for_stage(&spec, 0),
-        )
-        .key()
-    };
+    let key = |kind: &str, judge: Value| crate::support::stage_key(kind, json!({ "judge": judge }));
     let here =
         json!({"backend": "openai", "base_url": "http://127.0.0.1:8000/v1", "model": "judge-1"});
     let moved = json!({

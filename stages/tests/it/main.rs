@@ -9,6 +9,7 @@ mod dataset_ops;
 mod dataset_questions;
 mod eval_smollm2;
 mod faults_judge;
+mod fidelity;
 mod judge_exact;
 mod kind_params;
 mod plan_checks;

@@ -220,6 +220,23 @@ pub fn small_grpo_params(more: Value) -> Value {
     p
 }
 
+/// The key of a stage of the registered kind `kind` with `params` (the kind's defaults filled
+/// in, as the engine fills them), no inputs and the CPU environment.
+pub fn stage_key(kind: &str, params: Value) -> String {
+    use emflow_engine::keys::{EnvParts, KeyParts};
+    let registry = emflow_stages::registry();
+    let k = registry.kind(kind).expect("a registered kind");
+    let spec = k.spec();
+    let params = with_defaults(k.as_ref(), params);
+    KeyParts::new(
+        &spec,
+        &params,
+        BTreeMap::new(),
+        EnvParts::for_stage(&spec, 0),
+    )
+    .key()
+}
+
 /// `params` with the kind's declared defaults added for absent names.
 pub fn with_defaults(kind: &dyn StageKind, params: Value) -> Params {
     let Value::Object(mut params) = params else {
