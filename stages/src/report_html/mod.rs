@@ -11,6 +11,7 @@ pub mod answers;
 pub mod claims;
 pub mod export;
 pub mod page;
+pub mod refusals;
 pub mod svg;
 
 use std::collections::BTreeMap;
