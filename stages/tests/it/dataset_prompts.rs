@@ -130,11 +130,7 @@ fn mark_split_keeps_near_duplicates_on_one_side_and_records_the_split() {
 #[test]
 fn template_replies_and_questions_draw_on_the_template_input() {
     let dir = tempfile::tempdir().unwrap();
-    let prompts = write(
-        dir.path(),
-        "p.txt",
-        "first prompt\nsecond prompt\nthird prompt\n",
-    );
+    let prompts = write(dir.path(), "p.txt", "first prompt\nsecond prompt\n");
     let replies = write(
         dir.path(),
         "replies.txt",
