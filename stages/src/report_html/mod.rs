@@ -13,6 +13,7 @@ pub mod claims;
 pub mod export;
 pub mod interleaving;
 pub mod page;
+pub mod refusals;
 pub mod svg;
 
 use std::collections::BTreeMap;

@@ -33,7 +33,8 @@ pub fn html(d: &PageData) -> String {
     let mut body = String::new();
     if !d.rows.is_empty() {
         results_section(&mut body, d.rows);
-        per_question_section(&mut body, d.rows);
+        super::refusals::section(&mut body, d.rows);
+        per_question_section(&mut body, &super::refusals::without_refusal_evals(d.rows));
         examples_section(&mut body, d.rows, d.answers);
         provenance_section(&mut body, d.rows, d.versions);
     }

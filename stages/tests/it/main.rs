@@ -6,6 +6,7 @@
 
 mod command_run;
 mod dataset_ops;
+mod dataset_prompts;
 mod dataset_questions;
 mod eval_smollm2;
 mod faults_judge;

@@ -15,7 +15,12 @@
 //! ```
 //!
 //! Sources (the many-port `source`) are read in order and concatenated: messages JSONL,
-//! questions JSONL, or the paper's eval-question YAML (anchors and aliases resolved). Every
+//! questions JSONL, or the paper's eval-question YAML (anchors and aliases resolved). A
+//! source that is a folder (e.g. a `pip:` wheel member that is a folder, wired as
+//! `models.NAME`) is read as its files in path order. Two readers take prompt sets that are
+//! not chat records, each row one user turn (messages only): `lines: true` reads every
+//! non-blank line (trimmed) of plain text, and `prompt_field: NAME` reads JSONL objects whose
+//! text field NAME is the prompt (the field is removed, the others are kept). Every
 //! row is checked against the format when read, so a malformed row fails with its file and
 //! line before any op runs. `format: auto` detects the format from the sources; its output is
 //! then typed `file`, because the type of an output must be known before the sources are
@@ -45,11 +50,29 @@
 //!   `<think>\n\n</think>\n\n`); a strip that matches no row is logged as a likely typo.
 //! - `drop_role: ROLE` removes every message with that role (e.g. `assistant`, to turn
 //!   prompt-answer pairs into prompts).
+//! - `number: {field: NAME, prefix: TEXT}` writes TEXT + the row's 1-based position into the
+//!   top-level field NAME (a row id that survives later filters).
+//! - `mark_split: {test: F, seed: S, ngram: 8, text: PATH, field: split}` keeps every row and
+//!   records a seeded split in FIELD: `{part: train|test, group: G, seed: S}`. Rows whose texts
+//!   (PATH, default the first user turn) share a normalised n-gram are near-duplicates and
+//!   one group (transitively); whole groups go to the test side in a seeded order while it
+//!   stays within round(F x rows) rows, so no test text is a near-duplicate of a train text.
+//!   The rule is in `near_dup.rs` and docs/safety-data.md. Pick a side with
+//!   `filter: {field: split.part, equals: test}`.
+//! - `template_reply: {seed: S}` appends an assistant turn: one of the non-blank lines of the
+//!   `template` input, chosen by (S, the first user turn), not by position.
+//! - `to_questions: {id: PATH}` turns each conversation into a question (stage `format:
+//!   questions`; the sources are then read as messages): the first user turn is its one
+//!   paraphrase, a leading system turn its system prompt, the text at PATH its id, and the
+//!   judge prompts, type and judge are those of the first question of the `template` input
+//!   (e.g. the general eval questions, so a prompt set is judged the same way).
 //!
 //! `take`, `skip` and `sample` fail rather than return fewer rows than asked, and an empty
 //! result is an error: both usually mean a wrong file or a wrong op order. The stage's
 //! summary records the row count after each op.
 
+mod derive;
+pub mod near_dup;
 mod ops;
 mod path;
 mod seeded;
@@ -64,7 +87,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::formats::{jsonl, questions, Conversation, Location, Question};
+use crate::formats::{jsonl, questions, Conversation, Location, Position, Question};
+use derive::Template;
 use ops::{Op, Row};
 
 pub use seeded::permutation;
@@ -95,11 +119,20 @@ pub struct DatasetParams {
     /// record format of the sources and the output; `auto` detects it and types the output `file`
     #[serde(default)]
     format: FormatParam,
-    /// ops applied in order: select, filter, shuffle, sample, take, skip, split, dedupe, system_prompt, append_user, strip_user_suffix, strip_assistant_prefix, drop_role
+    /// ops applied in order: select, filter, shuffle, sample, take, skip, split, dedupe, system_prompt, append_user, strip_user_suffix, strip_assistant_prefix, drop_role, number, mark_split, template_reply, to_questions
     // Each op is read by `Op::parse` rather than by serde, so that every mistake names its
     // place (`ops.2.filter.regex`); to the schema an op is any value.
     #[serde(default)]
     ops: Vec<Value>,
+    /// read every source as plain text, one user turn per non-blank line (messages only)
+    #[serde(default)]
+    // Added after results were cached: at `false` it leaves the key as it was.
+    #[schemars(extend("x-emflow-key-omits-default" = true))]
+    lines: bool,
+    /// read JSONL sources whose records have this text field (and no `messages`) as one user turn each; the field is removed, others kept (messages only)
+    #[serde(default)]
+    #[schemars(extend("x-emflow-key-omits-default" = true))]
+    prompt_field: Option<String>,
 }
 
 /// The `format` param as written.
@@ -124,6 +157,94 @@ fn requested_format(params: &DatasetParams) -> Requested {
         FormatParam::Messages => Requested::Fixed(Format::Messages),
         FormatParam::Questions => Requested::Fixed(Format::Questions),
         FormatParam::Auto => Requested::Auto,
+    }
+}
+
+/// How the source files are read: as records of the format, or as prompts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reader<'p> {
+    Records,
+    Lines,
+    PromptField(&'p str),
+}
+
+fn reader(params: &DatasetParams) -> Reader<'_> {
+    match (&params.prompt_field, params.lines) {
+        (Some(field), _) => Reader::PromptField(field),
+        (None, true) => Reader::Lines,
+        (None, false) => Reader::Records,
+    }
+}
+
+/// The format the sources are read in: the output's, unless a `to_questions` op turns
+/// messages into questions.
+fn source_format(requested: Requested, ops: &[Op]) -> Requested {
+    if ops.iter().any(|op| matches!(op, Op::ToQuestions { .. })) {
+        Requested::Fixed(Format::Messages)
+    } else {
+        requested
+    }
+}
+
+/// What the params cannot say by their types: readers and ops that do not fit the formats.
+fn check_formats(params: &DatasetParams, ops: &[Op]) -> Vec<ParamError> {
+    let error = |param: &str, message: String| ParamError {
+        param: param.to_string(),
+        message,
+        hint: None,
+    };
+    let mut errors = Vec::new();
+    let requested = requested_format(params);
+    let read_as = source_format(requested, ops);
+    if params.lines && params.prompt_field.is_some() {
+        errors.push(error(
+            "lines",
+            "set `lines` or `prompt_field`, not both".into(),
+        ));
+    }
+    if reader(params) != Reader::Records && read_as != Requested::Fixed(Format::Messages) {
+        let param = if params.lines {
+            "lines"
+        } else {
+            "prompt_field"
+        };
+        errors.push(error(param, format!("`{param}` reads prompts as messages; set `format: messages` (or `questions` with a `to_questions` op)")));
+    }
+    let Requested::Fixed(mut format) = read_as else {
+        if let Some(i) = ops
+            .iter()
+            .position(|op| matches!(op, Op::ToQuestions { .. }))
+        {
+            errors.push(error(
+                &format!("ops.{i}"),
+                "to_questions makes questions: set `format: questions`".into(),
+            ));
+        }
+        return errors;
+    };
+    for (i, op) in ops.iter().enumerate() {
+        if let Some(why) = op.unfit_for(format) {
+            errors.push(error(&format!("ops.{i}"), why.to_string()));
+        }
+        format = op.format_after(format);
+    }
+    if requested != Requested::Fixed(format) {
+        errors.push(error(
+            "format",
+            format!(
+                "the ops end with {} rows but `format` is {}",
+                format.name(),
+                params_format_name(params)
+            ),
+        ));
+    }
+    errors
+}
+
+fn params_format_name(params: &DatasetParams) -> &'static str {
+    match requested_format(params) {
+        Requested::Fixed(f) => f.name(),
+        Requested::Auto => "auto",
     }
 }
 
@@ -158,11 +279,18 @@ impl Kind for DatasetKind {
     fn describe(&self) -> KindInfo {
         KindInfo::new("dataset", 1, "Builds canonical messages or questions JSONL from local files: select, filter, \
                       seeded shuffle/sample/split, take, skip, dedupe, system prompt and turn edits.")
-            .inputs(vec![PortSpec::many_input(
-                "source",
-                ArtifactType::File,
-                "files read in order and concatenated: messages JSONL, questions JSONL or eval-question YAML",
-            )])
+            .inputs(vec![
+                PortSpec::many_input(
+                    "source",
+                    ArtifactType::File,
+                    "files (or folders of files) read in order and concatenated: messages JSONL, questions JSONL, eval-question YAML, or prompts (`lines`, `prompt_field`)",
+                ),
+                PortSpec::optional_input(
+                    "template",
+                    ArtifactType::File,
+                    "what template_reply draws replies from (one a line) or to_questions copies judge prompts from (questions)",
+                ),
+            ])
             .outputs(vec![PortSpec::output("data", ArtifactType::Messages, "the records as canonical JSONL")])
     }
 
@@ -186,23 +314,12 @@ impl Kind for DatasetKind {
 
     fn check(&self, params: &DatasetParams) -> Result<(), Vec<ParamError>> {
         let ops = parse_ops(params)?;
-        if let Requested::Fixed(format) = requested_format(params) {
-            let errors: Vec<ParamError> = ops
-                .iter()
-                .enumerate()
-                .filter_map(|(i, op)| {
-                    op.unfit_for(format).map(|why| ParamError {
-                        param: format!("ops.{i}"),
-                        message: why.to_string(),
-                        hint: None,
-                    })
-                })
-                .collect();
-            if !errors.is_empty() {
-                return Err(errors);
-            }
+        let errors = check_formats(params, &ops);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
         }
-        Ok(())
     }
 
     /// `take`, `skip` and `sample` against the rows of `file:` sources, before anything runs:
@@ -249,11 +366,12 @@ impl Kind for DatasetKind {
 
     fn run(&self, ctx: &mut StageContext, params: &DatasetParams) -> anyhow::Result<()> {
         let sources = ctx.inputs("source").to_vec();
+        let template = ctx.inputs("template").first().cloned();
         let progress = ctx.progress_handle();
         let built = build(
             &format!("stage {}", ctx.stage_id),
             params,
-            &sources,
+            (&sources, template.as_ref()),
             &ctx.output_path("data"),
             progress.as_ref(),
         )?;
@@ -283,10 +401,17 @@ impl Kind for DatasetKind {
         else {
             return Ok(false);
         };
+        let template = match inputs.ports.get("template").and_then(|t| t.first()) {
+            None => None,
+            Some(t) => match &t.artifact {
+                Some(a) => Some(a.clone()),
+                None => return Ok(false),
+            },
+        };
         build(
             "plan-time preview",
             params,
-            &sources,
+            (&sources, template.as_ref()),
             &dir.join("data"),
             &NoProgress,
         )?;
@@ -302,12 +427,12 @@ struct Built {
     counts: Vec<Value>,
 }
 
-/// Reads `sources`, applies the ops of `params` and writes the canonical JSONL to `out`;
-/// errors start with `label` (`stage ID`).
+/// Reads `sources`, applies the ops of `params` (with the `template` input, if wired) and
+/// writes the canonical JSONL to `out`; errors start with `label` (`stage ID`).
 fn build(
     label: &str,
     params: &DatasetParams,
-    sources: &[Artifact],
+    (sources, template): (&[Artifact], Option<&Artifact>),
     out: &Path,
     progress: &dyn Progress,
 ) -> anyhow::Result<Built> {
@@ -321,19 +446,29 @@ fn build(
     if sources.is_empty() {
         bail!("{label}: no sources; wire one or more files to `source`");
     }
+    let template = template.map(Template::read).transpose()?;
 
     // Under `auto` the first source fixes the format and the others must agree.
-    let mut format = requested_format(params);
+    let mut format = source_format(requested_format(params), &ops);
     let auto = format == Requested::Auto;
     let mut rows = Vec::new();
     let mut found = Format::Messages;
-    for source in sources {
+    for file in sources
+        .iter()
+        .map(source_files)
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .iter()
+        .flatten()
+    {
         let mut read;
-        (found, read) = read_source(source, format, auto)?;
+        (found, read) = match reader(params) {
+            Reader::Records => read_source(file, format, auto)?,
+            other => (Format::Messages, read_prompts(file, other)?),
+        };
         format = Requested::Fixed(found);
         rows.append(&mut read);
     }
-    let format = found;
+    let mut format = found;
 
     let rows_in = rows.len();
     progress.phase("ops", ops.len() as u64, "ops");
@@ -341,10 +476,11 @@ fn build(
     for (i, op) in ops.iter().enumerate() {
         let before = rows.len();
         rows = op
-            .apply(rows, format, &mut |note| {
+            .apply(rows, format, template.as_ref(), &mut |note| {
                 progress.log(&format!("ops.{i}: {note}"))
             })
             .with_context(|| format!("{label}: ops.{i} ({})", op.name()))?;
+        format = op.format_after(format);
         progress.log(&format!(
             "ops.{i} {}: {before} -> {} rows",
             op.name(),
@@ -401,6 +537,114 @@ fn count_rows(sources: &[Option<std::path::PathBuf>]) -> Option<usize> {
             .count();
     }
     Some(rows)
+}
+
+/// The files of one source: itself, or for a folder every file below it in path order, each
+/// named `SOURCE/RELATIVE/PATH` in errors.
+fn source_files(source: &Artifact) -> anyhow::Result<Vec<Artifact>> {
+    if !source.path.is_dir() {
+        return Ok(vec![source.clone()]);
+    }
+    let mut files = Vec::new();
+    collect_files(&source.path, &mut files)?;
+    files.sort();
+    if files.is_empty() {
+        bail!("source {} is an empty folder", display_name(source));
+    }
+    let name = display_name(source);
+    Ok(files
+        .into_iter()
+        .map(|path| {
+            let relative = path
+                .strip_prefix(&source.path)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            Artifact {
+                origin: format!("{name}/{relative}"),
+                path,
+                ty: ArtifactType::File,
+                digest: source.digest.clone(),
+            }
+        })
+        .collect())
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry
+            .with_context(|| format!("listing {}", dir.display()))?
+            .path();
+        if path.is_dir() {
+            collect_files(&path, out)?;
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Reads one file of prompts as messages rows with one user turn each (`lines`, `prompt_field`).
+fn read_prompts(source: &Artifact, reader: Reader) -> anyhow::Result<Vec<Row>> {
+    let display = display_name(source);
+    let text = std::fs::read_to_string(&source.path)
+        .with_context(|| format!("cannot read source {display} ({})", source.path.display()))?;
+    let file: std::sync::Arc<str> = std::sync::Arc::from(display.as_str());
+    let prompt_row = |location: Location,
+                      mut record: serde_json::Map<String, Value>,
+                      prompt: String|
+     -> anyhow::Result<Row> {
+        record.insert(
+            "messages".into(),
+            json!([{"role": "user", "content": prompt}]),
+        );
+        let conversation =
+            Conversation::from_object(record).with_context(|| location.to_string())?;
+        Ok(Row {
+            location,
+            record: conversation.to_object(),
+        })
+    };
+    let mut rows = Vec::new();
+    match reader {
+        Reader::Lines => {
+            for (i, line) in text.lines().enumerate() {
+                let line = line.trim_start_matches('\u{feff}').trim();
+                if !line.is_empty() {
+                    let location = Location {
+                        file: file.clone(),
+                        at: Position::Line(i + 1),
+                    };
+                    rows.push(prompt_row(
+                        location,
+                        serde_json::Map::new(),
+                        line.to_string(),
+                    )?);
+                }
+            }
+        }
+        Reader::PromptField(field) => {
+            for (location, mut object) in jsonl::parse_objects(&text, &display)? {
+                let prompt = match object.remove(field) {
+                    Some(Value::String(s)) if !s.trim().is_empty() => s,
+                    Some(other) => bail!(
+                        "{location}: `{field}` is {}, not a non-empty text",
+                        crate::formats::jsonl::json_kind(&other)
+                    ),
+                    None => bail!("{location}: the record has no `{field}` (prompt_field)"),
+                };
+                if object.contains_key("messages") {
+                    bail!("{location}: the record has `messages` already; drop `prompt_field` to read it as a conversation");
+                }
+                rows.push(prompt_row(location, object, prompt)?);
+            }
+        }
+        Reader::Records => bail!("read_prompts reads prompts, not records"),
+    }
+    if rows.is_empty() {
+        bail!("source {display} holds no prompts");
+    }
+    Ok(rows)
 }
 
 /// How a source names itself in errors: the path for `file:` inputs, else the stage output.

@@ -12,6 +12,7 @@ use anyhow::{bail, Context as _};
 use regex::Regex;
 use serde_json::{Map, Value};
 
+use super::derive::{self, MarkSplit, Template};
 use super::path::FieldPath;
 use super::seeded::permutation;
 use super::Format;
@@ -40,6 +41,10 @@ pub enum Op {
     StripAssistantPrefix(String),
     StripUserSuffix(String),
     DropRole(String),
+    Number { field: String, prefix: String },
+    MarkSplit(MarkSplit),
+    TemplateReply { seed: u64 },
+    ToQuestions { id: FieldPath },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +99,10 @@ const OP_NAMES: &[&str] = &[
     "strip_assistant_prefix",
     "strip_user_suffix",
     "drop_role",
+    "number",
+    "mark_split",
+    "template_reply",
+    "to_questions",
 ];
 
 fn err(at: &str, message: impl Into<String>) -> OpError {
@@ -179,6 +188,23 @@ impl Op {
             "strip_assistant_prefix" => Op::StripAssistantPrefix(nonempty_text(arg, at)?),
             "strip_user_suffix" => Op::StripUserSuffix(nonempty_text(arg, at)?),
             "drop_role" => Op::DropRole(nonempty_text(arg, at)?),
+            "number" => {
+                let (field, prefix) = derive::parse_number(arg, at)?;
+                Op::Number { field, prefix }
+            }
+            "mark_split" => Op::MarkSplit(derive::parse_mark_split(arg, at)?),
+            "template_reply" => {
+                let args = Args::new(arg, at, &["seed"])?;
+                Op::TemplateReply {
+                    seed: args.u64("seed")?,
+                }
+            }
+            "to_questions" => {
+                let args = Args::new(arg, at, &["id"])?;
+                Op::ToQuestions {
+                    id: args.path("id")?,
+                }
+            }
             other => {
                 return Err(OpError {
                     at: String::new(),
@@ -205,6 +231,10 @@ impl Op {
             Op::StripAssistantPrefix(_) => "strip_assistant_prefix",
             Op::StripUserSuffix(_) => "strip_user_suffix",
             Op::DropRole(_) => "drop_role",
+            Op::Number { .. } => "number",
+            Op::MarkSplit(_) => "mark_split",
+            Op::TemplateReply { .. } => "template_reply",
+            Op::ToQuestions { .. } => "to_questions",
         }
     }
 
@@ -217,16 +247,35 @@ impl Op {
             (Op::DropRole(_), Format::Questions) => {
                 Some("questions have no turns to drop; drop_role applies to messages")
             }
+            (Op::MarkSplit(_), Format::Questions) => Some(
+                "questions take no extra fields to record a split in; mark_split applies to messages",
+            ),
+            (Op::TemplateReply { .. }, Format::Questions) => {
+                Some("questions have no turns to reply to; template_reply applies to messages")
+            }
+            (Op::ToQuestions { .. }, Format::Questions) => {
+                Some("the rows are questions already; to_questions turns messages into questions")
+            }
             _ => None,
         }
     }
 
-    /// Applies the op. `note` receives remarks worth a log line (e.g. a strip that matched
-    /// no row). Errors name the row they concern.
+    /// The format of the rows this op returns when given rows of `format`.
+    pub fn format_after(&self, format: Format) -> Format {
+        match self {
+            Op::ToQuestions { .. } => Format::Questions,
+            _ => format,
+        }
+    }
+
+    /// Applies the op. `template` is the stage's `template` input, if wired; `note` receives
+    /// remarks worth a log line (e.g. a strip that matched no row). Errors name the row they
+    /// concern.
     pub fn apply(
         &self,
         rows: Vec<Row>,
         format: Format,
+        template: Option<&Template>,
         note: &mut dyn FnMut(String),
     ) -> anyhow::Result<Vec<Row>> {
         if let Some(why) = self.unfit_for(format) {
@@ -280,6 +329,10 @@ impl Op {
                 keep_indices(rows, chosen)
             }
             Op::Dedupe { by } => dedupe(rows, by.as_ref())?,
+            Op::Number { field, prefix } => derive::number(rows, field, prefix),
+            Op::MarkSplit(split) => derive::mark_split(rows, split, note)?,
+            Op::TemplateReply { seed } => derive::template_reply(rows, *seed, template)?,
+            Op::ToQuestions { id } => derive::to_questions(rows, id, template)?,
             Op::SystemPrompt(_)
             | Op::AppendUser(_)
             | Op::StripUserSuffix(_)
@@ -387,7 +440,11 @@ impl Op {
             | Op::AppendUser(_)
             | Op::StripUserSuffix(_)
             | Op::StripAssistantPrefix(_)
-            | Op::DropRole(_) => Some(rows),
+            | Op::DropRole(_)
+            | Op::Number { .. }
+            | Op::MarkSplit(_)
+            | Op::TemplateReply { .. }
+            | Op::ToQuestions { .. } => Some(rows),
         }
     }
 }
@@ -690,13 +747,13 @@ fn nonempty_text(value: &Value, at: &str) -> Result<String, OpError> {
 }
 
 /// The mapping argument of an op, with its known keys checked.
-struct Args<'a> {
+pub(super) struct Args<'a> {
     map: &'a Map<String, Value>,
     at: &'a str,
 }
 
 impl<'a> Args<'a> {
-    fn new(value: &'a Value, at: &'a str, known: &[&str]) -> Result<Args<'a>, OpError> {
+    pub(super) fn new(value: &'a Value, at: &'a str, known: &[&str]) -> Result<Args<'a>, OpError> {
         let Value::Object(map) = value else {
             return Err(OpError {
                 at: at.to_string(),
@@ -714,7 +771,7 @@ impl<'a> Args<'a> {
         Ok(Args { map, at })
     }
 
-    fn optional(&self, key: &str) -> Option<&'a Value> {
+    pub(super) fn optional(&self, key: &str) -> Option<&'a Value> {
         self.map.get(key)
     }
 
@@ -728,19 +785,41 @@ impl<'a> Args<'a> {
         format!("{}.{key}", self.at)
     }
 
-    fn u64(&self, key: &str) -> Result<u64, OpError> {
+    pub(super) fn u64(&self, key: &str) -> Result<u64, OpError> {
         count(self.required(key)?, &self.at(key)).map(|n| n as u64)
     }
 
-    fn count(&self, key: &str) -> Result<usize, OpError> {
+    pub(super) fn count(&self, key: &str) -> Result<usize, OpError> {
         count(self.required(key)?, &self.at(key))
     }
 
-    fn string(&self, key: &str) -> Result<String, OpError> {
+    pub(super) fn string(&self, key: &str) -> Result<String, OpError> {
         text(self.required(key)?, &self.at(key))
     }
 
-    fn fraction(&self, key: &str) -> Result<f64, OpError> {
+    /// An error about the value at `key`.
+    pub(super) fn error(&self, key: &str, message: &str) -> OpError {
+        err(&self.at(key), message)
+    }
+
+    /// A dotted field path at `key`.
+    pub(super) fn path(&self, key: &str) -> Result<FieldPath, OpError> {
+        path(&self.string(key)?, &self.at(key))
+    }
+
+    /// A top-level field name at `key` (no dots).
+    pub(super) fn field_name(&self, key: &str) -> Result<String, OpError> {
+        let name = self.string(key)?;
+        if name.is_empty() || name.contains('.') || name == "messages" {
+            return Err(self.error(
+                key,
+                &format!("`{name}` is not a field an op may write: name a new top-level field (no dots, not `messages`)"),
+            ));
+        }
+        Ok(name)
+    }
+
+    pub(super) fn fraction(&self, key: &str) -> Result<f64, OpError> {
         match self.required(key)?.as_f64() {
             Some(f) if f > 0.0 && f < 1.0 => Ok(f),
             _ => Err(err(

@@ -22,6 +22,14 @@ pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
     order
 }
 
+/// One of `0..count` (count > 0) for `text`, uniform and fixed by (seed, text): the
+/// `template_reply` op's choice of a reply, so that a row keeps its reply whatever rows
+/// come before it. ChaCha8 keyed by [`Purpose::TemplateChoice`] (the seeding rule).
+pub fn choose(count: usize, seed: u64, text: &str) -> usize {
+    let mut rng: ChaCha8Rng = seed::stream(Purpose::TemplateChoice { seed, text });
+    below(&mut rng, count as u64) as usize
+}
+
 /// A uniform integer in `0..bound` (bound > 0): draws below `2^64 mod bound` are rejected so
 /// that every residue is equally likely.
 fn below(rng: &mut ChaCha8Rng, bound: u64) -> u64 {
@@ -53,6 +61,17 @@ mod tests {
         // Pinned: a change here changes every seeded dataset, so it must be deliberate
         // (and come with a bump of the dataset kind's version).
         assert_eq!(permutation(10, 0), GOLDEN_SEED0_N10);
+    }
+
+    #[test]
+    fn choices_follow_the_seed_and_the_text() {
+        let picks: Vec<usize> = (0..200).map(|i| choose(5, 0, &format!("p{i}"))).collect();
+        assert!(picks.iter().all(|&p| p < 5));
+        for k in 0..5 {
+            assert!(picks.contains(&k), "{k} never chosen");
+        }
+        assert_eq!(choose(5, 0, "p1"), picks[1]);
+        assert!((0..50).any(|s| choose(5, s, "p1") != picks[1]));
     }
 
     const GOLDEN_SEED0_N10: [usize; 10] = [3, 0, 5, 9, 6, 7, 2, 4, 1, 8];
