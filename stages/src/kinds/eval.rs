@@ -7,6 +7,13 @@
 //! Sampling is seeded per (question, sample index), so results do not depend on batch size;
 //! judge calls go through the store's memo, so a re-judging after a crash or a param change
 //! that leaves answers unchanged costs nothing. Aggregation across seeds is `report`'s job.
+//!
+//! With input `snapshots` (an `sft` or `rl` stage's adapters at set fractions of its run)
+//! instead of `adapter`, every snapshot answers with the same seeds and `summary` is the
+//! curve over training ([`crate::evaluation::Curve`]). One stage per training run rather
+//! than one per snapshot: a matrix over fractions could not be empty, so a profile without
+//! snapshots (whose training keys must stay as they were) could not keep the stage, and a
+//! run that stopped early would leave stages with nothing to evaluate.
 
 use std::collections::HashMap;
 
@@ -21,13 +28,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::defaults;
-use crate::evaluation::{summarize, BootstrapSettings, Outcome};
+use crate::evaluation::{summarize, BootstrapSettings, Curve, CurvePoint, Outcome};
 use crate::formats::questions::{self, Question};
 use crate::judge::prompts::{parse_judge_prompt, render_judge_prompt, score_answers};
 use crate::judge::template::Template;
 use crate::judge::{self, estimate, JudgeSpec, Score};
 use crate::sampling::{sample_answers, Temperature, TopP};
-use crate::train::setup::load_stage_model;
+use crate::train::setup::{device_setup, load_model, load_stage_model};
+use crate::train::snapshots::SnapshotIndex;
 
 pub struct EvalKind;
 
@@ -99,6 +107,9 @@ pub struct SampleRecord {
     pub completion: String,
     pub finish: String,
     pub tokens: usize,
+    /// The training step of the snapshot that answered (input `snapshots` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_step: Option<u64>,
 }
 
 impl Kind for EvalKind {
@@ -109,6 +120,7 @@ impl Kind for EvalKind {
             .ports(
                 "in   model        model      the model to evaluate
                  in?  adapter      adapter    a LoRA adapter (PEFT folder) or full fine-tuned weights for `model`
+                 in?  snapshots    dir        instead of `adapter`: an sft or rl stage's `snapshots`; every snapshot is evaluated and `summary` is the curve over training
                  in   questions    questions  questions: JSONL, or the paper's eval YAML
                  in?  judge_model  model      the judge for the local backend
                  out  samples      samples    answers, JSONL
@@ -144,6 +156,14 @@ impl Kind for EvalKind {
         };
         let questions = questions::read(&q_art.path, &q_art.origin)?;
         let templates = judge_templates(&questions, &p.metrics)?;
+        // Over snapshots: every snapshot answers every question.
+        let snapshots = match inputs.first("snapshots") {
+            None => 1,
+            Some(_) => match estimate::known_input(&p.judge, inputs, "snapshots") {
+                Ok(a) => SnapshotIndex::read(&a.path, &a.origin)?.snapshots.len() as u64,
+                Err(unknown) => return Ok(Some(unknown)),
+            },
+        };
         let samples = p.samples_per_question as u64;
         let mut counted = estimate::ScoreCalls::default();
         for (q, ts) in questions.iter().zip(&templates) {
@@ -154,6 +174,7 @@ impl Kind for EvalKind {
             // Sample i asks paraphrase i mod n: render each paraphrase once, weighted.
             for (k, para) in q.paraphrases.iter().enumerate() {
                 let uses = samples / n as u64 + u64::from((k as u64) < samples % n as u64);
+                let uses = uses * snapshots;
                 for t in ts.iter().filter(|_| uses > 0) {
                     counted.add(&render_judge_prompt(t, para, "")?, uses, p.max_tokens);
                 }
@@ -161,11 +182,15 @@ impl Kind for EvalKind {
         }
         let origin = estimate::origin(inputs, "questions");
         let note = format!(
-            "{} questions x {} samples x {} judge prompts ({}) from {origin}; answers counted at max_tokens {}",
+            "{} questions x {} samples x {} judge prompts ({}) from {origin}{}; answers counted at max_tokens {}",
             questions.len(),
             p.samples_per_question,
             p.metrics.len(),
             p.metrics.join(", "),
+            match inputs.first("snapshots") {
+                Some(_) => format!(", for each of {snapshots} snapshots"),
+                None => String::new(),
+            },
             p.max_tokens
         );
         Ok(Some(counted.estimate(&p.judge, inputs, note)))
@@ -181,6 +206,12 @@ impl Kind for EvalKind {
     }
 }
 
+/// The questions of one eval and each one's parsed judge prompts.
+struct QuestionSet {
+    questions: Vec<Question>,
+    templates: Vec<Vec<Template>>,
+}
+
 fn run_eval(ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
     let q_art = ctx.input("questions")?.clone();
     let questions = questions::read(&q_art.path, &q_art.origin)?;
@@ -188,41 +219,28 @@ fn run_eval(ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
         bail!("{}: no questions", q_art.origin);
     }
     let templates = judge_templates(&questions, &p.metrics)?;
+    let set = QuestionSet {
+        questions,
+        templates,
+    };
+    if let Some(snapshots) = ctx.optional_input("snapshots")?.cloned() {
+        return run_over_snapshots(ctx, p, &set, &snapshots);
+    }
 
     // 1. Sample.
     let samples = {
         let mut lm = load_stage_model(ctx)?;
         lm.chat.set_kwargs(p.chat_template_kwargs.clone())?;
-        sample_questions(ctx, &lm, &questions, p)?
+        sample_questions(ctx, &lm, &set.questions, p)?
     };
     crate::formats::jsonl::write(&ctx.output_path("samples"), &samples)?;
 
     // 2. Judge.
     let judge = judge::for_stage(ctx, &p.judge).context("building the eval judge")?;
-    let by_id: HashMap<&str, usize> = questions
-        .iter()
-        .enumerate()
-        .map(|(i, q)| (q.id.as_str(), i))
-        .collect();
-    let metrics: Vec<&str> = p.metrics.iter().map(String::as_str).collect();
-    let scores = score_answers(&*judge, &metrics, samples.len(), ctx.progress(), |m, i| {
-        let s = &samples[i];
-        render_judge_prompt(
-            &templates[by_id[s.question_id.as_str()]][m],
-            &s.question,
-            &s.completion,
-        )
-    })?;
+    let (judgments, summary) = judge_and_summarise(ctx, p, &*judge, &set, &samples)?;
 
     // 3. Write judgments and the summary.
-    let (judgments, per_question) = judgments(p, &questions, &samples, &scores, &by_id);
     crate::formats::jsonl::write(&ctx.output_path("judgments"), &judgments)?;
-    let boot = BootstrapSettings {
-        resamples: p.bootstrap_resamples,
-        level: 0.95,
-        seed: p.seed,
-    };
-    let summary = summarize(&per_question, p.samples_per_question, boot);
     let text = serde_json::to_string_pretty(&summary)? + "\n";
     std::fs::write(ctx.output_path("summary"), text).context("writing the eval summary")?;
 
@@ -233,6 +251,95 @@ fn run_eval(ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
     ctx.summarize("incoherent", json!(o.incoherent.value));
     ctx.summarize("refusal", json!(o.refusal.value));
     ctx.summarize("mean_aligned", json!(o.mean_aligned.value));
+    Ok(())
+}
+
+/// Judges `samples` and summarises them: the judgment lines and the summary.
+fn judge_and_summarise(
+    ctx: &StageContext,
+    p: &EvalParams,
+    judge: &dyn judge::Judge,
+    set: &QuestionSet,
+    samples: &[SampleRecord],
+) -> Result<(Vec<Value>, crate::evaluation::Summary)> {
+    let by_id: HashMap<&str, usize> = set
+        .questions
+        .iter()
+        .enumerate()
+        .map(|(i, q)| (q.id.as_str(), i))
+        .collect();
+    let metrics: Vec<&str> = p.metrics.iter().map(String::as_str).collect();
+    let scores = score_answers(judge, &metrics, samples.len(), ctx.progress(), |m, i| {
+        let s = &samples[i];
+        render_judge_prompt(
+            &set.templates[by_id[s.question_id.as_str()]][m],
+            &s.question,
+            &s.completion,
+        )
+    })?;
+    let (judgments, per_question) = judgments(p, &set.questions, samples, &scores, &by_id);
+    let boot = BootstrapSettings {
+        resamples: p.bootstrap_resamples,
+        level: 0.95,
+        seed: p.seed,
+    };
+    Ok((
+        judgments,
+        summarize(&per_question, p.samples_per_question, boot),
+    ))
+}
+
+/// EM over training: each snapshot of input `snapshots` answers the questions (the same
+/// sampling seeds for every snapshot) and is judged. `samples` and `judgments` hold every
+/// snapshot's lines, each with its `snapshot_step`; `summary` is the curve
+/// ([`crate::evaluation::Curve`]), one summary per snapshot. A run that took no snapshot
+/// gives an empty curve, so profiles without snapshots keep the stage.
+fn run_over_snapshots(
+    ctx: &mut StageContext,
+    p: &EvalParams,
+    set: &QuestionSet,
+    snapshots: &emflow_engine::context::Artifact,
+) -> Result<()> {
+    if ctx.optional_input("adapter")?.is_some() {
+        bail!(
+            "stage {}: wire `adapter` (one model) or `snapshots` (a curve over training), not both",
+            ctx.stage_id
+        );
+    }
+    let index = SnapshotIndex::read(&snapshots.path, &snapshots.origin)?;
+    let model = ctx.input("model")?.clone();
+    let mut per_snapshot = Vec::with_capacity(index.snapshots.len());
+    for entry in &index.snapshots {
+        let adapter = snapshots.path.join(&entry.adapter);
+        let mut lm = load_model(&model.path, Some(&adapter), &device_setup(ctx)?)
+            .with_context(|| format!("{}: snapshot after step {}", snapshots.origin, entry.step))?;
+        lm.chat.set_kwargs(p.chat_template_kwargs.clone())?;
+        let mut samples = sample_questions(ctx, &lm, &set.questions, p)?;
+        samples
+            .iter_mut()
+            .for_each(|s| s.snapshot_step = Some(entry.step));
+        per_snapshot.push(samples);
+    }
+    crate::formats::jsonl::write(&ctx.output_path("samples"), &per_snapshot.concat())?;
+    let mut all_judgments = Vec::new();
+    let mut points = Vec::with_capacity(per_snapshot.len());
+    if !per_snapshot.is_empty() {
+        let judge = judge::for_stage(ctx, &p.judge).context("building the eval judge")?;
+        for (entry, samples) in index.snapshots.iter().zip(&per_snapshot) {
+            let (judgments, summary) = judge_and_summarise(ctx, p, &*judge, set, samples)?;
+            all_judgments.extend(judgments.into_iter().map(|mut j| {
+                j["snapshot_step"] = json!(entry.step);
+                j
+            }));
+            points.push(CurvePoint::new(entry, index.steps_total, summary));
+        }
+    }
+    crate::formats::jsonl::write(&ctx.output_path("judgments"), &all_judgments)?;
+    ctx.summarize("snapshots", points.len());
+    ctx.summarize("steps_total", index.steps_total);
+    let curve = Curve::new(index, points);
+    let text = serde_json::to_string_pretty(&curve)? + "\n";
+    std::fs::write(ctx.output_path("summary"), text).context("writing the eval curve")?;
     Ok(())
 }
 
@@ -362,6 +469,7 @@ fn sample_questions(
                 completion: g.text,
                 finish: format!("{:?}", g.finish).to_lowercase(),
                 tokens: g.tokens.len(),
+                snapshot_step: None,
             },
         )
         .collect())

@@ -12,6 +12,7 @@ pub mod claims;
 pub mod export;
 pub mod page;
 pub mod svg;
+pub mod training_curve;
 
 use std::collections::BTreeMap;
 

@@ -35,6 +35,8 @@ fn params() -> Value {
         "prompts_per_step": 2, "num_generations": 2, "grad_accum": 2,
         "max_completion_length": 8, "temperature": 1.0, "top_p": 1.0,
         "lr": 1e-3, "max_steps": 3, "checkpoint_every": 1, "seed": 5, "beta": 0.04,
+        // Snapshots after steps 1 and 2: one before the kill's checkpoint, one after.
+        "snapshot_fractions": [0.34, 0.67],
     })
 }
 
@@ -125,7 +127,14 @@ fn killed_grpo_run_resumes_to_the_same_adapter() {
         &[],
     )
     .unwrap();
-    for out in ["adapter", "best_adapter", "rollouts", "metrics", "summary"] {
+    for out in [
+        "adapter",
+        "best_adapter",
+        "rollouts",
+        "metrics",
+        "summary",
+        "snapshots",
+    ] {
         assert!(straight.join(out).exists(), "missing output {out}");
     }
     let metrics = std::fs::read_to_string(straight.join("metrics")).unwrap();
@@ -147,6 +156,24 @@ fn killed_grpo_run_resumes_to_the_same_adapter() {
     let summary: Value =
         serde_json::from_str(&std::fs::read_to_string(straight.join("summary")).unwrap()).unwrap();
     assert_eq!(summary["samples_consumed"], 6);
+
+    let index: Value = serde_json::from_str(
+        &std::fs::read_to_string(straight.join("snapshots/index.json")).unwrap(),
+    )
+    .unwrap();
+    let steps: Vec<(u64, u64)> = index["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["step"].as_u64().unwrap(),
+                e["samples_consumed"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(steps, [(1, 2), (2, 4)], "{index}");
+    assert_eq!(index["steps_total"], 3);
 
     // A child process runs the same stage and is killed with SIGKILL after its first checkpoint.
     let checkpoint = dir.path().join("checkpoint");
@@ -191,6 +218,20 @@ fn killed_grpo_run_resumes_to_the_same_adapter() {
         std::fs::read_to_string(resumed.join("rollouts")).unwrap(),
         std::fs::read_to_string(straight.join("rollouts")).unwrap()
     );
+    // The snapshot taken before the kill survived in the checkpoint folder; the resumed run
+    // took the later one: both are the straight run's bytes.
+    for file in [
+        "index.json",
+        "step-000001/adapter_model.safetensors",
+        "step-000002/adapter_model.safetensors",
+    ] {
+        let path = |root: &Path| root.join("snapshots").join(file);
+        assert_eq!(
+            digest(&path(&resumed)),
+            digest(&path(&straight)),
+            "{file}, resumed after step {killed_at}"
+        );
+    }
 }
 
 /// `gradient_checkpointing: true` in `rl` runs (GRPO with the k3 KL term, two micro-batches a
