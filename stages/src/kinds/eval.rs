@@ -320,7 +320,7 @@ fn run_over_snapshots(
             .for_each(|s| s.snapshot_step = Some(entry.step));
         per_snapshot.push(samples);
     }
-    crate::formats::jsonl::write(&ctx.output_path("samples"), &per_snapshot.concat())?;
+    crate::formats::jsonl::write(&ctx.output_path("samples"), per_snapshot.concat())?;
     let mut all_judgments = Vec::new();
     let mut points = Vec::with_capacity(per_snapshot.len());
     if !per_snapshot.is_empty() {

@@ -157,23 +157,7 @@ fn killed_grpo_run_resumes_to_the_same_adapter() {
         serde_json::from_str(&std::fs::read_to_string(straight.join("summary")).unwrap()).unwrap();
     assert_eq!(summary["samples_consumed"], 6);
 
-    let index: Value = serde_json::from_str(
-        &std::fs::read_to_string(straight.join("snapshots/index.json")).unwrap(),
-    )
-    .unwrap();
-    let steps: Vec<(u64, u64)> = index["snapshots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["step"].as_u64().unwrap(),
-                e["samples_consumed"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(steps, [(1, 2), (2, 4)], "{index}");
-    assert_eq!(index["steps_total"], 3);
+    assert_snapshots_after_steps_1_and_2(&straight);
 
     // A child process runs the same stage and is killed with SIGKILL after its first checkpoint.
     let checkpoint = dir.path().join("checkpoint");
@@ -226,12 +210,29 @@ fn killed_grpo_run_resumes_to_the_same_adapter() {
         "step-000002/adapter_model.safetensors",
     ] {
         let path = |root: &Path| root.join("snapshots").join(file);
-        assert_eq!(
-            digest(&path(&resumed)),
-            digest(&path(&straight)),
-            "{file}, resumed after step {killed_at}"
-        );
+        let same = digest(&path(&resumed)) == digest(&path(&straight));
+        assert!(same, "{file} differs, resumed after step {killed_at}");
     }
+}
+
+/// The run's `snapshots` index lists the snapshots after steps 1 and 2 of its 3 (fractions
+/// 0.34 and 0.67), 2 prompts a step.
+fn assert_snapshots_after_steps_1_and_2(staging: &Path) {
+    let text = std::fs::read_to_string(staging.join("snapshots/index.json")).unwrap();
+    let index: Value = serde_json::from_str(&text).unwrap();
+    let steps: Vec<(u64, u64)> = index["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["step"].as_u64().unwrap(),
+                e["samples_consumed"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(steps, [(1, 2), (2, 4)], "{index}");
+    assert_eq!(index["steps_total"], 3);
 }
 
 /// `gradient_checkpointing: true` in `rl` runs (GRPO with the k3 KL term, two micro-batches a
