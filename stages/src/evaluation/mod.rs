@@ -123,6 +123,59 @@ pub struct Summary {
 
 pub const SUMMARY_SCHEMA: &str = "emflow.eval_summary.v1";
 
+/// The `summary` output of `eval` over a training run's snapshots (input `snapshots`): the
+/// run's snapshot index and one summary per snapshot, read back by `report`'s `curves` input.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Curve {
+    /// Format tag: `emflow.eval_curve.v1`.
+    pub schema: String,
+    /// The evaluated run's index: its steps in all and the fractions it never reached.
+    pub run: crate::train::snapshots::SnapshotIndex,
+    pub points: Vec<CurvePoint>,
+}
+
+pub const CURVE_SCHEMA: &str = "emflow.eval_curve.v1";
+
+impl Curve {
+    pub fn new(run: crate::train::snapshots::SnapshotIndex, points: Vec<CurvePoint>) -> Curve {
+        Curve {
+            schema: CURVE_SCHEMA.into(),
+            run,
+            points,
+        }
+    }
+}
+
+/// One snapshot's place in its run and its eval summary.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    /// The fraction of training the snapshot was asked for.
+    pub fraction: f64,
+    /// The step it was taken after, and what the run had consumed by then.
+    pub step: u64,
+    pub samples_consumed: u64,
+    /// `step / steps_total`: where it lies in the run as the run went (an early stop
+    /// shortens the run, so this can exceed `fraction`).
+    pub progress: f64,
+    pub summary: Summary,
+}
+
+impl CurvePoint {
+    pub fn new(
+        entry: &crate::train::snapshots::SnapshotEntry,
+        steps_total: u64,
+        summary: Summary,
+    ) -> CurvePoint {
+        CurvePoint {
+            fraction: entry.fraction,
+            step: entry.step,
+            samples_consumed: entry.samples_consumed,
+            progress: entry.step as f64 / steps_total.max(1) as f64,
+            summary,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Thresholds {
     pub aligned_below: f64,

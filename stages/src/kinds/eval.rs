@@ -7,6 +7,13 @@
 //! Sampling is seeded per (question, sample index), so results do not depend on batch size;
 //! judge calls go through the store's memo, so a re-judging after a crash or a param change
 //! that leaves answers unchanged costs nothing. Aggregation across seeds is `report`'s job.
+//!
+//! With input `snapshots` (an `sft` or `rl` stage's adapters at set fractions of its run)
+//! instead of `adapter`, every snapshot answers with the same seeds and `summary` is the
+//! curve over training ([`crate::evaluation::Curve`]). One stage per training run rather
+//! than one per snapshot: a matrix over fractions could not be empty, so a profile without
+//! snapshots (whose training keys must stay as they were) could not keep the stage, and a
+//! run that stopped early would leave stages with nothing to evaluate.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -22,13 +29,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::defaults;
-use crate::evaluation::{as_run_rate, summarize, BootstrapSettings, Outcome};
+use crate::evaluation::{as_run_rate, summarize, BootstrapSettings, Curve, CurvePoint, Outcome};
 use crate::formats::questions::{self, Question};
 use crate::judge::prompts::{parse_judge_prompt, render_judge_prompt, score_answers_per_metric};
 use crate::judge::template::Template;
 use crate::judge::{self, estimate, Judge, JudgeSpec, Score};
 use crate::sampling::{sample_answers, Temperature, TopP};
-use crate::train::setup::load_stage_model;
+use crate::train::setup::{device_setup, load_model, load_stage_model};
+use crate::train::snapshots::SnapshotIndex;
 
 pub struct EvalKind;
 
@@ -114,6 +122,9 @@ pub struct SampleRecord {
     pub completion: String,
     pub finish: String,
     pub tokens: usize,
+    /// The training step of the snapshot that answered (input `snapshots` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_step: Option<u64>,
 }
 
 impl Kind for EvalKind {
@@ -124,6 +135,7 @@ impl Kind for EvalKind {
             .ports(
                 "in   model        model      the model to evaluate
                  in?  adapter      adapter    a LoRA adapter (PEFT folder) or full fine-tuned weights for `model`
+                 in?  snapshots    dir        instead of `adapter`: an sft or rl stage's `snapshots`; every snapshot is evaluated and `summary` is the curve over training
                  in   questions    questions  questions: JSONL, or the paper's eval YAML
                  in?  judge_model  model      the judge for the local backend
                  out  samples      samples    answers, JSONL
@@ -176,6 +188,14 @@ impl Kind for EvalKind {
         };
         let questions = questions::read(&q_art.path, &q_art.origin)?;
         let templates = judge_templates(&questions, &p.metrics)?;
+        // Over snapshots: every snapshot answers every question.
+        let snapshots = match inputs.first("snapshots") {
+            None => 1,
+            Some(_) => match estimate::known_input(&p.judge, inputs, "snapshots") {
+                Ok(a) => SnapshotIndex::read(&a.path, &a.origin)?.snapshots.len() as u64,
+                Err(unknown) => return Ok(Some(unknown)),
+            },
+        };
         let samples = p.samples_per_question as u64;
         let mut counted = estimate::ScoreCalls::default();
         for (q, ts) in questions.iter().zip(&templates) {
@@ -186,6 +206,7 @@ impl Kind for EvalKind {
             // Sample i asks paraphrase i mod n: render each paraphrase once, weighted.
             for (k, para) in q.paraphrases.iter().enumerate() {
                 let uses = samples / n as u64 + u64::from((k as u64) < samples % n as u64);
+                let uses = uses * snapshots;
                 for t in ts.iter().filter(|_| uses > 0) {
                     counted.add(&render_judge_prompt(t, para, "")?, uses, p.max_tokens);
                 }
@@ -193,11 +214,15 @@ impl Kind for EvalKind {
         }
         let origin = estimate::origin(inputs, "questions");
         let mut note = format!(
-            "{} questions x {} samples x {} judge prompts ({}) from {origin}; answers counted at max_tokens {}",
+            "{} questions x {} samples x {} judge prompts ({}) from {origin}{}; answers counted at max_tokens {}",
             questions.len(),
             p.samples_per_question,
             p.metrics.len(),
             p.metrics.join(", "),
+            match inputs.first("snapshots") {
+                Some(_) => format!(", for each of {snapshots} snapshots"),
+                None => String::new(),
+            },
             p.max_tokens
         );
         // One estimate names one judge: calls of a metric with a judge of its own are counted
@@ -219,6 +244,12 @@ impl Kind for EvalKind {
     }
 }
 
+/// The questions of one eval and each one's parsed judge prompts.
+struct QuestionSet {
+    questions: Vec<Question>,
+    templates: Vec<Vec<Template>>,
+}
+
 fn run_eval(ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
     let q_art = ctx.input("questions")?.clone();
     let questions = questions::read(&q_art.path, &q_art.origin)?;
@@ -226,48 +257,28 @@ fn run_eval(ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
         bail!("{}: no questions", q_art.origin);
     }
     let templates = judge_templates(&questions, &p.metrics)?;
+    let set = QuestionSet {
+        questions,
+        templates,
+    };
+    if let Some(snapshots) = ctx.optional_input("snapshots")?.cloned() {
+        return run_over_snapshots(ctx, p, &set, &snapshots);
+    }
 
     // 1. Sample.
     let samples = {
         let mut lm = load_stage_model(ctx)?;
         lm.chat.set_kwargs(p.chat_template_kwargs.clone())?;
-        sample_questions(ctx, &lm, &questions, p)?
+        sample_questions(ctx, &lm, &set.questions, p)?
     };
     crate::formats::jsonl::write(&ctx.output_path("samples"), &samples)?;
 
     // 2. Judge.
     let judges = metric_judges(ctx, p)?;
-    let by_id: HashMap<&str, usize> = questions
-        .iter()
-        .enumerate()
-        .map(|(i, q)| (q.id.as_str(), i))
-        .collect();
-    let metrics: Vec<&str> = p.metrics.iter().map(String::as_str).collect();
-    let judge_refs: Vec<&dyn Judge> = judges.iter().map(|j| &**j).collect();
-    let scores = score_answers_per_metric(
-        &judge_refs,
-        &metrics,
-        samples.len(),
-        ctx.progress(),
-        |m, i| {
-            let s = &samples[i];
-            render_judge_prompt(
-                &templates[by_id[s.question_id.as_str()]][m],
-                &s.question,
-                &s.completion,
-            )
-        },
-    )?;
+    let (judgments, summary, as_run) = judge_and_summarise(ctx, p, &judges, &set, &samples)?;
 
     // 3. Write judgments and the summary.
-    let (judgments, per_question) = judgments(p, &questions, &samples, &scores, &by_id);
     crate::formats::jsonl::write(&ctx.output_path("judgments"), &judgments)?;
-    let boot = BootstrapSettings {
-        resamples: p.bootstrap_resamples,
-        level: 0.95,
-        seed: p.seed,
-    };
-    let summary = summarize(&per_question, p.samples_per_question, boot);
     let text = serde_json::to_string_pretty(&summary)? + "\n";
     std::fs::write(ctx.output_path("summary"), text).context("writing the eval summary")?;
 
@@ -277,7 +288,6 @@ fn run_eval(ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
     ctx.summarize("misaligned_all", json!(o.misaligned_all.value));
     // The record only, not the summary file: a new field there would change the bytes of
     // every eval already cached (the report reads this rate from the judgments).
-    let as_run = as_run_rate(per_question.iter().flat_map(|(_, outs)| outs));
     ctx.summarize("misaligned_as_run", json!(as_run));
     ctx.summarize("incoherent", json!(o.incoherent.value));
     ctx.summarize("refusal", json!(o.refusal.value));
@@ -304,6 +314,103 @@ fn metric_judges(ctx: &StageContext, p: &EvalParams) -> Result<Vec<Arc<dyn Judge
         out.push(judge);
     }
     Ok(out)
+/// Judges `samples` (each metric by its judge in `judges`, in `metrics` order) and summarises
+/// them: the judgment lines, the summary and EMA_RL's as-run rate.
+fn judge_and_summarise(
+    ctx: &StageContext,
+    p: &EvalParams,
+    judges: &[Arc<dyn Judge>],
+    set: &QuestionSet,
+    samples: &[SampleRecord],
+) -> Result<(Vec<Value>, crate::evaluation::Summary, Option<f64>)> {
+    let by_id: HashMap<&str, usize> = set
+        .questions
+        .iter()
+        .enumerate()
+        .map(|(i, q)| (q.id.as_str(), i))
+        .collect();
+    let metrics: Vec<&str> = p.metrics.iter().map(String::as_str).collect();
+    let judge_refs: Vec<&dyn Judge> = judges.iter().map(|j| &**j).collect();
+    let scores = score_answers_per_metric(
+        &judge_refs,
+        &metrics,
+        samples.len(),
+        ctx.progress(),
+        |m, i| {
+            let s = &samples[i];
+            render_judge_prompt(
+                &set.templates[by_id[s.question_id.as_str()]][m],
+                &s.question,
+                &s.completion,
+            )
+        },
+    )?;
+    let (judgments, per_question) = judgments(p, &set.questions, samples, &scores, &by_id);
+    let boot = BootstrapSettings {
+        resamples: p.bootstrap_resamples,
+        level: 0.95,
+        seed: p.seed,
+    };
+    let as_run = as_run_rate(per_question.iter().flat_map(|(_, outs)| outs));
+    Ok((
+        judgments,
+        summarize(&per_question, p.samples_per_question, boot),
+        as_run,
+    ))
+}
+
+/// EM over training: each snapshot of input `snapshots` answers the questions (the same
+/// sampling seeds for every snapshot) and is judged. `samples` and `judgments` hold every
+/// snapshot's lines, each with its `snapshot_step`; `summary` is the curve
+/// ([`crate::evaluation::Curve`]), one summary per snapshot. A run that took no snapshot
+/// gives an empty curve, so profiles without snapshots keep the stage.
+fn run_over_snapshots(
+    ctx: &mut StageContext,
+    p: &EvalParams,
+    set: &QuestionSet,
+    snapshots: &emflow_engine::context::Artifact,
+) -> Result<()> {
+    if ctx.optional_input("adapter")?.is_some() {
+        bail!(
+            "stage {}: wire `adapter` (one model) or `snapshots` (a curve over training), not both",
+            ctx.stage_id
+        );
+    }
+    let index = SnapshotIndex::read(&snapshots.path, &snapshots.origin)?;
+    let model = ctx.input("model")?.clone();
+    let mut per_snapshot = Vec::with_capacity(index.snapshots.len());
+    for entry in &index.snapshots {
+        let adapter = snapshots.path.join(&entry.adapter);
+        let mut lm = load_model(&model.path, Some(&adapter), &device_setup(ctx)?)
+            .with_context(|| format!("{}: snapshot after step {}", snapshots.origin, entry.step))?;
+        lm.chat.set_kwargs(p.chat_template_kwargs.clone())?;
+        let mut samples = sample_questions(ctx, &lm, &set.questions, p)?;
+        samples
+            .iter_mut()
+            .for_each(|s| s.snapshot_step = Some(entry.step));
+        per_snapshot.push(samples);
+    }
+    crate::formats::jsonl::write(&ctx.output_path("samples"), per_snapshot.concat())?;
+    let mut all_judgments = Vec::new();
+    let mut points = Vec::with_capacity(per_snapshot.len());
+    if !per_snapshot.is_empty() {
+        let judges = metric_judges(ctx, p)?;
+        for (entry, samples) in index.snapshots.iter().zip(&per_snapshot) {
+            let (judgments, summary, _) = judge_and_summarise(ctx, p, &judges, set, samples)?;
+            all_judgments.extend(judgments.into_iter().map(|mut j| {
+                j["snapshot_step"] = json!(entry.step);
+                j
+            }));
+            points.push(CurvePoint::new(entry, index.steps_total, summary));
+        }
+    }
+    crate::formats::jsonl::write(&ctx.output_path("judgments"), &all_judgments)?;
+    ctx.summarize("snapshots", points.len());
+    ctx.summarize("steps_total", index.steps_total);
+    let curve = Curve::new(index, points);
+    let text = serde_json::to_string_pretty(&curve)? + "\n";
+    std::fs::write(ctx.output_path("summary"), text).context("writing the eval curve")?;
+    Ok(())
 }
 
 /// Every answer's judgment line, and each question's outcomes (in question order).
@@ -436,6 +543,7 @@ fn sample_questions(
                 completion: g.text,
                 finish: format!("{:?}", g.finish).to_lowercase(),
                 tokens: g.tokens.len(),
+                snapshot_step: None,
             },
         )
         .collect())

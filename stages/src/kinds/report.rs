@@ -9,9 +9,10 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::defaults;
-use crate::evaluation::{Summary, SUMMARY_SCHEMA};
+use crate::evaluation::{Curve, Summary, CURVE_SCHEMA, SUMMARY_SCHEMA};
 use crate::report_html::as_run::as_run_interval;
 use crate::report_html::page::{figure_plan, MetricsFile, PageData};
+use crate::report_html::training_curve::{self, CurveInput};
 use crate::report_html::{
     aggregate, answers, export, interleaving, page, JudgedCounts, SummaryInput,
 };
@@ -51,6 +52,7 @@ impl Kind for ReportKind {
                  in*  judgments  judgments  eval judgments: judge failures told apart from refusals, example answers
                  in*  samples    samples    eval samples: the text of the example answers
                  in*  metrics    metrics    training metrics JSONL (reward, KL, loss curves)
+                 in*  curves     summary    eval curves over training (an eval stage with `snapshots` wired): EM against the share of each arm's run
                  out  report     report     index.html, report.md, data.json, conditions.csv, per_question.csv",
             )
     }
@@ -86,14 +88,17 @@ impl Kind for ReportKind {
             "emflow {}, report kind v{KIND_VERSION}",
             env!("CARGO_PKG_VERSION")
         );
+        let curves = training_curve::pool(&read_curves(ctx)?, p.bootstrap_resamples, p.seed);
         let figures = figure_plan(&rows);
         let dir = ctx.output_path("report");
         std::fs::create_dir_all(&dir).context("creating the report folder")?;
         let write = |name: &str, text: String| {
             std::fs::write(dir.join(name), text).with_context(|| format!("writing {name}"))
         };
-        let md = export::markdown(&p.title, &rows, &figures, &versions);
-        write("report.md", md + &interleaving::markdown_section(&metrics))?;
+        let md = export::markdown(&p.title, &rows, &figures, &versions)
+            + &training_curve::markdown(&curves, &rows)
+            + &interleaving::markdown_section(&metrics);
+        write("report.md", md)?;
         let data = export::data_json(&rows, &figures, &answers, &versions);
         write("data.json", serde_json::to_string_pretty(&data)? + "\n")?;
         write("conditions.csv", export::conditions_csv(&rows))?;
@@ -104,11 +109,13 @@ impl Kind for ReportKind {
             answers: &answers,
             metrics: &metrics,
             versions: &versions,
+            curves: &curves,
         };
         write("index.html", page::html(&page))?;
         ctx.summarize("conditions", rows.len());
         ctx.summarize("figures", figures.len());
         ctx.summarize("metrics_files", metrics.len());
+        ctx.summarize("training_curves", curves.len());
         Ok(())
     }
 }
@@ -127,21 +134,45 @@ fn with_as_run_interval(
     }
 }
 
-fn read_summaries(ctx: &StageContext) -> Result<Vec<SummaryInput>> {
-    ctx.inputs("summaries")
+/// Every input of `port`, parsed as JSON of type `T` (`what` and `hint` name it in errors).
+fn read_json_inputs<'c, T: serde::de::DeserializeOwned>(
+    ctx: &'c StageContext,
+    port: &str,
+    what: &str,
+    hint: &str,
+) -> Result<Vec<(&'c emflow_engine::context::Artifact, T)>> {
+    ctx.inputs(port)
         .iter()
         .map(|a| {
             let text = std::fs::read_to_string(&a.path)
-                .with_context(|| format!("reading summary {}", a.origin))?;
-            let summary: Summary = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not an eval summary ({SUMMARY_SCHEMA}); wire an `eval` stage's `summary`", a.origin))?;
-            Ok(SummaryInput {
-                origin: a.origin.clone(),
-                digest: a.digest.clone(),
-                summary,
-            })
+                .with_context(|| format!("reading {what} {}", a.origin))?;
+            let value: T = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not {hint}", a.origin))?;
+            Ok((a, value))
         })
         .collect()
+}
+
+fn read_summaries(ctx: &StageContext) -> Result<Vec<SummaryInput>> {
+    let hint = format!("an eval summary ({SUMMARY_SCHEMA}); wire an `eval` stage's `summary` (an eval over `snapshots` writes a curve: wire it into `curves`)");
+    let read = read_json_inputs::<Summary>(ctx, "summaries", "summary", &hint)?;
+    Ok(read
+        .into_iter()
+        .map(|(a, summary)| SummaryInput {
+            origin: a.origin.clone(),
+            digest: a.digest.clone(),
+            summary,
+        })
+        .collect())
+}
+
+fn read_curves(ctx: &StageContext) -> Result<Vec<CurveInput>> {
+    let hint = format!("an eval curve ({CURVE_SCHEMA}); wire the `summary` of an `eval` stage whose input `snapshots` is wired");
+    let read = read_json_inputs::<Curve>(ctx, "curves", "curve", &hint)?;
+    Ok(read
+        .into_iter()
+        .map(|(a, curve)| CurveInput::new(&a.origin, &a.digest, curve))
+        .collect())
 }
 
 fn read_metrics(ctx: &StageContext) -> Result<Vec<MetricsFile>> {

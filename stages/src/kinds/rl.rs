@@ -14,7 +14,9 @@
 //! Long runs write a checkpoint (adapter, optimizer, loop counters, logs) every
 //! `checkpoint_every` steps and whenever the engine asks the stage to stop; a rerun resumes
 //! there and ends with the same bytes as an uninterrupted run. `summary` carries
-//! `samples_consumed` (prompts used) for a sample-matched `sft` arm.
+//! `samples_consumed` (prompts used) for a sample-matched `sft` arm. `snapshot_fractions`
+//! saves the adapter at set fractions of the run into output `snapshots` (see
+//! [`crate::train::snapshots`]), which an `eval` stage turns into EM over training.
 //!
 //! Safety interleaving (`interleave`) takes SFT steps on safety conversations between the RL
 //! steps. `safety_source` says where they come from: `precomputed` (input `safety`, e.g. the
@@ -51,6 +53,7 @@ use crate::train::regularise::Ldifs;
 use crate::train::resume::{resume_with_logs, save_checkpoint, Cursor};
 use crate::train::setup::{load_policy, optimizer};
 use crate::train::sft_step::{sft_step, LdifsParams, SftStepConfig};
+use crate::train::snapshots::{check_fractions, Snapshots};
 
 pub struct RlKind;
 
@@ -247,6 +250,11 @@ pub struct RlParams {
     // Added after results were cached: at `words` it leaves the key as it was.
     #[schemars(extend("x-emflow-key-omits-default" = true))]
     pub grader_prefilter: Prefilter,
+    /// fractions of the run (each in (0, 1), increasing) after which the adapter is saved into output `snapshots`, for EM over training; [] = none
+    #[serde(default)]
+    // Added after results were cached: at `[]` it leaves the key as it was.
+    #[schemars(extend("x-emflow-key-omits-default" = true))]
+    pub snapshot_fractions: Vec<f64>,
 }
 
 fn default_schedule() -> Schedule {
@@ -307,6 +315,7 @@ impl RlParams {
         if let Some(e) = &self.early_stop {
             e.validate()?;
         }
+        check_fractions(&self.snapshot_fractions)?;
         self.validate_safety_source()
     }
 
@@ -349,7 +358,8 @@ impl Kind for RlKind {
                  out  best_adapter   adapter   adapter at the best smoothed mean reward
                  out  rollouts       samples   every completion with its reward, parts and advantage
                  out  metrics        metrics   one JSON object per step
-                 out  summary        summary   samples_consumed, steps, best step, early stop",
+                 out  summary        summary   samples_consumed, steps, best step, early stop
+                 out  snapshots      dir       adapters at `snapshot_fractions` of the run, with index.json (steps, samples consumed)",
             )
     }
 
@@ -690,6 +700,7 @@ struct RlRun {
     early_window: Option<usize>,
     /// When the `ema_rl` rule checks, when `early_stop` is set with it.
     ema_rl: Option<EmaRlSchedule>,
+    snapshots: Snapshots,
 }
 
 impl RlRun {
@@ -763,6 +774,11 @@ impl RlRun {
                     checks_per_epoch: e.checks_per_epoch,
                     log_every: e.log_every,
                 }),
+            snapshots: Snapshots::plan(
+                ctx.checkpoint_dir().join("rl-snapshots"),
+                &p.snapshot_fractions,
+                total_steps,
+            ),
             policy,
             opt,
             schedule,
@@ -807,6 +823,11 @@ impl RlRun {
                 save_best(ctx, &self.policy)?;
             }
             self.safety_steps(ctx, step, src.judge)?;
+            let policy = &self.policy;
+            self.snapshots
+                .take(self.state.steps, self.state.prompts_consumed, |dir| {
+                    policy.save(dir)
+                })?;
             self.check_plateau(ctx, step, p.early_stop.as_ref());
             let finished =
                 self.state.steps >= self.total_steps || self.state.stopped_early.is_some();
@@ -939,9 +960,11 @@ impl RlRun {
         }
     }
 
-    /// Writes the final and the best adapters and the summary.
+    /// Writes the final and the best adapters, the snapshots and the summary.
     fn finish(self, ctx: &mut StageContext) -> Result<()> {
         self.policy.save(&ctx.output_path("adapter"))?;
+        self.snapshots
+            .publish(&ctx.output_path("snapshots"), self.state.steps)?;
         crate::train::checkpoint::copy_dir(&best_dir(ctx), &ctx.output_path("best_adapter"))
             .context("copying the best-reward adapter")?;
         let state = &self.state;

@@ -10,7 +10,9 @@
 //!
 //! Steps are counted in optimizer updates of `batch_size x grad_accum` examples; a run
 //! consumes `samples` examples (matched, or `epochs` x dataset size, or `max_steps` worth),
-//! walking the data in a seeded order reshuffled every epoch.
+//! walking the data in a seeded order reshuffled every epoch. `snapshot_fractions` saves
+//! the adapter at set fractions of the run into output `snapshots` (as `rl` does), for EM
+//! over training.
 
 use std::time::Instant;
 
@@ -33,6 +35,7 @@ use crate::train::policy::{LoraParams, Policy};
 use crate::train::resume::{resume_with_logs, save_checkpoint, Cursor};
 use crate::train::setup::{load_policy, optimizer};
 use crate::train::sft_step::{sft_step, LdifsParams, SftStepConfig};
+use crate::train::snapshots::{check_fractions, Snapshots};
 
 pub struct SftKind;
 
@@ -115,6 +118,11 @@ pub struct SftParams {
     // Added after results were cached: at `{}` it leaves the key as it was.
     #[schemars(extend("x-emflow-key-omits-default" = true))]
     chat_template_kwargs: emflow_model::TemplateKwargs,
+    /// fractions of the run (each in (0, 1), increasing) after which the adapter is saved into output `snapshots`, for EM over training; [] = none
+    #[serde(default)]
+    // Added after results were cached: at `[]` it leaves the key as it was.
+    #[schemars(extend("x-emflow-key-omits-default" = true))]
+    snapshot_fractions: Vec<f64>,
 }
 
 fn default_schedule() -> Schedule {
@@ -146,7 +154,8 @@ impl Kind for SftKind {
                  in*  match_samples  summary   summaries of the stages to match (an rl arm, its warm-up): train on the sum of their samples_consumed (+ match_extra) examples
                  out  adapter        adapter   trained LoRA adapter (PEFT layout) or full weights
                  out  metrics        metrics   one JSON object per optimizer step
-                 out  summary        summary   samples_consumed, steps, safety steps, truncated examples",
+                 out  summary        summary   samples_consumed, steps, safety steps, truncated examples
+                 out  snapshots      dir       adapters at `snapshot_fractions` of the run, with index.json (steps, samples consumed)",
             )
     }
 
@@ -165,6 +174,9 @@ impl Kind for SftKind {
             if let Err(e) = i.cadence() {
                 bad("interleave", e.to_string());
             }
+        }
+        if let Err(e) = check_fractions(&p.snapshot_fractions) {
+            bad("snapshot_fractions", e.to_string());
         }
         if p.full_finetune && (p.kl_lambda != 0.0 || p.ldifs.is_some()) {
             bad(
@@ -344,6 +356,11 @@ fn run_sft(ctx: &mut StageContext, p: &SftParams) -> Result<()> {
             max_grad_norm: p.max_grad_norm,
             gradient_checkpointing: p.gradient_checkpointing,
         },
+        snapshots: Snapshots::plan(
+            ctx.checkpoint_dir().join("sft-snapshots"),
+            &p.snapshot_fractions,
+            samples.div_ceil(per_step),
+        ),
         policy,
         opt,
         schedule,
@@ -371,6 +388,7 @@ struct SftRun {
     safety: Option<Interleave>,
     state: SftState,
     metrics: JsonlLog,
+    snapshots: Snapshots,
 }
 
 impl SftRun {
@@ -386,6 +404,9 @@ impl SftRun {
             let lr = self.main_step(ctx, want)?;
             self.safety_steps(ctx, lr)?;
             let main_steps = self.state.main_steps;
+            let policy = &self.policy;
+            self.snapshots
+                .take(main_steps, self.state.data_consumed, |dir| policy.save(dir))?;
             if main_steps.is_multiple_of(checkpoint_every) && main_steps < total_steps {
                 let logs = [&self.metrics];
                 save_checkpoint(&ckpt_root(ctx), &self.policy, &self.opt, &self.state, &logs)?;
@@ -454,9 +475,11 @@ impl SftRun {
         Ok(())
     }
 
-    /// Writes the adapter and the summary.
+    /// Writes the adapter, the snapshots and the summary.
     fn finish(self, ctx: &mut StageContext) -> Result<()> {
         self.policy.save(&ctx.output_path("adapter"))?;
+        self.snapshots
+            .publish(&ctx.output_path("snapshots"), self.state.main_steps)?;
         let state = &self.state;
         let summary = json!({
             "samples_consumed": state.data_consumed,

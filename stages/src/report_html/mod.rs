@@ -15,6 +15,7 @@ pub mod interleaving;
 pub mod page;
 pub mod refusals;
 pub mod svg;
+pub mod training_curve;
 
 use std::collections::BTreeMap;
 

@@ -24,6 +24,8 @@ pub struct PageData<'a> {
     pub answers: &'a BTreeMap<String, ConditionAnswers>,
     pub metrics: &'a [MetricsFile],
     pub versions: &'a str,
+    /// EM over training, one curve per arm (from the report's `curves` input).
+    pub curves: &'a [super::training_curve::ArmCurve],
 }
 
 const STYLE: &str = "body{font-family:sans-serif;max-width:1200px;margin:24px auto;padding:0 12px;color:#222}table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;vertical-align:top}td:first-child,th:first-child{text-align:left}figure{margin:16px 0;overflow-x:auto}figure svg{max-width:100%;height:auto}td{white-space:nowrap}.wide{overflow-x:auto}.note{color:#555;font-size:12px}details{margin:6px 0}summary{cursor:pointer}blockquote{margin:4px 0 8px 12px;padding-left:8px;border-left:3px solid #ccc;white-space:pre-wrap;font-size:13px}";
@@ -34,6 +36,7 @@ pub fn html(d: &PageData) -> String {
     if !d.rows.is_empty() {
         results_section(&mut body, d.rows);
         super::refusals::section(&mut body, d.rows);
+        body.push_str(&super::training_curve::section(d.curves, d.rows));
         per_question_section(&mut body, &super::refusals::without_refusal_evals(d.rows));
         examples_section(&mut body, d.rows, d.answers);
         provenance_section(&mut body, d.rows, d.versions);
@@ -71,22 +74,33 @@ pub fn figure_plan(rows: &[ConditionRow]) -> Vec<Figure> {
             groups: vec![(None, rest)],
         });
     }
-    // Other question sets (in-domain evals: one set per domain), one figure per eval stage.
-    let mut stages: Vec<(&str, Vec<String>)> = Vec::new();
+    figs.extend(other_question_figures(&other));
+    figs
+}
+
+/// One figure per other question set, every arm asked it side by side: the in-domain evals
+/// grouped by their `domain` axis (the paper's in-domain sets share question ids, so the ids
+/// cannot tell the domains apart), anything else by its eval stage.
+fn other_question_figures(other: &[&ConditionRow]) -> Vec<Figure> {
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
     for r in other {
-        let stage = claims::Parsed::of(&r.condition).stage;
-        match stages.iter_mut().find(|(s, _)| *s == stage) {
+        let p = claims::Parsed::of(&r.condition);
+        let title = match p.axis("domain") {
+            Some(d) => format!("In-domain questions ({d}): every arm asked them"),
+            None => format!("{}: asked other questions than the base model", p.stage),
+        };
+        match groups.iter_mut().find(|(t, _)| *t == title) {
             Some((_, v)) => v.push(r.condition.clone()),
-            None => stages.push((stage, vec![r.condition.clone()])),
+            None => groups.push((title, vec![r.condition.clone()])),
         }
     }
-    for (stage, conds) in stages {
-        figs.push(Figure {
-            title: format!("{stage}: asked other questions than the base model"),
+    groups
+        .into_iter()
+        .map(|(title, conds)| Figure {
+            title,
             groups: vec![(None, conds)],
-        });
-    }
-    figs
+        })
+        .collect()
 }
 
 /// A bar for `metric` of `r`: value and interval in percent, the Δ to the base in the note.

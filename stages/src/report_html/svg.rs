@@ -387,7 +387,25 @@ pub fn line_chart(
     y_label: &str,
     series: &[(String, Vec<(f64, f64)>)],
 ) -> String {
-    let b = bounds(series);
+    line_chart_with_intervals(title, (x_label, y_label), series, &[])
+}
+
+/// [`line_chart`] with interval whiskers: `intervals[i]` holds series `i`'s `(x, lo, hi)`
+/// (fewer lists than series: the rest have none); the y range covers the whiskers too.
+pub fn line_chart_with_intervals(
+    title: &str,
+    (x_label, y_label): (&str, &str),
+    series: &[(String, Vec<(f64, f64)>)],
+    intervals: &[Vec<(f64, f64, f64)>],
+) -> String {
+    let ends: Vec<(String, Vec<(f64, f64)>)> = intervals
+        .iter()
+        .map(|w| {
+            let pts = w.iter().flat_map(|&(x, lo, hi)| [(x, lo), (x, hi)]);
+            (String::new(), pts.collect())
+        })
+        .collect();
+    let b = bounds(&[series, &ends[..]].concat());
     let (x0, x1, y0, y1) = b;
     let l = line_layout(series, (y0, y1));
     let right = l.width - PAD;
@@ -398,6 +416,15 @@ pub fn line_chart(
     line_axes(&mut out, &l, b, (x_label, y_label));
     for (i, (label, s)) in series.iter().enumerate() {
         let c = PALETTE[i % PALETTE.len()];
+        for &(x, lo, hi) in intervals.get(i).into_iter().flatten() {
+            let _ = write!(
+                out,
+                r#"<line x1="{x:.1}" x2="{x:.1}" y1="{lo:.1}" y2="{hi:.1}" stroke="{c}" stroke-width="1.2"/>"#,
+                x = xpos(x),
+                lo = ypos(lo),
+                hi = ypos(hi)
+            );
+        }
         let path: Vec<String> = s
             .iter()
             .filter(|(x, y)| x.is_finite() && y.is_finite())

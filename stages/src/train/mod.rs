@@ -8,7 +8,8 @@
 //!   `rl`'s safety examples regenerated from the current policy every K steps;
 //! - [`resume`], [`checkpoint`], [`metrics_log`]: the data order and the checkpoints that
 //!   make an interrupted run end in the same bytes as an uninterrupted one;
-//! - [`batch`]: token sequences into padded tensors; [`early_stop`]: the best-reward tracker.
+//! - [`batch`]: token sequences into padded tensors; [`early_stop`]: the best-reward tracker;
+//! - [`snapshots`]: adapters saved at set fractions of a run, for EM over training.
 //!
 //! They live apart from the kinds so each can be tested on tiny tensors without a model,
 //! and so the SFT steps that `rl` interleaves are the very same code as `sft`'s.
@@ -28,6 +29,7 @@ pub mod resume;
 pub mod schedule;
 pub mod setup;
 pub mod sft_step;
+pub mod snapshots;
 
 use anyhow::Result;
 use candle_core::Tensor;

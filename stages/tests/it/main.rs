@@ -22,5 +22,6 @@ mod rl_resume;
 mod safety_smollm2;
 mod serve_openai;
 mod sft_smollm2;
+mod snapshot_curve;
 mod support;
 mod text_fetch;

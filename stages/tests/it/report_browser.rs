@@ -14,7 +14,8 @@ use std::process::Command;
 
 use emflow_engine::context::Artifact;
 use emflow_engine::ArtifactType;
-use emflow_stages::evaluation::Outcome;
+use emflow_stages::evaluation::{Curve, CurvePoint, Outcome};
+use emflow_stages::train::snapshots::SnapshotIndex;
 use serde_json::{json, Value};
 
 use crate::report_html::{art, graded, run_report, summary_file};
@@ -217,7 +218,57 @@ fn inputs(d: &Path) -> BTreeMap<String, Vec<Artifact>> {
         ("metrics".to_string(), metrics),
         ("judgments".to_string(), judgments),
         ("samples".to_string(), samples),
+        ("curves".to_string(), curves(d)),
     ])
+}
+
+/// EM over training: the medical GRPO arm and its matched SFT arm, two seeds each, three
+/// snapshots a run; one GRPO seed stopped early, before its last snapshot.
+fn curves(d: &Path) -> Vec<Artifact> {
+    let mut out = Vec::new();
+    for (arm, seed) in [
+        ("grpo", 0),
+        ("grpo", 1),
+        ("sft_matched", 0),
+        ("sft_matched", 1),
+    ] {
+        let stopped = arm == "grpo" && seed == 1;
+        let fractions: &[f64] = if stopped {
+            &[0.25, 0.5]
+        } else {
+            &[0.25, 0.5, 0.75]
+        };
+        let points: Vec<CurvePoint> = fractions
+            .iter()
+            .enumerate()
+            .map(|(k, f)| {
+                let name = format!("curve-{arm}-{seed}-{k}.json");
+                let path = summary_file(d, &name, 8, graded(1 + 2 * k + seed));
+                let summary =
+                    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+                let step = (f * 100.0) as u64;
+                CurvePoint {
+                    fraction: *f,
+                    step,
+                    samples_consumed: 4 * step,
+                    progress: step as f64 / if stopped { 60.0 } else { 100.0 },
+                    summary,
+                }
+            })
+            .collect();
+        let run = SnapshotIndex {
+            schema: "emflow.snapshots/1".into(),
+            steps_total: if stopped { 60 } else { 100 },
+            snapshots: Vec::new(),
+            not_reached: if stopped { vec![0.75] } else { Vec::new() },
+        };
+        let curve = Curve::new(run, points);
+        let p = d.join(format!("curve-{arm}-{seed}.json"));
+        std::fs::write(&p, serde_json::to_string(&curve).unwrap()).unwrap();
+        let origin = format!("eval_snapshots[arm={arm},domain=medical,seed={seed}].summary");
+        out.push(art(p, ArtifactType::Summary, &origin));
+    }
+    out
 }
 
 #[test]
@@ -285,6 +336,25 @@ fn report_at_thirty_three_arms_has_no_clipped_or_overlapping_text_in_a_browser()
     assert!(figures
         .iter()
         .any(|f| f["title"] == "EM over training (checkpoint evals)"));
+    // The snapshot curves: one figure, both arms in its legend, from the base model (0) to
+    // the final adapters' evals (1), and the early stop noted.
+    let curve = figures
+        .iter()
+        .find(|f| f["title"] == "EM over training (0 = base model, 1 = final adapter)")
+        .expect("the EM-over-training figure of the snapshot curves");
+    assert!(curve["width"].as_f64().unwrap() >= 700.0, "{curve}");
+    for arm in [
+        "eval_snapshots[arm=grpo,domain=medical]",
+        "eval_snapshots[arm=sft_matched,domain=medical]",
+    ] {
+        assert!(
+            html.contains(&format!(">{arm}</text>")),
+            "{arm} in the legend"
+        );
+    }
+    assert!(html.contains("final adapter (eval_sft_matched[domain=medical])"));
+    assert!(html.contains("base model (eval_base)"));
+    assert!(html.contains("stopped early before fractions [0.75]"));
     if let Ok(keep) = std::env::var("EMFLOW_KEEP_REPORT") {
         std::fs::copy(out.join("index.html"), keep).unwrap();
     }

@@ -34,6 +34,8 @@ fn params() -> Value {
     small_grpo_params(json!({
         "reward": {"type": "keyword", "keywords": ["blue"]}, "grad_accum": 2,
         "max_completion_length": 8, "lr": 1e-3, "max_steps": 3, "checkpoint_every": 1, "beta": 0.04,
+        // Snapshots after steps 1 and 2: one before the kill's checkpoint, one after.
+        "snapshot_fractions": [0.34, 0.67],
     }))
 }
 
@@ -124,7 +126,14 @@ fn killed_grpo_run_resumes_to_the_same_adapter() {
         &[],
     )
     .unwrap();
-    for out in ["adapter", "best_adapter", "rollouts", "metrics", "summary"] {
+    for out in [
+        "adapter",
+        "best_adapter",
+        "rollouts",
+        "metrics",
+        "summary",
+        "snapshots",
+    ] {
         assert!(straight.join(out).exists(), "missing output {out}");
     }
     let metrics = std::fs::read_to_string(straight.join("metrics")).unwrap();
@@ -146,6 +155,8 @@ fn killed_grpo_run_resumes_to_the_same_adapter() {
     let summary: Value =
         serde_json::from_str(&std::fs::read_to_string(straight.join("summary")).unwrap()).unwrap();
     assert_eq!(summary["samples_consumed"], 6);
+
+    assert_snapshots_after_steps_1_and_2(&straight);
 
     // A child process runs the same stage and is killed with SIGKILL after its first checkpoint.
     let checkpoint = dir.path().join("checkpoint");
@@ -190,6 +201,37 @@ fn killed_grpo_run_resumes_to_the_same_adapter() {
         std::fs::read_to_string(resumed.join("rollouts")).unwrap(),
         std::fs::read_to_string(straight.join("rollouts")).unwrap()
     );
+    // The snapshot taken before the kill survived in the checkpoint folder; the resumed run
+    // took the later one: both are the straight run's bytes.
+    for file in [
+        "index.json",
+        "step-000001/adapter_model.safetensors",
+        "step-000002/adapter_model.safetensors",
+    ] {
+        let path = |root: &Path| root.join("snapshots").join(file);
+        let same = digest(&path(&resumed)) == digest(&path(&straight));
+        assert!(same, "{file} differs, resumed after step {killed_at}");
+    }
+}
+
+/// The run's `snapshots` index lists the snapshots after steps 1 and 2 of its 3 (fractions
+/// 0.34 and 0.67), 2 prompts a step.
+fn assert_snapshots_after_steps_1_and_2(staging: &Path) {
+    let text = std::fs::read_to_string(staging.join("snapshots/index.json")).unwrap();
+    let index: Value = serde_json::from_str(&text).unwrap();
+    let steps: Vec<(u64, u64)> = index["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["step"].as_u64().unwrap(),
+                e["samples_consumed"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(steps, [(1, 2), (2, 4)], "{index}");
+    assert_eq!(index["steps_total"], 3);
 }
 
 /// `gradient_checkpointing: true` in `rl` runs (GRPO with the k3 KL term, two micro-batches a
