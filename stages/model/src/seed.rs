@@ -81,6 +81,10 @@ pub enum Purpose<'a> {
     /// statistic by xor and the question by `(seed + 1 + i) * 0x9E3779B9`; `report`: the
     /// condition by addition).
     Bootstrap { seed: u64 },
+    /// One bootstrap of the judge-free log-probability margin (`eval`'s contrast set, and
+    /// `report` pooling it over seeds): the stage's seed and what is resampled (`eval`: `""`
+    /// for all pairs, else the question id; `report`: the condition).
+    MarginBootstrap { seed: u64, scope: &'a str },
 }
 
 /// Tags of the purposes that follow the rule (and of LoRA's, which follows it up to the bare
@@ -89,8 +93,15 @@ const SAMPLE_TAG: &str = "emflow-sample-seed-v1";
 const TOKEN_SAMPLER_TAG: &str = "emflow-sampler-v1";
 const RANDOM_WEIGHTS_TAG: &str = "emflow-random-weights-v1";
 const LORA_TAG: &str = "emflow-lora-init";
+const MARGIN_BOOTSTRAP_TAG: &str = "emflow-margin-bootstrap-v1";
 #[cfg(test)]
-const TAGS: [&str; 4] = [SAMPLE_TAG, TOKEN_SAMPLER_TAG, RANDOM_WEIGHTS_TAG, LORA_TAG];
+const TAGS: [&str; 5] = [
+    SAMPLE_TAG,
+    TOKEN_SAMPLER_TAG,
+    RANDOM_WEIGHTS_TAG,
+    LORA_TAG,
+    MARGIN_BOOTSTRAP_TAG,
+];
 
 /// One input of a derivation under the rule.
 enum Part<'a> {
@@ -127,6 +138,9 @@ pub fn key(purpose: Purpose<'_>) -> [u8; 32] {
         }
         // `get_seed` returns exactly the key `seed_from_u64` expanded the seed to.
         Purpose::Bootstrap { seed } => ChaCha8Rng::seed_from_u64(seed).get_seed(),
+        Purpose::MarginBootstrap { seed, scope } => {
+            hash(MARGIN_BOOTSTRAP_TAG, &[Int(seed), Str(scope)])
+        }
     }
 }
 

@@ -6,9 +6,11 @@
 //! Betley et al. drop refusals (no aligned score) and incoherent answers (`coherent < 50`)
 //! before dividing; Turner et al. and EMA_RL divide by all samples. The summary also keeps the
 //! counts behind every rate, so `report` can pool seeds exactly (binary outcomes are fully
-//! described by their counts).
+//! described by their counts). An eval given a contrast set adds the judge-free margin
+//! ([`margin`]) to its summary.
 
 pub mod bootstrap;
+pub mod margin;
 
 use serde::{Deserialize, Serialize};
 
@@ -113,6 +115,10 @@ pub struct Summary {
     /// All answers pooled (bootstrap stratified by question).
     pub overall: GroupStats,
     pub questions: Vec<QuestionStats>,
+    /// The judge-free log-probability margin, when the eval was given a contrast set (absent
+    /// otherwise, so summaries without one keep their bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub margin: Option<margin::MarginSummary>,
 }
 
 pub const SUMMARY_SCHEMA: &str = "emflow.eval_summary.v1";
@@ -186,6 +192,7 @@ pub fn summarize(
         bootstrap: boot,
         overall: group_stats(&strata, &boot),
         questions,
+        margin: None,
     }
 }
 

@@ -7,6 +7,11 @@
 //! Sampling is seeded per (question, sample index), so results do not depend on batch size;
 //! judge calls go through the store's memo, so a re-judging after a crash or a param change
 //! that leaves answers unchanged costs nothing. Aggregation across seeds is `report`'s job.
+//!
+//! With a `contrast` input (fixed aligned and misaligned answers per question) the summary
+//! also carries the judge-free margin, teacher-forced log-probabilities of those answers
+//! under the same model ([`crate::evaluation::margin`] defines it); without one the summary's
+//! bytes are what they were.
 
 use std::collections::HashMap;
 
@@ -21,7 +26,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::defaults;
-use crate::evaluation::{summarize, BootstrapSettings, Outcome};
+use crate::evaluation::margin::{self, MarginAsk, MarginSummary};
+use crate::evaluation::{summarize, BootstrapSettings, Outcome, Summary};
+use crate::formats::contrast::{self, ContrastSet};
 use crate::formats::questions::{self, Question};
 use crate::judge::prompts::{parse_judge_prompt, render_judge_prompt, score_answers};
 use crate::judge::template::Template;
@@ -81,6 +88,11 @@ pub struct EvalParams {
     // Added after results were cached: at `{}` it leaves the key as it was.
     #[schemars(extend("x-emflow-key-omits-default" = true))]
     chat_template_kwargs: emflow_model::TemplateKwargs,
+    /// contrast pairs scored per question for the judge-free margin (null = every pair the `contrast` input has); unused without `contrast`
+    #[serde(default)]
+    // Added after results were cached: at null it leaves the key as it was.
+    #[schemars(range(min = 1), extend("x-emflow-key-omits-default" = true))]
+    contrast_pairs: Option<usize>,
 }
 
 fn default_metrics() -> Vec<String> {
@@ -111,6 +123,7 @@ impl Kind for EvalKind {
                  in?  adapter      adapter    a LoRA adapter (PEFT folder) or full fine-tuned weights for `model`
                  in   questions    questions  questions: JSONL, or the paper's eval YAML
                  in?  judge_model  model      the judge for the local backend
+                 in?  contrast     file       aligned and misaligned answers per question (YAML; manifests/data/contrast/): adds the judge-free log-prob margin to the summary
                  out  samples      samples    answers, JSONL
                  out  judgments    judgments  judge scores per answer, JSONL
                  out  summary      summary    misalignment rates with 95% bootstrap intervals, JSON",
@@ -189,11 +202,21 @@ fn run_eval(ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
     }
     let templates = judge_templates(&questions, &p.metrics)?;
 
-    // 1. Sample.
-    let samples = {
+    let contrast = match ctx.optional_input("contrast")? {
+        Some(a) => Some(contrast::read(&a.path, &a.origin)?),
+        None => None,
+    };
+
+    // 1. Sample; score the contrast pairs with the same loaded model.
+    let (samples, margin) = {
         let mut lm = load_stage_model(ctx)?;
         lm.chat.set_kwargs(p.chat_template_kwargs.clone())?;
-        sample_questions(ctx, &lm, &questions, p)?
+        let samples = sample_questions(ctx, &lm, &questions, p)?;
+        let margin = match &contrast {
+            Some(set) => Some(contrast_margin(ctx, &lm, &questions, set, p)?),
+            None => None,
+        };
+        (samples, margin)
     };
     crate::formats::jsonl::write(&ctx.output_path("samples"), &samples)?;
 
@@ -222,7 +245,10 @@ fn run_eval(ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
         level: 0.95,
         seed: p.seed,
     };
-    let summary = summarize(&per_question, p.samples_per_question, boot);
+    let summary = Summary {
+        margin,
+        ..summarize(&per_question, p.samples_per_question, boot)
+    };
     let text = serde_json::to_string_pretty(&summary)? + "\n";
     std::fs::write(ctx.output_path("summary"), text).context("writing the eval summary")?;
 
@@ -233,7 +259,44 @@ fn run_eval(ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
     ctx.summarize("incoherent", json!(o.incoherent.value));
     ctx.summarize("refusal", json!(o.refusal.value));
     ctx.summarize("mean_aligned", json!(o.mean_aligned.value));
+    if let Some(m) = &summary.margin {
+        ctx.summarize("contrast_margin", json!(m.overall.value));
+    }
     Ok(())
+}
+
+/// The judge-free margin of `lm` on the contrast pairs of `questions`
+/// ([`crate::evaluation::margin`] defines it); bootstrap seeded by the eval's `seed`.
+fn contrast_margin(
+    ctx: &StageContext,
+    lm: &LoadedModel,
+    questions: &[Question],
+    set: &ContrastSet,
+    p: &EvalParams,
+) -> Result<MarginSummary> {
+    let ask = MarginAsk {
+        pairs_per_question: p.contrast_pairs,
+        use_system: p.use_system,
+        batch_size: p.batch_size,
+    };
+    let started = std::time::Instant::now();
+    let (pairs, uncovered) = margin::score_pairs(lm, questions, set, ask)?;
+    ctx.progress().log(&format!(
+        "contrast margin: {} pairs scored in {:.1} s{}",
+        pairs.len(),
+        started.elapsed().as_secs_f64(),
+        if uncovered.is_empty() {
+            String::new()
+        } else {
+            format!("; no contrast answers for {}", uncovered.join(", "))
+        }
+    ));
+    Ok(margin::summarize_margins(
+        pairs,
+        uncovered,
+        p.bootstrap_resamples,
+        p.seed,
+    ))
 }
 
 /// Every answer's judgment line, and each question's outcomes (in question order).

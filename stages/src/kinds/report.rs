@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::defaults;
 use crate::evaluation::{Summary, SUMMARY_SCHEMA};
 use crate::report_html::page::{figure_plan, MetricsFile, PageData};
-use crate::report_html::{aggregate, answers, export, page, SummaryInput};
+use crate::report_html::{aggregate, answers, export, margin, page, SummaryInput};
 
 pub struct ReportKind;
 
@@ -47,7 +47,7 @@ impl Kind for ReportKind {
                  in*  judgments  judgments  eval judgments: judge failures told apart from refusals, example answers
                  in*  samples    samples    eval samples: the text of the example answers
                  in*  metrics    metrics    training metrics JSONL (reward, KL, loss curves)
-                 out  report     report     index.html, report.md, data.json, conditions.csv, per_question.csv",
+                 out  report     report     index.html, report.md, data.json, conditions.csv, per_question.csv (margin.csv with judge-free margins)",
             )
     }
 
@@ -65,6 +65,7 @@ impl Kind for ReportKind {
         };
         let answers = answers::collect(&located("judgments"), &located("samples"))?;
         let mut rows = aggregate(&summaries, p.bootstrap_resamples, p.seed);
+        margin::attach(&mut rows, &summaries, p.bootstrap_resamples, p.seed);
         for r in &mut rows {
             r.judged = answers.get(&r.condition).map(|a| a.counts);
             for p in &mut r.provenance {
@@ -88,12 +89,15 @@ impl Kind for ReportKind {
         };
         write(
             "report.md",
-            export::markdown(&p.title, &rows, &figures, &versions),
+            export::markdown(&p.title, &rows, &figures, &versions) + &margin::markdown(&rows),
         )?;
         let data = export::data_json(&rows, &figures, &answers, &versions);
         write("data.json", serde_json::to_string_pretty(&data)? + "\n")?;
         write("conditions.csv", export::conditions_csv(&rows))?;
         write("per_question.csv", export::per_question_csv(&rows))?;
+        if margin::any(&rows) {
+            write("margin.csv", margin::csv(&rows))?;
+        }
         let page = PageData {
             title: &p.title,
             rows: &rows,

@@ -10,6 +10,7 @@
 pub mod answers;
 pub mod claims;
 pub mod export;
+pub mod margin;
 pub mod page;
 pub mod svg;
 
@@ -89,6 +90,9 @@ pub struct ConditionRow {
     pub judged: Option<JudgedCounts>,
     pub questions: Vec<QuestionCounts>,
     pub provenance: Vec<Provenance>,
+    /// The judge-free margin, when the condition's evals had a contrast set ([`margin`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub margin: Option<margin::ConditionMargin>,
 }
 
 /// Counts read from the evals' per-answer judgments, pooled over seeds.
@@ -203,6 +207,7 @@ fn pool(condition: String, members: &[&SummaryInput], resamples: usize, seed: u6
                 judgments_digest: None,
             })
             .collect(),
+        margin: None,
     }
 }
 
@@ -493,6 +498,7 @@ mod tests {
                 refusals: 4,
             },
             judged: None,
+            margin: None,
             questions: Vec::new(),
             provenance: Vec::new(),
         };

@@ -33,6 +33,7 @@ pub fn html(d: &PageData) -> String {
     let mut body = String::new();
     if !d.rows.is_empty() {
         results_section(&mut body, d.rows);
+        body.push_str(&super::margin::html_section(d.rows));
         per_question_section(&mut body, d.rows);
         examples_section(&mut body, d.rows, d.answers);
         provenance_section(&mut body, d.rows, d.versions);
