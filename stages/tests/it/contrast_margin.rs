@@ -152,7 +152,7 @@ fn pair_log_probs_equal_a_hand_computation_and_the_sign_follows_the_model() {
     );
     let set = contrast::parse(&yaml, "contrast.yaml").unwrap();
     let q = question("q", None, &["t40 t41"]);
-    let (pairs, uncovered) = score_pairs(&lm, &[q.clone()], &set, ASK).unwrap();
+    let (pairs, uncovered) = score_pairs(&lm, std::slice::from_ref(&q), &set, ASK).unwrap();
     assert!(uncovered.is_empty());
     assert_eq!(pairs.len(), 3);
     let entry = set.for_question("q").unwrap();
