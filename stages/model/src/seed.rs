@@ -84,6 +84,10 @@ pub enum Purpose<'a> {
     /// Which of several fixed texts (e.g. a refusal template) a `dataset` row gets: the
     /// stage's seed and the row's text, so the choice follows the text, not its position.
     TemplateChoice { seed: u64, text: &'a str },
+    /// One bootstrap of the judge-free log-probability margin (`eval`'s contrast set, and
+    /// `report` pooling it over seeds): the stage's seed and what is resampled (`eval`: `""`
+    /// for all pairs, else the question id; `report`: the condition).
+    MarginBootstrap { seed: u64, scope: &'a str },
 }
 
 /// Tags of the purposes that follow the rule (and of LoRA's, which follows it up to the bare
@@ -93,6 +97,7 @@ const TOKEN_SAMPLER_TAG: &str = "emflow-sampler-v1";
 const RANDOM_WEIGHTS_TAG: &str = "emflow-random-weights-v1";
 const LORA_TAG: &str = "emflow-lora-init";
 const TEMPLATE_CHOICE_TAG: &str = "emflow-template-choice-v1";
+const MARGIN_BOOTSTRAP_TAG: &str = "emflow-margin-bootstrap-v1";
 #[cfg(test)]
 const TAGS: [&str; 5] = [
     SAMPLE_TAG,
@@ -100,6 +105,7 @@ const TAGS: [&str; 5] = [
     RANDOM_WEIGHTS_TAG,
     LORA_TAG,
     TEMPLATE_CHOICE_TAG,
+    MARGIN_BOOTSTRAP_TAG,
 ];
 
 /// One input of a derivation under the rule.
@@ -139,6 +145,9 @@ pub fn key(purpose: Purpose<'_>) -> [u8; 32] {
         Purpose::Bootstrap { seed } => ChaCha8Rng::seed_from_u64(seed).get_seed(),
         Purpose::TemplateChoice { seed, text } => {
             hash(TEMPLATE_CHOICE_TAG, &[Int(seed), Str(text)])
+        }
+        Purpose::MarginBootstrap { seed, scope } => {
+            hash(MARGIN_BOOTSTRAP_TAG, &[Int(seed), Str(scope)])
         }
     }
 }

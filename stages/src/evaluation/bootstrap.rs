@@ -32,9 +32,19 @@ impl Resampler {
 pub fn sorted_draws<const K: usize>(
     resamples: usize,
     seed: u64,
+    round: impl FnMut(&mut Resampler) -> [Option<f64>; K],
+) -> [Vec<f64>; K] {
+    sorted_draws_on(Purpose::Bootstrap { seed }, resamples, round)
+}
+
+/// [`sorted_draws`] on the stream of `purpose` (a bootstrap newer than the seeding rule keys
+/// its own stream, e.g. [`Purpose::MarginBootstrap`]).
+pub fn sorted_draws_on<const K: usize>(
+    purpose: Purpose<'_>,
+    resamples: usize,
     mut round: impl FnMut(&mut Resampler) -> [Option<f64>; K],
 ) -> [Vec<f64>; K] {
-    let mut rng = Resampler(seed::stream(Purpose::Bootstrap { seed }));
+    let mut rng = Resampler(seed::stream(purpose));
     let mut out: [Vec<f64>; K] = std::array::from_fn(|_| Vec::with_capacity(resamples));
     for _ in 0..resamples {
         for (draws, x) in out.iter_mut().zip(round(&mut rng)) {
@@ -106,13 +116,24 @@ pub fn bootstrap<T>(
     level: f64,
     seed: u64,
 ) -> Estimate {
+    bootstrap_on(groups, stat, resamples, level, Purpose::Bootstrap { seed })
+}
+
+/// [`bootstrap`] on the stream of `purpose`.
+pub fn bootstrap_on<T>(
+    groups: &[Vec<T>],
+    stat: impl Fn(&[&T]) -> Option<f64>,
+    resamples: usize,
+    level: f64,
+    purpose: Purpose<'_>,
+) -> Estimate {
     let all: Vec<&T> = groups.iter().flatten().collect();
     let value = stat(&all);
     if value.is_none() {
         return interval(value, &[], (0.0, 1.0), Quantile::Linear);
     }
     let mut pool: Vec<&T> = Vec::with_capacity(all.len());
-    let [draws] = sorted_draws(resamples, seed, |rng| {
+    let [draws] = sorted_draws_on(purpose, resamples, |rng| {
         pool.clear();
         for g in groups {
             for _ in 0..g.len() {

@@ -8,9 +8,11 @@
 //! code as run divides by the answers that have both scores ([`as_run_rate`]: its CSV parser,
 //! `open_models/parse_csv.py`, drops rows with a missing score). The summary keeps the counts
 //! behind the first two, so `report` can pool seeds exactly (binary outcomes are fully
-//! described by their counts); the report reads the third from the judgments.
+//! described by their counts); the report reads the third from the judgments. An eval given
+//! a contrast set adds the judge-free margin ([`margin`]) to its summary.
 
 pub mod bootstrap;
+pub mod margin;
 
 use serde::{Deserialize, Serialize};
 
@@ -119,6 +121,10 @@ pub struct Summary {
     /// All answers pooled (bootstrap stratified by question).
     pub overall: GroupStats,
     pub questions: Vec<QuestionStats>,
+    /// The judge-free log-probability margin, when the eval was given a contrast set (absent
+    /// otherwise, so summaries without one keep their bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub margin: Option<margin::MarginSummary>,
 }
 
 pub const SUMMARY_SCHEMA: &str = "emflow.eval_summary.v1";
@@ -257,6 +263,7 @@ pub fn summarize(
         bootstrap: boot,
         overall: group_stats(&strata, &boot),
         questions,
+        margin: None,
     }
 }
 

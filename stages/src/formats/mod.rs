@@ -9,9 +9,13 @@
 //! record file is written by the one writer, [`jsonl::write`]; the record types fix the keys
 //! and their order.
 //!
+//! Contrast sets ([`contrast`]: fixed aligned and misaligned answers per question) are project
+//! data read by `eval`, YAML as written by hand; they do not flow between stages.
+//!
 //! Readers are strict and point at the offending record (`medical.jsonl:17: ...`): a row
 //! skipped or reinterpreted in silence would change an experiment without anyone noticing.
 
+pub mod contrast;
 pub mod jsonl;
 pub mod messages;
 pub mod questions;

@@ -14,6 +14,10 @@
 //! than one per snapshot: a matrix over fractions could not be empty, so a profile without
 //! snapshots (whose training keys must stay as they were) could not keep the stage, and a
 //! run that stopped early would leave stages with nothing to evaluate.
+//! With a `contrast` input (fixed aligned and misaligned answers per question) the summary
+//! also carries the judge-free margin, teacher-forced log-probabilities of those answers
+//! under the same model ([`crate::evaluation::margin`] defines it); without one the summary's
+//! bytes are what they were.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -29,7 +33,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::defaults;
-use crate::evaluation::{as_run_rate, summarize, BootstrapSettings, Curve, CurvePoint, Outcome};
+use crate::evaluation::margin::{self, MarginAsk, MarginSummary};
+use crate::evaluation::{
+    as_run_rate, summarize, BootstrapSettings, Curve, CurvePoint, Outcome, Summary,
+};
+use crate::formats::contrast::{self, ContrastSet};
 use crate::formats::questions::{self, Question};
 use crate::judge::prompts::{parse_judge_prompt, render_judge_prompt, score_answers_per_metric};
 use crate::judge::template::Template;
@@ -104,6 +112,11 @@ pub struct EvalParams {
         extend("x-emflow-key-omits-default" = true, "default" = {})
     )]
     judges: BTreeMap<String, JudgeSpec>,
+    /// contrast pairs scored per question for the judge-free margin (null = every pair the `contrast` input has); unused without `contrast`
+    #[serde(default)]
+    // Added after results were cached: at null it leaves the key as it was.
+    #[schemars(range(min = 1), extend("x-emflow-key-omits-default" = true))]
+    contrast_pairs: Option<usize>,
 }
 
 fn default_metrics() -> Vec<String> {
@@ -138,6 +151,7 @@ impl Kind for EvalKind {
                  in?  snapshots    dir        instead of `adapter`: an sft or rl stage's `snapshots`; every snapshot is evaluated and `summary` is the curve over training
                  in   questions    questions  questions: JSONL, or the paper's eval YAML
                  in?  judge_model  model      the judge for the local backend
+                 in?  contrast     file       aligned and misaligned answers per question (YAML; manifests/data/contrast/): adds the judge-free log-prob margin to the summary
                  out  samples      samples    answers, JSONL
                  out  judgments    judgments  judge scores per answer, JSONL
                  out  summary      summary    misalignment rates with 95% bootstrap intervals, JSON",
@@ -265,11 +279,21 @@ fn run_eval(ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
         return run_over_snapshots(ctx, p, &set, &snapshots);
     }
 
-    // 1. Sample.
-    let samples = {
+    let contrast = match ctx.optional_input("contrast")? {
+        Some(a) => Some(contrast::read(&a.path, &a.origin)?),
+        None => None,
+    };
+
+    // 1. Sample; score the contrast pairs with the same loaded model.
+    let (samples, margin) = {
         let mut lm = load_stage_model(ctx)?;
         lm.chat.set_kwargs(p.chat_template_kwargs.clone())?;
-        sample_questions(ctx, &lm, &set.questions, p)?
+        let samples = sample_questions(ctx, &lm, &set.questions, p)?;
+        let margin = match &contrast {
+            Some(pairs) => Some(contrast_margin(ctx, &lm, &set.questions, pairs, p)?),
+            None => None,
+        };
+        (samples, margin)
     };
     crate::formats::jsonl::write(&ctx.output_path("samples"), &samples)?;
 
@@ -279,6 +303,7 @@ fn run_eval(ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
 
     // 3. Write judgments and the summary.
     crate::formats::jsonl::write(&ctx.output_path("judgments"), &judgments)?;
+    let summary = Summary { margin, ..summary };
     let text = serde_json::to_string_pretty(&summary)? + "\n";
     std::fs::write(ctx.output_path("summary"), text).context("writing the eval summary")?;
 
@@ -292,6 +317,9 @@ fn run_eval(ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
     ctx.summarize("incoherent", json!(o.incoherent.value));
     ctx.summarize("refusal", json!(o.refusal.value));
     ctx.summarize("mean_aligned", json!(o.mean_aligned.value));
+    if let Some(m) = &summary.margin {
+        ctx.summarize("contrast_margin", json!(m.overall.value));
+    }
     Ok(())
 }
 
@@ -314,6 +342,8 @@ fn metric_judges(ctx: &StageContext, p: &EvalParams) -> Result<Vec<Arc<dyn Judge
         out.push(judge);
     }
     Ok(out)
+}
+
 /// Judges `samples` (each metric by its judge in `judges`, in `metrics` order) and summarises
 /// them: the judgment lines, the summary and EMA_RL's as-run rate.
 fn judge_and_summarise(
@@ -411,6 +441,40 @@ fn run_over_snapshots(
     let text = serde_json::to_string_pretty(&curve)? + "\n";
     std::fs::write(ctx.output_path("summary"), text).context("writing the eval curve")?;
     Ok(())
+}
+
+/// The judge-free margin of `lm` on the contrast pairs of `questions`
+/// ([`crate::evaluation::margin`] defines it); bootstrap seeded by the eval's `seed`.
+fn contrast_margin(
+    ctx: &StageContext,
+    lm: &LoadedModel,
+    questions: &[Question],
+    set: &ContrastSet,
+    p: &EvalParams,
+) -> Result<MarginSummary> {
+    let ask = MarginAsk {
+        pairs_per_question: p.contrast_pairs,
+        use_system: p.use_system,
+        batch_size: p.batch_size,
+    };
+    let started = std::time::Instant::now();
+    let (pairs, uncovered) = margin::score_pairs(lm, questions, set, ask)?;
+    ctx.progress().log(&format!(
+        "contrast margin: {} pairs scored in {:.1} s{}",
+        pairs.len(),
+        started.elapsed().as_secs_f64(),
+        if uncovered.is_empty() {
+            String::new()
+        } else {
+            format!("; no contrast answers for {}", uncovered.join(", "))
+        }
+    ));
+    Ok(margin::summarize_margins(
+        pairs,
+        uncovered,
+        p.bootstrap_resamples,
+        p.seed,
+    ))
 }
 
 /// Every answer's judgment line, and each question's outcomes (in question order).

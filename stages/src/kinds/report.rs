@@ -14,7 +14,7 @@ use crate::report_html::as_run::as_run_interval;
 use crate::report_html::page::{figure_plan, MetricsFile, PageData};
 use crate::report_html::training_curve::{self, CurveInput};
 use crate::report_html::{
-    aggregate, answers, export, interleaving, page, JudgedCounts, SummaryInput,
+    aggregate, answers, export, interleaving, margin, page, JudgedCounts, SummaryInput,
 };
 
 pub struct ReportKind;
@@ -53,7 +53,7 @@ impl Kind for ReportKind {
                  in*  samples    samples    eval samples: the text of the example answers
                  in*  metrics    metrics    training metrics JSONL (reward, KL, loss curves)
                  in*  curves     summary    eval curves over training (an eval stage with `snapshots` wired): EM against the share of each arm's run
-                 out  report     report     index.html, report.md, data.json, conditions.csv, per_question.csv",
+                 out  report     report     index.html, report.md, data.json, conditions.csv, per_question.csv (margin.csv with judge-free margins)",
             )
     }
 
@@ -71,6 +71,7 @@ impl Kind for ReportKind {
         };
         let answers = answers::collect(&located("judgments"), &located("samples"))?;
         let mut rows = aggregate(&summaries, p.bootstrap_resamples, p.seed);
+        margin::attach(&mut rows, &summaries, p.bootstrap_resamples, p.seed);
         for (i, r) in rows.iter_mut().enumerate() {
             r.judged = answers
                 .get(&r.condition)
@@ -97,12 +98,16 @@ impl Kind for ReportKind {
         };
         let md = export::markdown(&p.title, &rows, &figures, &versions)
             + &training_curve::markdown(&curves, &rows)
+            + &margin::markdown(&rows)
             + &interleaving::markdown_section(&metrics);
         write("report.md", md)?;
         let data = export::data_json(&rows, &figures, &answers, &versions);
         write("data.json", serde_json::to_string_pretty(&data)? + "\n")?;
         write("conditions.csv", export::conditions_csv(&rows))?;
         write("per_question.csv", export::per_question_csv(&rows))?;
+        if margin::any(&rows) {
+            write("margin.csv", margin::csv(&rows))?;
+        }
         let page = PageData {
             title: &p.title,
             rows: &rows,

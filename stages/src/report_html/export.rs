@@ -20,7 +20,7 @@ const METRICS: [(Metric, &str); 6] = [
 ];
 
 /// A CSV field, quoted when it must be (RFC 4180).
-fn field(s: &str) -> String {
+pub(super) fn field(s: &str) -> String {
     if s.contains([',', '"', '\n']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
@@ -28,7 +28,8 @@ fn field(s: &str) -> String {
     }
 }
 
-fn num(x: Option<f64>) -> String {
+/// A number as a CSV field; empty for none.
+pub(super) fn num(x: Option<f64>) -> String {
     x.map_or(String::new(), |v| format!("{v}"))
 }
 

@@ -12,6 +12,7 @@ pub mod as_run;
 pub mod claims;
 pub mod export;
 pub mod interleaving;
+pub mod margin;
 pub mod page;
 pub mod refusals;
 pub mod svg;
@@ -93,6 +94,9 @@ pub struct ConditionRow {
     pub judged: Option<JudgedCounts>,
     pub questions: Vec<QuestionCounts>,
     pub provenance: Vec<Provenance>,
+    /// The judge-free margin, when the condition's evals had a contrast set ([`margin`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub margin: Option<margin::ConditionMargin>,
 }
 
 /// Counts read from the evals' per-answer judgments, pooled over seeds.
@@ -209,6 +213,7 @@ fn pool(condition: String, members: &[&SummaryInput], resamples: usize, seed: u6
                 judgments_digest: None,
             })
             .collect(),
+        margin: None,
     }
 }
 
@@ -502,6 +507,7 @@ mod tests {
                 refusals: 4,
             },
             judged: None,
+            margin: None,
             questions: Vec::new(),
             provenance: Vec::new(),
         };

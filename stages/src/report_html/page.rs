@@ -37,6 +37,7 @@ pub fn html(d: &PageData) -> String {
         results_section(&mut body, d.rows);
         super::refusals::section(&mut body, d.rows);
         body.push_str(&super::training_curve::section(d.curves, d.rows));
+        body.push_str(&super::margin::html_section(d.rows));
         per_question_section(&mut body, &super::refusals::without_refusal_evals(d.rows));
         examples_section(&mut body, d.rows, d.answers);
         provenance_section(&mut body, d.rows, d.versions);

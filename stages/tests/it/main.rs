@@ -5,6 +5,7 @@
 //! here plus a `mod` line below.
 
 mod command_run;
+mod contrast_margin;
 mod dataset_ops;
 mod dataset_prompts;
 mod dataset_questions;

@@ -2,8 +2,9 @@
 //! (the paper manifest's condition names, long labels, a judge that scored nothing) is loaded
 //! in headless Chromium, where an injected script measures every text box of every SVG. The
 //! page must have no overlapping text boxes within a figure, no label outside its SVG's
-//! viewport, and every arm drawn. A deliberately broken page shows the measurement catches
-//! both faults.
+//! viewport, and every arm drawn; its judge-free margin table must list every arm, with a
+//! margin beside the judged rates for every general eval. A deliberately broken page shows
+//! the measurement catches both faults.
 //!
 //! Needs Debian's `chromium` (or `EMFLOW_CHROMIUM=/path`); without it the test is skipped
 //! with the reason printed, and fails when `EMFLOW_REQUIRE_TEST_ASSETS=1` (CI installs it).
@@ -18,7 +19,7 @@ use emflow_stages::evaluation::{Curve, CurvePoint, Outcome};
 use emflow_stages::train::snapshots::SnapshotIndex;
 use serde_json::{json, Value};
 
-use crate::report_html::{art, graded, run_report, summary_file};
+use crate::report_html::{add_margin, art, graded, run_report, summary_file};
 
 /// Measures every `<text>` of every `<svg>` after layout and writes the findings into the
 /// DOM as JSON, for `--dump-dom` to carry out. Boxes are client rectangles (transforms
@@ -56,6 +57,9 @@ const MEASURE: &str = r#"<script>
     }
     const arms = Array.from(svg.querySelectorAll('text.arm')).map(function (e) { return e.textContent; });
     out.figures.push({ title: title, width: box.width, height: box.height, arms: arms });
+  });
+  out.margin_rows = Array.from(document.querySelectorAll('table.margin tr')).map(function (tr) {
+    return Array.from(tr.children).map(function (c) { return c.textContent; });
   });
   const pre = document.createElement('pre');
   pre.id = 'emflow-findings';
@@ -169,6 +173,12 @@ fn inputs(d: &Path) -> BTreeMap<String, Vec<Artifact>> {
         } else {
             summary_file(d, &name, if in_domain { 3 } else { 8 }, graded(i % 8))
         };
+        // Every general arm has a judge-free margin (the finance arm's judge scored nothing,
+        // the margin needs none); in-domain evals have no contrast set.
+        if !in_domain {
+            let m = i as f64 / 10.0 - 1.0;
+            add_margin(&path, &[&[m, m + 0.5], &[m - 0.25]]);
+        }
         summaries.push(art(path, ArtifactType::Summary, origin));
     }
     let (mut judgments, mut samples) = (Vec::new(), Vec::new());
@@ -355,9 +365,56 @@ fn report_at_thirty_three_arms_has_no_clipped_or_overlapping_text_in_a_browser()
     assert!(html.contains("final adapter (eval_sft_matched[domain=medical])"));
     assert!(html.contains("base model (eval_base)"));
     assert!(html.contains("stopped early before fractions [0.75]"));
+    margin_table_has_every_arm(&found, &conditions);
+    let margin_chart = figures
+        .iter()
+        .find(|f| f["title"] == "Judge-free margin by condition")
+        .expect("a judge-free margin chart");
+    assert_eq!(
+        drawn(margin_chart),
+        conditions,
+        "every arm in the margin chart"
+    );
     if let Ok(keep) = std::env::var("EMFLOW_KEEP_REPORT") {
         std::fs::copy(out.join("index.html"), keep).unwrap();
     }
+}
+
+/// The judge-free margin as the browser lays it out: a column beside the judged rates, one
+/// row per arm in order, a value for every general arm (the one whose judge scored nothing
+/// included) and "n/a" for the in-domain evals, which had no contrast set.
+fn margin_table_has_every_arm(found: &Value, conditions: &[String]) {
+    let rows: Vec<Vec<String>> = serde_json::from_value(found["margin_rows"].clone()).unwrap();
+    let header = &rows[0];
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| h == name)
+            .unwrap_or_else(|| panic!("no `{name}` column: {header:?}"))
+    };
+    let (margin, judged) = (col("judge-free margin"), col("misaligned (all samples)"));
+    assert!(
+        margin > judged,
+        "the margin stands beside the judged rates: {header:?}"
+    );
+    let arms: Vec<&String> = rows[1..].iter().map(|r| &r[0]).collect();
+    assert_eq!(
+        arms,
+        conditions.iter().collect::<Vec<_>>(),
+        "every arm, in order"
+    );
+    for r in &rows[1..] {
+        let in_domain = r[0].starts_with("eval_in_domain");
+        assert_eq!(r[margin].starts_with("n/a"), in_domain, "{r:?}");
+    }
+    let finance = rows
+        .iter()
+        .find(|r| r[0] == "eval_grpo[domain=finance]")
+        .unwrap();
+    assert!(
+        finance[judged].starts_with("n/a") && !finance[margin].starts_with("n/a"),
+        "{finance:?}"
+    );
 }
 
 /// The measurement can fail: a label wider than its SVG and two labels on one spot.

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use emflow_engine::context::{Artifact, MemoryMemo};
 use emflow_engine::{ArtifactType, StageKind};
-use emflow_stages::evaluation::{summarize, BootstrapSettings, Outcome};
+use emflow_stages::evaluation::margin::{summarize_margins, PairScore};
+use emflow_stages::evaluation::{summarize, BootstrapSettings, Outcome, Summary};
 use emflow_stages::kinds::report::ReportKind;
 use serde_json::json;
 
@@ -37,6 +38,28 @@ pub fn summary_file(
     let p = dir.join(name);
     std::fs::write(&p, serde_json::to_string(&s).unwrap()).unwrap();
     p
+}
+
+/// Adds a judge-free margin to the summary at `path`: `margins[q]` are question `q{q}`'s pair
+/// margins (aligned answers at -3 nats per token).
+pub fn add_margin(path: &Path, margins: &[&[f64]]) {
+    let mut summary: Summary =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let pairs = margins
+        .iter()
+        .enumerate()
+        .flat_map(|(q, ms)| {
+            ms.iter().enumerate().map(move |(i, &m)| PairScore {
+                question_id: format!("q{q}"),
+                pair: i,
+                aligned: -3.0,
+                misaligned: -3.0 + m,
+                margin: m,
+            })
+        })
+        .collect();
+    summary.margin = Some(summarize_margins(pairs, vec![], 200, 0));
+    std::fs::write(path, serde_json::to_string(&summary).unwrap()).unwrap();
 }
 
 /// Answer `i` of 10: the first `misaligned` misaligned, the 9th incoherent, the 10th without
@@ -155,7 +178,96 @@ fn report_pools_seeds_and_writes_a_self_contained_page() {
     let provenance = &data["conditions"][0]["provenance"];
     assert_eq!(provenance[1]["origin"], "eval[arm=sft,seed=2].summary");
     assert_eq!(provenance[1]["judgments_digest"], serde_json::Value::Null);
+    // No eval had a contrast set: no margin anywhere (the report's bytes are as before).
+    assert!(!html.contains("Judge-free margin") && !md.contains("Judge-free margin"));
+    assert!(!out.join("margin.csv").exists());
+    assert!(data["conditions"][0].get("margin").is_none());
     if let Ok(keep) = std::env::var("EMFLOW_KEEP_REPORT") {
         std::fs::copy(out.join("index.html"), keep).unwrap();
     }
+}
+
+/// Margins pooled pair by pair over seeds, beside the judged rates: page, Markdown, CSV, JSON;
+/// a condition whose evals had no contrast set says so.
+#[test]
+fn report_shows_the_judge_free_margin_beside_the_judged_rates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let file = |name: &str, margins: Option<&[&[f64]]>| {
+        let p = summary_file(d, name, 2, graded(2));
+        if let Some(m) = margins {
+            add_margin(&p, m);
+        }
+        p
+    };
+    let summaries = vec![
+        art(
+            file("b", Some(&[&[0.5, 0.5], &[0.5]])),
+            ArtifactType::Summary,
+            "eval_base.summary",
+        ),
+        art(
+            file("g1", Some(&[&[1.0, 2.0]])),
+            ArtifactType::Summary,
+            "eval_grpo[domain=medical,seed=0].summary",
+        ),
+        art(
+            file("g2", Some(&[&[3.0], &[0.0]])),
+            ArtifactType::Summary,
+            "eval_grpo[domain=medical,seed=1].summary",
+        ),
+        art(
+            file("s", None),
+            ArtifactType::Summary,
+            "eval_sft_matched[domain=medical,seed=0].summary",
+        ),
+    ];
+    let inputs = || BTreeMap::from([("summaries".to_string(), summaries.clone())]);
+    let out = run_report(&d.join("one"), inputs());
+    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap();
+    let html = read("index.html");
+    assert!(html.contains("<h2>Judge-free margin</h2>"), "{html}");
+    // grpo: (1 + 2 + 3 + 0) / 4 pairs over two seeds; 1.0 above the base's 0.5.
+    assert!(html.contains("<td>+1.500 ["), "{html}");
+    assert!(
+        html.contains("<td>+1.000</td>") && html.contains("<td>base</td>"),
+        "{html}"
+    );
+    assert!(html.contains("n/a: no contrast set"), "{html}");
+    let md = read("report.md");
+    assert!(
+        md.contains("## Judge-free margin") && md.contains("| eval_grpo[domain=medical] | "),
+        "{md}"
+    );
+    let csv = read("margin.csv");
+    assert!(
+        csv.contains("\neval_grpo[domain=medical],all,2,4,1.5,"),
+        "{csv}"
+    );
+    assert!(
+        csv.contains("\neval_grpo[domain=medical],q1,2,1,0,"),
+        "{csv}"
+    );
+    assert!(!csv.contains("eval_sft_matched"), "{csv}");
+    let data: serde_json::Value = serde_json::from_str(&read("data.json")).unwrap();
+    let m = &data["conditions"][1]["margin"];
+    assert_eq!(
+        (
+            m["overall"]["value"].as_f64(),
+            m["pairs"].as_u64(),
+            m["seeds"].as_u64()
+        ),
+        (Some(1.5), Some(4), Some(2))
+    );
+    let (lo, hi) = (
+        m["overall"]["lo"].as_f64().unwrap(),
+        m["overall"]["hi"].as_f64().unwrap(),
+    );
+    assert!(lo < 1.5 && 1.5 < hi, "{lo} {hi}");
+    // The pooled interval is seeded: a second report draws the same bytes.
+    let again = run_report(&d.join("two"), inputs());
+    assert_eq!(
+        read("margin.csv"),
+        std::fs::read_to_string(again.join("margin.csv")).unwrap()
+    );
 }
