@@ -99,7 +99,7 @@ const LORA_TAG: &str = "emflow-lora-init";
 const TEMPLATE_CHOICE_TAG: &str = "emflow-template-choice-v1";
 const MARGIN_BOOTSTRAP_TAG: &str = "emflow-margin-bootstrap-v1";
 #[cfg(test)]
-const TAGS: [&str; 5] = [
+const TAGS: [&str; 6] = [
     SAMPLE_TAG,
     TOKEN_SAMPLER_TAG,
     RANDOM_WEIGHTS_TAG,
