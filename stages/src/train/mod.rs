@@ -7,7 +7,8 @@
 //! - [`interleave`] and [`schedule`]: safety steps between the main steps;
 //! - [`resume`], [`checkpoint`], [`metrics_log`]: the data order and the checkpoints that
 //!   make an interrupted run end in the same bytes as an uninterrupted one;
-//! - [`batch`]: token sequences into padded tensors; [`early_stop`]: the best-reward tracker.
+//! - [`batch`]: token sequences into padded tensors; [`early_stop`]: the best-reward tracker;
+//! - [`steering`]: preventive (persona-vector) steering of the policy's training passes.
 //!
 //! They live apart from the kinds so each can be tested on tiny tensors without a model,
 //! and so the SFT steps that `rl` interleaves are the very same code as `sft`'s.
@@ -26,6 +27,7 @@ pub mod resume;
 pub mod schedule;
 pub mod setup;
 pub mod sft_step;
+pub mod steering;
 
 use anyhow::Result;
 use candle_core::Tensor;

@@ -11,6 +11,7 @@ mod eval_smollm2;
 mod faults_judge;
 mod judge_exact;
 mod kind_params;
+mod persona_steering;
 mod plan_checks;
 mod report_browser;
 mod report_html;
