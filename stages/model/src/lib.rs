@@ -36,5 +36,7 @@ pub use optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Sche
 pub use text::{
     encode_chat, encode_prompt, ChatTemplate, EncodedChat, Message, TemplateKwargs, Tokenizer,
 };
-pub use transformer::{Arch, Llama3RopeScaling, LoraConfig, ModelConfig, TrainPass, Transformer};
+pub use transformer::{
+    Arch, Llama3RopeScaling, LoraConfig, ModelConfig, Steering, TrainPass, Transformer,
+};
 pub use weights::{load, LoadedModel};

@@ -5,6 +5,7 @@ pub mod dataset;
 pub(crate) mod defaults;
 pub mod eval;
 pub mod memory;
+pub mod persona_vector;
 pub mod report;
 pub mod rl;
 pub mod rollout_data;
@@ -20,6 +21,7 @@ pub fn register(registry: Registry) -> Registry {
         .with_kind(command::CommandKind)
         .with_kind(dataset::DatasetKind)
         .with_kind(eval::EvalKind)
+        .with_kind(persona_vector::PersonaVectorKind)
         .with_kind(report::ReportKind)
         .with_kind(rl::RlKind)
         .with_kind(rollout_data::RolloutDataKind)

@@ -255,6 +255,10 @@ pub struct RlParams {
     // Added after results were cached: at `[]` it leaves the key as it was.
     #[schemars(extend("x-emflow-key-omits-default" = true))]
     pub snapshot_fractions: Vec<f64>,
+    /// preventive steering: add steering_alpha x input `steering`'s persona vector at its layer's output in every training pass of the policy (not rollouts, not the reference; never saved with the adapter); null = off
+    // Added after results were cached: at null it leaves the key as it was.
+    #[schemars(extend("x-emflow-key-omits-default" = true))]
+    pub steering_alpha: Option<f64>,
 }
 
 fn default_schedule() -> Schedule {
@@ -312,6 +316,11 @@ impl RlParams {
         if let Some(i) = &self.interleave {
             i.cadence()?;
         }
+        ensure!(
+            !(self.steering_alpha.is_some() && self.num_iterations > 1),
+            "steering_alpha needs num_iterations 1: the old policy's log-probs (eval mode) would be \
+             unsteered while the ratio's numerator is steered, so clipping would act on the shift"
+        );
         if let Some(e) = &self.early_stop {
             e.validate()?;
         }
@@ -354,6 +363,7 @@ impl Kind for RlKind {
                  in?  safety_grader  file      safe/refusal grader, a 0-100 judge prompt over {question} and {answer} (safety_source current_policy)
                  in?  grader         file      grader prompt template, for `reward: {type: grader, template: {input: grader}}`
                  in?  judge_model    model     the grader's model for the local judge backend
+                 in?  steering       dir       a persona_vector stage's vector, added (x steering_alpha) in training passes only
                  out  adapter        adapter   final adapter
                  out  best_adapter   adapter   adapter at the best smoothed mean reward
                  out  rollouts       samples   every completion with its reward, parts and advantage
@@ -539,6 +549,7 @@ pub(crate) fn run_rl(ctx: &mut StageContext, p: &RlParams) -> Result<()> {
     let reward = prepare_reward(ctx, p)?;
     let mut policy = load_policy(ctx, &p.lora, p.full_finetune, p.seed)?;
     policy.lm.chat.set_kwargs(p.chat_template_kwargs.clone())?;
+    crate::train::steering::install(ctx, p.steering_alpha, &mut policy)?;
     // A local judge loads its own copy of `judge_model`, even when it is the policy's base
     // model: the model layer's `Transformer` cannot yet share its frozen weights with a
     // second owner (see the report on issue 4).

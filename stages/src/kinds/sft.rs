@@ -123,6 +123,10 @@ pub struct SftParams {
     // Added after results were cached: at `[]` it leaves the key as it was.
     #[schemars(extend("x-emflow-key-omits-default" = true))]
     snapshot_fractions: Vec<f64>,
+    /// preventive steering: add steering_alpha x input `steering`'s persona vector at its layer's output in every training pass (not the reference; never saved with the adapter); null = off
+    // Added after results were cached: at null it leaves the key as it was.
+    #[schemars(extend("x-emflow-key-omits-default" = true))]
+    steering_alpha: Option<f64>,
 }
 
 fn default_schedule() -> Schedule {
@@ -152,6 +156,7 @@ impl Kind for SftKind {
                  in?  rollouts       samples   an rl stage's rollouts; with min_reward, its high-reward completions become targets
                  in?  safety         messages  safety conversations for interleaved batches
                  in*  match_samples  summary   summaries of the stages to match (an rl arm, its warm-up): train on the sum of their samples_consumed (+ match_extra) examples
+                 in?  steering       dir       a persona_vector stage's vector, added (x steering_alpha) in training passes only
                  out  adapter        adapter   trained LoRA adapter (PEFT layout) or full weights
                  out  metrics        metrics   one JSON object per optimizer step
                  out  summary        summary   samples_consumed, steps, safety steps, truncated examples
@@ -303,6 +308,7 @@ fn run_sft(ctx: &mut StageContext, p: &SftParams) -> Result<()> {
     progress.phase("loading", 0, "");
     let mut policy = load_policy(ctx, &p.lora, p.full_finetune, p.seed)?;
     policy.lm.chat.set_kwargs(p.chat_template_kwargs.clone())?;
+    crate::train::steering::install(ctx, p.steering_alpha, &mut policy)?;
     let (examples, truncated) = training_examples(ctx, p, &policy)?;
     let safety = interleave_setting(p.interleave.as_ref())?;
     let mut safety = Interleave::load(ctx, safety, &policy, Some(p.max_length), p.seed)?;

@@ -10,6 +10,7 @@
 //!   make an interrupted run end in the same bytes as an uninterrupted one;
 //! - [`batch`]: token sequences into padded tensors; [`early_stop`]: the best-reward tracker;
 //! - [`snapshots`]: adapters saved at set fractions of a run, for EM over training.
+//! - [`steering`]: preventive (persona-vector) steering of the policy's training passes.
 //!
 //! They live apart from the kinds so each can be tested on tiny tensors without a model,
 //! and so the SFT steps that `rl` interleaves are the very same code as `sft`'s.
@@ -30,6 +31,7 @@ pub mod schedule;
 pub mod setup;
 pub mod sft_step;
 pub mod snapshots;
+pub mod steering;
 
 use anyhow::Result;
 use candle_core::Tensor;

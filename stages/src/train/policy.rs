@@ -94,12 +94,15 @@ impl Policy {
         Ok(())
     }
 
-    /// Runs `f` on the reference policy, this model with the adapter switched off, and
-    /// switches the adapter back on before returning `f`'s result (an error included).
+    /// Runs `f` on the reference policy, this model with the adapter switched off (and its
+    /// preventive steering, if any: the reference is the base as it was), and switches both
+    /// back on before returning `f`'s result (an error included).
     pub fn with_adapter_off<T>(&mut self, f: impl FnOnce(&Policy) -> T) -> T {
         self.lm.model.set_lora_enabled(false);
+        self.lm.model.set_steering_enabled(false);
         let out = f(self);
         self.lm.model.set_lora_enabled(true);
+        self.lm.model.set_steering_enabled(true);
         out
     }
 

@@ -14,6 +14,7 @@ mod faults_judge;
 mod fidelity;
 mod judge_exact;
 mod kind_params;
+mod persona_steering;
 mod plan_checks;
 mod report_browser;
 mod report_html;

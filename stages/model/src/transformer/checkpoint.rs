@@ -6,7 +6,9 @@
 //! read and filled. So the checkpointed pass is three phases on the same maths as the plain
 //! one:
 //! 1. every decoder layer runs in train mode on a detached input, and only its input is kept
-//!    (the layer's graph is dropped as soon as its output is detached);
+//!    (the layer's graph is dropped as soon as its output is detached); a steered layer's
+//!    output carries its shift (`steering`) into the next layer's kept input, as in the plain
+//!    pass;
 //! 2. the final norm, head and loss run on a fresh leaf (`Var`) copy of the last layer's
 //!    output (and of each layer output the loss reads, e.g. for LDIFS); their `backward()`
 //!    gives the head's weight gradients and the gradient at that boundary;
@@ -98,6 +100,8 @@ impl Transformer {
             *self.dropout_stream()? = kept.dropout[i].clone();
             let needs_input_grad = i > 0 || embed_trains;
             let input = leaf(&kept.boundaries[i], needs_input_grad)?;
+            // The steering shift is a constant (d(out + s)/d out = 1): leaving it out of the
+            // re-run gives the layer the same backward.
             let out = layer.forward(&self.cfg, i, &input, &cx, None)?;
             let layer_grads = (out * &grad_out)?.sum_all()?.backward()?;
             if needs_input_grad {
@@ -125,7 +129,8 @@ impl Transformer {
         let mut x = self.embed_tokens(ids, Mode::Train)?.detach();
         for (i, layer) in self.layers.iter().enumerate() {
             kept.dropout.push(self.dropout_stream()?.clone());
-            let out = layer.forward(&self.cfg, i, &x, cx, None)?.detach();
+            let out = layer.forward(&self.cfg, i, &x, cx, None)?;
+            let out = self.steer(i, out, Mode::Train)?.detach();
             kept.boundaries.push(std::mem::replace(&mut x, out));
         }
         kept.dropout.push(self.dropout_stream()?.clone());

@@ -223,6 +223,19 @@ impl Transformer {
         self.logits(&h, Mode::Eval)
     }
 
+    /// The outputs of the listed decoder layers (0-based; transformers' `hidden_states[i + 1]`),
+    /// each (b, t, hidden), from a fused-kernel pass without a graph (and so without
+    /// steering): what the `persona_vector` kind averages.
+    pub fn forward_eval_hidden(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        layers: &[usize],
+    ) -> Result<Vec<Tensor>> {
+        let rows = mask_rows(attention_mask)?;
+        Ok(self.run(ids, &rows, Mode::Eval, None, layers)?.1)
+    }
+
     /// Final-norm hidden states (b, t, hidden) in eval mode, appending to `cache` when given.
     /// `key_valid` rows cover the cached slots plus the `t` new ones.
     pub(crate) fn hidden_eval(
@@ -310,6 +323,7 @@ impl Transformer {
         let mut captured = Vec::with_capacity(capture.len());
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&self.cfg, i, &x, &cx, cache.as_deref_mut())?;
+            x = self.steer(i, x, mode)?;
             if capture.contains(&i) {
                 captured.push(x.clone());
             }

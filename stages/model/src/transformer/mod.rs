@@ -7,9 +7,10 @@
 //! parameter, and the two modes), `pass` (what one forward pass hands every layer), `lora`
 //! (adapter config, which projections a target names, an adapted linear's maths), `linear` (a
 //! projection and the kernel each pass picks for it), `kv_cache`, `layers` (one decoder layer),
-//! `model` (the decoder's weights and construction), `forward` (the passes), `head` (the output
-//! projection), `checkpoint` (one training pass and its backward, optionally recomputing
-//! activations layer by layer), `finetune` (attach/merge LoRA, full fine-tuning).
+//! `model` (the decoder's weights and construction), `steering` (a vector added at one layer's
+//! output in training passes), `forward` (the passes), `head` (the output projection),
+//! `checkpoint` (one training pass and its backward, optionally recomputing activations layer
+//! by layer), `finetune` (attach/merge LoRA, full fine-tuning).
 //! Each file uses only those before it in that list, so there is no import circle.
 //!
 //! Who may call it: everything above the kernels (`generate`, `score`, `losses`' callers,
@@ -30,12 +31,14 @@ mod linear;
 pub mod lora;
 mod model;
 mod pass;
+mod steering;
 mod weight;
 
 pub use config::{Arch, Llama3RopeScaling, ModelConfig};
 pub use forward::{PositionScores, TrainPass};
 pub use lora::{linear_modules, LoraConfig, FUSED_LINEAR_MODULES, LINEAR_MODULES};
 pub use model::{parameter_shapes, Transformer};
+pub use steering::Steering;
 
 pub(crate) use kv_cache::KvCache;
 pub(crate) use weight::Mode;

@@ -51,6 +51,10 @@ pub struct Transformer {
     pub(crate) dropout_rng: Mutex<ChaCha8Rng>,
     /// Recorded in saved adapters as `base_model_name_or_path`.
     pub(crate) base_model_name: String,
+    /// A shift added at one layer's output in train-mode passes (see `steering`); None = off.
+    pub(super) steering: Option<super::steering::Steering>,
+    /// Whether an installed steering applies (off for the reference policy's passes).
+    pub(super) steering_enabled: bool,
 }
 
 impl Transformer {
@@ -113,6 +117,8 @@ impl Transformer {
             // Replaced by `add_lora`; an adapter loaded from a file keeps this stream.
             dropout_rng: Mutex::new(seed::stream(Purpose::LoadedAdapterDropout)),
             base_model_name: String::new(),
+            steering: None,
+            steering_enabled: true,
         };
         model.refresh_embed_t()?;
         Ok(model)

@@ -2,7 +2,8 @@
 //! gradients of the plain pass within f32 rounding: tiny random Llama (tied, llama3 RoPE),
 //! Qwen3 (tied, q/k norms) and Phi-3 (untied, fused projections), LoRA with dropout and full
 //! fine-tuning, a left-padded batch, and a loss that reads scores, logits and the outputs of a
-//! middle and the last layer (as SFT's KL and GRPO's LDIFS terms do).
+//! middle and the last layer (as SFT's KL and GRPO's LDIFS terms do); and the same under
+//! preventive steering (a shift at one layer's output).
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -116,7 +117,11 @@ fn compare(vars: (&Vars, &Vars), plain: &GradStore, ckpt: &GradStore) -> (f32, f
 /// Two identical models (the same LoRA dropout stream), one trained plain and one
 /// checkpointed, for two steps each.
 fn check(arch: Arch, full: bool) {
-    let (m_plain, m_ckpt) = (model(arch, full), model(arch, full));
+    check_pair((model(arch, full), model(arch, full)), arch, full);
+}
+
+/// [`check`] on a given pair of identical models.
+fn check_pair((m_plain, m_ckpt): (Transformer, Transformer), arch: Arch, full: bool) {
     let (vars_p, vars_c) = (m_plain.trainable_vars(), m_ckpt.trainable_vars());
     let plain = two_steps(&m_plain, false);
     let ckpt = two_steps(&m_ckpt, true);
@@ -149,6 +154,25 @@ fn gradients_match_without_checkpointing_for_each_architecture_lora_and_full() {
         (Arch::Phi3, true),
     ] {
         check(arch, full);
+    }
+}
+
+/// Under preventive steering (a shift at layer 1's output, which the loss also reads), the
+/// checkpointed pass carries the shift into the next layer's kept input as the plain pass
+/// does, so the gradients still match.
+#[test]
+fn gradients_match_without_checkpointing_under_steering() {
+    let steered = |full| {
+        let mut m = model(Arch::Llama, full);
+        let h = m.config().hidden_size as f64;
+        let v = Tensor::arange(0f32, h as f32, &Device::Cpu).unwrap();
+        let v = ((v / h).unwrap() - 0.5).unwrap();
+        let steering = emflow_model::Steering::new(1, &v, 3.0).unwrap();
+        m.set_steering(Some(steering)).unwrap();
+        m
+    };
+    for full in [false, true] {
+        check_pair((steered(full), steered(full)), Arch::Llama, full);
     }
 }
 

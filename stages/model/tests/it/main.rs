@@ -14,6 +14,7 @@ mod cuda;
 mod generation;
 mod matches_candle;
 mod smollm2;
+mod steering;
 mod text_chat;
 mod text_losses;
 mod text_optim;
