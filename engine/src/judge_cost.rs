@@ -446,20 +446,30 @@ impl JudgeCostPlan {
         } else {
             String::new()
         };
+        // The counted calls alone can already be over the limit: refuse on them, whether or
+        // not some stages cannot be counted yet (e.g. an eval of snapshots a training stage
+        // has not written).
+        let uncounted = match t.unknown_stages.is_empty() {
+            true => String::new(),
+            false => format!(
+                ", plus the calls of {} (not countable yet)",
+                t.unknown_stages.join(", ")
+            ),
+        };
+        if let Some(max) = budget.max_calls {
+            if t.to_call > max {
+                bail!(
+                    "refusing to start: this run would make {} judge calls in total{bound}{memo}{uncounted}, over --max-judge-calls {max}; the most: {}. Raise the limit, run fewer stages (--only), or lower samples, questions or steps (`emflow plan` shows the table)",
+                    t.to_call,
+                    self.largest()
+                );
+            }
+        }
         if budget.has_limits() && !t.unknown_stages.is_empty() {
             bail!(
                 "cannot check the judge budget: the judge calls of {} are not known before their upstream runs; run the upstream first (`emflow run MANIFEST --only STAGE`) or drop --max-judge-calls/--max-judge-cost",
                 t.unknown_stages.join(", ")
             );
-        }
-        if let Some(max) = budget.max_calls {
-            if t.to_call > max {
-                bail!(
-                    "refusing to start: this run would make {} judge calls in total{bound}{memo}, over --max-judge-calls {max}; the most: {}. Raise the limit, run fewer stages (--only), or lower samples, questions or steps (`emflow plan` shows the table)",
-                    t.to_call,
-                    self.largest()
-                );
-            }
         }
         if let Some(max) = budget.max_cost {
             if !t.unpriced_models.is_empty() {

