@@ -99,7 +99,8 @@ fn nats(e: Option<&Estimate>) -> String {
     match e.map(|e| (e.value, e.lo, e.hi)) {
         Some((Some(v), Some(lo), Some(hi))) => format!("{v:+.3} [{lo:+.3}, {hi:+.3}]"),
         Some((Some(v), _, _)) => format!("{v:+.3}"),
-        Some((None, _, _)) => "n/a: no pair scored".into(),
+        // Wired, but none of its questions has contrast answers (in-domain, refusal evals).
+        Some((None, _, _)) => "n/a: no contrast answers for its questions".into(),
         None => "n/a: no contrast set".into(),
     }
 }
