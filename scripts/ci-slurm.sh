@@ -20,7 +20,17 @@ work="$(mktemp -d /tmp/emflow-ci-slurm.XXXXXX)"
 state="$work/cluster"
 export EMFLOW_SLURM_PORT="${EMFLOW_SLURM_PORT:-6917}"
 
-cleanup() { "$repo/scripts/slurm-local.sh" stop "$state" >/dev/null 2>&1 || true; }
+# Stops the cluster; the work folder (two stores, ~230 MB) goes too when the check passed, and
+# stays for a look when it failed (every CI run used to leave one behind in /tmp).
+cleanup() {
+  local rc=$?
+  "$repo/scripts/slurm-local.sh" stop "$state" >/dev/null 2>&1 || true
+  if [ "$rc" = 0 ]; then
+    rm -rf "$work"
+  else
+    echo "ci-slurm: failed; its stores and cluster logs are in $work" >&2
+  fi
+}
 trap cleanup EXIT
 chmod 0755 "$work" # munged refuses a socket below a folder others cannot traverse
 cluster_env="$("$repo/scripts/slurm-local.sh" start "$state")"

@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::support::{emflow_in, output, scratch_with_manifest, succeed, text};
+use crate::support::{emflow_in, output, scratch_with_manifest, succeed, text, Scratch};
 
 fn emflow_cmd(dir: &Path, args: &[&str]) -> Command {
     let mut cmd = emflow_in(dir);
@@ -58,7 +58,7 @@ stages:
       outputs: {d: dir}
 "#;
 
-fn setup(name: &str) -> PathBuf {
+fn setup(name: &str) -> Scratch {
     let dir = scratch_with_manifest(&format!("faults-store-{name}"), MANIFEST);
     let first = run_ok(&dir, &["run", "m.yaml"]);
     for stage in ["alpha", "beta", "gamma", "delta"] {

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::support::{
-    emflow_in, kill_when_started, scratch, succeed, text, wait_for, write_manifest,
+    emflow_in, kill_when_started, scratch, succeed, text, wait_for, write_manifest, Scratch,
 };
 
 struct Cluster {
@@ -23,7 +23,7 @@ impl Cluster {
     /// Starts a cluster and makes a test folder holding only `cluster.yaml`: the tests'
     /// [`PROFILE`] and then `profile_extra`. Returns `None` (after saying why) when a cluster
     /// is impossible here.
-    fn start(name: &str, slot: u16, profile_extra: &str) -> Option<(Cluster, PathBuf)> {
+    fn start(name: &str, slot: u16, profile_extra: &str) -> Option<(Cluster, Scratch)> {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let state =
             std::env::temp_dir().join(format!("emflow-slurm-test-{name}-{}", std::process::id()));
@@ -121,6 +121,11 @@ impl Drop for Cluster {
             .env("EMFLOW_SLURM_PORT", self.port.to_string())
             .env("SLURM_CONF", &self.conf)
             .output();
+        // The cluster's state (logs, spool) stays after a failure for a look, like the
+        // scratch folder.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.state);
+        }
     }
 }
 

@@ -97,14 +97,41 @@ pub fn text(out: &Output) -> String {
     )
 }
 
-/// An empty folder `emflow-it-NAME-PID` in the system's temporary folder. Kept after a
-/// failure for a look (the next run of the same test empties it); a passing test may remove
-/// it. `name` is unique among the tests of this binary.
-pub fn scratch(name: &str) -> PathBuf {
+/// An empty folder `emflow-it-NAME-PID` in the system's temporary folder, removed when the
+/// test passes (the guard drops outside a panic) and kept after a failure for a look. The
+/// names carry the PID, so before this guard every run left its folders behind for good.
+/// `name` is unique among the tests of this binary.
+pub fn scratch(name: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("emflow-it-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    Scratch(dir)
+}
+
+/// A [`scratch`] folder: a path that removes itself when dropped outside a panic.
+pub struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept for a look: {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// Writes `text` as `m.yaml` in `dir`, the manifest the tests' commands name.
@@ -113,7 +140,7 @@ pub fn write_manifest(dir: &Path, text: &str) {
 }
 
 /// A [`scratch`] folder holding `manifest` as `m.yaml`.
-pub fn scratch_with_manifest(name: &str, manifest: &str) -> PathBuf {
+pub fn scratch_with_manifest(name: &str, manifest: &str) -> Scratch {
     let dir = scratch(name);
     write_manifest(&dir, manifest);
     dir
