@@ -122,9 +122,14 @@ fn breakable(stage: &str) -> String {
     esc(stage).replace('[', "[<wbr>").replace(',', ",<wbr>")
 }
 
+/// `short` in a `tag` element whose tooltip is `full`.
+fn with_tip(tag: &str, short: &str, full: &str) -> String {
+    format!("<{tag} title=\"{}\">{}</{tag}>", esc(full), esc(short))
+}
+
 /// A digest as page code: the short form shown, the full one in the tooltip.
 fn code(short: &str, full: &str) -> String {
-    format!("<code title=\"{}\">{}</code>", esc(full), esc(short))
+    with_tip("code", short, full)
 }
 
 /// The columns of the page's table, after the stage's.
@@ -180,7 +185,7 @@ pub fn html_section(lines: &[Line], versions: &str) -> String {
                     code(&short.adapter, &full.adapter),
                     code(&short.questions, &full.questions),
                     code(&short.other, &full.other),
-                    format!("<span title=\"{}\">{}</span>", esc(&full.judges), esc(&short.judges))
+                    with_tip("span", &short.judges, &full.judges)
                 );
             }
             None => {
