@@ -149,6 +149,8 @@ pub struct StageContext {
     pub stage_id: String,
     /// The kind's name.
     pub kind: String,
+    key: String,
+    key_parts: Value,
     params: Params,
     inputs: BTreeMap<String, Vec<Artifact>>,
     staging: PathBuf,
@@ -166,6 +168,10 @@ pub struct StageContext {
 pub struct ContextParts {
     pub stage_id: String,
     pub kind: String,
+    /// The stage key this execution commits under ([`crate::keys`]).
+    pub key: String,
+    /// What `key` is the digest of: [`crate::keys::KeyParts`] as JSON.
+    pub key_parts: Value,
     pub params: Params,
     pub inputs: BTreeMap<String, Vec<Artifact>>,
     /// Empty folder, created by the caller, where outputs go.
@@ -188,6 +194,8 @@ impl StageContext {
         StageContext {
             stage_id: parts.stage_id,
             kind: parts.kind,
+            key: parts.key,
+            key_parts: parts.key_parts,
             params: parts.params,
             inputs: parts.inputs,
             staging: parts.staging,
@@ -200,6 +208,25 @@ impl StageContext {
             interrupt: parts.interrupt,
             summary: serde_json::Map::new(),
         }
+    }
+
+    /// The stage key this execution commits under, in full (hex).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// What [`Self::key`] is the digest of: [`crate::keys::KeyParts`] as JSON (kind and
+    /// version, canonical params without connection settings, input digests, environment).
+    ///
+    /// A kind may write them (or the key) into an output so that the output says how it was
+    /// made (`eval`'s summary does, for the report's provenance). That keeps outputs a function
+    /// of what the key covers, so a re-execution (`emflow verify`) writes the same bytes. Two
+    /// costs to weigh: such an output changes whenever the key does, even where nothing else
+    /// in it would (no early cutoff below it); and the key's environment holds the emflow
+    /// version, so an output that names the whole key changes with every release (`eval`
+    /// leaves `env.emflow` out for that reason).
+    pub fn key_parts(&self) -> &Value {
+        &self.key_parts
     }
 
     /// All params, defaults filled in.

@@ -308,6 +308,8 @@ fn context(
     StageContext::new(ContextParts {
         stage_id: job.stage_id.clone(),
         kind: job.kind.clone(),
+        key: job.key.clone(),
+        key_parts: job.key_parts.clone(),
         params: job.params.clone(),
         inputs,
         staging: staging.to_path_buf(),

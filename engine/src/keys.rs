@@ -131,13 +131,9 @@ pub fn canonical_params(spec: &KindSpec, params: &Params) -> Value {
             continue;
         }
         let is_float = declared.is_some_and(ParamSpec::keys_as_float);
-        let value = match (value, declared) {
-            (Value::Object(fields), Some(p)) if !p.connection_fields.is_empty() => {
-                let mut kept = fields.clone();
-                kept.retain(|field, _| !p.connection_fields.contains(field));
-                Value::Object(kept)
-            }
-            _ => value.clone(),
+        let value = match declared {
+            Some(p) => without_connection_settings(p, value),
+            None => value.clone(),
         };
         let value = match value {
             Value::Number(n) if is_float => n
@@ -150,6 +146,32 @@ pub fn canonical_params(spec: &KindSpec, params: &Params) -> Value {
         out.insert(name.clone(), value);
     }
     Value::Object(out)
+}
+
+/// `value` of param `p` without the connection settings its type declares: fields of the
+/// value ([`ParamSpec::connection_fields`]) and fields of each entry of a map of such values
+/// ([`ParamSpec::entry_connection_fields`]).
+fn without_connection_settings(p: &ParamSpec, value: &Value) -> Value {
+    let strip = |v: &Value, fields: &[String]| match v {
+        Value::Object(map) if !fields.is_empty() => {
+            let mut kept = map.clone();
+            kept.retain(|field, _| !fields.contains(field));
+            Value::Object(kept)
+        }
+        other => other.clone(),
+    };
+    match strip(value, &p.connection_fields) {
+        Value::Object(entries) if !p.entry_connection_fields.is_empty() => Value::Object(
+            entries
+                .into_iter()
+                .map(|(k, v)| {
+                    let v = strip(&v, &p.entry_connection_fields);
+                    (k, v)
+                })
+                .collect(),
+        ),
+        other => other,
+    }
 }
 
 /// Writes `value` as canonical JSON: sorted keys, no whitespace.
@@ -435,6 +457,26 @@ mod tests {
         };
         assert_eq!(judge("http://a:1/v1", "m"), judge("http://b:2/v1", "m"));
         assert_ne!(judge("http://a:1/v1", "m"), judge("http://a:1/v1", "other"));
+    }
+
+    #[test]
+    fn connection_settings_of_each_entry_of_a_map_param_stay_out_of_the_key() {
+        let mut s = spec();
+        s.params.push(ParamSpec {
+            entry_connection_fields: vec!["base_url".into()],
+            ..ParamSpec::optional("judges", ParamType::Map, json!({}), "")
+        });
+        let judges = |url: &str, model: &str| {
+            let p = params(
+                json!({"lr": 1e-4, "judges": {"coherent": {"base_url": url, "model": model}}}),
+            );
+            KeyParts::new(&s, &p, BTreeMap::new(), env(0)).key()
+        };
+        assert_eq!(judges("http://a:1/v1", "m"), judges("http://b:2/v1", "m"));
+        assert_ne!(
+            judges("http://a:1/v1", "m"),
+            judges("http://a:1/v1", "other")
+        );
     }
 
     fn params(v: Value) -> Params {

@@ -179,6 +179,9 @@ pub struct ParamSpec {
     /// the stage key, so that moving a judge server to another port or raising its timeout
     /// leaves every stage cached. Declared by the param's type with [`CONNECTION_FIELDS`].
     pub connection_fields: Vec<String>,
+    /// The same for each entry of a map param whose values are such a type (`eval`'s
+    /// `judges`: metric -> judge): fields left out of every entry in the stage key.
+    pub entry_connection_fields: Vec<String>,
     /// The param enters the stage key only when it differs from its default. For params
     /// added to a kind after its results were cached, whose default reproduces the old
     /// behaviour exactly: existing keys stay valid. Declared on a field with
@@ -196,6 +199,7 @@ impl ParamSpec {
             default: None,
             doc: doc.into(),
             connection_fields: Vec::new(),
+            entry_connection_fields: Vec::new(),
             key_omits_default: false,
         }
     }

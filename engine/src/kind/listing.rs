@@ -114,6 +114,13 @@ fn rest_of_doc(p: &ParamSpec) -> String {
             p.connection_fields.join(", ")
         );
     }
+    if !p.entry_connection_fields.is_empty() {
+        let _ = writeln!(
+            rest,
+            "      not in the stage key, in each entry (connection settings): {}",
+            p.entry_connection_fields.join(", ")
+        );
+    }
     rest
 }
 

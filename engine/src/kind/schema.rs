@@ -22,7 +22,8 @@
 //! - `title` and `description` (the doc comment) -> the doc;
 //! - `additionalProperties` other than `false` on the struct (a `#[serde(flatten)]` map) ->
 //!   open params: names the struct does not declare are accepted as they are;
-//! - [`CONNECTION_FIELDS`] (an array of field names) on a param's type -> [`ParamSpec::connection_fields`].
+//! - [`CONNECTION_FIELDS`] (an array of field names) on a param's type -> [`ParamSpec::connection_fields`];
+//!   on the value type of a map param -> [`ParamSpec::entry_connection_fields`].
 
 use serde_json::{Map, Value};
 
@@ -111,6 +112,10 @@ fn param_of(root: &Value, name: &str, schema: &Value, required: bool) -> Result<
         default,
         doc,
         connection_fields: connection_fields_of(root, schema),
+        entry_connection_fields: match resolve(root, schema).get("additionalProperties") {
+            Some(entry @ Value::Object(_)) => connection_fields_of(root, entry),
+            _ => Vec::new(),
+        },
     })
 }
 
@@ -464,6 +469,18 @@ mod tests {
         let d = derive_params(&schema_of::<WithRemote>()).unwrap();
         assert_eq!(d.params[0].connection_fields, ["base_url", "timeout_s"]);
         assert!(d.params[1].connection_fields.is_empty());
+        // A map of such values: each entry's fields.
+        #[derive(Deserialize, JsonSchema)]
+        #[allow(dead_code)]
+        struct WithRemotes {
+            judges: std::collections::BTreeMap<String, Remote>,
+        }
+        let d = derive_params(&schema_of::<WithRemotes>()).unwrap();
+        assert!(d.params[0].connection_fields.is_empty());
+        assert_eq!(
+            d.params[0].entry_connection_fields,
+            ["base_url", "timeout_s"]
+        );
     }
 
     #[test]

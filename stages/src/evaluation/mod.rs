@@ -9,10 +9,12 @@
 //! `open_models/parse_csv.py`, drops rows with a missing score). The summary keeps the counts
 //! behind the first two, so `report` can pool seeds exactly (binary outcomes are fully
 //! described by their counts); the report reads the third from the judgments. An eval given
-//! a contrast set adds the judge-free margin ([`margin`]) to its summary.
+//! a contrast set adds the judge-free margin ([`margin`]) to its summary, and every eval
+//! since kind v2 says how its numbers were made ([`provenance`]).
 
 pub mod bootstrap;
 pub mod margin;
+pub mod provenance;
 
 use serde::{Deserialize, Serialize};
 
@@ -125,6 +127,10 @@ pub struct Summary {
     /// otherwise, so summaries without one keep their bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub margin: Option<margin::MarginSummary>,
+    /// The eval's key parts and judges ([`provenance`]); absent from summaries written before
+    /// eval v2, and from the summaries inside a [`Curve`]'s points (the curve has its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<provenance::EvalProvenance>,
 }
 
 pub const SUMMARY_SCHEMA: &str = "emflow.eval_summary.v1";
@@ -138,6 +144,10 @@ pub struct Curve {
     /// The evaluated run's index: its steps in all and the fractions it never reached.
     pub run: crate::train::snapshots::SnapshotIndex,
     pub points: Vec<CurvePoint>,
+    /// The eval's key parts and judges ([`provenance`]); absent from curves written before
+    /// eval v2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<provenance::EvalProvenance>,
 }
 
 pub const CURVE_SCHEMA: &str = "emflow.eval_curve.v1";
@@ -148,6 +158,7 @@ impl Curve {
             schema: CURVE_SCHEMA.into(),
             run,
             points,
+            provenance: None,
         }
     }
 }
@@ -264,6 +275,7 @@ pub fn summarize(
         overall: group_stats(&strata, &boot),
         questions,
         margin: None,
+        provenance: None,
     }
 }
 

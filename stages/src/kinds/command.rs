@@ -729,6 +729,8 @@ mod tests {
         let mut ctx = StageContext::new(ContextParts {
             stage_id: "long".into(),
             kind: "command".into(),
+            key: "test".into(),
+            key_parts: serde_json::Value::Null,
             params: params.as_object().unwrap().clone(),
             inputs: BTreeMap::new(),
             staging,

@@ -18,6 +18,9 @@
 //! also carries the judge-free margin, teacher-forced log-probabilities of those answers
 //! under the same model ([`crate::evaluation::margin`] defines it); without one the summary's
 //! bytes are what they were.
+//! The summary (or curve) also says how its numbers were made: the stage key's parts less the
+//! emflow version, which name every input's digest, and each metric's judge
+//! ([`crate::evaluation::provenance`]), so the report can show them beside every number.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -34,6 +37,7 @@ use serde_json::{json, Value};
 
 use super::defaults;
 use crate::evaluation::margin::{self, MarginAsk, MarginSummary};
+use crate::evaluation::provenance::EvalProvenance;
 use crate::evaluation::{
     as_run_rate, summarize, BootstrapSettings, Curve, CurvePoint, Outcome, Summary,
 };
@@ -47,6 +51,10 @@ use crate::train::setup::{device_setup, load_model, load_stage_model};
 use crate::train::snapshots::SnapshotIndex;
 
 pub struct EvalKind;
+
+/// The `eval` kind's version.
+// 2: the summary (and curve) carries `provenance`: the key's parts and each metric's judge.
+const KIND_VERSION: u32 = 2;
 
 /// The `eval` kind's params: the one declaration of their names, types, defaults, ranges
 /// and docs (the engine derives the kind's spec from this struct).
@@ -144,7 +152,7 @@ impl Kind for EvalKind {
     type Params = EvalParams;
 
     fn describe(&self) -> KindInfo {
-        KindInfo::new("eval", 1, "Sample a model on eval questions, judge aligned/coherent, summarise misalignment rates")
+        KindInfo::new("eval", KIND_VERSION, "Sample a model on eval questions, judge aligned/coherent, summarise misalignment rates")
             .ports(
                 "in   model        model      the model to evaluate
                  in?  adapter      adapter    a LoRA adapter (PEFT folder) or full fine-tuned weights for `model`
@@ -275,8 +283,10 @@ fn run_eval(ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
         questions,
         templates,
     };
+    // Before any sampling: a context without key parts fails at once.
+    let provenance = EvalProvenance::of(ctx, metric_specs(p))?;
     if let Some(snapshots) = ctx.optional_input("snapshots")?.cloned() {
-        return run_over_snapshots(ctx, p, &set, &snapshots);
+        return run_over_snapshots(ctx, p, &set, &snapshots, provenance);
     }
 
     let contrast = match ctx.optional_input("contrast")? {
@@ -303,7 +313,11 @@ fn run_eval(ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
 
     // 3. Write judgments and the summary.
     crate::formats::jsonl::write(&ctx.output_path("judgments"), &judgments)?;
-    let summary = Summary { margin, ..summary };
+    let summary = Summary {
+        margin,
+        provenance: Some(provenance),
+        ..summary
+    };
     let text = serde_json::to_string_pretty(&summary)? + "\n";
     std::fs::write(ctx.output_path("summary"), text).context("writing the eval summary")?;
 
@@ -323,13 +337,19 @@ fn run_eval(ctx: &mut StageContext, p: &EvalParams) -> Result<()> {
     Ok(())
 }
 
-/// The judge of each metric, in `metrics` order: its entry in `judges`, else `judge`. Judges
-/// with one spec are built once.
+/// Each metric with its judge's spec, in `metrics` order: its entry in `judges`, else `judge`.
+fn metric_specs(p: &EvalParams) -> impl Iterator<Item = (&String, &JudgeSpec)> {
+    p.metrics
+        .iter()
+        .map(|m| (m, p.judges.get(m).unwrap_or(&p.judge)))
+}
+
+/// The judge of each metric, in `metrics` order ([`metric_specs`]). Judges with one spec are
+/// built once.
 fn metric_judges(ctx: &StageContext, p: &EvalParams) -> Result<Vec<Arc<dyn Judge>>> {
     let mut built: Vec<(&JudgeSpec, Arc<dyn Judge>)> = Vec::new();
     let mut out = Vec::with_capacity(p.metrics.len());
-    for metric in &p.metrics {
-        let spec = p.judges.get(metric).unwrap_or(&p.judge);
+    for (metric, spec) in metric_specs(p) {
         let judge = match built.iter().find(|(s, _)| *s == spec) {
             Some((_, j)) => j.clone(),
             None => {
@@ -399,6 +419,7 @@ fn run_over_snapshots(
     p: &EvalParams,
     set: &QuestionSet,
     snapshots: &emflow_engine::context::Artifact,
+    provenance: EvalProvenance,
 ) -> Result<()> {
     if ctx.optional_input("adapter")?.is_some() {
         bail!(
@@ -437,7 +458,10 @@ fn run_over_snapshots(
     crate::formats::jsonl::write(&ctx.output_path("judgments"), &all_judgments)?;
     ctx.summarize("snapshots", points.len());
     ctx.summarize("steps_total", index.steps_total);
-    let curve = Curve::new(index, points);
+    let curve = Curve {
+        provenance: Some(provenance),
+        ..Curve::new(index, points)
+    };
     let text = serde_json::to_string_pretty(&curve)? + "\n";
     std::fs::write(ctx.output_path("summary"), text).context("writing the eval curve")?;
     Ok(())

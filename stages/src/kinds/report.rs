@@ -14,14 +14,17 @@ use crate::report_html::as_run::as_run_interval;
 use crate::report_html::page::{figure_plan, MetricsFile, PageData};
 use crate::report_html::training_curve::{self, CurveInput};
 use crate::report_html::{
-    aggregate, answers, export, interleaving, margin, page, JudgedCounts, SummaryInput,
+    aggregate, answers, condition_label, export, interleaving, margin, page, provenance,
+    JudgedCounts, Provenance, SummaryInput,
 };
 
 pub struct ReportKind;
 
 /// The `report` kind's version; the page names it beside emflow's.
 // 3: EMA_RL's as-run rate carries a bootstrap interval (tables, CSV, data.json).
-const KIND_VERSION: u32 = 3;
+// 4: provenance per eval stage (key, model, adapter, data, judges) on the page, in report.md,
+//    data.json and the new provenance.csv.
+const KIND_VERSION: u32 = 4;
 
 /// The `report` kind's params (the engine derives the kind's spec from this struct).
 #[derive(Clone, Debug, Deserialize, JsonSchema)]
@@ -53,7 +56,7 @@ impl Kind for ReportKind {
                  in*  samples    samples    eval samples: the text of the example answers
                  in*  metrics    metrics    training metrics JSONL (reward, KL, loss curves)
                  in*  curves     summary    eval curves over training (an eval stage with `snapshots` wired): EM against the share of each arm's run
-                 out  report     report     index.html, report.md, data.json, conditions.csv, per_question.csv (margin.csv with judge-free margins)",
+                 out  report     report     index.html, report.md, data.json, conditions.csv, per_question.csv, provenance.csv (margin.csv with judge-free margins)",
             )
     }
 
@@ -89,7 +92,10 @@ impl Kind for ReportKind {
             "emflow {}, report kind v{KIND_VERSION}",
             env!("CARGO_PKG_VERSION")
         );
-        let curves = training_curve::pool(&read_curves(ctx)?, p.bootstrap_resamples, p.seed);
+        let curve_inputs = read_curves(ctx)?;
+        let curve_provenance = curve_provenance(&curve_inputs);
+        let curves = training_curve::pool(&curve_inputs, p.bootstrap_resamples, p.seed);
+        let lines = provenance::lines(&rows, &curve_provenance);
         let figures = figure_plan(&rows);
         let dir = ctx.output_path("report");
         std::fs::create_dir_all(&dir).context("creating the report folder")?;
@@ -99,12 +105,14 @@ impl Kind for ReportKind {
         let md = export::markdown(&p.title, &rows, &figures, &versions)
             + &training_curve::markdown(&curves, &rows)
             + &margin::markdown(&rows)
-            + &interleaving::markdown_section(&metrics);
+            + &interleaving::markdown_section(&metrics)
+            + &provenance::markdown(&lines);
         write("report.md", md)?;
-        let data = export::data_json(&rows, &figures, &answers, &versions);
+        let data = export::data_json(&rows, &figures, &answers, &versions, &curve_provenance);
         write("data.json", serde_json::to_string_pretty(&data)? + "\n")?;
         write("conditions.csv", export::conditions_csv(&rows))?;
         write("per_question.csv", export::per_question_csv(&rows))?;
+        write("provenance.csv", provenance::csv(&lines))?;
         if margin::any(&rows) {
             write("margin.csv", margin::csv(&rows))?;
         }
@@ -115,6 +123,7 @@ impl Kind for ReportKind {
             metrics: &metrics,
             versions: &versions,
             curves: &curves,
+            curve_provenance: &curve_provenance,
         };
         write("index.html", page::html(&page))?;
         ctx.summarize("conditions", rows.len());
@@ -178,6 +187,17 @@ fn read_curves(ctx: &StageContext) -> Result<Vec<CurveInput>> {
         .into_iter()
         .map(|(a, curve)| CurveInput::new(&a.origin, &a.digest, curve))
         .collect())
+}
+
+/// Each curve's provenance, with its arm's label (the curve's stage without its seed).
+fn curve_provenance(curves: &[CurveInput]) -> Vec<(String, Provenance)> {
+    curves
+        .iter()
+        .map(|c| {
+            let p = Provenance::of(&c.origin, &c.digest, c.curve.provenance.as_ref());
+            (condition_label(&c.origin), p)
+        })
+        .collect()
 }
 
 fn read_metrics(ctx: &StageContext) -> Result<Vec<MetricsFile>> {

@@ -108,19 +108,26 @@ pub fn per_question_csv(rows: &[ConditionRow]) -> String {
 }
 
 /// `data.json`: conditions (with provenance and per-question counts), the figures' groups,
-/// the example answers and the versions.
+/// the example answers, the versions, and the provenance of each eval over training
+/// snapshots (`curve_provenance`: arm label and provenance).
 pub fn data_json(
     rows: &[ConditionRow],
     figures: &[Figure],
     answers: &std::collections::BTreeMap<String, ConditionAnswers>,
     versions: &str,
+    curves: &[(String, super::Provenance)],
 ) -> serde_json::Value {
+    let curves: Vec<serde_json::Value> = curves
+        .iter()
+        .map(|(arm, p)| json!({"arm": arm, "provenance": p}))
+        .collect();
     json!({
         "versions": versions,
         "base": base_row(rows).map(|b| b.condition.clone()),
         "conditions": rows,
         "figures": figures,
         "answers": answers,
+        "curve_provenance": curves,
     })
 }
 

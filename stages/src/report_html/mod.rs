@@ -14,6 +14,7 @@ pub mod export;
 pub mod interleaving;
 pub mod margin;
 pub mod page;
+pub mod provenance;
 pub mod refusals;
 pub mod svg;
 pub mod training_curve;
@@ -23,6 +24,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::evaluation::bootstrap::{interval, sorted_draws, Quantile};
+use crate::evaluation::provenance::EvalProvenance;
 use crate::evaluation::{Counts, Estimate, Summary};
 
 /// The condition label of an artifact origin: output name and `seed=` axis dropped.
@@ -60,14 +62,32 @@ pub struct SummaryInput {
     pub summary: Summary,
 }
 
-/// Where one seed's numbers came from: the producing stage (name and matrix values) and the
-/// blake3 digest of its summary file.
+/// Where one seed's numbers came from: the producing stage (name and matrix values), the
+/// blake3 digest of its summary file, and what the eval recorded about how it made them
+/// ([`provenance`] shows it).
 #[derive(Clone, Debug, Serialize)]
 pub struct Provenance {
     pub origin: String,
     pub summary_digest: String,
     /// The same stage's `judgments` digest, when wired.
     pub judgments_digest: Option<String>,
+    /// The eval's stage key, recomputed from `recorded` ([`EvalProvenance::stage_key`]).
+    pub stage_key: Option<String>,
+    /// The eval's key parts and judges; `None` for a summary from before eval v2.
+    pub recorded: Option<EvalProvenance>,
+}
+
+impl Provenance {
+    /// The provenance of the summary (or curve) at `origin` with `digest`.
+    pub fn of(origin: &str, digest: &str, recorded: Option<&EvalProvenance>) -> Provenance {
+        Provenance {
+            origin: origin.to_string(),
+            summary_digest: digest.to_string(),
+            judgments_digest: None,
+            stage_key: recorded.and_then(EvalProvenance::stage_key),
+            recorded: recorded.cloned(),
+        }
+    }
 }
 
 /// One question's answers pooled over a condition's seeds.
@@ -207,11 +227,7 @@ fn pool(condition: String, members: &[&SummaryInput], resamples: usize, seed: u6
         questions,
         provenance: members
             .iter()
-            .map(|s| Provenance {
-                origin: s.origin.clone(),
-                summary_digest: s.digest.clone(),
-                judgments_digest: None,
-            })
+            .map(|s| Provenance::of(&s.origin, &s.digest, s.summary.provenance.as_ref()))
             .collect(),
         margin: None,
     }

@@ -26,9 +26,11 @@ pub struct PageData<'a> {
     pub versions: &'a str,
     /// EM over training, one curve per arm (from the report's `curves` input).
     pub curves: &'a [super::training_curve::ArmCurve],
+    /// Each `curves` input's provenance, with its arm's label.
+    pub curve_provenance: &'a [(String, super::Provenance)],
 }
 
-const STYLE: &str = "body{font-family:sans-serif;max-width:1200px;margin:24px auto;padding:0 12px;color:#222}table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;vertical-align:top}td:first-child,th:first-child{text-align:left}figure{margin:16px 0;overflow-x:auto}figure svg{max-width:100%;height:auto}td{white-space:nowrap}.wide{overflow-x:auto}.note{color:#555;font-size:12px}details{margin:6px 0}summary{cursor:pointer}blockquote{margin:4px 0 8px 12px;padding-left:8px;border-left:3px solid #ccc;white-space:pre-wrap;font-size:13px}";
+const STYLE: &str = "body{font-family:sans-serif;max-width:1200px;margin:24px auto;padding:0 12px;color:#222}table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;vertical-align:top}td:first-child,th:first-child{text-align:left}figure{margin:16px 0;overflow-x:auto}figure svg{max-width:100%;height:auto}td{white-space:nowrap}.wide{overflow-x:auto}.note{color:#555;font-size:12px}details{margin:6px 0}summary{cursor:pointer}blockquote{margin:4px 0 8px 12px;padding-left:8px;border-left:3px solid #ccc;white-space:pre-wrap;font-size:13px}table.prov td.stage,table.prov td.wrap{white-space:normal;text-align:left}table.prov td.stage{overflow-wrap:anywhere}table.prov th.cond{text-align:left;background:#f3f3f3}";
 
 /// The whole page.
 pub fn html(d: &PageData) -> String {
@@ -40,7 +42,7 @@ pub fn html(d: &PageData) -> String {
         body.push_str(&super::margin::html_section(d.rows));
         per_question_section(&mut body, &super::refusals::without_refusal_evals(d.rows));
         examples_section(&mut body, d.rows, d.answers);
-        provenance_section(&mut body, d.rows, d.versions);
+        provenance_section(&mut body, d);
     }
     body.push_str(&super::interleaving::html_section(d.metrics));
     curves_section(&mut body, d.metrics);
@@ -326,21 +328,9 @@ fn examples_section(
     }
 }
 
-fn provenance_section(body: &mut String, rows: &[ConditionRow], versions: &str) {
-    let _ = write!(body, "<h2>Provenance</h2>\n<details><summary>Where every number comes from ({})</summary>\n<p class=\"note\">Each condition's numbers pool the eval summaries below (stage name with matrix values; blake3 digests of the summary and judgments files). The report's inputs do not carry the producing stages' keys, model and data digests or the judge's identity: find them with <code>emflow cache show STAGE</code>.</p>\n<table><tr><th>condition</th><th>stage</th><th>summary digest</th><th>judgments digest</th></tr>\n", esc(versions));
-    for r in rows {
-        for p in &r.provenance {
-            let _ = writeln!(
-                body,
-                "<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td><code>{}</code></td></tr>",
-                esc(&r.condition),
-                esc(&p.origin),
-                esc(&p.summary_digest),
-                esc(p.judgments_digest.as_deref().unwrap_or("not wired"))
-            );
-        }
-    }
-    body.push_str("</table></details>\n");
+fn provenance_section(body: &mut String, d: &PageData) {
+    let lines = super::provenance::lines(d.rows, d.curve_provenance);
+    body.push_str(&super::provenance::html_section(&lines, d.versions));
 }
 
 /// Reward, KL and loss curves, one figure per training stage and family, seeds as series.

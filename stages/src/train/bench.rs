@@ -120,6 +120,9 @@ fn run_in(dir: &std::path::Path, model: PathBuf, steps: u64, device: DeviceReque
     let mut ctx = StageContext::new(ContextParts {
         stage_id: "bench_rl".into(),
         kind: "rl".into(),
+        // A benchmark commits nothing, so it has no key; `rl` does not read it.
+        key: String::new(),
+        key_parts: serde_json::Value::Null,
         params,
         inputs: BTreeMap::from([
             (

@@ -9,6 +9,7 @@ mod contrast_margin;
 mod dataset_ops;
 mod dataset_prompts;
 mod dataset_questions;
+mod eval_provenance;
 mod eval_smollm2;
 mod faults_judge;
 mod fidelity;

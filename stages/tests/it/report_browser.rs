@@ -19,7 +19,9 @@ use emflow_stages::evaluation::{Curve, CurvePoint, Outcome};
 use emflow_stages::train::snapshots::SnapshotIndex;
 use serde_json::{json, Value};
 
-use crate::report_html::{add_margin, art, graded, run_report, summary_file};
+use crate::report_html::{
+    add_margin, add_provenance, art, graded, provenance, run_report, summary_file,
+};
 
 /// Measures every `<text>` of every `<svg>` after layout and writes the findings into the
 /// DOM as JSON, for `--dump-dom` to carry out. Boxes are client rectangles (transforms
@@ -28,6 +30,20 @@ use crate::report_html::{add_margin, art, graded, run_report, summary_file};
 const MEASURE: &str = r#"<script>
 (function () {
   const out = { svgs: 0, texts: 0, clipped: [], overlaps: [], figures: [] };
+  // The provenance table, unfolded: its rows, and every cell whose text overflows the cell or
+  // whose box reaches past the page's column.
+  document.querySelectorAll('details.prov').forEach(function (d) { d.open = true; });
+  const column = document.body.getBoundingClientRect().right;
+  out.prov_rows = Array.from(document.querySelectorAll('table.prov tr')).map(function (tr) {
+    return Array.from(tr.children).map(function (c) { return c.textContent; });
+  });
+  out.prov_overflow = [];
+  document.querySelectorAll('table.prov td, table.prov th').forEach(function (c) {
+    const r = c.getBoundingClientRect();
+    if (c.scrollWidth > c.clientWidth + 1 || r.right > column + 0.5) {
+      out.prov_overflow.push(c.textContent + ' [' + Math.round(r.left) + ', ' + Math.round(r.right) + '] in ' + Math.round(column));
+    }
+  });
   document.querySelectorAll('svg').forEach(function (svg, si) {
     out.svgs += 1;
     const t = svg.querySelector('title');
@@ -158,6 +174,17 @@ fn arm_origins() -> Vec<String> {
     arms
 }
 
+/// `a` with its file's digest, as the engine wires it (the provenance table shows it).
+fn with_digest(a: Artifact) -> Artifact {
+    Artifact {
+        digest: crate::support::digest(&a.path),
+        ..a
+    }
+}
+
+/// The one summary written before eval v2, without provenance.
+const OLD_SUMMARY: &str = "eval_checkpoints[domain=medical,step=25,";
+
 /// Summaries (and, for two arms, judgments and samples) of every arm and a few training
 /// metrics files, as the kind's inputs.
 fn inputs(d: &Path) -> BTreeMap<String, Vec<Artifact>> {
@@ -179,7 +206,11 @@ fn inputs(d: &Path) -> BTreeMap<String, Vec<Artifact>> {
             let m = i as f64 / 10.0 - 1.0;
             add_margin(&path, &[&[m, m + 0.5], &[m - 0.25]]);
         }
-        summaries.push(art(path, ArtifactType::Summary, origin));
+        // Every eval records its provenance but one from before eval v2.
+        if !origin.contains(OLD_SUMMARY) {
+            add_provenance(&path, i);
+        }
+        summaries.push(with_digest(art(path, ArtifactType::Summary, origin)));
     }
     let (mut judgments, mut samples) = (Vec::new(), Vec::new());
     for (stage, score) in [
@@ -197,11 +228,11 @@ fn inputs(d: &Path) -> BTreeMap<String, Vec<Artifact>> {
         let (jp, sp) = (d.join(format!("{stage}.j")), d.join(format!("{stage}.s")));
         std::fs::write(&jp, j.join("\n") + "\n").unwrap();
         std::fs::write(&sp, s.join("\n") + "\n").unwrap();
-        judgments.push(art(
+        judgments.push(with_digest(art(
             jp,
             ArtifactType::Judgments,
             &format!("{stage}.judgments"),
-        ));
+        )));
         samples.push(art(sp, ArtifactType::Samples, &format!("{stage}.samples")));
     }
     // Training curves of several stages, seeds and domains: the legends must wrap, not clip.
@@ -272,11 +303,14 @@ fn curves(d: &Path) -> Vec<Artifact> {
             snapshots: Vec::new(),
             not_reached: if stopped { vec![0.75] } else { Vec::new() },
         };
-        let curve = Curve::new(run, points);
+        let curve = Curve {
+            provenance: Some(provenance(100 + out.len())),
+            ..Curve::new(run, points)
+        };
         let p = d.join(format!("curve-{arm}-{seed}.json"));
         std::fs::write(&p, serde_json::to_string(&curve).unwrap()).unwrap();
         let origin = format!("eval_snapshots[arm={arm},domain=medical,seed={seed}].summary");
-        out.push(art(p, ArtifactType::Summary, &origin));
+        out.push(with_digest(art(p, ArtifactType::Summary, &origin)));
     }
     out
 }
@@ -366,6 +400,7 @@ fn report_at_thirty_three_arms_has_no_clipped_or_overlapping_text_in_a_browser()
     assert!(html.contains("base model (eval_base)"));
     assert!(html.contains("stopped early before fractions [0.75]"));
     margin_table_has_every_arm(&found, &conditions);
+    provenance_table_has_every_stage(&found, &conditions);
     let margin_chart = figures
         .iter()
         .find(|f| f["title"] == "Judge-free margin by condition")
@@ -414,6 +449,55 @@ fn margin_table_has_every_arm(found: &Value, conditions: &[String]) {
     assert!(
         finance[judged].starts_with("n/a") && !finance[margin].starts_with("n/a"),
         "{finance:?}"
+    );
+}
+
+/// The provenance table as the browser lays it out, unfolded: a heading per condition (the
+/// snapshot curves' arms last), under it one row per eval stage with every field filled, the
+/// old summary's "not recorded"; no cell's text overflows and no cell reaches past the page.
+fn provenance_table_has_every_stage(found: &Value, conditions: &[String]) {
+    assert_eq!(
+        found["prov_overflow"],
+        json!([]),
+        "clipped provenance cells"
+    );
+    let rows: Vec<Vec<String>> = serde_json::from_value(found["prov_rows"].clone()).unwrap();
+    let header = &rows[0];
+    assert_eq!(header.len(), 10, "{header:?}");
+    let mut headings: Vec<String> = Vec::new();
+    let mut stages = 0;
+    for r in &rows[1..] {
+        match r.len() {
+            1 => headings.push(r[0].clone()),
+            _ if r[0].contains(OLD_SUMMARY) => {
+                assert_eq!(r.len(), 5, "{r:?}");
+                assert_eq!(r[1], "not recorded");
+                stages += 1;
+            }
+            n => {
+                assert_eq!(n, header.len(), "{r:?}");
+                for (h, cell) in header.iter().zip(r) {
+                    assert!(!cell.is_empty() && cell != "not recorded", "{h} of {r:?}");
+                }
+                assert!(r[6].contains("aligned, coherent: openai"), "{r:?}");
+                stages += 1;
+            }
+        }
+    }
+    let curve_arms = [
+        "eval_snapshots[arm=grpo,domain=medical]",
+        "eval_snapshots[arm=sft_matched,domain=medical]",
+    ];
+    let want: Vec<&str> = conditions
+        .iter()
+        .map(String::as_str)
+        .chain(curve_arms)
+        .collect();
+    assert_eq!(headings, want, "every condition, in order, then the curves");
+    assert_eq!(
+        stages,
+        arm_origins().len() + 4,
+        "every eval stage and curve"
     );
 }
 

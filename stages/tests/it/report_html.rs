@@ -9,6 +9,7 @@ use std::sync::Arc;
 use emflow_engine::context::{Artifact, MemoryMemo};
 use emflow_engine::{ArtifactType, StageKind};
 use emflow_stages::evaluation::margin::{summarize_margins, PairScore};
+use emflow_stages::evaluation::provenance::{EvalProvenance, JudgeIdentity};
 use emflow_stages::evaluation::{summarize, BootstrapSettings, Outcome, Summary};
 use emflow_stages::kinds::report::ReportKind;
 use serde_json::json;
@@ -59,6 +60,35 @@ pub fn add_margin(path: &Path, margins: &[&[f64]]) {
         })
         .collect();
     summary.margin = Some(summarize_margins(pairs, vec![], 200, 0));
+    std::fs::write(path, serde_json::to_string(&summary).unwrap()).unwrap();
+}
+
+/// An eval's provenance as eval v2 records it: key parts whose inputs are a model, an adapter,
+/// the questions and a contrast set with digests made from `tag`, and one openai judge for
+/// both metrics.
+pub fn provenance(tag: usize) -> EvalProvenance {
+    let d = |c: char| format!("{c}{tag:0>63}");
+    let judge = JudgeIdentity {
+        backend: "openai".into(),
+        model: "gpt-4o-2024-08-06".into(),
+        scoring: "logprobs".into(),
+    };
+    EvalProvenance {
+        key_parts: json!({"schema": 1, "kind": "eval", "kind_version": 2, "params": {"seed": tag},
+            "inputs": {"model": [d('a')], "adapter": [d('b')], "questions": [d('c')], "contrast": [d('d')]},
+            "env": {"device": "cpu", "dtype": "f32"}}),
+        judges: BTreeMap::from([
+            ("aligned".to_string(), judge.clone()),
+            ("coherent".to_string(), judge),
+        ]),
+    }
+}
+
+/// Adds [`provenance`]`(tag)` to the summary at `path`.
+pub fn add_provenance(path: &Path, tag: usize) {
+    let mut summary: Summary =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    summary.provenance = Some(provenance(tag));
     std::fs::write(path, serde_json::to_string(&summary).unwrap()).unwrap();
 }
 
@@ -269,5 +299,101 @@ fn report_shows_the_judge_free_margin_beside_the_judged_rates() {
     assert_eq!(
         read("margin.csv"),
         std::fs::read_to_string(again.join("margin.csv")).unwrap()
+    );
+}
+
+/// Every eval stage behind a condition has its key, model, adapter, questions, other data and
+/// judges in every format (short on the page and in Markdown, whole in data.json and the CSV);
+/// a summary from before eval v2 says "not recorded" instead.
+#[test]
+fn report_shows_every_evals_provenance_and_not_recorded_for_an_old_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let origins = [
+        "eval_base.summary",
+        "eval_grpo[domain=medical,seed=0].summary",
+        "eval_grpo[domain=medical,seed=1].summary",
+    ];
+    let summaries: Vec<Artifact> = origins
+        .iter()
+        .enumerate()
+        .map(|(i, origin)| {
+            let p = summary_file(d, &format!("s{i}"), 2, graded(i));
+            if i > 0 {
+                add_provenance(&p, i);
+            }
+            Artifact {
+                digest: format!("{i:e>64}"),
+                ..art(p, ArtifactType::Summary, origin)
+            }
+        })
+        .collect();
+    let out = run_report(d, BTreeMap::from([("summaries".to_string(), summaries)]));
+    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap();
+    let (html, md, csv) = (
+        read("index.html"),
+        read("report.md"),
+        read("provenance.csv"),
+    );
+    let data: serde_json::Value = serde_json::from_str(&read("data.json")).unwrap();
+    assert!(!html.contains("do not carry"), "the old note is gone");
+    for (i, tag) in [(1, "1"), (2, "2")] {
+        let digest = |c: char| format!("{c}{tag:0>63}");
+        let recorded: EvalProvenance =
+            serde_json::from_value(data["conditions"][1]["provenance"][i - 1]["recorded"].clone())
+                .unwrap();
+        let key = recorded.stage_key().unwrap();
+        assert_eq!(
+            data["conditions"][1]["provenance"][i - 1]["stage_key"],
+            key.as_str()
+        );
+        for c in ['a', 'b', 'c'] {
+            let full = digest(c);
+            assert!(
+                html.contains(&format!("<code title=\"{full}\">{}</code>", &full[..12])),
+                "{c}: {html}"
+            );
+            assert!(md.contains(&full[..12]), "{md}");
+        }
+        // Other data names its port: on the page (short) and in the CSV (whole).
+        let contrast = digest('d');
+        let html_contrast = format!(">contrast {}</code>", &contrast[..12]);
+        assert!(html.contains(&html_contrast), "{html}");
+        for c in ['a', 'b', 'c', 'd'] {
+            assert!(csv.contains(&digest(c)), "{csv}");
+        }
+        assert!(html.contains(&format!("<code title=\"{key}\">{}</code>", &key[..12])));
+        assert!(csv.contains(&key) && md.contains(&key[..12]), "{csv}{md}");
+    }
+    let judges = "aligned, coherent: openai gpt-4o-2024-08-06 (logprobs)";
+    assert_eq!(
+        html.matches(&format!(">{judges}</span>")).count(),
+        2,
+        "{html}"
+    );
+    assert!(html.contains("<td>eval v2</td>"), "{html}");
+    // The old summary: one row, every recorded field "not recorded".
+    assert!(
+        html.contains("<tr><td class=\"stage\">eval_base</td><td colspan=\"6\">not recorded</td>"),
+        "{html}"
+    );
+    assert!(
+        md.contains("| eval_base | eval_base | not recorded | not recorded |"),
+        "{md}"
+    );
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 4, "{csv}");
+    assert!(
+        lines[1].starts_with("eval_base,eval_base,false,,,,,,,,"),
+        "{csv}"
+    );
+    assert!(
+        lines[2]
+            .starts_with("eval_grpo[domain=medical],\"eval_grpo[domain=medical,seed=0]\",true,"),
+        "{csv}"
+    );
+    assert_eq!(
+        data["conditions"][0]["provenance"][0]["recorded"],
+        serde_json::Value::Null
     );
 }

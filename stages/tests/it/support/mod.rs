@@ -115,14 +115,19 @@ impl TestStage {
         std::fs::create_dir_all(dir.path().join("scratch")).unwrap();
         let progress = Arc::new(RecordingProgress::default());
         let interrupt = Arc::new(AtomicBool::new(false));
+        let params = with_defaults(kind, params);
+        let inputs = inputs
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect::<BTreeMap<_, _>>();
+        let (key, key_parts) = key_of(kind, &params, &inputs);
         let ctx = StageContext::new(ContextParts {
             stage_id: format!("test_{}", kind.spec().name),
             kind: kind.spec().name.to_string(),
-            params: with_defaults(kind, params),
-            inputs: inputs
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect::<BTreeMap<_, _>>(),
+            key,
+            key_parts,
+            params,
+            inputs,
             staging,
             checkpoint,
             scratch: dir.path().join("scratch"),
@@ -191,9 +196,12 @@ pub fn context_interrupted_at(
     memo: Arc<dyn Memo>,
     interrupt: bool,
 ) -> StageContext {
+    let (key, key_parts) = key_of(kind, &params, &inputs);
     StageContext::new(ContextParts {
         stage_id: format!("test_{}", kind.spec().name),
         kind: kind.spec().name.to_string(),
+        key,
+        key_parts,
         params,
         inputs,
         staging: staging.to_path_buf(),
@@ -220,21 +228,35 @@ pub fn small_grpo_params(more: Value) -> Value {
     p
 }
 
+/// The key of a stage of `kind` with `params` and `inputs` on the CPU, and its parts as JSON,
+/// as the engine computes them.
+pub fn key_of(
+    kind: &dyn StageKind,
+    params: &Params,
+    inputs: &BTreeMap<String, Vec<Artifact>>,
+) -> (String, Value) {
+    use emflow_engine::keys::{EnvParts, KeyParts};
+    let spec = kind.spec();
+    let digests = inputs
+        .iter()
+        .map(|(port, arts)| {
+            (
+                port.clone(),
+                arts.iter().map(|a| a.digest.clone()).collect(),
+            )
+        })
+        .collect();
+    let parts = KeyParts::new(&spec, params, digests, EnvParts::for_stage(&spec, 0));
+    (parts.key(), parts.to_value())
+}
+
 /// The key of a stage of the registered kind `kind` with `params` (the kind's defaults filled
 /// in, as the engine fills them), no inputs and the CPU environment.
 pub fn stage_key(kind: &str, params: Value) -> String {
-    use emflow_engine::keys::{EnvParts, KeyParts};
     let registry = emflow_stages::registry();
     let k = registry.kind(kind).expect("a registered kind");
-    let spec = k.spec();
     let params = with_defaults(k.as_ref(), params);
-    KeyParts::new(
-        &spec,
-        &params,
-        BTreeMap::new(),
-        EnvParts::for_stage(&spec, 0),
-    )
-    .key()
+    key_of(k.as_ref(), &params, &BTreeMap::new()).0
 }
 
 /// `params` with the kind's declared defaults added for absent names.
