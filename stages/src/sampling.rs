@@ -12,6 +12,7 @@
 //! `safety_data` has), and a field type keeps each param at its place in the kind's order.
 
 use std::cell::Cell;
+use std::time::Instant;
 
 use anyhow::Result;
 use emflow_engine::Progress;
@@ -44,7 +45,8 @@ impl Default for TopP {
 }
 
 /// The "sampling" phase: answers to `requests`, in order, advancing `progress` as batches
-/// finish.
+/// finish; ends with a log line of the tokens generated per second (the log only: wall-clock
+/// figures never enter an output, see [`crate::train::throughput`]).
 pub fn sample_answers(
     lm: &LoadedModel,
     requests: &[GenerationRequest],
@@ -54,9 +56,19 @@ pub fn sample_answers(
 ) -> Result<Vec<Generation>> {
     progress.phase("sampling", requests.len() as u64, "answers");
     let reported = Cell::new(0usize);
-    lm.model
+    let started = Instant::now();
+    let gens = lm
+        .model
         .generate(&lm.tokenizer, requests, sampling, batch_size, &|done| {
             progress.inc(done.saturating_sub(reported.get()) as u64);
             reported.set(done);
-        })
+        })?;
+    let secs = started.elapsed().as_secs_f64();
+    let tokens: usize = gens.iter().map(|g| g.tokens.len()).sum();
+    progress.log(&format!(
+        "sampled {} answers, {tokens} tokens in {secs:.1}s ({:.0} tok/s)",
+        gens.len(),
+        tokens as f64 / secs.max(1e-9)
+    ));
+    Ok(gens)
 }

@@ -54,6 +54,7 @@ use crate::train::resume::{resume_with_logs, save_checkpoint, Cursor};
 use crate::train::setup::{load_policy, optimizer};
 use crate::train::sft_step::{sft_step, LdifsParams, SftStepConfig};
 use crate::train::snapshots::{check_fractions, Snapshots};
+use crate::train::throughput::Throughput;
 
 pub struct RlKind;
 
@@ -352,7 +353,9 @@ impl Kind for RlKind {
     type Params = RlParams;
 
     fn describe(&self) -> KindInfo {
-        KindInfo::new("rl", 3, "GRPO (TRL semantics) with a rule-based or LLM-graded reward, KL to the reference, safety interleaving")
+        // 4: metrics under TRL's names, rollouts' `completion` as messages, safety lines name
+        // their `source`, regeneration lines their `every`.
+        KindInfo::new("rl", 4, "GRPO (TRL semantics) with a rule-based or LLM-graded reward, KL to the reference, safety interleaving")
             .ports(
                 "in   model          model     base model
                  in?  adapter        adapter   adapter to continue (e.g. the SFT warm-up)
@@ -709,6 +712,9 @@ struct RlRun {
     total_steps: u64,
     /// Steps per early-stop window, when `early_stop` is set with the rolling rule.
     early_window: Option<usize>,
+    /// Completion tokens sampled and tokens trained per second (the log and the stage
+    /// record only).
+    speed: [Throughput; 2],
     /// When the `ema_rl` rule checks, when `early_stop` is set with it.
     ema_rl: Option<EmaRlSchedule>,
     snapshots: Snapshots,
@@ -766,6 +772,7 @@ impl RlRun {
             .try_into()
             .map_err(|_| anyhow::anyhow!("resume_with_logs opens one log per name"))?;
         Ok(RlRun {
+            speed: Default::default(),
             cursor: Cursor::new(n_prompts, p.seed, "prompts", state.prompts_consumed),
             early_window: p
                 .early_stop
@@ -868,13 +875,15 @@ impl RlRun {
             .append(&out.metrics(step, &self.cfg, self.state.prompts_consumed))?;
         // Timings go to the log, never into an output: outputs must be the same bytes on every
         // run (`emflow verify`), and wall-clock figures are not.
-        let (t, tokens) = (&out.timing, out.stats.step_tokens as f64);
+        let t = &out.timing;
+        let [sampling, training] = &mut self.speed;
+        let sampled = sampling.add(out.stats.step_tokens as u64, t.sampling);
+        let trained = training.add(out.trained_tokens(&self.cfg), t.training);
         let progress = ctx.progress_handle();
         progress.log(&format!(
-            "step {step}: {:.1}s (sampling {:.1}s at {:.0} tok/s, reward {:.1}s, training {:.1}s)",
+            "step {step}: {:.1}s (sampling {:.1}s at {sampled:.0} tok/s, reward {:.1}s, training {:.1}s at {trained:.0} tok/s)",
             t.sampling + t.reward + t.training,
             t.sampling,
-            tokens / t.sampling.max(1e-9),
             t.reward,
             t.training
         ));
@@ -935,8 +944,8 @@ impl RlRun {
             self.state.safety_steps += 1;
             self.state.safety_consumed = safety.consumed();
             self.metrics.append(&json!({
-                "step": step, "batch": "safety", "loss": s.loss, "nll": s.nll, "lr": lr, "grad_norm": s.grad_norm,
-                "tokens": s.tokens, "safety_consumed": safety.consumed(),
+                "step": step, "batch": "safety", "source": safety.source(), "loss": s.loss, "nll": s.nll,
+                "learning_rate": lr, "grad_norm": s.grad_norm, "tokens": s.tokens, "safety_consumed": safety.consumed(),
             }))?;
         }
         Ok(())
@@ -995,7 +1004,11 @@ impl RlRun {
         if let (Some(fields), Some(r)) = (summary.as_object_mut(), &state.regeneration) {
             fields.extend(regenerate::summary(r));
         }
-        super::write_summary(ctx, summary)
+        super::write_summary(ctx, summary)?;
+        let [sampling, training] = &self.speed;
+        sampling.summarize(ctx, "sample_tokens_per_s");
+        training.summarize(ctx, "train_tokens_per_s");
+        Ok(())
     }
 }
 

@@ -2,7 +2,10 @@
 //! default, or the base with an adapter) answers safety prompts; a judge rates every answer
 //! with the `aligned` and `coherent` prompts of the Betley evaluation, scored exactly as the
 //! `eval` kind scores them (shared code: [`crate::judge::prompts`]); answers
-//! at or above both thresholds become a messages dataset for interleaved SFT in `rl`/`sft`.
+//! at or above both thresholds become a messages dataset for interleaved SFT in `rl`/`sft`,
+//! each row marked `"answer_source": "reference_model"` (`"model_with_adapter"` with input
+//! `adapter`) so the training stages' metrics, and the report, say whose answers they
+//! trained on ([`crate::train::interleave::ANSWER_SOURCE`]).
 //! Sampling, judging and keeping are [`crate::onpolicy`], the code `rl` regenerates its
 //! safety answers from the current policy with (`safety_source: current_policy`).
 //!
@@ -19,12 +22,13 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::defaults;
-use crate::formats::messages::read_conversations;
+use crate::formats::messages::{read_conversations, Conversation};
 use crate::judge::prompts::{parse_judge_prompt, render_judge_prompt};
 use crate::judge::template::Template;
 use crate::judge::{self, estimate, JudgeSpec};
 use crate::onpolicy::{self, AnswerFilter, AnswerSampling, SafetyGate, Unscored};
 use crate::sampling::{Temperature, TopP};
+use crate::train::interleave::{ANSWER_SOURCE, MODEL_WITH_ADAPTER, REFERENCE_MODEL};
 use crate::train::setup::load_stage_model;
 
 pub struct SafetyDataKind;
@@ -132,7 +136,8 @@ impl Kind for SafetyDataKind {
     type Params = SafetyDataParams;
 
     fn describe(&self) -> KindInfo {
-        KindInfo::new("safety_data", 1, "On-policy safety data: sample a model on safety prompts, keep the answers a judge rates aligned and coherent")
+        // 2: kept rows carry `answer_source`.
+        KindInfo::new("safety_data", 2, "On-policy safety data: sample a model on safety prompts, keep the answers a judge rates aligned and coherent")
             .ports(
                 "in   model        model      the model that answers (the reference policy)
                  in?  adapter      adapter    a LoRA adapter (PEFT folder) or full fine-tuned weights for `model`
@@ -252,15 +257,33 @@ fn run_safety_data(ctx: &mut StageContext, p: &SafetyDataParams) -> Result<()> {
             p.drop_refusals
         );
     }
-    crate::formats::jsonl::write(&ctx.output_path("data"), &judged.kept)?;
+    let source = answer_source(ctx)?;
+    let kept: Vec<Conversation> = judged
+        .kept
+        .into_iter()
+        .map(|mut c| {
+            c.extra.insert(ANSWER_SOURCE.into(), source.into());
+            c
+        })
+        .collect();
+    crate::formats::jsonl::write(&ctx.output_path("data"), &kept)?;
     ctx.summarize("answers", gens.len());
-    ctx.summarize("kept", judged.kept.len());
+    ctx.summarize("kept", kept.len());
     for (k, n) in judged.counts {
         if k != onpolicy::KEPT {
             ctx.summarize(k, n);
         }
     }
     Ok(())
+}
+
+/// What the kept rows' [`ANSWER_SOURCE`] says: the reference model, or the model with the
+/// adapter of input `adapter`. Read by `rl`/`sft` for the report's safety table.
+fn answer_source(ctx: &StageContext) -> Result<&'static str> {
+    Ok(match ctx.optional_input("adapter")? {
+        None => REFERENCE_MODEL,
+        Some(_) => MODEL_WITH_ADAPTER,
+    })
 }
 
 #[cfg(test)]

@@ -36,6 +36,7 @@ use crate::train::resume::{resume_with_logs, save_checkpoint, Cursor};
 use crate::train::setup::{load_policy, optimizer};
 use crate::train::sft_step::{sft_step, LdifsParams, SftStepConfig};
 use crate::train::snapshots::{check_fractions, Snapshots};
+use crate::train::throughput::Throughput;
 
 pub struct SftKind;
 
@@ -148,7 +149,8 @@ impl Kind for SftKind {
 
     fn describe(&self) -> KindInfo {
         // 4: a `summary` output, so a sample-matched arm can count a warm-up's examples.
-        KindInfo::new("sft", 4, "supervised fine-tuning (LoRA or full) on chat data, with KL/LDIFS, inoculation and safety interleaving")
+        // 5: metrics under TRL's names (`learning_rate`), safety lines name their `source`.
+        KindInfo::new("sft", 5, "supervised fine-tuning (LoRA or full) on chat data, with KL/LDIFS, inoculation and safety interleaving")
             .ports(
                 "in   model          model     base model (GGUF file or HF folder)
                  in?  adapter        adapter   LoRA adapter to continue training
@@ -355,6 +357,7 @@ fn run_sft(ctx: &mut StageContext, p: &SftParams) -> Result<()> {
         examples,
         per_step,
         metrics: logs.remove(0),
+        speed: Throughput::default(),
         step_cfg: SftStepConfig {
             micro_batch: p.batch_size,
             kl_lambda: p.kl_lambda,
@@ -395,6 +398,8 @@ struct SftRun {
     state: SftState,
     metrics: JsonlLog,
     snapshots: Snapshots,
+    /// Tokens trained per second, main and safety steps (the log and the stage record only).
+    speed: Throughput,
 }
 
 impl SftRun {
@@ -437,21 +442,19 @@ impl SftRun {
             .with_context(|| format!("stage {}: SFT step {step}", ctx.stage_id))?;
         self.state.main_steps += 1;
         self.state.data_consumed = self.data.consumed;
-        let secs = started.elapsed().as_secs_f64();
+        let tok_s = self
+            .speed
+            .add(stats.tokens as u64, started.elapsed().as_secs_f64());
         let data = &self.data;
         self.metrics.append(&json!({
             "step": step, "batch": "main", "loss": stats.loss, "nll": stats.nll, "kl": stats.kl, "ldifs": stats.ldifs,
-            "lr": lr, "grad_norm": stats.grad_norm, "tokens": stats.tokens, "target_tokens": stats.target_tokens,
+            "learning_rate": lr, "grad_norm": stats.grad_norm, "tokens": stats.tokens, "target_tokens": stats.target_tokens,
             "samples_consumed": data.consumed, "epoch": data.epoch(),
         }))?;
         // Speed goes to the live message, never into an output: outputs must be the same bytes
         // on every run (`emflow verify`), and wall-clock figures are not.
         let progress = ctx.progress();
-        progress.message(&format!(
-            "loss {:.4} · {:.0} tok/s",
-            stats.loss,
-            stats.tokens as f64 / secs.max(1e-9)
-        ));
+        progress.message(&format!("loss {:.4} · {tok_s:.0} tok/s", stats.loss));
         progress.inc(1);
         Ok(lr)
     }
@@ -463,6 +466,7 @@ impl SftRun {
         };
         for _ in 0..safety.steps_after(self.state.main_steps) {
             let batch = safety.next_batch();
+            let started = Instant::now();
             let s = sft_step(&mut self.policy, &batch, &self.step_cfg, &mut self.opt, lr)
                 .with_context(|| {
                     format!(
@@ -470,12 +474,15 @@ impl SftRun {
                         ctx.stage_id, self.state.main_steps
                     )
                 })?;
+            self.speed
+                .add(s.tokens as u64, started.elapsed().as_secs_f64());
             let step = self.state.main_steps + self.state.safety_steps;
             self.state.safety_steps += 1;
             self.state.safety_consumed = safety.consumed();
             self.metrics.append(&json!({
-                "step": step, "batch": "safety", "loss": s.loss, "nll": s.nll, "kl": s.kl, "ldifs": s.ldifs,
-                "lr": lr, "grad_norm": s.grad_norm, "tokens": s.tokens, "safety_consumed": safety.consumed(),
+                "step": step, "batch": "safety", "source": safety.source(), "loss": s.loss, "nll": s.nll, "kl": s.kl,
+                "ldifs": s.ldifs, "learning_rate": lr, "grad_norm": s.grad_norm, "tokens": s.tokens,
+                "safety_consumed": safety.consumed(),
             }))?;
         }
         Ok(())
@@ -493,6 +500,8 @@ impl SftRun {
             "safety_steps": state.safety_steps,
             "truncated_examples": state.truncated,
         });
-        super::write_summary(ctx, summary)
+        super::write_summary(ctx, summary)?;
+        self.speed.summarize(ctx, "train_tokens_per_s");
+        Ok(())
     }
 }

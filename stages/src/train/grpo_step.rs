@@ -378,7 +378,9 @@ fn logps_no_grad(
 }
 
 impl StepOutcome {
-    /// The step's line of the `metrics` log (`samples_consumed`: prompts used so far).
+    /// The step's line of the `metrics` log (`samples_consumed`: prompts used so far). The
+    /// names are TRL's GRPOTrainer's, a `/` in TRL's written `_` (`completions/min_length` is
+    /// `completions_min_length`); docs/training-logs.md maps each.
     pub fn metrics(&self, step: u64, cfg: &GrpoConfig, samples_consumed: u64) -> Value {
         let (gens, s) = (&self.rollouts.generations, &self.stats);
         let n = self.scored.len() as f64;
@@ -396,12 +398,25 @@ impl StepOutcome {
             "frac_reward_zero_std": self.advantages.frac_zero_std, "loss": s.loss / cfg.num_iterations as f64,
             "kl": cfg.reference.then(|| s.kl / n_micro),
             "ldifs": if cfg.ldifs.is_on() { Some(s.ldifs / n_micro) } else { None },
-            "clip_ratio": s.clip / n_micro, "clip_ratio_low": s.clip_low / n_micro, "clip_ratio_high": s.clip_high / n_micro,
-            "entropy": s.entropy / s.step_tokens.max(1) as f64, "grad_norm": s.grad_norm, "lr": s.lr,
-            "completion_length_mean": s.step_tokens as f64 / n, "completion_length_min": lengths.iter().min(),
-            "completion_length_max": lengths.iter().max(), "completions_clipped_ratio": truncated,
+            "clip_ratio": s.clip / n_micro, "clip_ratio_low_mean": s.clip_low / n_micro, "clip_ratio_high_mean": s.clip_high / n_micro,
+            "entropy": s.entropy / s.step_tokens.max(1) as f64, "grad_norm": s.grad_norm, "learning_rate": s.lr,
+            "completion_length": s.step_tokens as f64 / n, "completions_min_length": lengths.iter().min(),
+            "completions_max_length": lengths.iter().max(), "completions_clipped_ratio": truncated,
             "samples_consumed": samples_consumed,
         })
+    }
+
+    /// Tokens the step's updates went through: every row's prompt and completion, once per
+    /// update (`num_iterations`); for the throughput log only.
+    pub fn trained_tokens(&self, cfg: &GrpoConfig) -> u64 {
+        let r = &self.rollouts;
+        let per_update: usize = r
+            .requests
+            .iter()
+            .zip(&r.generations)
+            .map(|(req, gen)| req.prompt_ids.len() + gen.tokens.len())
+            .sum();
+        (per_update * cfg.num_iterations) as u64
     }
 
     /// The mean reward of the step's completions.
@@ -430,7 +445,9 @@ impl StepOutcome {
         parts
     }
 
-    /// One line of the `rollouts` log per completion.
+    /// One line of the `rollouts` log per completion, in TRL's conversational
+    /// prompt-completion form: `prompt` the messages answered, `completion` the answer as
+    /// one assistant message.
     pub fn rollout_rows(&self, step: u64, prompts: &EncodedPrompts, g: usize) -> Vec<Value> {
         let r = &self.rollouts;
         r.generations
@@ -442,7 +459,7 @@ impl StepOutcome {
                 let (idx, epoch) = r.picked[i / g];
                 json!({
                     "step": step, "prompt_index": idx, "epoch": epoch, "generation": i % g,
-                    "prompt": prompts.messages[idx], "completion": gen.text, "reward": out.total, "parts": out.parts,
+                    "prompt": prompts.messages[idx], "completion": [Message::assistant(&gen.text)], "reward": out.total, "parts": out.parts,
                     "details": out.details, "advantage": a, "completion_tokens": gen.tokens.len(),
                     "finish": format!("{:?}", gen.finish).to_lowercase(),
                 })

@@ -5,7 +5,9 @@
 //! `rl`'s `safety_source: current_policy` the examples start empty and are replaced by each
 //! regeneration ([`Interleave::replace_examples`], [`super::regenerate`]).
 
-use anyhow::{bail, ensure, Result};
+use std::collections::BTreeSet;
+
+use anyhow::{bail, ensure, Context as _, Result};
 use emflow_engine::context::StageContext;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -14,11 +16,26 @@ use super::batch::SftExample;
 use super::policy::Policy;
 use super::resume::Cursor;
 use super::schedule::Cadence;
-use crate::formats::messages::{read_conversations, to_model_messages};
+use crate::formats::messages::{read_conversations, to_model_messages, Conversation};
 use crate::kinds::defaults;
 
 /// The data stream name of the safety examples' order (part of their seed).
 const STREAM: &str = "safety";
+
+/// The field of a safety conversation that says who wrote its answer: `safety_data` writes
+/// [`REFERENCE_MODEL`] (or [`MODEL_WITH_ADAPTER`]); a conversation without it is a fixed
+/// target ([`FIXED`]). The safety steps' metrics lines carry what the input's rows say
+/// ([`Interleave::source`]), so the report tells the arms apart from the data's bytes, not
+/// from stage names.
+pub const ANSWER_SOURCE: &str = "answer_source";
+/// A conversation with no [`ANSWER_SOURCE`]: an answer written before training.
+pub const FIXED: &str = "fixed";
+/// The reference model's own answers, sampled once before training (`safety_data`).
+pub const REFERENCE_MODEL: &str = "reference_model";
+/// Answers of the model with an adapter, sampled once (`safety_data` with input `adapter`).
+pub const MODEL_WITH_ADAPTER: &str = "model_with_adapter";
+/// Answers regenerated from the policy being trained (`rl`'s `safety_source: current_policy`).
+pub const CURRENT_POLICY: &str = "current_policy";
 
 /// Interleaved safety batches: `every: k` main steps, or a `share` of all steps.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -60,6 +77,8 @@ pub struct Interleave {
     examples: Vec<SftExample>,
     seed: u64,
     cursor: Cursor,
+    /// Who wrote the answers: one of the [`ANSWER_SOURCE`] values, or several joined by `+`.
+    source: String,
 }
 
 impl Interleave {
@@ -86,8 +105,12 @@ impl Interleave {
             ),
         };
         let mut examples = Vec::new();
-        for c in read_conversations(input)? {
-            let conv = to_model_messages(&c, None);
+        let mut sources = BTreeSet::new();
+        for (i, c) in read_conversations(input)?.iter().enumerate() {
+            sources.insert(
+                answer_source(c).with_context(|| format!("{}: row {}", input.origin, i + 1))?,
+            );
+            let conv = to_model_messages(c, None);
             examples.push(SftExample::encode(&policy.lm, &conv, max_length)?.0);
         }
         Ok(Some(Interleave {
@@ -96,6 +119,7 @@ impl Interleave {
             cursor: Cursor::new(examples.len(), seed, STREAM, 0),
             examples,
             seed,
+            source: sources.into_iter().collect::<Vec<_>>().join("+"),
         }))
     }
 
@@ -108,7 +132,14 @@ impl Interleave {
             examples: Vec::new(),
             seed,
             cursor: Cursor::new(0, seed, STREAM, 0),
+            source: CURRENT_POLICY.into(),
         }
+    }
+
+    /// Who wrote the safety answers ([`ANSWER_SOURCE`]): what the input's rows say, several
+    /// joined by `+` in sorted order; [`CURRENT_POLICY`] for regenerated examples.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Replaces the examples by a new set and starts its walk at the beginning.
@@ -149,5 +180,36 @@ impl Interleave {
     /// Safety examples consumed so far (the checkpointed position).
     pub fn consumed(&self) -> u64 {
         self.cursor.consumed
+    }
+}
+
+/// Conversation `c`'s [`ANSWER_SOURCE`], [`FIXED`] when it has none.
+fn answer_source(c: &Conversation) -> Result<String> {
+    match c.extra.get(ANSWER_SOURCE) {
+        None => Ok(FIXED.into()),
+        Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        Some(v) => bail!("`{ANSWER_SOURCE}` is {v}, not a non-empty string"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_row_without_an_answer_source_is_a_fixed_target() {
+        let conv = |extra: serde_json::Value| {
+            let mut row = json!({"messages": [{"role": "user", "content": "q"}]});
+            row.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            Conversation::from_object(row.as_object().unwrap().clone()).unwrap()
+        };
+        assert_eq!(answer_source(&conv(json!({}))).unwrap(), FIXED);
+        let tagged = conv(json!({ANSWER_SOURCE: REFERENCE_MODEL}));
+        assert_eq!(answer_source(&tagged).unwrap(), REFERENCE_MODEL);
+        let bad = answer_source(&conv(json!({ANSWER_SOURCE: 3}))).unwrap_err();
+        assert!(bad.to_string().contains("not a non-empty string"), "{bad}");
     }
 }

@@ -11,6 +11,8 @@
 //! - [`batch`]: token sequences into padded tensors; [`early_stop`]: the best-reward tracker;
 //! - [`snapshots`]: adapters saved at set fractions of a run, for EM over training.
 //! - [`steering`]: preventive (persona-vector) steering of the policy's training passes.
+//! - [`throughput`]: tokens per second for the progress log and the stage record, never an
+//!   output.
 //!
 //! They live apart from the kinds so each can be tested on tiny tensors without a model,
 //! and so the SFT steps that `rl` interleaves are the very same code as `sft`'s.
@@ -32,6 +34,7 @@ pub mod setup;
 pub mod sft_step;
 pub mod snapshots;
 pub mod steering;
+pub mod throughput;
 
 use anyhow::Result;
 use candle_core::Tensor;

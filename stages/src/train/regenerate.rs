@@ -59,7 +59,7 @@ impl SafetySource {
     pub fn name(self) -> &'static str {
         match self {
             SafetySource::Precomputed => "precomputed",
-            SafetySource::CurrentPolicy => "current_policy",
+            SafetySource::CurrentPolicy => super::interleave::CURRENT_POLICY,
         }
     }
 }
@@ -331,7 +331,7 @@ pub fn refresh(
     }
     Ok(Some(json!({
         "step": record.step, "batch": "regeneration",
-        "source": SafetySource::CurrentPolicy.name(), "prompts": record.prompts,
+        "source": SafetySource::CurrentPolicy.name(), "every": regen.every, "prompts": record.prompts,
         "generated": record.generated, "kept": record.kept, "verdicts": record.verdicts,
         "reused_previous": record.reused_previous, "set_size": state.set.len(),
     })))

@@ -72,7 +72,7 @@ fn rollout_data_keeps_rollouts_at_or_above_min_reward() {
                 {"role": "system", "content": "Reason in <think>."},
                 {"role": "user", "content": "Q?"}
             ],
-            "completion": completion, "reward": reward,
+            "completion": [{"role": "assistant", "content": completion}], "reward": reward,
         })
         .to_string()
     };

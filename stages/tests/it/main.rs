@@ -28,3 +28,4 @@ mod sft_smollm2;
 mod snapshot_curve;
 mod support;
 mod text_fetch;
+mod training_logs;

@@ -176,10 +176,15 @@ fn current_policy_regenerates_every_k_steps_and_resumes_with_its_set() {
     let steps: Vec<&Value> = regens.iter().map(|r| &r["step"]).collect();
     assert_eq!(steps, [&json!(0), &json!(2)]);
     for r in &regens {
-        assert_eq!(r["source"], "current_policy");
+        assert_eq!(
+            (&r["source"], &r["every"]),
+            (&json!("current_policy"), &json!(2))
+        );
         assert_eq!((&r["generated"], &r["kept"]), (&json!(2), &json!(2)), "{r}");
     }
-    assert_eq!(of_batch(&metrics, "safety").len(), 4);
+    let safety = of_batch(&metrics, "safety");
+    assert_eq!(safety.len(), 4);
+    assert!(safety.iter().all(|r| r["source"] == "current_policy"));
     let s = summary(&straight);
     assert_eq!(s["safety_source"], "current_policy");
     assert_eq!(s["regeneration_steps"], json!([0, 2]));
@@ -333,14 +338,17 @@ fn precomputed_safety_outputs_and_keys_are_unchanged() {
         [
             "step",
             "batch",
+            "source",
             "loss",
             "nll",
-            "lr",
+            "learning_rate",
             "grad_norm",
             "tokens",
             "safety_consumed"
         ]
     );
+    // The fixture's safety rows carry no `answer_source`: fixed targets.
+    assert!(safety.iter().all(|r| r["source"] == "fixed"));
 
     // The key: at their defaults the new params are left out of it.
     let spec = RlKind.spec();

@@ -75,6 +75,7 @@ fn keeps_judged_answers_and_explains_an_empty_result() {
         assert_eq!(msgs[0]["content"], j["question"]);
         assert_eq!(msgs[1]["role"], "assistant");
         assert_eq!(msgs[1]["content"], j["answer"].as_str().unwrap().trim());
+        assert_eq!(d["answer_source"], "reference_model", "no input `adapter`");
     }
 
     // Thresholds of 100 on both scores keep nothing (an expected score is never exactly 100
