@@ -21,7 +21,9 @@ pub struct ReportKind;
 
 /// The `report` kind's version; the page names it beside emflow's.
 // 3: EMA_RL's as-run rate carries a bootstrap interval (tables, CSV, data.json).
-const KIND_VERSION: u32 = 3;
+// 4: EM over training is one chart per question of the study, its legend the trained arm;
+//    the curves of every RL family (`eval_snapshots_<family>`) end at their final eval.
+const KIND_VERSION: u32 = 4;
 
 /// The `report` kind's params (the engine derives the kind's spec from this struct).
 #[derive(Clone, Debug, Deserialize, JsonSchema)]
