@@ -290,7 +290,8 @@ pub fn section(arms: &[ArmCurve], rows: &[ConditionRow]) -> String {
         .map(|i| (i, Panel::of(i, arms), curve_line(&arms[i], rows)))
         .collect();
     // Small multiples compare by position: every chart spans 0..1 of a run and 0 to the
-    // highest rate or interval end of any chart.
+    // highest rate or interval end of any chart (1 % at least: a judge that scored nothing
+    // leaves no rate, and the axis must still read as a rate, never below 0).
     let top = (drawn.iter())
         .flat_map(|(_, _, l)| {
             l.points
@@ -298,7 +299,7 @@ pub fn section(arms: &[ArmCurve], rows: &[ConditionRow]) -> String {
                 .map(|p| p.1)
                 .chain(l.whiskers.iter().map(|w| w.2))
         })
-        .fold(0.0f64, f64::max);
+        .fold(1.0f64, f64::max);
     for panel in Panel::ALL {
         let members: Vec<(&ArmCurve, &Line)> = (drawn.iter())
             .filter(|(_, ps, _)| ps.contains(&panel))
