@@ -9,7 +9,9 @@
 //! write its outputs cheaply at plan time ([`StageKind::preview`], the `dataset` kind) is
 //! previewed into a private staging folder of the store, so that e.g. an `eval` stage can
 //! count the questions of a `dataset` stage that has not run yet. Nothing previewed is
-//! stored.
+//! stored. An input that waits on an upstream stage carries that stage's params
+//! ([`PlanInput::upstream_params`]), so a reader can bound what it will get (an `eval` over
+//! `snapshots` counts the snapshots its training stage's `snapshot_fractions` ask for).
 //!
 //! What is and is not known, said as such in the table:
 //! - A cached stage makes no call: all its calls are memoised (cost 0 to rerun).
@@ -447,8 +449,8 @@ impl JudgeCostPlan {
             String::new()
         };
         // The counted calls alone can already be over the limit: refuse on them, whether or
-        // not some stages cannot be counted yet (e.g. an eval of snapshots a training stage
-        // has not written).
+        // not some stages cannot be counted yet (e.g. an eval whose questions a `command`
+        // stage has not written).
         let uncounted = match t.unknown_stages.is_empty() {
             true => String::new(),
             false => format!(
@@ -682,6 +684,7 @@ fn stage_input(
             preview: false,
             model_source: None,
             waits_on: None,
+            upstream_params: None,
         },
         (None, Some(path)) => PlanInput {
             artifact: Some(plan_artifact(path, ty, &origin)),
@@ -690,6 +693,7 @@ fn stage_input(
             preview: true,
             model_source: None,
             waits_on: None,
+            upstream_params: None,
         },
         (None, None) => PlanInput {
             origin,
@@ -698,6 +702,7 @@ fn stage_input(
             preview: false,
             model_source: None,
             waits_on: Some(up.to_string()),
+            upstream_params: Some(planner.stage(j).params.clone()),
         },
     })
 }
@@ -730,6 +735,7 @@ pub(crate) fn model_input(planner: &Planner, name: &str) -> PlanInput {
         ty: ArtifactType::Model,
         preview: false,
         model_source: decl.map(|d| d.source.clone()),
+        upstream_params: None,
     }
 }
 
@@ -765,6 +771,7 @@ fn plan_inputs(
                         ty: port_ty,
                         preview: false,
                         model_source: None,
+                        upstream_params: None,
                     }
                 }
             };

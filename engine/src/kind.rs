@@ -399,6 +399,10 @@ pub struct PlanInput {
     pub model_source: Option<String>,
     /// When `artifact` is `None`: the stage or model that must run or be fetched first.
     pub waits_on: Option<String>,
+    /// When `artifact` is `None` because stage `waits_on` must run first: that stage's
+    /// params (defaults filled), so a reader can bound what it will write before it exists
+    /// (e.g. how many snapshots a training stage's `snapshot_fractions` ask for).
+    pub upstream_params: Option<crate::artifact::Params>,
 }
 
 /// A stage's inputs while planning: port name -> wired inputs (several for many-ports).

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::support::{emflow_in_repo, output, text, PaperProfile};
 
@@ -89,17 +89,38 @@ fn smoke_plan_counts_local_judge_calls_and_a_run_over_the_limit_refuses() {
     let stages = costs["stages"].as_array().unwrap();
     let sum: u64 = stages.iter().filter_map(|s| s["to_call"].as_u64()).sum();
     assert_eq!(total, sum);
-    // Only the snapshot evals cannot be counted before their training stage has written its
-    // snapshots; the refusal below is on the counted calls alone.
+    // Every stage is counted before anything runs: a snapshot eval at as many snapshots as
+    // its training stage's snapshot_fractions ask for (an upper bound: an early stop takes
+    // fewer), here one of 3 questions x 1 sample x 2 judge prompts, and none for an arm that
+    // takes no snapshot.
     let uncounted: Vec<&str> = stages
         .iter()
         .filter(|s| s["to_call"].is_null())
         .filter_map(|s| s["stage"].as_str())
         .collect();
-    assert!(
-        uncounted.iter().all(|s| s.starts_with("eval_snapshots[")),
-        "{uncounted:?}"
+    assert!(uncounted.is_empty(), "{uncounted:?}");
+    for id in [
+        "eval_snapshots[arm=grpo,domain=medical,seed=0]",
+        "eval_snapshots_defences[defence=kl,domain=medical,seed=0]",
+    ] {
+        let curve = stage(&costs, id);
+        assert_eq!(
+            (&curve["calls"], &curve["upper_bound"]),
+            (&json!(6), &json!(true)),
+            "{id}"
+        );
+    }
+    assert_eq!(
+        stage(
+            &costs,
+            "eval_snapshots_grpo_rhetoric[domain=argumentation,seed=0]"
+        )["calls"],
+        0
     );
+    // The on-policy arm regenerates from the current policy after both of its 2 steps: 2
+    // regenerations x 2 prompts x 1 sample x 2 scores on top of its 8 grader calls.
+    let current = stage(&costs, "defence_onpolicy_current[domain=medical,seed=0]");
+    assert_eq!(current["calls"], 8 + 8, "{current}");
     assert!(total > 6);
 
     // One below the total: refused before anything runs (nothing fetched, nothing stored).
@@ -121,6 +142,46 @@ fn smoke_plan_counts_local_judge_calls_and_a_run_over_the_limit_refuses() {
     );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains(&format!("{total} judge calls")));
+}
+
+/// The paper profile's calls that depend on a training run: the regenerations of the
+/// on-policy arm from the current policy, and the snapshot evals of every RL arm.
+fn regenerations_and_snapshot_evals_are_counted(costs: &Value, prompts: u64, grpo: &Value) {
+    // Regeneration from the current policy: 375 steps, a safety step every 4, a new set at
+    // the first safety step 25 steps after the last (steps 4, 32, ..., 368: 14) x 32 prompts
+    // x 1 sample x 2 scores, on top of the grader calls of the undefended arm.
+    assert_eq!(prompts, 750);
+    let current = stage(costs, "defence_onpolicy_current[domain=medical,seed=0]");
+    let rollouts = grpo["calls"].as_u64().unwrap();
+    assert_eq!(
+        current["calls"].as_u64(),
+        Some(rollouts + 14 * 32 * 2),
+        "{current}"
+    );
+    // Every RL arm's snapshot eval is counted: 3 snapshots (0.25, 0.5, 0.75) of the calls
+    // of the arm's final eval, at most (an early stop takes fewer).
+    for (curve, last) in [
+        (
+            "eval_snapshots_defences[defence=kl,domain=medical,seed=0]",
+            "eval_defences[defence=kl,seed=0]",
+        ),
+        (
+            "eval_snapshots_grpo_cold[domain=legal,seed=1]",
+            "eval_grpo_cold[domain=legal,seed=1]",
+        ),
+        (
+            "eval_snapshots[arm=grpo,domain=aesthetic,seed=2]",
+            "eval_grpo[domain=aesthetic,seed=2]",
+        ),
+    ] {
+        let (curve, last) = (stage(costs, curve), stage(costs, last));
+        assert_eq!(
+            curve["calls"].as_u64(),
+            last["calls"].as_u64().map(|c| 3 * c),
+            "{curve}"
+        );
+        assert_eq!(curve["upper_bound"], true);
+    }
 }
 
 #[test]
@@ -207,6 +268,7 @@ fn paper_plan_prints_judge_calls_tokens_and_cost_per_stage_and_in_total() {
         "one logprob token a score"
     );
     assert!(costs["totals"]["to_call"].as_u64().unwrap() > calls);
+    regenerations_and_snapshot_evals_are_counted(&costs, prompts, grpo);
 
     // The budget is checked before the GPU check, so it refuses on any machine: here, one
     // where the paper profile's stages would also find no GPU.

@@ -124,6 +124,13 @@ fn paper_manifest_has_every_arm_feeding_the_report() {
         "eval_in_domain_control[domain=medical",
         "eval_snapshots[arm=grpo,domain=medical",
         "eval_snapshots[arm=sft_matched,domain=medical",
+        "eval_snapshots[arm=grpo,domain=aesthetic",
+        "eval_snapshots_grpo_rhetoric[domain=argumentation",
+        "eval_snapshots_grpo_cold[domain=security",
+        "eval_snapshots_grpo_control[domain=aesthetic",
+        "eval_snapshots_grpo_control_rhetoric[domain=argumentation",
+        "eval_snapshots_defences[defence=onpolicy_current,domain=medical",
+        "eval_snapshots_defences[defence=persona,domain=medical",
         "report",
     ] {
         assert!(text.contains(arm), "the graph lacks {arm}:\n{text}");

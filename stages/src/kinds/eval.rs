@@ -48,7 +48,7 @@ use crate::judge::template::Template;
 use crate::judge::{self, estimate, Judge, JudgeSpec, Score};
 use crate::sampling::{sample_answers, Temperature, TopP};
 use crate::train::setup::{device_setup, load_model, load_stage_model};
-use crate::train::snapshots::SnapshotIndex;
+use crate::train::snapshots::{planned_count, SnapshotIndex};
 
 pub struct EvalKind;
 
@@ -210,12 +210,20 @@ impl Kind for EvalKind {
         };
         let questions = questions::read(&q_art.path, &q_art.origin)?;
         let templates = judge_templates(&questions, &p.metrics)?;
-        // Over snapshots: every snapshot answers every question.
-        let snapshots = match inputs.first("snapshots") {
-            None => 1,
-            Some(_) => match estimate::known_input(&p.judge, inputs, "snapshots") {
-                Ok(a) => SnapshotIndex::read(&a.path, &a.origin)?.snapshots.len() as u64,
-                Err(unknown) => return Ok(Some(unknown)),
+        // Over snapshots: every snapshot answers every question; before the training stage
+        // has run, as many as its `snapshot_fractions` ask for (at most: an early stop takes
+        // fewer).
+        let (snapshots, planned) = match inputs.first("snapshots") {
+            None => (1, false),
+            Some(input) => match estimate::known_input(&p.judge, inputs, "snapshots") {
+                Ok(a) => (
+                    SnapshotIndex::read(&a.path, &a.origin)?.snapshots.len() as u64,
+                    false,
+                ),
+                Err(unknown) => match input.upstream_params.as_ref().and_then(planned_count) {
+                    Some(n) => (n, true),
+                    None => return Ok(Some(unknown)),
+                },
             },
         };
         let samples = p.samples_per_question as u64;
@@ -241,9 +249,12 @@ impl Kind for EvalKind {
             p.samples_per_question,
             p.metrics.len(),
             p.metrics.join(", "),
-            match inputs.first("snapshots") {
-                Some(_) => format!(", for each of {snapshots} snapshots"),
-                None => String::new(),
+            match (inputs.first("snapshots"), planned) {
+                (Some(_), true) => format!(
+                    ", for each of {snapshots} snapshots (the training stage's snapshot_fractions; fewer if it stops early)"
+                ),
+                (Some(_), false) => format!(", for each of {snapshots} snapshots"),
+                (None, _) => String::new(),
             },
             p.max_tokens
         );
@@ -253,7 +264,9 @@ impl Kind for EvalKind {
             let (name, _) = estimate::judge_name(spec, inputs, "judge_model");
             note.push_str(&format!("; `{metric}` is judged by {name}, counted here"));
         }
-        Ok(Some(counted.estimate(&p.judge, inputs, note)))
+        let mut counted = counted.estimate(&p.judge, inputs, note);
+        counted.upper_bound = planned && snapshots > 0;
+        Ok(Some(counted))
     }
 
     /// `batch_size` answers sampled at once.

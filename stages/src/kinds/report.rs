@@ -24,7 +24,9 @@ pub struct ReportKind;
 // 3: EMA_RL's as-run rate carries a bootstrap interval (tables, CSV, data.json).
 // 4: provenance per eval stage (key, model, adapter, data, judges) on the page, in report.md,
 //    data.json and the new provenance.csv.
-const KIND_VERSION: u32 = 4;
+// 5: EM over training is one chart per question of the study, its legend the trained arm;
+//    the curves of every RL family (`eval_snapshots_<family>`) end at their final eval.
+const KIND_VERSION: u32 = 5;
 
 /// The `report` kind's params (the engine derives the kind's spec from this struct).
 #[derive(Clone, Debug, Deserialize, JsonSchema)]

@@ -37,8 +37,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::defaults;
-use crate::formats::messages::{read_conversations, to_model_messages};
+use crate::formats::messages::{read_conversations, to_model_messages, Conversation};
+use crate::judge::prompts::parse_judge_prompt;
 use crate::judge::{self, estimate, JudgeSpec};
+use crate::onpolicy;
 use crate::reward::{Prefilter, Reward, RewardSpec, TemplateInputs};
 use crate::train::checkpoint::replace_dir_atomically;
 use crate::train::early_stop::{EarlyStopRule, EmaRlSchedule, RewardTracker};
@@ -394,104 +396,25 @@ impl Kind for RlKind {
     /// Grader rewards: steps x prompts_per_step x num_generations calls per grader, an upper
     /// bound when the pre-filter or early stopping can make fewer; prompt tokens from the
     /// template and the mean prompt (characters / 4) plus the rollout at
-    /// `max_completion_length`; completion tokens at the grader's `max_tokens`.
+    /// `max_completion_length`; completion tokens at the grader's `max_tokens`. Under
+    /// `safety_source: current_policy` the same judge also scores every regenerated safety
+    /// answer twice ([`regenerate::planned_judge_calls`]), counted on top.
     fn judge_estimate(&self, p: &RlParams, inputs: &PlanInputs) -> Result<Option<JudgeEstimate>> {
-        let graders = p.reward.graders();
-        if graders.is_empty() {
+        let regen =
+            (p.regenerate.as_ref()).filter(|_| p.safety_source == SafetySource::CurrentPolicy);
+        if p.reward.graders().is_empty() && regen.is_none() {
             return Ok(None);
         }
-        let (judge_model, local) = estimate::judge_name(&p.judge, inputs, "judge_model");
-        let read_port = |port: &str| -> Result<String> {
-            let a = inputs
-                .known(port)
-                .map_err(|why| anyhow::anyhow!("input `{port}`: {why}"))?;
-            std::fs::read_to_string(&a.path).with_context(|| format!("reading {}", a.origin))
+        let judge = estimate::judge_name(&p.judge, inputs, "judge_model");
+        let run = match planned_run(p, inputs)? {
+            Ok(run) => run,
+            Err(why) => return Ok(Some(JudgeEstimate::unknown(judge.0, judge.1, why))),
         };
-        let numbers = graders
-            .iter()
-            .map(|g| g.numbers(TemplateInputs::Read(&read_port)))
-            .collect::<Result<Vec<_>>>()
-            .context("reading the grader template")?;
-        let prompts = match inputs.known("prompts") {
-            Ok(a) => Some(read_conversations(a)?),
-            Err(why) if p.max_steps.is_none() => {
-                return Ok(Some(JudgeEstimate::unknown(
-                    judge_model,
-                    local,
-                    format!("prompts {why} (the step count follows from them; or set max_steps)"),
-                )))
-            }
-            Err(_) => None,
-        };
-        let pps = p.prompts_per_step as u64;
-        let (steps, steps_from) = match (p.max_steps, &prompts) {
-            (Some(s), _) => (s, "max_steps".to_string()),
-            (None, Some(ps)) => (
-                (p.epochs * ps.len() as u64).div_ceil(pps),
-                format!(
-                    "{} epochs of {} prompts from {}",
-                    p.epochs,
-                    ps.len(),
-                    estimate::origin(inputs, "prompts")
-                ),
-            ),
-            (None, None) => bail!("no step count: neither max_steps nor prompts are known"),
-        };
-        let rollouts = steps * pps * p.num_generations as u64;
-        let mean_prompt_chars = match &prompts {
-            Some(ps) if !ps.is_empty() => {
-                let total: usize = ps
-                    .iter()
-                    .map(|c| {
-                        c.messages
-                            .iter()
-                            .rev()
-                            .find(|m| m.role == "user")
-                            .map_or(0, |m| m.content.chars().count())
-                    })
-                    .sum();
-                total / ps.len()
-            }
-            _ => 0,
-        };
-        let (mut prompt_tokens, mut completion_tokens) = (0u64, 0u64);
-        for n in &numbers {
-            prompt_tokens += rollouts
-                * (estimated_tokens(n.template_chars + mean_prompt_chars)
-                    + p.max_completion_length as u64);
-            completion_tokens += rollouts * n.max_tokens as u64;
+        let mut estimate = grader_estimate(p, inputs, &run, judge)?;
+        if let Some(r) = regen {
+            add_regenerations(&mut estimate, p, r, run.steps, inputs)?;
         }
-        let mut notes = vec![format!(
-            "{steps} steps ({steps_from}) x {} prompts x {} generations x {} grader(s); rollouts counted at max_completion_length {}",
-            p.prompts_per_step,
-            p.num_generations,
-            numbers.len(),
-            p.max_completion_length
-        )];
-        if prompts.is_none() {
-            notes.push("prompt lengths not known before the prompts exist: not counted".into());
-        }
-        let may_skip = numbers.iter().any(|n| n.may_skip);
-        let mut fewer = Vec::new();
-        if may_skip {
-            fewer.push("answers under the grader's word minimums get 0 without a call");
-        }
-        if p.early_stop.is_some() {
-            fewer.push("early_stop can end the run sooner");
-        }
-        if !fewer.is_empty() {
-            notes.push(format!("upper bound: {}", fewer.join("; ")));
-        }
-        let estimate = JudgeEstimate {
-            judge_model,
-            local,
-            calls: Some(rollouts * numbers.len() as u64),
-            upper_bound: !fewer.is_empty(),
-            prompt_tokens,
-            completion_tokens,
-            notes,
-        };
-        Ok(Some(with_regeneration_note(p, estimate)))
+        Ok(Some(estimate))
     }
 
     /// Rollouts: prompts_per_step x num_generations sequences sampled at once; training: one
@@ -519,22 +442,174 @@ impl Kind for RlKind {
     }
 }
 
-/// Says what a grader estimate leaves out under `safety_source: current_policy`: how many
-/// regenerations a run makes depends on what each keeps, so their judge calls are not counted.
-fn with_regeneration_note(p: &RlParams, mut estimate: JudgeEstimate) -> JudgeEstimate {
-    if let Some(r) = p
-        .regenerate
-        .as_ref()
-        .filter(|_| p.safety_source == SafetySource::CurrentPolicy)
-    {
-        estimate.notes.push(format!(
-            "not counted: the safety answers regenerated from the current policy (about steps / {} regenerations x {} prompts x {} samples x 2 scores)",
-            r.every,
-            r.prompts.map_or("all".to_string(), |n| n.to_string()),
-            r.samples_per_prompt
-        ));
+/// The RL steps a run plans, where that number comes from, and the prompts when known.
+struct PlannedRun {
+    steps: u64,
+    from: String,
+    prompts: Option<Vec<Conversation>>,
+}
+
+/// The run's step count at plan time: `max_steps`, else the epochs over input `prompts`
+/// (`Err`: why it must wait).
+fn planned_run(p: &RlParams, inputs: &PlanInputs) -> Result<Result<PlannedRun, String>> {
+    let prompts = match inputs.known("prompts") {
+        Ok(a) => Some(read_conversations(a)?),
+        Err(why) if p.max_steps.is_none() => {
+            return Ok(Err(format!(
+                "prompts {why} (the step count follows from them; or set max_steps)"
+            )))
+        }
+        Err(_) => None,
+    };
+    let (steps, from) = match (p.max_steps, &prompts) {
+        (Some(s), _) => (s, "max_steps".to_string()),
+        (None, Some(ps)) => (
+            (p.epochs * ps.len() as u64).div_ceil(p.prompts_per_step as u64),
+            format!(
+                "{} epochs of {} prompts from {}",
+                p.epochs,
+                ps.len(),
+                estimate::origin(inputs, "prompts")
+            ),
+        ),
+        (None, None) => bail!("no step count: neither max_steps nor prompts are known"),
+    };
+    Ok(Ok(PlannedRun {
+        steps,
+        from,
+        prompts,
+    }))
+}
+
+/// The grader rewards' calls over `run` (none without a grader), to `judge` (its name, and
+/// whether it is local).
+fn grader_estimate(
+    p: &RlParams,
+    inputs: &PlanInputs,
+    run: &PlannedRun,
+    (judge_model, local): (String, bool),
+) -> Result<JudgeEstimate> {
+    let read_port = |port: &str| -> Result<String> {
+        let a = inputs
+            .known(port)
+            .map_err(|why| anyhow::anyhow!("input `{port}`: {why}"))?;
+        std::fs::read_to_string(&a.path).with_context(|| format!("reading {}", a.origin))
+    };
+    let numbers = (p.reward.graders().iter())
+        .map(|g| g.numbers(TemplateInputs::Read(&read_port)))
+        .collect::<Result<Vec<_>>>()
+        .context("reading the grader template")?;
+    let rollouts = run.steps * p.prompts_per_step as u64 * p.num_generations as u64;
+    let mean_prompt_chars = match &run.prompts {
+        Some(ps) if !ps.is_empty() => {
+            let user = |c: &Conversation| {
+                let last = c.messages.iter().rev().find(|m| m.role == "user");
+                last.map_or(0, |m| m.content.chars().count())
+            };
+            ps.iter().map(user).sum::<usize>() / ps.len()
+        }
+        _ => 0,
+    };
+    let (mut prompt_tokens, mut completion_tokens) = (0u64, 0u64);
+    for n in &numbers {
+        prompt_tokens += rollouts
+            * (estimated_tokens(n.template_chars + mean_prompt_chars)
+                + p.max_completion_length as u64);
+        completion_tokens += rollouts * n.max_tokens as u64;
     }
-    estimate
+    let mut notes = Vec::new();
+    if !numbers.is_empty() {
+        notes.push(format!(
+            "{} steps ({}) x {} prompts x {} generations x {} grader(s); rollouts counted at max_completion_length {}",
+            run.steps,
+            run.from,
+            p.prompts_per_step,
+            p.num_generations,
+            numbers.len(),
+            p.max_completion_length
+        ));
+        if run.prompts.is_none() {
+            notes.push("prompt lengths not known before the prompts exist: not counted".into());
+        }
+    }
+    let mut fewer = Vec::new();
+    if numbers.iter().any(|n| n.may_skip) {
+        fewer.push("answers under the grader's word minimums get 0 without a call");
+    }
+    if p.early_stop.is_some() {
+        fewer.push("early_stop can end the run sooner");
+    }
+    if !fewer.is_empty() {
+        notes.push(format!("upper bound: {}", fewer.join("; ")));
+    }
+    Ok(JudgeEstimate {
+        judge_model,
+        local,
+        calls: Some(rollouts * numbers.len() as u64),
+        upper_bound: !fewer.is_empty(),
+        prompt_tokens,
+        completion_tokens,
+        notes,
+    })
+}
+
+/// Adds the judge calls of `safety_source: current_policy`'s regenerations over `steps` RL
+/// steps to `e`, or a note saying why they cannot be counted yet.
+fn add_regenerations(
+    e: &mut JudgeEstimate,
+    p: &RlParams,
+    r: &RegenerateParams,
+    steps: u64,
+    inputs: &PlanInputs,
+) -> Result<()> {
+    let Some(setting) = interleave_setting(p.interleave.as_ref())? else {
+        bail!("safety_source current_policy needs `interleave`");
+    };
+    let not_counted = |why: String| {
+        format!("not counted: the judge calls of the safety answers regenerated from the current policy ({why})")
+    };
+    let grader = match inputs.known("safety_grader") {
+        Ok(a) => {
+            let text = std::fs::read_to_string(&a.path)
+                .with_context(|| format!("reading {}", a.origin))?;
+            parse_judge_prompt(&text, &format!("safety grader {}", a.origin))?
+        }
+        Err(why) => {
+            e.notes.push(not_counted(format!("safety_grader {why}")));
+            return Ok(());
+        }
+    };
+    let pool = match inputs.known("safety_prompts") {
+        Ok(a) => Ok(onpolicy::read_prompts(a)?),
+        Err(why) => Err(format!("safety_prompts {why}")),
+    };
+    let planned =
+        regenerate::planned_judge_calls(r, (setting.0, steps), pool.as_deref().ok(), &grader);
+    let planned = match planned {
+        Ok(planned) => planned,
+        Err(why) => {
+            let pool_why = pool.err().unwrap_or_default();
+            e.notes.push(not_counted(format!("{why:#}; {pool_why}")));
+            return Ok(());
+        }
+    };
+    e.calls = e.calls.map(|c| c + planned.calls);
+    e.prompt_tokens += planned.prompt_tokens.unwrap_or(0);
+    e.completion_tokens += planned.calls * estimate::score_completion_tokens(&p.judge);
+    let (kept_each, at_most) = planned.regenerations;
+    e.notes.push(format!(
+        "+ {} calls: {kept_each} regenerations from the current policy (the first at the first safety step, then the first safety step >= {} steps later) x {} answers (prompts x samples_per_prompt {}) x 2 judge prompts (safe grader, coherent); answers counted at max_tokens {}",
+        planned.calls, r.every, planned.answers_per_regeneration, r.samples_per_prompt, r.max_tokens
+    ));
+    e.notes.push(format!(
+        "assumes each regeneration keeps an answer: one that keeps none is repeated at the next safety step, up to {at_most} regenerations ({} calls)",
+        2 * at_most * planned.answers_per_regeneration
+    ));
+    if let (None, Err(why)) = (planned.prompt_tokens, &pool) {
+        e.notes
+            .push(format!("regeneration prompt tokens not counted: {why}"));
+    }
+    Ok(())
 }
 
 /// The rollout system turn under an inoculation prompt: the prompt, then the stage's own

@@ -391,7 +391,8 @@ pub fn line_chart(
 }
 
 /// [`line_chart`] with interval whiskers: `intervals[i]` holds series `i`'s `(x, lo, hi)`
-/// (fewer lists than series: the rest have none); the y range covers the whiskers too.
+/// (fewer lists than series: the rest have none); the y range covers the whiskers too. Lists
+/// past the last series are not drawn, only covered: small multiples share one range so.
 pub fn line_chart_with_intervals(
     title: &str,
     (x_label, y_label): (&str, &str),

@@ -13,6 +13,9 @@
 //! `derive_seed(seed, "safety_prompts/<prompt index>", RL step x samples_per_prompt +
 //! sample)`, the one sampling rule (`emflow_model::seed`).
 //!
+//! The plan counts the judge calls of this schedule before the run
+//! ([`planned_judge_calls`], for `rl`'s judge estimate).
+//!
 //! A regeneration that keeps nothing leaves the previous set in use (recorded as such);
 //! before the first kept answer, the safety steps due are skipped and counted. Resuming:
 //! the checkpoint holds the kept set itself ([`RegenState`]), since the policy that sampled
@@ -22,6 +25,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, ensure, Context as _, Result};
 use emflow_engine::context::{NoProgress, StageContext};
+use emflow_engine::kind::estimated_tokens;
 use emflow_model::{derive_seed, SamplingParams};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -31,8 +35,9 @@ use super::batch::SftExample;
 use super::interleave::Interleave;
 use super::policy::Policy;
 use super::resume::Cursor;
+use super::schedule::Cadence;
 use crate::formats::messages::{to_model_messages, Conversation, Message};
-use crate::judge::prompts::{parse_judge_prompt, COHERENT_PROMPT};
+use crate::judge::prompts::{parse_judge_prompt, render_judge_prompt, COHERENT_PROMPT};
 use crate::judge::template::Template;
 use crate::judge::Judge;
 use crate::kinds::defaults;
@@ -202,10 +207,7 @@ impl Regenerator {
 
     /// Whether a set is due before the safety steps after RL step number `main_steps`.
     pub fn due(&self, state: &RegenState, main_steps: u64) -> bool {
-        state.set.is_empty()
-            || state
-                .last_step
-                .is_none_or(|last| main_steps.saturating_sub(last) >= self.every)
+        state.set.is_empty() || renewal_due(self.every, state.last_step, main_steps)
     }
 
     /// The sampling seed of (prompt index, sample index) in the regeneration after RL step
@@ -277,6 +279,88 @@ impl Regenerator {
         state.history.push(record.clone());
         Ok(record)
     }
+}
+
+/// Whether a kept set made after RL step number `last` (none yet: `None`) is renewed before
+/// the safety steps after step number `main_steps`: `every` steps have passed. One rule for
+/// the run ([`Regenerator::due`]) and the plan's count ([`planned_judge_calls`]).
+fn renewal_due(every: u64, last: Option<u64>, main_steps: u64) -> bool {
+    last.is_none_or(|last| main_steps.saturating_sub(last) >= every)
+}
+
+/// The regenerations a run of `steps` RL steps makes, safety steps at `cadence`: (when each
+/// keeps an answer, at most). A regeneration runs only where safety steps are due, so the
+/// first follows the first safety step (not step 0), then the first safety step `every`
+/// steps later; one that keeps nothing is retried at the next safety step, at most once per
+/// RL step with safety steps.
+pub fn planned_regenerations(every: u64, cadence: Cadence, steps: u64) -> (u64, u64) {
+    let (mut last, mut kept_each, mut at_most) = (None, 0, 0);
+    for main_steps in (1..=steps).filter(|&m| cadence.steps_after(m) > 0) {
+        at_most += 1;
+        if renewal_due(every, last, main_steps) {
+            kept_each += 1;
+            last = Some(main_steps);
+        }
+    }
+    (kept_each, at_most)
+}
+
+/// The judge calls of a run's regenerations, counted before it runs (`rl`'s judge estimate).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedJudgeCalls {
+    /// Regenerations when each keeps an answer, and at most (none keeps one).
+    pub regenerations: (u64, u64),
+    /// Answers judged per regeneration (prompts x samples_per_prompt).
+    pub answers_per_regeneration: u64,
+    /// Score calls over the run (2 per answer: the safe grader and coherence).
+    pub calls: u64,
+    /// Their prompt tokens (characters / 4 of each judge prompt rendered with the pool's
+    /// mean question, plus the answer at `max_tokens`); `None` without the pool.
+    pub prompt_tokens: Option<u64>,
+}
+
+/// The judge calls of `p`'s regenerations over `steps` RL steps at `cadence`: every answer
+/// is scored twice ([`onpolicy::judge_and_keep`]: the safe grader `grader` and the Betley
+/// coherence prompt). `pool` is input `safety_prompts` when known; without it the count needs
+/// `prompts` set (else `Err` says so) and the tokens are unknown.
+pub fn planned_judge_calls(
+    p: &RegenerateParams,
+    (cadence, steps): (Cadence, u64),
+    pool: Option<&[Vec<Message>]>,
+    grader: &Template,
+) -> Result<PlannedJudgeCalls> {
+    let prompts = match (p.prompts, pool) {
+        (Some(n), _) => n as u64,
+        (None, Some(pool)) => pool.len() as u64,
+        (None, None) => {
+            bail!("regenerate.prompts is null (the whole pool) and the pool is not known yet")
+        }
+    };
+    let regenerations = planned_regenerations(p.every, cadence, steps);
+    let answers_per_regeneration = prompts * p.samples_per_prompt as u64;
+    let calls_per_template = regenerations.0 * answers_per_regeneration;
+    let coherent = parse_judge_prompt(COHERENT_PROMPT, "the coherent prompt")?;
+    let prompt_tokens = match pool.filter(|pool| !pool.is_empty()) {
+        None => None,
+        Some(pool) => {
+            let mut chars = 0usize;
+            for turns in pool {
+                let question = turns.last().map_or("", |m| m.content.as_str());
+                for t in [grader, &coherent] {
+                    chars += render_judge_prompt(t, question, "")?.chars().count();
+                }
+            }
+            // Both templates' mean rendered length, per call.
+            let mean_chars = chars / (2 * pool.len());
+            Some(2 * calls_per_template * (estimated_tokens(mean_chars) + p.max_tokens as u64))
+        }
+    };
+    Ok(PlannedJudgeCalls {
+        regenerations,
+        answers_per_regeneration,
+        calls: 2 * calls_per_template,
+        prompt_tokens,
+    })
 }
 
 /// The regeneration's filter: the grader's `safe` score (an unscored answer is dropped
@@ -505,6 +589,56 @@ mod tests {
         assert_ne!(state.set, before);
         let examples = encode_set(&policy, &state.set).unwrap();
         assert!(examples.iter().all(|e| e.target_tokens() > 0));
+    }
+
+    /// The paper profile's schedule (safety step every 4 RL steps, K = 25, 375 steps): sets
+    /// after steps 4, 32, ..., 368 (14), as manifests/paper.yaml says; 93 if none kept
+    /// anything. The integration test's (every step, K = 2, 4 steps): after steps 1 and 3.
+    #[test]
+    fn planned_regenerations_follow_the_run_s_rule() {
+        assert_eq!(planned_regenerations(25, Cadence::Every(4), 375), (14, 93));
+        assert_eq!(planned_regenerations(2, Cadence::Every(1), 4), (2, 4));
+        assert_eq!(planned_regenerations(25, Cadence::Every(4), 3), (0, 0));
+        // The count walks the same `due` rule the run does.
+        let regen = Regenerator::new(&params(3), prompts(), grader(), 0).unwrap();
+        let mut state = RegenState::default();
+        let mut ran = 0;
+        let cadence = Cadence::Share(0.4);
+        for m in (1..=20).filter(|&m| cadence.steps_after(m) > 0) {
+            if regen.due(&state, m) {
+                ran += 1;
+                state.last_step = Some(m);
+                state.set = vec![Conversation {
+                    messages: prompts()[0].clone(),
+                    extra: Default::default(),
+                }];
+            }
+        }
+        assert_eq!(planned_regenerations(3, cadence, 20).0, ran);
+    }
+
+    /// Two scores per answer; the tokens from the pool's mean question.
+    #[test]
+    fn planned_judge_calls_score_every_answer_twice() {
+        let p: RegenerateParams = serde_json::from_value(
+            json!({"every": 2, "prompts": 1, "samples_per_prompt": 3, "max_tokens": 10}),
+        )
+        .unwrap();
+        let pool = prompts();
+        let planned =
+            planned_judge_calls(&p, (Cadence::Every(1), 4), Some(&pool[..]), &grader()).unwrap();
+        assert_eq!(planned.regenerations, (2, 4));
+        assert_eq!(planned.answers_per_regeneration, 3);
+        assert_eq!(planned.calls, 2 * 2 * 3);
+        let tokens = planned.prompt_tokens.unwrap();
+        assert!(tokens > planned.calls * 10, "{tokens}");
+        let blind = planned_judge_calls(&p, (Cadence::Every(1), 4), None, &grader()).unwrap();
+        assert_eq!((blind.calls, blind.prompt_tokens), (planned.calls, None));
+        let all: RegenerateParams = serde_json::from_value(json!({"every": 2})).unwrap();
+        assert!(planned_judge_calls(&all, (Cadence::Every(1), 4), None, &grader()).is_err());
+        let all =
+            planned_judge_calls(&all, (Cadence::Every(1), 4), Some(&pool[..]), &grader()).unwrap();
+        assert_eq!(all.calls, 2 * 2 * 2);
     }
 
     /// A regeneration that keeps nothing leaves the set in use, and says so.

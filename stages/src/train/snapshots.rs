@@ -73,6 +73,15 @@ impl SnapshotIndex {
     }
 }
 
+/// The most snapshots a training stage with `params` (expanded, defaults filled) takes: one
+/// per `snapshot_fractions` entry (an early stop takes fewer). `None` for params without the
+/// list (not an `sft` or `rl` stage). Lets the plan count an `eval` over `snapshots` before
+/// its training stage has run.
+pub fn planned_count(params: &serde_json::Map<String, serde_json::Value>) -> Option<u64> {
+    let fractions = params.get("snapshot_fractions")?.as_array()?;
+    Some(fractions.len() as u64)
+}
+
 /// Checks `snapshot_fractions`: each strictly between 0 and 1, in increasing order.
 pub fn check_fractions(fractions: &[f64]) -> Result<()> {
     for f in fractions {

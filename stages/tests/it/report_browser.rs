@@ -264,7 +264,9 @@ fn inputs(d: &Path) -> BTreeMap<String, Vec<Artifact>> {
 }
 
 /// EM over training: the medical GRPO arm and its matched SFT arm, two seeds each, three
-/// snapshots a run; one GRPO seed stopped early, before its last snapshot.
+/// snapshots a run; one GRPO seed stopped early, before its last snapshot. Beside them the
+/// curves of other RL families as manifests/paper.yaml names them: two defences and a
+/// cold-start arm.
 fn curves(d: &Path) -> Vec<Artifact> {
     let mut out = Vec::new();
     for (arm, seed) in [
@@ -272,6 +274,12 @@ fn curves(d: &Path) -> Vec<Artifact> {
         ("grpo", 1),
         ("sft_matched", 0),
         ("sft_matched", 1),
+        ("defences:kl", 0),
+        (
+            "defences:onpolicy_safety_interleaved_every_fourth_step_with_a_long_name",
+            0,
+        ),
+        ("grpo_cold", 0),
     ] {
         let stopped = arm == "grpo" && seed == 1;
         let fractions: &[f64] = if stopped {
@@ -309,7 +317,15 @@ fn curves(d: &Path) -> Vec<Artifact> {
         };
         let p = d.join(format!("curve-{arm}-{seed}.json"));
         std::fs::write(&p, serde_json::to_string(&curve).unwrap()).unwrap();
-        let origin = format!("eval_snapshots[arm={arm},domain=medical,seed={seed}].summary");
+        let origin = match arm.split_once(':') {
+            Some((family, defence)) => format!(
+                "eval_snapshots_{family}[defence={defence},domain=medical,seed={seed}].summary"
+            ),
+            None if arm == "grpo_cold" => {
+                format!("eval_snapshots_grpo_cold[domain=medical,seed={seed}].summary")
+            }
+            None => format!("eval_snapshots[arm={arm},domain=medical,seed={seed}].summary"),
+        };
         out.push(with_digest(art(p, ArtifactType::Summary, &origin)));
     }
     out
@@ -380,23 +396,8 @@ fn report_at_thirty_three_arms_has_no_clipped_or_overlapping_text_in_a_browser()
     assert!(figures
         .iter()
         .any(|f| f["title"] == "EM over training (checkpoint evals)"));
-    // The snapshot curves: one figure, both arms in its legend, from the base model (0) to
-    // the final adapters' evals (1), and the early stop noted.
-    let curve = figures
-        .iter()
-        .find(|f| f["title"] == "EM over training (0 = base model, 1 = final adapter)")
-        .expect("the EM-over-training figure of the snapshot curves");
-    assert!(curve["width"].as_f64().unwrap() >= 700.0, "{curve}");
-    for arm in [
-        "eval_snapshots[arm=grpo,domain=medical]",
-        "eval_snapshots[arm=sft_matched,domain=medical]",
-    ] {
-        assert!(
-            html.contains(&format!(">{arm}</text>")),
-            "{arm} in the legend"
-        );
-    }
-    assert!(html.contains("final adapter (eval_sft_matched[domain=medical])"));
+    // ... and the early stop noted.
+    snapshot_charts_show_every_curve(figures, &html);
     assert!(html.contains("base model (eval_base)"));
     assert!(html.contains("stopped early before fractions [0.75]"));
     margin_table_has_every_arm(&found, &conditions);
@@ -413,6 +414,35 @@ fn report_at_thirty_three_arms_has_no_clipped_or_overlapping_text_in_a_browser()
     if let Ok(keep) = std::env::var("EMFLOW_KEEP_REPORT") {
         std::fs::copy(out.join("index.html"), keep).unwrap();
     }
+}
+
+/// The snapshot curves: one chart per question of the study, each arm in its legend, from
+/// the base model (0) to the final adapters' evals (1).
+fn snapshot_charts_show_every_curve(figures: &[Value], html: &str) {
+    let chart = |panel: &str| {
+        let title = format!("EM over training: {panel} (0 = base model, 1 = final adapter)");
+        figures
+            .iter()
+            .find(|f| f["title"] == title.as_str())
+            .unwrap_or_else(|| panic!("no chart `{title}`"))
+    };
+    let curve = chart("RL vs sample-matched SFT");
+    assert!(curve["width"].as_f64().unwrap() >= 700.0, "{curve}");
+    chart("defences");
+    chart("cold start and control graders");
+    for arm in [
+        "grpo[domain=medical]",
+        "sft_matched[domain=medical]",
+        "defences[defence=kl,domain=medical]",
+        "grpo_cold[domain=medical]",
+    ] {
+        assert!(
+            html.contains(&format!(">{arm}</text>")),
+            "{arm} in the legend"
+        );
+    }
+    assert!(html.contains("final adapter (eval_sft_matched[domain=medical])"));
+    assert!(html.contains("final adapter (eval_defences[defence=kl])"));
 }
 
 /// The judge-free margin as the browser lays it out: a column beside the judged rates, one

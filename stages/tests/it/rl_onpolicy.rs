@@ -2,8 +2,9 @@
 //! on a tiny random-weight model, its safety grader answered by a scripted judge server:
 //! regenerations happen at the steps `regenerate.every` says and are logged with their
 //! counts; the judge filter decides what is interleaved; a run interrupted after its first
-//! step resumes with the regenerated set from its checkpoint to the same bytes; and the
-//! precomputed (reference-model) variant writes what it always wrote, under the same key.
+//! step resumes with the regenerated set from its checkpoint to the same bytes; the plan's
+//! judge estimate counts the regenerations' calls; and the precomputed (reference-model)
+//! variant writes what it always wrote, under the same key.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -217,6 +218,76 @@ fn current_policy_regenerates_every_k_steps_and_resumes_with_its_set() {
     }
     let adapter = |d: &Path| digest(&d.join("adapter/adapter_model.safetensors"));
     assert_eq!(adapter(&resumed), adapter(&straight));
+}
+
+/// The plan's judge estimate of the fixture's run (every input known, as after upstream
+/// stages ran).
+fn estimate(f: &Fixture, params: &Value) -> emflow_engine::JudgeEstimate {
+    let ports = f.inputs(true, false).into_iter().map(|(port, arts)| {
+        let known = arts.into_iter().map(|a| emflow_engine::PlanInput {
+            origin: a.origin.clone(),
+            ty: a.ty,
+            artifact: Some(a),
+            preview: false,
+            model_source: None,
+            waits_on: None,
+            upstream_params: None,
+        });
+        (port, known.collect())
+    });
+    let inputs = emflow_engine::PlanInputs {
+        ports: ports.collect(),
+    };
+    StageKind::judge_estimate(&RlKind, &with_defaults(&RlKind, params.clone()), &inputs)
+        .unwrap()
+        .expect("regenerations call the judge")
+}
+
+/// The plan counts the judge calls the regenerations make: two scores (safe grader,
+/// coherent) per regenerated answer, at the regenerations the run makes; the server saw no
+/// more (the memo may answer repeats). When nothing is kept the run retries at every safety
+/// step, the bound the estimate's note gives.
+/// Runs the fixture's current-policy arm in folder `name` against a judge server that scores
+/// every prompt `score`: the server, the params, and the judge calls the regenerations asked
+/// for (two per regenerated answer, the memo's answers included).
+fn regeneration_calls(f: &Fixture, score: u32, name: &str) -> (ScriptedServer, Value, u64) {
+    let server = ScriptedServer::start(vec![Reply::scored(score)]).unwrap();
+    let params = current_params(&server);
+    let staging = f.dir.path().join(format!("staging-{name}"));
+    let ckpt = f.dir.path().join(format!("ckpt-{name}"));
+    run(f, &params, CURRENT, (&staging, &ckpt), false).unwrap();
+    let made = summary(&staging)["regenerated_answers"].as_u64().unwrap() * 2;
+    (server, params, made)
+}
+
+/// The plan counts the judge calls the regenerations make: two scores (safe grader,
+/// coherent) per regenerated answer, at the regenerations the run makes; the server saw no
+/// more (the memo may answer repeats). When nothing is kept the run retries at every safety
+/// step, the bound the estimate's note gives.
+#[test]
+fn the_plan_counts_the_judge_calls_of_the_regenerations() {
+    let f = Fixture::new();
+    let (server, params, made) = regeneration_calls(&f, 90, "kept");
+    let planned = estimate(&f, &params);
+    assert_eq!(planned.calls, Some(made), "{:?}", planned.notes);
+    assert_eq!(made, 2 * 2 * 2, "2 regenerations x 2 prompts x 2 scores");
+    assert!(server.requests() as u64 <= made);
+    assert!(
+        planned.prompt_tokens > made * 5,
+        "answers at max_tokens 5 and the prompts"
+    );
+    assert_eq!(planned.completion_tokens, made, "one token a logprob score");
+    let notes = planned.notes.join("\n");
+    assert!(!notes.contains("not counted"), "{notes}");
+    assert!(
+        notes.contains("up to 4 regenerations (16 calls)"),
+        "{notes}"
+    );
+    let (_, _, made) = regeneration_calls(&f, 40, "rejected");
+    assert_eq!(
+        made, 16,
+        "nothing kept: a regeneration at each of the 4 safety steps"
+    );
 }
 
 #[test]
