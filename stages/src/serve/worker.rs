@@ -73,7 +73,7 @@ fn same_sampling(jobs: Vec<Job>) -> Vec<Vec<Job>> {
 
 /// A job of the batch being generated: answered whole at the end, or streamed as it goes.
 enum Answer {
-    Whole(Job),
+    Whole(Box<Job>),
     Streamed {
         events: Sender<Event>,
         /// For the log-probabilities of a finished choice.
@@ -85,7 +85,7 @@ enum Answer {
 impl Answer {
     fn open(shared: &Arc<Shared>, job: Job) -> Answer {
         if !job.ask.stream {
-            return Answer::Whole(job);
+            return Answer::Whole(Box::new(job));
         }
         let (prompt, logprobs) = (job.prompt.clone(), job.ask.logprobs);
         Answer::Streamed {
@@ -148,7 +148,7 @@ fn generate_group(shared: &Arc<Shared>, jobs: Vec<Job>) {
         let gens: Vec<Generation> = generated.by_ref().take(n).collect();
         // A streamed job's writer has had every choice already, as each ended.
         if let Answer::Whole(job) = answer {
-            answer_whole(shared, job, &gens);
+            answer_whole(shared, *job, &gens);
         }
     }
 }
