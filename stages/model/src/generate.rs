@@ -9,6 +9,11 @@
 //! pinned: temperature, then top-k, then top-p (nucleus), then min-p, then one uniform draw over
 //! the kept tokens. Rows that finish are dropped from the batch (and from the KV cache) so the
 //! remaining rows decode at the smaller batch's cost.
+//!
+//! A caller that passes text on as it is made (`emflow serve`'s `stream: true`) watches the
+//! decode loop through a [`GenerationObserver`] ([`Transformer::generate_observed`]): it is told
+//! each row's token as its step samples it and each row's generation as it ends. Watching
+//! changes nothing in what is generated.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, D};
@@ -201,6 +206,34 @@ impl RowSampler {
     }
 }
 
+/// Sees generation as it runs, for a caller that passes tokens on as they come (a streaming
+/// server). Calls come from the generating thread, inside the decode loop: an observer that
+/// blocks holds up every row of the batch, so it should hand the work on (e.g. down a channel).
+pub trait GenerationObserver {
+    /// The decode step that just ran gave request `request` (its index in the call's
+    /// requests) the token `token`; every generated token is reported once, in order,
+    /// including the EOS or stop-string token that ends the row.
+    fn token(&self, request: usize, token: u32);
+    /// Request `request` has ended, with this generation (the one the call returns); it
+    /// follows the row's last `token` call.
+    fn finished(&self, request: usize, generation: &Generation);
+}
+
+/// The observer of the calls that watch nothing.
+struct Unobserved;
+
+impl GenerationObserver for Unobserved {
+    fn token(&self, _: usize, _: u32) {}
+    fn finished(&self, _: usize, _: &Generation) {}
+}
+
+/// Who watches one generation call: `progress` hears the requests finished so far after each
+/// batch, `observer` each token and each ending.
+struct Watch<'a> {
+    progress: &'a dyn Fn(usize),
+    observer: &'a dyn GenerationObserver,
+}
+
 struct Row {
     request: usize,
     sampler: RowSampler,
@@ -222,7 +255,30 @@ impl Transformer {
         progress: &dyn Fn(usize),
     ) -> Result<Vec<Generation>> {
         check_call(reqs, params, batch_size)?;
-        self.generate_after(tok, reqs, params, batch_size, None, progress)
+        let watch = Watch {
+            progress,
+            observer: &Unobserved,
+        };
+        self.generate_after(tok, reqs, params, batch_size, None, &watch)
+    }
+
+    /// [`Transformer::generate`] that reports each token to `observer` as its decode step
+    /// samples it, and each request's generation as that request ends (before the rest of its
+    /// batch is done). The generations are the same as `generate`'s, bit for bit.
+    pub fn generate_observed(
+        &self,
+        tok: &Tokenizer,
+        reqs: &[GenerationRequest],
+        params: &SamplingParams,
+        batch_size: usize,
+        observer: &dyn GenerationObserver,
+    ) -> Result<Vec<Generation>> {
+        check_call(reqs, params, batch_size)?;
+        let watch = Watch {
+            progress: &|_| {},
+            observer,
+        };
+        self.generate_after(tok, reqs, params, batch_size, None, &watch)
     }
 
     /// [`Transformer::generate`] for requests that open with the same long run of tokens, as a
@@ -242,9 +298,13 @@ impl Transformer {
         progress: &dyn Fn(usize),
     ) -> Result<Vec<Generation>> {
         check_call(reqs, params, batch_size)?;
+        let watch = Watch {
+            progress,
+            observer: &Unobserved,
+        };
         let shared = common_prefix_len(reqs);
         if reqs.len() < 2 || shared < MIN_SHARED_PREFIX || params.max_new_tokens == 0 {
-            return self.generate_after(tok, reqs, params, batch_size, None, progress);
+            return self.generate_after(tok, reqs, params, batch_size, None, &watch);
         }
         let mut prefix = self.kv_cache(None, 1, shared)?;
         let ids = Tensor::from_vec(
@@ -253,10 +313,10 @@ impl Transformer {
             &self.device,
         )?;
         self.hidden_eval(&ids, &[vec![true; shared]], Some(&mut prefix))?;
-        self.generate_after(tok, reqs, params, batch_size, Some(&prefix), progress)
+        self.generate_after(tok, reqs, params, batch_size, Some(&prefix), &watch)
     }
 
-    /// The batching loop of both entry points; `prefix` holds the keys and values of the first
+    /// The batching loop of the entry points; `prefix` holds the keys and values of the first
     /// `prefix.len` tokens of every request (one row).
     fn generate_after(
         &self,
@@ -265,7 +325,7 @@ impl Transformer {
         params: &SamplingParams,
         batch_size: usize,
         prefix: Option<&KvCache>,
-        progress: &dyn Fn(usize),
+        watch: &Watch,
     ) -> Result<Vec<Generation>> {
         // Similar lengths together: less padding. Outputs go back in request order.
         let mut order: Vec<usize> = (0..reqs.len()).collect();
@@ -273,10 +333,11 @@ impl Transformer {
         let mut out: Vec<Option<Generation>> = vec![None; reqs.len()];
         let mut done = 0;
         for chunk in order.chunks(batch_size) {
-            for (i, g) in self.generate_batch(tok, reqs, chunk, params, prefix)? {
+            let batch = self.generate_batch(tok, reqs, chunk, params, prefix, watch.observer)?;
+            for (i, g) in batch {
                 out[i] = Some(g);
                 done += 1;
-                progress(done);
+                (watch.progress)(done);
             }
         }
         out.into_iter()
@@ -288,7 +349,7 @@ impl Transformer {
     }
 
     /// One batch of requests (indices `chunk` into `reqs`): prefill, then decode steps until
-    /// every row has finished.
+    /// every row has finished, telling `observer` each step's tokens and each row's end.
     fn generate_batch(
         &self,
         tok: &Tokenizer,
@@ -296,11 +357,12 @@ impl Transformer {
         chunk: &[usize],
         params: &SamplingParams,
         prefix: Option<&KvCache>,
+        observer: &dyn GenerationObserver,
     ) -> Result<Vec<(usize, Generation)>> {
         let prompts = lay_out_prompts(tok, reqs, chunk, prefix.map_or(0, |p| p.len));
         let mut rows = prompts.rows;
         if params.max_new_tokens == 0 {
-            return rows
+            let empty = rows
                 .into_iter()
                 .map(|r| {
                     Ok((
@@ -308,7 +370,9 @@ impl Transformer {
                         finish_row(tok, r.tokens, Finish::Length, params)?,
                     ))
                 })
-                .collect();
+                .collect::<Result<Vec<_>>>()?;
+            announce_finished(observer, &empty);
+            return Ok(empty);
         }
         let (mut cache, mut logits) = self.prefill(
             reqs,
@@ -323,8 +387,15 @@ impl Transformer {
         loop {
             let next = draw_next(&logits, &mut rows, params)?;
             mark_finishes(tok, &mut rows, next, params, stop_window)?;
+            for r in &rows {
+                if let Some(&t) = r.tokens.last() {
+                    observer.token(r.request, t);
+                }
+            }
             if rows.iter().any(|r| r.finish.is_some()) {
+                let before = finished.len();
                 let keep = retire_finished(tok, &mut rows, &mut finished, params)?;
+                announce_finished(observer, &finished[before..]);
                 if rows.is_empty() {
                     break;
                 }
@@ -501,6 +572,12 @@ fn retire_finished(
     }
     *rows = still;
     Ok(keep)
+}
+
+fn announce_finished(observer: &dyn GenerationObserver, finished: &[(usize, Generation)]) {
+    for (request, generation) in finished {
+        observer.finished(*request, generation);
+    }
 }
 
 fn check_call(

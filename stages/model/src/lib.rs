@@ -29,7 +29,8 @@ pub mod weights;
 
 pub use device::{setup, DeviceSetup};
 pub use generate::{
-    derive_seed, Finish, Generation, GenerationRequest, SamplingParams, MIN_SHARED_PREFIX,
+    derive_seed, Finish, Generation, GenerationObserver, GenerationRequest, SamplingParams,
+    MIN_SHARED_PREFIX,
 };
 pub use losses::{masked_mean, masked_mean_per_row, masked_sum, sft_loss, token_logprobs};
 pub use optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Schedule};

@@ -8,9 +8,11 @@
 //! - `POST /v1/chat/completions` (messages -> the model's chat template) and
 //!   `POST /v1/completions` (a raw prompt): `max_tokens`, `temperature`, `top_p`, `n`,
 //!   `seed` (absent: a fresh one per request), `stop`, `stream` (server-sent events in
-//!   OpenAI's chunk format, `stream_options.include_usage`; written once the request's batch is
-//!   generated, since generation has no per-token hook yet), and log-probabilities read from
-//!   the model at temperature 1 (chat: `logprobs`/`top_logprobs`; completions: `logprobs: k`);
+//!   OpenAI's chunk format, `stream_options.include_usage`; each token's text is sent as its
+//!   decode step samples it, see [`stream`]), and log-probabilities read from the model at
+//!   temperature 1 (chat: `logprobs`/`top_logprobs`; completions: `logprobs: k`; a streamed
+//!   choice with log-probabilities is sent as it ends, since they are read by a second pass
+//!   over its tokens);
 //! - `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`;
 //! - errors in OpenAI's shape: a prompt that does not fit the context is a 400
 //!   (`context_length_exceeded`) found before any tensor is allocated, and a value the server
@@ -18,10 +20,12 @@
 //! - one log line per request on stderr: method, path, status, tokens, milliseconds.
 //!
 //! The layout: this file accepts connections and answers what needs no model; [`api`]
-//! parses and checks bodies; [`worker`] batches and generates; [`stream`] writes events;
+//! parses and checks bodies; [`worker`] batches and generates; [`reply`] shapes answers and
+//! chunks; [`stream`] writes a streamed answer's events from its own thread as tokens come;
 //! [`token_bytes`] recovers the bytes behind a token.
 
 mod api;
+mod reply;
 mod stream;
 mod token_bytes;
 mod worker;

@@ -6,20 +6,22 @@
 //! concurrent clients (a judge with `concurrency: 8`) are served together, not in turn.
 //! Every row keeps its own seeded random stream, so a seeded request's sample does not
 //! depend on what it was batched with.
+//!
+//! A streamed request (`stream: true`) is handed to its own writer thread ([`super::stream`])
+//! before generation starts; the decode loop's observer ([`Relay`]) posts each of its tokens
+//! down an unbounded channel as the step samples it, so a slow or vanished client never
+//! holds up the other rows. The other requests are answered whole once the batch is done.
 
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context as _, Result};
-use emflow_model::{Finish, Generation, GenerationRequest, LoadedModel};
-use serde_json::{json, Value};
+use emflow_model::{Generation, GenerationObserver, GenerationRequest};
 
 use super::api::{ApiError, Ask, Endpoint};
-use super::stream::{Deltas, EventStream};
-use super::token_bytes::token_bytes;
+use super::reply::{token_entries, usage, Reply};
+use super::stream::{self, Event};
 use super::Shared;
-use crate::judge::logits::{position_logprobs, top_k};
 
 /// Most choices generated in one batch.
 pub const MAX_BATCH_ROWS: usize = 16;
@@ -69,7 +71,32 @@ fn same_sampling(jobs: Vec<Job>) -> Vec<Vec<Job>> {
     groups
 }
 
-fn generate_group(shared: &Shared, jobs: Vec<Job>) {
+/// A job of the batch being generated: answered whole at the end, or streamed as it goes.
+enum Answer {
+    Whole(Box<Job>),
+    Streamed {
+        events: Sender<Event>,
+        /// For the log-probabilities of a finished choice.
+        prompt: Vec<u32>,
+        logprobs: Option<usize>,
+    },
+}
+
+impl Answer {
+    fn open(shared: &Arc<Shared>, job: Job) -> Answer {
+        if !job.ask.stream {
+            return Answer::Whole(Box::new(job));
+        }
+        let (prompt, logprobs) = (job.prompt.clone(), job.ask.logprobs);
+        Answer::Streamed {
+            events: stream::start(shared.clone(), job),
+            prompt,
+            logprobs,
+        }
+    }
+}
+
+fn generate_group(shared: &Arc<Shared>, jobs: Vec<Job>) {
     let lm = &shared.lm;
     let rows: Vec<GenerationRequest> = jobs
         .iter()
@@ -80,259 +107,188 @@ fn generate_group(shared: &Shared, jobs: Vec<Job>) {
             })
         })
         .collect();
-    let params = &jobs[0].ask.sampling;
+    // Row r is choice `owners[r].1` of job `owners[r].0`.
+    let owners: Vec<(usize, usize)> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(j, job)| (0..job.ask.n).map(move |c| (j, c)))
+        .collect();
+    let params = jobs[0].ask.sampling.clone();
+    let choices: Vec<usize> = jobs.iter().map(|j| j.ask.n).collect();
+    let answers: Vec<Answer> = jobs.into_iter().map(|j| Answer::open(shared, j)).collect();
     shared
         .batches
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let relay = Relay {
+        shared,
+        owners,
+        answers: &answers,
+    };
     let generated = lm
         .model
-        .generate(&lm.tokenizer, &rows, params, rows.len(), &|_| {});
+        .generate_observed(&lm.tokenizer, &rows, &params, rows.len(), &relay);
     let mut generated = match generated {
         Ok(g) => g.into_iter(),
         Err(e) => {
-            for job in jobs {
-                shared.fail(
-                    job.req,
-                    job.started,
-                    &ApiError::status(500, format!("generation failed: {e:#}")),
-                );
+            let message = format!("generation failed: {e:#}");
+            for answer in answers {
+                match answer {
+                    Answer::Whole(job) => {
+                        shared.fail(job.req, job.started, &ApiError::status(500, &message))
+                    }
+                    Answer::Streamed { events, .. } => {
+                        let _ = events.send(Event::Failed(message.clone()));
+                    }
+                }
             }
             return;
         }
     };
-    for job in jobs {
-        let gens: Vec<Generation> = generated.by_ref().take(job.ask.n).collect();
-        answer(shared, job, &gens);
-    }
-}
-
-fn answer(shared: &Shared, job: Job, gens: &[Generation]) {
-    let completion_tokens: usize = gens.iter().map(|g| g.tokens.len()).sum();
-    let usage = json!({
-        "prompt_tokens": job.prompt.len(),
-        "completion_tokens": completion_tokens,
-        "total_tokens": job.prompt.len() + completion_tokens,
-    });
-    let reply = Reply {
-        shared,
-        endpoint: job.endpoint,
-        id: shared.next_id(job.endpoint),
-        created: super::unix_now(),
-    };
-    let tokens = (job.prompt.len(), completion_tokens);
-    let (method, url) = (job.req.method().to_string(), job.req.url().to_string());
-    let result = if job.ask.stream {
-        reply
-            .stream(job.req, &job.prompt, &job.ask, gens, usage)
-            .map(|()| 200)
-    } else {
-        match reply.whole(&job.prompt, &job.ask, gens, usage) {
-            Ok(body) => {
-                super::respond_json(job.req, 200, &body);
-                Ok(200)
-            }
-            Err(e) => {
-                shared.fail(
-                    job.req,
-                    job.started,
-                    &ApiError::status(500, format!("{e:#}")),
-                );
-                return;
-            }
+    for (answer, n) in answers.into_iter().zip(choices) {
+        let gens: Vec<Generation> = generated.by_ref().take(n).collect();
+        // A streamed job's writer has had every choice already, as each ended.
+        if let Answer::Whole(job) = answer {
+            answer_whole(shared, *job, &gens);
         }
-    };
-    match result {
-        Ok(status) => super::log_line(&method, &url, status, Some(tokens), job.started),
-        // The client went away mid-stream: nothing left to answer.
-        Err(e) => eprintln!("emflow serve: {method} {url}: streaming stopped: {e:#}"),
     }
 }
 
-/// What one response is built from.
-struct Reply<'a> {
+/// The decode loop's observer: passes each streamed row's tokens and ending to its writer.
+/// A choice that asked for log-probabilities has them read here as it ends (one forward pass
+/// over its prompt and tokens, as a whole answer's are read after the batch), which holds the
+/// batch's other rows for that pass.
+struct Relay<'a> {
     shared: &'a Shared,
-    endpoint: Endpoint,
-    id: String,
-    created: u64,
+    owners: Vec<(usize, usize)>,
+    answers: &'a [Answer],
 }
 
-impl Reply<'_> {
-    fn object(&self, chunk: bool) -> &'static str {
-        match (self.endpoint, chunk) {
-            (Endpoint::Chat, false) => "chat.completion",
-            (Endpoint::Chat, true) => "chat.completion.chunk",
-            (Endpoint::Completions, _) => "text_completion",
+impl Relay<'_> {
+    fn streamed(&self, request: usize) -> Option<(&Answer, usize)> {
+        let (job, choice) = self.owners[request];
+        let answer = &self.answers[job];
+        matches!(answer, Answer::Streamed { .. }).then_some((answer, choice))
+    }
+}
+
+impl GenerationObserver for Relay<'_> {
+    fn token(&self, request: usize, token: u32) {
+        #[cfg(test)]
+        test_gate::pass(&self.shared.name);
+        if let Some((Answer::Streamed { events, .. }, choice)) = self.streamed(request) {
+            // A writer whose client went away has dropped its receiver: nothing to tell.
+            let _ = events.send(Event::Token { choice, id: token });
         }
     }
 
-    fn envelope(&self, chunk: bool, choices: Vec<Value>) -> Value {
-        json!({
-            "id": self.id,
-            "object": self.object(chunk),
-            "created": self.created,
-            "model": self.shared.name,
-            "choices": choices,
-        })
+    fn finished(&self, request: usize, generation: &Generation) {
+        let Some((
+            Answer::Streamed {
+                events,
+                prompt,
+                logprobs,
+            },
+            choice,
+        )) = self.streamed(request)
+        else {
+            return;
+        };
+        let event = match logprobs.map(|k| token_entries(self.shared, prompt, generation, k)) {
+            Some(Err(e)) => Event::Failed(format!("reading log-probabilities failed: {e:#}")),
+            entries => Event::Done {
+                choice,
+                generation: generation.clone(),
+                logprobs: entries.and_then(Result::ok),
+            },
+        };
+        let _ = events.send(event);
+    }
+}
+
+fn answer_whole(shared: &Shared, job: Job, gens: &[Generation]) {
+    let completion_tokens: usize = gens.iter().map(|g| g.tokens.len()).sum();
+    let reply = Reply::new(shared, job.endpoint);
+    let body = reply.whole(
+        &job.prompt,
+        &job.ask,
+        gens,
+        usage(job.prompt.len(), completion_tokens),
+    );
+    match body {
+        Ok(body) => {
+            let (method, url) = (job.req.method().to_string(), job.req.url().to_string());
+            super::respond_json(job.req, 200, &body);
+            let tokens = Some((job.prompt.len(), completion_tokens));
+            super::log_line(&method, &url, 200, tokens, job.started);
+        }
+        Err(e) => shared.fail(
+            job.req,
+            job.started,
+            &ApiError::status(500, format!("{e:#}")),
+        ),
+    }
+}
+
+/// A test seam: holds the decode loop of the server whose model id is `name` after a given
+/// number of sampled tokens, so a test can read streamed chunks while generation is provably
+/// still under way (no timing involved).
+#[cfg(test)]
+pub(crate) mod test_gate {
+    use std::sync::{Arc, Condvar, Mutex};
+
+    /// Tokens seen so far and tokens let through.
+    pub struct Gate {
+        counts: Mutex<(u64, u64)>,
+        moved: Condvar,
     }
 
-    /// The non-streaming body.
-    fn whole(&self, prompt: &[u32], ask: &Ask, gens: &[Generation], usage: Value) -> Result<Value> {
-        let mut choices = Vec::with_capacity(gens.len());
-        for (index, g) in gens.iter().enumerate() {
-            let entries = match ask.logprobs {
-                Some(k) => Some(self.token_entries(prompt, g, k)?),
-                None => None,
-            };
-            choices.push(match self.endpoint {
-                Endpoint::Chat => json!({
-                    "index": index,
-                    "message": { "role": "assistant", "content": g.text },
-                    "logprobs": entries.map(|e| json!({ "content": e })),
-                    "finish_reason": finish_reason(g.finish),
-                }),
-                Endpoint::Completions => json!({
-                    "index": index,
-                    "text": g.text,
-                    "logprobs": entries.map(|e| legacy_logprobs(&e)),
-                    "finish_reason": finish_reason(g.finish),
-                }),
-            });
-        }
-        let mut body = self.envelope(false, choices);
-        body["usage"] = usage;
-        Ok(body)
+    static GATES: Mutex<Vec<(String, Arc<Gate>)>> = Mutex::new(Vec::new());
+
+    /// Holds the server `name`'s decode loop at its token call number `allowed + 1`.
+    pub fn install(name: &str, allowed: u64) -> Arc<Gate> {
+        let gate = Arc::new(Gate {
+            counts: Mutex::new((0, allowed)),
+            moved: Condvar::new(),
+        });
+        GATES.lock().unwrap().push((name.to_string(), gate.clone()));
+        gate
     }
 
-    /// The streamed answer: per choice, a role chunk (chat), one chunk per generated token
-    /// with its text delta (and logprobs when asked), and a finish chunk; then the usage
-    /// chunk when asked for, and `[DONE]`.
-    fn stream(
-        &self,
-        req: tiny_http::Request,
-        prompt: &[u32],
-        ask: &Ask,
-        gens: &[Generation],
-        usage: Value,
-    ) -> Result<()> {
-        let mut events = EventStream::open(req.into_writer())?;
-        for (index, g) in gens.iter().enumerate() {
-            if self.endpoint == Endpoint::Chat {
-                let first = json!({ "index": index, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null });
-                events.send(&self.envelope(true, vec![first]))?;
-            }
-            let entries = match ask.logprobs {
-                Some(k) => Some(self.token_entries(prompt, g, k)?),
-                None => None,
-            };
-            let mut deltas = Deltas::new(&g.text);
-            let spelling = self.shared.spelling;
-            for (i, &tok) in g.tokens.iter().enumerate() {
-                let bytes = token_bytes(&self.shared.lm.tokenizer, spelling, tok);
-                let text = deltas.push(&bytes, i + 1 == g.tokens.len());
-                let entry = entries.as_ref().map(|e| e[i].clone());
-                events.send(&self.envelope(true, vec![self.token_chunk(index, text, entry)]))?;
-            }
-            let last = match self.endpoint {
-                Endpoint::Chat => {
-                    json!({ "index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason(g.finish) })
-                }
-                Endpoint::Completions => {
-                    json!({ "index": index, "text": "", "logprobs": null, "finish_reason": finish_reason(g.finish) })
-                }
-            };
-            events.send(&self.envelope(true, vec![last]))?;
-        }
-        if ask.stream_usage {
-            let mut chunk = self.envelope(true, Vec::new());
-            chunk["usage"] = usage;
-            events.send(&chunk)?;
-        }
-        events.finish()
-    }
-
-    fn token_chunk(&self, index: usize, text: &str, entry: Option<Value>) -> Value {
-        match self.endpoint {
-            Endpoint::Chat => json!({
-                "index": index,
-                "delta": { "content": text },
-                "logprobs": entry.map(|e| json!({ "content": [e] })),
-                "finish_reason": null,
-            }),
-            Endpoint::Completions => json!({
-                "index": index,
-                "text": text,
-                "logprobs": entry.map(|e| legacy_logprobs(&[e])),
-                "finish_reason": null,
-            }),
-        }
-    }
-
-    /// OpenAI's chat `logprobs.content` entries for each generated token, with the `k` most
-    /// likely alternatives; read from the model at temperature 1, like the local judge.
-    fn token_entries(&self, prompt: &[u32], g: &Generation, k: usize) -> Result<Vec<Value>> {
-        if g.tokens.is_empty() {
-            return Ok(Vec::new());
-        }
-        let lm: &LoadedModel = &self.shared.lm;
-        let mut ids = prompt.to_vec();
-        ids.extend(&g.tokens);
-        let rows = position_logprobs(&lm.model, &ids, prompt.len())?;
-        g.tokens
+    pub(super) fn pass(name: &str) {
+        let gate = GATES
+            .lock()
+            .unwrap()
             .iter()
-            .zip(&rows)
-            .map(|(&tok, row)| {
-                let lp = *row
-                    .get(tok as usize)
-                    .context("a generated id outside the vocabulary")?;
-                let top = top_k(row, k)
-                    .into_iter()
-                    .map(|(id, lp)| self.entry(id, lp, None))
-                    .collect();
-                Ok(self.entry(tok, lp, Some(top)))
-            })
-            .collect()
-    }
-
-    fn entry(&self, id: u32, logprob: f32, top: Option<Vec<Value>>) -> Value {
-        let bytes = token_bytes(&self.shared.lm.tokenizer, self.shared.spelling, id);
-        let mut v =
-            json!({ "token": String::from_utf8_lossy(&bytes), "logprob": logprob, "bytes": bytes });
-        if let Some(top) = top {
-            v["top_logprobs"] = Value::Array(top);
+            .find(|(n, _)| n == name)
+            .map(|(_, g)| g.clone());
+        if let Some(gate) = gate {
+            let mut counts = gate.counts.lock().unwrap();
+            counts.0 += 1;
+            gate.moved.notify_all();
+            while counts.0 > counts.1 {
+                counts = gate.moved.wait(counts).unwrap();
+            }
         }
-        v
     }
-}
 
-/// The legacy completions `logprobs` object from chat-style entries.
-fn legacy_logprobs(entries: &[Value]) -> Value {
-    let mut offset = 0;
-    let (mut tokens, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
-    for e in entries {
-        let token = e["token"].as_str().unwrap_or_default();
-        offsets.push(offset);
-        offset += token.len();
-        tokens.push(token.to_string());
-        lps.push(e["logprob"].clone());
-        let top: serde_json::Map<String, Value> = e["top_logprobs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|t| {
-                (
-                    t["token"].as_str().unwrap_or_default().to_string(),
-                    t["logprob"].clone(),
-                )
-            })
-            .collect();
-        tops.push(Value::Object(top));
-    }
-    json!({ "tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets })
-}
+    impl Gate {
+        /// Token calls made so far, the held one included.
+        pub fn seen(&self) -> u64 {
+            self.counts.lock().unwrap().0
+        }
 
-fn finish_reason(f: Finish) -> &'static str {
-    match f {
-        Finish::Length => "length",
-        Finish::Eos | Finish::Stop => "stop",
+        /// Blocks until the decode loop has reached (and, if held, stopped at) token call `n`.
+        pub fn wait_for(&self, n: u64) {
+            let mut counts = self.counts.lock().unwrap();
+            while counts.0 < n {
+                counts = self.moved.wait(counts).unwrap();
+            }
+        }
+
+        /// Lets every further token through.
+        pub fn open(&self) {
+            self.counts.lock().unwrap().1 = u64::MAX;
+            self.moved.notify_all();
+        }
     }
 }

@@ -24,6 +24,7 @@ mod rl_onpolicy;
 mod rl_resume;
 mod safety_smollm2;
 mod serve_openai;
+mod serve_stream;
 mod sft_smollm2;
 mod snapshot_curve;
 mod support;

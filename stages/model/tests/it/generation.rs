@@ -7,8 +7,8 @@ use std::process::Command;
 use crate::common::*;
 use candle_core::{IndexOp, Tensor};
 use emflow_model::{
-    derive_seed, Arch, Finish, GenerationRequest, ModelConfig, SamplingParams, Transformer,
-    MIN_SHARED_PREFIX,
+    derive_seed, Arch, Finish, Generation, GenerationObserver, GenerationRequest, ModelConfig,
+    SamplingParams, Transformer, MIN_SHARED_PREFIX,
 };
 
 fn prompts(n: usize, vocab: u32) -> Vec<Vec<u32>> {
@@ -103,6 +103,83 @@ fn same_seeds_give_same_samples_at_batch_1_and_8() {
     assert_ne!(
         one,
         model.generate(&tok, &other, &params, 8, &|_| {}).unwrap()
+    );
+}
+
+/// What an observer was told, in order.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    Token(usize, u32),
+    Finished(usize, Generation),
+}
+
+#[derive(Default)]
+struct Recorder(std::cell::RefCell<Vec<Seen>>);
+
+impl GenerationObserver for Recorder {
+    fn token(&self, request: usize, token: u32) {
+        self.0.borrow_mut().push(Seen::Token(request, token));
+    }
+    fn finished(&self, request: usize, generation: &Generation) {
+        self.0
+            .borrow_mut()
+            .push(Seen::Finished(request, generation.clone()));
+    }
+}
+
+/// An observer hears each token as its decode step samples it (every row's k-th token
+/// before any row's k+1-th: step by step, not replayed at the end), then each row's end
+/// right after its last token; and observing changes no sample.
+#[test]
+fn an_observer_hears_tokens_step_by_step_and_changes_nothing() {
+    let (model, reqs) = (tiny(Arch::Llama, 12), requests(&prompts(4, 256)));
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tiny_tokenizer(dir.path(), 256);
+    let mut params = sampling(14);
+    // A stop string that ends the longest row early: the text of its middle token.
+    let plain = model.generate(&tok, &reqs, &params, 4, &|_| {}).unwrap();
+    let longest = plain
+        .iter()
+        .map(|g| &g.tokens)
+        .max_by_key(|t| t.len())
+        .unwrap();
+    let middle = longest.len() / 2;
+    params.stop = vec![tok.decode(&longest[middle..=middle]).unwrap()];
+    let plain = model.generate(&tok, &reqs, &params, 4, &|_| {}).unwrap();
+    let recorder = Recorder::default();
+    let observed = model
+        .generate_observed(&tok, &reqs, &params, 4, &recorder)
+        .unwrap();
+    assert_eq!(observed, plain, "observing must not change generation");
+    let seen = recorder.0.into_inner();
+    let lengths: Vec<usize> = plain.iter().map(|g| g.tokens.len()).collect();
+    assert!(
+        lengths.iter().min() < lengths.iter().max(),
+        "test premise: rows of different lengths, got {lengths:?}"
+    );
+    let mut heard: Vec<Vec<u32>> = vec![Vec::new(); reqs.len()];
+    let mut step = 0;
+    for event in &seen {
+        match event {
+            Seen::Token(r, t) => {
+                heard[*r].push(*t);
+                assert!(heard[*r].len() >= step, "a row fell behind: {seen:?}");
+                step = step.max(heard[*r].len());
+            }
+            Seen::Finished(r, g) => {
+                assert_eq!(g, &plain[*r]);
+                assert_eq!(heard[*r], g.tokens, "finished before its last token");
+                assert_eq!(heard[*r].len(), step, "finished later than its last step");
+            }
+        }
+    }
+    let tokens: Vec<Vec<u32>> = plain.iter().map(|g| g.tokens.clone()).collect();
+    assert_eq!(heard, tokens);
+    assert_eq!(
+        seen.iter()
+            .filter(|e| matches!(e, Seen::Finished(..)))
+            .count(),
+        reqs.len()
     );
 }
 
