@@ -514,9 +514,13 @@ fn provenance_table_has_every_stage(found: &Value, conditions: &[String]) {
             }
         }
     }
+    // The curves of `curves()`, seeds pooled (7 curve files, one provenance row each).
     let curve_arms = [
         "eval_snapshots[arm=grpo,domain=medical]",
         "eval_snapshots[arm=sft_matched,domain=medical]",
+        "eval_snapshots_defences[defence=kl,domain=medical]",
+        "eval_snapshots_defences[defence=onpolicy_safety_interleaved_every_fourth_step_with_a_long_name,domain=medical]",
+        "eval_snapshots_grpo_cold[domain=medical]",
     ];
     let want: Vec<&str> = conditions
         .iter()
@@ -526,7 +530,7 @@ fn provenance_table_has_every_stage(found: &Value, conditions: &[String]) {
     assert_eq!(headings, want, "every condition, in order, then the curves");
     assert_eq!(
         stages,
-        arm_origins().len() + 4,
+        arm_origins().len() + 7,
         "every eval stage and curve"
     );
 }
