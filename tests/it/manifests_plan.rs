@@ -1,7 +1,9 @@
 //! Every shipped manifest plans under every one of its profiles: a typo in a profile that
 //! only CI or a GPU user would select fails here, on any machine, in milliseconds.
 
-use crate::support::{emflow_in_repo, paper_data_root, stdout_of, succeed, PaperProfile};
+use crate::support::{
+    emflow_in_repo, output, paper_data_root, stdout_of, succeed, text, PaperProfile,
+};
 use std::path::Path;
 
 fn plans(manifest: &str, profile: Option<&str>, sets: &[String]) {
@@ -69,6 +71,48 @@ fn a_dry_run_of_the_paper_profile_plans_on_a_machine_without_its_gpus() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("GPU(s) but 0 are visible"), "{stderr}");
     }
+}
+
+/// Full fine-tuning of the 14B model on a 24 GiB card is refused before anything runs, with
+/// what to change, and once per stage family: the paper profile's 300-odd GPU stages refused
+/// one by one were 640 lines a user had to scroll through to find the reason.
+#[test]
+fn an_impossible_gpu_plan_is_refused_once_per_stage_family_with_advice() {
+    let Some(paper) = PaperProfile::new() else {
+        return;
+    };
+    let out = output(
+        emflow_in_repo(paper.store.path())
+            .args(["run", "--dry-run"])
+            .args(paper.args())
+            .args(["--set", "gpu_memory=24GiB"])
+            .args(["--set", "stages.warmup.params.full_finetune=true"]),
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warmup = stderr
+        .lines()
+        .find(|l| l.contains("stages of warmup ("))
+        .unwrap_or_else(|| panic!("no grouped warm-up refusal:\n{stderr}"));
+    // Each (where, what): the warm-up family's one line, with its advice; the family of one
+    // (eval_base) keeps its own name.
+    for (text, want) in [
+        (&*stderr, "the plan cannot fit its GPUs, so nothing ran"),
+        (&*stderr, "\n  stage eval_base needs about"),
+        (warmup, "12 stages of warmup (warmup[domain=medical,seed=0] ... warmup[domain=aesthetic,seed=2]) each need about"),
+        (warmup, "train a LoRA adapter instead of every weight"),
+        (warmup, "device has 24.0 GiB"),
+    ] {
+        assert!(text.contains(want), "{want}:\n{text}");
+    }
+    let reasons = stderr
+        .lines()
+        .filter(|l| l.contains("GiB of GPU memory"))
+        .count();
+    assert!(
+        (2..60).contains(&reasons),
+        "{reasons} refusal lines:\n{stderr}"
+    );
 }
 
 #[test]

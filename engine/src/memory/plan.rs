@@ -91,11 +91,43 @@ impl MemoryPlan {
             r.line(&format!("  {:<44} {text}", s.id));
             r.event("memory", self.event(s));
         }
+        for why in self.refusals() {
+            r.line(&format!("refused: {why}"));
+        }
+    }
+
+    /// The refusals, one line per stage family (the name before `[`) whose stages fail the
+    /// same way: a 14B plan on a small card refuses hundreds of matrix instances with one
+    /// reason, and a user wants the reason once with the count, not 640 near-identical lines.
+    fn refusals(&self) -> Vec<String> {
+        let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
         for s in &self.stages {
-            if let Some(why) = &s.refusal {
-                r.line(&format!("refused: {why}"));
+            let Some(why) = &s.refusal else { continue };
+            let family = s.id.split('[').next().unwrap_or(&s.id);
+            let reason = why.replacen(&s.id, family, 1);
+            match groups.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, ids)) => ids.push(&s.id),
+                None => groups.push((reason, vec![&s.id])),
             }
         }
+        groups
+            .into_iter()
+            .map(|(reason, ids)| match ids.as_slice() {
+                [one] => reason.replacen(one.split('[').next().unwrap_or(one), one, 1),
+                [first, .., last] => {
+                    let family = first.split('[').next().unwrap_or(first);
+                    reason.replacen(
+                        &format!("stage {family} needs "),
+                        &format!(
+                            "{} stages of {family} ({first} ... {last}) each need ",
+                            ids.len()
+                        ),
+                        1,
+                    )
+                }
+                [] => reason,
+            })
+            .collect()
     }
 
     fn event(&self, s: &StageMemory) -> serde_json::Value {
@@ -108,13 +140,10 @@ impl MemoryPlan {
         }
     }
 
-    /// `Err` naming every stage that cannot fit its device, with what to change.
+    /// `Err` naming every stage that cannot fit its device (grouped as in [`Self::print`]),
+    /// with what to change.
     pub fn check(&self) -> anyhow::Result<()> {
-        let refusals: Vec<&str> = self
-            .stages
-            .iter()
-            .filter_map(|s| s.refusal.as_deref())
-            .collect();
+        let refusals = self.refusals();
         if refusals.is_empty() {
             return Ok(());
         }
