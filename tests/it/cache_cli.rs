@@ -88,3 +88,33 @@ fn cache_commands_give_scripts_json_records_and_paths() {
     let wrong = emflow(dir, &["cache", "path", "both", "nope"]);
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("its outputs: all"));
 }
+
+/// `emflow cache` has no manifest to find the store next to, so it reads `./.emflow`. Where
+/// there is none (the quickstart's store is `manifests/.emflow`), it says so and names the
+/// stores below, instead of creating an empty store and listing nothing.
+#[test]
+fn cache_commands_name_the_store_below_instead_of_creating_an_empty_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let sub = dir.join("manifests");
+    std::fs::create_dir(&sub).unwrap();
+    write_manifest(&sub, MANIFEST);
+    let ran = output(emflow_in(dir).args(["run", "manifests/m.yaml"]));
+    assert!(ran.status.success(), "{}", text(&ran));
+
+    let ls = output(emflow_in(dir).args(["cache", "ls", "--json"]));
+    assert!(!ls.status.success(), "{}", text(&ls));
+    assert!(ls.stdout.is_empty(), "{}", text(&ls));
+    let said = String::from_utf8_lossy(&ls.stderr);
+    assert!(
+        said.contains("no emflow store at") && said.contains("pass --store manifests/.emflow"),
+        "{said}"
+    );
+    assert!(!dir.join(".emflow").exists(), "an empty store was created");
+
+    let named =
+        output(emflow_in(dir).args(["--store", "manifests/.emflow", "cache", "ls", "--json"]));
+    assert!(named.status.success(), "{}", text(&named));
+    let all: serde_json::Value = serde_json::from_slice(&named.stdout).unwrap();
+    assert_eq!(all.as_array().map(Vec::len), Some(3), "{all}");
+}

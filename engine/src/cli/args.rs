@@ -174,6 +174,9 @@ $EMFLOW_JUDGE_PRICES; none are built in (\"price not set\"); a local judge is no
     )]
     Gc(GcArgs),
     /// Inspect the store.
+    #[command(
+        after_help = "With no manifest to find it by, these read `./.emflow` (or EMFLOW_HOME); the store of\n`emflow run manifests/paper.yaml` is `manifests/.emflow`:\n  emflow --store manifests/.emflow cache ls"
+    )]
     Cache {
         #[command(subcommand)]
         command: CacheCommand,

@@ -1,6 +1,8 @@
 //! `emflow cache ls|show|path|verify`: the store as data for people and scripts.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
 
 use super::args::CacheCommand;
 use super::{open_store, EXIT_FAILED};
@@ -9,6 +11,7 @@ use crate::console::{ReportMode, Reporter};
 
 /// `emflow cache ...`: pure data on stdout (text or `--json`), messages on stderr.
 pub(super) fn cache(store_flag: Option<&Path>, command: CacheCommand) -> anyhow::Result<u8> {
+    require_store(store_flag)?;
     let store = open_store(store_flag, None)?;
     match command {
         CacheCommand::Ls { json } => {
@@ -84,4 +87,62 @@ pub(super) fn cache(store_flag: Option<&Path>, command: CacheCommand) -> anyhow:
             }
         }
     }
+}
+
+/// A `cache` command reads a store; it has no manifest to place one next to, so the default is
+/// `./.emflow`. Opening a store creates it, and a user who ran the README's quickstart from the
+/// repository root (its store is `manifests/.emflow`, next to the manifest) and then typed
+/// `emflow cache ls` there got an empty list and a new empty store. Refuse instead, naming the
+/// stores in the folders below.
+fn require_store(store_flag: Option<&Path>) -> anyhow::Result<()> {
+    let root = commands::store_location(store_flag, None);
+    if root.join("records").is_dir() {
+        return Ok(());
+    }
+    let found = stores_below(Path::new("."));
+    let hint = match found.as_slice() {
+        [] => "pass the store of a run with --store DIR or EMFLOW_HOME".to_string(),
+        [one] => format!(
+            "the store of a run here is {0}: pass --store {0}",
+            one.display()
+        ),
+        many => format!(
+            "stores of runs here: {}; pass one with --store DIR",
+            many.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    bail!(
+        "no emflow store at {}: `emflow run` keeps a manifest's store in `.emflow/` next to the \
+         manifest; {hint}",
+        root.display()
+    )
+}
+
+/// `.emflow` stores (folders with `records/`) in `dir`'s subfolders, two levels deep at most.
+fn stores_below(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut frontier = vec![(dir.to_path_buf(), 0)];
+    while let Some((folder, depth)) = frontier.pop() {
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let (path, name) = (entry.path(), entry.file_name());
+            if !path.is_dir() {
+                continue;
+            }
+            if name == ".emflow" {
+                if depth > 0 && path.join("records").is_dir() {
+                    found.push(path.strip_prefix(dir).unwrap_or(&path).to_path_buf());
+                }
+            } else if depth < 2 && !name.to_string_lossy().starts_with('.') && name != "target" {
+                frontier.push((path, depth + 1));
+            }
+        }
+    }
+    found.sort();
+    found
 }
