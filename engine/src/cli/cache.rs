@@ -5,14 +5,13 @@ use std::path::{Path, PathBuf};
 use anyhow::bail;
 
 use super::args::CacheCommand;
-use super::{open_store, EXIT_FAILED};
+use super::{open_store_at, EXIT_FAILED};
 use crate::commands;
 use crate::console::{ReportMode, Reporter};
 
 /// `emflow cache ...`: pure data on stdout (text or `--json`), messages on stderr.
 pub(super) fn cache(store_flag: Option<&Path>, command: CacheCommand) -> anyhow::Result<u8> {
-    require_store(store_flag)?;
-    let store = open_store(store_flag, None)?;
+    let store = open_store_at(&existing_store(store_flag)?)?;
     match command {
         CacheCommand::Ls { json } => {
             let records = commands::cache_ls(&store)?;
@@ -93,11 +92,11 @@ pub(super) fn cache(store_flag: Option<&Path>, command: CacheCommand) -> anyhow:
 /// `./.emflow`. Opening a store creates it, and a user who ran the README's quickstart from the
 /// repository root (its store is `manifests/.emflow`, next to the manifest) and then typed
 /// `emflow cache ls` there got an empty list and a new empty store. Refuse instead, naming the
-/// stores in the folders below.
-fn require_store(store_flag: Option<&Path>) -> anyhow::Result<()> {
+/// stores in the folders below. `Ok` is the store's folder.
+fn existing_store(store_flag: Option<&Path>) -> anyhow::Result<PathBuf> {
     let root = commands::store_location(store_flag, None);
     if root.join("records").is_dir() {
-        return Ok(());
+        return Ok(root);
     }
     let found = stores_below(Path::new("."));
     let hint = match found.as_slice() {
@@ -121,7 +120,8 @@ fn require_store(store_flag: Option<&Path>) -> anyhow::Result<()> {
     )
 }
 
-/// `.emflow` stores (folders with `records/`) in `dir`'s subfolders, two levels deep at most.
+/// `.emflow` stores (folders with `records/`) in `dir` and its subfolders, two levels deep at
+/// most (a `--store` that names the wrong folder gets `./.emflow` suggested too).
 fn stores_below(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut frontier = vec![(dir.to_path_buf(), 0)];
@@ -135,7 +135,7 @@ fn stores_below(dir: &Path) -> Vec<PathBuf> {
                 continue;
             }
             if name == ".emflow" {
-                if depth > 0 && path.join("records").is_dir() {
+                if path.join("records").is_dir() {
                     found.push(path.strip_prefix(dir).unwrap_or(&path).to_path_buf());
                 }
             } else if depth < 2 && !name.to_string_lossy().starts_with('.') && name != "target" {

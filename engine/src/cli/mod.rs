@@ -97,9 +97,13 @@ fn reporter(json: bool) -> Arc<Reporter> {
 }
 
 fn open_store(flag: Option<&Path>, manifest: Option<&Path>) -> anyhow::Result<Arc<Store>> {
-    let root = commands::store_location(flag, manifest);
+    open_store_at(&commands::store_location(flag, manifest))
+}
+
+/// Opens (creating it if need be) the store at `root`.
+fn open_store_at(root: &Path) -> anyhow::Result<Arc<Store>> {
     let store =
-        Store::open(&root).with_context(|| format!("opening the store at {}", root.display()))?;
+        Store::open(root).with_context(|| format!("opening the store at {}", root.display()))?;
     Ok(Arc::new(store))
 }
 

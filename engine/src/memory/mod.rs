@@ -353,8 +353,10 @@ pub fn summary_line(e: &Estimate, training: bool) -> String {
     )
 }
 
-/// Why `e` does not fit in `device` bytes, and what to change; `None` when it fits.
-pub fn refusal(stage: &str, e: &Estimate, demand: &MemoryDemand, device: u64) -> Option<String> {
+/// Why `e` does not fit in `device` bytes, and what to change, as the predicate of a sentence
+/// whose subject (one stage, or a family of them) the caller names: "about 210.1 GiB of GPU
+/// memory but the device has 24.0 GiB: ..."; `None` when it fits.
+pub fn refusal(e: &Estimate, demand: &MemoryDemand, device: u64) -> Option<String> {
     if e.total() <= device {
         return None;
     }
@@ -383,7 +385,7 @@ pub fn refusal(stage: &str, e: &Estimate, demand: &MemoryDemand, device: u64) ->
         gib(e.total())
     ));
     Some(format!(
-        "stage {stage} needs about {} of GPU memory but the device has {}: {}",
+        "about {} of GPU memory but the device has {}: {}",
         gib(e.total()),
         gib(device),
         advice.join("; ")
@@ -435,7 +437,7 @@ mod tests {
         let e = estimate(&shape, &demand, 2).unwrap();
         // 14.8e9 parameters x (2 + 12) bytes alone is ~190 GiB.
         assert!(e.weights + e.trainable > 190 << 30);
-        let why = refusal("warmup", &e, &demand, 24 << 30).unwrap();
+        let why = refusal(&e, &demand, 24 << 30).unwrap();
         assert!(why.contains("instead of every weight"), "{why}");
         assert!(why.contains("gradient_checkpointing: true"), "{why}");
     }

@@ -22,7 +22,7 @@ pub struct StageMemory {
     pub training: bool,
     /// The memory of one of its GPUs (declared, else reported by the driver); `None` unknown.
     pub device: Option<u64>,
-    /// Why it cannot fit, and what to change.
+    /// Why it cannot fit, and what to change ([`super::refusal`]: what the stage needs).
     pub refusal: Option<String>,
 }
 
@@ -100,32 +100,30 @@ impl MemoryPlan {
     /// same way: a 14B plan on a small card refuses hundreds of matrix instances with one
     /// reason, and a user wants the reason once with the count, not 640 near-identical lines.
     fn refusals(&self) -> Vec<String> {
-        let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
+        // (family, reason, the ids), in plan order.
+        let mut groups: Vec<(&str, &str, Vec<&str>)> = Vec::new();
         for s in &self.stages {
-            let Some(why) = &s.refusal else { continue };
+            let Some(reason) = s.refusal.as_deref() else {
+                continue;
+            };
             let family = s.id.split('[').next().unwrap_or(&s.id);
-            let reason = why.replacen(&s.id, family, 1);
-            match groups.iter_mut().find(|(r, _)| *r == reason) {
-                Some((_, ids)) => ids.push(&s.id),
-                None => groups.push((reason, vec![&s.id])),
+            match groups
+                .iter_mut()
+                .find(|(f, r, _)| (*f, *r) == (family, reason))
+            {
+                Some((_, _, ids)) => ids.push(&s.id),
+                None => groups.push((family, reason, vec![&s.id])),
             }
         }
         groups
             .into_iter()
-            .map(|(reason, ids)| match ids.as_slice() {
-                [one] => reason.replacen(one.split('[').next().unwrap_or(one), one, 1),
-                [first, .., last] => {
-                    let family = first.split('[').next().unwrap_or(first);
-                    reason.replacen(
-                        &format!("stage {family} needs "),
-                        &format!(
-                            "{} stages of {family} ({first} ... {last}) each need ",
-                            ids.len()
-                        ),
-                        1,
-                    )
-                }
-                [] => reason,
+            .map(|(family, reason, ids)| match ids.as_slice() {
+                [first, .., last] => format!(
+                    "{} stages of {family} ({first} ... {last}) each need {reason}",
+                    ids.len()
+                ),
+                [one] => format!("stage {one} needs {reason}"),
+                [] => reason.to_string(), // a group starts with one stage
             })
             .collect()
     }
@@ -134,7 +132,8 @@ impl MemoryPlan {
         match &s.estimate {
             Ok((e, origin)) => json!({
                 "stage": s.id, "estimate": e, "total": e.total(), "device": s.device,
-                "shape": origin, "refusal": s.refusal,
+                "shape": origin,
+                "refusal": s.refusal.as_ref().map(|why| format!("stage {} needs {why}", s.id)),
             }),
             Err(why) => json!({ "stage": s.id, "unknown": why }),
         }
@@ -168,7 +167,7 @@ fn stage_memory(
             .map_err(|e| format!("{e:#}"))
     });
     let refusal = match (&estimate, device) {
-        (Ok((e, _)), Some(d)) => refusal(&stage.id, e, demand, d),
+        (Ok((e, _)), Some(d)) => refusal(e, demand, d),
         _ => None,
     };
     StageMemory {
