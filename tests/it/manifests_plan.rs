@@ -96,14 +96,14 @@ fn an_impossible_gpu_plan_is_refused_once_per_stage_family_with_advice() {
         .unwrap_or_else(|| panic!("no grouped warm-up refusal:\n{stderr}"));
     // Each (where, what): the warm-up family's one line, with its advice; the family of one
     // (eval_base) keeps its own name.
-    for (text, want) in [
+    for (haystack, want) in [
         (&*stderr, "the plan cannot fit its GPUs, so nothing ran"),
         (&*stderr, "\n  stage eval_base needs about"),
         (warmup, "12 stages of warmup (warmup[domain=medical,seed=0] ... warmup[domain=aesthetic,seed=2]) each need about"),
         (warmup, "train a LoRA adapter instead of every weight"),
         (warmup, "device has 24.0 GiB"),
     ] {
-        assert!(text.contains(want), "{want}:\n{text}");
+        assert!(haystack.contains(want), "{want}:\n{haystack}");
     }
     let reasons = stderr
         .lines()
